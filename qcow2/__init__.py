@@ -1,0 +1,50 @@
+"""qcow2: a Python engine for QEMU's qcow2 disk-image format with a small C core.
+
+    import qcow2
+    with qcow2.open("disk.qcow2") as img:
+        img.size, img.pread(4096, 0), list(img.extents()), img.info()
+
+``qcow2.implementation`` ("native" or "python") and ``qcow2.features`` say which
+kernels are live (``QCOW2_IMPL=auto|native|python`` chooses).  Heavy modules (numpy,
+the native core) load only when a command needs them.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from .errors import (CorruptImageError, DecompressionError, FormatError, NativeUnavailableError,
+                     NotQcow2Error, Qcow2Error, ReadOnlyError, UnsafeImageError,
+                     UnsupportedFeatureError)
+
+__version__ = "0.1.0"
+
+
+def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
+         snapshot: str | int | None = None, force_share: bool = False, backing: bool = True):
+    """Open a qcow2 or raw image.
+
+    ``format`` None probes (qcow2 or raw); ``snapshot`` reads an internal snapshot (by id
+    or name) instead of the active layer; ``backing=False`` leaves the backing chain
+    closed (enough for ``info``); ``untrusted=True`` opens nothing but the named file.
+    """
+    from .image import open_image
+    return open_image(path, mode, format=format, untrusted=untrusted, snapshot=snapshot,
+                      force_share=force_share, backing=backing)
+
+
+def convert(src, dst, **options):
+    """Convert ``src`` to ``dst`` (see ``qcow2.ops.convert.convert``)."""
+    from .ops.convert import convert as _convert
+    return _convert(src, dst, **options)
+
+
+def __getattr__(name):
+    if name in ("implementation", "features"):
+        from . import kernels
+        return getattr(kernels, name)
+    raise AttributeError(f"module 'qcow2' has no attribute {name!r}")
+
+
+__all__ = ["open", "convert", "errors", "Qcow2Error", "FormatError", "NotQcow2Error",
+           "CorruptImageError", "DecompressionError", "UnsupportedFeatureError",
+           "UnsafeImageError", "ReadOnlyError", "NativeUnavailableError", "__version__"]

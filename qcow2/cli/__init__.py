@@ -1,0 +1,90 @@
+"""The ``qcow2`` command line, spelled like qemu-img.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)`` and
+``run(args) -> int``.  Errors become one line on stderr and a non-zero exit status;
+never a traceback (set QCOW2_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = ("info", "map", "convert")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 1 like qemu-img
+        raise UsageError(message)
+
+
+class UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcow2", description="qcow2/raw disk image tool (qemu-img compatible)")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        importlib.import_module(f".{name}", __name__).add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    from ..errors import Qcow2Error
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.version:
+            from .. import __version__
+            print(f"qcow2 version {__version__}")
+            return 0
+        if not args.command:
+            parser.print_help()
+            return 1
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = None  # type: ignore[assignment]
+        except Exception:  # noqa: BLE001
+            pass
+        return 1
+    except Qcow2Error as exc:
+        _debug()
+        _err(str(exc))
+        return getattr(exc, "exit_code", 1)
+    except OSError as exc:
+        _debug()
+        where = f" '{exc.filename}'" if exc.filename else ""
+        _err(f"{exc.strerror or exc}{where}".strip())
+        return 1
+    except MemoryError:
+        _err("out of memory")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the CLI never shows a traceback
+        _debug()
+        _err(f"internal error: {type(exc).__name__}: {exc}")
+        return 1
+
+
+def _err(msg: str) -> None:
+    msg = " ".join(str(msg).split())  # exactly one line
+    sys.stderr.write(f"qcow2: {msg}\n")
+    sys.stderr.flush()
+
+
+def _debug() -> None:
+    if os.environ.get("QCOW2_DEBUG"):
+        import traceback
+        traceback.print_exc()

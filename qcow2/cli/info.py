@@ -1,0 +1,34 @@
+"""qcow2 info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE"""
+
+from __future__ import annotations
+
+import json
+
+from .common import add_format, add_output, add_share, add_untrusted
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="describe an image (like qemu-img info)")
+    add_format(p)
+    add_output(p)
+    add_share(p)
+    add_untrusted(p)
+    p.add_argument("--backing-chain", action="store_true", help="describe the whole chain")
+    p.add_argument("filename")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import qcow2
+    from ..ops.info import format_human
+
+    infos = []
+    with qcow2.open(args.filename, format=args.format, untrusted=args.untrusted,
+                    force_share=args.force_share, backing=args.backing_chain) as img:
+        for layer in (img.backing_chain() if args.backing_chain else [img]):
+            infos.append(layer.info())
+    if args.output == "json":
+        print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
+    else:
+        print("\n".join(format_human(i) for i in infos), end="")
+    return 0

@@ -1,0 +1,77 @@
+"""qcow2 map [-f FMT] [--output=human|json] [-U] FILE"""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import Qcow2Error
+from .common import add_format, add_output, add_share, add_untrusted
+
+
+def add_parser(sub):
+    p = sub.add_parser("map", help="print the allocation map (like qemu-img map)")
+    add_format(p)
+    add_output(p)
+    add_share(p)
+    add_untrusted(p)
+    p.add_argument("filename")
+    p.set_defaults(func=run)
+
+
+def _hex(v: int) -> str:
+    return f"{v:#x}" if v else "0"
+
+
+def run(args) -> int:
+    import qcow2
+
+    out = sys.stdout
+    with qcow2.open(args.filename, format=args.format, untrusted=args.untrusted,
+                    force_share=args.force_share) as img:
+        if args.output == "json":
+            first = True
+            out.write("[")
+            for e in img.extents():
+                d = e.as_dict()
+                line = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, '
+                        '"zero": %s, "data": %s' % (
+                            d["start"], d["length"], d["depth"], _b(d["present"]),
+                            _b(d["zero"]), _b(d["data"])))
+                if "offset" in d:
+                    line += ', "offset": %d' % d["offset"]
+                out.write(("" if first else ",\n") + line + "}")
+                first = False
+            out.write("]\n")
+            return 0
+        chain = img.backing_chain()
+        out.write("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
+        # Human output ignores the difference between zero and unallocated runs and
+        # merges them; data runs print with the file that holds them.
+        cur = None
+        for e in img.extents():
+            if e.data and e.offset is None:
+                raise Qcow2Error("File contains external, encrypted or compressed clusters.")
+            rec = [e.start, e.length, e.data and not e.zero, e.depth, e.offset]
+            if cur is not None and not rec[2] and not cur[2] and cur[0] + cur[1] == rec[0]:
+                cur[1] += rec[1]
+                continue
+            if cur is not None and rec[2] and cur[2] and cur[3] == rec[3] and \
+                    cur[0] + cur[1] == rec[0] and cur[4] + cur[1] == rec[4]:
+                cur[1] += rec[1]
+                continue
+            _emit(out, cur, chain)
+            cur = rec
+        _emit(out, cur, chain)
+    return 0
+
+
+def _emit(out, rec, chain) -> None:
+    if rec is None or not rec[2]:
+        return
+    layer = chain[rec[3]]
+    fname = getattr(layer, "data_filename", None) or layer.filename
+    out.write("%-16s%-16s%-16s%s\n" % (_hex(rec[0]), _hex(rec[1]), _hex(rec[4] or 0), fname))
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"

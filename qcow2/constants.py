@@ -1,0 +1,89 @@
+"""Constants of the qcow2 format (QEMU docs/interop/qcow2.rst) and engine limits.
+
+Section names in comments refer to the spec.
+"""
+
+MAGIC = b"QFI\xfb"                    # "Header": magic
+
+# -- header layout (Header) --------------------------------------------------
+V2_HEADER_LENGTH = 72
+V3_MIN_HEADER_LENGTH = 104
+HEADER_COMPRESSION_TYPE_OFFSET = 104   # optional field, present when header_length > 104
+HEADER_INCOMPATIBLE_OFFSET = 72
+HEADER_STRUCT_SIZE = 112               # QEMU's QCowHeader incl. padding: unknown fields start here
+
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+
+# -- feature bits (Header: incompatible/compatible/autoclear features) --------
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+INCOMPAT_MASK = 0x1F
+
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+
+AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+AUTOCLEAR_MASK = 0x3
+
+INCOMPAT_NAMES = {0: "dirty bit", 1: "corrupt bit", 2: "external data file",
+                  3: "compression type", 4: "extended L2 entries"}
+
+# -- compression (Header: compression_type) ---------------------------------
+COMPRESSION_ZLIB = 0
+COMPRESSION_ZSTD = 1
+COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
+
+# -- encryption (Header: crypt_method) ---------------------------------------
+CRYPT_NONE = 0
+CRYPT_AES = 1
+CRYPT_LUKS = 2
+
+# -- header extensions (Header extensions) -----------------------------------
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_CRYPTO_HEADER = 0x0537BE77
+EXT_BITMAPS = 0x23852875
+EXT_DATA_FILE = 0x44415441
+
+# -- L1/L2 entries (Cluster mapping) -----------------------------------------
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1 << 0
+L1E_SIZE = 8
+SUBCLUSTERS_PER_CLUSTER = 32          # extended L2 entries
+
+# -- refcounts (Host cluster management) --------------------------------------
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+
+# -- limits QEMU enforces at open (block/qcow2.h) -----------------------------
+MAX_CRYPT_CLUSTERS = 32
+MAX_SNAPSHOTS = 65536
+MAX_REFTABLE_SIZE = 8 * 1024 * 1024           # bytes
+MAX_L1_SIZE = 32 * 1024 * 1024                # bytes
+MAX_SNAPSHOT_EXTRA_DATA = 1024
+SNAPSHOT_HEADER_SIZE = 40
+MAX_SNAPSHOTS_SIZE = 1024 * MAX_SNAPSHOTS     # bytes: whole table
+MAX_BACKING_FILE_NAME = 1023
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 64 * MAX_BITMAPS  # 1024 bytes per entry max
+BITMAP_EXT_SIZE = 24
+
+# -- engine limits -------------------------------------------------------------
+MAX_BACKING_DEPTH = 16                # backing chain depth (QEMU's loop guard is similar)
+DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+
+# Kinds of guest ranges produced by the L2 decoder (qcow2.kernels mirrors these).
+KIND_UNALLOC = 0          # no host cluster: backing data, or zeros
+KIND_UNALLOC_ALLOC = 1    # extended L2: cluster allocated, subcluster not: backing data
+KIND_ZERO = 2             # reads as zeros, no host cluster
+KIND_ZERO_ALLOC = 3       # reads as zeros, host cluster allocated
+KIND_DATA = 4             # data at the host offset
+KIND_COMPRESSED = 5       # compressed cluster

@@ -1,0 +1,344 @@
+"""The qcow2 header and its extensions: parse and validate.
+
+Every check QEMU's ``qcow2_do_open`` makes before it trusts a field is made here,
+before the field is used, with the same meaning; messages name the offset of the
+offending field.  Nothing here allocates memory proportional to an untrusted field:
+the header lives in the first cluster (at most 2 MiB), and table sizes are checked
+against QEMU's caps and against the file size before anything reads them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from . import constants as C
+from .errors import CorruptImageError, NotQcow2Error, UnsupportedFeatureError
+
+_V2 = struct.Struct(">4sIQIIQIIQQIIQ")      # 72 bytes
+_V3 = struct.Struct(">QQQII")               # 72..104
+_EXT = struct.Struct(">II")
+_FEATURE = struct.Struct(">BB46s")
+
+
+def _corrupt(msg: str, offset: int | None, size: int | None = None, what: str = "header"):
+    return CorruptImageError(msg if offset is None else f"{msg} (at offset {offset:#x})",
+                             offset=offset, size=size, what=what)
+
+
+@dataclass
+class Extension:
+    magic: int
+    offset: int      # offset of the extension's data in the file
+    data: bytes
+
+
+@dataclass
+class Header:
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int                      # virtual size as QEMU uses it (multiple of 512)
+    header_size_field: int         # raw "size" field
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = C.V2_HEADER_LENGTH
+    compression_type: int = C.COMPRESSION_ZLIB
+    # from extensions / trailing data
+    backing_file: str | None = None
+    backing_format: str | None = None
+    data_file: str | None = None
+    feature_table: list[tuple[int, int, str]] = field(default_factory=list)
+    bitmaps_ext: tuple[int, int, int] | None = None   # (nb_bitmaps, dir_size, dir_offset)
+    crypto_header: tuple[int, int] | None = None      # (offset, length)
+    unknown_extensions: list[Extension] = field(default_factory=list)
+
+    # -- derived ---------------------------------------------------------
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & C.INCOMPAT_EXTL2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        return 16 if self.extended_l2 else 8
+
+    @property
+    def l2_bits(self) -> int:
+        return self.cluster_bits - (4 if self.extended_l2 else 3)
+
+    @property
+    def subclusters_per_cluster(self) -> int:
+        return C.SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.incompatible_features & C.INCOMPAT_DIRTY)
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.incompatible_features & C.INCOMPAT_CORRUPT)
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible_features & C.INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW)
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        return bool(self.compatible_features & C.COMPAT_LAZY_REFCOUNTS)
+
+    @property
+    def bitmaps_consistent(self) -> bool:
+        return bool(self.autoclear_features & C.AUTOCLEAR_BITMAPS)
+
+    def l1_entries_needed(self, size: int | None = None) -> int:
+        """Number of L1 entries needed to map ``size`` bytes (QEMU's size_to_l1)."""
+        if size is None:
+            size = self.size
+        shift = self.cluster_bits + self.l2_bits
+        return (size + (1 << shift) - 1) >> shift
+
+    # -- parsing ---------------------------------------------------------
+    @classmethod
+    def parse(cls, read, file_size: int) -> "Header":
+        """Parse and validate the header.
+
+        ``read(n, offset) -> bytes`` reads the image file (short at EOF).
+        """
+        head = read(C.V3_MIN_HEADER_LENGTH, 0)
+        if len(head) < 4 or head[:4] != C.MAGIC:
+            raise NotQcow2Error("Image is not in qcow2 format (bad magic)")
+        if len(head) < C.V2_HEADER_LENGTH:
+            raise _corrupt(f"header truncated: file is {file_size} bytes, "
+                           f"the version 2 header needs {C.V2_HEADER_LENGTH}", 0,
+                           C.V2_HEADER_LENGTH)
+        (_magic, version, backing_file_offset, backing_file_size, cluster_bits, size,
+         crypt_method, l1_size, l1_table_offset, refcount_table_offset,
+         refcount_table_clusters, nb_snapshots, snapshots_offset) = _V2.unpack_from(head, 0)
+
+        if version not in (2, 3):
+            raise UnsupportedFeatureError(f"Unsupported qcow2 version {version} (at offset 0x4)",
+                                          feature=f"version {version}")
+        if not C.MIN_CLUSTER_BITS <= cluster_bits <= C.MAX_CLUSTER_BITS:
+            raise _corrupt(f"Unsupported cluster size: 2^{cluster_bits}", 0x14, 4)
+        cluster_size = 1 << cluster_bits
+
+        h = cls(version=version, backing_file_offset=backing_file_offset,
+                backing_file_size=backing_file_size, cluster_bits=cluster_bits,
+                size=(size // 512) * 512, header_size_field=size, crypt_method=crypt_method,
+                l1_size=l1_size, l1_table_offset=l1_table_offset,
+                refcount_table_offset=refcount_table_offset,
+                refcount_table_clusters=refcount_table_clusters,
+                nb_snapshots=nb_snapshots, snapshots_offset=snapshots_offset)
+
+        if version == 3:
+            if len(head) < C.V3_MIN_HEADER_LENGTH:
+                raise _corrupt("qcow2 header too short: the file ends inside the version 3 header",
+                               C.V2_HEADER_LENGTH, C.V3_MIN_HEADER_LENGTH - C.V2_HEADER_LENGTH)
+            (h.incompatible_features, h.compatible_features, h.autoclear_features,
+             h.refcount_order, h.header_length) = _V3.unpack_from(head, C.V2_HEADER_LENGTH)
+            if h.header_length < C.V3_MIN_HEADER_LENGTH:
+                raise _corrupt(f"qcow2 header too short: header_length {h.header_length}", 0x64, 4)
+        if h.header_length > cluster_size:
+            raise _corrupt(f"qcow2 header exceeds cluster size: header_length {h.header_length}",
+                           0x64, 4)
+        if h.backing_file_offset > cluster_size:
+            raise _corrupt(f"Invalid backing file offset {h.backing_file_offset:#x}", 0x8, 8)
+
+        # The first cluster holds the header, its extensions and the backing file
+        # name: read it once (bounded by the 2 MiB maximum cluster size).
+        first = read(cluster_size, 0)
+        if len(first) < h.header_length:
+            raise _corrupt(f"header truncated: header_length {h.header_length} but the file "
+                           f"has {len(first)} bytes", 0, h.header_length)
+        first = first + bytes(cluster_size - len(first))  # QEMU reads zeros past EOF
+
+        if h.header_length > C.HEADER_COMPRESSION_TYPE_OFFSET:
+            h.compression_type = first[C.HEADER_COMPRESSION_TYPE_OFFSET]
+        cls._validate_compression(h)
+
+        ext_end = h.backing_file_offset if h.backing_file_offset else cluster_size
+        h._read_extensions(first, ext_end, only_feature_table=True)
+
+        unknown = h.incompatible_features & ~C.INCOMPAT_MASK
+        if unknown:
+            names = []
+            for ftype, bit, name in h.feature_table:
+                if ftype == 0 and unknown & (1 << bit):
+                    names.append(name)
+                    unknown &= ~(1 << bit)
+            if unknown:
+                names.append(f"Unknown incompatible feature: {unknown:x}")
+            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): " + ", ".join(names),
+                                          feature="incompatible features")
+
+        if cluster_size // h.subclusters_per_cluster < 512:
+            raise _corrupt(f"Unsupported subcluster size: {cluster_size // h.subclusters_per_cluster}",
+                           0x48, 8)
+        if h.refcount_order > 6:
+            raise _corrupt(f"Reference count entry width too large; may not exceed 64 bits "
+                           f"(refcount_order {h.refcount_order})", 0x60, 4)
+        if h.crypt_method not in (C.CRYPT_NONE, C.CRYPT_AES, C.CRYPT_LUKS):
+            raise UnsupportedFeatureError(f"Unsupported encryption method {h.crypt_method}",
+                                          feature="encryption")
+        if h.refcount_table_clusters == 0:
+            raise _corrupt("Image does not contain a reference count table", 0x38, 4)
+        h._validate_table(h.refcount_table_offset, h.refcount_table_clusters, cluster_size,
+                          C.MAX_REFTABLE_SIZE, "Reference count table", 0x30)
+        if h.nb_snapshots > C.MAX_SNAPSHOTS:
+            raise _corrupt(f"Snapshot table too large: {h.nb_snapshots} snapshots", 0x3C, 4)
+        h._validate_table(h.snapshots_offset, h.nb_snapshots, C.SNAPSHOT_HEADER_SIZE,
+                          C.SNAPSHOT_HEADER_SIZE * C.MAX_SNAPSHOTS, "Snapshot table", 0x40)
+        h._validate_table(h.l1_table_offset, h.l1_size, C.L1E_SIZE, C.MAX_L1_SIZE,
+                          "Active L1 table", 0x28)
+        needed = h.l1_entries_needed()
+        if needed > 0x7FFFFFFF:
+            raise _corrupt(f"Image is too big: virtual size {h.header_size_field}", 0x18, 8)
+        if h.l1_size < needed:
+            raise _corrupt(f"L1 table is too small: {h.l1_size} entries, the virtual size "
+                           f"{h.size} needs {needed}", 0x24, 4)
+
+        h._read_extensions(first, ext_end, only_feature_table=False)
+
+        if h.has_data_file:
+            if h.data_file is None:
+                raise _corrupt("'data-file' is required for this image, but it names none "
+                               "(no external data file name extension)", C.HEADER_INCOMPATIBLE_OFFSET, 8)
+        elif h.data_file_raw:
+            raise _corrupt("data-file-raw requires a data file", 0x58, 8)
+
+        if h.crypt_method == C.CRYPT_LUKS and h.crypto_header is None:
+            raise _corrupt("Missing CRYPTO header for crypt method 2", 0x20, 4)
+
+        if h.backing_file_offset:
+            n = h.backing_file_size
+            if n > min(C.MAX_BACKING_FILE_NAME, cluster_size - h.backing_file_offset):
+                raise _corrupt(f"Backing file name too long ({n} bytes)", 0x10, 4)
+            raw = first[h.backing_file_offset:h.backing_file_offset + n]
+            h.backing_file = _c_string(raw)
+        return h
+
+    @staticmethod
+    def _validate_compression(h: "Header") -> None:
+        if h.compression_type not in C.COMPRESSION_NAMES:
+            raise UnsupportedFeatureError(
+                f"qcow2: unknown compression type: {h.compression_type} (at offset 0x68)",
+                feature="compression type")
+        if h.compression_type == C.COMPRESSION_ZLIB:
+            if h.incompatible_features & C.INCOMPAT_COMPRESSION:
+                raise _corrupt("qcow2: Compression type incompatible feature bit must not be set",
+                               C.HEADER_INCOMPATIBLE_OFFSET, 8)
+        elif not h.incompatible_features & C.INCOMPAT_COMPRESSION:
+            raise _corrupt("qcow2: Compression type incompatible feature bit must be set",
+                           C.HEADER_INCOMPATIBLE_OFFSET, 8)
+
+    def _validate_table(self, offset: int, entries: int, entry_len: int, max_bytes: int,
+                        name: str, field_offset: int) -> None:
+        """QEMU's qcow2_validate_table: size cap, alignment, no overflow."""
+        if entries > max_bytes // entry_len:
+            raise _corrupt(f"{name} too large: {entries} entries", field_offset, 8)
+        if (0x7FFFFFFFFFFFFFFF - entries * entry_len < offset
+                or offset & (self.cluster_size - 1)):
+            raise _corrupt(f"{name} offset invalid: {offset:#x}", field_offset, 8)
+
+    def _read_extensions(self, first: bytes, end: int, *, only_feature_table: bool) -> None:
+        offset = self.header_length
+        if not only_feature_table:
+            self.unknown_extensions = []
+        while offset < end:
+            if offset + _EXT.size > len(first):
+                break  # QEMU reads zeros past the buffer: an end marker
+            magic, length = _EXT.unpack_from(first, offset)
+            ext_hdr = offset
+            offset += _EXT.size
+            if offset > end or length > end - offset:
+                raise _corrupt(f"Header extension too large: extension {magic:#010x} "
+                               f"has length {length}", ext_hdr, _EXT.size, "header extension")
+            data = first[offset:offset + length]
+            if magic == C.EXT_END:
+                return
+            if only_feature_table:
+                if magic == C.EXT_FEATURE_TABLE:
+                    self.feature_table = [
+                        (t, b, _c_string(n)) for t, b, n in
+                        (_FEATURE.unpack_from(data, i)
+                         for i in range(0, len(data) - _FEATURE.size + 1, _FEATURE.size))]
+            elif magic == C.EXT_BACKING_FORMAT:
+                if length >= 16:
+                    raise _corrupt(f"ext_backing_format: len={length} too large (>=16)",
+                                   ext_hdr, _EXT.size, "header extension")
+                self.backing_format = _c_string(data)
+            elif magic == C.EXT_FEATURE_TABLE:
+                pass
+            elif magic == C.EXT_CRYPTO_HEADER:
+                if self.crypt_method != C.CRYPT_LUKS:
+                    raise _corrupt("CRYPTO header extension only expected with LUKS encryption "
+                                   "method", ext_hdr, _EXT.size, "header extension")
+                if length != 16:
+                    raise _corrupt(f"CRYPTO header extension size {length}, but expected size 16",
+                                   ext_hdr, _EXT.size, "header extension")
+                coff, clen = struct.unpack_from(">QQ", data)
+                if coff % self.cluster_size:
+                    raise _corrupt(f"Encryption header offset '{coff}' is not a multiple of "
+                                   f"cluster size '{self.cluster_size}'", offset, 8,
+                                   "header extension")
+                self.crypto_header = (coff, clen)
+            elif magic == C.EXT_BITMAPS:
+                if length != C.BITMAP_EXT_SIZE:
+                    raise _corrupt("bitmaps_ext: Invalid extension length", ext_hdr, _EXT.size,
+                                   "header extension")
+                if self.bitmaps_consistent:
+                    nb, reserved, dsize, doff = struct.unpack_from(">IIQQ", data)
+                    if reserved:
+                        raise _corrupt("bitmaps_ext: Reserved field is not zero", offset + 4, 4,
+                                       "header extension")
+                    if nb > C.MAX_BITMAPS:
+                        raise _corrupt(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the "
+                                       f"supported maximum of {C.MAX_BITMAPS}", offset, 4,
+                                       "header extension")
+                    if nb == 0:
+                        raise _corrupt("found bitmaps extension with zero bitmaps", offset, 4,
+                                       "header extension")
+                    if doff & (self.cluster_size - 1):
+                        raise _corrupt("bitmaps_ext: invalid bitmap directory offset",
+                                       offset + 16, 8, "header extension")
+                    if dsize > C.MAX_BITMAP_DIRECTORY_SIZE:
+                        raise _corrupt(f"bitmaps_ext: bitmap directory size ({dsize}) exceeds "
+                                       f"the maximum supported size "
+                                       f"({C.MAX_BITMAP_DIRECTORY_SIZE})", offset + 8, 8,
+                                       "header extension")
+                    self.bitmaps_ext = (nb, dsize, doff)
+            elif magic == C.EXT_DATA_FILE:
+                self.data_file = _c_string(data)
+            else:
+                self.unknown_extensions.append(Extension(magic, offset, bytes(data)))
+            offset += (length + 7) & ~7
+
+
+def _c_string(raw: bytes) -> str:
+    """Decode a name stored in the image: up to the first NUL, undecodable bytes kept."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raw = raw[:nul]
+    return raw.decode("utf-8", "surrogateescape")

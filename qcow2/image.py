@@ -1,0 +1,764 @@
+"""Images: open, read, map and describe qcow2 and raw images and their backing chains.
+
+An :class:`Image` is the engine's one interface to a disk: ``size``, ``pread`` /
+``readinto``, ``extents()`` (allocation runs, like ``qemu-img map``), ``info()`` (like
+``qemu-img info``) and ``file()``.  :func:`open_image` probes the format, validates the
+header, and opens the backing chain (with loop and depth checks).
+
+Reads are planned from metadata: one L2 table slice is decoded per call into runs of
+(kind, host offset) by a batch kernel (``qcow2.kernels``), so Python works per run, never
+per byte; data runs are read with ``preadv`` straight into the caller's buffer,
+compressed clusters are read in one piece per batch and decoded in one kernel call.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import threading
+from collections import OrderedDict
+from typing import Iterator, NamedTuple
+
+from . import constants as C
+from .backends import Backend, FileBackend
+from .errors import (CorruptImageError, DecompressionError, FormatError, NotQcow2Error,
+                     Qcow2Error, UnsafeImageError, UnsupportedFeatureError)
+from .header import Header
+from .refcount import RefcountReader
+from .snapshot import Snapshot, find_snapshot, read_snapshot_table
+
+# Block status flags (the meaning QEMU's block layer gives them).
+ST_DATA = 1
+ST_ZERO = 2
+ST_OFFSET_VALID = 4
+ST_ALLOCATED = 8
+
+_ZEROS = memoryview(bytes(1 << 20))
+_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def _zero_fill(mv: memoryview) -> None:
+    n = len(mv)
+    i = 0
+    while i < n:
+        k = min(n - i, len(_ZEROS))
+        mv[i:i + k] = _ZEROS[:k]
+        i += k
+
+
+class Extent(NamedTuple):
+    """One run of ``qemu-img map``: ``offset`` is None when qemu prints none."""
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None
+
+    def as_dict(self) -> dict:
+        d = {"start": self.start, "length": self.length, "depth": self.depth,
+             "present": self.present, "zero": self.zero, "data": self.data}
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+# ---------------------------------------------------------------------------
+# opening
+# ---------------------------------------------------------------------------
+
+def check_file_name(name: str, what: str) -> None:
+    """Refuse pseudo-file names that would make us open something other than a file."""
+    if name.startswith("json:") or _PROTOCOL_RE.match(name):
+        raise UnsafeImageError(f"{what} {name!r} uses a protocol prefix or json: "
+                               f"pseudo-filename; only plain file names are allowed")
+    if "\0" in name:
+        raise UnsafeImageError(f"{what} {name!r} contains a NUL byte")
+
+
+def combine_path(base_filename: str, name: str) -> str:
+    """Resolve a name stored in an image against the image's own folder (QEMU's path_combine)."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(base_filename), name)
+
+
+def probe_format(backend: Backend) -> str:
+    head = backend.pread(4, 0)
+    return "qcow2" if head == C.MAGIC else "raw"
+
+
+def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
+               snapshot: str | int | None = None, force_share: bool = False,
+               backing: bool = True, max_backing_depth: int = C.MAX_BACKING_DEPTH,
+               _chain: tuple = (), _depth: int = 0) -> "Image":
+    """Open an image file (see ``qcow2.open``)."""
+    if mode not in ("r", "rb"):
+        raise UnsupportedFeatureError(f"mode {mode!r} is not supported yet (only 'r')",
+                                      feature="write")
+    if format not in (None, "qcow2", "raw"):
+        raise UnsupportedFeatureError(f"Unknown or unsupported image format {format!r} "
+                                      f"(supported: qcow2, raw)", feature=f"format {format}")
+    filename = os.fspath(path)
+    try:
+        be = FileBackend(filename)
+    except OSError as exc:
+        raise _open_error(filename, exc) from None
+    try:
+        st = be.stat()
+        ident = (st.st_dev, st.st_ino)
+        if ident in _chain:
+            raise UnsafeImageError(f"backing chain loop: {filename!r} is already in the chain")
+        chain = _chain + (ident,)
+        fmt = format or probe_format(be)
+        if fmt == "qcow2":
+            img: Image = Qcow2Image(be, filename, untrusted=untrusted, snapshot=snapshot,
+                                    open_backing=backing, max_backing_depth=max_backing_depth,
+                                    chain=chain, depth=_depth)
+        else:
+            if snapshot is not None:
+                raise UnsupportedFeatureError("raw images have no snapshots",
+                                              feature="snapshot")
+            img = RawImage(be, filename)
+        return img
+    except BaseException:
+        be.close()
+        raise
+
+
+def _open_error(filename: str, exc: OSError) -> Qcow2Error:
+    err = Qcow2Error(f"Could not open '{filename}': {exc.strerror or exc}")
+    err.errno = exc.errno  # type: ignore[attr-defined]
+    return err
+
+
+# ---------------------------------------------------------------------------
+# the common interface
+# ---------------------------------------------------------------------------
+
+class Image:
+    format: str = "?"
+    filename: str
+    size: int
+    backing: "Image | None" = None
+
+    # -- reading -------------------------------------------------------------
+    def readinto(self, buf, offset: int) -> int:
+        """Read into ``buf`` from guest ``offset``; short only at the end of the disk."""
+        if offset < 0:
+            raise ValueError("negative offset")
+        mv = memoryview(buf).cast("B")
+        n = max(0, min(len(mv), self.size - offset))
+        if n:
+            self._read(mv[:n], offset)
+        return n
+
+    def pread(self, n: int, offset: int) -> bytes:
+        if n < 0:
+            raise ValueError("negative length")
+        n = max(0, min(n, self.size - offset)) if offset >= 0 else n
+        buf = bytearray(n)
+        got = self.readinto(buf, offset)
+        return bytes(buf) if got == n else bytes(buf[:got])
+
+    def _read(self, mv: memoryview, offset: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read_clipped(self, mv: memoryview, offset: int) -> None:
+        """Read a range that may extend past this image's end (zeros there)."""
+        n = max(0, min(len(mv), self.size - offset))
+        if n:
+            self._read(mv[:n], offset)
+        if n < len(mv):
+            _zero_fill(mv[n:])
+
+    # -- allocation ------------------------------------------------------------
+    def _status_runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        """This layer alone: (offset, length, flags, host) covering [start, end)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _chain_status(self, start: int, end: int, depth: int):
+        for a, n, flags, host in self._status_runs(start, end):
+            if flags & (ST_DATA | ST_ZERO):
+                yield a, n, depth, flags | ST_ALLOCATED, host
+                continue
+            bk = self.backing
+            if bk is None:
+                yield a, n, depth, flags | ST_ZERO, host
+                continue
+            mid = min(a + n, bk.size)
+            if a < mid:
+                yield from bk._chain_status(a, mid, depth + 1)
+            if mid < a + n:
+                yield mid, a + n - mid, depth, flags | ST_ZERO, host + (mid - a)
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        """Allocation runs over the whole chain, merged exactly as ``qemu-img map`` does."""
+        if end is None or end > self.size:
+            end = self.size
+        cur: list | None = None
+        for a, n, depth, flags, host in self._chain_status(start, end, 0):
+            offset = host if flags & ST_OFFSET_VALID else None
+            present = bool(flags & ST_ALLOCATED)
+            zero = bool(flags & ST_ZERO)
+            data = bool(flags & ST_DATA)
+            if cur is not None and cur[0] + cur[1] == a and cur[2] == depth and \
+                    cur[3] == present and cur[4] == zero and cur[5] == data and \
+                    ((cur[6] is None and offset is None) or
+                     (cur[6] is not None and offset is not None and cur[6] + cur[1] == offset)):
+                cur[1] += n
+                continue
+            if cur is not None:
+                yield Extent(*cur)
+            cur = [a, n, depth, present, zero, data, offset]
+        if cur is not None:
+            yield Extent(*cur)
+
+    # -- description -----------------------------------------------------------
+    def info(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backing_chain(self) -> list["Image"]:
+        out = []
+        img: Image | None = self
+        while img is not None:
+            out.append(img)
+            img = img.backing
+        return out
+
+    # -- file object -------------------------------------------------------------
+    def file(self) -> "ImageFile":
+        return ImageFile(self)
+
+    # -- lifetime -----------------------------------------------------------------
+    def close(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _actual_size(be: Backend) -> int:
+    try:
+        return be.allocated_size()
+    except OSError:
+        return -1
+
+
+# ---------------------------------------------------------------------------
+# raw
+# ---------------------------------------------------------------------------
+
+class RawImage(Image):
+    format = "raw"
+
+    def __init__(self, backend: Backend, filename: str):
+        self.be = backend
+        self.filename = filename
+        # QEMU sizes block nodes in 512-byte sectors, rounding a raw file's length up.
+        self.file_size = backend.size()
+        self.size = (self.file_size + 511) & ~511
+
+    def _read(self, mv, offset):
+        got = self.be.readinto(mv, offset)
+        if got < len(mv):
+            _zero_fill(mv[got:])
+
+    def _status_runs(self, start, end):
+        pos = start
+        for off, n in self.be.data_regions(start, min(end, self.file_size)):
+            if off > pos:
+                yield pos, off - pos, ST_ZERO | ST_OFFSET_VALID, pos
+            stop = min(off + n, end)
+            if stop >= self.file_size:       # a partial sector at EOF counts as data
+                stop = end
+            yield off, stop - off, ST_DATA | ST_OFFSET_VALID, off
+            pos = stop
+        if pos < end:
+            yield pos, end - pos, ST_ZERO | ST_OFFSET_VALID, pos
+
+    def info(self) -> dict:
+        return {"virtual-size": self.size, "filename": self.filename, "format": "raw",
+                "actual-size": _actual_size(self.be), "dirty-flag": False}
+
+    def close(self):
+        self.be.close()
+
+
+# ---------------------------------------------------------------------------
+# qcow2
+# ---------------------------------------------------------------------------
+
+class Qcow2Image(Image):
+    format = "qcow2"
+
+    def __init__(self, backend: Backend, filename: str, *, untrusted: bool = False,
+                 snapshot=None, open_backing: bool = True,
+                 max_backing_depth: int = C.MAX_BACKING_DEPTH, chain: tuple = (),
+                 depth: int = 0, l2_cache_bytes: int = C.DEFAULT_L2_CACHE_BYTES):
+        self.be = backend
+        self.filename = filename
+        self.untrusted = untrusted
+        self.file_size = backend.size()
+        self.header = h = Header.parse(self._read_meta, self.file_size)
+        self.cluster_size = h.cluster_size
+        self.cluster_bits = h.cluster_bits
+        self.size = h.size
+        self.encrypted = h.crypt_method != C.CRYPT_NONE
+        self._l2_entries = 1 << h.l2_bits
+        self._l2_span_bits = h.cluster_bits + h.l2_bits
+        self._unit_shift = h.cluster_bits - (5 if h.extended_l2 else 0)
+        self._l1: tuple[int, ...] | None = None
+        self._l1_offset = h.l1_table_offset
+        self._l1_entries = h.l1_size
+        self._l1_what = "active L1 table"
+        self._l2_cache: OrderedDict[int, bytes] = OrderedDict()
+        self._l2_cache_max = max(4, l2_cache_bytes // h.cluster_size)
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+        self._meta_prealloc: bool | None = None
+        self._kernels = None
+        self.snapshots_list: list[Snapshot] = read_snapshot_table(
+            self._read_meta, h.snapshots_offset, h.nb_snapshots, self.file_size)
+        self.snapshot: Snapshot | None = None
+        self.data_be: Backend = backend
+        self.data_filename: str | None = None
+        self.backing = None
+        self.backing_filename = h.backing_file
+        self.full_backing_filename = (combine_path(filename, h.backing_file)
+                                      if h.backing_file else None)
+        try:
+            if snapshot is not None:
+                self._select_snapshot(snapshot)
+            if h.has_data_file:
+                self._open_data_file()
+            if h.backing_file and open_backing:
+                self._open_backing(max_backing_depth, chain, depth)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- helpers ---------------------------------------------------------------
+    def _read_meta(self, n: int, offset: int) -> bytes:
+        return self.be.pread(n, offset)
+
+    @property
+    def kernels(self):
+        if self._kernels is None:
+            from . import kernels
+            self._kernels = kernels
+        return self._kernels
+
+    def _select_snapshot(self, key) -> None:
+        sn = find_snapshot(self.snapshots_list, key)
+        if sn is None:
+            raise Qcow2Error(f"Failed to load snapshot: snapshot {key!r} not found "
+                             f"in '{self.filename}'")
+        self.header._validate_table(sn.l1_table_offset, sn.l1_size, C.L1E_SIZE, C.MAX_L1_SIZE,
+                                    f"Snapshot L1 table of snapshot {sn.id}", sn.entry_offset)
+        self.snapshot = sn
+        self._l1_offset = sn.l1_table_offset
+        self._l1_entries = sn.l1_size
+        self._l1_what = f"L1 table of snapshot {sn.id}"
+
+    def _open_data_file(self) -> None:
+        name = self.header.data_file
+        check_file_name(name, "external data file")
+        if self.untrusted:
+            raise UnsafeImageError(f"image '{self.filename}' uses an external data file "
+                                   f"{name!r}; untrusted mode opens no other file")
+        path = combine_path(self.filename, name)
+        try:
+            self.data_be = FileBackend(path)
+        except OSError as exc:
+            raise _open_error(path, exc) from None
+        self.data_filename = path
+
+    def _open_backing(self, max_depth: int, chain: tuple, depth: int) -> None:
+        name = self.header.backing_file
+        check_file_name(name, "backing file")
+        if self.untrusted:
+            raise UnsafeImageError(f"image '{self.filename}' has a backing file {name!r}; "
+                                   f"untrusted mode opens no other file")
+        if depth + 1 > max_depth:
+            raise UnsafeImageError(f"backing chain of '{self.filename}' is deeper than "
+                                   f"{max_depth} images")
+        fmt = self.header.backing_format
+        if fmt is not None and fmt not in ("qcow2", "raw"):
+            raise UnsupportedFeatureError(f"backing file format {fmt!r} of "
+                                          f"'{self.filename}' is not supported",
+                                          feature=f"format {fmt}")
+        self.backing = open_image(self.full_backing_filename, format=fmt,
+                                  max_backing_depth=max_depth, _chain=chain, _depth=depth + 1)
+
+    # -- metadata tables --------------------------------------------------------
+    def _l1_table(self) -> tuple[int, ...]:
+        if self._l1 is None:
+            n, off = self._l1_entries, self._l1_offset
+            if n and off + n * 8 > self.file_size:
+                raise CorruptImageError(
+                    f"{self._l1_what} at {off:#x} ({n} entries) extends past the end of "
+                    f"the file (size {self.file_size:#x})", offset=off, size=n * 8,
+                    what="L1 table")
+            raw = self._read_meta(n * 8, off) if n else b""
+            self._l1 = struct.unpack(f">{n}Q", raw)
+        return self._l1
+
+    def _l2_table(self, l1_index: int, l2_offset: int) -> bytes:
+        with self._lock:
+            t = self._l2_cache.get(l2_offset)
+            if t is not None:
+                self._l2_cache.move_to_end(l2_offset)
+                return t
+        if l2_offset & (self.cluster_size - 1):
+            raise CorruptImageError(
+                f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x})",
+                offset=self._l1_offset + l1_index * 8, size=8, what="L1 entry")
+        if l2_offset + self.cluster_size > self.file_size:
+            raise CorruptImageError(
+                f"L2 table for L1 index {l1_index} at {l2_offset:#x} extends past the end "
+                f"of the file (size {self.file_size:#x})", offset=l2_offset,
+                size=self.cluster_size, what="L2 table")
+        t = self._read_meta(self.cluster_size, l2_offset)
+        with self._lock:
+            self._l2_cache[l2_offset] = t
+            if len(self._l2_cache) > self._l2_cache_max:
+                self._l2_cache.popitem(last=False)
+        return t
+
+    def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """Decode the mapping of [start, end) into runs (guest, length, kind, host, csize).
+
+        For data-carrying kinds ``host`` is the host offset of ``guest``; for compressed
+        clusters it is the compressed data offset of the whole cluster.
+        """
+        l1 = self._l1_table()
+        span_bits = self._l2_span_bits
+        mask = C.L1E_OFFSET_MASK
+        cbits = self.cluster_bits
+        ushift = self._unit_shift
+        h = self.header
+        k = self.kernels
+        pos = start
+        n_l1 = len(l1)
+        while pos < end:
+            idx = pos >> span_bits
+            l2_off = l1[idx] & mask if idx < n_l1 else 0
+            if l2_off == 0:
+                j = idx + 1
+                while (j << span_bits) < end and (j >= n_l1 or not l1[j] & mask):
+                    j += 1
+                stop = min(end, j << span_bits)
+                yield pos, stop - pos, C.KIND_UNALLOC, 0, 0
+                pos = stop
+                continue
+            table_end = min(end, (idx + 1) << span_bits)
+            table = self._l2_table(idx, l2_off)
+            first = (pos >> cbits) & (self._l2_entries - 1)
+            last = ((table_end - 1) >> cbits) & (self._l2_entries - 1)
+            kinds, starts, lens, hosts, csizes = k.l2_runs(
+                table, first, last - first + 1, cluster_bits=cbits, extended=h.extended_l2,
+                data_file=h.has_data_file, table_offset=l2_off)
+            base = (idx << span_bits) + (first << cbits)
+            for kind, s, n, host, csize in zip(kinds.tolist(), starts.tolist(), lens.tolist(),
+                                               hosts.tolist(), csizes.tolist()):
+                g = base + (s << ushift)
+                gend = g + (n << ushift)
+                a = g if g > pos else pos
+                b = gend if gend < table_end else table_end
+                if a >= b:
+                    continue
+                if kind == C.KIND_COMPRESSED:
+                    yield a, b - a, kind, host, csize
+                else:
+                    yield a, b - a, kind, (host + (a - g)) if host else 0, 0
+            pos = table_end
+
+    # -- reading ------------------------------------------------------------------
+    def _decompressor(self):
+        d = getattr(self._tls, "dec", None)
+        if d is None:
+            d = self._tls.dec = self.kernels.Decompressor(self.header.compression_type,
+                                                          self.cluster_size)
+        return d
+
+    def _read(self, mv: memoryview, offset: int) -> None:
+        if self.encrypted:
+            raise UnsupportedFeatureError(
+                f"reading encrypted images is not supported ('{self.filename}' uses "
+                f"{'LUKS' if self.header.crypt_method == C.CRYPT_LUKS else 'AES'} encryption)",
+                feature="encryption")
+        end = offset + len(mv)
+        batch: list[tuple[int, int, int, int]] = []
+        for a, n, kind, host, csize in self._runs(offset, end):
+            dst = mv[a - offset:a - offset + n]
+            if kind == C.KIND_DATA:
+                if batch:
+                    self._read_compressed(mv, offset, batch)
+                    batch = []
+                got = self.data_be.readinto(dst, host)
+                if got < n:
+                    _zero_fill(dst[got:])
+            elif kind == C.KIND_COMPRESSED:
+                batch.append((a, n, host, csize))
+                if len(batch) >= 64:
+                    self._read_compressed(mv, offset, batch)
+                    batch = []
+            elif kind in (C.KIND_ZERO, C.KIND_ZERO_ALLOC):
+                _zero_fill(dst)
+            else:
+                if self.backing is None:
+                    _zero_fill(dst)
+                else:
+                    self.backing._read_clipped(dst, a)
+        if batch:
+            self._read_compressed(mv, offset, batch)
+
+    def _read_compressed(self, mv: memoryview, offset: int, batch) -> None:
+        """Decode a batch of compressed clusters: one read of the covering host range
+        (when the clusters lie close together, as qemu-img writes them), one kernel call."""
+        cs = self.cluster_size
+        lo = min(b[2] for b in batch)
+        hi = max(b[2] + b[3] for b in batch)
+        total = sum(b[3] for b in batch)
+        dec = self._decompressor()
+        if hi - lo <= total + 64 * 1024:
+            groups = [(lo, hi, batch)]
+        else:
+            groups = [(b[2], b[2] + b[3], [b]) for b in batch]
+        for glo, ghi, items in groups:
+            src = bytearray(ghi - glo)          # zeros past EOF, as QEMU reads them
+            self.be.readinto(src, glo)
+            full = [b for b in items if b[1] == cs]
+            part = [b for b in items if b[1] != cs]
+            try:
+                if full:
+                    dec.decompress_into(mv, src, [b[2] - glo for b in full],
+                                        [b[3] for b in full],
+                                        dest_offsets=[b[0] - offset for b in full])
+                for a, n, host, csize in part:
+                    cl = dec.decompress(memoryview(src)[host - glo:host - glo + csize])
+                    within = a & (cs - 1)
+                    mv[a - offset:a - offset + n] = memoryview(cl)[within:within + n]
+            except DecompressionError as exc:
+                bad = (full if exc.index is not None and part == [] else items)
+                idx = exc.index if exc.index is not None and exc.index < len(bad) else 0
+                host = bad[idx][2]
+                raise DecompressionError(
+                    f"compressed cluster at host offset {host:#x} (guest offset "
+                    f"{bad[idx][0] & ~(cs - 1):#x}) does not decode to a full cluster: {exc}",
+                    offset=host, size=bad[idx][3], index=idx) from None
+
+    # -- allocation status ----------------------------------------------------------
+    def _metadata_preallocated(self) -> bool:
+        """QEMU's qcow2_detect_metadata_preallocation: many more clusters referenced
+        than the file really allocates means metadata-only preallocation."""
+        if self._meta_prealloc is None:
+            real_clusters = max(0, _actual_size(self.be)) // self.cluster_size
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            end_cluster = (self.file_size + self.cluster_size - 1) // self.cluster_size
+            rc = RefcountReader(self.header, self._read_meta, self.file_size)
+            self._meta_prealloc = rc.count_referenced(end_cluster, threshold) >= threshold
+        return self._meta_prealloc
+
+    def _status_runs(self, start, end):
+        crypto = self.encrypted
+        recurse = None
+        for a, n, kind, host, _csize in self._runs(start, end):
+            if kind == C.KIND_DATA:
+                flags = ST_DATA
+            elif kind == C.KIND_COMPRESSED:
+                yield a, n, ST_DATA, 0
+                continue
+            elif kind == C.KIND_ZERO:
+                yield a, n, ST_ZERO, 0
+                continue
+            elif kind == C.KIND_ZERO_ALLOC:
+                flags = ST_ZERO
+            elif kind == C.KIND_UNALLOC_ALLOC:
+                flags = 0
+            else:
+                yield a, n, 0, 0
+                continue
+            if crypto:
+                yield a, n, flags, 0
+                continue
+            flags |= ST_OFFSET_VALID
+            if flags & ST_DATA:
+                if recurse is None:
+                    recurse = self._metadata_preallocated()
+                if recurse:
+                    yield from self._recurse_file(a, n, host)
+                    continue
+            yield a, n, flags, host
+
+    def _recurse_file(self, a: int, n: int, host: int):
+        """Data clusters of a metadata-preallocated image: the file's holes read as zeros."""
+        be = self.data_be
+        fsize = be.size()
+        pos = host
+        end = host + n
+        flags = ST_DATA | ST_OFFSET_VALID
+        for off, ln in be.data_regions(host, min(end, fsize)):
+            if off > pos:
+                yield a + (pos - host), off - pos, flags | ST_ZERO, pos
+            stop = min(off + ln, end)
+            yield a + (off - host), stop - off, flags, off
+            pos = stop
+        if pos < end:
+            yield a + (pos - host), end - pos, flags | ST_ZERO, pos
+
+    # -- description ------------------------------------------------------------------
+    def snapshots(self) -> list[dict]:
+        return [sn.info() for sn in self.snapshots_list]
+
+    def bitmaps(self) -> list[dict]:
+        """The persistent dirty bitmaps as qemu-img info lists them."""
+        h = self.header
+        if h.bitmaps_ext is None:
+            return []
+        nb, dsize, doff = h.bitmaps_ext
+        if doff + dsize > self.file_size:
+            raise CorruptImageError(
+                f"bitmap directory at {doff:#x} ({dsize} bytes) extends past the end of the "
+                f"file (size {self.file_size:#x})", offset=doff, size=dsize,
+                what="bitmap directory")
+        buf = self._read_meta(dsize, doff)
+        out = []
+        pos = 0
+        for i in range(nb):
+            if pos + 24 > len(buf):
+                raise CorruptImageError(f"bitmap directory entry {i} at {doff + pos:#x} "
+                                        f"overruns the directory", offset=doff + pos,
+                                        what="bitmap directory")
+            (_tab_off, _tab_size, flags, _btype, gbits, name_size,
+             extra) = struct.unpack_from(">QIIBBHI", buf, pos)
+            end = pos + 24 + extra + name_size
+            if end > len(buf):
+                raise CorruptImageError(f"bitmap directory entry {i} at {doff + pos:#x} "
+                                        f"overruns the directory", offset=doff + pos,
+                                        what="bitmap directory")
+            name = buf[pos + 24 + extra:end].decode("utf-8", "surrogateescape")
+            fl = []
+            if flags & 1:
+                fl.append("in-use")
+            if flags & 2:
+                fl.append("auto")
+            out.append({"flags": fl, "name": name, "granularity": 1 << gbits})
+            pos = (end + 7) & ~7
+        return out
+
+    def format_specific(self) -> dict:
+        h = self.header
+        comp = C.COMPRESSION_NAMES[h.compression_type]
+        if h.version == 2:
+            d = {"compat": "0.10", "compression-type": comp, "refcount-bits": h.refcount_bits}
+            if self.encrypted:
+                d["encrypt"] = self._encrypt_info()
+            return d
+        d = {"compat": "1.1", "compression-type": comp, "lazy-refcounts": h.lazy_refcounts}
+        bms = self.bitmaps()
+        if bms:
+            d["bitmaps"] = bms
+        d["refcount-bits"] = h.refcount_bits
+        if self.encrypted:
+            d["encrypt"] = self._encrypt_info()
+        if h.data_file is not None:
+            d["data-file"] = h.data_file
+        if h.has_data_file:
+            d["data-file-raw"] = h.data_file_raw
+        d["corrupt"] = h.corrupt
+        d["extended-l2"] = h.extended_l2
+        return d
+
+    def _encrypt_info(self) -> dict:
+        if self.header.crypt_method == C.CRYPT_AES:
+            return {"format": "aes"}
+        from .luks import luks_info
+        off, length = self.header.crypto_header
+        return luks_info(self._read_meta, off, length, self.file_size)
+
+    def info(self) -> dict:
+        h = self.header
+        d: dict = {}
+        if self.snapshots_list:
+            d["snapshots"] = self.snapshots()
+        if h.backing_format is not None:
+            d["backing-filename-format"] = h.backing_format
+        d["virtual-size"] = self.size
+        d["filename"] = self.filename
+        d["cluster-size"] = self.cluster_size
+        d["format"] = "qcow2"
+        d["actual-size"] = _actual_size(self.be)
+        d["format-specific"] = {"type": "qcow2", "data": self.format_specific()}
+        if self.encrypted:
+            d["encrypted"] = True
+        if h.backing_file is not None:
+            d["full-backing-filename"] = self.full_backing_filename
+            d["backing-filename"] = h.backing_file
+        d["dirty-flag"] = h.dirty
+        return d
+
+    def close(self) -> None:
+        super().close()
+        if self.data_be is not self.be:
+            self.data_be.close()
+        self.be.close()
+
+
+# ---------------------------------------------------------------------------
+# file object view
+# ---------------------------------------------------------------------------
+
+class ImageFile(io.RawIOBase):
+    """A read-only, seekable file object over an image's guest view."""
+
+    def __init__(self, image: Image):
+        super().__init__()
+        self._img = image
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        n = self._img.readinto(b, self._pos)
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._img.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    @property
+    def size(self) -> int:
+        return self._img.size
+
+
+__all__ = ["Image", "Qcow2Image", "RawImage", "Extent", "ImageFile", "open_image",
+           "probe_format", "combine_path", "check_file_name", "FormatError", "NotQcow2Error"]

@@ -1,0 +1,1 @@
+"""qemu-img's operations, natively (convert, info formatting, map, ...)."""

@@ -1,0 +1,89 @@
+"""Human-readable ``info`` output, formatted exactly as qemu-img prints it."""
+
+from __future__ import annotations
+
+import math
+import time
+
+_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+
+
+def size_to_str(val: int) -> str:
+    """QEMU's size_to_str: three significant digits, binary suffixes."""
+    _m, e = math.frexp(val / (1000.0 / 1024.0))
+    i = (e - 1) // 10 if e > 0 else 0
+    i = max(0, min(i, len(_SUFFIXES) - 1))
+    div = 1 << (i * 10)
+    return f"{val / div:0.3g} {_SUFFIXES[i]}B"
+
+
+def _dump(obj, indent: int, out: list[str]) -> None:
+    pad = " " * (indent * 4)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            key = k.replace("-", " ")
+            if isinstance(v, (dict, list)):
+                out.append(f"{pad}{key}:")
+                _dump(v, indent + 1, out)
+            else:
+                out.append(f"{pad}{key}: {_scalar(v)}")
+    else:
+        for i, v in enumerate(obj):
+            if isinstance(v, (dict, list)):
+                out.append(f"{pad}[{i}]:")
+                _dump(v, indent + 1, out)
+            else:
+                out.append(f"{pad}[{i}]: {_scalar(v)}")
+
+
+def _scalar(v) -> str:
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    return str(v)
+
+
+def _snapshot_line(sn: dict) -> str:
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
+    nsec = sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"]
+    secs = nsec // 1_000_000_000
+    clock = "%02d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60,
+                                    (nsec // 1_000_000) % 1000)
+    icount = str(sn["icount"]) if "icount" in sn else ""
+    return "%-9s %-16s %8s%20s%13s%11s" % (sn["id"], sn["name"], size_to_str(sn["vm-state-size"]),
+                                          date, clock, icount)
+
+
+def format_human(info: dict) -> str:
+    """The text `qemu-img info` prints for one image."""
+    out = [f"image: {info['filename']}",
+           f"file format: {info['format']}",
+           f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
+           "disk size: " + (size_to_str(info["actual-size"]) if info.get("actual-size", -1) >= 0
+                            else "unavailable")]
+    if info.get("encrypted"):
+        out.append("encrypted: yes")
+    if "cluster-size" in info:
+        out.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        out.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        out.append(line)
+    if "backing-filename-format" in info:
+        out.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        out.append("Snapshot list:")
+        out.append("%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
+                                                  "ICOUNT"))
+        out.extend(_snapshot_line(sn) for sn in info["snapshots"])
+    if "format-specific" in info:
+        out.append("Format specific information:")
+        _dump(info["format-specific"]["data"], 1, out)
+    return "\n".join(out) + "\n"

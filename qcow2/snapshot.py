@@ -1,0 +1,115 @@
+"""The internal snapshot table (spec: "Snapshots")."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from . import constants as C
+from .errors import CorruptImageError
+
+_SN = struct.Struct(">QIHHIIQII")   # 40 bytes
+
+
+@dataclass
+class Snapshot:
+    index: int
+    l1_table_offset: int
+    l1_size: int
+    id: str
+    name: str
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int | None       # None: older entries, the image's size applies
+    icount: int | None
+    extra_data_size: int
+    entry_offset: int
+
+    def info(self) -> dict:
+        """The entry as `qemu-img info --output=json` lists it."""
+        d = {}
+        if self.icount is not None:
+            d["icount"] = self.icount
+        d.update({
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+            "name": self.name,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+            "id": self.id,
+            "vm-state-size": self.vm_state_size,
+        })
+        return d
+
+
+def read_snapshot_table(read, offset: int, count: int, file_size: int) -> list[Snapshot]:
+    """Parse ``count`` entries at ``offset`` (validated by the header already).
+
+    The table is read in one bounded piece: it can be at most
+    MAX_SNAPSHOTS_SIZE bytes long, and must lie inside the file.
+    """
+    if count == 0:
+        return []
+    limit = min(C.MAX_SNAPSHOTS_SIZE, max(0, file_size - offset))
+    buf = read(limit, offset) if limit else b""
+    out: list[Snapshot] = []
+    pos = 0
+    for i in range(count):
+        pos = (pos + 7) & ~7
+        if pos + _SN.size > len(buf):
+            raise _trunc(i, offset + pos, file_size)
+        (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, clock, vm_state,
+         extra_size) = _SN.unpack_from(buf, pos)
+        entry_off = offset + pos
+        pos += _SN.size
+        if extra_size > C.MAX_SNAPSHOT_EXTRA_DATA:
+            raise CorruptImageError(
+                f"Too much extra metadata in snapshot table entry {i} "
+                f"({extra_size} bytes, at offset {entry_off:#x})",
+                offset=entry_off, size=_SN.size, what="snapshot table entry")
+        end = pos + extra_size + id_size + name_size
+        if end > len(buf):
+            if end > C.MAX_SNAPSHOTS_SIZE:
+                raise CorruptImageError(
+                    f"Snapshot table exceeds the maximum size (entry {i} at offset {entry_off:#x})",
+                    offset=entry_off, what="snapshot table")
+            raise _trunc(i, entry_off, file_size)
+        extra = buf[pos:pos + extra_size]
+        pos += extra_size
+        vm_state_size = vm_state
+        disk_size = icount = None
+        if extra_size >= 8:
+            vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
+        if extra_size >= 16:
+            disk_size = struct.unpack_from(">Q", extra, 8)[0]
+        if extra_size >= 24:
+            icount = struct.unpack_from(">Q", extra, 16)[0]
+            if icount == 0xFFFFFFFFFFFFFFFF:
+                icount = None
+        sid = buf[pos:pos + id_size].decode("utf-8", "surrogateescape")
+        pos += id_size
+        name = buf[pos:pos + name_size].decode("utf-8", "surrogateescape")
+        pos += name_size
+        out.append(Snapshot(i, l1_off, l1_size, sid, name, date_sec, date_nsec, clock,
+                            vm_state_size, disk_size, icount, extra_size, entry_off))
+    return out
+
+
+def _trunc(i: int, off: int, file_size: int) -> CorruptImageError:
+    return CorruptImageError(
+        f"snapshot table entry {i} at offset {off:#x} extends past the end of the file "
+        f"(size {file_size:#x})", offset=off, what="snapshot table entry")
+
+
+def find_snapshot(snapshots: list[Snapshot], key: str | int) -> Snapshot | None:
+    """Find by id first, then by name (as qemu-img convert -l does)."""
+    key = str(key)
+    for sn in snapshots:
+        if sn.id == key:
+            return sn
+    for sn in snapshots:
+        if sn.name == key:
+            return sn
+    return None
