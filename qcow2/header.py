@@ -179,10 +179,14 @@ class Header:
         cls._validate_compression(h)
 
         ext_end = h.backing_file_offset if h.backing_file_offset else cluster_size
-        h._read_extensions(first, ext_end, only_feature_table=True)
-
         unknown = h.incompatible_features & ~C.INCOMPAT_MASK
         if unknown:
+            # Only to name the features: errors in the extension area are not the
+            # news here (QEMU ignores them in this pass too).
+            try:
+                h._read_extensions(first, ext_end, only_feature_table=True)
+            except CorruptImageError:
+                pass
             names = []
             for ftype, bit, name in h.feature_table:
                 if ftype == 0 and unknown & (1 << bit):
