@@ -1,0 +1,440 @@
+/*
+ * codec.c - batched compression and decompression of qcow2 clusters.
+ *
+ * Semantics are QEMU's (block/qcow2-threads.c):
+ *   zlib: raw deflate with a 4 KiB window (windowBits -12).  A cluster
+ *         decodes iff exactly cluster_size bytes come out before any error;
+ *         input left over after the output is full is ignored, since the
+ *         L2 entry only gives the compressed length rounded up to sectors.
+ *   zstd: ZSTD_decompressStream() until the cluster is full; several frames
+ *         may follow each other; the last frame must end exactly at the
+ *         cluster end.
+ * libdeflate, when built in, is tried first for zlib clusters; anything but
+ * a clean success with exactly one cluster of output is redone with zlib, so
+ * the outcome is always zlib's.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <zlib.h>
+#ifdef HAVE_ZSTD
+#include <zstd.h>
+#include <zstd_errors.h>
+#endif
+#ifdef HAVE_LIBDEFLATE
+#include <libdeflate.h>
+#endif
+
+#include "qcow2_native.h"
+
+#define MIN_CLUSTER_SIZE 512u
+#define MAX_CLUSTER_SIZE (2u * 1024 * 1024)
+
+struct qcow2n_dctx {
+    int algo;
+    size_t cluster_size;
+    int zinit;                  /* zs initialised */
+    z_stream zs;
+#ifdef HAVE_LIBDEFLATE
+    struct libdeflate_decompressor *ld;
+#endif
+#ifdef HAVE_ZSTD
+    ZSTD_DCtx *zd;
+#endif
+};
+
+struct qcow2n_cctx {
+    int algo;
+    size_t cluster_size;
+    int zinit;
+    z_stream zs;
+#ifdef HAVE_ZSTD
+    ZSTD_CCtx *zc;
+#endif
+};
+
+static int valid_cluster_size(size_t cs)
+{
+    return cs >= MIN_CLUSTER_SIZE && cs <= MAX_CLUSTER_SIZE &&
+           (cs & (cs - 1)) == 0;
+}
+
+int qcow2n_version(void)
+{
+    return QCOW2N_VERSION;
+}
+
+unsigned qcow2n_features(void)
+{
+    unsigned f = 0;
+#ifdef HAVE_ZSTD
+    f |= QCOW2N_FEATURE_ZSTD;
+#endif
+#ifdef HAVE_LIBDEFLATE
+    f |= QCOW2N_FEATURE_LIBDEFLATE;
+#endif
+    return f;
+}
+
+unsigned qcow2n_zstd_version(void)
+{
+#ifdef HAVE_ZSTD
+    return ZSTD_versionNumber();
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------------ */
+/* Decompression                                                             */
+
+qcow2n_dctx *qcow2n_dctx_new(int algo, size_t cluster_size)
+{
+    qcow2n_dctx *ctx;
+
+    if (!valid_cluster_size(cluster_size)) {
+        return NULL;
+    }
+#ifndef HAVE_ZSTD
+    if (algo == QCOW2N_ALGO_ZSTD) {
+        return NULL;
+    }
+#endif
+    if (algo != QCOW2N_ALGO_ZLIB && algo != QCOW2N_ALGO_ZSTD) {
+        return NULL;
+    }
+    ctx = calloc(1, sizeof(*ctx));
+    if (!ctx) {
+        return NULL;
+    }
+    ctx->algo = algo;
+    ctx->cluster_size = cluster_size;
+    if (algo == QCOW2N_ALGO_ZLIB) {
+        if (inflateInit2(&ctx->zs, -12) != Z_OK) {
+            goto fail;
+        }
+        ctx->zinit = 1;
+#ifdef HAVE_LIBDEFLATE
+        ctx->ld = libdeflate_alloc_decompressor();
+        if (!ctx->ld) {
+            goto fail;
+        }
+#endif
+    }
+#ifdef HAVE_ZSTD
+    if (algo == QCOW2N_ALGO_ZSTD) {
+        ctx->zd = ZSTD_createDCtx();
+        if (!ctx->zd) {
+            goto fail;
+        }
+    }
+#endif
+    return ctx;
+
+fail:
+    qcow2n_dctx_free(ctx);
+    return NULL;
+}
+
+void qcow2n_dctx_free(qcow2n_dctx *ctx)
+{
+    if (!ctx) {
+        return;
+    }
+    if (ctx->zinit) {
+        inflateEnd(&ctx->zs);
+    }
+#ifdef HAVE_LIBDEFLATE
+    if (ctx->ld) {
+        libdeflate_free_decompressor(ctx->ld);
+    }
+#endif
+#ifdef HAVE_ZSTD
+    ZSTD_freeDCtx(ctx->zd);
+#endif
+    free(ctx);
+}
+
+/* One zlib cluster, exactly as qcow2_zlib_decompress(). */
+static int inflate_cluster(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
+                           const uint8_t *src, size_t src_size)
+{
+    z_stream *zs = &ctx->zs;
+    int ret;
+
+#ifdef HAVE_LIBDEFLATE
+    {
+        size_t in_used = 0, out_got = 0;
+        enum libdeflate_result r;
+
+        r = libdeflate_deflate_decompress_ex(ctx->ld, src, src_size, dest,
+                                             dest_size, &in_used, &out_got);
+        if (r == LIBDEFLATE_SUCCESS && out_got == dest_size) {
+            return 0;
+        }
+        /* Short stream, stream longer than a cluster (accepted by QEMU:
+         * the output is simply full), or bad data: let zlib decide. */
+    }
+#endif
+    if (inflateReset(zs) != Z_OK) {
+        return QCOW2N_ENOMEM;
+    }
+    zs->next_in = (Bytef *)(uintptr_t)src;
+    zs->avail_in = (uInt)src_size;
+    zs->next_out = dest;
+    zs->avail_out = (uInt)dest_size;
+    ret = inflate(zs, Z_FINISH);
+    /* Z_BUF_ERROR with a full output is fine: input may be left over. */
+    if ((ret == Z_STREAM_END || ret == Z_BUF_ERROR) && zs->avail_out == 0) {
+        return 0;
+    }
+    if (ret == Z_STREAM_END || ret == Z_BUF_ERROR || ret == Z_OK) {
+        return QCOW2N_ESHORT;
+    }
+    if (ret == Z_MEM_ERROR) {
+        return QCOW2N_ENOMEM;
+    }
+    return QCOW2N_EDATA;
+}
+
+#ifdef HAVE_ZSTD
+/* One zstd cluster, exactly as qcow2_zstd_decompress(). */
+static int zstd_cluster(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
+                        const uint8_t *src, size_t src_size)
+{
+    ZSTD_outBuffer out = { dest, dest_size, 0 };
+    ZSTD_inBuffer in = { src, src_size, 0 };
+    size_t zret = 0;
+
+    ZSTD_DCtx_reset(ctx->zd, ZSTD_reset_session_only);
+    while (out.pos < out.size) {
+        size_t last_in = in.pos, last_out = out.pos;
+
+        zret = ZSTD_decompressStream(ctx->zd, &out, &in);
+        if (ZSTD_isError(zret)) {
+            if (ZSTD_getErrorCode(zret) == ZSTD_error_memory_allocation) {
+                return QCOW2N_ENOMEM;
+            }
+            return QCOW2N_EDATA;
+        }
+        /* No progress at all: the input is used up (QEMU's guard against
+         * spinning while zstd waits for more input). */
+        if (in.pos <= last_in && out.pos <= last_out) {
+            return QCOW2N_ESHORT;
+        }
+    }
+    /* The output is full; a nonzero hint means the frame goes on. */
+    if (zret != 0) {
+        return QCOW2N_ELONG;
+    }
+    return 0;
+}
+#endif
+
+int qcow2n_decompress(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
+                      const uint8_t *src, size_t src_size,
+                      const uint64_t *src_offsets, const uint32_t *src_lengths,
+                      const uint64_t *dest_offsets, size_t n,
+                      size_t *bad_index)
+{
+    const size_t cs = ctx ? ctx->cluster_size : 0;
+    size_t i;
+
+    if (!ctx) {
+        return QCOW2N_EINVAL;
+    }
+    /* Check every range first, so a bad argument writes nothing. */
+    for (i = 0; i < n; i++) {
+        uint64_t so = src_offsets[i], dofs;
+
+        if (so > src_size || src_lengths[i] > src_size - so) {
+            *bad_index = i;
+            return QCOW2N_ESRCRANGE;
+        }
+        dofs = dest_offsets ? dest_offsets[i] : (uint64_t)i * cs;
+        if (dofs > dest_size || cs > dest_size - dofs) {
+            *bad_index = i;
+            return QCOW2N_EDSTRANGE;
+        }
+    }
+    for (i = 0; i < n; i++) {
+        uint8_t *d = dest + (dest_offsets ? dest_offsets[i] : (uint64_t)i * cs);
+        const uint8_t *s = src + src_offsets[i];
+        int ret;
+
+#ifdef HAVE_ZSTD
+        if (ctx->algo == QCOW2N_ALGO_ZSTD) {
+            ret = zstd_cluster(ctx, d, cs, s, src_lengths[i]);
+        } else
+#endif
+        {
+            ret = inflate_cluster(ctx, d, cs, s, src_lengths[i]);
+        }
+        if (ret < 0) {
+            *bad_index = i;
+            return ret;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Compression                                                               */
+
+qcow2n_cctx *qcow2n_cctx_new(int algo, size_t cluster_size, int level)
+{
+    qcow2n_cctx *ctx;
+
+    if (!valid_cluster_size(cluster_size)) {
+        return NULL;
+    }
+    if (algo == QCOW2N_ALGO_ZLIB && (level < -1 || level > 9)) {
+        return NULL;
+    }
+#ifndef HAVE_ZSTD
+    if (algo == QCOW2N_ALGO_ZSTD) {
+        return NULL;
+    }
+#endif
+    if (algo != QCOW2N_ALGO_ZLIB && algo != QCOW2N_ALGO_ZSTD) {
+        return NULL;
+    }
+    ctx = calloc(1, sizeof(*ctx));
+    if (!ctx) {
+        return NULL;
+    }
+    ctx->algo = algo;
+    ctx->cluster_size = cluster_size;
+    if (algo == QCOW2N_ALGO_ZLIB) {
+        /* QEMU: "best compression, small window, no zlib header" */
+        if (deflateInit2(&ctx->zs, level, Z_DEFLATED, -12, 9,
+                         Z_DEFAULT_STRATEGY) != Z_OK) {
+            goto fail;
+        }
+        ctx->zinit = 1;
+    }
+#ifdef HAVE_ZSTD
+    if (algo == QCOW2N_ALGO_ZSTD) {
+        ctx->zc = ZSTD_createCCtx();
+        if (!ctx->zc) {
+            goto fail;
+        }
+        if (level != 0 &&
+            ZSTD_isError(ZSTD_CCtx_setParameter(ctx->zc,
+                                                ZSTD_c_compressionLevel,
+                                                level))) {
+            goto fail;
+        }
+    }
+#endif
+    return ctx;
+
+fail:
+    qcow2n_cctx_free(ctx);
+    return NULL;
+}
+
+void qcow2n_cctx_free(qcow2n_cctx *ctx)
+{
+    if (!ctx) {
+        return;
+    }
+    if (ctx->zinit) {
+        deflateEnd(&ctx->zs);
+    }
+#ifdef HAVE_ZSTD
+    ZSTD_freeCCtx(ctx->zc);
+#endif
+    free(ctx);
+}
+
+/* Compressors return the compressed size, -1 when it does not fit in
+ * @dest_size bytes, or a QCOW2N_E* code (all below -1) on a library error. */
+static int64_t deflate_cluster(qcow2n_cctx *ctx, uint8_t *dest,
+                               size_t dest_size, const uint8_t *src,
+                               size_t src_size)
+{
+    z_stream *zs = &ctx->zs;
+    int ret;
+
+    if (deflateReset(zs) != Z_OK) {
+        return QCOW2N_ENOMEM;
+    }
+    zs->next_in = (Bytef *)(uintptr_t)src;
+    zs->avail_in = (uInt)src_size;
+    zs->next_out = dest;
+    zs->avail_out = (uInt)dest_size;
+    ret = deflate(zs, Z_FINISH);
+    if (ret == Z_STREAM_END) {
+        return (int64_t)(dest_size - zs->avail_out);
+    }
+    if (ret == Z_OK || ret == Z_BUF_ERROR) {
+        return -1;  /* does not fit */
+    }
+    return QCOW2N_ENOMEM;
+}
+
+#ifdef HAVE_ZSTD
+static int64_t zstd_compress_cluster(qcow2n_cctx *ctx, uint8_t *dest,
+                                     size_t dest_size, const uint8_t *src,
+                                     size_t src_size)
+{
+    ZSTD_outBuffer out = { dest, dest_size, 0 };
+    ZSTD_inBuffer in = { src, src_size, 0 };
+    size_t zret;
+
+    ZSTD_CCtx_reset(ctx->zc, ZSTD_reset_session_only);
+    /* Streaming API with ZSTD_e_end, as QEMU: the decoder streams too. */
+    do {
+        zret = ZSTD_compressStream2(ctx->zc, &out, &in, ZSTD_e_end);
+        if (ZSTD_isError(zret)) {
+            if (ZSTD_getErrorCode(zret) == ZSTD_error_dstSize_tooSmall) {
+                return -1;
+            }
+            return QCOW2N_ENOMEM;
+        }
+        if (zret > out.size - out.pos) {
+            return -1;  /* what is left to flush cannot fit */
+        }
+    } while (zret);
+    return (int64_t)out.pos;
+}
+#endif
+
+int qcow2n_compress(qcow2n_cctx *ctx, uint8_t *dest, size_t dest_size,
+                    const uint8_t *src, size_t src_size, size_t n,
+                    int64_t *sizes)
+{
+    size_t cs, i;
+
+    if (!ctx) {
+        return QCOW2N_EINVAL;
+    }
+    cs = ctx->cluster_size;
+    if (n > src_size / cs) {
+        return QCOW2N_EINVAL;
+    }
+    if (n > dest_size / cs) {
+        return QCOW2N_ENOSPC;
+    }
+    for (i = 0; i < n; i++) {
+        int64_t r;
+#ifdef HAVE_ZSTD
+        if (ctx->algo == QCOW2N_ALGO_ZSTD) {
+            r = zstd_compress_cluster(ctx, dest + i * cs, cs - 1,
+                                      src + i * cs, cs);
+        } else
+#endif
+        {
+            r = deflate_cluster(ctx, dest + i * cs, cs - 1, src + i * cs, cs);
+        }
+        if (r < -1) {
+            return (int)r;
+        }
+        sizes[i] = r;
+    }
+    return 0;
+}

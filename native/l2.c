@@ -1,0 +1,218 @@
+/*
+ * l2.c - classify L2 table entries and turn a slice of a table into runs.
+ *
+ * The classification follows QEMU's qcow2_get_cluster_type() and
+ * qcow2_get_subcluster_type() (block/qcow2.h) bit for bit; the error checks
+ * are the ones QEMU makes when it maps a guest offset (qcow2_get_host_offset)
+ * plus, in strict mode, the reserved bits of the spec.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qcow2_native.h"
+
+/* Standard cluster descriptor (spec "Standard Cluster Descriptor"). */
+#define L2E_OFFSET_MASK       0x00fffffffffffe00ULL  /* bits 9..55 */
+#define L2E_STD_RESERVED_MASK 0x3f000000000001feULL  /* bits 1..8, 56..61 */
+#define OFLAG_COPIED          (1ULL << 63)
+#define OFLAG_COMPRESSED      (1ULL << 62)
+#define OFLAG_ZERO            1ULL
+
+#define SUBCLUSTERS           32
+#define BITMAP_ALL_ALLOC      0x00000000ffffffffULL
+
+/* Cluster types, as QEMU's QCow2ClusterType. */
+enum { CT_UNALLOCATED, CT_ZERO_PLAIN, CT_ZERO_ALLOC, CT_NORMAL, CT_COMPRESSED };
+
+static inline uint64_t load_be64(const uint8_t *p)
+{
+    return ((uint64_t)p[0] << 56) | ((uint64_t)p[1] << 48) |
+           ((uint64_t)p[2] << 40) | ((uint64_t)p[3] << 32) |
+           ((uint64_t)p[4] << 24) | ((uint64_t)p[5] << 16) |
+           ((uint64_t)p[6] << 8) | (uint64_t)p[7];
+}
+
+static inline int cluster_type(uint64_t entry, int extended, int data_file)
+{
+    if (entry & OFLAG_COMPRESSED) {
+        return CT_COMPRESSED;
+    }
+    /* The zero flag only exists without subclusters (bit 0 is reserved in
+     * extended entries, whose bitmap says what reads as zeros). */
+    if ((entry & OFLAG_ZERO) && !extended) {
+        return (entry & L2E_OFFSET_MASK) ? CT_ZERO_ALLOC : CT_ZERO_PLAIN;
+    }
+    if (!(entry & L2E_OFFSET_MASK)) {
+        /* Offset 0 is a valid host offset in an external data file; there
+         * every cluster has refcount 1, so COPIED tells the two apart. */
+        if (data_file && (entry & OFLAG_COPIED)) {
+            return CT_NORMAL;
+        }
+        return CT_UNALLOCATED;
+    }
+    return CT_NORMAL;
+}
+
+struct emitter {
+    const qcow2n_runs *out;
+    size_t cap;
+    size_t n;
+    uint64_t unit_size;
+};
+
+/* Append units [start, start + len) of @kind at @host, merging if possible.
+ * Returns 0 or QCOW2N_ENOSPC. */
+static inline int emit(struct emitter *em, int kind, uint32_t start,
+                       uint32_t len, uint64_t host, uint32_t csize)
+{
+    const qcow2n_runs *o = em->out;
+
+    if (em->n > 0 && kind != QCOW2N_KIND_COMPRESSED) {
+        size_t last = em->n - 1;
+        if (o->kinds[last] == kind) {
+            if (kind == QCOW2N_KIND_UNALLOC || kind == QCOW2N_KIND_ZERO) {
+                o->lens[last] += len;
+                return 0;
+            }
+            if (o->hosts[last] + (uint64_t)o->lens[last] * em->unit_size
+                == host) {
+                o->lens[last] += len;
+                return 0;
+            }
+        }
+    }
+    if (em->n >= em->cap) {
+        return QCOW2N_ENOSPC;
+    }
+    o->kinds[em->n] = (uint8_t)kind;
+    o->starts[em->n] = start;
+    o->lens[em->n] = len;
+    o->hosts[em->n] = host;
+    o->csizes[em->n] = csize;
+    em->n++;
+    return 0;
+}
+
+int qcow2n_l2_runs(const qcow2n_runs *dest, size_t dest_size,
+                   const uint8_t *src, size_t src_size,
+                   size_t first, size_t count, unsigned cluster_bits,
+                   unsigned flags, size_t *n_runs, size_t *bad_index)
+{
+    const int extended = (flags & QCOW2N_L2_EXTENDED) != 0;
+    const int data_file = (flags & QCOW2N_L2_DATA_FILE) != 0;
+    const int strict = (flags & QCOW2N_L2_STRICT) != 0;
+    const size_t esize = extended ? 16 : 8;
+    const uint64_t cluster_size = 1ULL << cluster_bits;
+    const uint64_t upc = extended ? SUBCLUSTERS : 1;  /* units per cluster */
+    /* Compressed descriptor: offset in bits 0..x-1, additional 512-byte
+     * sectors in bits x..61, x = 62 - (cluster_bits - 8). */
+    const unsigned csize_shift = 62 - (cluster_bits - 8);
+    const uint64_t coffset_mask = (1ULL << csize_shift) - 1;
+    const uint64_t csize_mask = (1ULL << (cluster_bits - 8)) - 1;
+    /* Bit 0 is the zero flag without subclusters, reserved with them. */
+    const uint64_t reserved = L2E_STD_RESERVED_MASK | (extended ? 1 : 0);
+    struct emitter em = { dest, dest_size, 0, cluster_size / upc };
+    size_t i;
+    int ret;
+
+    *n_runs = 0;
+    if (cluster_bits < 9 || cluster_bits > 21 || flags > 7 ||
+        first > src_size / esize || count > src_size / esize - first ||
+        count > UINT32_MAX / SUBCLUSTERS) {
+        return QCOW2N_EINVAL;
+    }
+
+    for (i = 0; i < count; i++) {
+        const uint8_t *p = src + (first + i) * esize;
+        const uint64_t entry = load_be64(p);
+        const uint64_t bitmap = extended ? load_be64(p + 8) : 0;
+        const uint32_t start = (uint32_t)(i * upc);
+        const int type = cluster_type(entry, extended, data_file);
+        const uint64_t host = entry & L2E_OFFSET_MASK;
+
+        if (strict) {
+            int bad = type == CT_COMPRESSED ? (extended && bitmap != 0)
+                                            : (entry & reserved) != 0;
+            if (bad) {
+                *bad_index = first + i;
+                return QCOW2N_EL2RESERVED;
+            }
+        }
+        if (extended && ((type == CT_NORMAL && ((bitmap >> 32) & bitmap)) ||
+                         (type == CT_UNALLOCATED &&
+                          (bitmap & BITMAP_ALL_ALLOC)))) {
+            /* QCOW2_SUBCLUSTER_INVALID: a subcluster both allocated and
+             * zero, or an allocated subcluster without a host cluster. */
+            *bad_index = first + i;
+            return QCOW2N_EL2BITMAP;
+        }
+        if ((type == CT_NORMAL || type == CT_ZERO_ALLOC) &&
+            (host & (cluster_size - 1))) {
+            /* QEMU: "Cluster allocation offset ... unaligned" */
+            *bad_index = first + i;
+            return QCOW2N_EL2UNALIGNED;
+        }
+
+        switch (type) {
+        case CT_COMPRESSED: {
+            uint64_t coffset = entry & coffset_mask;
+            uint64_t sectors = ((entry >> csize_shift) & csize_mask) + 1;
+            /* As QEMU: the length runs to the end of the last sector. */
+            uint32_t csize = (uint32_t)(sectors * 512 - (coffset & 511));
+            ret = emit(&em, QCOW2N_KIND_COMPRESSED, start, (uint32_t)upc,
+                       coffset, csize);
+            break;
+        }
+        case CT_ZERO_PLAIN:
+            ret = emit(&em, QCOW2N_KIND_ZERO, start, 1, 0, 0);
+            break;
+        case CT_ZERO_ALLOC:
+            ret = emit(&em, QCOW2N_KIND_ZERO_ALLOC, start, 1, host, 0);
+            break;
+        case CT_UNALLOCATED:
+            if (!extended || !(bitmap >> 32)) {
+                ret = emit(&em, QCOW2N_KIND_UNALLOC, start, (uint32_t)upc,
+                           0, 0);
+            } else {
+                unsigned sc;
+                ret = 0;
+                for (sc = 0; sc < SUBCLUSTERS && ret == 0; sc++) {
+                    int zero = (bitmap >> (32 + sc)) & 1;
+                    ret = emit(&em, zero ? QCOW2N_KIND_ZERO
+                                         : QCOW2N_KIND_UNALLOC,
+                               start + sc, 1, 0, 0);
+                }
+            }
+            break;
+        default: /* CT_NORMAL */
+            if (!extended) {
+                ret = emit(&em, QCOW2N_KIND_DATA, start, 1, host, 0);
+            } else if (bitmap == BITMAP_ALL_ALLOC) {
+                ret = emit(&em, QCOW2N_KIND_DATA, start, SUBCLUSTERS, host, 0);
+            } else {
+                unsigned sc;
+                ret = 0;
+                for (sc = 0; sc < SUBCLUSTERS && ret == 0; sc++) {
+                    int kind;
+                    if ((bitmap >> (32 + sc)) & 1) {
+                        kind = QCOW2N_KIND_ZERO_ALLOC;
+                    } else if ((bitmap >> sc) & 1) {
+                        kind = QCOW2N_KIND_DATA;
+                    } else {
+                        kind = QCOW2N_KIND_UNALLOC_ALLOC;
+                    }
+                    ret = emit(&em, kind, start + sc, 1,
+                               host + sc * em.unit_size, 0);
+                }
+            }
+            break;
+        }
+        if (ret < 0) {
+            *n_runs = em.n;
+            return ret;
+        }
+    }
+    *n_runs = em.n;
+    return 0;
+}
