@@ -40,6 +40,9 @@
 #define QCOW2N_ALGO_ZLIB 0
 #define QCOW2N_ALGO_ZSTD 1
 
+/* Flags of qcow2n_dctx_new(). */
+#define QCOW2N_DCTX_STRICT 1  /* zlib only: skip the libdeflate fast path */
+
 /* Run kinds produced by qcow2n_l2_runs(). */
 #define QCOW2N_KIND_UNALLOC       0  /* no host cluster: backing file or zeros */
 #define QCOW2N_KIND_UNALLOC_ALLOC 1  /* extended L2 only: host cluster allocated,
@@ -115,10 +118,17 @@ int qcow2n_l2_runs(const qcow2n_runs *dest, size_t dest_size,
  * qcow2n_dctx_new - create a decompression context.
  *
  * @algo: QCOW2N_ALGO_*; @cluster_size: 512..2 MiB, a power of two.
+ * @flags: QCOW2N_DCTX_STRICT to decode zlib clusters with zlib alone.
+ *         Otherwise libdeflate (when built in) is tried first: it is about
+ *         twice as fast and decodes every valid stream identically, but it
+ *         also accepts a few malformed ones that zlib (and so QEMU) refuses
+ *         (symbols 286/287 and distances 30/31 of the fixed code, codewords
+ *         outside an incomplete code, more than 286/30 code lengths or a
+ *         code length repeat running past them).
  * Returns NULL on allocation failure, on a bad argument or when @algo was
  * not compiled in (check qcow2n_features() first).
  */
-qcow2n_dctx *qcow2n_dctx_new(int algo, size_t cluster_size);
+qcow2n_dctx *qcow2n_dctx_new(int algo, size_t cluster_size, unsigned flags);
 
 /*
  * qcow2n_dctx_free - release a context (NULL is fine).

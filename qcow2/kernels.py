@@ -23,7 +23,7 @@ API (identical in both implementations)::
 
     l2_runs(table, first, count, *, cluster_bits, extended, data_file=False,
             strict=False, table_offset=0) -> (kinds, starts, lens, hosts, csizes)
-    Decompressor(algo, cluster_size)
+    Decompressor(algo, cluster_size, *, strict=False)
         .decompress(src) -> bytes
         .decompress_into(dest, src, src_offsets, src_lengths, dest_offsets=None,
                          *, src_file_offset=None) -> None
@@ -165,15 +165,18 @@ def _build_native():
     class Decompressor:
         __doc__ = _py.Decompressor.__doc__
 
-        def __new__(cls, algo, cluster_size):
+        def __new__(cls, algo, cluster_size, *, strict=False):
             algo, cluster_size = _py.check_codec_args(algo, cluster_size)
             if algo == _py.ALGO_ZSTD and not have_zstd:
-                return _py.Decompressor(algo, cluster_size)  # per-kernel fallback
+                # per-kernel fallback
+                return _py.Decompressor(algo, cluster_size, strict=strict)
             return super().__new__(cls)
 
-        def __init__(self, algo, cluster_size):
+        def __init__(self, algo, cluster_size, *, strict=False):
             self.algo, self.cluster_size = _py.check_codec_args(algo, cluster_size)
-            ctx = lib.qcow2n_dctx_new(self.algo, self.cluster_size)
+            self.strict = bool(strict)
+            ctx = lib.qcow2n_dctx_new(self.algo, self.cluster_size,
+                                      lib.QCOW2N_DCTX_STRICT if strict else 0)
             if ctx == NULL:
                 raise MemoryError("cannot allocate a decompression context")
             self._ctx = ffi.gc(ctx, lib.qcow2n_dctx_free)

@@ -33,7 +33,9 @@ UNALLOC, UNALLOC_ALLOC, ZERO, ZERO_ALLOC, DATA, COMPRESSED = range(6)
 COPIED = 1 << 63
 COMP_FLAG = 1 << 62
 
-SETTINGS = settings(max_examples=250, deadline=None,
+# QCOW2_TEST_EXAMPLES raises the hypothesis budget for a long run.
+SETTINGS = settings(max_examples=int(os.environ.get("QCOW2_TEST_EXAMPLES", "250")),
+                    deadline=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
 
@@ -150,6 +152,32 @@ def test_env_selection(env, expect):
     out = subprocess.run([os.sys.executable, "-c", code], env=full, check=True,
                          capture_output=True, text=True).stdout.strip()
     assert out == (expect or kernels.get("auto").implementation)
+
+
+def test_python_only_without_native_module(tmp_path):
+    """With qcow2._native unimportable: auto falls back, native refuses."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
+    code = ("import sys; sys.modules['qcow2._native'] = None\n"
+            "import qcow2.kernels as k\n"
+            "print(k.implementation, sorted(k.features))\n"
+            "c = k.Compressor(0, 512).compress(bytes(512))\n"
+            "assert k.Decompressor(0, 512).decompress(c) == bytes(512)\n")
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("QCOW2_REQUIRE_NATIVE", None)
+    for impl, expect in (("auto", "python []"), ("python", "python []")):
+        env["QCOW2_IMPL"] = impl
+        out = subprocess.run([os.sys.executable, "-c", code], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        assert out.splitlines()[0] == expect
+    env["QCOW2_IMPL"] = "native"
+    res = subprocess.run([os.sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode != 0 and "NativeUnavailableError" in res.stderr
+    env["QCOW2_IMPL"] = "auto"
+    env["QCOW2_REQUIRE_NATIVE"] = "1"
+    res = subprocess.run([os.sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode != 0 and "NativeUnavailableError" in res.stderr
 
 
 # --------------------------------------------------------------------------
@@ -547,6 +575,40 @@ def test_zstd_frames(impl):
         d.decompress(zstd_frame(a) + b"\x01\x02\x03\x04\x05\x06\x07\x08")
 
 
+def _zstd_samples():
+    a, b = texty(1000, 1), texty(3096, 2)
+    skip = struct.pack("<II", 0x184D2A50, 5) + b"12345"
+    return [
+        zstd_frame(a) + zstd_frame(b, checksum=True), skip + zstd_frame(a + b),
+        zstd_frame(a + b) + b"\x00junk", zstd_frame(a + b + a),
+        zstd_frame(a) + b"\x01\x02\x03\x04\x05\x06\x07\x08", zstd_frame(a + b)[:-3], b"",
+        zstd_frame(a), zstd_frame(a + b, checksum=True), zstd_frame(a + b, checksum=True)[:-2],
+        zstd_frame(bytes(4096)), zstd_frame(bytes(100000)), zstd_frame(a + b, level=19),
+    ]
+
+
+def test_zstd_without_cffi_backend(monkeypatch):
+    """The Python twin's fallback when python-zstandard has no cffi backend."""
+    from qcow2 import _pykernels
+    python = kernels.get("python")
+    ref = [outcome(python.Decompressor(1, 4096).decompress, c) for c in _zstd_samples()]
+    monkeypatch.setattr(_pykernels, "_zstd_cffi", False)
+    d = python.Decompressor(1, 4096)
+    assert not d._use_cffi
+    assert [outcome(d.decompress, c) for c in _zstd_samples()] == ref
+
+
+@pytest.mark.parametrize("payload", [
+    b"c`\x18\x07#\x19\x00\x00",    # fixed-code block using litlen symbol 286
+])
+def test_zlib_strict_refuses_what_zlib_refuses(impl, payload):
+    # zlib (so QEMU) refuses these; strict mode must too, in both twins.
+    with pytest.raises(zlib.error):
+        zlib.decompressobj(-12).decompress(payload)
+    with pytest.raises(DecompressionError, match="invalid zlib data"):
+        impl.Decompressor(0, 512, strict=True).decompress(payload)
+
+
 def test_decompressors_in_threads(impl):
     data = [texty(CS, s) for s in range(8)]
     comp = [raw_deflate(x) for x in data]
@@ -632,9 +694,9 @@ def test_decompress_differential(pair, case):
     algo, cs, payload, garbled = case
     native, python = pair
 
-    def run(ns):
+    def run(ns, strict=True):
         out = bytearray(b"\xEE" * (cs + 64))
-        res = outcome(ns.Decompressor(algo, cs).decompress_into,
+        res = outcome(ns.Decompressor(algo, cs, strict=strict).decompress_into,
                       memoryview(out)[32:32 + cs], b"\x11" + payload, [1], [len(payload)],
                       src_file_offset=0x1234)
         # Nothing outside the cluster slot is ever written.
@@ -642,6 +704,13 @@ def test_decompress_differential(pair, case):
         return res, bytes(out[32:32 + cs]) if res[0] == "ok" else None
 
     a, b = run(native), run(python)
+    if algo == 0:
+        # The libdeflate fast path agrees with zlib except that it decodes
+        # some malformed streams zlib refuses.
+        fast = run(native, strict=False)
+        if fast != b:
+            assert garbled and "libdeflate" in native.features
+            assert fast[0][0] == "ok" and "invalid zlib data" in b[0][2]
     if algo == 1 and garbled and not _same_libzstd():
         # Different zstd releases (system vs the one python-zstandard
         # bundles) may disagree on whether a corrupt frame is an error.  Both
