@@ -489,12 +489,15 @@ class Qcow2Image(Image):
                                                           self.cluster_size)
         return d
 
-    def _read(self, mv: memoryview, offset: int) -> None:
+    def _require_readable(self) -> None:
         if self.encrypted:
             raise UnsupportedFeatureError(
                 f"reading encrypted images is not supported ('{self.filename}' uses "
                 f"{'LUKS' if self.header.crypt_method == C.CRYPT_LUKS else 'AES'} encryption)",
                 feature="encryption")
+
+    def _read(self, mv: memoryview, offset: int) -> None:
+        self._require_readable()
         end = offset + len(mv)
         batch: list[tuple[int, int, int, int]] = []
         for a, n, kind, host, csize in self._runs(offset, end):
@@ -569,6 +572,7 @@ class Qcow2Image(Image):
         return self._meta_prealloc
 
     def _status_runs(self, start, end):
+        self._require_readable()
         crypto = self.encrypted
         recurse = None
         for a, n, kind, host, _csize in self._runs(start, end):

@@ -34,6 +34,7 @@ def _plan(img, chunk: int):
         while pos < end:
             stop = min(end, (pos // chunk + 1) * chunk)
             yield pos, stop - pos
+            pos = stop
 
 
 class _Progress:
