@@ -7,18 +7,19 @@ ranges are cut into chunks that a small pool of threads reads, decodes (the kern
 release the GIL, so compressed images decode on every core), scans for zero blocks
 and writes with ``pwrite``, in any order.  Memory is bounded by workers x chunk size.
 
-The output goes to a temporary file next to the destination and is renamed into
-place only when everything succeeded (and was flushed, unless cache mode is
-``unsafe``), so a failing convert never leaves a half-written image under DST.
+The output is an anonymous file (``O_TMPFILE``; a hidden temporary name where that is
+unsupported) linked into place only when everything succeeded (and was flushed, unless
+the cache mode is ``unsafe``): a failing or killed convert never leaves a half-written
+image under DST.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+from .._atomic import AtomicOutput
 from ..errors import Qcow2Error, UnsupportedFeatureError
 
 CHUNK = 4 * 1024 * 1024
@@ -80,31 +81,14 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     with open_image(src, format=src_format, untrusted=untrusted, snapshot=snapshot,
                     force_share=force_share) as img:
         size = img.size
-        d = os.path.dirname(os.path.abspath(dst))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".part", dir=d)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())
-            os.ftruncate(fd, size)
+        with AtomicOutput(dst) as out:
+            os.ftruncate(out.fd, size)
             plan = list(_plan(img, CHUNK))
             prog = _Progress(sum(n for _o, n in plan), progress)
             if progress is not None:
                 progress(0.0)
-            _copy_raw(img, fd, plan, sparse_size, workers, prog)
-            if cache != "unsafe":
-                os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, dst)
-            if cache != "unsafe":
-                _fsync_dir(d)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+            _copy_raw(img, out.fd, plan, sparse_size, workers, prog)
+            out.commit(sync=cache != "unsafe")
         if progress is not None:
             progress(100.0)
 
@@ -170,22 +154,3 @@ def _pwrite_all(fd: int, mv: memoryview, off: int) -> None:
     done = 0
     while done < len(mv):
         done += os.pwritev(fd, [mv[done:]], off + done)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)

@@ -1,0 +1,102 @@
+"""Outputs that appear under their final name only when complete.
+
+Where the file system supports it, the output is an anonymous ``O_TMPFILE`` inode: a
+crash or SIGKILL at any point leaves nothing behind, not even a temporary name.  On
+success the inode is linked to a hidden temporary name and renamed over the
+destination (atomic replace).  Elsewhere a ``mkstemp`` file next to the destination
+is used and removed on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class AtomicOutput:
+    """``with AtomicOutput(dst) as out: os.pwrite(out.fd, ...); out.commit(sync=True)``"""
+
+    def __init__(self, dst, mode: int = 0o666):
+        self.dst = os.fspath(dst)
+        self.dir = os.path.dirname(os.path.abspath(self.dst)) or "."
+        self.mode = mode & ~_umask()
+        self.tmp_path: str | None = None
+        self.fd = -1
+        self._committed = False
+        o_tmpfile = getattr(os, "O_TMPFILE", 0)
+        if o_tmpfile:
+            try:
+                self.fd = os.open(self.dir, o_tmpfile | os.O_RDWR | os.O_CLOEXEC, self.mode)
+            except OSError:
+                self.fd = -1
+        if self.fd < 0:
+            self.fd, self.tmp_path = tempfile.mkstemp(
+                prefix=f".{os.path.basename(self.dst)}.", suffix=".part", dir=self.dir)
+            os.fchmod(self.fd, self.mode)
+
+    def commit(self, *, sync: bool = True) -> None:
+        """Make the output durable (unless ``sync`` is false) and move it into place."""
+        if sync:
+            os.fsync(self.fd)
+        if self.tmp_path is None:
+            name = None
+            for _ in range(100):
+                name = os.path.join(self.dir, f".{os.path.basename(self.dst)}."
+                                              f"{os.urandom(6).hex()}.part")
+                # linkat(AT_SYMLINK_FOLLOW) on the /proc magic link; CPython only uses
+                # linkat (rather than link) when a dir fd is given, hence src_dir_fd.
+                dfd = os.open(self.dir, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.link(f"/proc/self/fd/{self.fd}", name, src_dir_fd=dfd,
+                            follow_symlinks=True)
+                    break
+                except FileExistsError:
+                    continue
+                finally:
+                    os.close(dfd)
+            self.tmp_path = name
+        os.replace(self.tmp_path, self.dst)
+        self.tmp_path = None
+        self._committed = True
+        if sync:
+            fsync_dir(self.dir)
+
+    def abort(self) -> None:
+        if self.tmp_path is not None:
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+            self.tmp_path = None
+
+    def close(self) -> None:
+        if not self._committed:
+            self.abort()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
