@@ -346,3 +346,77 @@ def _c_string(raw: bytes) -> str:
     if nul >= 0:
         raw = raw[:nul]
     return raw.decode("utf-8", "surrogateescape")
+
+
+# ---------------------------------------------------------------------------
+# serialisation
+# ---------------------------------------------------------------------------
+
+# The feature name table QEMU writes into every version 3 image.
+FEATURE_TABLE = (
+    (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
+    (0, 3, "compression type"), (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"), (2, 1, "raw external data"),
+)
+V3_HEADER_LENGTH = 112   # 104 bytes of fields, compression_type, padding to 8
+
+
+def _ext(magic: int, data: bytes) -> bytes:
+    return _EXT.pack(magic, len(data)) + data + bytes((-len(data)) % 8)
+
+
+def pack_header(h: Header) -> bytes:
+    """Serialise ``h`` (header, extensions, backing file name) as QEMU lays it out.
+
+    Sets ``h.header_length`` and ``h.backing_file_offset``/``backing_file_size``.
+    The result must fit in the first cluster; ValueError otherwise.
+    """
+    if h.version == 2:
+        h.header_length = C.V2_HEADER_LENGTH
+    else:
+        h.header_length = max(h.header_length, V3_HEADER_LENGTH)
+    exts = b""
+    if h.backing_format:
+        exts += _ext(C.EXT_BACKING_FORMAT, h.backing_format.encode("utf-8", "surrogateescape"))
+    if h.data_file is not None:
+        exts += _ext(C.EXT_DATA_FILE, h.data_file.encode("utf-8", "surrogateescape"))
+    if h.crypto_header is not None:
+        exts += _ext(C.EXT_CRYPTO_HEADER, struct.pack(">QQ", *h.crypto_header))
+    if h.version >= 3:
+        exts += _ext(C.EXT_FEATURE_TABLE, b"".join(
+            _FEATURE.pack(t, b, n.encode()) for t, b, n in FEATURE_TABLE))
+    if h.bitmaps_ext is not None and h.version >= 3:
+        nb, dsize, doff = h.bitmaps_ext
+        exts += _ext(C.EXT_BITMAPS, struct.pack(">IIQQ", nb, 0, dsize, doff))
+    for e in h.unknown_extensions:
+        exts += _ext(e.magic, e.data)
+    exts += _EXT.pack(C.EXT_END, 0)
+
+    backing = (h.backing_file or "").encode("utf-8", "surrogateescape")
+    if len(backing) > C.MAX_BACKING_FILE_NAME:
+        raise ValueError(f"backing file name too long ({len(backing)} bytes, at most "
+                         f"{C.MAX_BACKING_FILE_NAME})")
+    body_len = h.header_length + len(exts)
+    if backing:
+        h.backing_file_offset = body_len
+        h.backing_file_size = len(backing)
+    else:
+        h.backing_file_offset = 0
+        h.backing_file_size = 0
+    out = bytearray(body_len + len(backing))
+    _V2.pack_into(out, 0, C.MAGIC, h.version, h.backing_file_offset, h.backing_file_size,
+                  h.cluster_bits, h.header_size_field, h.crypt_method, h.l1_size,
+                  h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters,
+                  h.nb_snapshots, h.snapshots_offset)
+    if h.version >= 3:
+        _V3.pack_into(out, C.V2_HEADER_LENGTH, h.incompatible_features, h.compatible_features,
+                      h.autoclear_features, h.refcount_order, h.header_length)
+        if h.header_length > C.HEADER_COMPRESSION_TYPE_OFFSET:
+            out[C.HEADER_COMPRESSION_TYPE_OFFSET] = h.compression_type
+    out[h.header_length:body_len] = exts
+    out[body_len:] = backing
+    if len(out) > h.cluster_size:
+        raise ValueError(f"header and extensions ({len(out)} bytes) do not fit in one "
+                         f"cluster ({h.cluster_size} bytes)")
+    return bytes(out)
