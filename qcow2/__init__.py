@@ -32,6 +32,14 @@ def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = 
                       force_share=force_share, backing=backing)
 
 
+def create(path, size=None, *, format: str = "qcow2", backing_file=None, backing_format=None,
+           **options):
+    """Create an image (see ``qcow2.create_image.create``)."""
+    from .create_image import create as _create
+    return _create(path, size, format=format, backing_file=backing_file,
+                   backing_format=backing_format, **options)
+
+
 def convert(src, dst, **options):
     """Convert ``src`` to ``dst`` (see ``qcow2.ops.convert.convert``)."""
     from .ops.convert import convert as _convert
@@ -45,6 +53,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'qcow2' has no attribute {name!r}")
 
 
-__all__ = ["open", "convert", "errors", "Qcow2Error", "FormatError", "NotQcow2Error",
+__all__ = ["open", "create", "convert", "errors", "Qcow2Error", "FormatError", "NotQcow2Error",
            "CorruptImageError", "DecompressionError", "UnsupportedFeatureError",
            "UnsafeImageError", "ReadOnlyError", "NativeUnavailableError", "__version__"]

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("info", "map", "convert")
+COMMANDS = ("create", "info", "map", "convert")
 
 
 class _Parser(argparse.ArgumentParser):
