@@ -26,4 +26,4 @@ fi
 echo "== installing qcow2 (native core required: ${QCOW2_REQUIRE_NATIVE:-0})"
 rm -rf build
 .venv/bin/python -m pip install -q ".[test]"
-.venv/bin/python -c 'import qcow2; print("qcow2", qcow2.__version__, "implementation:", qcow2.implementation, "features:", ",".join(sorted(qcow2.features)) or "-")'
+.venv/bin/python -P -c 'import qcow2; print("qcow2", qcow2.__version__, "implementation:", qcow2.implementation, "features:", ",".join(sorted(qcow2.features)) or "-")'
