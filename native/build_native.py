@@ -12,6 +12,8 @@ builder try-compiles tiny programs to find zlib, zstd and libdeflate:
 * zstd and libdeflate are optional (``HAVE_ZSTD``, ``HAVE_LIBDEFLATE``); only the
   libraries found are linked.
 * ``QCOW2_REQUIRE_NATIVE=1`` (CI) makes any missing library an immediate error.
+* ``QCOW2_NATIVE_WITHOUT=zstd,libdeflate`` (or ``zlib``) pretends libraries are
+  missing, to test the fallbacks.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def _relative(path: str) -> str:
         return path
 
 
-FOUND = {name: _probe(name) for name in PROBES}
+WITHOUT = {w.strip() for w in os.environ.get("QCOW2_NATIVE_WITHOUT", "").split(",")
+           if w.strip()}
+FOUND = {name: name not in WITHOUT and _probe(name) for name in PROBES}
 
 if REQUIRE_NATIVE:
     missing = [name for name, ok in FOUND.items() if not ok]
@@ -121,23 +125,31 @@ else:
     # Fail at compile time (caught by setup.py's build_ext), not at import.
     preamble = '#error "zlib (zlib.h, -lz) not found: native core not built"\n'
 
-ffibuilder = FFI()
-ffibuilder.cdef(_read_cdef())
-ffibuilder.set_source(
-    "qcow2._native",
-    preamble + '#include <stddef.h>\n#include <stdint.h>\n#include "qcow2_native.h"\n',
-    sources=[_relative(p) for p in sorted(glob.glob(os.path.join(HERE, "*.c")))
-             if not os.path.basename(p).startswith("_")],
-    include_dirs=[_relative(HERE)],
-    define_macros=define_macros,
-    libraries=libraries,
-    extra_compile_args=CFLAGS,
-)
+
+
+def make_builder() -> FFI:
+    """The FFI builder; source paths are relative to the current directory."""
+    ffi = FFI()
+    ffi.cdef(_read_cdef())
+    ffi.set_source(
+        "qcow2._native",
+        preamble + '#include <stddef.h>\n#include <stdint.h>\n#include "qcow2_native.h"\n',
+        sources=[_relative(p) for p in sorted(glob.glob(os.path.join(HERE, "*.c")))
+                 if not os.path.basename(p).startswith("_")],
+        include_dirs=[_relative(HERE)],
+        define_macros=define_macros,
+        libraries=libraries,
+        extra_compile_args=CFLAGS,
+    )
+    return ffi
+
+
+ffibuilder = make_builder()
 
 
 if __name__ == "__main__":
     # Stand-alone build into the package directory next to this folder.
     sys.stderr.write("qcow2 native: %s\n" % ", ".join(
         "%s=%s" % (k, "yes" if v else "no") for k, v in FOUND.items()))
-    out = os.path.join(os.path.dirname(HERE))
-    ffibuilder.compile(tmpdir=out, verbose=True)
+    os.chdir(os.path.dirname(HERE))   # cffi builds in tmpdir: make it the root
+    make_builder().compile(tmpdir=".", verbose=True)

@@ -40,6 +40,7 @@ be used by one thread at a time (one object per thread).
 from __future__ import annotations
 
 import os
+import threading
 import types
 
 from . import _pykernels as _py
@@ -107,6 +108,10 @@ def _build_native():
 
     _np = _py._np
     NULL = ffi.NULL
+    QCOW2N_L2_EXTENDED = lib.QCOW2N_L2_EXTENDED
+    QCOW2N_L2_DATA_FILE = lib.QCOW2N_L2_DATA_FILE
+    QCOW2N_L2_STRICT = lib.QCOW2N_L2_STRICT
+    QCOW2N_ENOSPC = lib.QCOW2N_ENOSPC
 
     class _NoBuffer:
         def __enter__(self):
@@ -117,38 +122,53 @@ def _build_native():
 
     _NO_BUFFER = _NoBuffer()
 
+    scratch = threading.local()
+    SCRATCH_MAX = 1 << 16       # runs; larger outputs get their own arrays
+
+    def run_arrays(cap):
+        """(capacity, arrays, qcow2n_runs *) with room for at least cap runs."""
+        cached = getattr(scratch, "runs", None)
+        if cached is not None and cached[0] >= cap:
+            return cached
+        np = _np()
+        size = max(cap, 1024) if cap <= SCRATCH_MAX else cap
+        arrays = (np.empty(size, np.uint8), np.empty(size, np.uint32),
+                  np.empty(size, np.uint32), np.empty(size, np.uint64),
+                  np.empty(size, np.uint32))
+        # numpy arrays (unlike memoryviews, see below) may stay exported.
+        views = (ffi.from_buffer("uint8_t[]", arrays[0]),
+                 ffi.from_buffer("uint32_t[]", arrays[1]),
+                 ffi.from_buffer("uint32_t[]", arrays[2]),
+                 ffi.from_buffer("uint64_t[]", arrays[3]),
+                 ffi.from_buffer("uint32_t[]", arrays[4]))
+        entry = (size, arrays, ffi.new("qcow2n_runs *", views), views)
+        if size <= SCRATCH_MAX:
+            scratch.runs = entry       # one per thread: calls may run in parallel
+        return entry
+
     def l2_runs(table, first, count, *, cluster_bits, extended, data_file=False,
                 strict=False, table_offset=0):
         mv, esize, first, count, cluster_bits = _py.check_l2_args(
             table, first, count, cluster_bits, extended)
-        np = _np()
-        flags = ((lib.QCOW2N_L2_EXTENDED if extended else 0)
-                 | (lib.QCOW2N_L2_DATA_FILE if data_file else 0)
-                 | (lib.QCOW2N_L2_STRICT if strict else 0))
         if count == 0:
             return _py._empty_runs()
+        flags = ((QCOW2N_L2_EXTENDED if extended else 0)
+                 | (QCOW2N_L2_DATA_FILE if data_file else 0)
+                 | (QCOW2N_L2_STRICT if strict else 0))
         # Without subclusters there is at most one run per entry; with them
         # try a small capacity first and go to the worst case if needed.
-        cap = count if not extended else count * 2 + 64
+        need = count if not extended else count * 2 + 64
         n_runs = ffi.new("size_t[2]")
         while True:
-            arrays = (np.empty(cap, np.uint8), np.empty(cap, np.uint32),
-                      np.empty(cap, np.uint32), np.empty(cap, np.uint64),
-                      np.empty(cap, np.uint32))
-            runs = ffi.new("qcow2n_runs *", (
-                ffi.cast("uint8_t *", arrays[0].ctypes.data),
-                ffi.cast("uint32_t *", arrays[1].ctypes.data),
-                ffi.cast("uint32_t *", arrays[2].ctypes.data),
-                ffi.cast("uint64_t *", arrays[3].ctypes.data),
-                ffi.cast("uint32_t *", arrays[4].ctypes.data)))
-            # Buffers are released before any exception can be raised: a
-            # memoryview with a live export caught in a garbage cycle (an
-            # exception's traceback) crashes CPython's collector.
+            cap, arrays, runs, _views = run_arrays(need)
+            # The table's buffer is released before any exception can be
+            # raised: a memoryview with a live export caught in a garbage
+            # cycle (an exception's traceback) crashes CPython's collector.
             with ffi.from_buffer(mv) as src:
                 ret = lib.qcow2n_l2_runs(runs, cap, src, len(mv), first, count,
                                          cluster_bits, flags, n_runs, n_runs + 1)
-            if ret == lib.QCOW2N_ENOSPC and cap < count * _py.SUBCLUSTERS:
-                cap = count * _py.SUBCLUSTERS
+            if ret == QCOW2N_ENOSPC and need < count * _py.SUBCLUSTERS:
+                need = count * _py.SUBCLUSTERS
                 continue
             break
         if ret < 0:
@@ -158,8 +178,6 @@ def _build_native():
                                    table_offset=table_offset)
             raise ValueError(f"qcow2n_l2_runs failed with code {ret}")  # pragma: no cover
         n = n_runs[0]
-        if n == cap:
-            return arrays
         return tuple(a[:n].copy() for a in arrays)
 
     class Decompressor:
