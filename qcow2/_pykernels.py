@@ -342,45 +342,67 @@ def l2_runs(table, first, count, *, cluster_bits, extended, data_file=False,
     sectors = ((e >> U(shift)) & U((1 << (cluster_bits - 8)) - 1)) + U(1)
     csize = np.where(comp, sectors * U(512) - (coff & U(511)), U(0))
 
+    # Per-entry kind when the whole cluster is one kind (always without
+    # subclusters); extended entries with a mixed bitmap get 255 and are
+    # split into 32 one-subcluster segments below.
+    kind = np.full(count, KIND_UNALLOC, np.uint8)
+    kind[comp] = KIND_COMPRESSED
     if not extended:
         unit = cs
-        kind = np.full(count, KIND_UNALLOC, np.uint8)
         kind[zero_plain] = KIND_ZERO
         kind[zero_alloc] = KIND_ZERO_ALLOC
         kind[normal] = KIND_DATA
-        kind[comp] = KIND_COMPRESSED
-        host = np.where(normal | zero_alloc, off, np.where(comp, coff, U(0)))
-        first_unit = np.ones(count, bool)
+        seg_kind, seg_len = kind, np.ones(count, np.uint32)
+        seg_host = np.where(normal | zero_alloc, off, np.where(comp, coff, U(0)))
+        seg_csize, seg_first = csize, np.ones(count, bool)
     else:
         unit = cs // SUBCLUSTERS
-        j = np.arange(SUBCLUSTERS, dtype=U)
-        abit = ((bm[:, None] >> j) & U(1)) != 0
-        zbit = ((bm[:, None] >> (j + U(32))) & U(1)) != 0
-        k_normal = np.where(zbit, KIND_ZERO_ALLOC,
-                            np.where(abit, KIND_DATA, KIND_UNALLOC_ALLOC))
-        k_unalloc = np.where(zbit, KIND_ZERO, KIND_UNALLOC)
-        kind = np.where(normal[:, None], k_normal,
-                        np.where(comp[:, None], KIND_COMPRESSED, k_unalloc))
-        kind = kind.astype(np.uint8).ravel()
-        host = np.where(normal[:, None], off[:, None] + j * U(unit),
-                        np.where(comp[:, None], coff[:, None], U(0))).ravel()
-        csize = np.repeat(csize, SUBCLUSTERS)
-        first_unit = np.zeros((count, SUBCLUSTERS), bool)
-        first_unit[:, 0] = True
-        first_unit = first_unit.ravel()
+        lo = bm & U(0xFFFF_FFFF)
+        hi = bm >> U(32)
+        full = U(0xFFFF_FFFF)
+        mixed = np.zeros(count, bool)
+        # normal: all zero / all allocated / none -> one kind for the cluster
+        kind[normal & (hi == full)] = KIND_ZERO_ALLOC
+        kind[normal & (hi == 0) & (lo == full)] = KIND_DATA
+        kind[normal & (hi == 0) & (lo == 0)] = KIND_UNALLOC_ALLOC
+        mixed |= normal & ~((hi == full) | ((hi == 0) & ((lo == full) | (lo == 0))))
+        kind[unalloc & (hi == full)] = KIND_ZERO
+        mixed |= unalloc & (hi != 0) & (hi != full)
+        # Segments: one per uniform entry, 32 per mixed one.
+        reps = np.where(mixed, SUBCLUSTERS, 1)
+        ent = np.repeat(np.arange(count), reps)
+        sc = (np.arange(ent.shape[0]) - np.repeat(np.cumsum(reps) - reps, reps)).astype(U)
+        e_mixed = mixed[ent]
+        abit = ((bm[ent] >> sc) & U(1)) != 0
+        zbit = ((bm[ent] >> (sc + U(32))) & U(1)) != 0
+        e_normal = normal[ent]
+        mixed_kind = np.where(
+            e_normal,
+            np.where(zbit, KIND_ZERO_ALLOC, np.where(abit, KIND_DATA, KIND_UNALLOC_ALLOC)),
+            np.where(zbit, KIND_ZERO, KIND_UNALLOC)).astype(np.uint8)
+        seg_kind = np.where(e_mixed, mixed_kind, kind[ent])
+        seg_len = np.where(e_mixed, 1, SUBCLUSTERS).astype(np.uint32)
+        seg_host = np.where(e_normal, off[ent] + sc * U(unit),
+                            np.where(comp[ent], coff[ent], U(0)))
+        seg_csize = csize[ent]
+        seg_first = sc == 0
 
-    nunits = kind.shape[0]
-    k1 = kind[1:]
+    # Merge neighbouring segments into runs.
+    nseg = seg_kind.shape[0]
+    k1 = seg_kind[1:]
     hosted = (k1 == KIND_DATA) | (k1 == KIND_ZERO_ALLOC) | (k1 == KIND_UNALLOC_ALLOC)
-    contiguous = host[1:] == host[:-1] + U(unit)
-    brk = np.empty(nunits, bool)
+    contiguous = seg_host[1:] == seg_host[:-1] + seg_len[:-1].astype(U) * U(unit)
+    brk = np.empty(nseg, bool)
     brk[0] = True
-    brk[1:] = ((k1 != kind[:-1]) | ((k1 == KIND_COMPRESSED) & first_unit[1:])
+    brk[1:] = ((k1 != seg_kind[:-1]) | ((k1 == KIND_COMPRESSED) & seg_first[1:])
                | (hosted & ~contiguous))
-    starts = np.flatnonzero(brk)
-    lens = np.diff(np.append(starts, nunits))
-    return (kind[starts], starts.astype(np.uint32), lens.astype(np.uint32),
-            host[starts].astype(np.uint64), csize[starts].astype(np.uint32))
+    seg_start = np.cumsum(seg_len, dtype=np.int64) - seg_len
+    first_seg = np.flatnonzero(brk)
+    starts = seg_start[first_seg]
+    lens = np.diff(np.append(starts, count * (SUBCLUSTERS if extended else 1)))
+    return (seg_kind[first_seg].astype(np.uint8), starts.astype(np.uint32),
+            lens.astype(np.uint32), seg_host[first_seg].astype(np.uint64),
+            seg_csize[first_seg].astype(np.uint32))
 
 
 # --------------------------------------------------------------------------
