@@ -1,0 +1,98 @@
+"""qcow2 create [-f FMT] [-b BACKING] [-F BACKING_FMT] [-o OPTIONS] [-u] [-q] FILE [SIZE]
+
+Like ``qemu-img create``: ``-o`` takes ``key=value,key=value`` (``,,`` is a literal
+comma, a bare ``key`` means ``key=on``, ``-o help`` lists the options) and may be
+repeated; ``-b``/``-F`` win over ``backing_file``/``backing_fmt`` in ``-o``.  The
+"Formatting ..." line is printed (unless ``-q``) once the generic checks pass and
+before the format's own checks, as qemu-img 7.2 does.  The format defaults to qcow2
+(qemu-img defaults to raw).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import Qcow2Error
+
+
+def add_parser(sub):
+    p = sub.add_parser("create", help="create an image (like qemu-img create)")
+    p.add_argument("-f", dest="format", default="qcow2", help="image format (qcow2 or raw)")
+    p.add_argument("-b", dest="backing_file", default=None, help="backing file name")
+    p.add_argument("-F", dest="backing_format", default=None, help="backing file format")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="options: key=value[,key=value...] ('-o help' lists them)")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="do not open the backing file (a size is then required)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet: print nothing")
+    p.add_argument("filename", nargs="?")
+    p.add_argument("size", nargs="?")
+    p.set_defaults(func=run)
+
+
+def parse_option_list(text: str) -> dict[str, str]:
+    """qemu's ``key=value,key=value`` syntax; ``,,`` is a literal comma, a bare ``key``
+    is ``key=on``; a later key wins.  An empty item is an error, as in qemu-img."""
+    items: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if text.startswith(",,", i):
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    items.append("".join(cur))
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not key:
+            raise Qcow2Error(f"Invalid option list: {text}")
+        out[key] = value if eq else "on"
+    return out
+
+
+def run(args) -> int:
+    from ..create_image import help_text, parse_size_arg, prepare
+
+    options: dict[str, str] = {}
+    joined = ",".join(args.options)
+    if args.options:
+        if any(o in ("help", "?") for o in joined.split(",")):
+            fmt = args.format if args.format in ("qcow2", "raw") else "qcow2"
+            sys.stdout.write(help_text(fmt))
+            return 0
+        options = parse_option_list(joined)
+    if not args.filename:
+        raise Qcow2Error("Expecting image file name")
+    size = args.size
+    if size is not None:
+        size = parse_size_arg(size)
+    if "size" in options:
+        if size is not None:
+            raise Qcow2Error(f"{args.filename}: The image size must be specified only once")
+        size = options.pop("size")
+    backing_file = options.pop("backing_file", None)
+    if args.backing_file is not None:
+        backing_file = args.backing_file
+    backing_format = options.pop("backing_fmt", None)
+    if args.backing_format is not None:
+        backing_format = args.backing_format
+    try:
+        req = prepare(args.filename, size, format=args.format, backing_file=backing_file,
+                      backing_format=backing_format, unsafe=args.unsafe, **options)
+        if not args.quiet:
+            sys.stdout.write(req.formatting_line() + "\n")
+            sys.stdout.flush()
+        req.run()
+    except Qcow2Error as exc:
+        # qemu-img names the file first: "qemu-img: FILE: message"
+        exc.args = (f"{args.filename}: {exc}",) + tuple(exc.args[1:])
+        raise
+    return 0
