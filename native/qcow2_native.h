@@ -58,7 +58,7 @@
 #define QCOW2N_L2_STRICT    4  /* reject reserved bits */
 
 /*
- * Output of qcow2n_l2_runs(): five parallel arrays of (at least) `capacity`
+ * Output of qcow2n_l2_runs(): five parallel arrays of (at least) dest_size
  * elements each, allocated by the caller.
  */
 typedef struct qcow2n_runs {

@@ -6,7 +6,8 @@ Choose with the environment variable ``QCOW2_IMPL`` (read once, at import):
     the native core ``qcow2._native`` when it imports and its version matches,
     else the Python twins;
 ``native``
-    the native core or NativeUnavailableError (also ``QCOW2_REQUIRE_NATIVE=1``);
+    the native core or NativeUnavailableError; ``QCOW2_REQUIRE_NATIVE=1`` turns
+    ``auto`` into ``native`` (an explicit ``QCOW2_IMPL=python`` still wins);
 ``python``
     the Python twins (numpy, zlib, zstandard), even when the native core exists.
 
@@ -34,7 +35,14 @@ API (identical in both implementations)::
     is_zero(buf) -> bool
 
 Native calls release the GIL; codec objects hold a reusable context and must
-be used by one thread at a time (one object per thread).
+be used by one thread at a time (one object per thread; concurrent use raises
+RuntimeError).  ``Decompressor(strict=True)`` decodes zlib clusters with zlib
+only, refusing exactly what QEMU refuses; the default uses libdeflate when it
+was built in (twice as fast, same bytes on every valid stream, but it accepts
+a few malformed streams zlib rejects).  ``decompress_into`` writes straight
+into ``dest`` (any writable buffer: bytearray, memoryview slice, numpy array);
+``src_file_offset`` (the file offset of ``src[0]``) puts file offsets into
+DecompressionError.offset.
 """
 
 from __future__ import annotations
