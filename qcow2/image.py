@@ -36,6 +36,7 @@ ST_OFFSET_VALID = 4
 ST_ALLOCATED = 8
 
 _ZEROS = memoryview(bytes(1 << 20))
+_HOST_KINDS = (C.KIND_DATA, C.KIND_ZERO_ALLOC, C.KIND_UNALLOC_ALLOC)
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 
 
@@ -189,7 +190,7 @@ class Image:
             if bk is None:
                 yield a, n, depth, flags | ST_ZERO, host
                 continue
-            mid = min(a + n, bk.size)
+            mid = max(a, min(a + n, bk.size))
             if a < mid:
                 yield from bk._chain_status(a, mid, depth + 1)
             if mid < a + n:
@@ -216,6 +217,9 @@ class Image:
             cur = [a, n, depth, present, zero, data, offset]
         if cur is not None:
             yield Extent(*cur)
+        elif start >= end:
+            # qemu-img map prints one empty entry for an empty range; so do we.
+            yield Extent(start, 0, 0, False, False, False, None)
 
     # -- description -----------------------------------------------------------
     def info(self) -> dict:  # pragma: no cover - abstract
@@ -277,8 +281,6 @@ class RawImage(Image):
             if off > pos:
                 yield pos, off - pos, ST_ZERO | ST_OFFSET_VALID, pos
             stop = min(off + n, end)
-            if stop >= self.file_size:       # a partial sector at EOF counts as data
-                stop = end
             yield off, stop - off, ST_DATA | ST_OFFSET_VALID, off
             pos = stop
         if pos < end:
@@ -477,8 +479,10 @@ class Qcow2Image(Image):
                     continue
                 if kind == C.KIND_COMPRESSED:
                     yield a, b - a, kind, host, csize
+                elif kind in _HOST_KINDS:
+                    yield a, b - a, kind, host + (a - g), 0
                 else:
-                    yield a, b - a, kind, (host + (a - g)) if host else 0, 0
+                    yield a, b - a, kind, 0, 0
             pos = table_end
 
     # -- reading ------------------------------------------------------------------
