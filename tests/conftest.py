@@ -93,7 +93,11 @@ def qemu():
 
 @pytest.fixture(scope="session", autouse=True)
 def _oracle_cache(tmp_path_factory):
-    oracle.set_cache_dir(tmp_path_factory.mktemp("oracle"))
+    """qemu-img convert outputs, removed at the end (they add up to GBs with slow)."""
+    d = tmp_path_factory.mktemp("oracle")
+    oracle.set_cache_dir(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
