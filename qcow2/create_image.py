@@ -549,13 +549,20 @@ class Qcow2Layout:
 
 
 def qcow2_layout(size: int, cluster_bits: int, refcount_order: int = 4, *,
-                 extended_l2: bool = False, preallocate: bool = False,
+                 extended_l2: bool = False, preallocation: str = "off",
                  external_data: bool = False) -> Qcow2Layout:
     """The closed-form layout of a new image of virtual ``size`` (a multiple of 512).
+
+    With preallocation every guest cluster is mapped (to the image file's data area,
+    or 1:1 to the external data file).  The file ends where QEMU's would: after the L1
+    entries without preallocation; with ``metadata`` at the end of the (sub)cluster
+    holding the last guest byte (QEMU copies-on-write only up to there); with
+    ``falloc``/``full`` after the last data cluster.
 
     Raises InvalidOptionError when the image exceeds QEMU's limits (L1 table of 32 MiB,
     refcount table of 8 MiB, 56-bit host offsets).
     """
+    preallocate = preallocation != "off"
     cs = 1 << cluster_bits
     l2e = 16 if extended_l2 else 8
     l2_span = (cs // l2e) * cs
@@ -590,6 +597,8 @@ def qcow2_layout(size: int, cluster_bits: int, refcount_order: int = 4, *,
                                  "(host offsets would exceed 56 bits)")
     if preallocate and l2_tables:
         file_size = end
+        if data and preallocation == "metadata":
+            file_size = data_off + _cow_end(size, cluster_bits, extended_l2)
     elif l1_size:
         file_size = l1_off + l1_size * C.L1E_SIZE      # QEMU writes just the L1 entries
     else:
@@ -675,6 +684,21 @@ def _refblock(cs: int, order: int, used: int) -> bytes:
         if part:
             body += bytes([sum(1 << (i * bits) for i in range(part))])
     return body + bytes(cs - len(body))
+
+
+def _cow_end(size: int, cluster_bits: int, extended_l2: bool) -> int:
+    """Where QEMU's preallocation stops writing: the end of the (sub)cluster holding
+    the last guest byte (it copies-on-write zeros over the rest of that unit)."""
+    unit = 1 << (cluster_bits - (5 if extended_l2 else 0))
+    return -(-size // unit) * unit
+
+
+def _write_cow_tail(fd: int, host_base: int, size: int, spec: "Qcow2Spec") -> None:
+    """Zeros from the guest end to the end of its (sub)cluster, as QEMU's preallocation
+    writes them (so the last block is allocated, and ``qemu-img map`` agrees)."""
+    end = _cow_end(size, spec.cluster_bits, spec.extended_l2)
+    if end > size:
+        _pwrite_all(fd, bytes(end - size), host_base + size)
 
 
 def _table_chunks(first_value: int, count: int, step: int, flags: int):
@@ -791,7 +815,7 @@ def _create_qcow2(spec: Qcow2Spec) -> None:
     try:
         lay = qcow2_layout(spec.size, spec.cluster_bits, spec.refcount_order,
                            extended_l2=spec.extended_l2,
-                           preallocate=spec.preallocation != "off",
+                           preallocation=spec.preallocation,
                            external_data=spec.data_file is not None)
     except InvalidOptionError as exc:
         if spec.cluster_size_given and str(exc).endswith("'qcow2'"):
@@ -807,6 +831,8 @@ def _create_qcow2(spec: Qcow2Spec) -> None:
             try:
                 os.ftruncate(data_out.fd, spec.size)
                 _allocate_data(data_out.fd, 0, spec.size, spec.preallocation)
+                if spec.preallocation != "off":
+                    _write_cow_tail(data_out.fd, 0, spec.size, spec)
             except OSError as exc:
                 raise _write_error(exc, data_path, "qcow2", spec.cluster_size_given) from None
         with _output(spec.path, "qcow2") as out:
@@ -815,6 +841,8 @@ def _create_qcow2(spec: Qcow2Spec) -> None:
                 if spec.data_file is None:
                     _allocate_data(out.fd, lay.data_offset, lay.data_clusters * lay.cluster_size,
                                    spec.preallocation)
+                    if spec.preallocation == "metadata":
+                        _write_cow_tail(out.fd, lay.data_offset, spec.size, spec)
             except OSError as exc:
                 raise _write_error(exc, spec.path, "qcow2", spec.cluster_size_given) from None
             if data_out is not None:
