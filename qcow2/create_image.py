@@ -49,6 +49,17 @@ class InvalidOptionError(Qcow2Error, ValueError):
     """An image-creation option, or a combination of them, is invalid (qemu-img: EINVAL)."""
 
 
+class ImageTooLargeError(InvalidOptionError):
+    """The virtual size exceeds a limit of the format or of the file system (EFBIG)."""
+
+
+def _too_large(fmt: str, hint: bool, detail: str = "") -> ImageTooLargeError:
+    """qemu-img's EFBIG message; the hint only when a cluster size was given."""
+    return ImageTooLargeError(f"The image size is too large for file format '{fmt}'"
+                              + (" (try using a larger cluster size)" if hint else "")
+                              + (f": {detail}" if detail else ""))
+
+
 # -- option tables --------------------------------------------------------------------
 
 # Option names per format, in the order qemu-img 7.2 prints them on its "Formatting"
@@ -243,6 +254,8 @@ def prepare(path, size=None, *, format: str = "qcow2", backing_file=None, backin
     does not open the backing file; a size is then required.
     """
     path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
     if not isinstance(format, str):
         raise InvalidOptionError(f"Unknown file format {format!r}")
     if format not in ("qcow2", "raw"):
@@ -253,14 +266,6 @@ def prepare(path, size=None, *, format: str = "qcow2", backing_file=None, backin
         raise InvalidOptionError(f"Unknown file format '{format}'")
 
     # -- option names and value syntax (qemu_opts_do_parse) ---------------------------
-    if "backing_file" in options:       # only reachable through **{...}
-        raise InvalidOptionError("backing_file is given twice")
-    if "size" in options:
-        if options["size"] is not None:
-            if size is not None:
-                raise InvalidOptionError("The image size must be specified only once")
-            size = options["size"]
-        del options["size"]
     fmt_backing = options.pop("backing_fmt", None)
     if fmt_backing is not None and backing_format is not None and fmt_backing != backing_format:
         raise InvalidOptionError(f"backing format given twice: backing_fmt={fmt_backing!r} "
@@ -507,14 +512,6 @@ def _data_file_path(image_path: str, name: str) -> str:
     return combine_path(image_path, name)
 
 
-def _too_large(spec_or_fmt, hint: bool = False) -> InvalidOptionError:
-    fmt = spec_or_fmt if isinstance(spec_or_fmt, str) else "qcow2"
-    if not isinstance(spec_or_fmt, str):
-        hint = spec_or_fmt.cluster_size_given
-    return InvalidOptionError(f"The image size is too large for file format '{fmt}'"
-                              + (" (try using a larger cluster size)" if hint else ""))
-
-
 # -- layout -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -559,7 +556,7 @@ def qcow2_layout(size: int, cluster_bits: int, refcount_order: int = 4, *,
     holding the last guest byte (QEMU copies-on-write only up to there); with
     ``falloc``/``full`` after the last data cluster.
 
-    Raises InvalidOptionError when the image exceeds QEMU's limits (L1 table of 32 MiB,
+    Raises ImageTooLargeError when the image exceeds QEMU's limits (L1 table of 32 MiB,
     refcount table of 8 MiB, 56-bit host offsets).
     """
     preallocate = preallocation != "off"
@@ -568,7 +565,8 @@ def qcow2_layout(size: int, cluster_bits: int, refcount_order: int = 4, *,
     l2_span = (cs // l2e) * cs
     l1_size = -(-size // l2_span)
     if l1_size > C.MAX_L1_SIZE // C.L1E_SIZE:
-        raise InvalidOptionError("The image size is too large for file format 'qcow2'")
+        raise ImageTooLargeError(f"the L1 table would have {l1_size} entries, at most "
+                                 f"{C.MAX_L1_SIZE // C.L1E_SIZE} are allowed")
     l1_clusters = -(-(l1_size * C.L1E_SIZE) // cs)
     mapped = -(-size // cs) if preallocate else 0
     l2_tables = l1_size if preallocate else 0
@@ -584,8 +582,8 @@ def qcow2_layout(size: int, cluster_bits: int, refcount_order: int = 4, *,
             break
         rb, rt = nrb, nrt
     if rt * cs > C.MAX_REFTABLE_SIZE:
-        raise InvalidOptionError("The image size is too large for file format 'qcow2' "
-                                 "(the refcount table would exceed 8 MiB)")
+        raise ImageTooLargeError(f"the refcount table would need {rt * cs} bytes, at most "
+                                 f"{C.MAX_REFTABLE_SIZE} are allowed")
     rt_off = cs
     rb_off = rt_off + rt * cs
     l1_off = rb_off + rb * cs
@@ -593,8 +591,7 @@ def qcow2_layout(size: int, cluster_bits: int, refcount_order: int = 4, *,
     data_off = l2_off + l2_tables * cs
     end = data_off + data * cs
     if end > C.L2E_OFFSET_MASK:
-        raise InvalidOptionError("The image size is too large for file format 'qcow2' "
-                                 "(host offsets would exceed 56 bits)")
+        raise ImageTooLargeError(f"host offsets would reach {end:#x}, beyond 56 bits")
     if preallocate and l2_tables:
         file_size = end
         if data and preallocation == "metadata":
@@ -784,7 +781,7 @@ def _allocate_data(fd: int, offset: int, length: int, mode: str) -> None:
         offset += n
 
 
-def _output(path: str, fmt: str) -> AtomicOutput:
+def _output(path: str) -> AtomicOutput:
     """The atomic output for ``path`` (through a symlink to its target, as qemu-img
     writes through it); refuses to replace anything but a regular file."""
     target = os.path.realpath(path) if os.path.islink(path) else path
@@ -805,7 +802,7 @@ def _output(path: str, fmt: str) -> AtomicOutput:
 
 def _write_error(exc: OSError, path: str, fmt: str, hint: bool) -> Qcow2Error:
     if exc.errno == errno.EFBIG:
-        return _too_large(fmt, hint)
+        return _too_large(fmt, hint, exc.strerror or "")
     err = Qcow2Error(f"Could not create '{path}': {exc.strerror or exc}")
     err.errno = exc.errno  # type: ignore[attr-defined]
     return err
@@ -817,17 +814,15 @@ def _create_qcow2(spec: Qcow2Spec) -> None:
                            extended_l2=spec.extended_l2,
                            preallocation=spec.preallocation,
                            external_data=spec.data_file is not None)
-    except InvalidOptionError as exc:
-        if spec.cluster_size_given and str(exc).endswith("'qcow2'"):
-            raise _too_large(spec) from None
-        raise
+    except ImageTooLargeError as exc:
+        raise _too_large("qcow2", spec.cluster_size_given, str(exc)) from None
     header = qcow2_header_bytes(spec, lay)       # fail early if the header cannot fit
     del header
     data_out = None
     try:
         if spec.data_file is not None:
             data_path = _data_file_path(spec.path, spec.data_file)
-            data_out = _output(data_path, "raw")
+            data_out = _output(data_path)
             try:
                 os.ftruncate(data_out.fd, spec.size)
                 _allocate_data(data_out.fd, 0, spec.size, spec.preallocation)
@@ -835,7 +830,7 @@ def _create_qcow2(spec: Qcow2Spec) -> None:
                     _write_cow_tail(data_out.fd, 0, spec.size, spec)
             except OSError as exc:
                 raise _write_error(exc, data_path, "qcow2", spec.cluster_size_given) from None
-        with _output(spec.path, "qcow2") as out:
+        with _output(spec.path) as out:
             try:
                 _write_qcow2_metadata(out.fd, spec, lay)
                 if spec.data_file is None:
@@ -863,7 +858,7 @@ def _create_raw(req: CreateRequest) -> None:
         raise InvalidOptionError(f"Parameter 'preallocation' does not accept value "
                                  f"'{prealloc}' (use off, falloc or full)")
     size = (req.size + 511) & ~511          # the file driver rounds up to sectors
-    with _output(req.path, "raw") as out:
+    with _output(req.path) as out:
         try:
             os.ftruncate(out.fd, size)
             _allocate_data(out.fd, 0, size, prealloc)
@@ -873,5 +868,6 @@ def _create_raw(req: CreateRequest) -> None:
 
 
 __all__ = ["create", "prepare", "CreateRequest", "Qcow2Spec", "Qcow2Layout", "qcow2_layout",
-           "qcow2_header_bytes", "InvalidOptionError", "help_text", "parse_size_arg",
+           "qcow2_header_bytes", "InvalidOptionError", "ImageTooLargeError", "help_text",
+           "parse_size_arg",
            "QCOW2_OPTIONS", "RAW_OPTIONS"]
