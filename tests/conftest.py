@@ -58,6 +58,7 @@ def _run_slow(config) -> bool:
     return "slow" in markexpr and "not slow" not in markexpr
 
 
+@pytest.hookimpl(trylast=True)          # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
     run_slow = _run_slow(config)
     skip_slow = pytest.mark.skip(reason="slow: pass --run-slow, -m slow or QCOW2_RUN_SLOW=1")

@@ -161,6 +161,12 @@ def map_text(path, *args, fmt: str | None = None, cwd=None) -> str:
     return proc.stdout.decode()
 
 
+def map_proc(path, *args, fmt: str | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """``qemu-img map`` as a finished process (it may fail: see test_map_human)."""
+    return qemu_img("map", "-U", *_fmt_args(fmt), *args, str(path),
+                    cwd=cwd or _cwd_for(path), check=False)
+
+
 def map_json(path, *args, fmt: str | None = None, cwd=None) -> list[dict]:
     """``qemu-img map --output=json path`` parsed: a list of extent dicts."""
     return json.loads(map_text(path, "--output=json", *args, fmt=fmt, cwd=cwd))
