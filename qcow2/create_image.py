@@ -33,7 +33,6 @@ replaced.  An external data file is committed just before the image that names i
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import stat
@@ -41,16 +40,9 @@ from dataclasses import dataclass, field
 
 from . import constants as C
 from ._atomic import AtomicOutput
-from .errors import Qcow2Error, UnsupportedFeatureError
+from .errors import (ImageTooLargeError, InvalidOptionError, Qcow2Error,  # noqa: F401
+                     UnsupportedFeatureError)
 from .header import Header, pack_header
-
-
-class InvalidOptionError(Qcow2Error, ValueError):
-    """An image-creation option, or a combination of them, is invalid (qemu-img: EINVAL)."""
-
-
-class ImageTooLargeError(InvalidOptionError):
-    """The virtual size exceeds a limit of the format or of the file system (EFBIG)."""
 
 
 def _too_large(fmt: str, hint: bool, detail: str = "") -> ImageTooLargeError:
@@ -150,7 +142,7 @@ def _parse_size_value(name: str, value) -> int:
             raise _bad_size(name, value)
         return value
     if isinstance(value, str):
-        from .cli.common import parse_size
+        from .units import parse_size
         try:
             return parse_size(value, what=name)
         except Qcow2Error:
@@ -197,7 +189,7 @@ def parse_size_arg(size) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, str)):
         raise InvalidOptionError(f"Invalid image size specified: {size!r}")
     if isinstance(size, str):
-        from .cli.common import parse_size
+        from .units import parse_size
         try:
             size = parse_size(size)
         except Qcow2Error as exc:
@@ -620,41 +612,13 @@ def qcow2_header_bytes(spec: Qcow2Spec, layout: Qcow2Layout) -> bytes:
                 f"Could not assign backing file '{h.backing_file}' with format "
                 f"'{h.backing_format}': the name is {n} bytes long, at most "
                 f"{C.MAX_BACKING_FILE_NAME} are allowed")
-    # Pack as if clusters were 2 MiB (pack_header refuses what does not fit in one
-    # cluster, and the feature table alone does not fit in 512 bytes), then put the
-    # real cluster_bits back and check the size ourselves.
-    wide = dataclasses.replace(h, cluster_bits=C.MAX_CLUSTER_BITS)
-    out = bytearray(pack_header(wide))
-    out[20:24] = spec.cluster_bits.to_bytes(4, "big")
-    if spec.version >= 3 and cs <= 4096:
-        out = _without_feature_table(out, wide)
-    if len(out) > cs:
+    try:
+        out = pack_header(h)
+    except ValueError:
         raise InvalidOptionError(
             f"Could not assign backing file '{h.backing_file}' with format "
-            f"'{h.backing_format}': the header, its extensions and the name need {len(out)} "
-            f"bytes, more than one cluster ({cs} bytes): No space left on device")
-    return bytes(out)
-
-
-def _without_feature_table(packed: bytes, h: Header) -> bytearray:
-    """QEMU 7.2 leaves the feature name table out when clusters are 4 KiB or smaller
-    (392 bytes of names would leave no room for a backing file name in a 512-byte
-    cluster); drop it from pack_header's output and move the backing name up."""
-    out = bytearray(packed[:h.header_length])
-    pos = h.header_length
-    while pos + 8 <= len(packed):
-        magic = int.from_bytes(packed[pos:pos + 4], "big")
-        length = int.from_bytes(packed[pos + 4:pos + 8], "big")
-        end = pos + 8 + ((length + 7) & ~7)
-        if magic != C.EXT_FEATURE_TABLE:
-            out += packed[pos:end]
-        pos = end
-        if magic == C.EXT_END:
-            break
-    if h.backing_file_size:
-        name = packed[h.backing_file_offset:h.backing_file_offset + h.backing_file_size]
-        out[8:16] = len(out).to_bytes(8, "big")
-        out += name
+            f"'{h.backing_format}': the header, its extensions and the name need more than "
+            f"one cluster ({cs} bytes): No space left on device") from None
     return out
 
 

@@ -8,6 +8,7 @@ Every error inherits from a builtin too, so generic handlers (``except ValueErro
     |   +-- NotQcow2Error            bad magic: try another format
     |   +-- CorruptImageError        .offset, .size, .what
     |       +-- DecompressionError
+    +-- InvalidOptionError(ValueError)   bad option or size; ImageTooLargeError
     +-- UnsupportedFeatureError(NotImplementedError)   .feature
     +-- UnsafeImageError             backing/data file not allowed, limits exceeded
     +-- ReadOnlyError(PermissionError)
@@ -54,6 +55,14 @@ class DecompressionError(CorruptImageError):
         self.index = index
 
 
+class InvalidOptionError(Qcow2Error, ValueError):
+    """An option, or a combination of options, is invalid (qemu-img: EINVAL)."""
+
+
+class ImageTooLargeError(InvalidOptionError):
+    """The virtual size exceeds a limit of the format or of the file system (EFBIG)."""
+
+
 class UnsupportedFeatureError(Qcow2Error, NotImplementedError):
     """The image uses a feature this engine does not implement (yet)."""
 
@@ -76,6 +85,6 @@ class NativeUnavailableError(Qcow2Error, ImportError):
 
 __all__ = [
     "Qcow2Error", "FormatError", "NotQcow2Error", "CorruptImageError",
-    "DecompressionError", "UnsupportedFeatureError", "UnsafeImageError",
+    "DecompressionError", "InvalidOptionError", "ImageTooLargeError", "UnsupportedFeatureError", "UnsafeImageError",
     "ReadOnlyError", "NativeUnavailableError",
 ]

@@ -383,7 +383,9 @@ def pack_header(h: Header) -> bytes:
         exts += _ext(C.EXT_DATA_FILE, h.data_file.encode("utf-8", "surrogateescape"))
     if h.crypto_header is not None:
         exts += _ext(C.EXT_CRYPTO_HEADER, struct.pack(">QQ", *h.crypto_header))
-    if h.version >= 3:
+    if h.version >= 3 and h.cluster_size > 4096:
+        # QEMU leaves the feature name table out of images with clusters of 4 KiB or
+        # less: it would leave no room for a backing file name in a 512-byte cluster.
         exts += _ext(C.EXT_FEATURE_TABLE, b"".join(
             _FEATURE.pack(t, b, n.encode()) for t, b, n in FEATURE_TABLE))
     if h.bitmaps_ext is not None and h.version >= 3:

@@ -18,13 +18,13 @@ import os
 import re
 import struct
 import threading
-from collections import OrderedDict
 from typing import Iterator, NamedTuple
 
 from . import constants as C
 from .backends import Backend, FileBackend
+from .cache import TableCache
 from .errors import (CorruptImageError, DecompressionError, FormatError, NotQcow2Error,
-                     Qcow2Error, UnsafeImageError, UnsupportedFeatureError)
+                     Qcow2Error, ReadOnlyError, UnsafeImageError, UnsupportedFeatureError)
 from .header import Header
 from .refcount import RefcountReader
 from .snapshot import Snapshot, find_snapshot, read_snapshot_table
@@ -97,15 +97,15 @@ def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: b
                backing: bool = True, max_backing_depth: int = C.MAX_BACKING_DEPTH,
                _chain: tuple = (), _depth: int = 0) -> "Image":
     """Open an image file (see ``qcow2.open``)."""
-    if mode not in ("r", "rb"):
-        raise UnsupportedFeatureError(f"mode {mode!r} is not supported yet (only 'r')",
-                                      feature="write")
+    if mode not in ("r", "rb", "r+", "rb+", "r+b"):
+        raise ValueError(f"invalid mode {mode!r} (use 'r' or 'r+')")
+    writable = "+" in mode
     if format not in (None, "qcow2", "raw"):
         raise UnsupportedFeatureError(f"Unknown or unsupported image format {format!r} "
                                       f"(supported: qcow2, raw)", feature=f"format {format}")
     filename = os.fspath(path)
     try:
-        be = FileBackend(filename)
+        be = FileBackend(filename, writable=writable)
     except OSError as exc:
         raise _open_error(filename, exc) from None
     try:
@@ -116,14 +116,17 @@ def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: b
         chain = _chain + (ident,)
         fmt = format or probe_format(be)
         if fmt == "qcow2":
-            img: Image = Qcow2Image(be, filename, untrusted=untrusted, snapshot=snapshot,
-                                    open_backing=backing, max_backing_depth=max_backing_depth,
-                                    chain=chain, depth=_depth)
+            cls = Qcow2Image
+            if writable:
+                from .writer import WritableQcow2Image as cls
+            img: Image = cls(be, filename, untrusted=untrusted, snapshot=snapshot,
+                             open_backing=backing, max_backing_depth=max_backing_depth,
+                             chain=chain, depth=_depth)
         else:
             if snapshot is not None:
                 raise UnsupportedFeatureError("raw images have no snapshots",
                                               feature="snapshot")
-            img = RawImage(be, filename)
+            img = RawImage(be, filename, writable=writable)
         return img
     except BaseException:
         be.close()
@@ -233,6 +236,21 @@ class Image:
             img = img.backing
         return out
 
+    # -- writing: read-only unless opened with mode "r+" -----------------------------
+    writable = False
+
+    def pwrite(self, data, offset: int) -> int:
+        raise ReadOnlyError(f"image '{self.filename}' is open read-only")
+
+    def write_zeroes(self, offset: int, n: int) -> None:
+        raise ReadOnlyError(f"image '{self.filename}' is open read-only")
+
+    def discard(self, offset: int, n: int) -> None:
+        raise ReadOnlyError(f"image '{self.filename}' is open read-only")
+
+    def flush(self) -> None:
+        pass
+
     # -- file object -------------------------------------------------------------
     def file(self) -> "ImageFile":
         return ImageFile(self)
@@ -263,9 +281,10 @@ def _actual_size(be: Backend) -> int:
 class RawImage(Image):
     format = "raw"
 
-    def __init__(self, backend: Backend, filename: str):
+    def __init__(self, backend: Backend, filename: str, *, writable: bool = False):
         self.be = backend
         self.filename = filename
+        self.writable = writable
         # QEMU sizes block nodes in 512-byte sectors, rounding a raw file's length up.
         self.file_size = backend.size()
         self.size = (self.file_size + 511) & ~511
@@ -285,6 +304,40 @@ class RawImage(Image):
             pos = stop
         if pos < end:
             yield pos, end - pos, ST_ZERO | ST_OFFSET_VALID, pos
+
+    # -- writing (mode "r+") ------------------------------------------------------
+    def _check_write(self, offset: int, n: int) -> None:
+        if not self.writable:
+            raise ReadOnlyError(f"image '{self.filename}' is open read-only")
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise ValueError(f"range {offset}+{n} is outside the disk (size {self.size})")
+
+    def pwrite(self, data, offset: int) -> int:
+        mv = memoryview(data).cast("B")
+        self._check_write(offset, len(mv))
+        return self.be.pwrite(mv, offset)
+
+    def write_zeroes(self, offset: int, n: int) -> None:
+        self._check_write(offset, n)
+        if n and self.be.can_punch_holes:
+            try:
+                self.be.punch_hole(offset, n)
+                return
+            except OSError:
+                pass
+        chunk = bytes(min(n, 1 << 20))
+        pos = offset
+        while pos < offset + n:
+            k = min(len(chunk), offset + n - pos)
+            self.be.pwrite(memoryview(chunk)[:k], pos)
+            pos += k
+
+    def discard(self, offset: int, n: int) -> None:
+        self.write_zeroes(offset, n)
+
+    def flush(self) -> None:
+        if self.writable:
+            self.be.flush()
 
     def info(self) -> dict:
         return {"virtual-size": self.size, "filename": self.filename, "format": "raw",
@@ -317,13 +370,13 @@ class Qcow2Image(Image):
         self._l2_entries = 1 << h.l2_bits
         self._l2_span_bits = h.cluster_bits + h.l2_bits
         self._unit_shift = h.cluster_bits - (5 if h.extended_l2 else 0)
-        self._l1: tuple[int, ...] | None = None
+        self._l1: list[int] | None = None
         self._l1_offset = h.l1_table_offset
         self._l1_entries = h.l1_size
         self._l1_what = "active L1 table"
-        self._l2_cache: OrderedDict[int, bytes] = OrderedDict()
-        self._l2_cache_max = max(4, l2_cache_bytes // h.cluster_size)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._l2c = TableCache(h.cluster_size, l2_cache_bytes, self._read_meta, self._write_meta,
+                               on_pressure=self._cache_pressure)
         self._tls = threading.local()
         self._meta_prealloc: bool | None = None
         self._kernels = None
@@ -378,7 +431,7 @@ class Qcow2Image(Image):
                                    f"{name!r}; untrusted mode opens no other file")
         path = combine_path(self.filename, name)
         try:
-            self.data_be = FileBackend(path)
+            self.data_be = FileBackend(path, writable=self.be.writable)
         except OSError as exc:
             raise _open_error(path, exc) from None
         self.data_filename = path
@@ -401,7 +454,7 @@ class Qcow2Image(Image):
                                   max_backing_depth=max_depth, _chain=chain, _depth=depth + 1)
 
     # -- metadata tables --------------------------------------------------------
-    def _l1_table(self) -> tuple[int, ...]:
+    def _l1_table(self) -> list[int]:
         if self._l1 is None:
             n, off = self._l1_entries, self._l1_offset
             if n and off + n * 8 > self.file_size:
@@ -410,15 +463,19 @@ class Qcow2Image(Image):
                     f"the file (size {self.file_size:#x})", offset=off, size=n * 8,
                     what="L1 table")
             raw = self._read_meta(n * 8, off) if n else b""
-            self._l1 = struct.unpack(f">{n}Q", raw)
+            self._l1 = list(struct.unpack(f">{n}Q", raw))
         return self._l1
 
-    def _l2_table(self, l1_index: int, l2_offset: int) -> bytes:
+    def _write_meta(self, data, offset: int) -> None:
+        raise ReadOnlyError(f"image '{self.filename}' is open read-only")
+
+    def _cache_pressure(self) -> None:
+        pass
+
+    def _l2_table(self, l1_index: int, l2_offset: int):
         with self._lock:
-            t = self._l2_cache.get(l2_offset)
-            if t is not None:
-                self._l2_cache.move_to_end(l2_offset)
-                return t
+            if l2_offset in self._l2c:
+                return self._l2c.get(l2_offset)
         if l2_offset & (self.cluster_size - 1):
             raise CorruptImageError(
                 f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x})",
@@ -428,12 +485,8 @@ class Qcow2Image(Image):
                 f"L2 table for L1 index {l1_index} at {l2_offset:#x} extends past the end "
                 f"of the file (size {self.file_size:#x})", offset=l2_offset,
                 size=self.cluster_size, what="L2 table")
-        t = self._read_meta(self.cluster_size, l2_offset)
         with self._lock:
-            self._l2_cache[l2_offset] = t
-            if len(self._l2_cache) > self._l2_cache_max:
-                self._l2_cache.popitem(last=False)
-        return t
+            return self._l2c.get(l2_offset)
 
     def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
         """Decode the mapping of [start, end) into runs (guest, length, kind, host, csize).

@@ -90,3 +90,260 @@ def _decode(block: bytes, bits: int):
     per = 8 // bits
     shifts = np.arange(per, dtype=np.uint8) * bits
     return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+
+# ---------------------------------------------------------------------------
+# writable refcounts: allocation, free-space search, growth
+# ---------------------------------------------------------------------------
+
+def _get_entry(block, index: int, bits: int) -> int:
+    if bits == 16:
+        return (block[index * 2] << 8) | block[index * 2 + 1]
+    if bits >= 8:
+        nb = bits // 8
+        return int.from_bytes(block[index * nb:(index + 1) * nb], "big")
+    per = 8 // bits
+    return (block[index // per] >> ((index % per) * bits)) & ((1 << bits) - 1)
+
+
+def _set_entry(block, index: int, bits: int, value: int) -> None:
+    if bits >= 8:
+        nb = bits // 8
+        block[index * nb:(index + 1) * nb] = value.to_bytes(nb, "big")
+        return
+    per = 8 // bits
+    shift = (index % per) * bits
+    mask = ((1 << bits) - 1) << shift
+    b = index // per
+    block[b] = (block[b] & ~mask & 0xFF) | (value << shift)
+
+
+class Refcounts:
+    """The refcount table and blocks of a writable image.
+
+    Increments are applied at once (and written by the owner's ordered flush before
+    the references that need them); decrements are queued and applied only after
+    the references were dropped on disk (:meth:`apply_pending_frees`), so a crash
+    can leak clusters but never leave a reference to a cluster with refcount 0.
+    Clusters freed since the last flush are not reused before it.
+    """
+
+    def __init__(self, image, cache):
+        h = image.header
+        self.img = image
+        self.h = h
+        self.cache = cache                      # TableCache for refcount blocks
+        self.cs = h.cluster_size
+        self.cbits = h.cluster_bits
+        self.bits = h.refcount_bits
+        self.max_ref = (1 << self.bits) - 1
+        self.block_entries = self.cs * 8 // self.bits
+        n = h.refcount_table_clusters * self.cs // 8
+        off = h.refcount_table_offset
+        if off + n * 8 > image.file_size:
+            raise CorruptImageError(
+                f"refcount table at {off:#x} ({n} entries) extends past the end of the file "
+                f"(size {image.file_size:#x})", offset=off, size=n * 8, what="refcount table")
+        self.table = list(struct.unpack(f">{n}Q", image._read_meta(n * 8, off)))
+        self.table_dirty: set[int] = set()
+        self.pending_free: list[tuple[int, int]] = []   # (host offset, length)
+        self.blocked: set[int] = set()                   # freed since the last flush
+        self.free_hint = 0
+        # the end of used space, in clusters: everything at or past it is free
+        self.end_cluster = (image.file_size + self.cs - 1) // self.cs
+
+    # -- lookups -------------------------------------------------------------
+    def _block_offset(self, bi: int) -> int:
+        if bi >= len(self.table):
+            return 0
+        off = self.table[bi] & C.REFT_OFFSET_MASK
+        if off and off & (self.cs - 1):
+            raise CorruptImageError(f"refcount block {bi} offset {off:#x} unaligned",
+                                    offset=self.h.refcount_table_offset + bi * 8, size=8,
+                                    what="refcount table entry")
+        return off
+
+    def get(self, cluster: int) -> int:
+        bi, idx = divmod(cluster, self.block_entries)
+        off = self._block_offset(bi)
+        if not off:
+            return 0
+        return _get_entry(self.cache.get(off), idx, self.bits)
+
+    # -- updates ---------------------------------------------------------------
+    def _add(self, cluster: int, delta: int) -> None:
+        bi, idx = divmod(cluster, self.block_entries)
+        off = self._block_offset(bi)
+        if not off:
+            if delta < 0:
+                raise CorruptImageError(f"refcount of cluster {cluster} would drop below 0 "
+                                        f"(no refcount block)", what="refcount block")
+            if cluster == bi * self.block_entries:
+                raise AssertionError("refcount block would overlap the cluster it counts")
+            off = self._new_block(bi)
+        blk = self.cache.get(off)
+        v = _get_entry(blk, idx, self.bits) + delta
+        if v < 0 or v > self.max_ref:
+            raise CorruptImageError(
+                f"refcount of cluster {cluster} ({cluster << self.cbits:#x}) would become {v} "
+                f"(range 0..{self.max_ref})", offset=cluster << self.cbits, what="refcount")
+        _set_entry(blk, idx, self.bits, v)
+        self.cache.mark_dirty(off)
+        if delta > 0 and cluster >= self.end_cluster:
+            self.end_cluster = cluster + 1
+
+    def increment(self, offset: int, length: int) -> None:
+        """+1 for every cluster touched by [offset, offset+length)."""
+        first = offset >> self.cbits
+        last = (offset + length - 1) >> self.cbits
+        for c in range(first, last + 1):
+            self._add(c, 1)
+
+    def free(self, offset: int, length: int) -> None:
+        """Queue -1 for every cluster touched by the range (applied after the flush)."""
+        if length > 0:
+            self.pending_free.append((offset, length))
+
+    def apply_pending_frees(self) -> bool:
+        """Apply queued decrements (the caller flushed the dropped references first)."""
+        if not self.pending_free:
+            self.blocked.clear()
+            return False
+        pend, self.pending_free = self.pending_free, []
+        for offset, length in pend:
+            first = offset >> self.cbits
+            last = (offset + length - 1) >> self.cbits
+            for c in range(first, last + 1):
+                self._add(c, -1)
+                if c < self.free_hint:
+                    self.free_hint = c
+        self.blocked.clear()
+        return True
+
+    def block_freed(self, offset: int, length: int) -> None:
+        first = offset >> self.cbits
+        last = (offset + length - 1) >> self.cbits
+        self.blocked.update(range(first, last + 1))
+
+    # -- allocation ---------------------------------------------------------------
+    def _is_free(self, c: int) -> bool:
+        if c in self.blocked:
+            return False
+        if c >= self.end_cluster:
+            return True
+        return self.get(c) == 0
+
+    def find_free(self, n: int) -> int:
+        """First run of ``n`` free clusters at or after the hint (no refcount taken)."""
+        c = self.free_hint
+        while True:
+            if c >= self.end_cluster:
+                return c
+            run = 0
+            while run < n and self._is_free(c + run):
+                run += 1
+            if run == n:
+                return c
+            c += run + 1
+
+    def take_free(self, n: int = 1, *, prefer: int = -1) -> int:
+        """A run of ``n`` free clusters whose refcount blocks exist (no refcount taken);
+        ``prefer`` is tried first (a cluster index)."""
+        per = self.block_entries
+        while True:
+            c = -1
+            if prefer >= 0 and all(self._is_free(prefer + k) for k in range(n)):
+                c = prefer
+            if c < 0:
+                c = self.find_free(n)
+            missing = [bi for bi in range(c // per, (c + n - 1) // per + 1)
+                       if not self._block_offset(bi)]
+            if not missing:
+                return c
+            for bi in missing:          # a new block may take a cluster of the run: search again
+                self._new_block(bi)
+
+    def alloc(self, n: int = 1) -> int:
+        """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset."""
+        c = self.take_free(n)
+        for i in range(n):
+            self._add(c + i, 1)
+        if c <= self.free_hint:
+            self.free_hint = c + n
+        return c << self.cbits
+
+    def _new_block(self, bi: int) -> int:
+        """Create refcount block ``bi`` at the first cluster it covers, which is free
+        because no cluster can be in use without a block describing it; the block
+        then describes itself.  Returns its host offset."""
+        if bi >= len(self.table):
+            self._grow_table(bi + 1)
+            off = self._block_offset(bi)
+            if off:
+                return off
+        host = bi * self.block_entries
+        off = host << self.cbits
+        self.cache.put_new(off)
+        self.table[bi] = off
+        self.table_dirty.add(bi)
+        self._add(host, 1)
+        return off
+
+    def _grow_table(self, min_entries: int) -> None:
+        """Move the refcount table to a bigger place at the end of the used space.
+
+        The new refcount blocks and the new table are written and made durable before
+        the header points at them; the old table is freed afterwards (a crash in
+        between leaks it, nothing worse).
+        """
+        img = self.img
+        cs = self.cs
+        per = self.block_entries
+        new_entries = max(min_entries, len(self.table) * 2)
+        start = self.end_cluster
+        while True:
+            tc = (new_entries * 8 + cs - 1) // cs
+            nb = 0
+            while True:                 # blocks for the area, the area holding them too
+                last = start + nb + tc - 1
+                need = [b for b in range(start // per, last // per + 1)
+                        if not self._block_offset(b)]
+                if len(need) <= nb:
+                    break
+                nb = len(need)
+            if (start + nb + tc + per - 1) // per <= new_entries:
+                break
+            new_entries = (start + nb + tc + per - 1) // per + 1
+        block_hosts = list(range(start, start + nb))
+        table_host = start + nb
+        self.table = self.table + [0] * (new_entries - len(self.table))
+        for b, host in zip(need, block_hosts):
+            self.table[b] = host << self.cbits
+            self.cache.put_new(host << self.cbits)
+        self.end_cluster = max(self.end_cluster, table_host + tc)
+        for host in block_hosts:
+            self._add(host, 1)
+        for i in range(tc):
+            self._add(table_host + i, 1)
+        old_off = self.h.refcount_table_offset
+        old_clusters = self.h.refcount_table_clusters
+        self.cache.write_dirty()
+        img._write_meta(struct.pack(f">{new_entries}Q", *self.table) +
+                        bytes(tc * cs - new_entries * 8), table_host << self.cbits)
+        img._sync()
+        self.h.refcount_table_offset = table_host << self.cbits
+        self.h.refcount_table_clusters = tc
+        img._write_meta(struct.pack(">QI", self.h.refcount_table_offset, tc), 0x30)
+        img._sync()
+        self.table_dirty.clear()
+        self.free(old_off, old_clusters * cs)
+        self.block_freed(old_off, old_clusters * cs)
+
+    def write_table_entries(self) -> None:
+        """Write changed refcount table entries (after their blocks are durable)."""
+        if not self.table_dirty:
+            return
+        base = self.h.refcount_table_offset
+        for bi in sorted(self.table_dirty):
+            self.img._write_meta(struct.pack(">Q", self.table[bi]), base + bi * 8)
+        self.table_dirty.clear()

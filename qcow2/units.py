@@ -1,0 +1,38 @@
+"""Sizes as qemu-img spells them: bytes, or a number with a k/M/G/T/P/E suffix."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidOptionError
+
+_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+           "p": 1 << 50, "e": 1 << 60}
+_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)\s*([bkmgtpe]?)\s*$", re.I)
+
+
+def parse_size(text, *, what: str = "size") -> int:
+    """qemu-img's size syntax: bytes (decimal or 0x hex), or a number with a k, M, G,
+    T, P or E suffix (binary multiples); fractions only with a suffix."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise InvalidOptionError(f"Invalid {what} specified: {text}")
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise InvalidOptionError(f"Invalid {what} specified: {text!r}. You may use k, M, G, "
+                                 f"T, P or E suffixes for kilobytes, megabytes, gigabytes, "
+                                 f"terabytes, petabytes and exabytes.")
+    num, suf = m.groups()
+    mult = _SUFFIX[suf.lower()]
+    if num[:2].lower() == "0x":
+        val = int(num, 16) * mult
+    elif "." in num:
+        if mult == 1:
+            raise InvalidOptionError(f"Invalid {what} specified: {text!r}")
+        val = int(float(num) * mult)
+    else:
+        val = int(num) * mult
+    if val >= 1 << 63:
+        raise InvalidOptionError(f"Invalid {what} specified: {text!r} is too large")
+    return val

@@ -1,0 +1,590 @@
+"""Writing qcow2 images: allocation, copy-on-write, zero writes, discard, compressed
+clusters, and an ordered flush that keeps the image consistent across crashes.
+
+Crash safety comes from one rule, applied by :meth:`WritableQcow2Image.flush`:
+nothing on disk ever points at something that is not durable yet.
+
+  1. guest data and COW copies are written with pwrite as they come;
+  2. refcount blocks (increments only) are written; sync;
+     refcount table entries for new blocks are written; sync;
+  3. L2 tables are written; sync;          (they may point at new clusters now)
+  4. L1 entries for new L2 tables; sync;
+  5. queued refcount decrements (clusters dropped by steps 3-4) are applied and
+     their blocks written; sync.  Freed clusters are reused only after this.
+
+A crash between any two steps leaves at worst leaked clusters (refcount > 0 with no
+reference), which ``qemu-img check`` reports as leaks, never as corruption.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from . import constants as C
+from .cache import TableCache
+from .errors import CorruptImageError, Qcow2Error, ReadOnlyError, UnsupportedFeatureError
+from .image import Qcow2Image, _zero_fill
+from .refcount import Refcounts
+
+_ALL_ALLOC = 0xFFFFFFFF
+_ALL_ZERO = 0xFFFFFFFF << 32
+
+
+class WritableQcow2Image(Qcow2Image):
+    """A qcow2 image opened with ``mode="r+"``."""
+
+    def __init__(self, backend, filename, **kw):
+        super().__init__(backend, filename, **kw)
+        h = self.header
+        if h.corrupt:
+            raise Qcow2Error(f"qcow2: Image is corrupt; cannot be opened read/write "
+                             f"('{self.filename}')")
+        if self.encrypted:
+            raise UnsupportedFeatureError("writing encrypted images is not supported",
+                                          feature="encryption")
+        if self.snapshot is not None:
+            raise ReadOnlyError("a snapshot is read-only; open the active layer to write")
+        if h.dirty:
+            raise UnsupportedFeatureError(
+                f"'{self.filename}' has the dirty bit set (lazy refcounts after a crash): "
+                f"its refcounts must be rebuilt before writing, which this version cannot "
+                f"do yet; open it read-only, or repair it first", feature="dirty bit")
+        self.writable = True
+        self._rc_cache = TableCache(h.cluster_size, 4 << 20, self._read_meta,
+                                    self._write_meta, on_pressure=self._cache_pressure)
+        self.refs = Refcounts(self, self._rc_cache)
+        self._l1_dirty: set[int] = set()
+        self._header_dirty = False
+        self._free_byte_offset = 0
+        self._compressor = None
+        self._closed = False
+        self._marked_dirty = False
+        self._l1_table()
+        if h.autoclear_features & ~C.AUTOCLEAR_MASK or (
+                h.bitmaps_ext is not None and h.bitmaps_consistent):
+            # We do not maintain persistent bitmaps or unknown autoclear features:
+            # clearing their bits tells every reader they are stale, as QEMU does.
+            self._clear_autoclear()
+
+    # -- low level -------------------------------------------------------------
+    def _write_meta(self, data, offset: int) -> None:
+        self._check_overlap_header(offset, len(data))
+        self.be.pwrite(data, offset)
+        end = offset + len(data)
+        if end > self.file_size:
+            self.file_size = end
+
+    _HEADER_FIELDS = (0x18, 0x24, 0x30, 0x48, 0x58)
+
+    def _check_overlap_header(self, offset: int, n: int) -> None:
+        if offset < self.cluster_size and offset not in self._HEADER_FIELDS:
+            self._mark_corrupt(f"metadata write of {n} bytes at {offset:#x} would overlap "
+                               f"the header")
+
+    def _mark_corrupt(self, why: str):
+        h = self.header
+        h.incompatible_features |= C.INCOMPAT_CORRUPT
+        try:
+            self.be.pwrite(struct.pack(">Q", h.incompatible_features), 0x48)
+            self.be.flush()
+        finally:
+            raise CorruptImageError(f"qcow2: Marking image as corrupt: {why}; further "
+                                    f"writes are refused", what="metadata overlap")
+
+    def _sync(self) -> None:
+        if self.data_be is not self.be:
+            self.data_be.flush()
+        self.be.flush()
+
+    def _write_data(self, data, host: int) -> None:
+        if self.data_be is self.be:
+            self._guard_data(host, len(data))
+        self.data_be.pwrite(data, host)
+        if self.data_be is self.be and host + len(data) > self.file_size:
+            self.file_size = host + len(data)
+
+    def _guard_data(self, host: int, n: int) -> None:
+        """Never write guest data over the header, the L1 or refcount tables."""
+        h = self.header
+        end = host + n
+        regions = ((0, self.cluster_size, "the header"),
+                   (self._l1_offset, self._l1_entries * 8, "the active L1 table"),
+                   (h.refcount_table_offset, h.refcount_table_clusters * self.cluster_size,
+                    "the refcount table"))
+        for start, ln, what in regions:
+            if ln and host < start + ln and start < end:
+                self._mark_corrupt(f"data write at {host:#x} ({n} bytes) would overlap {what}")
+
+    def _mark_modified(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on closed image")
+        if self.header.lazy_refcounts and not self._marked_dirty and self.header.version >= 3:
+            # Refcounts stay exact here, but mark the image dirty while it is open
+            # for writing with lazy refcounts, as QEMU does.
+            self.header.incompatible_features |= C.INCOMPAT_DIRTY
+            self.be.pwrite(struct.pack(">Q", self.header.incompatible_features), 0x48)
+            self.be.flush()
+            self._marked_dirty = True
+
+    def _clear_autoclear(self) -> None:
+        h = self.header
+        h.autoclear_features &= C.AUTOCLEAR_DATA_FILE_RAW
+        self.be.pwrite(struct.pack(">Q", h.autoclear_features), 0x58)
+        self.be.flush()
+
+    def _cache_pressure(self) -> None:
+        self.flush(sync_only_metadata=True)
+
+    # -- tables ------------------------------------------------------------------
+    def _entry(self, table, i: int) -> tuple[int, int]:
+        if self.header.extended_l2:
+            e, b = struct.unpack_from(">QQ", table, i * 16)
+            return e, b
+        return struct.unpack_from(">Q", table, i * 8)[0], 0
+
+    def _set_entry(self, table, table_off: int, i: int, e: int, bitmap: int = 0) -> None:
+        if self.header.extended_l2:
+            struct.pack_into(">QQ", table, i * 16, e, bitmap)
+        else:
+            struct.pack_into(">Q", table, i * 8, e)
+        self._l2c.mark_dirty(table_off)
+
+    def _l2_for_write(self, l1i: int):
+        """The L2 table for L1 index ``l1i``, private to the active layer (allocated,
+        or copied from a table shared with a snapshot)."""
+        l1 = self._l1
+        e = l1[l1i]
+        off = e & C.L1E_OFFSET_MASK
+        if off and e & C.OFLAG_COPIED:
+            return self._l2_table(l1i, off), off
+        new = self.refs.alloc(1)
+        if off:
+            old = bytes(self._l2_table(l1i, off))
+            t = self._l2c.put_new(new, old)
+            self.refs.free(off, self.cluster_size)
+            self.refs.block_freed(off, self.cluster_size)
+        else:
+            t = self._l2c.put_new(new)
+        l1[l1i] = new | C.OFLAG_COPIED
+        self._l1_dirty.add(l1i)
+        return t, new
+
+    # -- public API ----------------------------------------------------------------
+    def readinto(self, buf, offset: int) -> int:
+        with self._lock:
+            return super().readinto(buf, offset)
+
+    def pwrite(self, data, offset: int) -> int:
+        """Write ``data`` at guest ``offset`` (any alignment)."""
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if offset < 0 or offset + n > self.size:
+            raise ValueError(f"write of {n} bytes at {offset} is outside the disk "
+                             f"(size {self.size})")
+        if not n:
+            return 0
+        with self._lock:
+            self._mark_modified()
+            self._write(mv, offset)
+        return n
+
+    def write_zeroes(self, offset: int, n: int) -> None:
+        """Make [offset, offset+n) read as zeros: zero clusters/subclusters where the
+        format allows (whole units, v3), explicit zeros for the unaligned rest."""
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise ValueError("range outside the disk")
+        if not n:
+            return
+        with self._lock:
+            self._mark_modified()
+            unit = self.cluster_size >> (5 if self.header.extended_l2 else 0)
+            if self.header.has_data_file:
+                p = offset
+                while p < offset + n:
+                    k = min(1 << 20, offset + n - p)
+                    self._write(memoryview(bytes(k)), p)
+                    p += k
+                return
+            if self.header.version < 3:
+                self._zero_v2(offset, n)
+                return
+            a = (offset + unit - 1) // unit * unit
+            b = (offset + n) // unit * unit
+            if a >= b:
+                self._write(memoryview(bytes(n)), offset)
+                return
+            if a > offset:
+                self._write(memoryview(bytes(a - offset)), offset)
+            self._zero_units(a, b)
+            if b < offset + n:
+                self._write(memoryview(bytes(offset + n - b)), b)
+
+    def discard(self, offset: int, n: int) -> None:
+        """Deallocate whole clusters in the range, as QEMU does: v3 images then read
+        zeros there, v2 images read the backing file (or zeros); partial clusters at
+        either end are left alone (discard is a hint)."""
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise ValueError("range outside the disk")
+        cs = self.cluster_size
+        a = (offset + cs - 1) // cs * cs
+        b = (offset + n) // cs * cs
+        if offset + n == self.size:
+            b = (offset + n + cs - 1) // cs * cs
+        if a >= b:
+            return
+        with self._lock:
+            self._mark_modified()
+            self._discard_clusters(a, min(b, self._l1_span_end()), full=False)
+
+    def flush(self, *, sync_only_metadata: bool = False) -> None:
+        """Make every write so far durable, in the order that keeps the image consistent."""
+        with self._lock:
+            refs = self.refs
+            self._sync()                                  # data before anything points at it
+            if self._rc_cache.dirty_count:
+                self._rc_cache.write_dirty()
+                if refs.table_dirty:
+                    self._sync()
+            if refs.table_dirty:
+                refs.write_table_entries()
+            self._sync()
+            if self._l2c.dirty_count:
+                self._l2c.write_dirty()
+                self._sync()
+            if self._l1_dirty:
+                base = self._l1_offset
+                for i in sorted(self._l1_dirty):
+                    self._write_meta(struct.pack(">Q", self._l1[i]), base + i * 8)
+                self._l1_dirty.clear()
+                self._sync()
+            if refs.apply_pending_frees():
+                self._rc_cache.write_dirty()
+                refs.write_table_entries()
+                self._sync()
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return super().close()
+        try:
+            self.flush()
+            if self._marked_dirty:
+                self.header.incompatible_features &= ~C.INCOMPAT_DIRTY
+                self.be.pwrite(struct.pack(">Q", self.header.incompatible_features), 0x48)
+                self.be.flush()
+        finally:
+            self._closed = True
+            super().close()
+
+    # -- compressed clusters --------------------------------------------------------
+    def write_compressed(self, data, offset: int) -> None:
+        """Write one whole cluster compressed (zlib or zstd as the image says); a
+        cluster that does not compress is written normally, as QEMU does.  The last
+        cluster of a disk whose size is not cluster-aligned may be short."""
+        mv = memoryview(data).cast("B")
+        cs = self.cluster_size
+        if offset % cs or (len(mv) != cs and offset + len(mv) != self.size) or len(mv) > cs:
+            raise ValueError("compressed writes take whole, aligned clusters")
+        if self.data_be is not self.be:
+            raise UnsupportedFeatureError("compressed clusters cannot be written to images "
+                                          "with an external data file",
+                                          feature="compression with data file")
+        if self._compressor is None:
+            self._compressor = self.kernels.Compressor(self.header.compression_type, cs)
+        if len(mv) < cs:
+            full = bytearray(cs)
+            full[:len(mv)] = mv
+            mv = memoryview(full)
+        comp = self._compressor.compress(mv)
+        self.write_compressed_prepared(offset, comp, mv)
+
+    def write_compressed_prepared(self, offset: int, comp: bytes | None, raw) -> None:
+        """Store a cluster already compressed by the caller (``comp``, or None to store
+        ``raw`` uncompressed): lets converters compress in parallel threads."""
+        with self._lock:
+            self._mark_modified()
+            if comp is None:
+                self._write(memoryview(raw)[:min(len(raw), self.size - offset)], offset)
+                return
+            l1i = offset >> self._l2_span_bits
+            table, toff = self._l2_for_write(l1i)
+            i = (offset >> self.cluster_bits) & (self._l2_entries - 1)
+            old, oldb = self._entry(table, i)
+            host = self._alloc_bytes(len(comp))
+            self._write_data(comp, host)
+            nb = ((host + len(comp) - 1) >> 9) - (host >> 9)
+            shift = 62 - (self.cluster_bits - 8)
+            e = C.OFLAG_COMPRESSED | (nb << shift) | host
+            self._set_entry(table, toff, i, e, 0)
+            self._free_entry(old, oldb)
+
+    def _alloc_bytes(self, size: int) -> int:
+        """QEMU's qcow2_alloc_bytes: pack compressed clusters back to back; every host
+        cluster a compressed cluster touches holds one reference for it."""
+        refs = self.refs
+        cs = self.cluster_size
+        off = self._free_byte_offset
+        if off and (off & (cs - 1) == 0 or refs.get(off >> self.cluster_bits) >= refs.max_ref):
+            off = 0
+        if not off or cs - (off & (cs - 1)) < size:
+            nxt = (off >> self.cluster_bits) + 1 if off else -1
+            c = refs.take_free(1, prefer=nxt)
+            if not (off and c == nxt):
+                off = c << self.cluster_bits
+        refs.increment(off, size)
+        self._free_byte_offset = off + size
+        return off
+
+    # -- the write engine ------------------------------------------------------------
+    def _l1_span_end(self) -> int:
+        return min(self.size + self.cluster_size, len(self._l1) << self._l2_span_bits)
+
+    def _write(self, mv: memoryview, offset: int) -> None:
+        end = offset + len(mv)
+        pos = offset
+        span = self._l2_span_bits
+        cbits = self.cluster_bits
+        cs = self.cluster_size
+        mask = self._l2_entries - 1
+        while pos < end:
+            l1i = pos >> span
+            tend = min(end, (l1i + 1) << span)
+            table, toff = self._l2_for_write(l1i)
+            i = (pos >> cbits) & mask
+            while pos < tend:
+                cstart = pos & ~(cs - 1)
+                cend = min(cstart + cs, tend)
+                e, bm = self._entry(table, i)
+                full = pos == cstart and cend == cstart + cs
+                if self._in_place(e):
+                    # a run of in-place clusters with contiguous host offsets: one pwrite
+                    host0 = (e & C.L2E_OFFSET_MASK) + (pos - cstart)
+                    j, stop = i, cend
+                    if not self.header.extended_l2:
+                        while stop < tend and j + 1 <= mask:
+                            e2, _ = self._entry(table, j + 1)
+                            if not self._in_place(e2) or (e2 & C.L2E_OFFSET_MASK) != \
+                                    (e & C.L2E_OFFSET_MASK) + (j + 1 - i) * cs:
+                                break
+                            j += 1
+                            stop = min(stop + cs, tend)
+                        self._write_data(mv[pos - offset:stop - offset], host0)
+                    else:
+                        self._write_ext_in_place(table, toff, i, e, bm, mv, offset, pos, cend)
+                    pos = stop
+                    i = j + 1
+                    continue
+                if full and not self.header.extended_l2:
+                    # a run of whole clusters needing new space: one allocation, one pwrite
+                    j = i
+                    stop = cend
+                    while stop + cs <= tend and j + 1 <= mask:
+                        e2, _ = self._entry(table, j + 1)
+                        if self._in_place(e2):
+                            break
+                        j += 1
+                        stop += cs
+                    n = j - i + 1
+                    host = self._alloc_data(n, cstart)
+                    self._write_data(mv[pos - offset:stop - offset], host)
+                    for k in range(n):
+                        old, oldb = self._entry(table, i + k)
+                        self._set_entry(table, toff, i + k, (host + k * cs) | C.OFLAG_COPIED)
+                        self._free_entry(old, oldb)
+                    pos = stop
+                    i = j + 1
+                    continue
+                self._write_cow(table, toff, i, e, bm, mv, offset, pos, cend, cstart)
+                pos = cend
+                i += 1
+
+    def _alloc_data(self, n: int, guest: int) -> int:
+        """Host space for ``n`` data clusters starting at guest offset ``guest``: in an
+        external data file the mapping is the identity (and is not refcounted)."""
+        if self.header.has_data_file:
+            return guest
+        return self.refs.alloc(n)
+
+    def _in_place(self, e: int) -> bool:
+        """Standard cluster that belongs to the active layer alone: write in place."""
+        if e & C.OFLAG_COMPRESSED or not e & C.OFLAG_COPIED:
+            return False
+        if not e & C.L2E_OFFSET_MASK and not self.header.has_data_file:
+            return False
+        if not self.header.extended_l2 and e & C.OFLAG_ZERO:
+            return False       # zero cluster with a preallocated host: rewrite it whole
+        return True
+
+    def _old_content(self, e: int, bm: int, cstart: int, into: memoryview) -> None:
+        """What the cluster at guest ``cstart`` reads as now (whole cluster)."""
+        if e & C.OFLAG_COMPRESSED:
+            shift = 62 - (self.cluster_bits - 8)
+            coff = e & ((1 << shift) - 1)
+            nsec = ((e >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
+            csize = nsec * 512 - (coff & 511)
+            src = bytearray(csize)
+            self.be.readinto(src, coff)
+            into[:] = self._decompressor().decompress(src)
+            return
+        # everything else: the reader knows how (zero, unallocated -> backing, data)
+        self._read_clipped(into, cstart)
+
+    def _write_cow(self, table, toff, i, e, bm, mv, offset, pos, cend, cstart) -> None:
+        cs = self.cluster_size
+        h = self.header
+        if h.extended_l2 and not e & C.OFLAG_COMPRESSED and not (e & C.L2E_OFFSET_MASK):
+            # unallocated cluster with subclusters: allocate, write only what is touched
+            host = self._alloc_data(1, cstart)
+            new_bm = bm & _ALL_ZERO          # zero bits stay for untouched subclusters
+            self._set_entry(table, toff, i, host | C.OFLAG_COPIED, new_bm)
+            self._write_ext_in_place(table, toff, i, host | C.OFLAG_COPIED, new_bm, mv,
+                                     offset, pos, cend)
+            return
+        buf = bytearray(cs)
+        bv = memoryview(buf)
+        if not (pos == cstart and cend == cstart + cs):
+            self._old_content(e, bm, cstart, bv)
+        bv[pos - cstart:cend - cstart] = mv[pos - offset:cend - offset]
+        reuse = (not h.extended_l2 and e & C.OFLAG_ZERO and e & C.OFLAG_COPIED
+                 and e & C.L2E_OFFSET_MASK)
+        host = (e & C.L2E_OFFSET_MASK) if reuse else self._alloc_data(1, cstart)
+        self._write_data(bv[:max(0, min(cs, self.size - cstart))] if self.data_be is not self.be
+                         else bv, host)
+        new_bm = _ALL_ALLOC if h.extended_l2 else 0
+        self._set_entry(table, toff, i, host | C.OFLAG_COPIED, new_bm)
+        if not reuse:
+            self._free_entry(e, bm)
+
+    def _write_ext_in_place(self, table, toff, i, e, bm, mv, offset, pos, cend) -> None:
+        """Extended L2, cluster owned by the active layer: write the touched subclusters,
+        filling the untouched part of a partially written subcluster from what it read
+        as before (backing data or zeros)."""
+        cs = self.cluster_size
+        sc = cs >> 5
+        cstart = pos & ~(cs - 1)
+        host = e & C.L2E_OFFSET_MASK
+        first = (pos - cstart) // sc
+        last = (cend - 1 - cstart) // sc
+        a0 = cstart + first * sc
+        b0 = cstart + (last + 1) * sc
+        if (pos != a0 and not bm & (1 << first)) or (cend != b0 and not bm & (1 << last)):
+            # partial subclusters that are not allocated: build them whole
+            buf = bytearray(b0 - a0)
+            bv = memoryview(buf)
+            for s in {first, last}:
+                if not bm & (1 << s):
+                    part = bv[(s - first) * sc:(s - first + 1) * sc]
+                    g = cstart + s * sc
+                    if bm & (1 << (32 + s)):
+                        _zero_fill(part)
+                    elif self.backing is not None:
+                        self.backing._read_clipped(part, g)
+                    else:
+                        _zero_fill(part)
+                elif s in (first, last):
+                    g = cstart + s * sc
+                    self.data_be.readinto(bv[(s - first) * sc:(s - first + 1) * sc], host + s * sc)
+            bv[pos - a0:cend - a0] = mv[pos - offset:cend - offset]
+            self._write_data(bv, host + first * sc)
+        else:
+            self._write_data(mv[pos - offset:cend - offset], host + (pos - cstart))
+        bits = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+        new_bm = (bm | bits) & ~(bits << 32)
+        if new_bm != bm:
+            self._set_entry(table, toff, i, e, new_bm)
+
+    def _free_entry(self, e: int, bm: int = 0) -> None:
+        """Drop the reference an L2 entry held (the caller replaced it)."""
+        if e & C.OFLAG_COMPRESSED:
+            shift = 62 - (self.cluster_bits - 8)
+            coff = e & ((1 << shift) - 1)
+            nsec = ((e >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
+            start = coff & ~511
+            self.refs.free(start, nsec * 512)
+            self.refs.block_freed(start, nsec * 512)
+            return
+        off = e & C.L2E_OFFSET_MASK
+        if off and self.data_be is self.be:
+            self.refs.free(off, self.cluster_size)
+            self.refs.block_freed(off, self.cluster_size)
+
+    def _zero_units(self, a: int, b: int) -> None:
+        """v3: mark whole clusters (or subclusters) in [a, b) as zero, freeing space."""
+        h = self.header
+        cs = self.cluster_size
+        pos = a
+        span = self._l2_span_bits
+        mask = self._l2_entries - 1
+        while pos < b:
+            l1i = pos >> span
+            tend = min(b, (l1i + 1) << span)
+            table, toff = self._l2_for_write(l1i)
+            while pos < tend:
+                i = (pos >> self.cluster_bits) & mask
+                cstart = pos & ~(cs - 1)
+                cend = min(cstart + cs, tend)
+                e, bm = self._entry(table, i)
+                if not h.extended_l2:
+                    self._set_entry(table, toff, i, C.OFLAG_ZERO)
+                    self._free_entry(e, bm)
+                elif pos == cstart and cend == cstart + cs:
+                    self._set_entry(table, toff, i, 0, _ALL_ZERO)
+                    self._free_entry(e, bm)
+                else:
+                    sc = cs >> 5
+                    first = (pos - cstart) // sc
+                    last = (cend - cstart) // sc - 1
+                    bits = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+                    if e & C.OFLAG_COMPRESSED or (e & C.L2E_OFFSET_MASK and
+                                                  not e & C.OFLAG_COPIED):
+                        # shared or compressed: materialise a private copy first
+                        self._write_cow(table, toff, i, e, bm, memoryview(b""), pos, pos, pos,
+                                        cstart)
+                        e, bm = self._entry(table, i)
+                    self._set_entry(table, toff, i, e, (bm & ~bits) | (bits << 32))
+                pos = cend
+
+    def _zero_v2(self, offset: int, n: int) -> None:
+        """v2 has no zero flag: unallocated clusters of an image without backing file
+        already read as zeros; everything else gets explicit zeros."""
+        end = offset + n
+        chunk = 1 << 20
+        for a, ln, kind, _host, _cs in list(self._runs(offset, end)):
+            if kind == C.KIND_UNALLOC and self.backing is None:
+                continue
+            p = a
+            while p < a + ln:
+                k = min(chunk, a + ln - p)
+                self._write(memoryview(bytes(k)), p)
+                p += k
+
+    def _discard_clusters(self, a: int, b: int, *, full: bool) -> None:
+        h = self.header
+        cs = self.cluster_size
+        span = self._l2_span_bits
+        mask = self._l2_entries - 1
+        pos = a
+        while pos < b:
+            l1i = pos >> span
+            tend = min(b, (l1i + 1) << span)
+            if not self._l1[l1i] & C.L1E_OFFSET_MASK and (self.backing is None or full
+                                                          or h.version < 3):
+                pos = tend           # nothing allocated here and nothing to hide
+                continue
+            table, toff = self._l2_for_write(l1i)
+            while pos < tend:
+                i = (pos >> self.cluster_bits) & mask
+                e, bm = self._entry(table, i)
+                allocated = bool(e & (C.L2E_OFFSET_MASK | C.OFLAG_COMPRESSED))
+                if full:
+                    ne, nbm = 0, 0
+                elif self.backing is not None or allocated:
+                    if h.extended_l2:
+                        ne, nbm = 0, _ALL_ZERO
+                    else:
+                        ne, nbm = (C.OFLAG_ZERO if h.version >= 3 else 0), 0
+                else:
+                    ne, nbm = 0, 0
+                if (ne, nbm) != (e, bm):
+                    self._set_entry(table, toff, i, ne, nbm)
+                    self._free_entry(e, bm)
+                pos += cs
