@@ -258,6 +258,9 @@ class WritableQcow2Image(Qcow2Image):
                 self._l1_dirty.clear()
                 self._sync()
             if refs.apply_pending_frees():
+                # the cluster compressed data was being packed into may be free now and
+                # reused for anything: start packing in a fresh cluster
+                self._free_byte_offset = 0
                 self._rc_cache.write_dirty()
                 refs.write_table_entries()
                 self._sync()

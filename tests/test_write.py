@@ -35,6 +35,9 @@ CONFIGS = [
     ("v3-xl2-64k", "cluster_size=65536,extended_l2=on", "raw"),
     ("v3-xl2-32k-nob", "cluster_size=32768,extended_l2=on", None),
     ("v3-1k-lazy-backing", "cluster_size=1024,lazy_refcounts=on,refcount_bits=4", "qcow2"),
+    ("v3-4k-snapshot", "cluster_size=4096", "snapshot"),
+    ("v3-xl2-64k-snapshot", "cluster_size=65536,extended_l2=on", "snapshot"),
+    ("v2-64k-snapshot", "compat=0.10", "snapshot"),
 ]
 
 
@@ -46,8 +49,9 @@ def make_machine(cfg_id, opts, backing_kind, size):
             self.path = os.path.join(self.dir, "img.qcow2")
             self.model = bytearray(size)
             self.backing = None
+            self.snap = None
             args = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts]
-            if backing_kind:
+            if backing_kind and backing_kind != "snapshot":
                 bsize = size - 3 * 4096            # shorter than the overlay: tail reads zeros
                 bpath = os.path.join(self.dir, "base." + backing_kind)
                 run("qemu-img", "create", "-q", "-f", backing_kind, bpath, str(bsize))
@@ -61,6 +65,19 @@ def make_machine(cfg_id, opts, backing_kind, size):
                 args += ["-b", os.path.basename(bpath), "-F", backing_kind]
             r = run(*args, self.path, str(size))
             assert r.returncode == 0, r.stderr
+            if backing_kind == "snapshot":
+                # data, some of it compressed, then an internal snapshot sharing it all
+                # (qemu-io compresses only into unallocated clusters: that write first)
+                r = run("qemu-io", "-c", "write -c -P 0x22 0 65536",
+                        "-c", f"write -P 0x21 65536 {size // 2 - 65536}",
+                        "-c", f"write -z {size // 4} 8192", self.path)
+                assert r.returncode == 0, r.stderr
+                self.model[:size // 2] = b"\x21" * (size // 2)
+                self.model[0:65536] = b"\x22" * 65536
+                self.model[size // 4:size // 4 + 8192] = bytes(8192)
+                r = run("qemu-img", "snapshot", "-c", "snap", self.path)
+                assert r.returncode == 0, r.stderr
+                self.snap = bytes(self.model)
             self.img = qcow2.open(self.path, "r+")
             self.cs = self.img.cluster_size
             self.v3 = self.img.header.version >= 3
@@ -79,6 +96,12 @@ def make_machine(cfg_id, opts, backing_kind, size):
                     f.write(self.model)
                 r = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", self.path, ref)
                 assert r.returncode == 0, r.stdout + r.stderr
+                if self.snap is not None:
+                    out = os.path.join(self.dir, "snap.raw")
+                    r = run("qemu-img", "convert", "-l", "snap", "-O", "raw", self.path, out)
+                    assert r.returncode == 0, r.stderr
+                    with open(out, "rb") as f:
+                        assert f.read() == self.snap, "the snapshot changed"
             finally:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -151,7 +174,8 @@ def make_machine(cfg_id, opts, backing_kind, size):
 def test_write_state_machine(cfg_id, opts, backing):
     size = 1 << 20 if "512" in cfg_id else 3 * (1 << 20) + 4096
     machine = make_machine(cfg_id, opts, backing, size)
-    machine.TestCase.settings = settings(max_examples=12, stateful_step_count=25,
+    examples = 40 if os.environ.get("QCOW2_RUN_SLOW") == "1" else 12
+    machine.TestCase.settings = settings(max_examples=examples, stateful_step_count=30,
                                          deadline=None,
                                          suppress_health_check=list(HealthCheck))
     machine.TestCase().runTest()
