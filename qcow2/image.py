@@ -385,6 +385,7 @@ class Qcow2Image(Image):
         self.snapshot: Snapshot | None = None
         self.data_be: Backend = backend
         self.data_filename: str | None = None
+        self.data_display_name: str | None = None
         self.backing = None
         self.backing_filename = h.backing_file
         self.full_backing_filename = (combine_path(filename, h.backing_file)
@@ -435,6 +436,7 @@ class Qcow2Image(Image):
         except OSError as exc:
             raise _open_error(path, exc) from None
         self.data_filename = path
+        self.data_display_name = name      # as stored: what qemu-img map prints
 
     def _open_backing(self, max_depth: int, chain: tuple, depth: int) -> None:
         name = self.header.backing_file
@@ -749,10 +751,10 @@ class Qcow2Image(Image):
     def info(self) -> dict:
         h = self.header
         d: dict = {}
-        if self.snapshots_list:
-            d["snapshots"] = self.snapshots()
         if h.backing_format is not None:
             d["backing-filename-format"] = h.backing_format
+        if self.snapshots_list:
+            d["snapshots"] = self.snapshots()
         d["virtual-size"] = self.size
         d["filename"] = self.filename
         d["cluster-size"] = self.cluster_size

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from .common import add_format, add_output, add_share, add_untrusted
 
 
@@ -20,7 +18,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     import qcow2
-    from ..ops.info import format_human
+    from ..ops.info import format_human, qemu_json
 
     infos = []
     with qcow2.open(args.filename, format=args.format, untrusted=args.untrusted,
@@ -28,7 +26,7 @@ def run(args) -> int:
         for layer in (img.backing_chain() if args.backing_chain else [img]):
             infos.append(layer.info())
     if args.output == "json":
-        print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
+        print(qemu_json(infos if args.backing_chain else infos[0]))
     else:
         print("\n".join(format_human(i) for i in infos), end="")
     return 0

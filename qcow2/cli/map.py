@@ -69,7 +69,7 @@ def _emit(out, rec, chain) -> None:
     if rec is None or not rec[2]:
         return
     layer = chain[rec[3]]
-    fname = getattr(layer, "data_filename", None) or layer.filename
+    fname = getattr(layer, "data_display_name", None) or layer.filename
     out.write("%-16s%-16s%-16s%s\n" % (_hex(rec[0]), _hex(rec[1]), _hex(rec[4] or 0), fname))
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 
 _SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
@@ -87,3 +89,32 @@ def format_human(info: dict) -> str:
         out.append("Format specific information:")
         _dump(info["format-specific"]["data"], 1, out)
     return "\n".join(out) + "\n"
+
+
+_U_ESC = re.compile(r"\\u([0-9a-f]{4})")
+
+
+def _json_str(v: str) -> str:
+    # QEMU escapes non-ASCII as \uXXXX with upper-case hex digits
+    return _U_ESC.sub(lambda m: "\\u" + m.group(1).upper(), json.dumps(v))
+
+
+def qemu_json(obj, level: int = 0) -> str:
+    """JSON exactly as QEMU's pretty printer writes it (empty containers span two
+    lines, non-ASCII escaped with upper-case hex)."""
+    pad = "    " * level
+    inner = "    " * (level + 1)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{\n" + pad + "}"
+        items = ",\n".join(f"{inner}{_json_str(str(k))}: {qemu_json(v, level + 1)}"
+                           for k, v in obj.items())
+        return "{\n" + items + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)):
+        if not obj:
+            return "[\n" + pad + "]"
+        items = ",\n".join(inner + qemu_json(v, level + 1) for v in obj)
+        return "[\n" + items + "\n" + pad + "]"
+    if isinstance(obj, str):
+        return _json_str(obj)
+    return json.dumps(obj)
