@@ -34,6 +34,9 @@ class Backend(abc.ABC):
         """A file descriptor for zero-copy paths (copy_file_range), or None."""
         return None
 
+    def lock(self, *, write: bool, force_share: bool = False) -> None:
+        """Take the store's access locks (no-op where the store has none)."""
+
     # -- reading -----------------------------------------------------------
     @abc.abstractmethod
     def size(self) -> int:

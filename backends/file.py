@@ -60,6 +60,20 @@ class FileBackend(Backend):
     def stat(self) -> os.stat_result:
         return os.fstat(self.fd)
 
+    def lock(self, *, write: bool, force_share: bool = False) -> None:
+        """Take QEMU-compatible image locks: a reader excludes writers (unless
+        ``force_share``), a writer excludes every other writer and reader."""
+        from . import _lock
+        if write:
+            perm = _lock.PERM_CONSISTENT_READ | _lock.PERM_WRITE | _lock.PERM_RESIZE
+            shared = _lock.PERM_CONSISTENT_READ | _lock.PERM_WRITE_UNCHANGED
+        elif force_share:
+            return
+        else:
+            perm = _lock.PERM_CONSISTENT_READ
+            shared = _lock.PERM_ALL & ~_lock.PERM_WRITE & ~_lock.PERM_RESIZE
+        _lock.apply_locks(self.fd, perm, shared, self.name)
+
     # -- reading -----------------------------------------------------------
     def size(self) -> int:
         if self.is_block_device:

@@ -109,6 +109,10 @@ def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: b
     except OSError as exc:
         raise _open_error(filename, exc) from None
     try:
+        try:
+            be.lock(write=writable, force_share=force_share and not writable)
+        except OSError as exc:
+            raise Qcow2Error(f"Could not open '{filename}': {exc.strerror or exc}") from None
         st = be.stat()
         ident = (st.st_dev, st.st_ino)
         if ident in _chain:
@@ -121,7 +125,7 @@ def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: b
                 from .writer import WritableQcow2Image as cls
             img: Image = cls(be, filename, untrusted=untrusted, snapshot=snapshot,
                              open_backing=backing, max_backing_depth=max_backing_depth,
-                             chain=chain, depth=_depth)
+                             chain=chain, depth=_depth, force_share=force_share)
         else:
             if snapshot is not None:
                 raise UnsupportedFeatureError("raw images have no snapshots",
@@ -357,10 +361,12 @@ class Qcow2Image(Image):
     def __init__(self, backend: Backend, filename: str, *, untrusted: bool = False,
                  snapshot=None, open_backing: bool = True,
                  max_backing_depth: int = C.MAX_BACKING_DEPTH, chain: tuple = (),
-                 depth: int = 0, l2_cache_bytes: int = C.DEFAULT_L2_CACHE_BYTES):
+                 depth: int = 0, l2_cache_bytes: int = C.DEFAULT_L2_CACHE_BYTES,
+                 force_share: bool = False):
         self.be = backend
         self.filename = filename
         self.untrusted = untrusted
+        self._force_share = force_share
         self.file_size = backend.size()
         self.header = h = Header.parse(self._read_meta, self.file_size)
         self.cluster_size = h.cluster_size
@@ -433,6 +439,10 @@ class Qcow2Image(Image):
         path = combine_path(self.filename, name)
         try:
             self.data_be = FileBackend(path, writable=self.be.writable)
+            try:
+                self.data_be.lock(write=self.be.writable, force_share=self._force_share)
+            except OSError as exc:
+                raise Qcow2Error(f"Could not open '{path}': {exc.strerror or exc}") from None
         except OSError as exc:
             raise _open_error(path, exc) from None
         self.data_filename = path
@@ -453,6 +463,7 @@ class Qcow2Image(Image):
                                           f"'{self.filename}' is not supported",
                                           feature=f"format {fmt}")
         self.backing = open_image(self.full_backing_filename, format=fmt,
+                                  force_share=self._force_share,
                                   max_backing_depth=max_depth, _chain=chain, _depth=depth + 1)
 
     # -- metadata tables --------------------------------------------------------

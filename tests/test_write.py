@@ -216,3 +216,32 @@ def test_corrupt_bit_refuses_rw(tmp_path):
         qcow2.open(p, "r+")
     with qcow2.open(p) as img:        # reading is still allowed in trusted mode
         assert img.pread(4, 0) == bytes(4)
+
+
+def test_locking_is_compatible_with_qemu(tmp_path):
+    p = tmp_path / "a.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(p), "1M")
+    with qcow2.open(p, "r+"):
+        r = run("qemu-io", "-c", "write 0 512", str(p))          # a QEMU writer is refused
+        assert r.returncode != 0 and "lock" in r.stderr
+        r = run("qemu-img", "info", str(p))                       # so is a sharing reader
+        assert r.returncode != 0 and "lock" in r.stderr
+        assert run("qemu-img", "info", "-U", str(p)).returncode == 0   # -U reads anyway
+        with pytest.raises(qcow2.Qcow2Error, match="lock"):
+            qcow2.open(p, "r+")                                   # and so are we, twice
+    # while QEMU writes, we may neither write nor read without force_share
+    holder = subprocess.Popen(["qemu-io", "-c", "write 0 512", "-c", "sleep 3000", str(p)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        import time
+        time.sleep(1.0)
+        with pytest.raises(qcow2.Qcow2Error, match="lock"):
+            qcow2.open(p, "r+")
+        with pytest.raises(qcow2.Qcow2Error, match="lock"):
+            qcow2.open(p)
+        with qcow2.open(p, force_share=True) as img:
+            img.pread(512, 0)
+    finally:
+        holder.wait()
+    with qcow2.open(p, "r+") as img:                              # free again
+        img.pwrite(b"x", 0)
