@@ -46,6 +46,48 @@ def convert(src, dst, **options):
     return _convert(src, dst, **options)
 
 
+def check(path, **options):
+    """Check (and with ``repair="leaks"|"all"`` repair) an image; see qcow2.ops.check."""
+    from .ops.check import check as _check
+    return _check(path, **options)
+
+
+def compare(a, b, **options):
+    """Compare the guest content of two images; see qcow2.ops.compare."""
+    from .ops.compare import compare as _compare
+    return _compare(a, b, **options)
+
+
+def measure(path=None, **options):
+    """Space needed to store an image in a format; see qcow2.ops.measure."""
+    from .ops.measure import measure as _measure
+    return _measure(path, **options)
+
+
+def sparse_copy(src, dst, preallocate: bool = False, **options):
+    """Copy a raw file keeping holes as holes; see qcow2.ops.sparse."""
+    from .ops.sparse import sparse_copy as _sparse_copy
+    return _sparse_copy(src, dst, preallocate=preallocate, **options)
+
+
+def resize(path, size, **options):
+    """Grow or shrink an image; see qcow2.ops.resize."""
+    from .ops.resize import resize as _resize
+    return _resize(path, size, **options)
+
+
+def rebase(path, backing_file, **options):
+    """Change an overlay's backing file; see qcow2.ops.rebase."""
+    from .ops.rebase import rebase as _rebase
+    return _rebase(path, backing_file, **options)
+
+
+def commit(path, **options):
+    """Write an overlay's data into its backing file; see qcow2.ops.commit."""
+    from .ops.commit import commit as _commit
+    return _commit(path, **options)
+
+
 def __getattr__(name):
     if name in ("implementation", "features"):
         from . import kernels
@@ -53,6 +95,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'qcow2' has no attribute {name!r}")
 
 
-__all__ = ["open", "create", "convert", "errors", "Qcow2Error", "FormatError", "NotQcow2Error",
+__all__ = ["open", "create", "convert", "check", "compare", "measure", "sparse_copy",
+           "resize", "rebase", "commit", "errors", "Qcow2Error", "FormatError", "NotQcow2Error",
            "CorruptImageError", "DecompressionError", "UnsupportedFeatureError",
            "UnsafeImageError", "ReadOnlyError", "NativeUnavailableError", "__version__"]
