@@ -1,10 +1,11 @@
-"""Sizes as qemu-img spells them: bytes, or a number with a k/M/G/T/P/E suffix."""
+"""qemu-img's syntaxes: sizes (bytes, or a number with a k/M/G/T/P/E suffix) and
+``-o key=value,...`` option lists."""
 
 from __future__ import annotations
 
 import re
 
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, Qcow2Error
 
 _SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
            "p": 1 << 50, "e": 1 << 60}
@@ -36,3 +37,31 @@ def parse_size(text, *, what: str = "size") -> int:
     if val >= 1 << 63:
         raise InvalidOptionError(f"Invalid {what} specified: {text!r} is too large")
     return val
+
+
+def parse_option_list(text: str) -> dict[str, str]:
+    """qemu's ``key=value,key=value`` syntax; ``,,`` is a literal comma, a bare ``key``
+    is ``key=on``; a later key wins.  An empty item is an error, as in qemu-img."""
+    items: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if text.startswith(",,", i):
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    items.append("".join(cur))
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not key:
+            raise Qcow2Error(f"Invalid option list: {text}")
+        out[key] = value if eq else "on"
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -131,3 +132,127 @@ def test_killed_convert_leaves_nothing(images, tmp_path):
     p.wait()
     assert not dst.exists()
     assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------
+# qcow2 output
+# ---------------------------------------------------------------------------
+
+def check_clean(path):
+    r = subprocess.run(["qemu-img", "check", "--output=json", str(path)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads(r.stdout)
+    assert info.get("leaks", 0) == 0 and info.get("corruptions", 0) == 0
+
+
+def same(a, b, *extra):
+    r = subprocess.run(["qemu-img", "compare", *extra, str(a), str(b)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("opts,compress", [
+    ({}, False),
+    ({"cluster_size": "4k"}, False),
+    ({"cluster_size": "2M"}, False),
+    ({"compat": "0.10", "cluster_size": "512"}, False),
+    ({"extended_l2": "on", "cluster_size": "128k"}, False),
+    ({}, True),
+    ({"compression_type": "zstd"}, True),
+    ({"compression_type": "zstd", "cluster_size": "16k", "refcount_bits": "1"}, True),
+])
+@pytest.mark.parametrize("kind", ["raw", "zlib"])
+def test_convert_to_qcow2_round_trip(images, tmp_path, opts, compress, kind):
+    out = tmp_path / "out.qcow2"
+    qcow2.convert(images[kind], out, out_format="qcow2", compress=compress, options=opts)
+    check_clean(out)
+    same(images["raw"], out)
+    back = tmp_path / "back.raw"
+    qcow2.convert(out, back)
+    assert back.read_bytes() == images["raw"].read_bytes()
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(out)],
+                                     capture_output=True, text=True).stdout)
+    want_cs = parse(opts.get("cluster_size", "64k"))
+    assert info["cluster-size"] == want_cs
+    data = info["format-specific"]["data"]
+    assert data["compression-type"] == opts.get("compression_type", "zlib")
+    if compress:
+        plain = tmp_path / "plain.qcow2"
+        qcow2.convert(images[kind], plain, out_format="qcow2", options=opts)
+        assert os.path.getsize(out) < os.path.getsize(plain)
+    assert leftovers(tmp_path) == []
+
+
+def parse(text):
+    from qcow2.units import parse_size
+    return parse_size(text)
+
+
+def test_convert_cli_compressed_zstd_like_qemu(images, tmp_path):
+    ours, theirs = tmp_path / "o.qcow2", tmp_path / "t.qcow2"
+    r = cli("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", str(images["raw"]),
+            str(ours))
+    assert r.returncode == 0, r.stderr
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
+        str(images["raw"]), str(theirs))
+    check_clean(ours)
+    same(ours, theirs)
+    # same order of magnitude as qemu-img's own compressed image
+    assert os.path.getsize(ours) < 1.5 * os.path.getsize(theirs) + 65536
+
+
+def test_convert_with_backing_B(tmp_path, images):
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", str(images["raw"]), str(base))
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    run("qemu-io", "-c", "write -P 0x44 100k 300k", "-c", "write -z 5M 128k",
+        "-c", "write -P 0x45 47M 1M", str(top))
+    out = tmp_path / "out.qcow2"
+    r = cli("convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", str(top), str(out))
+    assert r.returncode == 0, r.stderr
+    check_clean(out)
+    same(top, out)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(out)],
+                                     capture_output=True, text=True).stdout)
+    assert info["backing-filename"] == "base.qcow2"
+    # only the top layer's data was written: far smaller than the whole disk
+    assert info["actual-size"] < 4 << 20
+
+
+def test_convert_no_create_and_target_is_zero(images, tmp_path):
+    tgt = tmp_path / "t.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(tgt), str(48 << 20))
+    run("qemu-io", "-c", "write -P 0x77 0 48M", str(tgt))     # garbage to be overwritten
+    r = cli("convert", "-n", "-O", "qcow2", str(images["zstd"]), str(tgt))
+    assert r.returncode == 0, r.stderr
+    check_clean(tgt)
+    same(images["raw"], tgt)
+    raw_tgt = tmp_path / "t.raw"
+    raw_tgt.write_bytes(b"\x55" * (48 << 20))
+    r = cli("convert", "-n", "-O", "raw", str(images["plain"]), str(raw_tgt))
+    assert r.returncode == 0, r.stderr
+    assert raw_tgt.read_bytes() == images["raw"].read_bytes()
+    fresh = tmp_path / "z.raw"
+    fresh.write_bytes(b"")
+    os.truncate(fresh, 48 << 20)
+    r = cli("convert", "-n", "--target-is-zero", "-O", "raw", str(images["plain"]), str(fresh))
+    assert r.returncode == 0, r.stderr
+    assert fresh.read_bytes() == images["raw"].read_bytes()
+    r = cli("convert", "--target-is-zero", "-O", "raw", str(images["plain"]), str(fresh))
+    assert r.returncode == 1 and "-n" in r.stderr
+
+
+def test_convert_concatenates_sources(images, tmp_path):
+    a = tmp_path / "a.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(a), "3M")
+    run("qemu-io", "-c", "write -P 0x11 1M 1536k", str(a))
+    for fmt in ("raw", "qcow2"):
+        ours, theirs = tmp_path / f"o.{fmt}", tmp_path / f"t.{fmt}"
+        r = cli("convert", "-O", fmt, str(a), str(images["zlib"]), str(a), str(ours))
+        assert r.returncode == 0, r.stderr
+        run("qemu-img", "convert", "-O", fmt, str(a), str(images["zlib"]), str(a), str(theirs))
+        same(ours, theirs)
+        if fmt == "qcow2":
+            check_clean(ours)

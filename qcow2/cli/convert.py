@@ -1,30 +1,42 @@
-"""qcow2 convert [-f FMT] [-O FMT] [-S SIZE] [-t CACHE] [-T CACHE] [-m N] [-W] [-p] [-U] SRC DST"""
+"""qcow2 convert [-f FMT] [-O FMT] [-c] [-o OPTIONS] [-S SIZE] [-n] [--target-is-zero]
+[-B BACKING] [-F BACKING_FMT] [-l SNAPSHOT] [-m N] [-W] [-t CACHE] [-T CACHE] [-p] [-U]
+SRC... DST"""
 
 from __future__ import annotations
 
 import sys
 
-from ..errors import Qcow2Error
+from ..errors import InvalidOptionError
 from .common import add_format, add_share, add_untrusted, parse_size
 
 
 def add_parser(sub):
     p = sub.add_parser("convert", help="convert an image (like qemu-img convert)")
     add_format(p)
-    p.add_argument("-O", dest="out_format", default="raw", help="output format")
+    p.add_argument("-O", dest="out_format", default="raw", choices=("raw", "qcow2"),
+                   help="output format")
+    p.add_argument("-c", dest="compress", action="store_true", help="compress the output")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="output creation options (key=value,...)")
     p.add_argument("-S", dest="sparse_size", default="4k",
-                   help="minimum run of zeros to leave as a hole (0: write everything)")
+                   help="minimum run of zeros to leave unwritten (0: write everything)")
+    p.add_argument("-n", dest="no_create", action="store_true",
+                   help="do not create the output: write into an existing image")
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="with -n: the target reads as zeros already")
+    p.add_argument("-B", dest="backing_file", default=None, help="backing file of the output")
+    p.add_argument("-F", dest="backing_format", default=None, help="format of that backing file")
     p.add_argument("-t", dest="cache", default="writeback", help="output cache mode")
     p.add_argument("-T", dest="src_cache", default="writeback", help="source cache mode")
     p.add_argument("-m", dest="workers", type=int, default=None, help="parallel workers")
     p.add_argument("-W", dest="out_of_order", action="store_true",
-                   help="allow out-of-order writes (always on for raw output)")
+                   help="allow out-of-order writes")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("-l", dest="snapshot", default=None, help="read an internal snapshot")
     add_share(p)
     add_untrusted(p)
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("files", nargs="+", metavar="SRC... DST")
     p.set_defaults(func=run)
 
 
@@ -33,25 +45,34 @@ def _snapshot_arg(text):
         return None
     if "=" not in text:
         return text
-    opts = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+    from ..units import parse_option_list
+    opts = parse_option_list(text)
     return opts.get("snapshot.id") or opts.get("snapshot.name")
+
+
+def _show_progress(pct: float) -> None:
+    sys.stdout.write("    (%.2f/100%%)\r" % pct)
+    sys.stdout.flush()
 
 
 def run(args) -> int:
     from ..ops.convert import convert
+    from ..units import parse_option_list
 
-    if args.workers is not None and not 1 <= args.workers <= 16:
-        raise Qcow2Error("Invalid number of coroutines. Allowed number of coroutines is "
-                         "between 1 and 16")
-    progress = None
-    if args.progress:
-        def progress(pct):
-            sys.stdout.write("    (%.2f/100%%)\r" % pct)
-            sys.stdout.flush()
-    convert(args.src, args.dst, src_format=args.format, out_format=args.out_format,
+    if len(args.files) < 2:
+        raise InvalidOptionError("Expecting image file name")
+    *srcs, dst = args.files
+    options = {}
+    for text in args.options:
+        options.update(parse_option_list(text))
+    progress = _show_progress if args.progress and not args.quiet else None
+    convert(srcs if len(srcs) > 1 else srcs[0], dst, src_format=args.format,
+            out_format=args.out_format, compress=args.compress, options=options or None,
             sparse_size=parse_size(args.sparse_size, what="sparse size"), cache=args.cache,
-            workers=args.workers, progress=progress, untrusted=args.untrusted,
+            workers=args.workers, out_of_order=args.out_of_order, no_create=args.no_create,
+            target_is_zero=args.target_is_zero, backing_file=args.backing_file,
+            backing_format=args.backing_format, progress=progress, untrusted=args.untrusted,
             force_share=args.force_share, snapshot=_snapshot_arg(args.snapshot))
-    if args.progress:
+    if progress is not None:
         sys.stdout.write("\n")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
+from ..units import parse_option_list
 
 
 def add_parser(sub):
@@ -28,34 +29,6 @@ def add_parser(sub):
     p.add_argument("filename", nargs="?")
     p.add_argument("size", nargs="?")
     p.set_defaults(func=run)
-
-
-def parse_option_list(text: str) -> dict[str, str]:
-    """qemu's ``key=value,key=value`` syntax; ``,,`` is a literal comma, a bare ``key``
-    is ``key=on``; a later key wins.  An empty item is an error, as in qemu-img."""
-    items: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == ",":
-            if text.startswith(",,", i):
-                cur.append(",")
-                i += 2
-                continue
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    items.append("".join(cur))
-    out: dict[str, str] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not key:
-            raise Qcow2Error(f"Invalid option list: {text}")
-        out[key] = value if eq else "on"
-    return out
 
 
 def run(args) -> int:

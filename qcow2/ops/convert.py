@@ -1,16 +1,19 @@
-"""convert: read an image (qcow2 or raw, any backing chain) and write it out.
+"""convert: read images (qcow2 or raw, any backing chain, several sources concatenated)
+and write one out as sparse raw or as qcow2 (plain or compressed with zlib/zstd).
 
-The work is planned from metadata first: the source's allocation map (``extents()``,
-the same walk ``qemu-img map`` does) says which guest ranges hold data; ranges that
-read as zeros are never read and never written, so a raw output stays sparse.  Data
-ranges are cut into chunks that a small pool of threads reads, decodes (the kernels
-release the GIL, so compressed images decode on every core), scans for zero blocks
-and writes with ``pwrite``, in any order.  Memory is bounded by workers x chunk size.
+The work is planned from metadata first: each source's allocation map (``extents()``,
+the walk ``qemu-img map`` does) says which guest ranges hold data, which read as
+zeros and (with ``-B``) which are left to the new backing file.  Ranges that read as
+zeros are never read; a raw output keeps them as holes, a qcow2 output leaves them
+unallocated (or zero clusters where a backing file would show through).  Data ranges
+are cut into cluster-aligned chunks that a small pool of threads reads, decodes (the
+kernels release the GIL, so compressed sources decode on every core), scans for zero
+blocks and, for ``-c``, compresses; writes go out with ``pwrite`` in any order.
+Memory is bounded by workers x chunk size.
 
-The output is an anonymous file (``O_TMPFILE``; a hidden temporary name where that is
-unsupported) linked into place only when everything succeeded (and was flushed, unless
-the cache mode is ``unsafe``): a failing or killed convert never leaves a half-written
-image under DST.
+Raw output is an anonymous file (``O_TMPFILE``) linked into place only on success; a
+qcow2 output is built under a hidden temporary name next to DST and renamed into
+place on success (removed on failure).  Either way DST never holds a half image.
 """
 
 from __future__ import annotations
@@ -18,24 +21,50 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
-from .._atomic import AtomicOutput
-from ..errors import Qcow2Error, UnsupportedFeatureError
+from .._atomic import AtomicOutput, fsync_dir
+from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 
 CHUNK = 4 * 1024 * 1024
 _CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
 
+DATA, ZERO, BACKING = "data", "zero", "backing"
 
-def _plan(img, chunk: int):
-    """Guest ranges to copy: data extents, cut into aligned chunks."""
-    for e in img.extents():
-        if not e.data or e.zero:
-            continue
-        pos, end = e.start, e.start + e.length
-        while pos < end:
-            stop = min(end, (pos // chunk + 1) * chunk)
-            yield pos, stop - pos
-            pos = stop
+
+@dataclass
+class _Piece:
+    dst: int          # offset in the output
+    src: object       # source Image
+    off: int          # offset in the source
+    n: int
+    kind: str
+
+
+def _plan(sources, *, top_only: bool):
+    """Pieces covering the whole output, in order."""
+    base = 0
+    for img in sources:
+        for e in img.extents():
+            if not e.length:
+                continue
+            if top_only and e.depth > 0:
+                kind = BACKING
+            elif e.data and not e.zero:
+                kind = DATA
+            elif e.zero or not e.data:
+                kind = ZERO if (not top_only or e.present) else BACKING
+            yield _Piece(base + e.start, img, e.start, e.length, kind)
+        base += img.size
+
+
+def _chunks(piece: _Piece, align: int):
+    pos, end = piece.off, piece.off + piece.n
+    delta = piece.dst - piece.off
+    while pos < end:
+        stop = min(end, ((pos + delta) // align + 1) * align - delta)
+        yield pos + delta, pos, stop - pos
+        pos = stop
 
 
 class _Progress:
@@ -54,99 +83,210 @@ class _Progress:
         self.cb(pct)
 
 
-def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
-            sparse_size: int = 4096, cache: str = "writeback", workers: int | None = None,
-            progress=None, untrusted: bool = False, force_share: bool = False,
-            snapshot=None) -> None:
-    """Convert image ``src`` to ``dst``.
-
-    ``out_format``: "raw" (sparse).  ``sparse_size``: zero runs of at least this many
-    bytes (aligned) become holes; 0 writes every data byte.  ``cache``: "none" and
-    "writeback" flush the output before returning, "unsafe" does not.  ``progress``:
-    a callable taking a percentage (0..100).
-    """
-    from ..image import open_image
-
-    if out_format != "raw":
-        raise UnsupportedFeatureError(f"output format {out_format!r} is not supported yet",
-                                      feature=f"convert -O {out_format}")
-    if cache not in _CACHE_MODES:
-        raise Qcow2Error(f"Invalid cache option: {cache}")
-    if sparse_size < 0 or (sparse_size and sparse_size % 512):
-        raise Qcow2Error("Invalid buffer size for sparse output specified: "
-                         f"{sparse_size} (must be a multiple of 512)")
-    workers = workers or min(4, os.cpu_count() or 1)
-    dst = os.fspath(dst)
-
-    with open_image(src, format=src_format, untrusted=untrusted, snapshot=snapshot,
-                    force_share=force_share) as img:
-        size = img.size
-        with AtomicOutput(dst) as out:
-            os.ftruncate(out.fd, size)
-            plan = list(_plan(img, CHUNK))
-            prog = _Progress(sum(n for _o, n in plan), progress)
-            if progress is not None:
-                progress(0.0)
-            _copy_raw(img, out.fd, plan, sparse_size, workers, prog)
-            out.commit(sync=cache != "unsafe")
-        if progress is not None:
-            progress(100.0)
-
-
-def _copy_raw(img, fd: int, plan, sparse_size: int, workers: int, prog: _Progress) -> None:
-    from .. import kernels
-
-    def work(job):
-        off, n = job
-        buf = bytearray(n)
-        img.readinto(buf, off)
-        mv = memoryview(buf)
-        if sparse_size:
-            _write_sparse(fd, mv, off, sparse_size, kernels)
-        else:
-            _pwrite_all(fd, mv, off)
-        prog.add(n)
-
-    if workers <= 1 or len(plan) <= 1:
-        for job in plan:
+def _run_pool(jobs, work, workers: int) -> None:
+    if workers <= 1:
+        for job in jobs:
             work(job)
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-convert") as pool:
         pending = set()
-        for job in plan:
-            pending.add(pool.submit(work, job))
-            if len(pending) >= workers * 2:      # bound memory: 2 chunks per worker in flight
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    f.result()
-        for f in pending:
-            f.result()
+        try:
+            for job in jobs:
+                pending.add(pool.submit(work, job))
+                if len(pending) >= workers * 2:      # bound memory: 2 chunks per worker
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+            for f in pending:
+                f.result()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
 
 
-def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels) -> None:
-    """Write the non-zero blocks of ``mv`` (aligned to ``block`` in guest terms)."""
+def _parse_options(options) -> dict:
+    if options is None:
+        return {}
+    if isinstance(options, dict):
+        return dict(options)
+    from ..units import parse_option_list
+    return parse_option_list(options)
+
+
+def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
+            compress: bool = False, options=None, sparse_size: int = 4096,
+            cache: str = "writeback", workers: int | None = None, out_of_order: bool = False,
+            no_create: bool = False, target_is_zero: bool = False,
+            backing_file: str | None = None, backing_format: str | None = None,
+            progress=None, untrusted: bool = False, force_share: bool = False,
+            snapshot=None) -> None:
+    """Convert image(s) ``src`` (a path or a list of paths, concatenated) to ``dst``.
+
+    ``out_format`` "raw" (sparse) or "qcow2"; ``compress`` (-c) writes compressed
+    clusters (``options["compression_type"]`` picks zlib or zstd); ``options`` are
+    qemu-img's ``-o`` creation options (dict or "k=v,k=v"); ``sparse_size`` (-S):
+    zero runs of at least this many bytes are not written (0 writes everything);
+    ``backing_file``/``backing_format`` (-B/-F): the output gets that backing file and
+    only what the source's top layer holds is written; ``no_create`` (-n): write into
+    an existing DST; ``target_is_zero``: with -n, skip writing zeros; ``cache`` (-t)
+    "none"/"writeback" flush the output before returning, "unsafe" does not;
+    ``workers`` (-m) threads; ``progress``: a callable taking a percentage.
+    """
+    from ..image import open_image
+
+    if out_format not in ("raw", "qcow2"):
+        raise UnsupportedFeatureError(f"output format {out_format!r} is not supported "
+                                      f"(supported: raw, qcow2)", feature=f"convert -O {out_format}")
+    if cache not in _CACHE_MODES:
+        raise InvalidOptionError(f"Invalid cache option: {cache}")
+    if sparse_size < 0 or (sparse_size and sparse_size % 512):
+        raise InvalidOptionError("Invalid buffer size for sparse output specified: "
+                                 f"{sparse_size} (must be a multiple of 512)")
+    if compress and out_format != "qcow2":
+        raise InvalidOptionError("Compression not supported for this file format")
+    if target_is_zero and not no_create:
+        raise InvalidOptionError("--target-is-zero requires use of -n flag")
+    if backing_file is not None and out_format != "qcow2":
+        raise InvalidOptionError("Backing file not supported for file format 'raw'")
+    if no_create and (options or backing_file is not None):
+        raise InvalidOptionError("-n and -o/-B are mutually exclusive" if options else
+                                 "-n and -B are mutually exclusive")
+    opts = _parse_options(options)
+    if workers is not None and not 1 <= workers <= 16:
+        raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines "
+                                 "is between 1 and 16")
+    workers = workers or min(4, os.cpu_count() or 1)
+    srcs = [src] if isinstance(src, (str, bytes, os.PathLike)) else list(src)
+    if not srcs:
+        raise InvalidOptionError("Must specify image file name")
+    if snapshot is not None and len(srcs) > 1:
+        raise InvalidOptionError("No support for concatenating multiple snapshot")
+    dst = os.fspath(dst)
+
+    images = []
+    try:
+        for s in srcs:
+            images.append(open_image(s, format=src_format, untrusted=untrusted,
+                                     snapshot=snapshot, force_share=force_share))
+        size = sum(img.size for img in images)
+        sync = cache != "unsafe"
+        if out_format == "raw":
+            _to_raw(images, dst, size, sparse_size=sparse_size, sync=sync, workers=workers,
+                    progress=progress, no_create=no_create, target_is_zero=target_is_zero)
+        else:
+            _to_qcow2(images, dst, size, opts=opts, compress=compress, sparse_size=sparse_size,
+                      sync=sync, workers=workers, progress=progress, no_create=no_create,
+                      target_is_zero=target_is_zero, backing_file=backing_file,
+                      backing_format=backing_format)
+    finally:
+        for img in images:
+            img.close()
+
+
+# ---------------------------------------------------------------------------
+# raw output
+# ---------------------------------------------------------------------------
+
+def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
+            target_is_zero) -> None:
+    from .. import kernels
+
+    pieces = list(_plan(images, top_only=False))
+    prog = _Progress(sum(p.n for p in pieces if p.kind == DATA), progress)
+
+    def copy(fd: int, zero_writes: bool):
+        jobs = []
+        for p in pieces:
+            if p.kind == DATA:
+                jobs.extend((p, d, o, n) for d, o, n in _chunks(p, CHUNK))
+            elif zero_writes:
+                jobs.extend((p, d, o, -n) for d, o, n in _chunks(p, CHUNK))
+
+        def work(job):
+            p, d, o, n = job
+            if n < 0:
+                _punch_or_zero(fd, d, -n)
+                return
+            buf = bytearray(n)
+            p.src.readinto(buf, o)
+            mv = memoryview(buf)
+            if sparse_size:
+                _write_sparse(fd, mv, d, sparse_size, kernels, zero_writes)
+            else:
+                _pwrite_all(fd, mv, d)
+            prog.add(n)
+
+        if progress is not None:
+            progress(0.0)
+        _run_pool(jobs, work, workers)
+
+    if no_create:
+        try:
+            fd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Qcow2Error(f"Could not open '{dst}': {exc.strerror}") from None
+        try:
+            if os.fstat(fd).st_size < size and not _is_blockdev(fd):
+                raise Qcow2Error(f"Target image '{dst}' is smaller than the source")
+            copy(fd, zero_writes=not target_is_zero)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    else:
+        with AtomicOutput(dst) as out:
+            os.ftruncate(out.fd, size)
+            copy(out.fd, zero_writes=False)
+            out.commit(sync=sync)
+    if progress is not None:
+        progress(100.0)
+
+
+def _is_blockdev(fd: int) -> bool:
+    import stat
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+def _punch_or_zero(fd: int, off: int, n: int) -> None:
+    from ..backends import _fallocate
+    try:
+        _fallocate.punch_hole(fd, off, n)
+        return
+    except OSError:
+        pass
+    z = memoryview(bytes(min(n, 1 << 20)))
+    pos = off
+    while pos < off + n:
+        k = min(len(z), off + n - pos)
+        _pwrite_all(fd, z[:k], pos)
+        pos += k
+
+
+def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
+                  explicit_zeros: bool = False) -> None:
+    """Write the non-zero blocks of ``mv`` (aligned to ``block`` in output terms)."""
     n = len(mv)
     head = (-off) % block
     if head:
         head = min(head, n)
-        if not kernels.is_zero(mv[:head]):
+        if explicit_zeros or not kernels.is_zero(mv[:head]):
             _pwrite_all(fd, mv[:head], off)
     body = mv[head:]
     if not len(body):
         return
-    zeros = kernels.zero_blocks(body, block)
+    zl = kernels.zero_blocks(body, block).tolist()
     i = 0
-    nb = len(zeros)
-    zl = zeros.tolist()
+    nb = len(zl)
     while i < nb:
-        if zl[i]:
-            i += 1
-            continue
         j = i + 1
-        while j < nb and not zl[j]:
+        while j < nb and zl[j] == zl[i]:
             j += 1
         a, b = i * block, min(j * block, len(body))
-        _pwrite_all(fd, body[a:b], off + head + a)
+        if not zl[i]:
+            _pwrite_all(fd, body[a:b], off + head + a)
+        elif explicit_zeros:
+            _punch_or_zero(fd, off + head + a, b - a)
         i = j
 
 
@@ -154,3 +294,142 @@ def _pwrite_all(fd: int, mv: memoryview, off: int) -> None:
     done = 0
     while done < len(mv):
         done += os.pwritev(fd, [mv[done:]], off + done)
+
+
+# ---------------------------------------------------------------------------
+# qcow2 output
+# ---------------------------------------------------------------------------
+
+def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, progress,
+              no_create, target_is_zero, backing_file, backing_format) -> None:
+    from ..create_image import create
+    from ..image import open_image
+
+    tmp = None
+    out = None
+    try:
+        if no_create:
+            out = open_image(dst, "r+", format="qcow2")
+            if out.size < size:
+                raise Qcow2Error(f"Target image '{dst}' is smaller than the source")
+        else:
+            d = os.path.dirname(os.path.abspath(dst))
+            tmp = os.path.join(d, f".{os.path.basename(dst)}.{os.urandom(6).hex()}.part")
+            if backing_file is not None and not os.path.isabs(backing_file):
+                # the backing name is relative to DST's folder, which is tmp's folder too
+                pass
+            create(tmp, size, format="qcow2", backing_file=backing_file,
+                   backing_format=backing_format, **opts)
+            out = open_image(tmp, "r+", format="qcow2")
+        _fill_qcow2(images, out, size, compress=compress, sparse_size=sparse_size,
+                    workers=workers, progress=progress,
+                    top_only=backing_file is not None,
+                    zero_writes=(no_create and not target_is_zero) or backing_file is not None)
+        out.flush() if sync else None
+        out.close()
+        out = None
+        if tmp is not None:
+            os.replace(tmp, dst)
+            tmp = None
+            if sync:
+                fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    finally:
+        if out is not None:
+            try:
+                out.close()
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+    if progress is not None:
+        progress(100.0)
+
+
+def _windows(pieces, window: int):
+    """Group the pieces into disjoint, ``window``-aligned output windows: one job per
+    window that holds anything to write, so no two jobs ever share an output cluster."""
+    cur = None
+    segs: list = []
+    for p in pieces:
+        for d, o, n in _chunks(p, window):
+            w = d // window
+            if cur is not None and w != cur:
+                yield cur * window, segs
+                segs = []
+            cur = w
+            segs.append((p, d, o, n))
+    if segs:
+        yield cur * window, segs
+
+
+def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, top_only,
+                zero_writes) -> None:
+    from .. import kernels
+
+    cs = out.cluster_size
+    pieces = list(_plan(images, top_only=top_only))
+    prog = _Progress(sum(p.n for p in pieces if p.kind == DATA), progress)
+    if progress is not None:
+        progress(0.0)
+    window = max(cs, CHUNK // cs * cs)
+    jobs = [(w, segs) for w, segs in _windows(pieces, window)
+            if any(p.kind == DATA or (p.kind == ZERO and zero_writes) for p, *_ in segs)]
+    tls = threading.local()
+
+    def compressor():
+        c = getattr(tls, "c", None)
+        if c is None:
+            c = tls.c = kernels.Compressor(out.header.compression_type, cs)
+        return c
+
+    def work(job):
+        w, segs = job
+        end = min(size, w + window)
+        buf = bytearray(end - w)
+        mv = memoryview(buf)
+        ncl = (len(buf) + cs - 1) // cs
+        write = [False] * ncl          # cluster holds bytes this convert must set
+        keep = [False] * ncl           # cluster holds bytes left to the backing file
+        ndata = 0
+        for p, d, o, n in segs:
+            seg = mv[d - w:d - w + n]
+            if p.kind == DATA:
+                p.src.readinto(seg, o)
+                ndata += n
+            elif p.kind == BACKING:
+                out.readinto(seg, d)   # what the new backing file shows there
+            for k in range((d - w) // cs, (d - w + n - 1) // cs + 1):
+                if p.kind == BACKING:
+                    keep[k] = True
+                elif p.kind == DATA or zero_writes:
+                    write[k] = True
+        zero = kernels.zero_blocks(mv, cs).tolist() if sparse_size else [False] * ncl
+        comp = compressor() if compress else None
+        k = 0
+        while k < ncl:
+            if not write[k]:
+                k += 1
+                continue
+            a = w + k * cs
+            piece = mv[k * cs:(k + 1) * cs]
+            if zero[k]:
+                if zero_writes or keep[k]:
+                    out.write_zeroes(a, len(piece))
+                k += 1
+                continue
+            if comp is not None:
+                full = piece if len(piece) == cs else bytes(piece) + bytes(cs - len(piece))
+                out.write_compressed_prepared(a, comp.compress(full), piece)
+                k += 1
+                continue
+            j = k + 1
+            while j < ncl and write[j] and not zero[j]:
+                j += 1
+            out.pwrite(mv[k * cs:j * cs], a)
+            k = j
+        prog.add(ndata)
+
+    _run_pool(jobs, work, workers)
