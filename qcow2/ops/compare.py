@@ -46,7 +46,6 @@ BS_ZERO = 0x02
 BS_OFFSET_VALID = 0x04
 BS_ALLOCATED = 0x10
 BS_EOF = 0x20
-BS_RECURSE = 0x40
 
 # Task kinds: read both and compare, or zero-check one side.
 _CMP, _ZERO_A, _ZERO_B = 0, 1, 2
@@ -329,7 +328,9 @@ def _run(tasks, imgs, names, workers: int, prog: _Progress) -> int | None:
 class _Layer:
     """One image of a chain with a forward-only cursor over its own block-status runs,
     cut where QEMU cuts them: at L2 table boundaries for qcow2 (one call never spans
-    two tables), data/hole boundaries for raw files; compressed clusters one by one."""
+    two tables), data/hole boundaries for raw files; compressed clusters one by one.
+    (Metadata-preallocated qcow2 data is split at the file's holes, as QEMU's
+    BDRV_BLOCK_RECURSE does; the RECURSE flag itself never reaches the caller.)"""
 
     def __init__(self, img):
         self.img = img
@@ -347,13 +348,7 @@ class _Layer:
                 yield a, a + n, flags
             return
         span = 1 << img._l2_span_bits
-        prealloc = None
         for a, n, flags in runs:
-            if flags & BS_DATA and flags & BS_OFFSET_VALID:
-                if prealloc is None:
-                    prealloc = img._metadata_preallocated()
-                if prealloc:
-                    flags |= BS_RECURSE
             end = a + n
             while a < end:                     # unallocated L1 ranges: one table per call
                 stop = min(end, (a // span + 1) * span)
