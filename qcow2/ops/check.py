@@ -169,6 +169,8 @@ class _File:
     def __init__(self, be: FileBackend):
         self.be = be
         self.size = be.size()
+        self.writable = be.writable
+        self.signaled = False           # a corruption was reported (once per open)
 
     def read(self, n: int, offset: int) -> bytes:
         if n <= 0:
@@ -373,6 +375,8 @@ class _Pass:
         if not off:
             return None
         if off & (self.cs - 1):
+            self._signal_corruption(f"Refblock offset {off:#x} unaligned (reftable index: "
+                                    f"{_hex_alt(bi)})")
             return self._BAD
         blk = _decode_block(self.f.read(self.cs, off), self.bits)
         if len(self._blocks) > 4096:
@@ -469,14 +473,30 @@ class _Pass:
         what = self._overlap(offset, size, ignore)
         if what is None:
             return
-        self.log(f"qcow2: Marking image as corrupt: Preventing invalid write on metadata "
-                 f"(overlaps with {what}); further corruption events will be suppressed")
-        if self.h.version >= 3:
-            self.h.incompatible_features |= C.INCOMPAT_CORRUPT
-            self.f.write(struct.pack(">Q", self.h.incompatible_features),
-                         C.HEADER_INCOMPATIBLE_OFFSET)
-            self.f.sync()
+        self._signal_corruption(f"Preventing invalid write on metadata (overlaps with "
+                                f"{what})")
         raise _Abort(errno.EIO)
+
+    def _signal_corruption(self, message: str) -> None:
+        """QEMU's qcow2_signal_corruption: report once; an image open for writing is
+        marked corrupt (further writes refused until a repair clears the bit)."""
+        f = self.f
+        fatal = f.writable
+        corrupt = bool(self.h.incompatible_features & C.INCOMPAT_CORRUPT)
+        if f.signaled and (not fatal or corrupt):
+            return
+        if fatal:
+            self.log(f"qcow2: Marking image as corrupt: {message}; further corruption events "
+                     f"will be suppressed")
+            if self.h.version >= 3:
+                self.h.incompatible_features |= C.INCOMPAT_CORRUPT
+                f.write(struct.pack(">Q", self.h.incompatible_features),
+                        C.HEADER_INCOMPATIBLE_OFFSET)
+                f.sync()
+        else:
+            self.log(f"qcow2: Image is corrupt: {message}; further non-fatal corruption events "
+                     f"will be suppressed")
+        f.signaled = True
 
     # -- the snapshot table (qcow2_check_read_snapshot_table) ---------------------------
     def _check_snapshot_table(self, res: CheckResult) -> None:
@@ -579,38 +599,96 @@ class _Pass:
                              f"{i} is incomplete")
 
     # -- L1 and L2 tables ------------------------------------------------------------
+    _BATCH_BYTES = 8 << 20
+
+    def _read_tables(self, offsets: list[int]) -> np.ndarray:
+        """L2 tables at ``offsets`` as one (tables, words) array of native uint64."""
+        cs = self.cs
+        buf = bytearray(len(offsets) * cs)
+        mv = memoryview(buf)
+        fsize = self.f.size
+        for t, o in enumerate(offsets):
+            if o < fsize:
+                self.f.be.readinto(mv[t * cs:(t + 1) * cs], o)   # zeros past the end
+        return np.frombuffer(buf, dtype=">u8").astype(_U64).reshape(len(offsets), cs // 8)
+
+    def _batches(self, offsets: np.ndarray):
+        """Runs [a, b) of table offsets to read at once: bounded in bytes, and without a
+        table twice (a repair of its first copy must be seen by the second)."""
+        per = max(1, self._BATCH_BYTES // self.cs)
+        n = offsets.size
+        if np.unique(offsets).size == n:
+            for a in range(0, n, per):
+                yield a, min(n, a + per)
+            return
+        a = 0
+        seen: set[int] = set()
+        for j, o in enumerate(offsets.tolist()):
+            if j - a >= per or o in seen:
+                yield a, j
+                a = j
+                seen = set()
+            seen.add(o)
+        if a < n:
+            yield a, n
+
     def _check_l1(self, res: CheckResult, l1_offset: int, l1_size: int, frag: bool,
                   active: bool) -> None:
+        """QEMU's check_refcounts_l1 (and check_refcounts_l2 for each table), a batch of
+        L2 tables per step; messages come out in QEMU's order."""
         if not l1_size:
             return
         self._inc(res, l1_offset, l1_size * 8)
-        l1 = np.frombuffer(self.f.read(l1_size * 8, l1_offset), dtype=">u8")
-        for i in np.flatnonzero(l1).tolist():
-            e = int(l1[i])
-            if e & C.L1E_RESERVED_MASK:
-                self.log(f"ERROR found L1 entry with reserved bits set: {e:x}")
-                res.corruptions += 1
-            l2 = e & C.L1E_OFFSET_MASK
-            self._inc(res, l2, self.cs)
-            if l2 & (self.cs - 1):
-                self.log(f"ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry "
-                         f"corrupted")
-                res.corruptions += 1
-            self._check_l2(res, l2, frag, active)
-
-    def _check_l2(self, res: CheckResult, l2_offset: int, frag: bool, active: bool) -> None:
-        cs = self.cs
-        raw = np.frombuffer(self.f.read(cs, l2_offset), dtype=">u8").astype(_U64)
-        if self.extended:
-            ent, bmp = raw[0::2], raw[1::2]
-            live = np.flatnonzero(ent | bmp)
-        else:
-            ent, bmp = raw, None
-            live = np.flatnonzero(ent)
-        if not live.size:
+        l1 = np.frombuffer(self.f.read(l1_size * 8, l1_offset), dtype=">u8").astype(_U64)
+        idx = np.flatnonzero(l1)
+        if not idx.size:
             return
-        e = ent[live]
-        bm = bmp[live] if bmp is not None else np.zeros(live.size, dtype=_U64)
+        ents = l1[idx]
+        l2s = ents & _U64(C.L1E_OFFSET_MASK)
+        cs = self.cs
+        fsize = self.f.size
+        # L1-level findings, in the order QEMU reports them for each entry
+        l1_bad = ((ents & _U64(C.L1E_RESERVED_MASK)) != 0) | \
+                 ((l2s & _U64(cs - 1)) != 0) | (l2s >= _U64(fsize))
+        for a, b in self._batches(l2s):
+            offs = [int(o) for o in l2s[a:b].tolist()]
+            tables = self._read_tables(offs)
+            slow_rows = set(np.flatnonzero(l1_bad[a:b]).tolist())
+            good = ~l1_bad[a:b]
+            if good.any():
+                self._push((l2s[a:b][good] >> _U64(self.cbits)).astype(np.int64))
+
+            def before_row(t: int) -> None:
+                if t not in slow_rows:
+                    return
+                e = int(ents[a + t])
+                if e & C.L1E_RESERVED_MASK:
+                    self.log(f"ERROR found L1 entry with reserved bits set: {e:x}")
+                    res.corruptions += 1
+                l2 = e & C.L1E_OFFSET_MASK
+                self._inc(res, l2, cs)
+                if l2 & (cs - 1):
+                    self.log(f"ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 "
+                             f"entry corrupted")
+                    res.corruptions += 1
+
+            self._check_l2_batch(res, offs, tables, frag, active, slow_rows, before_row)
+
+    def _check_l2_batch(self, res: CheckResult, offsets: list[int], tables: np.ndarray,
+                        frag: bool, active: bool, slow_rows: set, before_row) -> None:
+        """QEMU's check_refcounts_l2 for several tables at once (rows of ``tables``)."""
+        cs = self.cs
+        if self.extended:
+            ent, bmp = tables[:, 0::2], tables[:, 1::2]
+            flat_e, flat_b = ent.ravel(), bmp.ravel()
+            live = np.flatnonzero(flat_e | flat_b)
+        else:
+            flat_e, flat_b = tables.ravel(), None
+            live = np.flatnonzero(flat_e)
+        width = self.l2_entries
+        e = flat_e[live]
+        bm = flat_b[live] if flat_b is not None else np.zeros(live.size, dtype=_U64)
+        rows = live // width
         off = e & _U64(C.L2E_OFFSET_MASK)
         comp = (e & _U64(C.OFLAG_COMPRESSED)) != 0
         std = ~comp
@@ -648,85 +726,34 @@ class _Pass:
         if self.extended:
             problem |= unalloc & ((bm & _U64(_L2_BITMAP_ALL_ALLOC)) != 0)
 
-        counted_comp = comp.copy()      # compressed entries that are counted / in frag info
+        counted_comp = comp.copy()      # compressed entries in the allocation info
         ref_comp = comp.copy()          # ... whose host range gets a reference
         in_seq = alloc.copy()           # standard entries in the fragmentation sequence
         ref_std = alloc.copy() if not self.data_file else np.zeros(live.size, dtype=bool)
 
-        for k in np.flatnonzero(problem).tolist():
-            i = int(live[k])
-            ek = int(e[k])
-            bk = int(bm[k])
-            if std[k] and ek & _L2E_STD_RESERVED:
-                self.log(f"ERROR found l2 entry with reserved bits set: {ek:x}")
-                res.corruptions += 1
-            if comp[k]:
-                if ek & C.OFLAG_COPIED:
-                    self.log(f"ERROR: coffset=0x{ek & self.coffset_mask:x}: copied flag must "
-                             f"never be set for compressed clusters")
-                    ek &= ~C.OFLAG_COPIED
-                    res.corruptions += 1
-                if self.data_file:
-                    self.log(f"ERROR compressed cluster {i} with data file, entry=0x{ek:x}")
-                    res.corruptions += 1
-                    counted_comp[k] = ref_comp[k] = False
-                    continue
-                if bk:
-                    self.log(f"ERROR compressed cluster {i} with non-zero subcluster "
-                             f"allocation bitmap, entry=0x{ek:x}")
-                    res.corruptions += 1
-                    counted_comp[k] = ref_comp[k] = False
-                    continue
-                co, cz = int(coff[k]), int(csize[k])
-                if co + cz - fsize >= cs:
-                    self.log(f"ERROR: counting reference for region exceeding the end of the "
-                             f"file by one cluster or more: offset 0x{co:x} size 0x{cz:x}")
-                    res.corruptions += 1
-                    ref_comp[k] = False
-                continue
-            if alloc[k]:
-                o = int(off[k])
-                if self.extended and (bk >> 32) & bk & _L2_BITMAP_ALL_ALLOC:
-                    res.corruptions += 1
-                    self.log(f"ERROR offset={o:x}: Allocated cluster has corrupted "
-                             f"subcluster allocation bitmap")
-                if o & (cs - 1):
-                    res.corruptions += 1
-                    if self.extended:
-                        contains_data = bool(bk & _L2_BITMAP_ALL_ALLOC)
-                    else:
-                        contains_data = not ek & C.OFLAG_ZERO
-                    if not contains_data:
-                        fixing = bool(self.fix & FIX_ERRORS)
-                        self.log(f"{'Repairing' if fixing else 'ERROR'} offset={o:x}: "
-                                 f"Preallocated cluster is not properly aligned; L2 entry "
-                                 f"corrupted.")
-                        if fixing and self._fix_l2_entry_by_zero(res, l2_offset, i, ek, bk,
-                                                                 active):
-                            in_seq[k] = ref_std[k] = False
-                            continue
-                    else:
-                        self.log(f"ERROR offset={o:x}: Data cluster is not properly aligned; "
-                                 f"L2 entry corrupted.")
-                if not self.data_file and o >= fsize:
-                    self.log(f"ERROR: counting reference for region exceeding the end of the "
-                             f"file by one cluster or more: offset 0x{o:x} size 0x{cs:x}")
-                    res.corruptions += 1
-                    ref_std[k] = False
-                continue
-            if unalloc[k] and bk & _L2_BITMAP_ALL_ALLOC:
-                res.corruptions += 1
-                self.log("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+        # the slow path, in QEMU's order: per table its L1 findings, then its entries
+        bad = np.flatnonzero(problem)
+        bad_rows = rows[bad]
+        order = sorted(slow_rows | set(np.unique(bad_rows).tolist()))
+        for t in order:
+            before_row(t)
+            lo = np.searchsorted(bad_rows, t, side="left")
+            hi = np.searchsorted(bad_rows, t, side="right")
+            for k in bad[lo:hi].tolist():
+                self._l2_entry_problem(res, offsets[t], int(live[k]) % width, k, e, bm, off,
+                                       comp, std, alloc, unalloc, coff, csize, counted_comp,
+                                       ref_comp, in_seq, ref_std, active)
 
         if frag:
             nc = int(np.count_nonzero(counted_comp))
             seq = off[in_seq]
+            seq_rows = rows[in_seq]
             res.allocated_clusters += nc + int(seq.size)
             res.compressed_clusters += nc
             res.fragmented_clusters += nc
             if seq.size > 1:
-                res.fragmented_clusters += int(np.count_nonzero(seq[1:] != seq[:-1] +
-                                                                 _U64(cs)))
+                jump = (seq[1:] != seq[:-1] + _U64(cs)) & (seq_rows[1:] == seq_rows[:-1])
+                res.fragmented_clusters += int(np.count_nonzero(jump))
         if ref_std.any():
             o = off[ref_std]
             first = (o >> _U64(self.cbits)).astype(np.int64)
@@ -743,6 +770,75 @@ class _Pass:
             for extra in range(1, int(span.max()) + 1):
                 idx = np.concatenate([idx, first[span >= extra] + extra])
             self._push(idx)
+
+    def _l2_entry_problem(self, res, l2_offset, i, k, e, bm, off, comp, std, alloc, unalloc,
+                          coff, csize, counted_comp, ref_comp, in_seq, ref_std,
+                          active) -> None:
+        """One L2 entry with something to report (QEMU's check_refcounts_l2 body)."""
+        cs = self.cs
+        fsize = self.f.size
+        ek = int(e[k])
+        bk = int(bm[k])
+        if std[k] and ek & _L2E_STD_RESERVED:
+            self.log(f"ERROR found l2 entry with reserved bits set: {ek:x}")
+            res.corruptions += 1
+        if comp[k]:
+            if ek & C.OFLAG_COPIED:
+                self.log(f"ERROR: coffset=0x{ek & self.coffset_mask:x}: copied flag must "
+                         f"never be set for compressed clusters")
+                ek &= ~C.OFLAG_COPIED
+                res.corruptions += 1
+            if self.data_file:
+                self.log(f"ERROR compressed cluster {i} with data file, entry=0x{ek:x}")
+                res.corruptions += 1
+                counted_comp[k] = ref_comp[k] = False
+                return
+            if bk:
+                self.log(f"ERROR compressed cluster {i} with non-zero subcluster "
+                         f"allocation bitmap, entry=0x{ek:x}")
+                res.corruptions += 1
+                counted_comp[k] = ref_comp[k] = False
+                return
+            co, cz = int(coff[k]), int(csize[k])
+            if co + cz - fsize >= cs:
+                self.log(f"ERROR: counting reference for region exceeding the end of the "
+                         f"file by one cluster or more: offset 0x{co:x} size 0x{cz:x}")
+                res.corruptions += 1
+                ref_comp[k] = False
+            return
+        if alloc[k]:
+            o = int(off[k])
+            if self.extended and (bk >> 32) & bk & _L2_BITMAP_ALL_ALLOC:
+                res.corruptions += 1
+                self.log(f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster "
+                         f"allocation bitmap")
+            if o & (cs - 1):
+                res.corruptions += 1
+                if self.extended:
+                    contains_data = bool(bk & _L2_BITMAP_ALL_ALLOC)
+                else:
+                    contains_data = not ek & C.OFLAG_ZERO
+                if not contains_data:
+                    fixing = bool(self.fix & FIX_ERRORS)
+                    self.log(f"{'Repairing' if fixing else 'ERROR'} offset={o:x}: "
+                             f"Preallocated cluster is not properly aligned; L2 entry "
+                             f"corrupted.")
+                    if fixing and self._fix_l2_entry_by_zero(res, l2_offset, i, ek, bk,
+                                                             active):
+                        in_seq[k] = ref_std[k] = False
+                        return
+                else:
+                    self.log(f"ERROR offset={o:x}: Data cluster is not properly aligned; "
+                             f"L2 entry corrupted.")
+            if not self.data_file and o >= fsize:
+                self.log(f"ERROR: counting reference for region exceeding the end of the "
+                         f"file by one cluster or more: offset 0x{o:x} size 0x{cs:x}")
+                res.corruptions += 1
+                ref_std[k] = False
+            return
+        if unalloc[k] and bk & _L2_BITMAP_ALL_ALLOC:
+            res.corruptions += 1
+            self.log("ERROR: Unallocated cluster has non-zero subcluster allocation map")
 
     def _fix_l2_entry_by_zero(self, res: CheckResult, l2_offset: int, i: int, e: int,
                               bm: int, active: bool) -> bool:
@@ -1127,7 +1223,23 @@ class _Pass:
         res.image_end_offset = (highest + 1) * self.cs
 
     # -- check_oflag_copied ----------------------------------------------------------------
+    def _refcounts_of(self, clusters: np.ndarray, stored, stored_bad):
+        """Stored refcounts (and unreadable flags) of arbitrary clusters."""
+        vals = np.zeros(clusters.size, dtype=_U64)
+        bad = np.zeros(clusters.size, dtype=bool)
+        inside = clusters < stored.size
+        ci = clusters[inside]
+        vals[inside] = stored[ci]
+        bad[inside] = stored_bad[ci]
+        if not inside.all():
+            v, b = self._stored_lookup(clusters[~inside])
+            vals[~inside] = v
+            bad[~inside] = b
+        return vals, bad
+
     def _check_oflag_copied(self, res: CheckResult, fix: int) -> None:
+        """QEMU's check_oflag_copied: COPIED must be set iff the refcount is 1, on the
+        active L1 entries and on the L2 entries they reach (a batch of tables per step)."""
         if fix & FIX_ERRORS:
             repair = True
         elif fix & FIX_LEAKS:
@@ -1137,75 +1249,94 @@ class _Pass:
         self._blocks = {}
         cs = self.cs
         word = "Repairing" if repair else "ERROR"
-        for i, l1e in enumerate(self.l1):
-            l2_off = l1e & C.L1E_OFFSET_MASK
-            if not l2_off:
-                continue
-            rc = self._get_refcount(l2_off >> self.cbits)
-            if rc is None:
-                continue
-            if (rc == 1) != bool(l1e & C.OFLAG_COPIED):
-                res.corruptions += 1
-                self.log(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} "
-                         f"refcount={rc}")
-                if repair:
-                    new = l1e | C.OFLAG_COPIED if rc == 1 else l1e & ~C.OFLAG_COPIED
-                    where = self.h.l1_table_offset + i * 8
-                    try:
-                        self._overlap_guard(where, 8, self.OL_ACTIVE_L1)
-                        self.f.write(struct.pack(">Q", new), where)
-                        self.f.sync()
-                    except (_Abort, OSError):
-                        res.check_errors += 1
-                        raise
-                    self.l1[i] = new
-                    res.corruptions -= 1
-                    res.corruptions_fixed += 1
-            table = bytearray(self.f.read(cs, l2_off))
-            raw = np.frombuffer(bytes(table), dtype=">u8").astype(_U64)
-            e = raw[0::2] if self.extended else raw
+        l1 = np.array(self.l1, dtype=_U64)
+        l1_idx = np.flatnonzero(l1 & _U64(C.L1E_OFFSET_MASK))
+        if not l1_idx.size:
+            return
+        stored, stored_bad = self._stored_range(self.nb)
+        l2s = l1[l1_idx] & _U64(C.L1E_OFFSET_MASK)
+        l2_rc, l2_bad = self._refcounts_of((l2s >> _U64(self.cbits)).astype(np.int64),
+                                           stored, stored_bad)
+        l1_copied = (l1[l1_idx] & _U64(C.OFLAG_COPIED)) != 0
+        l1_wrong = ~l2_bad & ((l2_rc == 1) != l1_copied)
+        width = self.l2_entries
+        for a, b in self._batches(l2s):
+            offs = [int(o) for o in l2s[a:b].tolist()]
+            tables = self._read_tables(offs)
+            e = (tables[:, 0::2] if self.extended else tables).ravel()
             off = e & _U64(C.L2E_OFFSET_MASK)
             comp = (e & _U64(C.OFLAG_COMPRESSED)) != 0
             copied = (e & _U64(C.OFLAG_COPIED)) != 0
-            if self.extended:
-                zflag = np.zeros(e.size, dtype=bool)
-            else:
-                zflag = (e & _U64(C.OFLAG_ZERO)) != 0
             has_off = off != 0
             if self.data_file:
+                zflag = np.zeros(e.size, dtype=bool) if self.extended else \
+                    (e & _U64(C.OFLAG_ZERO)) != 0
                 alloc = ~comp & ((~zflag & (has_off | copied)) | (zflag & has_off))
             else:
                 alloc = ~comp & has_off
             idx = np.flatnonzero(alloc)
-            if not idx.size:
-                continue
             if self.data_file:
                 rcs = np.ones(idx.size, dtype=_U64)
                 bad = np.zeros(idx.size, dtype=bool)
             else:
-                rcs, bad = self._stored_lookup((off[idx] >> _U64(self.cbits)).astype(np.int64))
-            wrong = ~bad & ((rcs == 1) != copied[idx])
-            dirty = 0
-            for k in np.flatnonzero(wrong).tolist():
-                j = int(idx[k])
-                ent = int(e[j])
-                r = int(rcs[k])
-                res.corruptions += 1
-                self.log(f"{word} OFLAG_COPIED data cluster: l2_entry={ent:x} refcount={r}")
-                if repair:
-                    new = ent | C.OFLAG_COPIED if r == 1 else ent & ~C.OFLAG_COPIED
-                    struct.pack_into(">Q", table, j * self.esize, new)
-                    dirty += 1
-            if dirty:
-                if self._overlap(l2_off, cs, self.OL_ACTIVE_L2) is not None:
-                    self.log("ERROR: Could not write L2 table; metadata overlap check failed: "
-                             f"{os.strerror(errno.EIO)}")
-                    res.check_errors += 1
-                    self._overlap_guard(l2_off, cs, self.OL_ACTIVE_L2)
-                self.f.write(bytes(table), l2_off)
-                self.f.sync()
-                res.corruptions -= dirty
-                res.corruptions_fixed += dirty
+                rcs, bad = self._refcounts_of((off[idx] >> _U64(self.cbits)).astype(np.int64),
+                                              stored, stored_bad)
+            wrong = np.flatnonzero(~bad & ((rcs == 1) != copied[idx]))
+            wrong_rows = idx[wrong] // width
+            skip = l2_bad[a:b]
+            rows = set(np.flatnonzero(l1_wrong[a:b]).tolist()) | \
+                set(np.unique(wrong_rows).tolist())
+            for t in sorted(rows):
+                if skip[t]:
+                    continue                # refcount unreadable: QEMU skips the table
+                i = int(l1_idx[a + t])
+                l2_off = offs[t]
+                if l1_wrong[a + t]:
+                    rc = int(l2_rc[a + t])
+                    l1e = self.l1[i]
+                    res.corruptions += 1
+                    self.log(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} "
+                             f"refcount={rc}")
+                    if repair:
+                        new = l1e | C.OFLAG_COPIED if rc == 1 else l1e & ~C.OFLAG_COPIED
+                        where = self.h.l1_table_offset + i * 8
+                        try:
+                            self._overlap_guard(where, 8, self.OL_ACTIVE_L1)
+                            self.f.write(struct.pack(">Q", new), where)
+                            self.f.sync()
+                        except (_Abort, OSError):
+                            res.check_errors += 1
+                            raise
+                        self.l1[i] = new
+                        res.corruptions -= 1
+                        res.corruptions_fixed += 1
+                lo = np.searchsorted(wrong_rows, t, side="left")
+                hi = np.searchsorted(wrong_rows, t, side="right")
+                if lo == hi:
+                    continue
+                table = bytearray(tables[t].astype(">u8").tobytes())
+                dirty = 0
+                for k in wrong[lo:hi].tolist():
+                    j = int(idx[k]) % width
+                    ent = int(e[int(idx[k])])
+                    r = int(rcs[k])
+                    res.corruptions += 1
+                    self.log(f"{word} OFLAG_COPIED data cluster: l2_entry={ent:x} "
+                             f"refcount={r}")
+                    if repair:
+                        new = ent | C.OFLAG_COPIED if r == 1 else ent & ~C.OFLAG_COPIED
+                        struct.pack_into(">Q", table, j * self.esize, new)
+                        dirty += 1
+                if dirty:
+                    if self._overlap(l2_off, cs, self.OL_ACTIVE_L2) is not None:
+                        self.log("ERROR: Could not write L2 table; metadata overlap check "
+                                 f"failed: {os.strerror(errno.EIO)}")
+                        res.check_errors += 1
+                        self._overlap_guard(l2_off, cs, self.OL_ACTIVE_L2)
+                    self.f.write(bytes(table), l2_off)
+                    self.f.sync()
+                    res.corruptions -= dirty
+                    res.corruptions_fixed += dirty
 
     # -- rewriting the snapshot table (qcow2_check_fix_snapshot_table) -------------------
     def _fix_snapshot_table(self, res: CheckResult) -> None:
