@@ -35,7 +35,7 @@ from typing import Callable, Iterator, NamedTuple
 from ..errors import Qcow2Error
 from ..image import ST_DATA, ST_OFFSET_VALID, ST_ZERO, open_image
 
-IO_CHUNK = 8 << 20          # bytes read per task
+IO_CHUNK = 4 << 20          # bytes read per task (2-8 MiB measured alike; 4 fits L3 x 2 workers)
 SECTOR = 512                # qemu-img reports mismatches at sector granularity
 QEMU_IO_BUF = 2 << 20       # qemu-img's IO_BUF_SIZE: its read step (strict emulation)
 INT_MAX = (1 << 31) - 1     # qcow2_co_block_status answers at most this many bytes

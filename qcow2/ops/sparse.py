@@ -1,0 +1,221 @@
+"""sparse_copy: copy a raw file (or block device) keeping holes as holes.
+
+Only the source's data regions (``SEEK_DATA``/``SEEK_HOLE``; a block device is one
+region) are visited.  Each region is read in chunks and scanned for all-zero blocks
+(the destination's block size: a hole cannot be smaller) with the ``zero_blocks``
+kernel; only the runs of non-zero blocks are copied, so zero blocks inside data regions
+become holes too.
+
+How the non-zero runs are copied -- measured on ext4 (kernel 6.x, 2 vCPUs), a 2 GiB
+source with 1 GiB of data regions a quarter of which is zero blocks, page-cached,
+fsync included:
+
+=================================================  ===========
+read + scan, ``pwrite`` the non-zero runs          1.6 - 2.3 s
+read + scan, ``copy_file_range`` the runs          0.9 - 1.5 s
+``copy_file_range`` whole regions (no scan)        0.8 - 1.4 s  (zeros stay allocated)
+=================================================  ===========
+
+``copy_file_range`` cannot skip zeros, so the scan needs the data in user space anyway;
+copying the runs in the kernel then saves the second pass through user space (and on
+file systems that can share blocks or copy server-side -- XFS, Btrfs, NFS -- it does
+not move the data at all).  So: read and scan every chunk, ``copy_file_range`` its
+non-zero runs.  Two threads work on different chunks (reads, scans and copies release
+the GIL): 10-20 % faster from the page cache, 20-30 % from disk (cold: 2.9-3.5 s
+against 4.5-6.4 s for ``cp --sparse=always`` + sync).
+
+With ``preallocate=True`` the runs are written with ``pwrite`` instead: a shared
+(reflinked) block would need a copy-on-write allocation on a later write, which is
+exactly the ENOSPC that preallocation promises to rule out.  ``copy_file_range`` also
+falls back to ``pwrite`` from the buffer already read when the kernel refuses it
+(block devices, different file systems, old kernels).
+
+The output is an anonymous file linked under ``dst`` only when complete and flushed
+(:class:`qcow2._atomic.AtomicOutput`): a failed or killed copy leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Callable
+
+from .._atomic import AtomicOutput
+from ..backends import FileBackend
+from ..errors import Qcow2Error
+
+CHUNK = 4 << 20             # bytes read and scanned at a time
+_NO_OFFLOAD = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
+               errno.ETXTBSY, errno.EPERM}
+
+
+def sparse_copy(src, dst, preallocate: bool = False, *,
+                progress: Callable[[float], None] | None = None, workers: int = 2) -> None:
+    """Copy the raw file (or block device) ``src`` to the file ``dst``.
+
+    The destination has the source's size and content; the source's holes and its
+    all-zero blocks are holes in the destination.  ``preallocate=True`` allocates every
+    block of the destination first (``fallocate``), so writes into it never fail for
+    lack of space; its content is the same.  ``progress`` is called with a percentage
+    of the data regions copied (from the worker threads).  ``workers`` threads read,
+    scan and copy chunks in parallel.  ``dst`` (a regular file, or a symlink to one)
+    is replaced only when the copy is complete and durable.
+    """
+    src = os.fspath(src)
+    dst = _target(os.fspath(dst))
+    try:
+        be = FileBackend(src)
+    except OSError as exc:
+        raise Qcow2Error(f"Could not open '{src}': {exc.strerror or exc}") from None
+    try:
+        size = be.size()
+        with AtomicOutput(dst) as out:
+            _copy(be, out.fd, size, preallocate, progress, workers)
+            out.commit(sync=True)
+    finally:
+        be.close()
+    if progress is not None:
+        progress(100.0)
+
+
+def _target(dst: str) -> str:
+    """Where the copy goes: through a symlink to its target; only a regular file (or
+    nothing) may be replaced -- never a device node."""
+    target = os.path.realpath(dst) if os.path.islink(dst) else dst
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return target
+    if not stat.S_ISREG(st.st_mode):
+        raise Qcow2Error(f"Could not create '{dst}': it exists and is not a regular file")
+    return target
+
+
+def _copy(be: FileBackend, fd: int, size: int, preallocate: bool, progress,
+          workers: int) -> None:
+    from .. import kernels
+
+    os.ftruncate(fd, size)
+    if preallocate and size:
+        from ..backends._fallocate import allocate
+        allocate(fd, 0, size)
+    block = _hole_size(fd)
+    regions = list(be.data_regions(0, size))
+    total = max(1, sum(n for _o, n in regions))
+    state = {"offload": not preallocate and hasattr(os, "copy_file_range"), "done": 0}
+    tls = threading.local()
+    lock = threading.Lock()
+    if progress is not None:
+        progress(0.0)
+
+    def work(job):
+        pos, n = job
+        buf = getattr(tls, "buf", None)
+        if buf is None:
+            buf = tls.buf = memoryview(bytearray(CHUNK))
+        chunk = buf[:n]
+        got = be.readinto(chunk, pos)
+        if got < n:                             # the source shrank: zeros, as a hole reads
+            chunk[got:] = bytes(n - got)
+        for a, b in _data_runs(kernels, chunk, pos, block):
+            if state["offload"]:
+                if _offload(be.fd, fd, pos + a, b - a):
+                    continue
+                state["offload"] = False
+            _pwrite_all(fd, chunk[a:b], pos + a)
+        if progress is not None:
+            with lock:
+                state["done"] += n
+                progress(min(100.0, 100.0 * state["done"] / total))
+
+    jobs = _jobs(regions)
+    if workers <= 1:
+        for job in jobs:
+            work(job)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-sparse") as pool:
+        pending = set()
+        for job in jobs:
+            pending.add(pool.submit(work, job))
+            if len(pending) >= workers * 2:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()
+        for f in pending:
+            f.result()
+
+
+def _jobs(regions):
+    """(offset, length) chunks of the data regions, aligned to CHUNK (hence to blocks,
+    so zero blocks line up with the destination's blocks)."""
+    for start, length in regions:
+        pos, end = start, start + length
+        while pos < end:
+            n = min(end, (pos // CHUNK + 1) * CHUNK) - pos
+            yield pos, n
+            pos += n
+
+
+def _hole_size(fd: int) -> int:
+    """The destination's block size: the smallest hole its file system can keep."""
+    try:
+        bs = os.fstat(fd).st_blksize
+    except OSError:
+        bs = 4096
+    if bs < 512 or bs > CHUNK or bs & (bs - 1):
+        bs = 4096
+    return bs
+
+
+def _data_runs(kernels, chunk: memoryview, pos: int, block: int):
+    """(start, end) offsets within ``chunk`` of the runs of blocks holding data; blocks
+    are aligned to ``block`` in file offsets (the first and last may be partial)."""
+    n = len(chunk)
+    head = min(n, (-pos) % block)
+    if head and not kernels.is_zero(chunk[:head]):
+        yield 0, head
+    body = chunk[head:]
+    if not len(body):
+        return
+    zeros = kernels.zero_blocks(body, block)
+    if zeros.all():
+        return
+    if not zeros.any():
+        yield head, n
+        return
+    import numpy as np
+    # Edges of the runs of non-zero blocks: where the zero flag flips.
+    flags = np.concatenate(([True], zeros, [True]))
+    edges = np.flatnonzero(flags[1:] != flags[:-1])
+    for i, j in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+        yield head + i * block, min(n, head + j * block)
+
+
+def _offload(src_fd: int, dst_fd: int, offset: int, length: int) -> bool:
+    """Copy with copy_file_range; False (nothing or part copied, the caller rewrites
+    the whole run) when the kernel cannot do it for these files."""
+    done = 0
+    try:
+        while done < length:
+            k = os.copy_file_range(src_fd, dst_fd, length - done, offset + done,
+                                   offset + done)
+            if k == 0:                          # source shorter than expected
+                return False
+            done += k
+    except OSError as exc:
+        if exc.errno in _NO_OFFLOAD:
+            return False
+        raise
+    return True
+
+
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.pwritev(fd, [mv[done:]], offset + done)
+
+
+__all__ = ["sparse_copy", "CHUNK"]
