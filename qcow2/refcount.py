@@ -178,9 +178,9 @@ class Refcounts:
             if delta < 0:
                 raise CorruptImageError(f"refcount of cluster {cluster} would drop below 0 "
                                         f"(no refcount block)", what="refcount block")
-            if cluster == bi * self.block_entries:
-                raise AssertionError("refcount block would overlap the cluster it counts")
-            off = self._new_block(bi)
+            while not self._ensure_blocks(cluster, 1):
+                pass
+            off = self._block_offset(bi)
         blk = self.cache.get(off)
         v = _get_entry(blk, idx, self.bits) + delta
         if v < 0 or v > self.max_ref:
@@ -233,9 +233,10 @@ class Refcounts:
             return True
         return self.get(c) == 0
 
-    def find_free(self, n: int) -> int:
-        """First run of ``n`` free clusters at or after the hint (no refcount taken)."""
-        c = self.free_hint
+    def find_free(self, n: int, start: int | None = None) -> int:
+        """First run of ``n`` free clusters at or after ``start`` (default: the hint);
+        no refcount is taken."""
+        c = self.free_hint if start is None else start
         while True:
             if c >= self.end_cluster:
                 return c
@@ -249,19 +250,15 @@ class Refcounts:
     def take_free(self, n: int = 1, *, prefer: int = -1) -> int:
         """A run of ``n`` free clusters whose refcount blocks exist (no refcount taken);
         ``prefer`` is tried first (a cluster index)."""
-        per = self.block_entries
         while True:
             c = -1
             if prefer >= 0 and all(self._is_free(prefer + k) for k in range(n)):
                 c = prefer
             if c < 0:
                 c = self.find_free(n)
-            missing = [bi for bi in range(c // per, (c + n - 1) // per + 1)
-                       if not self._block_offset(bi)]
-            if not missing:
+            if self._ensure_blocks(c, n):
                 return c
-            for bi in missing:          # a new block may take a cluster of the run: search again
-                self._new_block(bi)
+            # the refcount table moved, possibly into the run: search again
 
     def alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset."""
@@ -272,22 +269,39 @@ class Refcounts:
             self.free_hint = c + n
         return c << self.cbits
 
-    def _new_block(self, bi: int) -> int:
-        """Create refcount block ``bi`` at the first cluster it covers, which is free
-        because no cluster can be in use without a block describing it; the block
-        then describes itself.  Returns its host offset."""
-        if bi >= len(self.table):
-            self._grow_table(bi + 1)
-            off = self._block_offset(bi)
-            if off:
-                return off
-        host = bi * self.block_entries
-        off = host << self.cbits
-        self.cache.put_new(off)
-        self.table[bi] = off
-        self.table_dirty.add(bi)
-        self._add(host, 1)
-        return off
+    def _missing_blocks(self, c: int, n: int) -> set[int]:
+        per = self.block_entries
+        return {bi for bi in range(c // per, (c + n - 1) // per + 1)
+                if not self._block_offset(bi)}
+
+    def _ensure_blocks(self, c: int, n: int) -> bool:
+        """Create the refcount blocks that clusters [c, c+n) need.  They are placed in
+        free clusters right after the run (never inside it), each range they land in
+        getting its block in the same batch, so any run length can be allocated.
+        Returns False when the refcount table had to grow first (the caller must look
+        for its run again: the new table may sit where the run was)."""
+        missing = self._missing_blocks(c, n)
+        if not missing:
+            return True
+        while True:
+            if max(missing) >= len(self.table):
+                self._grow_table(max(missing) + 1)
+                return False
+            m = len(missing)
+            start = self.find_free(m, c + n)
+            extra = self._missing_blocks(start, m) - missing
+            if not extra:
+                break
+            missing |= extra
+        hosts = range(start, start + m)
+        for bi, h in zip(sorted(missing), hosts):
+            off = h << self.cbits
+            self.cache.put_new(off)
+            self.table[bi] = off
+            self.table_dirty.add(bi)
+        for h in hosts:
+            self._add(h, 1)
+        return True
 
     def _grow_table(self, min_entries: int) -> None:
         """Move the refcount table to a bigger place at the end of the used space.

@@ -591,3 +591,153 @@ class WritableQcow2Image(Qcow2Image):
                     self._set_entry(table, toff, i, ne, nbm)
                     self._free_entry(e, bm)
                 pos += cs
+
+
+# ---------------------------------------------------------------------------
+# resizing
+# ---------------------------------------------------------------------------
+
+def _resize_qcow2(img: WritableQcow2Image, new_size: int, *, shrink: bool,
+                  preallocation: str) -> None:
+    """Grow or shrink the active layer of ``img`` (internal snapshots keep their own
+    tables and sizes).  Crash order: a bigger L1 table is written and made durable
+    before the header points at it; the new size is written last when growing and
+    first when shrinking, so a crash never exposes a size the tables do not cover."""
+    h = img.header
+    old = img.size
+    if new_size % 512:
+        raise Qcow2Error("The new size must be a multiple of 512")
+    if new_size == old:
+        return
+    if img.snapshots_list and h.version < 3:
+        raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots",
+                                      feature="resize v2 with snapshots")
+    with img._lock:
+        img._mark_modified()
+        if new_size < old:
+            if not shrink:
+                raise Qcow2Error("Use the --shrink option to perform a shrink operation.")
+            if preallocation != "off":
+                raise Qcow2Error("Preallocation can't be used for shrinking an image")
+            h.header_size_field = new_size
+            img.be.pwrite(struct.pack(">Q", new_size), 0x18)
+            img._sync()
+            img.size = h.size = new_size
+            cs = img.cluster_size
+            a = (new_size + cs - 1) // cs * cs
+            end = min(len(img._l1) << img._l2_span_bits, (old + cs - 1) // cs * cs)
+            if a < end:
+                img._discard_clusters(a, end, full=True)
+            # L2 tables wholly past the end are no longer needed
+            keep = h.l1_entries_needed(new_size)
+            for i in range(keep, len(img._l1)):
+                off = img._l1[i] & C.L1E_OFFSET_MASK
+                if off:
+                    if img._l1[i] & C.OFLAG_COPIED:
+                        img.refs.free(off, cs)
+                        img.refs.block_freed(off, cs)
+                        img._l2c.drop(off)
+                    img._l1[i] = 0
+                    img._l1_dirty.add(i)
+            img.flush()
+            return
+        need = h.l1_entries_needed(new_size)
+        if need > len(img._l1):
+            _grow_l1(img, need)
+        h.header_size_field = new_size
+        img.be.pwrite(struct.pack(">Q", new_size), 0x18)
+        img._sync()
+        img.size = h.size = new_size
+        # a longer backing file would show through the new area: it must read zeros
+        bk = img.backing
+        if bk is not None and bk.size > old:
+            img.write_zeroes(old, new_size - old)
+        elif old % img.cluster_size:
+            # bytes past the old end in its last cluster (left by a shrink) stay hidden
+            tail_end = min(new_size, (old + img.cluster_size - 1) // img.cluster_size
+                           * img.cluster_size)
+            img.write_zeroes(old, tail_end - old)
+        if preallocation != "off":
+            _preallocate(img, old, new_size, preallocation)
+        img.flush()
+
+
+def _grow_l1(img: WritableQcow2Image, entries: int) -> None:
+    """Move the active L1 table to a bigger place (QEMU's qcow2_grow_l1_table)."""
+    h = img.header
+    cs = img.cluster_size
+    if entries > C.MAX_L1_SIZE // 8:
+        raise Qcow2Error("The image size is too large for file format 'qcow2' (L1 table "
+                         "would exceed 32 MiB)")
+    img.flush()                                    # everything the old table points at
+    new_clusters = (entries * 8 + cs - 1) // cs
+    new_off = img.refs.alloc(new_clusters)
+    table = list(img._l1) + [0] * (entries - len(img._l1))
+    img._write_meta(struct.pack(f">{entries}Q", *table) + bytes(new_clusters * cs - entries * 8),
+                    new_off)
+    img.flush()                                    # refcounts of the new table, the table
+    old_off, old_n = img._l1_offset, img._l1_entries
+    img.be.pwrite(struct.pack(">IQ", entries, new_off), 0x24)
+    img._sync()
+    h.l1_size, h.l1_table_offset = entries, new_off
+    img._l1 = table
+    img._l1_offset, img._l1_entries = new_off, entries
+    img._l1_dirty.clear()
+    if old_n:
+        n = (old_n * 8 + cs - 1) // cs * cs
+        img.refs.free(old_off, n)
+        img.refs.block_freed(old_off, n)
+
+
+def _preallocate(img: WritableQcow2Image, a: int, b: int, mode: str) -> None:
+    """Allocate data clusters for [a, b) (metadata: mapping only; falloc: and the
+    space; full: and written zeros)."""
+    from .backends import _fallocate
+    cs = img.cluster_size
+    pos = (a + cs - 1) // cs * cs
+    span = img._l2_span_bits
+    mask = img._l2_entries - 1
+    while pos < b:
+        l1i = pos >> span
+        tend = min(b, (l1i + 1) << span)
+        table, toff = img._l2_for_write(l1i)
+        i = (pos >> img.cluster_bits) & mask
+        n = (tend - pos + cs - 1) // cs
+        # only entries not yet allocated
+        todo = [k for k in range(n) if not img._entry(table, i + k)[0] & C.L2E_OFFSET_MASK]
+        if todo:
+            host = img._alloc_data(len(todo), pos)
+            for j, k in enumerate(todo):
+                bm = _ALL_ALLOC if img.header.extended_l2 else 0
+                if img.header.has_data_file:
+                    hk = pos + k * cs
+                else:
+                    hk = host + j * cs
+                img._set_entry(table, toff, i + k, hk | C.OFLAG_COPIED, bm)
+            if not img.header.has_data_file:
+                length = len(todo) * cs
+                be = img.data_be
+                if mode == "full":
+                    _write_zeros(be, host, length)
+                else:
+                    # reused clusters may hold old bytes: make them read zeros
+                    if host < be.size():
+                        try:
+                            _fallocate.punch_hole(be.fd, host, length)
+                        except OSError:
+                            _write_zeros(be, host, min(length, be.size() - host))
+                    if mode == "falloc":
+                        _fallocate.allocate(be.fd, host, length)
+                    elif be.size() < host + length:
+                        be.truncate(host + length)
+                img.file_size = max(img.file_size, host + length)
+        pos = tend
+
+
+def _write_zeros(be, offset: int, length: int) -> None:
+    z = memoryview(bytes(min(length, 1 << 20)))
+    p = 0
+    while p < length:
+        k = min(len(z), length - p)
+        be.pwrite(z[:k], offset + p)
+        p += k

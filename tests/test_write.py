@@ -32,6 +32,8 @@ CONFIGS = [
     ("v3-4k-rb64-zstd", "cluster_size=4096,refcount_bits=64,compression_type=zstd", "qcow2"),
     ("v2-4k", "compat=0.10,cluster_size=4096", "raw"),
     ("v2-512", "compat=0.10,cluster_size=512", None),
+    # a refcount block covers 64 clusters: single writes need runs longer than that
+    ("v3-512-rb64", "cluster_size=512,refcount_bits=64", "raw"),
     ("v3-xl2-64k", "cluster_size=65536,extended_l2=on", "raw"),
     ("v3-xl2-32k-nob", "cluster_size=32768,extended_l2=on", None),
     ("v3-1k-lazy-backing", "cluster_size=1024,lazy_refcounts=on,refcount_bits=4", "qcow2"),

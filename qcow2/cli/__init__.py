@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     from ..errors import Qcow2Error
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "resize" and len(argv) > 2 and argv[-1][:1] == "-" \
+            and argv[-1][1:2].isdigit() and "--" not in argv:
+        argv.insert(len(argv) - 1, "--")      # "-1G" is a size, not an option
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
