@@ -229,17 +229,30 @@ def test_errors(imgs, tmp_path):
         qcow2.compare(imgs["full.raw"], tmp_path / "missing.qcow2")
     assert info.value.exit_code == 2
 
-    bad = tmp_path / "bad.qcow2"                     # a corrupt L2 entry: read error, 3 or 4
+    bad = tmp_path / "bad.qcow2"                     # a corrupt L2 entry: read error, 4
     shutil.copy(imgs["comp.qcow2"], bad)
-    info_ = qcow2.open(bad)
-    l1 = info_._l1_table()
-    l2_off = l1[0] & 0x00FFFFFFFFFFFE00
-    info_.close()
+    img = qcow2.open(bad)
+    l2_off = img._l1_table()[0] & 0x00FFFFFFFFFFFE00
+    img.close()
     with open(bad, "r+b") as f:                      # compressed entry pointing past EOF
         f.seek(l2_off)
         f.write((0x4000_0000_0000_0000 | (1 << 40)).to_bytes(8, "big"))
     rc, out, err = ours(bad, imgs["full.raw"])
-    assert rc in (3, 4) and out == "" and err.count("\n") == 1
+    assert rc == 4 and out == "" and err.count("\n") == 1
+    assert run(QEMU_IMG, "compare", bad, imgs["full.raw"], check=False).returncode == 4
+
+    badl1 = tmp_path / "badl1.qcow2"                 # unaligned L2 offset: no allocation map, 3
+    shutil.copy(imgs["full.qcow2"], badl1)
+    img = qcow2.open(badl1)
+    l1_off, l1_0 = img._l1_offset, img._l1_table()[0]
+    img.close()
+    with open(badl1, "r+b") as f:
+        f.seek(l1_off)
+        f.write((l1_0 + 0x200).to_bytes(8, "big"))
+    for args in ([badl1, imgs["full.raw"]], ["-s", badl1, imgs["full.raw"]]):
+        rc, out, err = ours(*args)
+        assert (rc, out) == (3, "") and err.count("\n") == 1
+        assert run(QEMU_IMG, "compare", *args, check=False).returncode == 3
 
 
 def test_big_sparse_images(tmp_path):

@@ -126,10 +126,14 @@ def _compare(img1, img2, names, strict: bool, progress, workers: int) -> Compari
             limit = status_at
 
     def tasks():
-        yield from _plan_common(img1, img2, limit)
-        if status_at is None and s1 != s2:
-            big, kind = (img1, _ZERO_A) if s1 > s2 else (img2, _ZERO_B)
-            yield from _plan_tail(big, kind, common)
+        try:
+            yield from _plan_common(img1, img2, limit)
+            if status_at is None and s1 != s2:
+                big, kind = (img1, _ZERO_A) if s1 > s2 else (img2, _ZERO_B)
+                yield from _plan_tail(big, kind, common)
+        except Qcow2Error as exc:           # the allocation map is unreadable
+            exc.exit_code = EXIT_STATUS  # type: ignore[attr-defined]
+            raise
 
     prog = _Progress(max(s1, s2), progress)
     found = _run(tasks(), (img1, img2), names, workers, prog)
