@@ -67,6 +67,12 @@ class WritableQcow2Image(Qcow2Image):
             self._clear_autoclear()
 
     # -- low level -------------------------------------------------------------
+    def _header_extent(self) -> int:
+        """Bytes in use at the start of the first cluster (header, extensions, name)."""
+        raw = self.be.pread(self.cluster_size, 0)
+        end = len(raw.rstrip(b"\0"))
+        return end
+
     def _write_meta(self, data, offset: int) -> None:
         self._check_overlap_header(offset, len(data))
         self.be.pwrite(data, offset)
@@ -741,3 +747,39 @@ def _write_zeros(be, offset: int, length: int) -> None:
         k = min(len(z), length - p)
         be.pwrite(z[:k], offset + p)
         p += k
+
+
+def set_backing(img: WritableQcow2Image, name: str | None, fmt: str | None) -> None:
+    """Rewrite the header with a new backing file name and format (None: no backing
+    file).  Everything the header points at is made durable first."""
+    from .header import pack_header
+    from .image import check_file_name
+
+    h = img.header
+    if name:
+        check_file_name(name, "backing file")
+    img.flush()
+    old_len = (h.backing_file_offset + h.backing_file_size) if h.backing_file_offset else 0
+    h.backing_file = name or None
+    h.backing_format = (fmt or None) if name else None
+    try:
+        packed = pack_header(h)
+    except ValueError as exc:
+        raise Qcow2Error(f"Could not change the backing file to '{name}': {exc}") from None
+    pad = max(0, max(old_len, img._header_extent()) - len(packed))
+    img.be.pwrite(packed + bytes(pad), 0)
+    img._sync()
+    img.backing_filename = h.backing_file
+    img.full_backing_filename = None
+    if h.backing_file:
+        from .image import combine_path
+        img.full_backing_filename = combine_path(img.filename, h.backing_file)
+
+
+def _discard_all(img: WritableQcow2Image) -> None:
+    """Drop every cluster of the active layer (QEMU's make_empty)."""
+    with img._lock:
+        img._mark_modified()
+        end = min(len(img._l1) << img._l2_span_bits,
+                  (img.size + img.cluster_size - 1) // img.cluster_size * img.cluster_size)
+        img._discard_clusters(0, end, full=True)

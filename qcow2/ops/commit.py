@@ -1,0 +1,91 @@
+"""commit: write an overlay's data into its backing file (qemu-img commit).
+
+Every range held by a layer above the base (data or zero clusters) is read through
+the top image and written into the base, which grows if it is smaller; then the top
+is emptied (all its clusters dropped), unless ``keep`` (qemu-img's ``-d``).  The base
+is flushed before the top is touched, so a crash in between leaves both readable,
+with the data in both places.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import Qcow2Error
+
+CHUNK = 4 * 1024 * 1024
+
+
+def commit(path, *, format: str | None = None, base: str | None = None, keep: bool = False,
+           progress=None) -> None:
+    """Commit ``path`` into its backing file (or into ``base``, further down the chain).
+    ``keep`` (qemu-img's ``-d``): leave the top image as it is."""
+    from ..image import ST_DATA, ST_ZERO, open_image
+    from ..writer import WritableQcow2Image, _discard_all
+
+    top = open_image(path, "r+" if not keep else "r", format=format)
+    try:
+        chain = top.backing_chain()
+        if len(chain) < 2:
+            raise Qcow2Error(f"Image '{path}' does not have a backing file")
+        idx = 1
+        if base is not None:
+            want = os.path.realpath(base)
+            for k, layer in enumerate(chain[1:], 1):
+                if os.path.realpath(layer.filename) == want:
+                    idx = k
+                    break
+            else:
+                raise Qcow2Error(f"Did not find '{base}' in the backing chain of '{path}'")
+        # reopen the base for writing in place of its read-only self
+        above = chain[idx - 1]
+        old_base = chain[idx]
+        fmt = old_base.format
+        bname = old_base.filename
+        below = old_base.backing
+        old_base.backing = None
+        old_base.close()
+        wbase = open_image(bname, "r+", format=fmt, backing=False)
+        wbase.backing = below
+        above.backing = wbase
+        if wbase.size < top.size:
+            _grow(wbase, top.size)
+        # the ranges the layers above the base hold
+        runs = [(a, n, flags) for a, n, depth, flags, _h in top._chain_status(0, top.size, 0)
+                if depth < idx and flags & (ST_DATA | ST_ZERO)]
+        total = sum(n for _a, n, _f in runs) or 1
+        done = 0
+        if progress is not None:
+            progress(0.0)
+        for a, n, flags in runs:
+            if not flags & ST_DATA:
+                wbase.write_zeroes(a, n)
+            else:
+                pos = a
+                while pos < a + n:
+                    k = min(CHUNK, a + n - pos)
+                    buf = bytearray(k)
+                    top.readinto(buf, pos)
+                    wbase.pwrite(buf, pos)
+                    pos += k
+            done += n
+            if progress is not None:
+                progress(min(99.9, 100.0 * done / total))
+        wbase.flush()
+        if not keep and isinstance(top, WritableQcow2Image):
+            _discard_all(top)
+            top.flush()
+    finally:
+        top.close()
+    if progress is not None:
+        progress(100.0)
+
+
+def _grow(img, size: int) -> None:
+    from ..ops.resize import _resize_raw
+    from ..writer import WritableQcow2Image, _resize_qcow2
+    if isinstance(img, WritableQcow2Image):
+        _resize_qcow2(img, size, shrink=False, preallocation="off")
+    else:
+        _resize_raw(img, size, shrink=False, preallocation="off")
+        img.size = (img.be.size() + 511) & ~511

@@ -1,0 +1,85 @@
+"""rebase: change an overlay's backing file (qemu-img rebase).
+
+Safe mode keeps the guest view: every range the overlay does not hold itself is read
+through the old backing chain and through the new one, and where they differ the old
+content is copied into the overlay before the header changes.  ``-u`` (unsafe) only
+rewrites the header.  An empty backing name flattens the image (compared with zeros).
+"""
+
+from __future__ import annotations
+
+from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
+
+CHUNK = 2 * 1024 * 1024
+
+
+def rebase(path, backing_file, *, format: str | None = None, backing_format: str | None = None,
+           unsafe: bool = False, progress=None, force_share: bool = False) -> None:
+    from ..image import combine_path, open_image
+    from ..writer import WritableQcow2Image, set_backing
+
+    backing_file = backing_file or ""
+    if backing_file and not backing_format:
+        raise InvalidOptionError(f"Could not change the backing file to '{backing_file}': "
+                                 f"backing format must be specified")
+    with open_image(path, "r+", format=format, backing=not unsafe) as img:
+        if not isinstance(img, WritableQcow2Image):
+            raise UnsupportedFeatureError("rebase works on qcow2 images only",
+                                          feature="rebase raw")
+        if not unsafe:
+            new = None
+            if backing_file:
+                try:
+                    new = open_image(combine_path(img.filename, backing_file),
+                                     format=backing_format, force_share=force_share)
+                except Qcow2Error as exc:
+                    raise Qcow2Error(f"Could not open new backing file "
+                                     f"'{backing_file}': {exc}") from None
+            try:
+                _copy_differences(img, new, progress)
+            finally:
+                if new is not None:
+                    new.close()
+        set_backing(img, backing_file or None, backing_format if backing_file else None)
+    if progress is not None:
+        progress(100.0)
+
+
+def _copy_differences(img, new, progress) -> None:
+    from ..image import ST_DATA, ST_ZERO
+
+    old = img.backing
+    size = img.size
+    holes = [(a, n) for a, n, flags, _h in img._status_runs(0, size)
+             if not flags & (ST_DATA | ST_ZERO)]
+    total = sum(n for _a, n in holes) or 1
+    done = 0
+    if progress is not None:
+        progress(0.0)
+    for a, n in holes:
+        pos = a
+        while pos < a + n:
+            k = min(CHUNK, a + n - pos)
+            ob = bytearray(k)
+            nb = bytearray(k)
+            if old is not None:
+                old._read_clipped(memoryview(ob), pos)
+            if new is not None:
+                new._read_clipped(memoryview(nb), pos)
+            if ob != nb:
+                _write_diffs(img, memoryview(ob), memoryview(nb), pos)
+            pos += k
+            done += k
+            if progress is not None:
+                progress(min(99.9, 100.0 * done / total))
+
+
+def _write_diffs(img, ob, nb, base: int, block: int = 65536) -> None:
+    """Copy the blocks of the old view that differ from the new one."""
+    i = 0
+    n = len(ob)
+    while i < n:
+        j = min(n, i + block)
+        if ob[i:j] != nb[i:j]:
+            img.pwrite(ob[i:j], base + i)
+        i = j
