@@ -42,11 +42,11 @@ def run(args) -> int:
         raise err
     out = sys.stdout
     quiet = args.quiet
-    progress = None
-    if args.progress and not quiet:
-        def progress(pct):
-            out.write("    (%.2f/100%%)\r" % pct)
-            out.flush()
+    def show(pct):
+        out.write("    (%.2f/100%%)\r" % pct)
+        out.flush()
+
+    progress = show if args.progress and not quiet else None
 
     res = compare_images(args.image_a, args.image_b, fmt_a=args.fmt_a, fmt_b=args.fmt_b,
                          strict=args.strict, progress=progress, force_share=args.force_share)

@@ -1,4 +1,5 @@
-"""qcow2 measure [--output=human|json] [-O FMT] [-o OPTIONS] [--size SIZE | [-f FMT] [-l SNAPSHOT] [-U] FILE]
+"""qcow2 measure [--output=human|json] [-O FMT] [-o OPTIONS]
+                 [--size SIZE | [-f FMT] [-l SNAPSHOT] [-U] FILE]
 
 Prints what ``qemu-img measure`` prints, in the same layout::
 
