@@ -26,6 +26,8 @@ class Snapshot:
     icount: int | None
     extra_data_size: int
     entry_offset: int
+    extra: bytes = b""          # the extra data as stored (kept when the table is rewritten)
+    entry_size: int = 0         # bytes the entry takes in the table, padding included
 
     def info(self) -> dict:
         """The entry as `qemu-img info --output=json` lists it."""
@@ -92,8 +94,10 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int) -> list[S
         pos += id_size
         name = buf[pos:pos + name_size].decode("utf-8", "surrogateescape")
         pos += name_size
+        end = (pos + 7) & ~7
         out.append(Snapshot(i, l1_off, l1_size, sid, name, date_sec, date_nsec, clock,
-                            vm_state_size, disk_size, icount, extra_size, entry_off))
+                            vm_state_size, disk_size, icount, extra_size, entry_off,
+                            bytes(extra), end - (entry_off - offset)))
     return out
 
 

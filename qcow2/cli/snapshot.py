@@ -1,0 +1,44 @@
+"""qcow2 snapshot [-f FMT] [-l | -c NAME | -a NAME | -d NAME] [-U] [-q] FILE"""
+
+from __future__ import annotations
+
+from ..errors import InvalidOptionError
+from .common import add_format, add_share
+
+
+def add_parser(sub):
+    p = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots "
+                                        "(like qemu-img snapshot)")
+    add_format(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-l", dest="list", action="store_true", help="list snapshots")
+    g.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot")
+    g.add_argument("-a", dest="apply", metavar="NAME", help="revert to a snapshot")
+    g.add_argument("-d", dest="delete", metavar="NAME", help="delete a snapshot")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    add_share(p)
+    p.add_argument("filename")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..ops import snapshot as ops
+    from ..ops.info import _snapshot_line
+
+    if args.create is not None:
+        ops.create_snapshot(args.filename, args.create, format=args.format)
+    elif args.apply is not None:
+        ops.apply_snapshot(args.filename, args.apply, format=args.format)
+    elif args.delete is not None:
+        ops.delete_snapshot(args.filename, args.delete, format=args.format)
+    elif args.list:
+        snaps = ops.list_snapshots(args.filename, format=args.format,
+                                   force_share=args.force_share)
+        print("Snapshot list:")
+        print("%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
+                                             "ICOUNT"))
+        for sn in snaps:
+            print(_snapshot_line(sn))
+    else:
+        raise InvalidOptionError("Expecting one of -l, -c, -a or -d")
+    return 0
