@@ -196,6 +196,21 @@ class _File:
         self.size = size
 
 
+class _Window:
+    """Sequential small reads (the snapshot table) served from 1 MiB windows."""
+
+    def __init__(self, f: _File):
+        self.f = f
+        self.start = 0
+        self.buf = b""
+
+    def read(self, n: int, offset: int) -> bytes:
+        if not (self.start <= offset and offset + n <= self.start + len(self.buf)):
+            self.start = offset
+            self.buf = self.f.read(max(n, 1 << 20), offset)
+        return self.buf[offset - self.start:offset - self.start + n]
+
+
 @dataclass
 class _Snapshot:
     l1_offset: int
@@ -519,6 +534,7 @@ class _Pass:
             self.log("ERROR snapshot table offset invalid")
             raise _Abort(errno.EINVAL)
         repair = bool(self.fix & FIX_ERRORS)
+        f = _Window(self.f)
         snaps: list[_Snapshot] = []
         pos = off
         length = 0
@@ -587,8 +603,8 @@ class _Pass:
         self.snapshots_size = pos - off if snaps else 0
         res.corruptions += reduced + dropped
         if reduced:
-            f.write(struct.pack(">I", len(snaps)), 0x3C)
-            f.sync()
+            self.f.write(struct.pack(">I", len(snaps)), 0x3C)
+            self.f.sync()
             res.corruptions_fixed += reduced
             res.corruptions -= reduced
         if self.h.version >= 3:
@@ -1144,7 +1160,11 @@ class _Pass:
                     reftable.extend([0] * (entries - len(reftable)))
                     grown = True
                 reftable[bi] = rb_off
-            self._overlap_guard(rb_off, self.cs)
+            try:
+                self._overlap_guard(rb_off, self.cs)
+            except _Abort as exc:
+                self.log(f"ERROR writing refblock: {exc}")
+                raise
             self.f.write(_encode_block(self.imrt[start:start + per], self.bits), rb_off)
             bi += 1
             cluster = bi * per
@@ -1164,7 +1184,11 @@ class _Pass:
                 break
         rt_off = c << self.cbits
         data = struct.pack(f">{len(reftable)}Q", *reftable)
-        self._overlap_guard(rt_off, len(data))
+        try:
+            self._overlap_guard(rt_off, len(data))
+        except _Abort as exc:
+            self.log(f"ERROR writing reftable: {exc}")
+            raise
         self.f.write(data, rt_off)
         self.f.sync()
         self.f.write(struct.pack(">QI", rt_off, rt_clusters), 0x30)
