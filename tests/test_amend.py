@@ -1,0 +1,84 @@
+"""amend against qemu-img: options changed, content kept, check clean."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+
+
+def run(*args, check=True):
+    r = subprocess.run(args, capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "qcow2", *args], capture_output=True, text=True)
+
+
+def info(p):
+    return json.loads(run("qemu-img", "info", "--output=json", str(p)).stdout)
+
+
+@pytest.fixture
+def img(tmp_path):
+    p = tmp_path / "a.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(p), "8M")
+    run("qemu-io", "-c", "write -P 0x11 0 3M", "-c", "write -c -P 0x12 4M 64k",
+        "-c", "write -z 5M 128k", str(p))
+    ref = tmp_path / "ref.raw"
+    run("qemu-img", "convert", "-O", "raw", str(p), str(ref))
+    return p, ref
+
+
+@pytest.mark.parametrize("bits", [1, 2, 8, 32, 64, 16])
+def test_refcount_bits(img, bits):
+    p, ref = img
+    r = cli("amend", "-o", f"refcount_bits={bits}", str(p))
+    assert r.returncode == 0, r.stderr
+    assert info(p)["format-specific"]["data"]["refcount-bits"] == bits
+    run("qemu-img", "check", str(p))
+    run("qemu-img", "compare", str(p), str(ref))
+    # and the image stays writable with the new width
+    run("qemu-io", "-c", "write -P 0x13 6M 1M", str(p))
+    run("qemu-img", "check", str(p))
+
+
+def test_compat_down_and_up(img):
+    p, ref = img
+    r = cli("amend", "-o", "compat=0.10", str(p))
+    assert r.returncode == 0, r.stderr
+    assert info(p)["format-specific"]["data"]["compat"] == "0.10"
+    run("qemu-img", "check", str(p))
+    run("qemu-img", "compare", str(p), str(ref))
+    r = cli("amend", "-o", "compat=1.1,lazy_refcounts=on", str(p))
+    assert r.returncode == 0, r.stderr
+    d = info(p)["format-specific"]["data"]
+    assert d["compat"] == "1.1" and d["lazy-refcounts"] is True
+    run("qemu-img", "check", str(p))
+    run("qemu-img", "compare", str(p), str(ref))
+
+
+def test_backing_and_size(img, tmp_path):
+    p, ref = img
+    run("qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "b.raw"), "8M")
+    r = cli("amend", "-o", "backing_file=b.raw,backing_fmt=raw,size=16M", str(p))
+    assert r.returncode == 0, r.stderr
+    i = info(p)
+    assert i["backing-filename"] == "b.raw" and i["virtual-size"] == 16 << 20
+    run("qemu-img", "check", str(p))
+
+
+def test_refused_options(img):
+    p, _ = img
+    r = cli("amend", "-o", "cluster_size=4k", str(p))
+    assert r.returncode == 1 and "cluster size" in r.stderr
+    r = cli("amend", "-o", "nonsense=1", str(p))
+    assert r.returncode == 1 and "nonsense" in r.stderr
