@@ -555,8 +555,11 @@ class Qcow2Image(Image):
     def _decompressor(self):
         d = getattr(self._tls, "dec", None)
         if d is None:
+            # Untrusted images decode with zlib's exact rules (libdeflate, the fast
+            # default, accepts a few malformed streams that QEMU refuses).
             d = self._tls.dec = self.kernels.Decompressor(self.header.compression_type,
-                                                          self.cluster_size)
+                                                          self.cluster_size,
+                                                          strict=self.untrusted)
         return d
 
     def _require_readable(self) -> None:
