@@ -154,6 +154,14 @@ def _encode_block(vals: np.ndarray, bits: int) -> bytes:
     return np.bitwise_or.reduce(v << shifts, axis=1).astype(np.uint8).tobytes()
 
 
+def _memory_budget() -> int:
+    """Half the physical memory (no limit where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def _hex_alt(v: int) -> str:
     """C's ``%#x``: no prefix for zero."""
     return f"{v:#x}" if v else "0"
@@ -328,22 +336,27 @@ class _Pass:
         idx = np.concatenate(self._pending)
         self._pending = []
         self._pending_n = 0
-        counts = np.bincount(idx, minlength=len(self.imrt))
+        if idx.size * 4 >= self.nb:     # dense: one pass over the table
+            counts = np.bincount(idx, minlength=len(self.imrt))
+            where = np.flatnonzero(counts)
+            counts = counts[where]
+        else:                           # sparse: memory proportional to the references
+            where, counts = np.unique(idx, return_counts=True)
         if self.bits == 64:
-            self.imrt += counts.astype(_U64)
+            self.imrt[where] += counts.astype(_U64)
             return
-        total = self.imrt.astype(np.int64) + counts
+        total = self.imrt[where].astype(np.int64) + counts
         over = total > self.rmax
         if over.any():
-            for c in np.flatnonzero(over).tolist():
-                for _ in range(int(total[c]) - self.rmax):
+            for c, t in zip(where[over].tolist(), total[over].tolist()):
+                for _ in range(t - self.rmax):
                     self.log(f"ERROR: overflow cluster offset=0x{c << self.cbits:x}")
                     self.log("Use qemu-img amend to increase the refcount entry width or "
                              "qemu-img convert to create a clean copy if the image cannot "
                              "be opened for writing")
                     self._res.corruptions += 1
             total[over] = self.rmax
-        self.imrt[:] = total.astype(self.dtype)
+        self.imrt[where] = total.astype(self.dtype)
 
     def _inc(self, res: CheckResult, offset: int, size: int) -> None:
         """QEMU's qcow2_inc_refcounts_imrt for one range."""
@@ -399,21 +412,22 @@ class _Pass:
         self._blocks[bi] = blk
         return blk
 
-    def _stored_range(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stored refcounts of clusters [0, n) and a mask of unreadable ones."""
-        vals = np.zeros(n, dtype=self.dtype)
-        bad = np.zeros(n, dtype=bool)
+    def _stored_range(self, n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Stored refcounts of clusters [start, n) (``start`` block-aligned) and a mask
+        of the unreadable ones."""
+        vals = np.zeros(n - start, dtype=self.dtype)
+        bad = np.zeros(n - start, dtype=bool)
         per = self.per
-        for bi in range((n + per - 1) // per):
+        for bi in range(start // per, (n + per - 1) // per):
             lo = bi * per
             hi = min(n, lo + per)
             blk = self._block(bi)
             if blk is None:
                 continue
             if blk is self._BAD:
-                bad[lo:hi] = True
+                bad[lo - start:hi - start] = True
                 continue
-            vals[lo:hi] = blk[:hi - lo]
+            vals[lo - start:hi - start] = blk[:hi - lo]
         self._blocks = {}
         return vals, bad
 
@@ -1024,46 +1038,51 @@ class _Pass:
             self.fix = saved_fix
 
     # -- compare_refcounts ---------------------------------------------------------------
+    _CHUNK = 1 << 20                    # clusters compared per step
+
     def _compare(self, res: CheckResult, fix: int) -> tuple[int, bool]:
+        """QEMU's compare_refcounts, a chunk of refcount blocks per step."""
         nb = self.nb
-        stored, bad = self._stored_range(nb)
-        comp = self.imrt[:nb]
         rebuild = False
-        used = ((stored != 0) | (comp != 0)) & ~bad
-        nz = np.flatnonzero(used)
-        highest = int(nz[-1]) if nz.size else 0
-        diff = np.flatnonzero((stored != comp) & ~bad)
-        events = diff
-        if bad.any():
-            events = np.union1d(diff, np.flatnonzero(bad))
+        highest = 0
         fixes: dict[int, int] = {}
-        for i in events.tolist():
-            if bad[i]:
-                self.log(f"Can't get refcount for cluster {i}: {os.strerror(errno.EIO)}")
-                res.check_errors += 1
-                continue
-            r1 = int(stored[i])
-            r2 = int(comp[i])
-            fixed = None
-            if r1 == 0:
-                rebuild = True
-            elif r1 > r2 and fix & FIX_LEAKS:
-                fixed = "leaks"
-            elif r1 < r2 and fix & FIX_ERRORS:
-                fixed = "corruptions"
-            what = "Repairing" if fixed else ("ERROR" if r1 < r2 else "Leaked")
-            self.log(f"{what} cluster {i} refcount={r1} reference={r2}")
-            if fixed:
-                fixes[i] = r2
-                if fixed == "leaks":
-                    res.leaks_fixed += 1
+        step = max(self.per, self._CHUNK // self.per * self.per)
+        for lo in range(0, nb, step):
+            hi = min(nb, lo + step)
+            stored, bad = self._stored_range(hi, lo)
+            comp = self.imrt[lo:hi]
+            used = np.flatnonzero(((stored != 0) | (comp != 0)) & ~bad)
+            if used.size:
+                highest = lo + int(used[-1])
+            events = np.flatnonzero((stored != comp) | bad)
+            for j in events.tolist():
+                i = lo + j
+                if bad[j]:
+                    self.log(f"Can't get refcount for cluster {i}: {os.strerror(errno.EIO)}")
+                    res.check_errors += 1
+                    continue
+                r1 = int(stored[j])
+                r2 = int(comp[j])
+                fixed = None
+                if r1 == 0:
+                    rebuild = True
+                elif r1 > r2 and fix & FIX_LEAKS:
+                    fixed = "leaks"
+                elif r1 < r2 and fix & FIX_ERRORS:
+                    fixed = "corruptions"
+                what = "Repairing" if fixed else ("ERROR" if r1 < r2 else "Leaked")
+                self.log(f"{what} cluster {i} refcount={r1} reference={r2}")
+                if fixed:
+                    fixes[i] = r2
+                    if fixed == "leaks":
+                        res.leaks_fixed += 1
+                    else:
+                        res.corruptions_fixed += 1
+                    continue
+                if r1 < r2:
+                    res.corruptions += 1
                 else:
-                    res.corruptions_fixed += 1
-                continue
-            if r1 < r2:
-                res.corruptions += 1
-            else:
-                res.leaks += 1
+                    res.leaks += 1
         if fixes:
             self._apply_refcount_fixes(fixes)
         return highest, rebuild
@@ -1206,6 +1225,12 @@ class _Pass:
         if nb > _MAX_INT:
             res.check_errors += 1
             raise _Abort(errno.EFBIG)
+        need = nb * (2 * np.dtype(self.dtype).itemsize + 1)
+        if need > _memory_budget():
+            self.log(f"ERROR checking {nb} clusters needs about {need >> 20} MiB of memory, "
+                     f"more than half of this machine's")
+            res.check_errors += 1
+            raise _Abort(errno.ENOMEM)
         res.total_clusters = (self.h.size + self.cs - 1) // self.cs
         self._grow(nb)
         fix = self.fix
