@@ -12,6 +12,7 @@ bash scripts/setup.sh
 export PYTHONSAFEPATH=1
 Q=.venv/bin/qcow2
 W=${DEMO_DIR:-$(mktemp -d -t qcow2-demo.XXXXXX)}
+mkdir -p "$W"
 echo "== building the sample disk in $W"
 .venv/bin/python scripts/make_sample.py "$W/sample.raw" >/dev/null
 $Q convert -c -O qcow2 -o compression_type=zstd "$W/sample.raw" "$W/image.qcow2"
