@@ -19,7 +19,8 @@ $Q convert -c -O qcow2 -o compression_type=zstd "$W/sample.raw" "$W/image.qcow2"
 echo "== qcow2 info (nova's argument order)"
 $Q info "$W/image.qcow2" --force-share --output=json -f qcow2
 echo "== qcow2 map (first lines)"
-$Q map --output=json "$W/image.qcow2" | head -4
+$Q map --output=json "$W/image.qcow2" > "$W/map.json"
+head -4 "$W/map.json"
 echo "== base image: qcow2 convert -t none -O raw -f qcow2 (compressed qcow2 -> sparse raw)"
 time $Q convert -p -t none -O raw -f qcow2 "$W/image.qcow2" "$W/base.raw"
 cmp "$W/sample.raw" "$W/base.raw"
