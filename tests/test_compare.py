@@ -269,3 +269,56 @@ def test_big_sparse_images(tmp_path):
     qio(b, f"write -P 3 {7 * GiB + 12345} 1")
     assert_like_qemu(a, b)
     assert_like_qemu("-s", a, a)
+
+
+def _random_image(path, rng, size, cmds, fmt=None, cluster_size=None):
+    """An image of ``size`` shaped at random (format, cluster size, extended L2) with
+    ``cmds`` (qemu-io writes) plus a few random writes, zero writes and zero-filled
+    writes; returns the qemu-io commands used."""
+    fmt = fmt or rng.choice(["qcow2", "qcow2", "raw"])
+    if fmt == "raw":
+        run(QEMU_IMG, "create", "-f", "raw", path, size)
+    else:
+        cs = cluster_size or rng.choice(["512", "4k", "64k", "128k", "2M"])
+        opts = f"cluster_size={cs}"
+        if cs in ("64k", "128k", "2M") and rng.random() < 0.3:
+            opts += ",extended_l2=on"
+        run(QEMU_IMG, "create", "-f", "qcow2", "-o", opts, path, size)
+    cmds = list(cmds)
+    if cluster_size is None:
+        for _ in range(rng.randint(0, 4)):
+            off = rng.randrange(0, size - 1)
+            n = rng.randint(1, min(3 * MiB, size - off))
+            r = rng.random()
+            cmds.append(f"write -P {rng.randint(0, 3)} {off} {n}" if r < 0.4 else
+                        f"write -z {off} {n}" if r < 0.7 else f"write -P 0 {off} {n}")
+    if fmt == "raw":
+        cmds = [c.replace("write -z", "write -P 0") for c in cmds]
+    if cmds:
+        qio(path, *cmds, fmt=fmt)
+    return cmds
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_pairs(tmp_path, seed):
+    """Differential: random shapes, some with the same data written the same way into
+    another format (allocation differs, content does not), some of other sizes."""
+    import random
+    rng = random.Random(seed)
+    size = rng.choice([MiB, 5 * MiB + 512, 16 * MiB, 40 * MiB])
+    base = []
+    for _ in range(3):
+        off, n = rng.randrange(0, size - 4096), rng.randint(1, 2 * MiB)
+        if off + n <= size:
+            base.append(f"write -P 1 {off} {n}")
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    cmds = _random_image(a, rng, size, base)
+    if seed % 2:
+        _random_image(b, rng, size, cmds, fmt=rng.choice(["qcow2", "raw"]),
+                      cluster_size=rng.choice(["512", "4k", "64k", "1M"]))
+    else:
+        size2 = size if rng.random() < 0.7 else rng.choice([MiB, 8 * MiB, 16 * MiB + 512])
+        _random_image(b, rng, size2, [c for c in base
+                                      if int(c.split()[3]) + int(c.split()[4]) <= size2])
+    assert_like_qemu(a, b)
+    assert_like_qemu("-s", a, b)
