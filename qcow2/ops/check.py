@@ -330,7 +330,9 @@ class _Pass:
         if self._pending_n > (1 << 22):
             self._flush_pending()
 
-    def _flush_pending(self, res: "CheckResult | None" = None) -> None:
+    def _flush_pending(self) -> None:
+        """Apply the queued references; a count beyond the refcount width is a
+        corruption of the result being computed (QEMU's "overflow cluster")."""
         if not self._pending:
             return
         idx = np.concatenate(self._pending)
@@ -950,9 +952,20 @@ class _Pass:
 
     # -- refcount blocks (check_refblocks) ------------------------------------------------
     def _check_refblocks(self, res: CheckResult) -> bool:
+        """QEMU's check_refblocks (run after every other reference is counted)."""
         rebuild = False
         cs = self.cs
-        for i in np.flatnonzero(self.reftable).tolist():
+        live = np.flatnonzero(self.reftable)
+        ents = self.reftable[live]
+        clusters = ((ents & _U64(C.REFT_OFFSET_MASK)) >> _U64(self.cbits)).astype(np.int64)
+        if (live.size and not (ents & _U64(_REFT_RESERVED | (cs - 1))).any()
+                and int(clusters.max()) < self.nb
+                and int(clusters.max()) << self.cbits < self.f.size
+                and np.unique(clusters).size == clusters.size
+                and not self.imrt[clusters].any()):
+            self.imrt[clusters] = 1     # the usual case: each block counted once, nothing to say
+            return False
+        for i in live.tolist():
             e = int(self.reftable[i])
             if e & _REFT_RESERVED:
                 self.log(f"ERROR refcount table entry {i} has reserved bits set")
@@ -1032,7 +1045,7 @@ class _Pass:
             if h.crypto_header is not None and h.crypto_header[1]:
                 self._inc(res, *h.crypto_header)
             self._check_bitmaps(res)
-            self._flush_pending(res)
+            self._flush_pending()
             return self._check_refblocks(res)
         finally:
             self.fix = saved_fix
