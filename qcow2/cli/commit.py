@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from .common import add_format
+from .common import ProgressPrinter, add_format
 
 
 def add_parser(sub):
@@ -20,18 +18,15 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _progress(pct: float) -> None:
-    sys.stdout.write("    (%.2f/100%%)\r" % pct)
-    sys.stdout.flush()
-
 
 def run(args) -> int:
     from ..ops.commit import commit
 
+    progress = ProgressPrinter() if args.progress and not args.quiet else None
     commit(args.filename, format=args.format, base=args.base, keep=args.keep,
-           progress=_progress if args.progress and not args.quiet else None)
-    if args.progress and not args.quiet:
-        sys.stdout.write("\n")
+           progress=progress)
+    if progress is not None:
+        progress.done()
     if not args.quiet:
         print("Image committed.")
     return 0

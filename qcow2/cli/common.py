@@ -23,3 +23,24 @@ def add_share(p) -> None:
 def add_untrusted(p) -> None:
     p.add_argument("--untrusted", action="store_true",
                    help="open nothing but the named file (no backing or data files)")
+
+
+class ProgressPrinter:
+    """qemu-img's progress line: "    (NN.NN/100%)" rewritten in place, printed only
+    when it moved by at least one percent (and at 100)."""
+
+    def __init__(self, stream=None):
+        import sys
+        self.stream = stream or sys.stdout
+        self.last = -100.0
+
+    def __call__(self, pct: float) -> None:
+        if pct - self.last < 1.0 and not (pct >= 100.0 > self.last):
+            return
+        self.last = pct
+        self.stream.write("    (%.2f/100%%)\r" % pct)
+        self.stream.flush()
+
+    def done(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()

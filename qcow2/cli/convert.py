@@ -4,10 +4,8 @@ SRC... DST"""
 
 from __future__ import annotations
 
-import sys
-
 from ..errors import InvalidOptionError
-from .common import add_format, add_share, add_untrusted, parse_size
+from .common import ProgressPrinter, add_format, add_share, add_untrusted, parse_size
 
 
 def add_parser(sub):
@@ -50,10 +48,6 @@ def _snapshot_arg(text):
     return opts.get("snapshot.id") or opts.get("snapshot.name")
 
 
-def _show_progress(pct: float) -> None:
-    sys.stdout.write("    (%.2f/100%%)\r" % pct)
-    sys.stdout.flush()
-
 
 def run(args) -> int:
     from ..ops.convert import convert
@@ -65,7 +59,7 @@ def run(args) -> int:
     options = {}
     for text in args.options:
         options.update(parse_option_list(text))
-    progress = _show_progress if args.progress and not args.quiet else None
+    progress = ProgressPrinter() if args.progress and not args.quiet else None
     convert(srcs if len(srcs) > 1 else srcs[0], dst, src_format=args.format,
             out_format=args.out_format, compress=args.compress, options=options or None,
             sparse_size=parse_size(args.sparse_size, what="sparse size"), cache=args.cache,
@@ -74,5 +68,5 @@ def run(args) -> int:
             backing_format=args.backing_format, progress=progress, untrusted=args.untrusted,
             force_share=args.force_share, snapshot=_snapshot_arg(args.snapshot))
     if progress is not None:
-        sys.stdout.write("\n")
+        progress.done()
     return 0

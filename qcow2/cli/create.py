@@ -18,7 +18,8 @@ from ..units import parse_option_list
 
 def add_parser(sub):
     p = sub.add_parser("create", help="create an image (like qemu-img create)")
-    p.add_argument("-f", dest="format", default="qcow2", help="image format (qcow2 or raw)")
+    p.add_argument("-f", dest="format", default="raw",
+                   help="image format (qcow2 or raw; raw when omitted, as qemu-img)")
     p.add_argument("-b", dest="backing_file", default=None, help="backing file name")
     p.add_argument("-F", dest="backing_format", default=None, help="backing file format")
     p.add_argument("-o", dest="options", action="append", default=[],

@@ -21,7 +21,8 @@ from .common import add_format, add_output, add_share
 def add_parser(sub):
     p = sub.add_parser("measure", help="space an image needs in a format (like qemu-img measure)")
     add_output(p)
-    p.add_argument("-O", dest="out_format", default="qcow2", help="output format (qcow2 or raw)")
+    p.add_argument("-O", dest="out_format", default="raw",
+                   help="output format (qcow2 or raw; raw when omitted, as qemu-img)")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="output options: key=value[,key=value...] ('-o help' lists them)")
     p.add_argument("--size", default=None, help="virtual size instead of an input image")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from .common import add_format, add_share
+from .common import ProgressPrinter, add_format, add_share
 
 
 def add_parser(sub):
@@ -22,21 +20,18 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _progress(pct: float) -> None:
-    sys.stdout.write("    (%.2f/100%%)\r" % pct)
-    sys.stdout.flush()
-
 
 def run(args) -> int:
     from ..errors import InvalidOptionError
     from ..ops.rebase import rebase
 
+    progress = ProgressPrinter() if args.progress and not args.quiet else None
     if args.backing_file is None and not args.unsafe:
         raise InvalidOptionError("Must specify backing file (-b)")
     rebase(args.filename, args.backing_file or "", format=args.format,
            backing_format=args.backing_format, unsafe=args.unsafe,
-           progress=_progress if args.progress and not args.quiet else None,
+           progress=progress,
            force_share=args.force_share)
-    if args.progress and not args.quiet:
-        sys.stdout.write("\n")
+    if progress is not None:
+        progress.done()
     return 0

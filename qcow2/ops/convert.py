@@ -171,6 +171,13 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                                      snapshot=snapshot, force_share=force_share))
         size = sum(img.size for img in images)
         sync = cache != "unsafe"
+        if (out_format == "raw" and len(images) == 1 and images[0].format == "raw"
+                and images[0].file_size % 512 == 0 and not no_create and sparse_size):
+            # raw -> raw is a sparse copy: data regions only, copy offload
+            from .sparse import sparse_copy
+            images[0].close()
+            sparse_copy(srcs[0], dst, progress=progress)
+            return
         if out_format == "raw":
             _to_raw(images, dst, size, sparse_size=sparse_size, sync=sync, workers=workers,
                     progress=progress, no_create=no_create, target_is_zero=target_is_zero)
