@@ -31,11 +31,17 @@ def _stderr_line(msg: str) -> None:
 
 
 def run(args) -> int:
-    from ..ops.check import check, exit_status, format_human
+    from ..ops.check import CheckFailedError, check, exit_status, format_human, format_repaired
     from ..ops.info import qemu_json
 
-    result = check(args.filename, format=args.format, repair=args.repair,
-                   force_share=args.force_share, log=_stderr_line)
+    try:
+        result = check(args.filename, format=args.format, repair=args.repair,
+                       force_share=args.force_share, log=_stderr_line)
+    except CheckFailedError as exc:
+        if exc.repaired and args.output == "human" and not args.quiet:
+            sys.stdout.write(format_repaired(exc.repaired))     # as qemu-img, before failing
+            sys.stdout.flush()
+        raise
     if not args.quiet:
         if args.output == "json":
             print(qemu_json(result))

@@ -77,9 +77,12 @@ class CheckFailedError(Qcow2Error):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, errno_: int | None = None):
+    def __init__(self, message: str, *, errno_: int | None = None,
+                 repaired: dict | None = None):
         super().__init__(message)
         self.errno = errno_
+        #: what a repair fixed before the check failed ({"leaks-fixed": n, ...}), if any
+        self.repaired = repaired
 
 
 class CheckNotSupportedError(UnsupportedFeatureError):
@@ -179,6 +182,7 @@ class _File:
         self.size = be.size()
         self.writable = be.writable
         self.signaled = False           # a corruption was reported (once per open)
+        self.marked_corrupt = False
 
     def read(self, n: int, offset: int) -> bytes:
         if n <= 0:
@@ -513,14 +517,15 @@ class _Pass:
         marked corrupt (further writes refused until a repair clears the bit)."""
         f = self.f
         fatal = f.writable
-        corrupt = bool(self.h.incompatible_features & C.INCOMPAT_CORRUPT)
+        corrupt = f.marked_corrupt or bool(self.h.incompatible_features & C.INCOMPAT_CORRUPT)
         if f.signaled and (not fatal or corrupt):
             return
         if fatal:
             self.log(f"qcow2: Marking image as corrupt: {message}; further corruption events "
                      f"will be suppressed")
+            f.marked_corrupt = True     # (a version 2 header has no bit to record it in)
+            self.h.incompatible_features |= C.INCOMPAT_CORRUPT
             if self.h.version >= 3:
-                self.h.incompatible_features |= C.INCOMPAT_CORRUPT
                 f.write(struct.pack(">Q", self.h.incompatible_features),
                         C.HEADER_INCOMPATIBLE_OFFSET)
                 f.sync()
@@ -883,10 +888,12 @@ class _Pass:
             data = struct.pack(">Q", C.OFLAG_ZERO)
         where = l2_offset + i * self.esize
         ign = self.OL_ACTIVE_L2 if active else self.OL_INACTIVE_L2
-        if self._overlap(where, self.esize, ign) is not None:
+        try:
+            self._overlap_guard(where, self.esize, ign)
+        except _Abort:
             self.log("ERROR: Overlap check failed")
             res.check_errors += 1
-            self._overlap_guard(where, self.esize, ign)
+            raise
         self.f.write(data, where)
         self.f.sync()
         res.corruptions -= 1
@@ -1390,11 +1397,13 @@ class _Pass:
                         struct.pack_into(">Q", table, j * self.esize, new)
                         dirty += 1
                 if dirty:
-                    if self._overlap(l2_off, cs, self.OL_ACTIVE_L2) is not None:
-                        self.log("ERROR: Could not write L2 table; metadata overlap check "
-                                 f"failed: {os.strerror(errno.EIO)}")
-                        res.check_errors += 1
+                    try:
                         self._overlap_guard(l2_off, cs, self.OL_ACTIVE_L2)
+                    except _Abort as exc:
+                        self.log(f"ERROR: Could not write L2 table; metadata overlap check "
+                                 f"failed: {exc}")
+                        res.check_errors += 1
+                        raise
                     self.f.write(bytes(table), l2_off)
                     self.f.sync()
                     res.corruptions -= dirty
@@ -1642,7 +1651,16 @@ def check(path, *, format: str | None = None, repair: str | None = None,
         res = _run(f, fix, log)
         if res.corruptions_fixed or res.leaks_fixed:
             fixed = (res.leaks_fixed, res.corruptions_fixed)
-            res = _run(f, 0, log)
+            repaired = {"leaks-fixed": fixed[0], "corruptions-fixed": fixed[1]}
+            if f.marked_corrupt:
+                # QEMU makes an image it marked corrupt unusable: no double check
+                raise CheckFailedError(f"Check failed: {os.strerror(errno.ENOMEDIUM)}",
+                                       errno_=errno.ENOMEDIUM, repaired=repaired)
+            try:
+                res = _run(f, 0, log)
+            except CheckFailedError as exc:
+                exc.repaired = repaired
+                raise
             res.leaks_fixed, res.corruptions_fixed = fixed
         return _as_dict(filename, fmt, res)
     finally:
@@ -1663,14 +1681,19 @@ def exit_status(result: dict) -> int:
     return 0
 
 
+def format_repaired(result: dict) -> str:
+    """What `qemu-img check -r` prints before it checks the repaired image again."""
+    lf, cf = result.get("leaks-fixed", 0), result.get("corruptions-fixed", 0)
+    if not (lf or cf):
+        return ""
+    return ("The following inconsistencies were found and repaired:\n\n"
+            f"    {lf} leaked clusters\n    {cf} corruptions\n\n"
+            "Double checking the fixed image now...\n")
+
+
 def format_human(result: dict) -> str:
     """The text `qemu-img check` prints on stdout for a result."""
-    out = []
-    lf, cf = result.get("leaks-fixed", 0), result.get("corruptions-fixed", 0)
-    if lf or cf:
-        out.append("The following inconsistencies were found and repaired:\n\n"
-                   f"    {lf} leaked clusters\n    {cf} corruptions\n\n"
-                   "Double checking the fixed image now...\n")
+    out = [format_repaired(result)]
     corr = result.get("corruptions", 0)
     leaks = result.get("leaks", 0)
     errs = result.get("check-errors", 0)
@@ -1726,5 +1749,6 @@ def rebuild_if_dirty(path) -> bool:
         be.close()
 
 
-__all__ = ["check", "rebuild_if_dirty", "exit_status", "format_human", "CheckResult",
+__all__ = ["check", "rebuild_if_dirty", "exit_status", "format_human", "format_repaired",
+           "CheckResult",
            "CheckFailedError", "CheckNotSupportedError", "FIX_LEAKS", "FIX_ERRORS"]
