@@ -149,6 +149,7 @@ class Refcounts:
         self.pending_free: list[tuple[int, int]] = []   # (host offset, length)
         self.blocked: set[int] = set()                   # freed since the last flush
         self.free_hint = 0
+        self.on_zero = None          # called with a cluster index whose refcount hit 0
         # the end of used space, in clusters: everything at or past it is free
         self.end_cluster = (image.file_size + self.cs - 1) // self.cs
 
@@ -189,6 +190,8 @@ class Refcounts:
                 f"(range 0..{self.max_ref})", offset=cluster << self.cbits, what="refcount")
         _set_entry(blk, idx, self.bits, v)
         self.cache.mark_dirty(off)
+        if v == 0 and self.on_zero is not None:
+            self.on_zero(cluster)
         if delta > 0 and cluster >= self.end_cluster:
             self.end_cluster = cluster + 1
 
@@ -269,6 +272,11 @@ class Refcounts:
             self.free_hint = c + n
         return c << self.cbits
 
+    def _register(self, offset: int, length: int, kind: str) -> None:
+        claim = getattr(self.img, "_claim", None)
+        if claim is not None:
+            claim(offset, length, kind)
+
     def _missing_blocks(self, c: int, n: int) -> set[int]:
         per = self.block_entries
         return {bi for bi in range(c // per, (c + n - 1) // per + 1)
@@ -296,6 +304,7 @@ class Refcounts:
         hosts = range(start, start + m)
         for bi, h in zip(sorted(missing), hosts):
             off = h << self.cbits
+            self._register(off, self.cs, "refcount block")
             self.cache.put_new(off)
             self.table[bi] = off
             self.table_dirty.add(bi)
@@ -333,7 +342,9 @@ class Refcounts:
         self.table = self.table + [0] * (new_entries - len(self.table))
         for b, host in zip(need, block_hosts):
             self.table[b] = host << self.cbits
+            self._register(host << self.cbits, cs, "refcount block")
             self.cache.put_new(host << self.cbits)
+        self._register(table_host << self.cbits, tc * cs, "the refcount table")
         self.end_cluster = max(self.end_cluster, table_host + tc)
         for host in block_hosts:
             self._add(host, 1)
@@ -343,7 +354,8 @@ class Refcounts:
         old_clusters = self.h.refcount_table_clusters
         self.cache.write_dirty()
         img._write_meta(struct.pack(f">{new_entries}Q", *self.table) +
-                        bytes(tc * cs - new_entries * 8), table_host << self.cbits)
+                        bytes(tc * cs - new_entries * 8), table_host << self.cbits,
+                        "the refcount table")
         img._sync()
         self.h.refcount_table_offset = table_host << self.cbits
         self.h.refcount_table_clusters = tc
@@ -359,5 +371,6 @@ class Refcounts:
             return
         base = self.h.refcount_table_offset
         for bi in sorted(self.table_dirty):
-            self.img._write_meta(struct.pack(">Q", self.table[bi]), base + bi * 8)
+            self.img._write_meta(struct.pack(">Q", self.table[bi]), base + bi * 8,
+                                 "the refcount table")
         self.table_dirty.clear()

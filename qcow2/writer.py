@@ -50,9 +50,12 @@ class WritableQcow2Image(Qcow2Image):
                 f"its refcounts must be rebuilt before writing, which this version cannot "
                 f"do yet; open it read-only, or repair it first", feature="dirty bit")
         self.writable = True
+        self._l2c._write = lambda d, o: self._write_meta(d, o, "L2 table")
         self._rc_cache = TableCache(h.cluster_size, 4 << 20, self._read_meta,
-                                    self._write_meta, on_pressure=self._cache_pressure)
+                                    lambda d, o: self._write_meta(d, o, "refcount block"),
+                                    on_pressure=self._cache_pressure)
         self.refs = Refcounts(self, self._rc_cache)
+        self.refs.on_zero = self._meta_forget
         self._l1_dirty: set[int] = set()
         self._header_dirty = False
         self._free_byte_offset = 0
@@ -60,6 +63,8 @@ class WritableQcow2Image(Qcow2Image):
         self._closed = False
         self._marked_dirty = False
         self._l1_table()
+        self._meta: dict[int, str] = {}
+        self._build_meta()
         if h.autoclear_features & ~C.AUTOCLEAR_MASK or (
                 h.bitmaps_ext is not None and h.bitmaps_consistent):
             # We do not maintain persistent bitmaps or unknown autoclear features:
@@ -73,19 +78,68 @@ class WritableQcow2Image(Qcow2Image):
         end = len(raw.rstrip(b"\0"))
         return end
 
-    def _write_meta(self, data, offset: int) -> None:
-        self._check_overlap_header(offset, len(data))
+    def _write_meta(self, data, offset: int, kind: str = "metadata") -> None:
+        if offset < self.cluster_size:
+            kind = "header field"
+        elif kind not in ("metadata",):
+            self._check_overlap(offset, len(data), kind)
         self.be.pwrite(data, offset)
         end = offset + len(data)
         if end > self.file_size:
             self.file_size = end
 
-    _HEADER_FIELDS = (0x18, 0x24, 0x30, 0x48, 0x58)
+    # -- overlap protection (QEMU's qcow2_pre_write_overlap_check) ----------------
+    def _meta_add(self, offset: int, length: int, kind: str) -> None:
+        cb = self.cluster_bits
+        for c in range(offset >> cb, (offset + length - 1 >> cb) + 1):
+            self._meta[c] = kind
 
-    def _check_overlap_header(self, offset: int, n: int) -> None:
-        if offset < self.cluster_size and offset not in self._HEADER_FIELDS:
-            self._mark_corrupt(f"metadata write of {n} bytes at {offset:#x} would overlap "
-                               f"the header")
+    def _claim(self, offset: int, length: int, kind: str) -> None:
+        """Newly allocated clusters must not hold metadata already (a refcount that
+        says "free" for a table would otherwise make us overwrite it)."""
+        cb = self.cluster_bits
+        for c in range(offset >> cb, (offset + length - 1 >> cb) + 1):
+            there = self._meta.get(c)
+            if there is not None:
+                self._mark_corrupt(f"cluster {c << cb:#x} allocated for {kind} is in use by "
+                                   f"{there} (its refcount is 0); metadata overlap")
+            if kind != "guest data":
+                self._meta[c] = kind
+
+    def _meta_forget(self, cluster: int) -> None:
+        self._meta.pop(cluster, None)
+
+    def _build_meta(self) -> None:
+        """Every cluster holding metadata of the active layer, and what it holds."""
+        h = self.header
+        cs = self.cluster_size
+        self._meta = {0: "the header"}
+        if self._l1_entries:
+            self._meta_add(self._l1_offset, self._l1_entries * 8, "the active L1 table")
+        for e in self._l1:
+            if e & C.L1E_OFFSET_MASK:
+                self._meta[(e & C.L1E_OFFSET_MASK) >> self.cluster_bits] = "L2 table"
+        self._meta_add(h.refcount_table_offset, h.refcount_table_clusters * cs,
+                       "the refcount table")
+        for e in self.refs.table:
+            if e & C.REFT_OFFSET_MASK:
+                self._meta[(e & C.REFT_OFFSET_MASK) >> self.cluster_bits] = "refcount block"
+        if h.nb_snapshots:
+            size = sum(sn.entry_size for sn in self.snapshots_list)
+            self._meta_add(h.snapshots_offset, max(size, 1), "the snapshot table")
+            for sn in self.snapshots_list:
+                if sn.l1_size:
+                    self._meta_add(sn.l1_table_offset, sn.l1_size * 8, "a snapshot L1 table")
+
+    def _check_overlap(self, offset: int, n: int, kind: str) -> None:
+        cb = self.cluster_bits
+        meta = self._meta
+        for c in range(offset >> cb, (offset + n - 1 >> cb) + 1):
+            there = meta.get(c)
+            if there is not None and there != kind and not (
+                    kind == "header field" and there == "the header"):
+                self._mark_corrupt(f"writing {kind} at {offset:#x} ({n} bytes) would "
+                                   f"overwrite {there} at {c << cb:#x}; metadata overlap")
 
     def _mark_corrupt(self, why: str):
         h = self.header
@@ -104,22 +158,10 @@ class WritableQcow2Image(Qcow2Image):
 
     def _write_data(self, data, host: int) -> None:
         if self.data_be is self.be:
-            self._guard_data(host, len(data))
+            self._check_overlap(host, len(data), "guest data")
         self.data_be.pwrite(data, host)
         if self.data_be is self.be and host + len(data) > self.file_size:
             self.file_size = host + len(data)
-
-    def _guard_data(self, host: int, n: int) -> None:
-        """Never write guest data over the header, the L1 or refcount tables."""
-        h = self.header
-        end = host + n
-        regions = ((0, self.cluster_size, "the header"),
-                   (self._l1_offset, self._l1_entries * 8, "the active L1 table"),
-                   (h.refcount_table_offset, h.refcount_table_clusters * self.cluster_size,
-                    "the refcount table"))
-        for start, ln, what in regions:
-            if ln and host < start + ln and start < end:
-                self._mark_corrupt(f"data write at {host:#x} ({n} bytes) would overlap {what}")
 
     def _mark_modified(self) -> None:
         if self._closed:
@@ -164,6 +206,7 @@ class WritableQcow2Image(Qcow2Image):
         if off and e & C.OFLAG_COPIED:
             return self._l2_table(l1i, off), off
         new = self.refs.alloc(1)
+        self._claim(new, self.cluster_size, "L2 table")
         if off:
             old = bytes(self._l2_table(l1i, off))
             t = self._l2c.put_new(new, old)
@@ -260,7 +303,8 @@ class WritableQcow2Image(Qcow2Image):
             if self._l1_dirty:
                 base = self._l1_offset
                 for i in sorted(self._l1_dirty):
-                    self._write_meta(struct.pack(">Q", self._l1[i]), base + i * 8)
+                    self._write_meta(struct.pack(">Q", self._l1[i]), base + i * 8,
+                                     "the active L1 table")
                 self._l1_dirty.clear()
                 self._sync()
             if refs.apply_pending_frees():
@@ -339,6 +383,9 @@ class WritableQcow2Image(Qcow2Image):
             c = refs.take_free(1, prefer=nxt)
             if not (off and c == nxt):
                 off = c << self.cluster_bits
+        if off & (cs - 1) == 0 or (off + size - 1) >> self.cluster_bits != off >> self.cluster_bits:
+            first_new = off if off & (cs - 1) == 0 else (off | (cs - 1)) + 1
+            self._claim(first_new, off + size - first_new, "guest data")
         refs.increment(off, size)
         self._free_byte_offset = off + size
         return off
@@ -411,7 +458,9 @@ class WritableQcow2Image(Qcow2Image):
         external data file the mapping is the identity (and is not refcounted)."""
         if self.header.has_data_file:
             return guest
-        return self.refs.alloc(n)
+        host = self.refs.alloc(n)
+        self._claim(host, n * self.cluster_size, "guest data")
+        return host
 
     def _in_place(self, e: int) -> bool:
         """Standard cluster that belongs to the active layer alone: write in place."""
@@ -678,9 +727,10 @@ def _grow_l1(img: WritableQcow2Image, entries: int) -> None:
     img.flush()                                    # everything the old table points at
     new_clusters = (entries * 8 + cs - 1) // cs
     new_off = img.refs.alloc(new_clusters)
+    img._claim(new_off, new_clusters * cs, "the active L1 table")
     table = list(img._l1) + [0] * (entries - len(img._l1))
     img._write_meta(struct.pack(f">{entries}Q", *table) + bytes(new_clusters * cs - entries * 8),
-                    new_off)
+                    new_off, "the active L1 table")
     img.flush()                                    # refcounts of the new table, the table
     old_off, old_n = img._l1_offset, img._l1_entries
     img.be.pwrite(struct.pack(">IQ", entries, new_off), 0x24)

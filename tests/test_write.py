@@ -247,3 +247,62 @@ def test_locking_is_compatible_with_qemu(tmp_path):
         holder.wait()
     with qcow2.open(p, "r+") as img:                              # free again
         img.pwrite(b"x", 0)
+
+
+def test_threads_share_one_image(tmp_path):
+    """Several threads writing disjoint ranges and reading through one image object."""
+    import threading
+
+    p = tmp_path / "t.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(p), "16M")
+    errors = []
+    with qcow2.open(p, "r+") as img:
+        def worker(k):
+            try:
+                for i in range(40):
+                    off = (k * 40 + i) * 100_000
+                    data = bytes([k + 1]) * 70_000
+                    img.pwrite(data, off)
+                    assert img.pread(70_000, off) == data
+                    if i % 10 == 0:
+                        img.flush()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    r = run("qemu-img", "check", str(p))
+    assert r.returncode == 0, r.stdout
+    with qcow2.open(p) as img:
+        for k in range(4):
+            for i in range(40):
+                off = (k * 40 + i) * 100_000
+                assert img.pread(70_000, off) == bytes([k + 1]) * 70_000
+
+
+def test_overlap_marks_image_corrupt(tmp_path):
+    """A refcount block that says the L1 table's cluster is free must not make us write
+    guest data over the L1 table: the image is marked corrupt and writes refused."""
+    import struct
+
+    p = tmp_path / "o.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(p), "4M")
+    data = bytearray(p.read_bytes())
+    l1_off = struct.unpack_from(">Q", data, 0x28)[0]
+    rt_off = struct.unpack_from(">Q", data, 0x30)[0]
+    rb_off = struct.unpack_from(">Q", data, rt_off)[0]
+    # zero the refcounts of every cluster from the L1 table on (16-bit entries)
+    cl = l1_off // 65536
+    data[rb_off + cl * 2:rb_off + cl * 2 + 2] = b"\0\0"
+    p.write_bytes(bytes(data))
+    with pytest.raises(qcow2.CorruptImageError, match="overlap"):
+        with qcow2.open(p, "r+") as img:
+            img.pwrite(b"x" * 65536, 0)
+    info = json.loads(run("qemu-img", "info", "--output=json", str(p)).stdout)
+    assert info["format-specific"]["data"]["corrupt"] is True
+    assert struct.unpack_from(">Q", p.read_bytes(), l1_off)[0] == 0   # L1 untouched
+    with pytest.raises(qcow2.Qcow2Error, match="corrupt"):
+        qcow2.open(p, "r+")

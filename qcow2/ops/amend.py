@@ -232,10 +232,13 @@ def _change_refcount_width(img, bits: int) -> None:
     # reload the refcount machinery on the new structure
     from ..cache import TableCache
     from ..refcount import Refcounts
-    img._rc_cache = TableCache(cs, 4 << 20, img._read_meta, img._write_meta,
+    img._rc_cache = TableCache(cs, 4 << 20, img._read_meta,
+                               lambda d, o: img._write_meta(d, o, "refcount block"),
                                on_pressure=img._cache_pressure)
     img.file_size = max(img.file_size, base + (nb + tc) * cs)
     img.refs = Refcounts(img, img._rc_cache)
+    img.refs.on_zero = img._meta_forget
+    img._build_meta()
 
 
 def _encode(counts, bits: int, per: int, cs: int) -> bytes:

@@ -138,7 +138,9 @@ def _write_table(img, snaps: list[Snapshot]) -> None:
     if data:
         n = (len(data) + img.cluster_size - 1) // img.cluster_size
         new_off = img.refs.alloc(n)
-        img._write_meta(data + bytes(n * img.cluster_size - len(data)), new_off)
+        img._claim(new_off, n * img.cluster_size, "the snapshot table")
+        img._write_meta(data + bytes(n * img.cluster_size - len(data)), new_off,
+                        "the snapshot table")
     img.flush()                       # refcounts, tables, the new snapshot table
     img.be.pwrite(struct.pack(">IQ", len(snaps), new_off), 0x3C)
     img._sync()
@@ -169,9 +171,11 @@ def create_snapshot(path, name: str, *, format=None) -> dict:
             # 2. the snapshot's own copy of the L1 table (COPIED means nothing there)
             n = (len(l1) * 8 + cs - 1) // cs
             l1_off = img.refs.alloc(max(n, 1))
+            img._claim(l1_off, max(n, 1) * cs, "a snapshot L1 table")
             copy = [e & ~C.OFLAG_COPIED for e in img._l1]
             img._write_meta(struct.pack(f">{len(copy)}Q", *copy)
-                            + bytes(max(n, 1) * cs - len(copy) * 8), l1_off)
+                            + bytes(max(n, 1) * cs - len(copy) * 8), l1_off,
+                            "a snapshot L1 table")
             now = time.time_ns()
             sn = Snapshot(index=len(img.snapshots_list), l1_table_offset=l1_off,
                           l1_size=len(l1), id=sid, name=name, date_sec=now // 10**9,
@@ -251,7 +255,8 @@ def apply_snapshot(path, key, *, format=None) -> None:
             _add_tree(img, sl1, +1)
             img.flush()
             # 2. switch the active L1 table on disk
-            img._write_meta(struct.pack(f">{len(new)}Q", *new), img._l1_offset)
+            img._write_meta(struct.pack(f">{len(new)}Q", *new), img._l1_offset,
+                            "the active L1 table")
             img._sync()
             img._l1[:] = new
             img._l1_dirty.clear()
