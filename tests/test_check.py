@@ -705,3 +705,32 @@ def test_messages_go_to_log(tmp_path):
         "This means waste of disk space, but no harm to data.\n")
     res = ck.check(path, repair="leaks", log=lines.append)
     assert res["leaks-fixed"] == 1 and ck.exit_status(res) == 0
+
+
+def test_library_failures_and_flags(tmp_path):
+    """-r leaks cannot fix a referenced cluster with refcount 0 (it needs a rebuild):
+    CheckFailedError, status 1; -r all rebuilds and clears the corrupt bit."""
+    path = _base(str(tmp_path))
+    img = Img(path)
+    img.w64(72, img.incompat | 2)                   # corrupt bit: r+ refuses the image
+    poke_refcount_zero(img)
+    lines = []
+    with pytest.raises(ck.CheckFailedError, match="Input/output error") as ei:
+        ck.check(path, repair="leaks", log=lines.append)
+    assert ei.value.exit_code == 1
+    assert lines[-1] == "ERROR need to rebuild refcount structures"
+    with pytest.raises(qcow2.Qcow2Error):
+        qcow2.open(path, "r+")
+    lines = []
+    res = ck.check(path, repair="all", log=lines.append)
+    assert "Rebuilding refcount structure" in lines
+    assert res["corruptions-fixed"] >= 1 and ck.exit_status(res) == 0
+    assert not Img(path).incompat & 3
+    assert qemu_check(path)[1] == 0
+    with qcow2.open(path, "r+") as w:
+        w.pwrite(b"\x99" * 512, 0)
+    assert qemu_check(path)[1] == 0
+    # an unknown version is not qcow2 to the prober: "does not support checks", as qemu-img
+    img.w32(4, 1)
+    with pytest.raises(ck.CheckNotSupportedError):
+        ck.check(path)

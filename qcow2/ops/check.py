@@ -1534,8 +1534,15 @@ class _RefcountHost:
 # opening
 # ---------------------------------------------------------------------------
 
+def _probe(be: FileBackend) -> str:
+    """QEMU's qcow2_probe: the magic and a version of at least 2, else raw."""
+    head = be.pread(8, 0)
+    if len(head) == 8 and head[:4] == C.MAGIC and struct.unpack(">I", head[4:])[0] >= 2:
+        return "qcow2"
+    return "raw"
+
+
 def _open(path, fmt: str | None, writable: bool, force_share: bool):
-    from ..image import probe_format
     filename = os.fspath(path)
     if fmt not in (None, "qcow2", "raw"):
         raise UnsupportedFeatureError(f"Unknown or unsupported image format {fmt!r} "
@@ -1552,7 +1559,7 @@ def _open(path, fmt: str | None, writable: bool, force_share: bool):
             be.lock(write=writable, force_share=force_share and not writable)
         except OSError as exc:
             raise Qcow2Error(f"Could not open '{filename}': {exc.strerror or exc}") from None
-        fmt = fmt or probe_format(be)
+        fmt = fmt or _probe(be)
         return be, fmt
     except BaseException:
         be.close()
