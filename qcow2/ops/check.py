@@ -1522,7 +1522,7 @@ class _RefcountHost:
     def _read_meta(self, n: int, offset: int) -> bytes:
         return self._p.f.read(n, offset)
 
-    def _write_meta(self, data, offset: int) -> None:
+    def _write_meta(self, data, offset: int, _what: str | None = None) -> None:
         self._p.f.write(bytes(data), offset)
         self.file_size = max(self.file_size, self._p.f.size)
 
