@@ -1,0 +1,139 @@
+"""Side by side with qemu-img on the same input in the same session.
+
+Each benchmark times our command (a whole process, as a user runs it) with
+pytest-benchmark and qemu-img (or cp) on the same input, and stores in extra_info:
+``theirs_s`` (best of the same number of rounds), ``ratio`` (ours / theirs, lower is
+better), ``peak_rss_mib`` of our process.  ``python benchmarks/report.py`` prints the
+table.  Nothing here asserts timings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROUNDS = int(os.environ.get("QCOW2_BENCH_ROUNDS", "3"))
+QCOW2 = [sys.executable, "-m", "qcow2"]
+
+
+def _run(cmd, env=None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _pid, status, ru = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    assert p.returncode == 0, f"{cmd}: {err}"
+    return dt, ru.ru_maxrss / 1024
+
+
+def _side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
+    rss = []
+
+    def one():
+        if cleanup:
+            cleanup()
+        dt, peak = _run(ours, env)
+        rss.append(peak)
+        return dt
+
+    benchmark.pedantic(one, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    best = float("inf")
+    for _ in range(ROUNDS):
+        if cleanup:
+            cleanup()
+        dt, _peak = _run(theirs)
+        best = min(best, dt)
+    ours_best = benchmark.stats.stats.min
+    benchmark.extra_info.update({
+        "theirs_s": round(best, 4), "ours_s": round(ours_best, 4),
+        "ratio": round(ours_best / best, 3) if best else None,
+        "peak_rss_mib": round(max(rss), 1), "impl": os.environ.get("QCOW2_IMPL", "auto"),
+    })
+
+
+@pytest.mark.parametrize("kind", ["plain", "zlib", "zstd"])
+def test_qcow2_to_raw(benchmark, corpus, scratch, kind):
+    out = scratch / "out.raw"
+
+    def rm():
+        out.unlink(missing_ok=True)
+    _side_by_side(benchmark, QCOW2 + ["convert", "-O", "raw", str(corpus[kind]), str(out)],
+                  ["qemu-img", "convert", "-O", "raw", str(corpus[kind]), str(out)], rm)
+
+
+@pytest.mark.parametrize("mode", ["plain", "zlib", "zstd"])
+def test_raw_to_qcow2(benchmark, corpus, scratch, mode):
+    out = scratch / "out.qcow2"
+    extra = {"plain": [], "zlib": ["-c"], "zstd": ["-c", "-o", "compression_type=zstd"]}[mode]
+
+    def rm():
+        out.unlink(missing_ok=True)
+    _side_by_side(benchmark,
+                  QCOW2 + ["convert", "-O", "qcow2", *extra, str(corpus["raw"]), str(out)],
+                  ["qemu-img", "convert", "-O", "qcow2", *extra, str(corpus["raw"]), str(out)],
+                  rm)
+
+
+def test_raw_sparse_copy(benchmark, corpus, scratch):
+    out = scratch / "out.raw"
+
+    def rm():
+        out.unlink(missing_ok=True)
+    _side_by_side(benchmark,
+                  QCOW2 + ["convert", "-f", "raw", "-O", "raw", str(corpus["raw"]), str(out)],
+                  ["cp", "--sparse=always", str(corpus["raw"]), str(out)], rm)
+
+
+def test_empty_1t_to_raw(benchmark, corpus, scratch):
+    out = scratch / "out.raw"
+
+    def rm():
+        out.unlink(missing_ok=True)
+    _side_by_side(benchmark, QCOW2 + ["convert", "-O", "raw", str(corpus["empty1t"]), str(out)],
+                  ["qemu-img", "convert", "-O", "raw", str(corpus["empty1t"]), str(out)], rm)
+
+
+def test_overlay_create_and_resize(benchmark, corpus, scratch):
+    out = scratch / "disk"
+    script = (f"{' '.join(QCOW2)} create -q -f qcow2 -o backing_file={corpus['raw']},"
+              f"backing_fmt=raw,cluster_size=65536 {out} 21474836480 && "
+              f"{' '.join(QCOW2)} resize -q -f qcow2 {out} 42949672960")
+    theirs = (f"qemu-img create -q -f qcow2 -o backing_file={corpus['raw']},backing_fmt=raw,"
+              f"cluster_size=65536 {out} 21474836480 && "
+              f"qemu-img resize -q -f qcow2 {out} 42949672960")
+    _side_by_side(benchmark, ["sh", "-c", script], ["sh", "-c", theirs])
+
+
+@pytest.mark.parametrize("which", ["small", "large"])
+def test_info_process(benchmark, corpus, which):
+    path = corpus["empty1t"] if which == "small" else corpus["zlib"]
+    _side_by_side(benchmark, QCOW2 + ["info", "--output=json", str(path)],
+                  [sys.executable, "-c", "pass"])
+
+
+def test_library_reads(benchmark, corpus):
+    """Sequential 1 MiB reads and random 4 KiB reads through pread (zlib image)."""
+    import random
+
+    import qcow2
+
+    with qcow2.open(corpus["zlib"]) as img:
+        size = img.size
+        rng = random.Random(1)
+        offsets = [rng.randrange(0, size - 4096) for _ in range(2000)]
+
+        def work():
+            for off in range(0, min(size, 256 << 20), 1 << 20):
+                img.pread(1 << 20, off)
+            for off in offsets:
+                img.pread(4096, off)
+        benchmark.pedantic(work, rounds=ROUNDS, iterations=1)
+    benchmark.extra_info["what"] = "256 MiB sequential + 2000 random 4 KiB reads"
