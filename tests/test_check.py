@@ -734,3 +734,21 @@ def test_library_failures_and_flags(tmp_path):
     img.w32(4, 1)
     with pytest.raises(ck.CheckNotSupportedError):
         ck.check(path)
+
+
+def test_luks_image_without_the_key(tmp_path):
+    """The LUKS header area is counted; no key is needed (qemu-img needs one to open)."""
+    path = str(tmp_path / "e.qcow2")
+    secret = ["--object", "secret,id=s0,data=pw"]
+    qimg("create", "-q", "-f", "qcow2", *secret, "-o",
+         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", path, 16 * MB)
+    opts = f"driver=qcow2,file.filename={path},encrypt.key-secret=s0"
+    r = run("qemu-io", *secret, "--image-opts", opts, "-c", "write -P 1 0 1M")
+    assert r.returncode == 0, r.stderr
+    q = run("qemu-img", "check", "--output=json", *secret, "--image-opts", opts)
+    assert q.returncode == 0, q.stderr
+    assert ck.check(path) == dict(json.loads(q.stdout), filename=path)
+    Img(path).set_ref(0, 2)
+    q = run("qemu-img", "check", "--output=json", *secret, "--image-opts", opts)
+    res = ck.check(path)
+    assert res == dict(json.loads(q.stdout), filename=path) and res["leaks"] == 1

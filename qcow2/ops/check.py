@@ -15,9 +15,13 @@ The rules, counts, messages, the result dict and the exit codes are those of QEM
 what ``qemu-img check --output=json`` prints.
 
 Memory is bounded by the file: the computed and the stored refcounts are numpy arrays
-with one entry per host cluster of the file (QEMU's limit of INT_MAX clusters applies).
-L2 tables are classified with numpy, one table per step; Python only visits the
-entries that have something to report.
+with one entry per host cluster of the file (QEMU's limit of INT_MAX clusters applies,
+and a check that would need more than half the machine's memory is refused).  L2
+tables are classified with numpy, a batch of tables per step; Python only visits the
+entries that have something to report, in QEMU's order.
+
+Unlike qemu-img, which needs the key to open a LUKS-encrypted image, the check reads
+no guest data and so works on encrypted images without one.
 
 Repair (``repair="leaks"`` or ``"all"``) writes in an order that never makes the image
 worse if interrupted: refcount increases before anything relies on them, decreases
