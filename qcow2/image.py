@@ -88,8 +88,19 @@ def combine_path(base_filename: str, name: str) -> str:
 
 
 def probe_format(backend: Backend) -> str:
-    head = backend.pread(4, 0)
-    return "qcow2" if head == C.MAGIC else "raw"
+    """qcow2 when the magic is there and the version is at least 2 (QEMU's rule: the
+    magic with version 1 is the older qcow format, not ours); raw otherwise."""
+    head = backend.pread(8, 0)
+    if len(head) == 8 and head[:4] == C.MAGIC and struct.unpack(">I", head[4:])[0] >= 2:
+        return "qcow2"
+    return "raw"
+
+
+def _dirty_v3(backend: Backend) -> bool:
+    head = backend.pread(0x50, 0)
+    return (len(head) == 0x50 and head[:4] == C.MAGIC
+            and struct.unpack_from(">I", head, 4)[0] >= 3
+            and bool(struct.unpack_from(">Q", head, 0x48)[0] & C.INCOMPAT_DIRTY))
 
 
 def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
@@ -108,6 +119,16 @@ def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: b
         be = FileBackend(filename, writable=writable)
     except OSError as exc:
         raise _open_error(filename, exc) from None
+    if writable and format != "raw" and _dirty_v3(be):
+        # Refcounts may lag behind (lazy refcounts, then a crash): rebuild them before
+        # anything is allocated, as QEMU does when it opens such an image read-write.
+        be.close()
+        from .ops.check import rebuild_if_dirty
+        rebuild_if_dirty(filename)
+        try:
+            be = FileBackend(filename, writable=writable)
+        except OSError as exc:
+            raise _open_error(filename, exc) from None
     try:
         try:
             be.lock(write=writable, force_share=force_share and not writable)

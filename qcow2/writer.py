@@ -45,10 +45,10 @@ class WritableQcow2Image(Qcow2Image):
         if self.snapshot is not None:
             raise ReadOnlyError("a snapshot is read-only; open the active layer to write")
         if h.dirty:
-            raise UnsupportedFeatureError(
-                f"'{self.filename}' has the dirty bit set (lazy refcounts after a crash): "
-                f"its refcounts must be rebuilt before writing, which this version cannot "
-                f"do yet; open it read-only, or repair it first", feature="dirty bit")
+            # open_image rebuilds refcounts of dirty images before getting here; an
+            # image that became dirty in between is refused rather than trusted
+            raise Qcow2Error(f"'{self.filename}' has the dirty bit set: its refcounts "
+                             f"must be rebuilt before writing (qcow2 check -r all)")
         self.writable = True
         self._l2c._write = lambda d, o: self._write_meta(d, o, "L2 table")
         self._rc_cache = TableCache(h.cluster_size, 4 << 20, self._read_meta,

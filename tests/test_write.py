@@ -306,3 +306,25 @@ def test_overlap_marks_image_corrupt(tmp_path):
     assert struct.unpack_from(">Q", p.read_bytes(), l1_off)[0] == 0   # L1 untouched
     with pytest.raises(qcow2.Qcow2Error, match="corrupt"):
         qcow2.open(p, "r+")
+
+
+def test_dirty_image_is_repaired_before_writing(tmp_path):
+    """lazy_refcounts and a crash (qemu-io killed): opening read-write rebuilds the
+    refcounts first, then writes are safe and qemu-img check is clean."""
+    import signal
+
+    p = tmp_path / "d.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(p), "8M")
+    r = run("qemu-io", "-c", "write -P 0x17 0 3M", "-c", "write -P 0x18 5M 1M",
+            "-c", "sigraise 9", str(p))
+    assert r.returncode == -signal.SIGKILL
+    with qcow2.open(p, "r+") as img:
+        assert img.pread(4, 0) == b"\x17" * 4
+        img.pwrite(b"\x19" * 100000, 6 << 20)
+    r = run("qemu-img", "check", str(p))
+    assert r.returncode == 0, r.stdout
+    info = json.loads(run("qemu-img", "info", "--output=json", str(p)).stdout)
+    assert info["dirty-flag"] is False
+    with qcow2.open(p) as img:
+        assert img.pread(4, 5 << 20) == b"\x18" * 4
+        assert img.pread(4, 6 << 20) == b"\x19" * 4
