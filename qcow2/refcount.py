@@ -268,8 +268,10 @@ class Refcounts:
         c = self.take_free(n)
         for i in range(n):
             self._add(c + i, 1)
-        if c <= self.free_hint:
-            self.free_hint = c + n
+        # like QEMU's free_cluster_index: continue after this run (a hole skipped on the
+        # way is found again once something below it is freed); never rescan the used
+        # area from a small hole on every allocation
+        self.free_hint = c + n
         return c << self.cbits
 
     def _register(self, offset: int, length: int, kind: str) -> None:
