@@ -87,3 +87,13 @@ KIND_ZERO = 2             # reads as zeros, no host cluster
 KIND_ZERO_ALLOC = 3       # reads as zeros, host cluster allocated
 KIND_DATA = 4             # data at the host offset
 KIND_COMPRESSED = 5       # compressed cluster
+
+
+def compressed_extent(entry: int, cluster_bits: int) -> tuple[int, int, int, int]:
+    """Decode a compressed cluster descriptor (spec: "Compressed Clusters Descriptor"):
+    (data offset, data length as QEMU reads it, first 512-byte sector start, bytes of
+    the sectors it touches -- what its references cover)."""
+    shift = 62 - (cluster_bits - 8)
+    coff = entry & ((1 << shift) - 1)
+    nsec = ((entry >> shift) & ((1 << (cluster_bits - 8)) - 1)) + 1
+    return coff, nsec * 512 - (coff & 511), coff & ~511, nsec * 512

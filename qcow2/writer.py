@@ -197,6 +197,18 @@ class WritableQcow2Image(Qcow2Image):
             struct.pack_into(">Q", table, i * 8, e)
         self._l2c.mark_dirty(table_off)
 
+    def _tables(self, a: int, b: int):
+        """For each L2 table covering [a, b): (start, end, table, table offset), the
+        table made private to the active layer (allocated or copied) first."""
+        span = self._l2_span_bits
+        pos = a
+        while pos < b:
+            l1i = pos >> span
+            tend = min(b, (l1i + 1) << span)
+            table, toff = self._l2_for_write(l1i)
+            yield pos, tend, table, toff
+            pos = tend
+
     def _l2_for_write(self, l1i: int):
         """The L2 table for L1 index ``l1i``, private to the active layer (allocated,
         or copied from a table shared with a snapshot)."""
@@ -396,15 +408,10 @@ class WritableQcow2Image(Qcow2Image):
 
     def _write(self, mv: memoryview, offset: int) -> None:
         end = offset + len(mv)
-        pos = offset
-        span = self._l2_span_bits
         cbits = self.cluster_bits
         cs = self.cluster_size
         mask = self._l2_entries - 1
-        while pos < end:
-            l1i = pos >> span
-            tend = min(end, (l1i + 1) << span)
-            table, toff = self._l2_for_write(l1i)
+        for pos, tend, table, toff in self._tables(offset, end):
             i = (pos >> cbits) & mask
             while pos < tend:
                 cstart = pos & ~(cs - 1)
@@ -475,10 +482,7 @@ class WritableQcow2Image(Qcow2Image):
     def _old_content(self, e: int, bm: int, cstart: int, into: memoryview) -> None:
         """What the cluster at guest ``cstart`` reads as now (whole cluster)."""
         if e & C.OFLAG_COMPRESSED:
-            shift = 62 - (self.cluster_bits - 8)
-            coff = e & ((1 << shift) - 1)
-            nsec = ((e >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
-            csize = nsec * 512 - (coff & 511)
+            coff, csize, _start, _n = C.compressed_extent(e, self.cluster_bits)
             src = bytearray(csize)
             self.be.readinto(src, coff)
             into[:] = self._decompressor().decompress(src)
@@ -553,12 +557,9 @@ class WritableQcow2Image(Qcow2Image):
     def _free_entry(self, e: int, bm: int = 0) -> None:
         """Drop the reference an L2 entry held (the caller replaced it)."""
         if e & C.OFLAG_COMPRESSED:
-            shift = 62 - (self.cluster_bits - 8)
-            coff = e & ((1 << shift) - 1)
-            nsec = ((e >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
-            start = coff & ~511
-            self.refs.free(start, nsec * 512)
-            self.refs.block_freed(start, nsec * 512)
+            _coff, _csize, start, n = C.compressed_extent(e, self.cluster_bits)
+            self.refs.free(start, n)
+            self.refs.block_freed(start, n)
             return
         off = e & C.L2E_OFFSET_MASK
         if off and self.data_be is self.be:
@@ -569,13 +570,8 @@ class WritableQcow2Image(Qcow2Image):
         """v3: mark whole clusters (or subclusters) in [a, b) as zero, freeing space."""
         h = self.header
         cs = self.cluster_size
-        pos = a
-        span = self._l2_span_bits
         mask = self._l2_entries - 1
-        while pos < b:
-            l1i = pos >> span
-            tend = min(b, (l1i + 1) << span)
-            table, toff = self._l2_for_write(l1i)
+        for pos, tend, table, toff in self._tables(a, b):
             while pos < tend:
                 i = (pos >> self.cluster_bits) & mask
                 cstart = pos & ~(cs - 1)
@@ -750,13 +746,8 @@ def _preallocate(img: WritableQcow2Image, a: int, b: int, mode: str) -> None:
     space; full: and written zeros)."""
     from .backends import _fallocate
     cs = img.cluster_size
-    pos = (a + cs - 1) // cs * cs
-    span = img._l2_span_bits
     mask = img._l2_entries - 1
-    while pos < b:
-        l1i = pos >> span
-        tend = min(b, (l1i + 1) << span)
-        table, toff = img._l2_for_write(l1i)
+    for pos, tend, table, toff in img._tables((a + cs - 1) // cs * cs, b):
         i = (pos >> img.cluster_bits) & mask
         n = (tend - pos + cs - 1) // cs
         # only entries not yet allocated
@@ -787,7 +778,6 @@ def _preallocate(img: WritableQcow2Image, a: int, b: int, mode: str) -> None:
                     elif be.size() < host + length:
                         be.truncate(host + length)
                 img.file_size = max(img.file_size, host + length)
-        pos = tend
 
 
 def _write_zeros(be, offset: int, length: int) -> None:

@@ -56,10 +56,8 @@ def _tree(img, l1: list[int]):
 def _data_ranges(img, entry: int):
     """Host byte ranges an L2 descriptor holds a reference on."""
     if entry & C.OFLAG_COMPRESSED:
-        shift = 62 - (img.cluster_bits - 8)
-        coff = entry & ((1 << shift) - 1)
-        nsec = ((entry >> shift) & ((1 << (img.cluster_bits - 8)) - 1)) + 1
-        return [((coff & ~511), nsec * 512)]
+        _coff, _csize, start, n = C.compressed_extent(entry, img.cluster_bits)
+        return [(start, n)]
     off = entry & C.L2E_OFFSET_MASK
     if off and not img.header.has_data_file:
         return [(off, img.cluster_size)]
