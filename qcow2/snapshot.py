@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from . import constants as C
 from .errors import CorruptImageError
@@ -11,23 +10,31 @@ from .errors import CorruptImageError
 _SN = struct.Struct(">QIHHIIQII")   # 40 bytes
 
 
-@dataclass
 class Snapshot:
-    index: int
-    l1_table_offset: int
-    l1_size: int
-    id: str
-    name: str
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    vm_state_size: int
-    disk_size: int | None       # None: older entries, the image's size applies
-    icount: int | None
-    extra_data_size: int
-    entry_offset: int
-    extra: bytes = b""          # the extra data as stored (kept when the table is rewritten)
-    entry_size: int = 0         # bytes the entry takes in the table, padding included
+    """One entry of the snapshot table (a plain class: see header.Header)."""
+
+    def __init__(self, index: int, l1_table_offset: int, l1_size: int, id: str, name: str,
+                 date_sec: int, date_nsec: int, vm_clock_nsec: int, vm_state_size: int,
+                 disk_size: int | None, icount: int | None, extra_data_size: int,
+                 entry_offset: int, extra: bytes = b"", entry_size: int = 0):
+        self.index = index
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.id = id
+        self.name = name
+        self.date_sec = date_sec
+        self.date_nsec = date_nsec
+        self.vm_clock_nsec = vm_clock_nsec
+        self.vm_state_size = vm_state_size
+        self.disk_size = disk_size          # None: older entries, the image's size applies
+        self.icount = icount
+        self.extra_data_size = extra_data_size
+        self.entry_offset = entry_offset
+        self.extra = extra                  # the extra data as stored (kept on rewrite)
+        self.entry_size = entry_size        # bytes it takes in the table, padding included
+
+    def __repr__(self) -> str:
+        return f"Snapshot(id={self.id!r}, name={self.name!r}, l1={self.l1_table_offset:#x})"
 
     def info(self) -> dict:
         """The entry as `qemu-img info --output=json` lists it."""

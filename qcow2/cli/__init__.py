@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
@@ -32,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         # a subcommand whose module has not landed yet is simply not offered
-        if importlib.util.find_spec(f"{__name__}.{name}") is None:
+        if not os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py")):
             continue
         importlib.import_module(f".{name}", __name__).add_parser(sub)
     return p
