@@ -256,3 +256,17 @@ def test_convert_concatenates_sources(images, tmp_path):
         same(ours, theirs)
         if fmt == "qcow2":
             check_clean(ours)
+
+
+@pytest.mark.parametrize("flag", [[], ["-W"]])
+def test_convert_in_order_unless_W(images, tmp_path, flag):
+    out = tmp_path / "o.qcow2"
+    r = cli("convert", "-m", "4", *flag, "-O", "qcow2", str(images["raw"]), str(out))
+    assert r.returncode == 0, r.stderr
+    check_clean(out)
+    same(images["raw"], out)
+    if not flag:
+        m = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(out)],
+                                      capture_output=True, text=True).stdout)
+        offs = [e["offset"] for e in m if e.get("data") and "offset" in e]
+        assert offs == sorted(offs)          # host layout follows the guest order

@@ -83,6 +83,37 @@ class _Progress:
         self.cb(pct)
 
 
+def _run_ordered(jobs, compute, apply, workers: int, in_order: bool) -> None:
+    """``compute`` runs in worker threads (reads, decodes, compresses); ``apply`` runs in
+    this thread on each result, in submission order when ``in_order`` (qemu-img's
+    default: the output's layout follows the guest order), else as results complete
+    (``-W``).  At most two jobs per worker are in flight: memory stays bounded."""
+    if workers <= 1:
+        for job in jobs:
+            apply(compute(job))
+        return
+    from collections import deque
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-convert") as pool:
+        pending: deque = deque()
+        try:
+            for job in jobs:
+                pending.append(pool.submit(compute, job))
+                while len(pending) >= workers * 2:
+                    if in_order:
+                        apply(pending.popleft().result())
+                    else:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            pending.remove(f)
+                            apply(f.result())
+            while pending:
+                apply(pending.popleft().result())
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+
+
 def _run_pool(jobs, work, workers: int) -> None:
     if workers <= 1:
         for job in jobs:
@@ -185,7 +216,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             _to_qcow2(images, dst, size, opts=opts, compress=compress, sparse_size=sparse_size,
                       sync=sync, workers=workers, progress=progress, no_create=no_create,
                       target_is_zero=target_is_zero, backing_file=backing_file,
-                      backing_format=backing_format)
+                      backing_format=backing_format, out_of_order=out_of_order)
     finally:
         for img in images:
             img.close()
@@ -308,7 +339,8 @@ def _pwrite_all(fd: int, mv: memoryview, off: int) -> None:
 # ---------------------------------------------------------------------------
 
 def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, progress,
-              no_create, target_is_zero, backing_file, backing_format) -> None:
+              no_create, target_is_zero, backing_file, backing_format,
+              out_of_order=False) -> None:
     from ..create_image import create
     from ..image import open_image
 
@@ -331,7 +363,8 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
         _fill_qcow2(images, out, size, compress=compress, sparse_size=sparse_size,
                     workers=workers, progress=progress,
                     top_only=backing_file is not None,
-                    zero_writes=(no_create and not target_is_zero) or backing_file is not None)
+                    zero_writes=(no_create and not target_is_zero) or backing_file is not None,
+                    out_of_order=out_of_order)
         out.flush() if sync else None
         out.close()
         out = None
@@ -373,7 +406,7 @@ def _windows(pieces, window: int):
 
 
 def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, top_only,
-                zero_writes) -> None:
+                zero_writes, out_of_order=False) -> None:
     from .. import kernels
 
     cs = out.cluster_size
@@ -392,7 +425,8 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
             c = tls.c = kernels.Compressor(out.header.compression_type, cs)
         return c
 
-    def work(job):
+    def compute(job):
+        """Read (and compress) one window; returns the writes it needs."""
         w, segs = job
         end = min(size, w + window)
         buf = bytearray(end - w)
@@ -415,6 +449,7 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
                     write[k] = True
         zero = kernels.zero_blocks(mv, cs).tolist() if sparse_size else [False] * ncl
         comp = compressor() if compress else None
+        ops = []
         k = 0
         while k < ncl:
             if not write[k]:
@@ -424,19 +459,30 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
             piece = mv[k * cs:(k + 1) * cs]
             if zero[k]:
                 if zero_writes or keep[k]:
-                    out.write_zeroes(a, len(piece))
+                    ops.append(("z", a, len(piece), None))
                 k += 1
                 continue
             if comp is not None:
                 full = piece if len(piece) == cs else bytes(piece) + bytes(cs - len(piece))
-                out.write_compressed_prepared(a, comp.compress(full), piece)
+                ops.append(("c", a, comp.compress(full), piece))
                 k += 1
                 continue
             j = k + 1
             while j < ncl and write[j] and not zero[j]:
                 j += 1
-            out.pwrite(mv[k * cs:j * cs], a)
+            ops.append(("w", a, mv[k * cs:j * cs], None))
             k = j
+        return ops, ndata
+
+    def apply(result):
+        ops, ndata = result
+        for op, a, x, y in ops:
+            if op == "w":
+                out.pwrite(x, a)
+            elif op == "z":
+                out.write_zeroes(a, x)
+            else:
+                out.write_compressed_prepared(a, x, y)
         prog.add(ndata)
 
-    _run_pool(jobs, work, workers)
+    _run_ordered(jobs, compute, apply, workers, in_order=not out_of_order)
