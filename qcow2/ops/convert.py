@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from .._atomic import AtomicOutput, fsync_dir
+from .._atomic import AtomicOutput, fsync_dir, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 
 CHUNK = 4 * 1024 * 1024
@@ -151,7 +151,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             no_create: bool = False, target_is_zero: bool = False,
             backing_file: str | None = None, backing_format: str | None = None,
             progress=None, untrusted: bool = False, force_share: bool = False,
-            snapshot=None) -> None:
+            snapshot=None, max_output: int | None = None) -> None:
     """Convert image(s) ``src`` (a path or a list of paths, concatenated) to ``dst``.
 
     ``out_format`` "raw" (sparse) or "qcow2"; ``compress`` (-c) writes compressed
@@ -162,7 +162,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     only what the source's top layer holds is written; ``no_create`` (-n): write into
     an existing DST; ``target_is_zero``: with -n, skip writing zeros; ``cache`` (-t)
     "none"/"writeback" flush the output before returning, "unsafe" does not;
-    ``workers`` (-m) threads; ``progress``: a callable taking a percentage.
+    ``workers`` (-m) threads; ``progress``: a callable taking a percentage;
+    ``max_output``: refuse (UnsafeImageError) when the output would exceed that many bytes.
     """
     from ..image import open_image
 
@@ -201,6 +202,10 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             images.append(open_image(s, format=src_format, untrusted=untrusted,
                                      snapshot=snapshot, force_share=force_share))
         size = sum(img.size for img in images)
+        if max_output is not None and size > max_output:
+            from ..errors import UnsafeImageError
+            raise UnsafeImageError(f"output of {size} bytes exceeds the limit of "
+                                   f"{max_output} bytes (max_output)")
         sync = cache != "unsafe"
         if (out_format == "raw" and len(images) == 1 and images[0].format == "raw"
                 and images[0].file_size % 512 == 0 and not no_create and sparse_size):
@@ -234,6 +239,7 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
     prog = _Progress(sum(p.n for p in pieces if p.kind == DATA), progress)
 
     def copy(fd: int, zero_writes: bool):
+        # (sync: the output will be flushed at the end: start writing back early)
         jobs = []
         for p in pieces:
             if p.kind == DATA:
@@ -253,6 +259,8 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
                 _write_sparse(fd, mv, d, sparse_size, kernels, zero_writes)
             else:
                 _pwrite_all(fd, mv, d)
+            if sync:
+                start_writeback(fd, d, n)
             prog.add(n)
 
         if progress is not None:
@@ -474,15 +482,22 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
             k = j
         return ops, ndata
 
+    applied = [0]
+
     def apply(result):
         ops, ndata = result
         for op, a, x, y in ops:
             if op == "w":
                 out.pwrite(x, a)
+                applied[0] += len(x)
             elif op == "z":
                 out.write_zeroes(a, x)
             else:
                 out.write_compressed_prepared(a, x, y)
+                applied[0] += len(x) if x is not None else len(y)
+        if applied[0] >= 64 << 20:           # let the disk work while we go on
+            applied[0] = 0
+            start_writeback(out.be.fd)
         prog.add(ndata)
 
     _run_ordered(jobs, compute, apply, workers, in_order=not out_of_order)

@@ -43,7 +43,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable
 
-from .._atomic import AtomicOutput
+from .._atomic import AtomicOutput, start_writeback
 from ..backends import FileBackend
 from ..errors import Qcow2Error
 
@@ -126,6 +126,7 @@ def _copy(be: FileBackend, fd: int, size: int, preallocate: bool, progress,
                     continue
                 state["offload"] = False
             _pwrite_all(fd, chunk[a:b], pos + a)
+        start_writeback(fd, pos, n)
         if progress is not None:
             with lock:
                 state["done"] += n
