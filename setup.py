@@ -48,7 +48,7 @@ setup(
     version="0.1.0",
     description="A Python engine for QEMU's qcow2 disk-image format with a small C core",
     python_requires=">=3.11",
-    packages=["qcow2", "qcow2.cli", "qcow2.ops", "qcow2.backends"],
+    packages=["qcow2", "qcow2.cli", "qcow2.ops", "qcow2.compute", "qcow2.backends"],
     package_dir={"qcow2.backends": "backends"},
     setup_requires=["cffi>=1.16"],
     cffi_modules=["native/build_native.py:ffibuilder"],

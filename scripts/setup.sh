@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS="qemu-utils zlib1g-dev libzstd-dev libdeflate-dev gcc python3-venv python3-dev e2fsprogs"
+PKGS="qemu-utils zlib1g-dev libzstd-dev libdeflate-dev gcc python3-venv python3-dev e2fsprogs lvm2 util-linux"
 missing=""
 for p in $PKGS; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

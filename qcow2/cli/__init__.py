@@ -13,7 +13,7 @@ import os
 import sys
 
 COMMANDS = ("create", "info", "map", "convert", "check", "compare", "measure", "resize",
-            "rebase", "commit", "snapshot", "amend")
+            "rebase", "commit", "snapshot", "amend", "compute")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,125 @@
+"""qcow2 compute spawn|destroy|clean|usage: the compute-host image flow (nova's).
+
+    qcow2 compute spawn --config FILE --instance UUID --image IMAGE_ID --source PATH_OR_URL
+                        --root-size SIZE [--disk-format qcow2|raw] [--checksum sha256:HEX]
+                        [--ephemeral-size SIZE] [--swap-size SIZE]
+    qcow2 compute destroy --config FILE --instance UUID
+    qcow2 compute clean --config FILE [--dry-run] [--now EPOCH_SECONDS] [--output=json]
+    qcow2 compute usage --config FILE [--output=json]
+"""
+
+from __future__ import annotations
+
+import json
+
+from .common import ProgressPrinter, parse_size
+
+
+def add_parser(sub):
+    p = sub.add_parser("compute", help="the compute-host image flow (base cache, instance "
+                                       "disks, cache manager)")
+    cs = p.add_subparsers(dest="compute_command", metavar="ACTION")
+    cs.required = True
+
+    def common(sp):
+        sp.add_argument("--config", required=True, help="nova.conf-style options file")
+
+    s = cs.add_parser("spawn", help="fetch the image and build an instance's disks")
+    common(s)
+    s.add_argument("--instance", required=True)
+    s.add_argument("--image", required=True, help="image id (names the cache file)")
+    s.add_argument("--source", required=True, help="local path or http(s) URL")
+    s.add_argument("--root-size", required=True, type=_size)
+    s.add_argument("--disk-format", choices=("qcow2", "raw"), default=None)
+    s.add_argument("--checksum", default=None, help="sha256:HEX")
+    s.add_argument("--ephemeral-size", type=_size, default=None)
+    s.add_argument("--swap-size", type=_size, default=None)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=run_spawn)
+
+    d = cs.add_parser("destroy", help="remove an instance's disks")
+    common(d)
+    d.add_argument("--instance", required=True)
+    d.set_defaults(func=run_destroy)
+
+    c = cs.add_parser("clean", help="one pass of the image cache manager")
+    common(c)
+    c.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    c.add_argument("--now", type=float, default=None, help="the time, in epoch seconds")
+    c.add_argument("--output", choices=("human", "json"), default="human")
+    c.set_defaults(func=run_clean)
+
+    u = cs.add_parser("usage", help="disk usage of the image cache")
+    common(u)
+    u.add_argument("--output", choices=("human", "json"), default="human")
+    u.set_defaults(func=run_usage)
+
+
+def _size(text: str) -> int:
+    return parse_size(text)
+
+
+def _opts(args):
+    from ..compute import Options
+    return Options.from_file(args.config)
+
+
+def run_spawn(args) -> int:
+    import sys
+
+    from .. import compute
+    bar = None if args.quiet else ProgressPrinter(sys.stderr)
+    res = compute.spawn(_opts(args), args.instance, args.image, args.source, args.root_size,
+                        disk_format=args.disk_format, checksum=args.checksum,
+                        ephemeral_size=args.ephemeral_size, swap_size=args.swap_size,
+                        progress=bar)
+    if bar is not None and bar.last >= 0:
+        bar.done()
+    print(f"base: {res['base']} ({res['base_format']})")
+    for name, d in res["disks"].items():
+        print(f"{name}: {d['path']} ({d['format']})")
+    return 0
+
+
+def run_destroy(args) -> int:
+    from .. import compute
+    for what in compute.destroy(_opts(args), args.instance):
+        print(f"removed {what}")
+    return 0
+
+
+def run_clean(args) -> int:
+    from .. import compute
+    rep = compute.clean(_opts(args), dry_run=args.dry_run, now=args.now)
+    if args.output == "json":
+        print(json.dumps(rep, indent=4))
+        return 0
+    for p in rep["in_use"]:
+        print(f"in use: {p}")
+    for p in rep["would_remove"]:
+        print(f"would remove: {p}")
+    for p in rep["removed"]:
+        print(f"removed: {p}")
+    for p in rep["too_young"]:
+        print(f"too young to remove: {p}")
+    for p in rep["busy"]:
+        print(f"being written, left alone: {p}")
+    for p in rep["kept"]:
+        print(f"kept: {p}")
+    _print_usage(rep["usage"])
+    return 0
+
+
+def run_usage(args) -> int:
+    from .. import compute
+    u = compute.usage(_opts(args))
+    if args.output == "json":
+        print(json.dumps(u, indent=4))
+    else:
+        _print_usage(u)
+    return 0
+
+
+def _print_usage(u) -> None:
+    print(f"cache {u['directory']}: {u['count']} files, {u['allocated']} bytes allocated "
+          f"({u['size']} bytes apparent)")

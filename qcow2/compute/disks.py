@@ -1,0 +1,313 @@
+"""Instance disks, as nova's libvirt image backends make them.
+
+In ``<instances_path>/<instance uuid>/``:
+  * ``disk``: for qcow2 a qcow2 overlay on the base (absolute backing file, backing
+    format set, the flavor's root size); for raw/flat a sparse copy of the base extended
+    to the root size; for lvm a logical volume ``<uuid>_disk`` in images_volume_group
+    holding the raw image (data regions written, the rest zeroed).
+  * ``disk.local`` (ephemeral, from a cached ``ephemeral_<size>_<hash>`` base formatted
+    with default_ephemeral_format, label ``ephemeral0``) and ``disk.swap`` (from a
+    cached ``swap_<MiB>`` base made by mkswap), made the same way as ``disk``.
+  * ``disk.info``: JSON mapping each file disk's path to its format, as nova writes it.
+preallocate_images=space reserves the space (fallocate; for a qcow2 overlay
+``fallocate --keep-size`` over the virtual size, as nova does).  Raw disks that hold an
+unpartitioned ext2/3/4 file system get it grown (``e2fsck -fp``, ``resize2fs``); qcow2
+disks would need a block device (resize_fs_using_block_device): not done here.
+A root size smaller than the image is refused before any instance disk is created;
+on failure everything made for the instance is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+from .._atomic import AtomicOutput, fsync_dir
+from .errors import ComputeError, ToolError
+from .fetch import check_space, clean_stale_temps, fetch_base
+from .locks import ephemeral_name, image_lock, swap_name
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
+                   r"[0-9a-fA-F]{12}$")
+EPHEMERAL_LABEL = "ephemeral0"
+
+
+def run_tool(args, *, ok=(0,)) -> str:
+    try:
+        res = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        raise ToolError(f"{args[0]} is not installed") from None
+    if res.returncode not in ok:
+        raise ToolError(f"{' '.join(args)} failed (exit {res.returncode}): "
+                        f"{res.stderr.strip()}")
+    return res.stdout
+
+
+def instance_dir(opts, instance: str) -> str:
+    if not _UUID.match(instance):
+        raise ComputeError(f"invalid instance uuid {instance!r}")
+    return os.path.join(opts.instances_path, instance)
+
+
+def virtual_size(path: str) -> int:
+    import qcow2
+    with qcow2.open(path, untrusted=True) as img:
+        return img.size
+
+
+# -- file systems ----------------------------------------------------------------------
+
+def mkfs(fs: str, path: str, label: str | None) -> None:
+    """nova's utils.mkfs: ``mkfs -t FS [-F] [-L|-n LABEL] PATH``."""
+    args = ["mkfs", "-t", fs]
+    if fs in ("ext2", "ext3", "ext4", "ntfs"):
+        args.append("-F")
+    elif fs == "xfs":
+        args.append("-f")
+    if label:
+        args += ["-n" if fs in ("msdos", "vfat") else "-L", label]
+    run_tool(args + [path])
+
+
+def is_extendable_fs(path: str) -> bool:
+    """nova's check: e2label succeeds on the whole disk (an unpartitioned ext2/3/4)."""
+    res = subprocess.run(["e2label", path], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    return res.returncode == 0
+
+
+def grow_fs(path: str) -> bool:
+    """``e2fsck -fp`` then ``resize2fs`` when ``path`` holds an unpartitioned ext fs."""
+    if not is_extendable_fs(path):
+        return False
+    run_tool(["e2fsck", "-fp", path], ok=(0, 1, 2))
+    run_tool(["resize2fs", path])
+    return True
+
+
+# -- cached bases made here (ephemeral, swap) ---------------------------------------------
+
+def _make_base(opts, name: str, size: int, fill) -> str:
+    """Create the cached base ``name`` of ``size`` bytes with ``fill(path)`` once."""
+    base_dir = opts.base_dir
+    os.makedirs(base_dir, exist_ok=True)
+    path = os.path.join(base_dir, name)
+    with image_lock(opts.lock_dir, name):
+        clean_stale_temps(base_dir, name)
+        if os.path.exists(path):
+            return path
+        check_space(base_dir, size // 16, f"the base {name}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=base_dir)
+        try:
+            os.ftruncate(fd, size)
+            fill(tmp)
+            os.fsync(fd)
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, path)
+            fsync_dir(base_dir)
+        finally:
+            os.close(fd)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def ephemeral_base(opts, size: int) -> str:
+    fs = opts.ephemeral_format
+    return _make_base(opts, ephemeral_name(size, fs), size,
+                      lambda p: mkfs(fs, p, EPHEMERAL_LABEL))
+
+
+def swap_base(opts, size: int) -> str:
+    return _make_base(opts, swap_name(size), size, lambda p: run_tool(["mkswap", p]))
+
+
+# -- one disk from a base -------------------------------------------------------------------
+
+def _fallocate_keep_size(path: str, size: int) -> None:
+    from ..backends._fallocate import FALLOC_FL_KEEP_SIZE, _fallocate
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_disk(opts, base: str, base_fmt: str, path: str, size: int, grow: bool) -> str:
+    """Make the file disk ``path``; returns its format."""
+    import qcow2
+    space = opts.preallocate_images == "space"
+    if opts.backend == "qcow2":
+        qcow2.create(path, size, backing_file=os.path.abspath(base), backing_format=base_fmt,
+                     cluster_size=65536)
+        if space:
+            _fallocate_keep_size(path, size)
+        return "qcow2"
+    # flat / raw: a sparse raw copy, extended to the root size
+    check_space(os.path.dirname(path), size if space else 0, f"the disk {path}")
+    if base_fmt == "raw":
+        qcow2.sparse_copy(base, path, preallocate=space)
+    else:
+        qcow2.convert(base, path, src_format=base_fmt, out_format="raw", untrusted=True)
+    with open(path, "rb+") as f:
+        if os.fstat(f.fileno()).st_size < size:
+            os.ftruncate(f.fileno(), size)
+        if space:
+            from ..backends._fallocate import allocate
+            allocate(f.fileno(), 0, size)
+        os.fsync(f.fileno())
+    if grow:
+        grow_fs(path)
+    return "raw"
+
+
+def _lvm_disk(opts, base: str, base_fmt: str, lv_name: str, size: int, grow: bool) -> str:
+    """A volume holding the raw image: data regions written, the rest zeroed."""
+    import qcow2
+    from ..backends import lvm
+    vg = opts.images_volume_group
+    dev = lvm.create_volume(vg, lv_name, size)
+    try:
+        out = lvm.BlockDeviceBackend(dev, writable=True)
+        try:
+            dev_size = out.size()
+            with qcow2.open(base, untrusted=True, format=base_fmt) as img:
+                buf = bytearray(4 << 20)
+                pos = 0
+                for e in img.extents():
+                    if e.data and not e.zero:
+                        off, end = e.start, e.start + e.length
+                        while off < end:
+                            n = min(len(buf), end - off)
+                            mv = memoryview(buf)[:n]
+                            img.readinto(mv, off)
+                            out.pwrite(mv, off)
+                            off += n
+                    else:
+                        out.zero_range(e.start, e.length)
+                    pos = e.start + e.length
+                out.zero_range(pos, dev_size - pos)
+            out.flush()
+        finally:
+            out.close()
+        if grow:
+            grow_fs(dev)
+    except BaseException:
+        try:
+            lvm.remove_volume(vg, lv_name)
+        except OSError:
+            pass
+        raise
+    return dev
+
+
+def write_disk_info(inst_dir: str, entries: dict) -> None:
+    """disk.info as nova writes it: {"<disk path>": "<format>"}."""
+    path = os.path.join(inst_dir, "disk.info")
+    info = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                info = json.load(f)
+            except ValueError:
+                info = {}
+    info.update(entries)
+    with AtomicOutput(path, 0o644) as out:
+        os.write(out.fd, json.dumps(info).encode())
+        out.commit(sync=True)
+
+
+# -- the flow -------------------------------------------------------------------------------
+
+def spawn(opts, instance: str, image_id: str, source: str, root_size: int, *,
+          disk_format: str | None = None, checksum: str | None = None,
+          ephemeral_size: int | None = None, swap_size: int | None = None,
+          progress=None) -> dict:
+    """Fetch the image into the cache and build the instance's disks.
+
+    Returns {"base": path, "base_format": fmt, "disks": {name: {"path", "format"}}}.
+    """
+    inst_dir = instance_dir(opts, instance)
+    backend = opts.backend
+    if backend == "lvm":
+        import shutil as _sh
+        if not _sh.which("lvcreate"):
+            raise ComputeError("images_type lvm needs lvm2 (lvcreate) installed")
+    base, base_fmt = fetch_base(opts, image_id, source, disk_format=disk_format,
+                                checksum=checksum, progress=progress)
+    vsize = virtual_size(base)
+    if root_size < vsize:
+        raise ComputeError(f"root size {root_size} is smaller than the image "
+                           f"({vsize} bytes): refused")
+    wants = [("disk", base, base_fmt, root_size, True)]
+    made_dir = not os.path.isdir(inst_dir)
+    os.makedirs(inst_dir, exist_ok=True)
+    made: list[tuple[str, str]] = []
+    result = {"base": base, "base_format": base_fmt, "disks": {}}
+    try:
+        if ephemeral_size:
+            wants.append(("disk.local", ephemeral_base(opts, ephemeral_size), "raw",
+                          ephemeral_size, False))
+        if swap_size:
+            wants.append(("disk.swap", swap_base(opts, swap_size), "raw", swap_size, False))
+        info = {}
+        for name, b, bfmt, size, is_root in wants:
+            grow = is_root and (backend != "qcow2" or False)
+            if backend == "lvm":
+                lv = f"{instance}_{name.replace('.', '_')}"
+                dev = _lvm_disk(opts, b, bfmt, lv, size, grow)
+                made.append(("lv", lv))
+                result["disks"][name] = {"path": dev, "format": "raw"}
+            else:
+                path = os.path.join(inst_dir, name)
+                if os.path.exists(path):
+                    raise ComputeError(f"{path} already exists")
+                made.append(("file", path))
+                fmt = _file_disk(opts, b, bfmt, path, size, grow)
+                info[path] = fmt
+                result["disks"][name] = {"path": path, "format": fmt}
+        if info:
+            write_disk_info(inst_dir, info)
+    except BaseException:
+        _undo(opts, made)
+        if made_dir:
+            shutil.rmtree(inst_dir, ignore_errors=True)
+        raise
+    return result
+
+
+def _undo(opts, made) -> None:
+    from ..backends import lvm
+    for kind, what in reversed(made):
+        try:
+            if kind == "lv":
+                lvm.remove_volume(opts.images_volume_group, what)
+            else:
+                os.unlink(what)
+        except OSError:
+            pass
+
+
+def destroy(opts, instance: str) -> list[str]:
+    """Remove the instance's directory and (lvm) its volumes; returns what was removed."""
+    inst_dir = instance_dir(opts, instance)
+    removed = []
+    if opts.images_volume_group and shutil.which("lvs"):
+        from ..backends import lvm
+        try:
+            names = lvm.list_volumes(opts.images_volume_group)
+        except OSError:
+            names = []
+        for lv in names:
+            if lv.startswith(f"{instance}_"):
+                lvm.remove_volume(opts.images_volume_group, lv)
+                removed.append(lvm.volume_path(opts.images_volume_group, lv))
+    if os.path.isdir(inst_dir):
+        shutil.rmtree(inst_dir)
+        removed.append(inst_dir)
+    return removed

@@ -1,0 +1,295 @@
+"""Fetching an image into the base cache, once per image, safely.
+
+``fetch_base(opts, image_id, source)`` leaves the image at
+``<instances_path>/<subdirectory_name>/<sha1(image_id)>`` and returns its path and
+format.  The per-image lock (``locks/nova-<sha1>``) makes concurrent requests for one
+image fetch it once; the others find the finished file.
+
+Sources: a local path or an http(s) URL (streamed).  The image is checked in untrusted
+mode -- a backing file, an external data file, or a format other than the declared one
+refuses it -- and an optional ``sha256:HEX`` checksum is verified before anything is
+placed.  With ``force_raw_images`` a qcow2 image becomes a sparse raw base.
+
+Passes:
+  * raw over http: one pass -- streamed straight into the (anonymous, ``O_TMPFILE``)
+    output, zero blocks left as holes, hashed on the way; linked in place after the
+    checksum matched and the data is fsynced.
+  * qcow2 over http: the body is first written to a temporary ``.<name>.<rand>.part``
+    next to the base (a qcow2 cannot be decoded from a stream: its tables point anywhere
+    in the file), then checked, converted (force_raw) or renamed into place; the
+    temporary file is removed on every path, and stale ones left by a killed process
+    are removed under the lock before the next attempt.
+  * a local source: read in place (untrusted), converted or sparse-copied straight into
+    the base: no temporary copy.
+Free space is checked first against what the result needs (``qcow2.measure`` for a
+conversion, the allocated size for a copy, Content-Length for a download).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+
+from .._atomic import AtomicOutput, fsync_dir
+from ..errors import Qcow2Error
+from .errors import (ChecksumError, ComputeError, DownloadError, ImageFormatMismatchError,
+                     InsufficientSpaceError)
+from .locks import base_name, image_lock
+
+QCOW2_MAGIC = b"QFI\xfb"
+CHUNK = 1 << 20
+BLOCK = 4096
+TIMEOUT = 60.0
+
+
+def parse_checksum(checksum: str | None) -> str | None:
+    """``sha256:HEX`` -> HEX (lower case); None stays None."""
+    if checksum is None:
+        return None
+    m = re.fullmatch(r"sha256:([0-9a-fA-F]{64})", checksum.strip())
+    if not m:
+        raise ComputeError(f"invalid checksum {checksum!r} (expected sha256:<64 hex digits>)")
+    return m.group(1).lower()
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def clean_stale_temps(base_dir: str, name: str) -> list[str]:
+    """Remove temporary files of ``name`` left by a killed fetch (call under its lock)."""
+    removed = []
+    try:
+        entries = os.listdir(base_dir)
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if entry.startswith(f".{name}.") and entry.endswith(".part"):
+            try:
+                os.unlink(os.path.join(base_dir, entry))
+                removed.append(entry)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def free_space(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_space(path: str, need: int, what: str) -> None:
+    have = free_space(path)
+    if need > have:
+        raise InsufficientSpaceError(f"not enough space in {path} for {what}: "
+                                     f"{need} bytes needed, {have} available")
+
+
+def probe_format(head: bytes) -> str:
+    return "qcow2" if head[:4] == QCOW2_MAGIC else "raw"
+
+
+def fetch_base(opts, image_id: str, source: str, *, disk_format: str | None = None,
+               checksum: str | None = None, progress=None, name: str | None = None,
+               timeout: float = TIMEOUT) -> tuple[str, str]:
+    """Make sure the base file of ``image_id`` is in the cache; (path, format).
+
+    ``disk_format`` is the declared format ("qcow2" or "raw"; None accepts either);
+    ``checksum`` "sha256:HEX"; ``progress`` a callable taking a percentage.
+    """
+    if disk_format not in (None, "raw", "qcow2"):
+        raise ComputeError(f"unsupported disk format {disk_format!r} (raw or qcow2)")
+    want = parse_checksum(checksum)
+    name = name or base_name(image_id)
+    base_dir = opts.base_dir
+    os.makedirs(base_dir, exist_ok=True)
+    path = os.path.join(base_dir, name)
+    with image_lock(opts.lock_dir, name):
+        clean_stale_temps(base_dir, name)
+        if os.path.exists(path):
+            return path, file_format(path)
+        if is_url(source):
+            fmt = _fetch_url(opts, source, path, disk_format, want, progress, timeout)
+        else:
+            fmt = _fetch_local(opts, source, path, disk_format, want, progress)
+    return path, fmt
+
+
+def file_format(path: str) -> str:
+    with open(path, "rb") as f:
+        return probe_format(f.read(4))
+
+
+def _refuse_format(actual: str, declared: str | None, source: str) -> None:
+    if declared is not None and actual != declared:
+        raise ImageFormatMismatchError(f"image {source} is {actual}, but was declared "
+                                       f"{declared}: refused")
+
+
+def _inspect(path: str, declared: str | None, source: str) -> str:
+    """Open untrusted: refuses backing/data files; returns the probed format."""
+    import qcow2
+    with qcow2.open(path, untrusted=True) as img:
+        fmt = img.format
+    _refuse_format(fmt, declared, source)
+    return fmt
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(CHUNK)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def _verify(got: str, want: str | None, source: str) -> None:
+    if want is not None and got != want:
+        raise ChecksumError(f"checksum mismatch for {source}: expected sha256:{want}, "
+                            f"got sha256:{got}")
+
+
+def _place(opts, src: str, fmt: str, dst: str, progress) -> str:
+    """Put the checked image ``src`` at ``dst`` (raw: sparse copy; qcow2: converted
+    with force_raw_images, else sparse copy).  Returns the base's format."""
+    import qcow2
+    base_dir = os.path.dirname(dst)
+    if fmt == "qcow2" and opts.force_raw_images:
+        need = qcow2.measure(src, fmt="qcow2", out_format="raw")["required"]
+        check_space(base_dir, need, f"the raw base of {src}")
+        qcow2.convert(src, dst, src_format="qcow2", out_format="raw", untrusted=True,
+                      cache="none", progress=progress)
+        return "raw"
+    st = os.stat(src)
+    check_space(base_dir, min(st.st_size, st.st_blocks * 512), f"a copy of {src}")
+    qcow2.sparse_copy(src, dst, progress=progress)
+    return fmt
+
+
+def _fetch_local(opts, source, dst, declared, want, progress) -> str:
+    if not os.path.exists(source):
+        raise ComputeError(f"image source {source} does not exist")
+    fmt = _inspect(source, declared, source)
+    if want is not None:
+        _verify(_sha256_file(source), want, source)
+    return _place(opts, source, fmt, dst, progress)
+
+
+# -- http ------------------------------------------------------------------------------
+
+def _open_url(url: str, timeout: float):
+    try:
+        resp = urllib.request.urlopen(url, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"cannot fetch {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DownloadError(f"cannot fetch {url}: {reason}") from None
+    length = resp.headers.get("Content-Length")
+    return resp, (int(length) if length and length.isdigit() else None)
+
+
+def _read(resp, url: str, n: int) -> bytes:
+    try:
+        return resp.read(n)
+    except Exception as exc:  # noqa: BLE001 - http.client raises several kinds
+        raise DownloadError(f"download of {url} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _stream(resp, url, length, head: bytes, write, hasher, progress) -> int:
+    """Feed the body (``head`` already read) to ``write(data, offset)``; returns its size."""
+    pos = 0
+    buf = head
+    while True:
+        if buf:
+            hasher.update(buf)
+            write(buf, pos)
+            pos += len(buf)
+            if progress is not None and length:
+                progress(min(100.0, 100.0 * pos / length))
+        buf = _read(resp, url, CHUNK)
+        if not buf:
+            break
+    if length is not None and pos != length:
+        raise DownloadError(f"download of {url} ended after {pos} of {length} bytes")
+    return pos
+
+
+def _pwrite_sparse(fd: int, data: bytes, pos: int) -> None:
+    """Write ``data`` at ``pos``, skipping all-zero blocks (holes in a new file)."""
+    n = len(data)
+    if data.count(0) == n:
+        return
+    mv = memoryview(data)
+
+    def put(a: int, b: int) -> None:
+        while a < b:
+            a += os.pwrite(fd, mv[a:b], pos + a)
+
+    start = None
+    i = 0
+    while i < n:
+        j = min(n, (pos + i) // BLOCK * BLOCK + BLOCK - pos)
+        if data.count(0, i, j) == j - i:
+            if start is not None:
+                put(start, i)
+                start = None
+        elif start is None:
+            start = i
+        i = j
+    if start is not None:
+        put(start, n)
+
+
+def _fetch_url(opts, url, dst, declared, want, progress, timeout) -> str:
+    resp, length = _open_url(url, timeout)
+    base_dir = os.path.dirname(dst)
+    try:
+        if length is not None:
+            check_space(base_dir, length, f"the download of {url}")
+        head = _read(resp, url, CHUNK)
+        fmt = probe_format(head)
+        _refuse_format(fmt, declared, url)
+        hasher = hashlib.sha256()
+        if fmt == "raw":
+            # one pass: the body goes straight into the anonymous output file
+            with AtomicOutput(dst, 0o644) as out:
+                size = _stream(resp, url, length, head, lambda b, p: _pwrite_sparse(out.fd, b, p),
+                               hasher, progress)
+                os.ftruncate(out.fd, size)
+                _verify(hasher.hexdigest(), want, url)
+                out.commit(sync=True)
+            return "raw"
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".part",
+                                   dir=base_dir)
+        try:
+            try:
+                _stream(resp, url, length, head, lambda b, p: os.pwrite(fd, b, p) and None,
+                        hasher, progress)
+            finally:
+                os.close(fd)
+            _verify(hasher.hexdigest(), want, url)
+            _inspect(tmp, declared or "qcow2", url)
+            if opts.force_raw_images:
+                return _place(opts, tmp, "qcow2", dst, None)
+            os.chmod(tmp, 0o644)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.rename(tmp, dst)
+            fsync_dir(base_dir)
+            return "qcow2"
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+    except Qcow2Error:
+        raise
+    finally:
+        resp.close()

@@ -1,0 +1,523 @@
+"""The compute-host image flow (qcow2.compute): options, names, the base cache (local
+and over real HTTP on 127.0.0.1), instance disks per images_type and option combination
+(checked with qemu-img), and the cache manager's pinned nova behaviours."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+QEMU_IMG = shutil.which("qemu-img")
+needs_qemu = pytest.mark.skipif(not QEMU_IMG, reason="qemu-img (the test oracle) is not installed")
+needs_mkfs = pytest.mark.skipif(not (shutil.which("mkfs.ext4") and shutil.which("resize2fs")),
+                                reason="e2fsprogs is not installed")
+MiB = 1 << 20
+UUID1 = "11111111-2222-3333-4444-555555555555"
+UUID2 = "11111111-2222-3333-4444-666666666666"
+
+
+@pytest.fixture
+def compute():
+    from qcow2 import compute
+    return compute
+
+
+def qemu(*args, check=True):
+    return subprocess.run([QEMU_IMG, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, check=check, timeout=120)
+
+
+def qinfo(path):
+    return json.loads(qemu("info", "-U", "--output=json", path).stdout)
+
+
+def leftovers(d):
+    """Files in the cache directory (temporary ones included)."""
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A 64 MiB raw disk holding an unpartitioned ext4 with some files, and its qcow2."""
+    if not shutil.which("mkfs.ext4"):
+        pytest.skip("e2fsprogs is not installed")
+    d = tmp_path_factory.mktemp("images")
+    raw = d / "img.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    content = d / "content"
+    content.mkdir()
+    (content / "hello").write_bytes(os.urandom(3 * MiB))
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(content), str(raw)],
+                   check=True)
+    qc = d / "img.qcow2"
+    if QEMU_IMG:
+        qemu("convert", "-O", "qcow2", str(raw), str(qc))
+    return {"raw": str(raw), "qcow2": str(qc), "dir": d}
+
+
+def make_opts(compute, tmp_path, **kw):
+    return compute.Options(instances_path=str(tmp_path / "instances"), **kw)
+
+
+# -- options ---------------------------------------------------------------------------
+
+def test_options_defaults_and_ini(compute, tmp_path):
+    o = compute.Options()
+    assert (o.force_raw_images, o.use_cow_images, o.preallocate_images, o.images_type) == \
+        (True, True, "none", "default")
+    assert o.subdirectory_name == "_base" and o.manager_interval == 2400
+    assert o.remove_unused_original_minimum_age_seconds == 86400
+    assert o.remove_unused_resized_minimum_age_seconds == 3600
+    assert o.ephemeral_format == "ext4" and o.backend == "qcow2"
+    assert o.replace(use_cow_images=False).backend == "flat"
+    assert o.replace(images_type="raw").backend == "flat"
+    conf = tmp_path / "nova.conf"
+    conf.write_text("[DEFAULT]\ninstances_path = /srv/inst\nforce_raw_images = False\n"
+                    "preallocate_images = space\ndefault_ephemeral_format = ext3\n"
+                    "[libvirt]\nimages_type = lvm\nimages_volume_group = vg0\n"
+                    "[image_cache]\nsubdirectory_name = cache\n"
+                    "remove_unused_original_minimum_age_seconds = 10\n")
+    o = compute.Options.from_file(conf)
+    assert o.instances_path == "/srv/inst" and o.force_raw_images is False
+    assert o.preallocate_images == "space" and o.ephemeral_format == "ext3"
+    assert o.backend == "lvm" and o.images_volume_group == "vg0"
+    assert o.base_dir == "/srv/inst/cache" and o.lock_dir == "/srv/inst/locks"
+    assert o.remove_unused_original_minimum_age_seconds == 10
+    assert compute.Options.from_file(conf, instances_path="/x").instances_path == "/x"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[libvirt]\nimages_type = rbd2\n", "[libvirt] images_type"),
+    ("[DEFAULT]\npreallocate_images = full\n", "[DEFAULT] preallocate_images"),
+    ("[DEFAULT]\nforce_raw_images = maybe\n", "[DEFAULT] force_raw_images"),
+    ("[image_cache]\nmanager_interval = soon\n", "[image_cache] manager_interval"),
+    ("[libvirt]\nimages_type = lvm\n", "[libvirt] images_volume_group"),
+])
+def test_options_invalid(compute, tmp_path, text, needle):
+    from qcow2.errors import InvalidOptionError
+    conf = tmp_path / "nova.conf"
+    conf.write_text(text)
+    with pytest.raises(InvalidOptionError) as ei:
+        compute.Options.from_file(conf)
+    assert needle in str(ei.value)
+
+
+# -- names and locks ---------------------------------------------------------------------
+
+def test_nova_cache_name(compute):
+    assert compute.base_name("fd0cb2f1-8375-44c9-b1f4-3e1f4c4a8ef0") == \
+        "0d5e6b61602d758984b3bf038267614d6016eb2a"
+    assert compute.swap_name(512 * MiB) == "swap_512"
+    assert compute.ephemeral_name(1 << 30, "ext4").startswith("ephemeral_1_")
+
+
+def test_lock_is_nova_named(compute, tmp_path, images):
+    o = make_opts(compute, tmp_path)
+    compute.fetch_base(o, "img-a", images["raw"])
+    assert os.listdir(o.lock_dir) == [f"nova-{compute.base_name('img-a')}"]
+
+
+# -- the base cache, local sources -----------------------------------------------------------
+
+@needs_qemu
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("force_raw", [True, False])
+def test_fetch_local(compute, tmp_path, images, fmt, force_raw):
+    o = make_opts(compute, tmp_path, force_raw_images=force_raw)
+    path, bfmt = compute.fetch_base(o, "img", images[fmt], disk_format=fmt)
+    assert path == os.path.join(o.base_dir, compute.base_name("img"))
+    assert bfmt == ("raw" if force_raw else fmt) == qinfo(path)["format"]
+    qemu("compare", "-f", "raw", "-F", bfmt, images["raw"], path)
+    assert os.stat(path).st_blocks * 512 < 16 * MiB          # sparse
+    assert leftovers(o.base_dir) == [os.path.basename(path)]
+
+
+@needs_qemu
+def test_untrusted_refusals_leave_nothing(compute, tmp_path, images):
+    from qcow2.errors import UnsafeImageError
+    o = make_opts(compute, tmp_path)
+    overlay = str(tmp_path / "overlay.qcow2")
+    qemu("create", "-f", "qcow2", "-b", images["raw"], "-F", "raw", overlay)
+    with pytest.raises(UnsafeImageError):
+        compute.fetch_base(o, "a", overlay, disk_format="qcow2")
+    datafile = str(tmp_path / "df.qcow2")
+    qemu("create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'df.data'}", datafile, "1M")
+    with pytest.raises(UnsafeImageError):
+        compute.fetch_base(o, "b", datafile, disk_format="qcow2")
+    with pytest.raises(compute.ImageFormatMismatchError):
+        compute.fetch_base(o, "c", images["qcow2"], disk_format="raw")
+    with pytest.raises(compute.ImageFormatMismatchError):
+        compute.fetch_base(o, "d", images["raw"], disk_format="qcow2")
+    with pytest.raises(compute.ChecksumError):
+        compute.fetch_base(o, "e", images["raw"], checksum="sha256:" + "0" * 64)
+    assert leftovers(o.base_dir) == []
+
+
+def test_free_space_checked_first(compute, tmp_path, images, monkeypatch):
+    from qcow2.compute import fetch
+    o = make_opts(compute, tmp_path)
+    monkeypatch.setattr(fetch, "free_space", lambda p: 4096)
+    with pytest.raises(compute.InsufficientSpaceError):
+        compute.fetch_base(o, "a", images["qcow2"] if QEMU_IMG else images["raw"])
+    assert leftovers(o.base_dir) == []
+
+
+def test_stale_temporaries_removed(compute, tmp_path, images):
+    o = make_opts(compute, tmp_path)
+    name = compute.base_name("img")
+    os.makedirs(o.base_dir)
+    stale = os.path.join(o.base_dir, f".{name}.abc123.part")
+    open(stale, "wb").close()
+    other = os.path.join(o.base_dir, ".someone-else.part")
+    open(other, "wb").close()
+    compute.fetch_base(o, "img", images["raw"])
+    assert not os.path.exists(stale) and os.path.exists(other)
+
+
+# -- the base cache over HTTP ------------------------------------------------------------------
+
+class _Server:
+    """A real HTTP server on 127.0.0.1 with a few misbehaving routes."""
+
+    def __init__(self, files):
+        self.files = files
+        self.hits: dict[str, int] = {}
+        server = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                route, _, name = self.path.strip("/").partition("/")
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                data = server.files.get(name)
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    if route == "drop":              # connection dropped half-way
+                        self.wfile.write(data[:len(data) // 2])
+                        self.wfile.flush()
+                        self.connection.shutdown(2)
+                        return
+                    step = 1 * MiB
+                    for i in range(0, len(data), step):
+                        self.wfile.write(data[i:i + step])
+                        if route == "slow":
+                            time.sleep(0.02)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def server(images):
+    files = {"img.raw": open(images["raw"], "rb").read()}
+    if QEMU_IMG:
+        files["img.qcow2"] = open(images["qcow2"], "rb").read()
+    s = _Server(files)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@needs_qemu
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("force_raw", [True, False])
+def test_http_fetch(compute, tmp_path, images, server, fmt, force_raw):
+    o = make_opts(compute, tmp_path, force_raw_images=force_raw)
+    seen = []
+    path, bfmt = compute.fetch_base(o, "img", f"{server.base}/plain/img.{fmt}", disk_format=fmt,
+                                    checksum=sha(server.files[f"img.{fmt}"]),
+                                    progress=seen.append)
+    assert bfmt == ("raw" if force_raw else fmt) == qinfo(path)["format"]
+    qemu("compare", "-f", "raw", "-F", bfmt, images["raw"], path)
+    assert seen and seen[-1] == 100.0
+    assert leftovers(o.base_dir) == [os.path.basename(path)]
+
+
+@needs_qemu
+def test_http_slow_server(compute, tmp_path, images, server):
+    o = make_opts(compute, tmp_path)
+    t = time.monotonic()
+    path, _ = compute.fetch_base(o, "img", f"{server.base}/slow/img.raw", disk_format="raw")
+    assert time.monotonic() - t < 30
+    qemu("compare", "-f", "raw", "-F", "raw", images["raw"], path)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_http_dropped_connection_leaves_nothing(compute, tmp_path, server, fmt):
+    if f"img.{fmt}" not in server.files:
+        pytest.skip("qemu-img is not installed")
+    o = make_opts(compute, tmp_path)
+    with pytest.raises(compute.DownloadError):
+        compute.fetch_base(o, "img", f"{server.base}/drop/img.{fmt}", disk_format=fmt,
+                           timeout=10)
+    assert leftovers(o.base_dir) == []
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_http_wrong_checksum_leaves_nothing(compute, tmp_path, server, fmt):
+    if f"img.{fmt}" not in server.files:
+        pytest.skip("qemu-img is not installed")
+    o = make_opts(compute, tmp_path)
+    with pytest.raises(compute.ChecksumError):
+        compute.fetch_base(o, "img", f"{server.base}/plain/img.{fmt}", disk_format=fmt,
+                           checksum=sha(b"something else"))
+    assert leftovers(o.base_dir) == []
+
+
+def test_http_errors(compute, tmp_path, server):
+    o = make_opts(compute, tmp_path)
+    with pytest.raises(compute.DownloadError, match="404"):
+        compute.fetch_base(o, "img", f"{server.base}/plain/missing")
+    if "img.qcow2" in server.files:
+        with pytest.raises(compute.ImageFormatMismatchError):
+            compute.fetch_base(o, "img", f"{server.base}/plain/img.qcow2", disk_format="raw")
+    assert leftovers(o.base_dir) == []
+
+
+@needs_qemu
+def test_concurrent_spawns_download_once(compute, tmp_path, images, server):
+    o = make_opts(compute, tmp_path)
+    url = f"{server.base}/slow/img.qcow2"
+    uuids = [f"11111111-2222-3333-4444-00000000000{i}" for i in range(4)]
+    errors = []
+
+    def go(u):
+        try:
+            compute.spawn(o, u, "img", url, 128 * MiB, disk_format="qcow2")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(u,)) for u in uuids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert server.hits == {"/slow/img.qcow2": 1}
+    for u in uuids:
+        qemu("check", os.path.join(o.instances_path, u, "disk"))
+
+
+def test_concurrent_processes_download_once(compute, tmp_path, images, server):
+    """Two processes (fcntl locks across processes) fetch one raw image once."""
+    inst = str(tmp_path / "instances")
+    code = ("import sys; from qcow2 import compute; "
+            f"o = compute.Options(instances_path={inst!r}); "
+            f"compute.fetch_base(o, 'img', {server.base + '/slow/img.raw'!r})")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(3)]
+    assert [p.wait(60) for p in procs] == [0, 0, 0]
+    assert server.hits == {"/slow/img.raw": 1}
+
+
+# -- instance disks ------------------------------------------------------------------------------
+
+MATRIX = list(itertools.product(["default", "qcow2", "flat", "raw"], [True, False],
+                                [True, False], ["none", "space"]))
+
+
+@needs_qemu
+@needs_mkfs
+@pytest.mark.parametrize("images_type, force_raw, use_cow, prealloc", MATRIX)
+def test_spawn_end_to_end(compute, tmp_path, images, images_type, force_raw, use_cow,
+                          prealloc):
+    o = make_opts(compute, tmp_path, images_type=images_type, force_raw_images=force_raw,
+                  use_cow_images=use_cow, preallocate_images=prealloc)
+    res = compute.spawn(o, UUID1, "img", images["qcow2"], 128 * MiB, disk_format="qcow2",
+                        ephemeral_size=32 * MiB, swap_size=16 * MiB)
+    d = os.path.join(o.instances_path, UUID1)
+    base = res["base"]
+    assert qinfo(base)["format"] == ("raw" if force_raw else "qcow2")
+    with open(os.path.join(d, "disk.info")) as f:
+        info = json.load(f)
+    assert set(info) == {os.path.join(d, n) for n in ("disk", "disk.local", "disk.swap")}
+    disk = os.path.join(d, "disk")
+    qi = qinfo(disk)
+    assert qi["virtual-size"] == 128 * MiB
+    cow = o.backend == "qcow2"
+    assert info[disk] == qi["format"] == ("qcow2" if cow else "raw")
+    if cow:
+        assert qi["backing-filename"] == base and os.path.isabs(qi["backing-filename"])
+        assert qi["backing-filename-format"] == qinfo(base)["format"]
+        qemu("check", disk)
+        # guest content: the image, then zeros
+        qemu("compare", "-f", "raw", "-F", "qcow2", images["raw"], disk)
+    else:
+        # the ext4 was grown to the root size, clean, and its file is intact
+        out = subprocess.run(["dumpe2fs", "-h", disk], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True).stdout
+        count = int(next(l for l in out.splitlines() if l.startswith("Block count")).split()[-1])
+        bs = int(next(l for l in out.splitlines() if l.startswith("Block size")).split()[-1])
+        assert count * bs == 128 * MiB
+        subprocess.run(["e2fsck", "-fn", disk], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        got = subprocess.run(["debugfs", "-R", "cat /hello", disk], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL).stdout
+        assert got == (images["dir"] / "content" / "hello").read_bytes()
+    used = os.stat(disk).st_blocks * 512
+    if prealloc == "space":
+        assert used >= 128 * MiB
+    else:
+        assert used < 64 * MiB
+    for name, label_cmd in (("disk.local", "ephemeral0"), ("disk.swap", None)):
+        p = os.path.join(d, name)
+        assert info[p] == qinfo(p)["format"]
+        if cow:
+            qemu("check", p)
+    blkid = subprocess.run(["blkid", "-p", "-o", "export", os.path.join(o.base_dir,
+                           compute.ephemeral_name(32 * MiB, "ext4"))],
+                           stdout=subprocess.PIPE, text=True).stdout
+    assert "LABEL=ephemeral0" in blkid and "TYPE=ext4" in blkid
+    blkid = subprocess.run(["blkid", "-p", "-o", "export", os.path.join(o.base_dir,
+                           compute.swap_name(16 * MiB))], stdout=subprocess.PIPE, text=True).stdout
+    assert "TYPE=swap" in blkid
+    assert compute.destroy(o, UUID1) == [d] and not os.path.exists(d)
+
+
+@needs_qemu
+def test_root_size_smaller_than_image_refused(compute, tmp_path, images):
+    o = make_opts(compute, tmp_path)
+    with pytest.raises(compute.ComputeError, match="smaller than the image"):
+        compute.spawn(o, UUID1, "img", images["qcow2"], 32 * MiB, disk_format="qcow2")
+    assert not os.path.exists(os.path.join(o.instances_path, UUID1))
+
+
+@needs_qemu
+def test_spawn_failure_removes_instance(compute, tmp_path, images, monkeypatch):
+    from qcow2.compute import disks
+    o = make_opts(compute, tmp_path)
+
+    def boom(*a, **k):
+        raise compute.ToolError("mkswap failed")
+    monkeypatch.setattr(disks, "swap_base", boom)
+    with pytest.raises(compute.ToolError):
+        compute.spawn(o, UUID1, "img", images["qcow2"], 128 * MiB, swap_size=MiB)
+    assert not os.path.exists(os.path.join(o.instances_path, UUID1))
+
+
+# -- the cache manager ---------------------------------------------------------------------------
+
+def _age(path, now, seconds):
+    os.utime(path, (now - seconds, now - seconds))
+
+
+@needs_qemu
+def test_manager_age_boundaries(compute, tmp_path, images):
+    o = make_opts(compute, tmp_path, remove_unused_original_minimum_age_seconds=1000,
+                  remove_unused_resized_minimum_age_seconds=100)
+    os.makedirs(o.base_dir)
+    now = 2_000_000_000
+    orig_young = os.path.join(o.base_dir, compute.base_name("a"))
+    orig_old = os.path.join(o.base_dir, compute.base_name("b"))
+    res_young = os.path.join(o.base_dir, compute.base_name("c") + "_10737418240")
+    res_old = os.path.join(o.base_dir, compute.swap_name(MiB))
+    for p, age in ((orig_young, 999), (orig_old, 1000), (res_young, 99), (res_old, 100)):
+        open(p, "wb").close()
+        _age(p, now, age)
+    rep = compute.clean(o, dry_run=True, now=now)
+    assert rep["would_remove"] == sorted([orig_old, res_old])
+    assert sorted(rep["too_young"]) == sorted([orig_young, res_young])
+    assert all(os.path.exists(p) for p in (orig_young, orig_old, res_young, res_old))
+    rep = compute.clean(o, now=now)
+    assert rep["removed"] == sorted([orig_old, res_old])
+    assert os.path.exists(orig_young) and os.path.exists(res_young)
+    assert not os.path.exists(orig_old) and not os.path.exists(res_old)
+    # remove_unused_base_images = False keeps everything
+    rep = compute.clean(o.replace(remove_unused_base_images=False), now=now + 10 ** 6)
+    assert rep["removed"] == [] and os.path.exists(orig_young)
+
+
+@needs_qemu
+def test_manager_in_use_through_backing_files(compute, tmp_path, images):
+    o = make_opts(compute, tmp_path)
+    compute.spawn(o, UUID1, "img", images["qcow2"], 128 * MiB)
+    # a disk written by nova itself (qemu-img), on another base
+    other = os.path.join(o.base_dir, compute.base_name("nova-image"))
+    shutil.copy(images["raw"], other)
+    nd = os.path.join(o.instances_path, UUID2)
+    os.makedirs(nd)
+    qemu("create", "-f", "qcow2", "-o", f"backing_file={other},backing_fmt=raw,cluster_size=65536",
+         os.path.join(nd, "disk"), str(128 * MiB))
+    unused = os.path.join(o.base_dir, compute.base_name("unused"))
+    open(unused, "wb").close()
+    far = time.time() + 10 ** 7
+    for p in os.listdir(o.base_dir):
+        _age(os.path.join(o.base_dir, p), time.time(), 10 ** 6)
+    used = compute.bases_in_use(o)
+    base = os.path.join(o.base_dir, compute.base_name("img"))
+    assert set(used) == {base, other}
+    rep = compute.clean(o, now=far)
+    assert rep["removed"] == [unused]
+    assert os.path.exists(base) and os.path.exists(other)
+    assert time.time() - os.stat(base).st_mtime < 60          # touched
+    compute.destroy(o, UUID1)
+    rep = compute.clean(o, now=far)
+    assert rep["removed"] == [base] and os.path.exists(other)
+
+
+def test_manager_leaves_a_file_being_written(compute, tmp_path):
+    from qcow2.compute.locks import image_lock
+    o = make_opts(compute, tmp_path)
+    os.makedirs(o.base_dir)
+    p = os.path.join(o.base_dir, compute.base_name("x"))
+    open(p, "wb").close()
+    with image_lock(o.lock_dir, os.path.basename(p)):
+        rep = compute.clean(o, now=time.time() + 10 ** 7)
+    assert rep["busy"] == [p] and os.path.exists(p)
+    usage = compute.usage(o)
+    assert usage["count"] == 1 and usage["files"][0]["path"] == p
+
+
+# -- the command line --------------------------------------------------------------------------
+
+@needs_qemu
+def test_cli(tmp_path, images):
+    from qcow2.cli import main
+    conf = tmp_path / "nova.conf"
+    conf.write_text(f"[DEFAULT]\ninstances_path = {tmp_path / 'inst'}\n"
+                    "[libvirt]\nimages_type = qcow2\n")
+    assert main(["compute", "spawn", "--config", str(conf), "--instance", UUID1, "--image",
+                 "img", "--source", images["qcow2"], "--root-size", "128M", "--disk-format",
+                 "qcow2", "-q"]) == 0
+    assert main(["compute", "usage", "--config", str(conf)]) == 0
+    assert main(["compute", "clean", "--config", str(conf), "--dry-run", "--now", "4e9",
+                 "--output=json"]) == 0
+    assert main(["compute", "destroy", "--config", str(conf), "--instance", UUID1]) == 0
+    assert main(["compute", "spawn", "--config", str(conf), "--instance", UUID1, "--image",
+                 "img", "--source", images["qcow2"], "--root-size", "1M", "-q"]) == 1
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[libvirt]\nimages_type = floppy\n")
+    assert main(["compute", "usage", "--config", str(bad)]) == 1
