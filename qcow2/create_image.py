@@ -134,7 +134,7 @@ def _bad_size(name: str, value) -> InvalidOptionError:
         f"respectively. (got {value!r})")
 
 
-def _parse_size_value(name: str, value) -> int:
+def parse_size_option(name: str, value) -> int:
     if isinstance(value, bool):
         raise _bad_size(name, value)
     if isinstance(value, int):
@@ -150,7 +150,7 @@ def _parse_size_value(name: str, value) -> int:
     raise _bad_size(name, value)
 
 
-def _parse_number(name: str, value) -> int:
+def parse_number_option(name: str, value) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -161,7 +161,7 @@ def _parse_number(name: str, value) -> int:
     raise InvalidOptionError(f"Parameter '{name}' expects a number (got {value!r})")
 
 
-def _parse_bool(name: str, value) -> bool:
+def parse_bool_option(name: str, value) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value in _BOOL_WORDS:
@@ -169,7 +169,7 @@ def _parse_bool(name: str, value) -> bool:
     raise InvalidOptionError(f"Parameter '{name}' expects 'on' or 'off' (got {value!r})")
 
 
-def _parse_string(name: str, value) -> str:
+def parse_string_option(name: str, value) -> str:
     if name in _FILE_OPTS and isinstance(value, os.PathLike):
         value = os.fspath(value)
     if isinstance(value, bytes) and name in _FILE_OPTS:
@@ -279,28 +279,28 @@ def prepare(path, size=None, *, format: str = "qcow2", backing_file=None, backin
                     feature=_UNSUPPORTED_OPTS[name])
             raise InvalidOptionError(f"Invalid parameter '{name}'")
         if name in _SIZE_OPTS:
-            parsed[name] = _parse_size_value(name, value)
+            parsed[name] = parse_size_option(name, value)
             shown[name] = str(parsed[name])
         elif name in _NUMBER_OPTS:
-            parsed[name] = _parse_number(name, value)
+            parsed[name] = parse_number_option(name, value)
             shown[name] = str(parsed[name])
         elif name in _BOOL_OPTS:
-            parsed[name] = _parse_bool(name, value)
+            parsed[name] = parse_bool_option(name, value)
             shown[name] = value if isinstance(value, str) else ("on" if value else "off")
         else:
-            parsed[name] = _parse_string(name, value)
+            parsed[name] = parse_string_option(name, value)
             shown[name] = _escape(parsed[name])
 
     if backing_file is not None:
         if format == "raw":
             raise InvalidOptionError("Backing file not supported for file format 'raw'")
-        backing_file = _parse_string("backing_file", backing_file)
+        backing_file = parse_string_option("backing_file", backing_file)
         parsed["backing_file"] = backing_file
         shown["backing_file"] = _escape(backing_file)
     if backing_format is not None:
         if format == "raw":
             raise InvalidOptionError("Backing file format not supported for file format 'raw'")
-        backing_format = _parse_string("backing_fmt", backing_format)
+        backing_format = parse_string_option("backing_fmt", backing_format)
         parsed["backing_fmt"] = backing_format
         shown["backing_fmt"] = _escape(backing_format)
 

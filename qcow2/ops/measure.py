@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 
 from ..create_image import (DEFAULT_CLUSTER_SIZE, MIN_EXTL2_CLUSTER_SIZE, QCOW2_OPTIONS,
-                            RAW_OPTIONS, _parse_bool, _parse_number, _parse_size_value,
+                            RAW_OPTIONS, parse_bool_option, parse_number_option, parse_size_option,
                             parse_size_arg)
 from .. import constants as C
 from ..errors import ImageTooLargeError, InvalidOptionError, UnsupportedFeatureError
@@ -103,11 +103,11 @@ def _parse_options(out_format: str, options: dict) -> dict:
                                      f"format '{out_format}'")
         try:
             if name in _SIZE_OPTS:
-                value = _parse_size_value(name, value)
+                value = parse_size_option(name, value)
             elif name in _BOOL_OPTS:
-                value = _parse_bool(name, value)
+                value = parse_bool_option(name, value)
             elif name in _NUMBER_OPTS:
-                value = _parse_number(name, value)
+                value = parse_number_option(name, value)
             elif isinstance(value, os.PathLike):
                 value = os.fspath(value)
         except InvalidOptionError as exc:
