@@ -20,7 +20,9 @@ BLKZEROOUT = 0x127F
 
 
 def _run(args) -> str:
-    res = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, LVM_SUPPRESS_FD_WARNINGS="1")
+    res = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, close_fds=True)
     if res.returncode != 0:
         raise OSError(res.returncode, f"{' '.join(args)}: {res.stderr.strip() or 'failed'}")
     return res.stdout
