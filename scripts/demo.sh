@@ -37,3 +37,22 @@ PY
 $Q check "$W/disk"
 $Q info --backing-chain "$W/disk"
 $Q compare "$W/sample.raw" "$W/base.raw"
+echo "== the compute-host image flow: qcow2 compute spawn (images_type=qcow2), usage, clean --dry-run"
+cat > "$W/nova.conf" <<CONF
+[DEFAULT]
+instances_path = $W/instances
+[libvirt]
+images_type = qcow2
+[image_cache]
+remove_unused_original_minimum_age_seconds = 60
+CONF
+$Q compute spawn --config "$W/nova.conf" --instance 6f1b0a56-3c1e-4c57-9f3e-0d5b8c2a7e11 \
+    --image fd0cb2f1-8375-44c9-b1f4-3e1f4c4a8ef0 --source "$W/image.qcow2" --disk-format qcow2 \
+    --checksum "sha256:$(sha256sum "$W/image.qcow2" | cut -d' ' -f1)" --root-size 1G --swap-size 16M
+cat "$W/instances/6f1b0a56-3c1e-4c57-9f3e-0d5b8c2a7e11/disk.info"; echo
+$Q check "$W/instances/6f1b0a56-3c1e-4c57-9f3e-0d5b8c2a7e11/disk"
+$Q compare "$W/sample.raw" "$W/instances/6f1b0a56-3c1e-4c57-9f3e-0d5b8c2a7e11/disk"
+$Q compute usage --config "$W/nova.conf"
+$Q compute clean --config "$W/nova.conf" --dry-run --now $(( $(date +%s) + 86400 ))
+$Q compute destroy --config "$W/nova.conf" --instance 6f1b0a56-3c1e-4c57-9f3e-0d5b8c2a7e11
+$Q compute clean --config "$W/nova.conf" --dry-run --now $(( $(date +%s) + 86400 ))
