@@ -501,6 +501,32 @@ def test_manager_leaves_a_file_being_written(compute, tmp_path):
     assert usage["count"] == 1 and usage["files"][0]["path"] == p
 
 
+def test_manager_removes_stale_temporaries(compute, tmp_path):
+    from qcow2.compute.locks import image_lock
+    o = make_opts(compute, tmp_path)
+    os.makedirs(o.base_dir)
+    stale = os.path.join(o.base_dir, f".{compute.base_name('a')}.x1y2z3.part")
+    busy = os.path.join(o.base_dir, f".{compute.base_name('b')}.x1y2z3.part")
+    for p in (stale, busy):
+        open(p, "wb").close()
+    with image_lock(o.lock_dir, compute.base_name("b")):
+        rep = compute.clean(o, dry_run=True)
+        assert rep["stale_temporaries"] == [stale] and os.path.exists(stale)
+        rep = compute.clean(o)
+    assert rep["stale_temporaries"] == [stale]
+    assert not os.path.exists(stale) and os.path.exists(busy)
+    assert compute.usage(o)["count"] == 0
+
+
+@needs_qemu
+def test_reuse_touches_the_base(compute, tmp_path, images):
+    o = make_opts(compute, tmp_path)
+    path, _ = compute.fetch_base(o, "img", images["raw"])
+    os.utime(path, (1000, 1000))
+    assert compute.fetch_base(o, "img", "/nonexistent/not/read/again")[0] == path
+    assert time.time() - os.stat(path).st_mtime < 60
+
+
 # -- the command line --------------------------------------------------------------------------
 
 @needs_qemu

@@ -106,6 +106,8 @@ def run_clean(args) -> int:
         print(f"being written, left alone: {p}")
     for p in rep["kept"]:
         print(f"kept: {p}")
+    for p in rep["stale_temporaries"]:
+        print(f"{'would remove' if args.dry_run else 'removed'} stale temporary file: {p}")
     _print_usage(rep["usage"])
     return 0
 

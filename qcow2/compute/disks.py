@@ -146,6 +146,7 @@ def _file_disk(opts, base: str, base_fmt: str, path: str, size: int, grow: bool)
         qcow2.create(path, size, backing_file=os.path.abspath(base), backing_format=base_fmt,
                      cluster_size=65536)
         if space:
+            check_space(os.path.dirname(path), size, f"the disk {path}")
             _fallocate_keep_size(path, size)
         return "qcow2"
     # flat / raw: a sparse raw copy, extended to the root size
@@ -257,7 +258,8 @@ def spawn(opts, instance: str, image_id: str, source: str, root_size: int, *,
             wants.append(("disk.swap", swap_base(opts, swap_size), "raw", swap_size, False))
         info = {}
         for name, b, bfmt, size, is_root in wants:
-            grow = is_root and (backend != "qcow2" or False)
+            # qcow2 disks would need a block device to grow their fs: not done here
+            grow = is_root and backend != "qcow2"
             if backend == "lvm":
                 lv = f"{instance}_{name.replace('.', '_')}"
                 dev = _lvm_disk(opts, b, bfmt, lv, size, grow)

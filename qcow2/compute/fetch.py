@@ -111,6 +111,10 @@ def fetch_base(opts, image_id: str, source: str, *, disk_format: str | None = No
     with image_lock(opts.lock_dir, name):
         clean_stale_temps(base_dir, name)
         if os.path.exists(path):
+            try:
+                os.utime(path)          # used again: its age restarts, as nova's touch
+            except OSError:
+                pass
             return path, file_format(path)
         if is_url(source):
             fmt = _fetch_url(opts, source, path, disk_format, want, progress, timeout)

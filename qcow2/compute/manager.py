@@ -145,5 +145,30 @@ def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
                 continue
             os.unlink(p)
             report["removed"].append(p)
+    _clean_temps(opts, report, dry_run)
     report["usage"] = usage(opts)
     return report
+
+
+def _clean_temps(opts, report, dry_run: bool) -> None:
+    """Temporary ``.<name>.<rand>.part`` files whose image lock is free are stale (a
+    killed fetch): removed (or, dry run, listed)."""
+    report["stale_temporaries"] = []
+    try:
+        entries = sorted(os.listdir(opts.base_dir))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        m = re.match(r"^\.(.+)\.[^.]+\.part$", entry)
+        if not m:
+            continue
+        p = os.path.join(opts.base_dir, entry)
+        with try_image_lock(opts.lock_dir, m.group(1)) as got:
+            if not got:
+                continue
+            if not dry_run:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    continue
+            report["stale_temporaries"].append(p)
