@@ -20,16 +20,24 @@ __version__ = "0.1.0"
 
 
 def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
-         snapshot: str | int | None = None, force_share: bool = False, backing: bool = True):
+         snapshot: str | int | None = None, force_share: bool = False, backing: bool = True,
+         limits=None, **limit_overrides):
     """Open a qcow2 or raw image.
 
     ``format`` None probes (qcow2 or raw); ``snapshot`` reads an internal snapshot (by id
     or name) instead of the active layer; ``backing=False`` leaves the backing chain
-    closed (enough for ``info``); ``untrusted=True`` opens nothing but the named file.
+    closed (enough for ``info``); ``untrusted=True`` opens nothing but the named file,
+    read-only, after checking its format and scanning all its metadata (see
+    ``qcow2.untrusted``).  ``limits`` (a ``qcow2.Limits``) or keyword overrides of its
+    fields (``max_virtual_size=``, ``max_metadata=``, ``max_scan_cpu=``,
+    ``max_backing_depth=``) set the caps.
     """
     from .image import open_image
+    if limits is not None or limit_overrides:
+        from .untrusted import resolve
+        limits = resolve(limits, **limit_overrides)
     return open_image(path, mode, format=format, untrusted=untrusted, snapshot=snapshot,
-                      force_share=force_share, backing=backing)
+                      force_share=force_share, backing=backing, limits=limits)
 
 
 def create(path, size=None, *, format: str = "qcow2", backing_file=None, backing_format=None,
@@ -89,13 +97,16 @@ def commit(path, **options):
 
 
 def __getattr__(name):
+    if name == "Limits":
+        from .untrusted import Limits
+        return Limits
     if name in ("implementation", "features"):
         from . import kernels
         return getattr(kernels, name)
     raise AttributeError(f"module 'qcow2' has no attribute {name!r}")
 
 
-__all__ = ["open", "create", "convert", "check", "compare", "measure", "sparse_copy",
+__all__ = ["open", "Limits", "create", "convert", "check", "compare", "measure", "sparse_copy",
            "resize", "rebase", "commit", "errors", "Qcow2Error", "FormatError", "NotQcow2Error",
            "CorruptImageError", "DecompressionError", "UnsupportedFeatureError",
            "UnsafeImageError", "ReadOnlyError", "NativeUnavailableError", "__version__"]

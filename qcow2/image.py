@@ -105,12 +105,18 @@ def _dirty_v3(backend: Backend) -> bool:
 
 def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
                snapshot: str | int | None = None, force_share: bool = False,
-               backing: bool = True, max_backing_depth: int = C.MAX_BACKING_DEPTH,
-               _chain: tuple = (), _depth: int = 0) -> "Image":
+               backing: bool = True, max_backing_depth: int | None = None,
+               limits=None, _chain: tuple = (), _depth: int = 0) -> "Image":
     """Open an image file (see ``qcow2.open``)."""
     if mode not in ("r", "rb", "r+", "rb+", "r+b"):
         raise ValueError(f"invalid mode {mode!r} (use 'r' or 'r+')")
     writable = "+" in mode
+    if max_backing_depth is None:
+        max_backing_depth = (limits.max_backing_depth if limits is not None
+                             else C.MAX_BACKING_DEPTH)
+    if untrusted and writable:
+        raise UnsafeImageError("an untrusted image is opened read-only (it is never "
+                               "written or repaired in place)")
     if format not in (None, "qcow2", "raw"):
         raise UnsupportedFeatureError(f"Unknown or unsupported image format {format!r} "
                                       f"(supported: qcow2, raw)", feature=f"format {format}")
@@ -140,13 +146,18 @@ def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: b
             raise UnsafeImageError(f"backing chain loop: {filename!r} is already in the chain")
         chain = _chain + (ident,)
         fmt = format or probe_format(be)
+        if untrusted:
+            from . import untrusted as U
+            limits = U.resolve(limits)
+            U.check_format(be, fmt, explicit=format is not None)
         if fmt == "qcow2":
             cls = Qcow2Image
             if writable:
                 from .writer import WritableQcow2Image as cls
             img: Image = cls(be, filename, untrusted=untrusted, snapshot=snapshot,
                              open_backing=backing, max_backing_depth=max_backing_depth,
-                             chain=chain, depth=_depth, force_share=force_share)
+                             chain=chain, depth=_depth, force_share=force_share,
+                             limits=limits)
         else:
             if snapshot is not None:
                 raise UnsupportedFeatureError("raw images have no snapshots",
@@ -383,13 +394,17 @@ class Qcow2Image(Image):
                  snapshot=None, open_backing: bool = True,
                  max_backing_depth: int = C.MAX_BACKING_DEPTH, chain: tuple = (),
                  depth: int = 0, l2_cache_bytes: int = C.DEFAULT_L2_CACHE_BYTES,
-                 force_share: bool = False):
+                 force_share: bool = False, limits=None):
         self.be = backend
         self.filename = filename
         self.untrusted = untrusted
         self._force_share = force_share
         self.file_size = backend.size()
         self.header = h = Header.parse(self._read_meta, self.file_size)
+        if untrusted:
+            from . import untrusted as U
+            limits = U.resolve(limits)
+            U.check_header(h, self.file_size, limits)
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits
         self.size = h.size
@@ -424,6 +439,9 @@ class Qcow2Image(Image):
                 self._open_data_file()
             if h.backing_file and open_backing:
                 self._open_backing(max_backing_depth, chain, depth)
+            if untrusted:
+                # before the first data read: every L1/L2/refcount entry is checked
+                U.scan(self, limits)
         except BaseException:
             self.close()
             raise
@@ -584,6 +602,9 @@ class Qcow2Image(Image):
         return d
 
     def _require_readable(self) -> None:
+        if self.untrusted and self.header.corrupt:
+            raise UnsafeImageError(f"image '{self.filename}' is marked corrupt; untrusted "
+                                   f"mode does not read it")
         if self.encrypted:
             raise UnsupportedFeatureError(
                 f"reading encrypted images is not supported ('{self.filename}' uses "

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_format, add_output, add_share
+from ..errors import UnsafeImageError
+from .common import add_format, add_output, add_share, add_untrusted, vet_untrusted
 
 
 def add_parser(sub):
@@ -18,6 +19,7 @@ def add_parser(sub):
     add_format(p)
     add_output(p)
     add_share(p)
+    add_untrusted(p)
     p.add_argument("-r", "--repair", default=None, metavar="leaks|all",
                    help="repair leaked clusters, or all errors (opens the image read-write)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -34,6 +36,11 @@ def run(args) -> int:
     from ..ops.check import CheckFailedError, check, exit_status, format_human, format_repaired
     from ..ops.info import qemu_json
 
+    if args.untrusted:
+        if args.repair:
+            raise UnsafeImageError("an untrusted image is never repaired in place "
+                                   "(--untrusted with -r)")
+        vet_untrusted(args.filename, args.format, force_share=args.force_share)
     try:
         result = check(args.filename, format=args.format, repair=args.repair,
                        force_share=args.force_share, log=_stderr_line)

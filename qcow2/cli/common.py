@@ -22,7 +22,17 @@ def add_share(p) -> None:
 
 def add_untrusted(p) -> None:
     p.add_argument("--untrusted", action="store_true",
-                   help="open nothing but the named file (no backing or data files)")
+                   help="treat the image as hostile: open nothing but the named file, "
+                        "check its format and scan all its metadata before reading")
+
+
+def vet_untrusted(filename, fmt, *, snapshot=None, force_share: bool = False) -> None:
+    """Open ``filename`` in untrusted mode (format checks, metadata scan) and close it:
+    for subcommands whose operation opens the image itself."""
+    import qcow2
+    with qcow2.open(filename, format=fmt, untrusted=True, snapshot=snapshot,
+                    force_share=force_share):
+        pass
 
 
 class ProgressPrinter:

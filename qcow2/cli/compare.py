@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_share
+from .common import add_share, add_untrusted, vet_untrusted
 
 _CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
 
@@ -28,6 +28,7 @@ def add_parser(sub):
     p.add_argument("-s", dest="strict", action="store_true",
                    help="strict: sizes and block status must match too")
     add_share(p)
+    add_untrusted(p)
     p.add_argument("image_a")
     p.add_argument("image_b")
     p.set_defaults(func=run)
@@ -40,6 +41,13 @@ def run(args) -> int:
         err = Qcow2Error(f"Invalid source cache option: {args.cache}")
         err.exit_code = 2  # type: ignore[attr-defined]
         raise err
+    if args.untrusted:
+        try:
+            vet_untrusted(args.image_a, args.fmt_a, force_share=args.force_share)
+            vet_untrusted(args.image_b, args.fmt_b, force_share=args.force_share)
+        except Qcow2Error as exc:
+            exc.exit_code = 2  # type: ignore[attr-defined]  (qemu-img: cannot open)
+            raise
     out = sys.stdout
     quiet = args.quiet
     def show(pct):

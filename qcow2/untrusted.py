@@ -1,0 +1,489 @@
+"""Untrusted mode: limits, format checks and the metadata scan run before any data read.
+
+``qcow2.open(path, untrusted=True)`` opens exactly one file and, before the first guest
+read, walks every metadata structure of the image once (header fields, the refcount
+table, the active and every snapshot's L1 table, every L2 table those reach, the
+snapshot table) and refuses anything a hostile image could use to make a reader go
+astray: unaligned entries, reserved bits, references past the end of the file, host
+clusters referenced twice from one L1 table, L2 tables or data clusters that overlap
+other metadata (or each other), compressed descriptors that overrun the file, zero
+flags in a v2 image, extended-L2 subclusters that are both allocated and zero.
+
+Plain corruption (a field that is malformed on its own) raises ``CorruptImageError``;
+aliasing and exceeded limits raise ``UnsafeImageError``.  Both carry ``offset`` (the
+file offset of the offending entry or field), ``size`` and ``what``.
+
+The caps live in :class:`Limits`; every one can be overridden by the caller::
+
+    qcow2.open(path, untrusted=True, limits=qcow2.Limits(max_metadata=256 << 20))
+    qcow2.open(path, untrusted=True, max_virtual_size=1 << 50)      # same, one field
+
+The scan is vectorised with numpy: L2 tables are read and classified a batch at a
+time, Python only formats the first problem found.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import constants as C
+from .errors import CorruptImageError, UnsafeImageError
+
+TiB = 1 << 40
+MiB = 1 << 20
+
+_L1E_RESERVED = 0x7F000000000001FF
+_L2E_STD_RESERVED = 0x3F000000000001FE      # bits 1-8 and 56-61 of a standard entry
+_REFT_RESERVED = 0x1FF
+_ALL_ALLOC = 0xFFFFFFFF
+_BATCH_TABLES = 256
+
+# Signatures of other image formats: (offset, bytes, name).  An untrusted file showing
+# one of these is not read as something else.
+_SIGNATURES = (
+    (0, b"QFI\xfb", "qcow"),
+    (0, b"QED\x00", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"conectix", "vpc"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0x8001, b"CD001", "iso"),
+)
+
+
+class Limits:
+    """Caps applied to untrusted images (``max_backing_depth`` applies in every mode).
+
+    ``max_virtual_size``: bytes of guest disk (default 16 TiB); ``max_metadata``: bytes
+    of L1 tables, L2 tables and refcount structures the scan reads and holds (default
+    64 MiB; the scan's working set is at most about twice that); ``max_output``: bytes a
+    ``convert`` may produce (default None: unlimited); ``max_backing_depth``: images in
+    a backing chain (default 16); ``max_scan_cpu``: seconds of CPU time
+    (``time.process_time``) the metadata scan may take (default 60).
+    """
+
+    __slots__ = ("max_virtual_size", "max_metadata", "max_output", "max_backing_depth",
+                 "max_scan_cpu")
+
+    def __init__(self, *, max_virtual_size: int = 16 * TiB, max_metadata: int = 64 * MiB,
+                 max_output: int | None = None,
+                 max_backing_depth: int = C.MAX_BACKING_DEPTH,
+                 max_scan_cpu: float = 60.0):
+        self.max_virtual_size = max_virtual_size
+        self.max_metadata = max_metadata
+        self.max_output = max_output
+        self.max_backing_depth = max_backing_depth
+        self.max_scan_cpu = max_scan_cpu
+
+    def replace(self, **overrides) -> "Limits":
+        kw = {k: getattr(self, k) for k in self.__slots__}
+        for k, v in overrides.items():
+            if k not in self.__slots__:
+                raise TypeError(f"unknown limit {k!r} (known: {', '.join(self.__slots__)})")
+            kw[k] = v
+        return Limits(**kw)
+
+    def __repr__(self) -> str:
+        return "Limits(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+def resolve(limits: "Limits | None" = None, **overrides) -> Limits:
+    base = limits if limits is not None else Limits()
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return base.replace(**overrides) if overrides else base
+
+
+def _unsafe(msg: str, offset: int | None = None, size: int | None = None,
+            what: str | None = None) -> UnsafeImageError:
+    err = UnsafeImageError(msg if offset is None else f"{msg} (at offset {offset:#x})")
+    err.offset = offset          # type: ignore[attr-defined]
+    err.size = size              # type: ignore[attr-defined]
+    err.what = what              # type: ignore[attr-defined]
+    return err
+
+
+def _corrupt(msg: str, offset: int, size: int, what: str) -> CorruptImageError:
+    return CorruptImageError(f"{msg} (at offset {offset:#x})", offset=offset, size=size,
+                             what=what)
+
+
+# ---------------------------------------------------------------------------
+# formats
+# ---------------------------------------------------------------------------
+
+def signatures(be) -> list[str]:
+    """Names of the image formats whose signature the file carries."""
+    found = []
+    for off, sig, name in _SIGNATURES:
+        got = be.pread(len(sig), off)
+        if got == sig and name not in found:
+            found.append(name)
+    return found
+
+
+def check_format(be, fmt: str, explicit: bool) -> None:
+    """The file must be ``fmt`` and nothing else (OpenStack's format-inspector rules)."""
+    names = signatures(be)
+    if fmt == "raw":
+        if names:
+            kind = "qcow2" if names[0] == "qcow" and _qcow_version(be) >= 2 else names[0]
+            raise _unsafe(f"'{getattr(be, 'path', '?')}' is a {kind} image named as raw; "
+                          f"untrusted mode reads it as nothing else", 0, None, "format")
+        return
+    others = [n for n in names if n != "qcow"]
+    if others and not explicit:
+        raise _unsafe(f"file could be read as qcow2 and as {others[0]}; refusing to guess "
+                      f"the format of an untrusted image (give the format)", 0, None,
+                      "format")
+
+
+def _qcow_version(be) -> int:
+    raw = be.pread(4, 4)
+    return int.from_bytes(raw, "big") if len(raw) == 4 else 0
+
+
+# ---------------------------------------------------------------------------
+# header-only checks (before any table is read)
+# ---------------------------------------------------------------------------
+
+def check_header(h, file_size: int, limits: Limits) -> None:
+    if h.size > limits.max_virtual_size:
+        raise _unsafe(f"virtual size {h.size} exceeds the limit of {limits.max_virtual_size} "
+                      f"bytes", 0x18, 8, "header")
+
+
+# ---------------------------------------------------------------------------
+# the scan
+# ---------------------------------------------------------------------------
+
+class _Scan:
+    def __init__(self, img, limits: Limits):
+        import numpy as np
+        self.np = np
+        self.img = img
+        self.h = img.header
+        self.limits = limits
+        self.cs = img.cluster_size
+        self.cbits = img.cluster_bits
+        self.fsize = img.file_size
+        self.t0 = time.process_time()
+        self.held = 0
+        # (cluster indices, what, file offset of the pointer) of every metadata structure
+        self.meta: list[tuple] = []
+
+    # -- budgets -------------------------------------------------------------------
+    def _hold(self, n: int, what: str) -> None:
+        self.held += n
+        if self.held > self.limits.max_metadata:
+            raise _unsafe(f"metadata of {self.held} bytes (reading {what}) exceeds the limit "
+                          f"of {self.limits.max_metadata} bytes")
+
+    def _tick(self) -> None:
+        used = time.process_time() - self.t0
+        if used > self.limits.max_scan_cpu:
+            raise _unsafe(f"metadata scan took more than {self.limits.max_scan_cpu} s of CPU "
+                          f"time ({used:.1f} s)")
+
+    def _read_u64(self, offset: int, n: int):
+        np = self.np
+        raw = self.img._read_meta(n * 8, offset) if n else b""
+        if len(raw) != n * 8:
+            raise _corrupt(f"short read of {n * 8} bytes", offset, n * 8, "table")
+        return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+    def _region(self, offset: int, size: int, what: str, ptr: int) -> None:
+        """A metadata region: inside the file, clusters recorded for overlap checks."""
+        if size == 0:
+            return
+        if offset + size > self.fsize:
+            raise _corrupt(f"{what} at {offset:#x} ({size} bytes) extends past the end of "
+                           f"the file (size {self.fsize:#x})", ptr, 8, what)
+        first = offset >> self.cbits
+        last = (offset + size - 1) >> self.cbits
+        self.meta.append((self.np.arange(first, last + 1, dtype=self.np.int64), what, ptr))
+
+    # -- steps ---------------------------------------------------------------------
+    def run(self) -> None:
+        h, img = self.h, self.img
+        np = self.np
+        cs = self.cs
+        # budget from the header alone, before anything is read
+        l1s = [(h.l1_table_offset, h.l1_size, "active L1 table", 0x28)]
+        for sn in img.snapshots_list:
+            h._validate_table(sn.l1_table_offset, sn.l1_size, C.L1E_SIZE, C.MAX_L1_SIZE,
+                              f"Snapshot L1 table of snapshot {sn.id}", sn.entry_offset)
+            l1s.append((sn.l1_table_offset, sn.l1_size, f"L1 table of snapshot {sn.id}",
+                        sn.entry_offset))
+        self._hold(h.refcount_table_clusters * cs, "the refcount table")
+        for off, n, what, ptr in l1s:
+            self._hold(n * 8, what)
+        self._region(0, cs, "header", 0)
+        self._region(h.refcount_table_offset, h.refcount_table_clusters * cs,
+                     "refcount table", 0x30)
+        if h.nb_snapshots:
+            end = max(sn.entry_offset + sn.entry_size for sn in img.snapshots_list)
+            self._region(h.snapshots_offset, end - h.snapshots_offset, "snapshot table", 0x40)
+        if h.bitmaps_ext is not None:
+            nb, dsize, doff = h.bitmaps_ext
+            self._region(doff, dsize, "bitmap directory", 0)
+        if h.crypto_header is not None:
+            self._region(h.crypto_header[0], h.crypto_header[1], "encryption header", 0)
+        for off, n, what, ptr in l1s:
+            self._region(off, n * 8, what, ptr)
+        self._refcount_table()
+        # L1 tables -> the distinct L2 tables
+        per_l1 = []
+        for off, n, what, ptr in l1s:
+            l1 = self._read_u64(off, n)
+            idx = np.nonzero(l1)[0]
+            ent = l1[idx]
+            bad = np.nonzero(ent & np.uint64(_L1E_RESERVED))[0]
+            if len(bad):
+                i = int(idx[bad[0]])
+                raise _corrupt(f"{what} entry {i} ({int(l1[i]):#x}) has reserved bits set",
+                               off + i * 8, 8, "L1 entry")
+            l2off = ent & np.uint64(C.L1E_OFFSET_MASK)
+            bad = np.nonzero(l2off & np.uint64(cs - 1))[0]
+            if len(bad):
+                i = int(idx[bad[0]])
+                raise _corrupt(f"{what} entry {i}: L2 table offset {int(l2off[bad[0]]):#x} "
+                               f"is not cluster-aligned", off + i * 8, 8, "L1 entry")
+            bad = np.nonzero(l2off + np.uint64(cs) > np.uint64(self.fsize))[0]
+            if len(bad):
+                i = int(idx[bad[0]])
+                raise _corrupt(f"{what} entry {i}: L2 table at {int(l2off[bad[0]]):#x} "
+                               f"extends past the end of the file (size {self.fsize:#x})",
+                               off + i * 8, 8, "L1 entry")
+            keep = l2off != 0       # an entry with only the COPIED flag points nowhere
+            idx, l2off = idx[keep], l2off[keep]
+            u, first, counts = np.unique(l2off, return_index=True, return_counts=True)
+            if len(u) and counts.max() > 1:
+                dup = int(np.argmax(counts > 1))
+                j = np.nonzero(l2off == u[dup])[0]
+                i = int(idx[j[1]])
+                raise _unsafe(f"{what} entries {int(idx[j[0]])} and {i} both point at the "
+                              f"L2 table at {int(u[dup]):#x}", off + i * 8, 8, "L1 entry")
+            per_l1.append((off, what, idx, l2off))
+        self._tick()
+        all_l2 = np.unique(np.concatenate([p[3] for p in per_l1])) if per_l1 else \
+            np.zeros(0, np.uint64)
+        l2_bytes = cs if not h.extended_l2 else cs     # a table is one cluster either way
+        self._hold(len(all_l2) * l2_bytes, f"{len(all_l2)} L2 tables")
+        # where each L2 table is pointed from (for messages): first L1 entry seen
+        l2_ptr = {}
+        for off, what, idx, l2off in per_l1:
+            for i, o in zip(idx.tolist(), l2off.tolist()):
+                l2_ptr.setdefault(o, off + i * 8)
+        self.meta.append(((all_l2 >> np.uint64(self.cbits)).astype(np.int64), "L2 table",
+                          None))
+        meta_clusters, meta_what, meta_ptr = self._metadata_overlaps(l2_ptr, all_l2)
+        # every L2 table: entries -> host clusters
+        refs = {}           # L2 offset -> int64 array of standard host cluster indices
+        comp = []           # host clusters touched by compressed data
+        for b in range(0, len(all_l2), _BATCH_TABLES):
+            offs = all_l2[b:b + _BATCH_TABLES].tolist()
+            for o in offs:
+                r, c = self._l2_table(o)
+                refs[o] = r
+                if c is not None:
+                    comp.append(c)
+            self._tick()
+        # data clusters must not be metadata
+        std_all = np.concatenate(list(refs.values())) if refs else np.zeros(0, np.int64)
+        comp_all = np.unique(np.concatenate(comp)) if comp else np.zeros(0, np.int64)
+        for arr, kind in ((std_all, "data cluster"), (comp_all, "compressed data")):
+            hit = np.isin(arr, meta_clusters)
+            if hit.any():
+                c = int(arr[np.argmax(hit)])
+                j = int(np.searchsorted(meta_clusters, c))
+                where = (self._find_entry(c, all_l2, 1) if kind == "data cluster"
+                         else c << self.cbits)
+                raise _unsafe(f"{kind} at {c << self.cbits:#x} overlaps the "
+                              f"{meta_what[j]}", where, 8, "L2 entry")
+        if len(comp_all) and len(std_all):
+            hit = np.isin(comp_all, std_all)
+            if hit.any():
+                c = int(comp_all[np.argmax(hit)])
+                raise _unsafe(f"compressed data touches host cluster {c << self.cbits:#x}, "
+                              f"which is also an uncompressed data cluster",
+                              c << self.cbits, cs, "compressed data")
+        self._tick()
+        # one L1 table (one view of the disk) never reaches a host cluster twice;
+        # snapshots may share clusters with each other and with the active layer
+        for off, what, idx, l2off in per_l1:
+            tabs = [refs[o] for o in l2off.tolist()]
+            arr = np.concatenate(tabs) if tabs else np.zeros(0, np.int64)
+            if len(arr) < 2:
+                continue
+            s = np.sort(arr, kind="stable")
+            d = np.nonzero(s[1:] == s[:-1])[0]
+            if len(d):
+                c = int(s[d[0]])
+                raise _unsafe(f"host cluster {c << self.cbits:#x} is referenced twice by the "
+                              f"{what} (not compressed, not shared by a snapshot)",
+                              self._find_entry(c, l2off, 2), 8, "L2 entry")
+            self._tick()
+
+    def _find_entry(self, cluster: int, l2offs, nth: int) -> int:
+        """File offset of the ``nth`` L2 entry reaching ``cluster`` (for the message)."""
+        seen = 0
+        for o in l2offs.tolist():
+            table = self._read_u64(o, self.img._l2_entries * (2 if self.h.extended_l2 else 1))
+            step = 2 if self.h.extended_l2 else 1
+            ent = table[::step]
+            std = (ent & self.np.uint64(C.OFLAG_COMPRESSED)) == 0
+            host = (ent & self.np.uint64(C.L2E_OFFSET_MASK)) >> self.np.uint64(self.cbits)
+            hits = self.np.nonzero(std & (host == cluster) &
+                                   ((ent & self.np.uint64(C.L2E_OFFSET_MASK)) != 0))[0]
+            for k in hits.tolist():
+                seen += 1
+                if seen == nth:
+                    return o + k * 8 * step
+        return 0
+
+    def _metadata_overlaps(self, l2_ptr, all_l2):
+        np = self.np
+        cl = np.concatenate([m[0] for m in self.meta])
+        owner = np.concatenate([np.full(len(m[0]), i, dtype=np.int64)
+                                for i, m in enumerate(self.meta)])
+        order = np.argsort(cl, kind="stable")
+        cl, owner = cl[order], owner[order]
+        d = np.nonzero(cl[1:] == cl[:-1])[0]
+        if len(d):
+            k = int(d[0])
+            a, b = self.meta[int(owner[k])], self.meta[int(owner[k + 1])]
+            c = int(cl[k]) << self.cbits
+            if b[1] == "L2 table":
+                ptr, name = l2_ptr.get(c, c), "L2 table"
+                # an L1 entry pointing an L2 table at other metadata: name the entry
+                raise _unsafe(f"L2 table at {c:#x} overlaps the {a[1]}", ptr, 8, "L1 entry")
+            raise _unsafe(f"{b[1]} overlaps the {a[1]} at host cluster {c:#x}",
+                          b[2] if b[2] is not None else c, None, b[1])
+        whats = [self.meta[int(o)][1] for o in owner.tolist()] if len(cl) < 4096 else \
+            _LazyNames(self.meta, owner)
+        return cl, whats, None
+
+    def _refcount_table(self) -> None:
+        np = self.np
+        h = self.h
+        cs = self.cs
+        off = h.refcount_table_offset
+        n = h.refcount_table_clusters * cs // 8
+        rt = self._read_u64(off, n)
+        idx = np.nonzero(rt)[0]
+        ent = rt[idx]
+        checks = (
+            (ent & np.uint64(_REFT_RESERVED), "has reserved bits set", CorruptImageError),
+            (ent & np.uint64(cs - 1), "is not cluster-aligned", CorruptImageError),
+            (ent + np.uint64(cs) > np.uint64(self.fsize),
+             f"extends past the end of the file (size {self.fsize:#x})", CorruptImageError),
+        )
+        for mask, text, _ in checks:
+            bad = np.nonzero(mask)[0]
+            if len(bad):
+                i = int(idx[bad[0]])
+                raise _corrupt(f"refcount table entry {i} ({int(rt[i]):#x}): refcount block "
+                               f"{text}", off + i * 8, 8, "refcount table entry")
+        self._hold(len(idx) * cs, "refcount blocks")
+        blocks = (ent >> np.uint64(self.cbits)).astype(np.int64)
+        u, first, counts = np.unique(blocks, return_index=True, return_counts=True)
+        if len(u) and counts.max() > 1:
+            j = np.nonzero(blocks == u[int(np.argmax(counts > 1))])[0]
+            i = int(idx[j[1]])
+            raise _unsafe(f"refcount table entries {int(idx[j[0]])} and {i} point at the "
+                          f"same refcount block", off + i * 8, 8, "refcount table entry")
+        self.meta.append((blocks, "refcount block", off))
+
+    def _l2_table(self, o: int):
+        """Check one L2 table; return (standard host clusters, compressed host clusters)."""
+        np = self.np
+        h = self.h
+        cs, cbits = self.cs, self.cbits
+        ext = h.extended_l2
+        step = 2 if ext else 1
+        t = self._read_u64(o, self.img._l2_entries * step)
+        ent = t[::step]
+        nz = np.nonzero(ent)[0] if not ext else np.nonzero(ent | t[1::2])[0]
+        if not len(nz):
+            return np.zeros(0, np.int64), None
+        e = ent[nz]
+        compressed = (e & np.uint64(C.OFLAG_COMPRESSED)) != 0
+
+        def fail(mask, text, cls=CorruptImageError):
+            bad = np.nonzero(mask)[0]
+            if len(bad):
+                k = int(nz[bad[0]])
+                msg = (f"L2 entry {k} of the L2 table at {o:#x} ({int(ent[k]):#x}) {text}")
+                if cls is CorruptImageError:
+                    raise _corrupt(msg, o + k * 8 * step, 8 * step, "L2 entry")
+                raise _unsafe(msg, o + k * 8 * step, 8 * step, "L2 entry")
+
+        std = ~compressed
+        es = e & np.uint64(C.L2E_OFFSET_MASK)
+        fail(std & ((e & np.uint64(_L2E_STD_RESERVED)) != 0), "has reserved bits set")
+        zero = (e & np.uint64(C.OFLAG_ZERO)) != 0
+        if h.version < 3:
+            fail(std & zero, "has the zero flag, which a version 2 image does not have")
+        if ext:
+            fail(std & zero, "has bit 0 set, which is reserved with extended L2 entries")
+        fail(std & ((es & np.uint64(cs - 1)) != 0), "points at an unaligned cluster")
+        # a data cluster may be cut by the file's end (QEMU writes only the subclusters
+        # or sectors it needs); one that starts at or past the end is refused
+        fail(std & (es != 0) & (es >= np.uint64(self.fsize)),
+             f"points past the end of the file (size {self.fsize:#x})")
+        if ext:
+            bm = t[1::2][nz]
+            alloc = bm & np.uint64(_ALL_ALLOC)
+            zbits = bm >> np.uint64(32)
+            fail(std & ((alloc & zbits) != 0), "has subclusters both allocated and zero")
+            fail(std & (es == 0) & (alloc != 0),
+                 "has allocated subclusters but no host cluster")
+            fail(compressed & (bm != 0), "is compressed but has a subcluster bitmap")
+        host = (es[std & (es != 0)] >> np.uint64(cbits)).astype(np.int64)
+        if len(host) > 1:
+            s = np.sort(host)
+            d = np.nonzero(s[1:] == s[:-1])[0]
+            if len(d):
+                c = int(s[d[0]])
+                k = np.nonzero(std & (es >> np.uint64(cbits) == np.uint64(c)))[0][1]
+                fail(np.arange(len(e)) == k,
+                     f"points at host cluster {c << cbits:#x} already used in this table",
+                     UnsafeImageError)
+        if not compressed.any():
+            return host, None
+        fail(compressed & ((e & np.uint64(C.OFLAG_COPIED)) != 0),
+             "is compressed and has the COPIED flag")
+        ce = e[compressed]
+        shift = 62 - (cbits - 8)
+        coff = ce & np.uint64((1 << shift) - 1)
+        nsec = ((ce >> np.uint64(shift)) & np.uint64((1 << (cbits - 8)) - 1)) + np.uint64(1)
+        start = coff & ~np.uint64(511)
+        end = start + nsec * np.uint64(512)
+        # QEMU reads nsec sectors from the first one; the last may be cut by the file's
+        # end (QEMU does not pad it), so a descriptor overruns when its sectors go past
+        # the file's end rounded up to a sector.
+        limit = np.uint64((self.fsize + 511) & ~511)
+        over = np.zeros(len(e), bool)
+        over[np.nonzero(compressed)[0]] = end > limit
+        fail(over, f"has compressed data past the end of the file (size {self.fsize:#x})")
+        first = (start >> np.uint64(cbits)).astype(np.int64)
+        last = ((end - np.uint64(1)) >> np.uint64(cbits)).astype(np.int64)
+        touched = np.concatenate([first, last[last != first]])
+        return host, touched
+
+
+class _LazyNames:
+    def __init__(self, meta, owner):
+        self.meta, self.owner = meta, owner
+
+    def __getitem__(self, j):
+        return self.meta[int(self.owner[j])][1]
+
+
+def scan(img, limits: Limits) -> None:
+    """Refuse the image unless every metadata structure is sane (see the module doc)."""
+    _Scan(img, limits).run()

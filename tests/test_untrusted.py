@@ -1,0 +1,541 @@
+"""Untrusted mode (issue 6): crafted images built from qemu-img-made ones, one field or
+entry poked at a time, each refused with the exact exception type and offset; the
+OpenStack cases; the CLI under an address-space limit; a bounded fuzzer."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("qemu-io")),
+                                reason="qemu-img/qemu-io not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+CS = 65536
+COPIED = 1 << 63
+
+
+def qemu_img(*args):
+    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
+
+
+def qemu_io(path, *cmds, fmt="qcow2"):
+    argv = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    subprocess.run(argv + [str(path)], check=True, capture_output=True)
+
+
+def u64(path, off):
+    with open(path, "rb") as f:
+        f.seek(off)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def u32(path, off):
+    with open(path, "rb") as f:
+        f.seek(off)
+        return struct.unpack(">I", f.read(4))[0]
+
+
+def poke(path, off, data):
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(data)
+
+
+def poke64(path, off, v):
+    poke(path, off, struct.pack(">Q", v))
+
+
+def l1_off(p):
+    return u64(p, 0x28)
+
+
+def l2_off(p, i=0):
+    return u64(p, l1_off(p) + 8 * i) & 0x00FFFFFFFFFFFE00
+
+
+def reftable_off(p):
+    return u64(p, 0x30)
+
+
+def round_up(n, a=CS):
+    return (n + a - 1) // a * a
+
+
+def move_l1(p, n):
+    """Give the image an L1 table of ``n`` entries at the end of the file."""
+    old, cnt = l1_off(p), u32(p, 0x24)
+    with open(p, "rb") as f:
+        f.seek(old)
+        entries = f.read(cnt * 8)
+    new = round_up(p.stat().st_size)
+    os.truncate(p, round_up(new + n * 8))
+    poke(p, new, entries)
+    poke64(p, 0x28, new)
+    poke(p, 0x24, struct.pack(">I", n))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Small qemu-img-made images the cases copy and poke."""
+    d = tmp_path_factory.mktemp("untrusted-base")
+    imgs = {}
+    p = d / "plain.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", p, "64M")
+    qemu_io(p, "write -P 1 0 256k", "write -P 2 32M 64k")
+    imgs["plain"] = p
+    p = d / "snap.qcow2"
+    shutil.copy(imgs["plain"], p)
+    qemu_img("snapshot", "-c", "s1", p)
+    qemu_io(p, "write -P 3 0 64k")
+    imgs["snap"] = p
+    p = d / "v2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", p, "64M")
+    qemu_io(p, "write -P 1 0 256k")
+    imgs["v2"] = p
+    p = d / "comp.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", imgs["plain"], p)
+    imgs["comp"] = p
+    p = d / "ext.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", p, "64M")
+    qemu_io(p, "write -P 1 0 128k", "write -z 256k 64k")
+    imgs["ext"] = p
+    return imgs
+
+
+@pytest.fixture
+def img(base, tmp_path):
+    def copy(name):
+        dst = tmp_path / f"{name}.qcow2"
+        shutil.copy(base[name], dst)
+        return dst
+    return copy
+
+
+def refused(path, exc, offset, **kw):
+    import qcow2
+    with pytest.raises(exc) as ei:
+        with qcow2.open(path, untrusted=True, **kw):
+            pass
+    assert type(ei.value) is exc, repr(ei.value)
+    assert getattr(ei.value, "offset", None) == offset, (str(ei.value), offset)
+    return ei.value
+
+
+def test_clean_images_read_as_qemu_does(base, tmp_path):
+    import qcow2
+    for name, p in base.items():
+        raw = tmp_path / f"{name}.raw"
+        qemu_img("convert", "-O", "raw", p, raw)
+        with qcow2.open(p, untrusted=True) as im:
+            assert im.pread(im.size, 0) == raw.read_bytes(), name
+
+
+# -- L1 entries ------------------------------------------------------------------------
+
+def test_l1_entry_unaligned(img):
+    from qcow2 import CorruptImageError
+    p = img("plain")
+    poke64(p, l1_off(p), COPIED | (l2_off(p) + 0x200))
+    refused(p, CorruptImageError, l1_off(p))
+
+
+def test_l1_entry_past_eof(img):
+    from qcow2 import CorruptImageError
+    p = img("plain")
+    poke64(p, l1_off(p), COPIED | round_up(p.stat().st_size) + 16 * CS)
+    refused(p, CorruptImageError, l1_off(p))
+
+
+def test_l1_entry_reserved_bits(img):
+    from qcow2 import CorruptImageError
+    p = img("plain")
+    poke64(p, l1_off(p), u64(p, l1_off(p)) | 2)
+    refused(p, CorruptImageError, l1_off(p))
+
+
+# -- L2 entries ------------------------------------------------------------------------
+
+def test_l2_entry_unaligned(img):
+    from qcow2 import CorruptImageError
+    p = img("plain")
+    l2 = l2_off(p)
+    poke64(p, l2, u64(p, l2) + 0x200)
+    refused(p, CorruptImageError, l2)
+
+
+def test_l2_entry_past_eof(img):
+    from qcow2 import CorruptImageError
+    p = img("plain")
+    l2 = l2_off(p)
+    poke64(p, l2 + 8, COPIED | round_up(p.stat().st_size) + 64 * CS)
+    refused(p, CorruptImageError, l2 + 8)
+
+
+def test_l2_entry_reserved_bits(img):
+    from qcow2 import CorruptImageError
+    p = img("plain")
+    l2 = l2_off(p)
+    poke64(p, l2, u64(p, l2) | (1 << 57))
+    refused(p, CorruptImageError, l2)
+
+
+def test_l2_zero_flag_in_v2(img):
+    from qcow2 import CorruptImageError
+    p = img("v2")
+    l2 = l2_off(p)
+    poke64(p, l2 + 16, u64(p, l2 + 16) | 1)
+    refused(p, CorruptImageError, l2 + 16)
+
+
+def test_l2_double_reference(img):
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    l2 = l2_off(p)
+    poke64(p, l2 + 8, u64(p, l2))
+    refused(p, UnsafeImageError, l2 + 8)
+
+
+def test_l2_double_reference_across_tables(img):
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    a, b = l2_off(p, 0), l2_off(p, 0) and u64(p, l1_off(p)) & 0x00FFFFFFFFFFFE00
+    # guest 32M lives in the same L2 table (512 MiB per table); alias entry 512 to entry 0
+    poke64(p, a + 8 * 512, u64(p, a))
+    refused(p, UnsafeImageError, a + 8 * 512)
+    del b
+
+
+def test_snapshot_shared_clusters_are_fine(img):
+    import qcow2
+    p = img("snap")
+    with qcow2.open(p, untrusted=True, snapshot="s1") as im:
+        assert im.pread(4, 0) == b"\x01" * 4
+    with qcow2.open(p, untrusted=True) as im:
+        assert im.pread(4, 0) == b"\x03" * 4
+
+
+def test_l2_points_at_l1_table(img):
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    l2 = l2_off(p)
+    poke64(p, l2 + 8, COPIED | (l1_off(p) & ~(CS - 1)))
+    e = refused(p, UnsafeImageError, l2 + 8)
+    assert "L1 table" in str(e)
+
+
+def test_l2_points_at_refcount_block(img):
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    l2 = l2_off(p)
+    poke64(p, l2 + 8, COPIED | u64(p, reftable_off(p)))
+    e = refused(p, UnsafeImageError, l2 + 8)
+    assert "refcount block" in str(e)
+
+
+def test_l1_points_at_refcount_table(img):
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    poke64(p, l1_off(p), COPIED | reftable_off(p))
+    refused(p, UnsafeImageError, l1_off(p))
+
+
+def test_compressed_descriptor_overruns_file(img):
+    from qcow2 import CorruptImageError
+    p = img("comp")
+    l2 = l2_off(p)
+    e = u64(p, l2)
+    assert e & (1 << 62)
+    shift = 62 - (16 - 8)
+    size = p.stat().st_size
+    coff = (size - 512) & ~511
+    poke64(p, l2, (1 << 62) | (3 << shift) | coff)
+    refused(p, CorruptImageError, l2)
+
+
+def test_extended_l2_alloc_and_zero(img):
+    from qcow2 import CorruptImageError
+    p = img("ext")
+    l2 = l2_off(p)
+    bm = u64(p, l2 + 8)
+    assert bm & 1
+    poke64(p, l2 + 8, bm | (1 << 32))
+    refused(p, CorruptImageError, l2)
+
+
+# -- refcounts, snapshots, sizes ----------------------------------------------------------
+
+def test_refcount_table_entry_past_eof(img):
+    from qcow2 import CorruptImageError
+    p = img("plain")
+    rt = reftable_off(p)
+    poke64(p, rt + 8, round_up(p.stat().st_size) + 1024 * CS)
+    refused(p, CorruptImageError, rt + 8)
+
+
+def test_snapshot_l1_past_eof(img):
+    from qcow2 import CorruptImageError
+    p = img("snap")
+    st = u64(p, 0x40)
+    poke64(p, st, round_up(p.stat().st_size) + 64 * CS)
+    refused(p, CorruptImageError, st)
+
+
+def test_huge_virtual_size(img):
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    size = 32 << 40
+    poke64(p, 0x18, size)
+    move_l1(p, size // (CS * CS // 8))
+    e = refused(p, UnsafeImageError, 0x18)
+    assert str(32 << 40) in str(e)
+    import qcow2
+    with qcow2.open(p, untrusted=True, max_virtual_size=64 << 40) as im:
+        assert im.size == size
+
+
+def test_huge_l1_over_metadata_cap(img):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    n = 4 << 20                          # 32 MiB of L1: QEMU's cap, allowed by QEMU
+    move_l1(p, n)
+    with pytest.raises(UnsafeImageError) as ei:
+        qcow2.open(p, untrusted=True, limits=qcow2.Limits(max_metadata=16 << 20))
+    assert str(16 << 20) in str(ei.value)
+    with qcow2.open(p, untrusted=True) as im:      # default 64 MiB: fits
+        assert im.pread(4, 0) == b"\x01" * 4
+
+
+def test_scan_cpu_budget(img):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    with pytest.raises(UnsafeImageError, match="CPU"):
+        qcow2.open(img("snap"), untrusted=True, max_scan_cpu=0)
+
+
+def test_corrupt_bit_refuses_untrusted_reads_only(img):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    poke64(p, 0x48, u64(p, 0x48) | 2)
+    with qcow2.open(p) as im:
+        assert im.pread(4, 0) == b"\x01" * 4
+    with qcow2.open(p, untrusted=True) as im:
+        im.info()
+        with pytest.raises(UnsafeImageError, match="corrupt"):
+            im.pread(4, 0)
+
+
+def test_dirty_bit_reads_and_no_repair(img):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    poke64(p, 0x48, u64(p, 0x48) | 1)
+    before = p.read_bytes()
+    with qcow2.open(p, untrusted=True) as im:
+        assert im.pread(4, 0) == b"\x01" * 4
+    with pytest.raises(UnsafeImageError):
+        qcow2.open(p, "r+", untrusted=True)
+    assert p.read_bytes() == before
+
+
+def test_decompression_never_exceeds_a_cluster(img):
+    """A stream that inflates to four clusters yields one (QEMU's rule), in every mode."""
+    import qcow2
+    p = img("comp")
+    l2 = l2_off(p)
+    e = u64(p, l2)
+    shift = 62 - (16 - 8)
+    coff = e & ((1 << shift) - 1)
+    nsec = ((e >> shift) & 0xFF) + 1
+    co = zlib.compressobj(9, zlib.DEFLATED, -12)
+    bomb = co.compress(b"\xaa" * (4 * CS)) + co.flush()
+    assert len(bomb) <= nsec * 512 - (coff & 511)
+    poke(p, coff, bomb)
+    for untrusted in (False, True):
+        with qcow2.open(p, untrusted=untrusted) as im:
+            assert im.pread(CS, 0) == b"\xaa" * CS
+
+
+# -- the OpenStack cases ------------------------------------------------------------------
+
+def test_backing_file_etc_passwd(tmp_path):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    p = tmp_path / "b.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", p, "1M")
+    with pytest.raises(UnsafeImageError, match="backing"):
+        qcow2.open(p, untrusted=True)
+
+
+def test_data_file(tmp_path):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    p = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'd.raw'}", p, "1M")
+    with pytest.raises(UnsafeImageError, match="data file"):
+        qcow2.open(p, untrusted=True)
+
+
+def test_json_data_file_name(tmp_path):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    p = tmp_path / "j.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=jsonXaaaa.raw", p, "1M")
+    raw = p.read_bytes()
+    i = raw.index(b"jsonXaaaa.raw")
+    poke(p, i, b"json:")
+    for untrusted in (False, True):
+        with pytest.raises(UnsafeImageError, match="json:"):
+            qcow2.open(p, untrusted=untrusted)
+
+
+def test_image_is_its_own_backing_file(img):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", p.name, "-F", "qcow2", p)
+    with pytest.raises(UnsafeImageError):
+        qcow2.open(p, untrusted=True)
+    with pytest.raises(UnsafeImageError, match="loop"):
+        qcow2.open(p)
+
+
+def test_iso_qcow2_polyglot(img):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    poke(p, 0x8001, b"CD001")
+    with pytest.raises(UnsafeImageError, match="iso"):
+        qcow2.open(p, untrusted=True)
+    with qcow2.open(p, untrusted=True, format="qcow2") as im:   # the caller said qcow2
+        assert im.pread(4, 0) == b"\x01" * 4
+
+
+def test_qcow2_named_as_raw(img):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    with pytest.raises(UnsafeImageError, match="a qcow2 image named as raw"):
+        qcow2.open(p, untrusted=True, format="raw")
+    with qcow2.open(p, format="raw") as im:                    # trusted: the caller knows
+        assert im.format == "raw"
+
+
+def test_convert_max_output(img, tmp_path):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    with pytest.raises(UnsafeImageError, match="max_output"):
+        qcow2.convert(img("plain"), tmp_path / "o.raw", untrusted=True, max_output=1 << 20)
+    assert not (tmp_path / "o.raw").exists()
+
+
+# -- the CLI under a 1 GiB address-space limit ------------------------------------------------
+
+def _limit_as():
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("QCOW2_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "qcow2", *map(str, args)], env=env,
+                          capture_output=True, text=True, preexec_fn=_limit_as, timeout=60)
+
+
+def test_cli_refusals_one_line(img, tmp_path):
+    hostile = []
+    p = img("plain")
+    poke64(p, l2_off(p) + 8, COPIED | (l1_off(p) & ~(CS - 1)))
+    hostile.append(p)
+    q = tmp_path / "huge.qcow2"
+    shutil.copy(img("snap"), q)
+    poke64(q, 0x18, 1 << 50)
+    move_l1(q, (1 << 50) // (CS * CS // 8))
+    hostile.append(q)
+    for h in hostile:
+        for argv in (["info", "--untrusted", h],
+                     ["convert", "--untrusted", "-O", "raw", h, tmp_path / "out.raw"],
+                     ["map", "--untrusted", h], ["check", "--untrusted", h],
+                     ["measure", "--untrusted", h],
+                     ["compare", "--untrusted", h, h]):
+            r = _cli(*argv)
+            assert r.returncode != 0, (argv, r.stdout)
+            assert len(r.stderr.splitlines()) == 1, (argv, r.stderr)
+            assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    r = _cli("info", "--untrusted", img("plain"))
+    assert r.returncode == 0, r.stderr
+
+
+# -- a bounded fuzzer ---------------------------------------------------------------------
+
+def test_fuzz_mutated_images(base, tmp_path):
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    import tracemalloc
+
+    import qcow2
+    from qcow2 import Qcow2Error
+
+    seeds = {}
+    for name, p in base.items():
+        raw = p.read_bytes()
+        hot = [(0, 0x200), (l1_off(p), 0x200), (reftable_off(p), 0x200)]
+        l2 = l2_off(p)
+        if l2:
+            hot.append((l2, 0x1000))
+        if u32(p, 0x3C):
+            hot.append((u64(p, 0x40), 0x100))
+        seeds[name] = (raw, hot)
+    names = sorted(seeds)
+    target = tmp_path / "fuzz.qcow2"
+
+    mutation = st.tuples(st.integers(0, 10 ** 6), st.integers(0, 10 ** 6),
+                         st.sampled_from(["byte", "u64", "bit", "zero"]),
+                         st.integers(0, 2 ** 64 - 1))
+
+    @settings(max_examples=200, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(names), st.lists(mutation, min_size=1, max_size=4))
+    def run(name, muts):
+        raw, hot = seeds[name]
+        data = bytearray(raw)
+        for region, at, kind, val in muts:
+            start, length = hot[region % len(hot)]
+            off = min(start + at % length, len(data) - 8)
+            if kind == "byte":
+                data[off] = val & 0xFF
+            elif kind == "u64":
+                data[off:off + 8] = struct.pack(">Q", val)
+            elif kind == "bit":
+                data[off] ^= 1 << (val % 8)
+            else:
+                data[off:off + 8] = bytes(8)
+        target.write_bytes(bytes(data))
+        tracemalloc.start()
+        try:
+            with qcow2.open(target, untrusted=True) as im:
+                im.info()
+                for off in (0, im.size // 2, max(0, im.size - CS)):
+                    im.pread(CS, off)
+                for i, _ in zip(range(200), im.extents()):
+                    pass
+        except Qcow2Error:
+            pass
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        assert peak < 256 << 20, peak
+
+    run()
