@@ -281,31 +281,35 @@ class _Scan:
         self.meta.append(((all_l2 >> np.uint64(self.cbits)).astype(np.int64), "L2 table",
                           None))
         meta_clusters, meta_what, meta_ptr = self._metadata_overlaps(l2_ptr, all_l2)
-        # every L2 table: entries -> host clusters
-        refs = {}           # L2 offset -> int64 array of standard host cluster indices
+        # every L2 table: entries -> host clusters (data never on metadata)
+        nclus = (self.fsize + cs - 1) >> self.cbits
+        self.dtype = np.uint32 if nclus < (1 << 32) else np.int64
+        self.meta_clusters, self.meta_what = meta_clusters, meta_what
+        refs = {}           # L2 offset -> standard host cluster indices (uint32 or int64)
         comp = []           # host clusters touched by compressed data
+        total = 0
         for b in range(0, len(all_l2), _BATCH_TABLES):
             offs = all_l2[b:b + _BATCH_TABLES].tolist()
             for o in offs:
                 r, c = self._l2_table(o)
                 refs[o] = r
+                total += len(r)
                 if c is not None:
                     comp.append(c)
             self._tick()
-        # data clusters must not be metadata
-        std_all = np.concatenate(list(refs.values())) if refs else np.zeros(0, np.int64)
         comp_all = np.unique(np.concatenate(comp)) if comp else np.zeros(0, np.int64)
-        for arr, kind in ((std_all, "data cluster"), (comp_all, "compressed data")):
-            hit = np.isin(arr, meta_clusters)
-            if hit.any():
-                c = int(arr[np.argmax(hit)])
-                j = int(np.searchsorted(meta_clusters, c))
-                where = (self._find_entry(c, all_l2, 1) if kind == "data cluster"
-                         else c << self.cbits)
-                raise _unsafe(f"{kind} at {c << self.cbits:#x} overlaps the "
-                              f"{meta_what[j]}", where, 8, "L2 entry")
-        if len(comp_all) and len(std_all):
-            hit = np.isin(comp_all, std_all)
+        # With a byte map over the file's clusters no bigger than the references
+        # themselves, the checks below are linear and need no copy of all references.
+        use_map = nclus <= max(4 * total, 1 << 20)
+        if len(comp_all) and total:
+            if use_map:
+                mark = np.zeros(nclus, dtype=bool)
+                for r in refs.values():
+                    mark[r] = True
+                hit = mark[comp_all]
+                del mark
+            else:
+                hit = np.isin(comp_all, np.concatenate(list(refs.values())))
             if hit.any():
                 c = int(comp_all[np.argmax(hit)])
                 raise _unsafe(f"compressed data touches host cluster {c << self.cbits:#x}, "
@@ -315,14 +319,25 @@ class _Scan:
         # one L1 table (one view of the disk) never reaches a host cluster twice;
         # snapshots may share clusters with each other and with the active layer
         for off, what, idx, l2off in per_l1:
-            tabs = [refs[o] for o in l2off.tolist()]
-            arr = np.concatenate(tabs) if tabs else np.zeros(0, np.int64)
-            if len(arr) < 2:
-                continue
-            s = np.sort(arr, kind="stable")
-            d = np.nonzero(s[1:] == s[:-1])[0]
-            if len(d):
-                c = int(s[d[0]])
+            c = None
+            if use_map:
+                mark = np.zeros(nclus, dtype=bool)
+                for o in l2off.tolist():
+                    r = refs[o]
+                    seen = mark[r]
+                    if seen.any():
+                        c = int(r[np.argmax(seen)])
+                        break
+                    mark[r] = True
+                del mark
+            else:
+                tabs = [refs[o] for o in l2off.tolist()]
+                arr = np.concatenate(tabs) if tabs else np.zeros(0, np.int64)
+                s = np.sort(arr)
+                d = np.nonzero(s[1:] == s[:-1])[0]
+                if len(d):
+                    c = int(s[d[0]])
+            if c is not None:
                 raise _unsafe(f"host cluster {c << self.cbits:#x} is referenced twice by the "
                               f"{what} (not compressed, not shared by a snapshot)",
                               self._find_entry(c, l2off, 2), 8, "L2 entry")
@@ -409,7 +424,7 @@ class _Scan:
         ent = t[::step]
         nz = np.nonzero(ent)[0] if not ext else np.nonzero(ent | t[1::2])[0]
         if not len(nz):
-            return np.zeros(0, np.int64), None
+            return np.zeros(0, self.dtype), None
         e = ent[nz]
         compressed = (e & np.uint64(C.OFLAG_COMPRESSED)) != 0
 
@@ -443,7 +458,14 @@ class _Scan:
             fail(std & (es == 0) & (alloc != 0),
                  "has allocated subclusters but no host cluster")
             fail(compressed & (bm != 0), "is compressed but has a subcluster bitmap")
-        host = (es[std & (es != 0)] >> np.uint64(cbits)).astype(np.int64)
+        host = (es[std & (es != 0)] >> np.uint64(cbits)).astype(self.dtype)
+        hit = np.isin(host, self.meta_clusters)
+        if hit.any():
+            c = int(host[np.argmax(hit)])
+            j = int(np.searchsorted(self.meta_clusters, c))
+            fail(std & (es >> np.uint64(cbits) == np.uint64(c)),
+                 f"points at host cluster {c << cbits:#x}, which is the {self.meta_what[j]}",
+                 UnsafeImageError)
         if len(host) > 1:
             s = np.sort(host)
             d = np.nonzero(s[1:] == s[:-1])[0]
@@ -473,6 +495,15 @@ class _Scan:
         first = (start >> np.uint64(cbits)).astype(np.int64)
         last = ((end - np.uint64(1)) >> np.uint64(cbits)).astype(np.int64)
         touched = np.concatenate([first, last[last != first]])
+        hit = np.isin(touched, self.meta_clusters)
+        if hit.any():
+            c = int(touched[np.argmax(hit)])
+            j = int(np.searchsorted(self.meta_clusters, c))
+            cidx = np.nonzero(compressed)[0]
+            k = np.zeros(len(e), bool)
+            k[cidx[(first == c) | (last == c)]] = True
+            fail(k, f"has compressed data in host cluster {c << cbits:#x}, which is the "
+                    f"{self.meta_what[j]}", UnsafeImageError)
         return host, touched
 
 
