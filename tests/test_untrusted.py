@@ -206,14 +206,23 @@ def test_l2_double_reference(img):
     refused(p, UnsafeImageError, l2 + 8)
 
 
-def test_l2_double_reference_across_tables(img):
+def test_l2_double_reference_far_apart(img):
     from qcow2 import UnsafeImageError
     p = img("plain")
-    a, b = l2_off(p, 0), l2_off(p, 0) and u64(p, l1_off(p)) & 0x00FFFFFFFFFFFE00
-    # guest 32M lives in the same L2 table (512 MiB per table); alias entry 512 to entry 0
-    poke64(p, a + 8 * 512, u64(p, a))
-    refused(p, UnsafeImageError, a + 8 * 512)
-    del b
+    a = l2_off(p)
+    poke64(p, a + 8 * 700, u64(p, a + 8 * 512))     # guest 32M's cluster, again at ~43M
+    refused(p, UnsafeImageError, a + 8 * 700)
+
+
+def test_double_reference_across_l2_tables(tmp_path):
+    from qcow2 import UnsafeImageError
+    p = tmp_path / "two.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", p, "1G")
+    qemu_io(p, "write -P 1 0 64k", "write -P 2 600M 64k")
+    a, b = l2_off(p, 0), l2_off(p, 1)
+    k = (600 << 20) % (512 << 20) // CS
+    poke64(p, b + 8 * k, u64(p, a))
+    refused(p, UnsafeImageError, b + 8 * k)
 
 
 def test_snapshot_shared_clusters_are_fine(img):
@@ -248,6 +257,25 @@ def test_l1_points_at_refcount_table(img):
     p = img("plain")
     poke64(p, l1_off(p), COPIED | reftable_off(p))
     refused(p, UnsafeImageError, l1_off(p))
+
+
+def test_l1_entries_share_an_l2_table(img):
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    move_l1(p, 2)
+    l1 = l1_off(p)
+    poke64(p, l1 + 8, u64(p, l1))
+    refused(p, UnsafeImageError, l1 + 8)
+
+
+def test_compressed_data_in_the_l1_table(img):
+    from qcow2 import UnsafeImageError
+    p = img("comp")
+    l2 = l2_off(p)
+    shift = 62 - (16 - 8)
+    poke64(p, l2, (1 << 62) | (1 << shift) | l1_off(p))
+    e = refused(p, UnsafeImageError, l2)
+    assert "L1 table" in str(e)
 
 
 def test_compressed_descriptor_overruns_file(img):
@@ -474,8 +502,14 @@ def test_cli_refusals_one_line(img, tmp_path):
             assert r.returncode != 0, (argv, r.stdout)
             assert len(r.stderr.splitlines()) == 1, (argv, r.stderr)
             assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
-    r = _cli("info", "--untrusted", img("plain"))
-    assert r.returncode == 0, r.stderr
+    clean = img("plain")
+    for argv in (["info", "--untrusted", clean], ["check", "--untrusted", clean],
+                 ["map", "--untrusted", clean], ["measure", "--untrusted", clean],
+                 ["compare", "--untrusted", clean, clean]):
+        r = _cli(*argv)
+        assert r.returncode == 0, (argv, r.stderr)
+    r = _cli("check", "--untrusted", "-r", "all", clean)
+    assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
 
 
 # -- a bounded fuzzer ---------------------------------------------------------------------
