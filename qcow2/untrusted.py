@@ -129,6 +129,7 @@ def check_format(be, fmt: str, explicit: bool) -> None:
     """The file must be ``fmt`` and nothing else (OpenStack's format-inspector rules)."""
     names = signatures(be)
     if fmt == "raw":
+        names = [n for n in names if n != "iso"]     # an ISO image is raw data
         if names:
             kind = "qcow2" if names[0] == "qcow" and _qcow_version(be) >= 2 else names[0]
             raise _unsafe(f"'{getattr(be, 'path', '?')}' is a {kind} image named as raw; "

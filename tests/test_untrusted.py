@@ -451,6 +451,27 @@ def test_iso_qcow2_polyglot(img):
         assert im.pread(4, 0) == b"\x01" * 4
 
 
+def test_iso_is_raw(tmp_path):
+    import qcow2
+    p = tmp_path / "cd.iso"
+    data = bytearray(0x10000)
+    data[0x8001:0x8006] = b"CD001"
+    p.write_bytes(bytes(data))
+    with qcow2.open(p, untrusted=True) as im:
+        assert im.format == "raw" and im.pread(5, 0x8001) == b"CD001"
+
+
+def test_other_formats_named_as_raw(tmp_path):
+    import qcow2
+    from qcow2 import UnsafeImageError
+    for magic, name in ((b"KDMV", "vmdk"), (b"QFI\xfb\x00\x00\x00\x01", "qcow"),
+                        (b"vhdxfile", "vhdx")):
+        p = tmp_path / f"x.{name}"
+        p.write_bytes(magic + bytes(4096))
+        with pytest.raises(UnsafeImageError, match=f"a {name} image named as raw"):
+            qcow2.open(p, untrusted=True)
+
+
 def test_qcow2_named_as_raw(img):
     import qcow2
     from qcow2 import UnsafeImageError
