@@ -395,7 +395,7 @@ class _Scan:
         checks = (
             (ent & np.uint64(_REFT_RESERVED), "has reserved bits set", CorruptImageError),
             (ent & np.uint64(cs - 1), "is not cluster-aligned", CorruptImageError),
-            (ent + np.uint64(cs) > np.uint64(self.fsize),
+            (ent > np.uint64(self.fsize - cs) if self.fsize >= cs else ent == ent,
              f"extends past the end of the file (size {self.fsize:#x})", CorruptImageError),
         )
         for mask, text, _ in checks:

@@ -311,6 +311,14 @@ def test_refcount_table_entry_past_eof(img):
     refused(p, CorruptImageError, rt + 8)
 
 
+def test_refcount_table_entry_wrapping_past_eof(img):
+    from qcow2 import CorruptImageError
+    p = img("plain")
+    rt = reftable_off(p)
+    poke64(p, rt + 8, 0xFFFFFFFFFFFF0000)        # + cluster size wraps to 0
+    refused(p, CorruptImageError, rt + 8)
+
+
 def test_snapshot_l1_past_eof(img):
     from qcow2 import CorruptImageError
     p = img("snap")
