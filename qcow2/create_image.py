@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
 
 from . import constants as C
@@ -664,6 +665,11 @@ def _write_cow_tail(fd: int, host_base: int, size: int, spec: "Qcow2Spec") -> No
 
 def _table_chunks(first_value: int, count: int, step: int, flags: int):
     """Big-endian 64-bit entries ``(first_value + i*step) | flags`` for i < count, in chunks."""
+    if count <= 8192:
+        # small tables (every image without preallocation): no numpy import (start-up)
+        yield 0, struct.pack(f">{count}Q", *(((first_value + i * step) | flags)
+                                             for i in range(count)))
+        return
     import numpy as np
 
     per = _CHUNK // 8
