@@ -3,11 +3,12 @@
 ``qcow2.open(path, untrusted=True)`` opens exactly one file and, before the first guest
 read, walks every metadata structure of the image once (header fields, the refcount
 table, the active and every snapshot's L1 table, every L2 table those reach, the
-snapshot table) and refuses anything a hostile image could use to make a reader go
+snapshot table, the refcount blocks) and refuses anything a hostile image could use to make a reader go
 astray: unaligned entries, reserved bits, references past the end of the file, host
 clusters referenced twice from one L1 table, L2 tables or data clusters that overlap
 other metadata (or each other), compressed descriptors that overrun the file, zero
-flags in a v2 image, extended-L2 subclusters that are both allocated and zero.
+flags in a v2 image, extended-L2 subclusters that are both allocated and zero, and
+(unless the image is dirty) clusters in use whose refcount is 0.
 
 Plain corruption (a field that is malformed on its own) raises ``CorruptImageError``;
 aliasing and exceeded limits raise ``UnsafeImageError``.  Both carry ``offset`` (the
@@ -298,7 +299,7 @@ class _Scan:
                 if c is not None:
                     comp.append(c)
             self._tick()
-        comp_all = np.unique(np.concatenate(comp)) if comp else np.zeros(0, np.int64)
+        comp_all = _uniq(np, np.concatenate(comp)) if comp else np.zeros(0, np.int64)
         # With a byte map over the file's clusters no bigger than the references
         # themselves, the checks below are linear and need no copy of all references.
         use_map = nclus <= max(4 * total, 1 << 20)
@@ -343,6 +344,52 @@ class _Scan:
                               f"{what} (not compressed, not shared by a snapshot)",
                               self._find_entry(c, l2off, 2), 8, "L2 entry")
             self._tick()
+        if not h.dirty:
+            # (a dirty image may have lazy refcounts lagging behind: QEMU rebuilds them)
+            self._refcounts(refs, comp_all, nclus, use_map)
+        self._tick()
+
+    def _refcounts(self, refs, comp_all, nclus: int, use_map: bool) -> None:
+        """Every cluster in use -- metadata, data, compressed data -- has a refcount."""
+        np = self.np
+        from .ops.check import _decode_block
+        h, cs, cbits = self.h, self.cs, self.cbits
+        bits = h.refcount_bits
+        span = cbits + 3 - h.refcount_order          # log2(entries per refcount block)
+        parts = [m[0] for m in self.meta] + list(refs.values()) + [comp_all]
+        rt = self.rt
+        if use_map:
+            mark = np.zeros(nclus, dtype=bool)
+            for a in parts:
+                mark[a] = True
+            groups = ((b, b << span, np.flatnonzero(mark[b << span:(b + 1) << span]))
+                      for b in range((nclus + (1 << span) - 1) >> span))
+        else:
+            want = np.sort(np.concatenate([a.astype(np.int64) for a in parts]))
+            blk = want >> span
+            cuts = [0] + (np.flatnonzero(blk[1:] != blk[:-1]) + 1).tolist() + [len(want)]
+            groups = ((int(blk[cuts[j]]), int(blk[cuts[j]]) << span,
+                       want[cuts[j]:cuts[j + 1]] - (int(blk[cuts[j]]) << span))
+                      for j in range(len(cuts) - 1) if cuts[j] < cuts[j + 1])
+        for j, (b, base, idx) in enumerate(groups):
+            if not len(idx):
+                continue
+            bo = int(rt[b]) & C.REFT_OFFSET_MASK if b < len(rt) else 0
+            if bo == 0:
+                c = base + int(idx[0])
+                raise _corrupt(f"host cluster {c << cbits:#x} is in use but has no refcount "
+                               f"block (refcount table entry {b})",
+                               h.refcount_table_offset + 8 * min(b, len(rt)), 8,
+                               "refcount table entry")
+            vals = _decode_block(self.img._read_meta(cs, bo), bits)
+            z = np.flatnonzero(vals[idx] == 0)
+            if len(z):
+                i = int(idx[z[0]])
+                c = base + i
+                raise _corrupt(f"host cluster {c << cbits:#x} is in use but its refcount "
+                               f"is 0", bo + i * bits // 8, max(1, bits // 8), "refcount")
+            if j % 64 == 63:
+                self._tick()
 
     def _find_entry(self, cluster: int, l2offs, nth: int) -> int:
         """File offset of the ``nth`` L2 entry reaching ``cluster`` (for the message)."""
@@ -389,7 +436,7 @@ class _Scan:
         cs = self.cs
         off = h.refcount_table_offset
         n = h.refcount_table_clusters * cs // 8
-        rt = self._read_u64(off, n)
+        rt = self.rt = self._read_u64(off, n)
         idx = np.nonzero(rt)[0]
         ent = rt[idx]
         checks = (
@@ -460,7 +507,7 @@ class _Scan:
                  "has allocated subclusters but no host cluster")
             fail(compressed & (bm != 0), "is compressed but has a subcluster bitmap")
         host = (es[std & (es != 0)] >> np.uint64(cbits)).astype(self.dtype)
-        hit = np.isin(host, self.meta_clusters)
+        hit = _member(np, self.meta_clusters, host)
         if hit.any():
             c = int(host[np.argmax(hit)])
             j = int(np.searchsorted(self.meta_clusters, c))
@@ -496,7 +543,7 @@ class _Scan:
         first = (start >> np.uint64(cbits)).astype(np.int64)
         last = ((end - np.uint64(1)) >> np.uint64(cbits)).astype(np.int64)
         touched = np.concatenate([first, last[last != first]])
-        hit = np.isin(touched, self.meta_clusters)
+        hit = _member(np, self.meta_clusters, touched)
         if hit.any():
             c = int(touched[np.argmax(hit)])
             j = int(np.searchsorted(self.meta_clusters, c))
@@ -506,6 +553,20 @@ class _Scan:
             fail(k, f"has compressed data in host cluster {c << cbits:#x}, which is the "
                     f"{self.meta_what[j]}", UnsafeImageError)
         return host, touched
+
+
+def _uniq(np, a):
+    """Sorted distinct values (numpy's hash-based unique is slow on big arrays)."""
+    s = np.sort(a)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
+
+
+def _member(np, sorted_set, a):
+    """``a in sorted_set``, element-wise."""
+    if not len(sorted_set) or not len(a):
+        return np.zeros(len(a), bool)
+    pos = np.minimum(np.searchsorted(sorted_set, a), len(sorted_set) - 1)
+    return sorted_set[pos] == a
 
 
 class _LazyNames:

@@ -83,6 +83,10 @@ def move_l1(p, n):
     poke(p, new, entries)
     poke64(p, 0x28, new)
     poke(p, 0x24, struct.pack(">I", n))
+    rb = u64(p, reftable_off(p))                 # refcount 1 for the new clusters
+    first, last = new // CS, (new + n * 8 - 1) // CS
+    assert last < CS // 2
+    poke(p, rb + 2 * first, b"\0\1" * (last - first + 1))
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +321,36 @@ def test_refcount_table_entry_wrapping_past_eof(img):
     rt = reftable_off(p)
     poke64(p, rt + 8, 0xFFFFFFFFFFFF0000)        # + cluster size wraps to 0
     refused(p, CorruptImageError, rt + 8)
+
+
+def test_data_cluster_with_refcount_zero(img):
+    import qcow2
+    from qcow2 import CorruptImageError
+    p = img("plain")
+    c = (u64(p, l2_off(p)) & 0x00FFFFFFFFFFFE00) // CS
+    rb = u64(p, reftable_off(p))
+    poke(p, rb + 2 * c, b"\0\0")
+    refused(p, CorruptImageError, rb + 2 * c)
+    poke64(p, 0x48, u64(p, 0x48) | 1)                # dirty: refcounts may lag
+    with qcow2.open(p, untrusted=True) as im:
+        assert im.pread(4, 0) == b"\x01" * 4
+
+
+def test_checks_on_a_sparse_huge_file(img):
+    """Few references in a huge file: the sort-based path instead of a cluster map."""
+    from qcow2 import CorruptImageError, UnsafeImageError
+    import qcow2
+    p = img("snap")
+    os.truncate(p, 1 << 40)
+    with qcow2.open(p, untrusted=True) as im:
+        assert im.pread(4, 0) == b"\x03" * 4
+    l2 = l2_off(p)
+    c = (u64(p, l2 + 8) & 0x00FFFFFFFFFFFE00) // CS
+    rb = u64(p, reftable_off(p))
+    poke(p, rb + 2 * c, b"\0\0")
+    refused(p, CorruptImageError, rb + 2 * c)
+    poke64(p, l2 + 16, u64(p, l2 + 8))
+    refused(p, UnsafeImageError, l2 + 16)
 
 
 def test_snapshot_l1_past_eof(img):
