@@ -34,6 +34,8 @@ def add_parser(sub):
     p.add_argument("-l", dest="snapshot", default=None, help="read an internal snapshot")
     add_share(p)
     add_untrusted(p)
+    p.add_argument("--max-output", default=None, metavar="SIZE",
+                   help="refuse to produce more than SIZE bytes of output")
     p.add_argument("files", nargs="+", metavar="SRC... DST")
     p.set_defaults(func=run)
 
@@ -66,7 +68,9 @@ def run(args) -> int:
             workers=args.workers, out_of_order=args.out_of_order, no_create=args.no_create,
             target_is_zero=args.target_is_zero, backing_file=args.backing_file,
             backing_format=args.backing_format, progress=progress, untrusted=args.untrusted,
-            force_share=args.force_share, snapshot=_snapshot_arg(args.snapshot))
+            force_share=args.force_share, snapshot=_snapshot_arg(args.snapshot),
+            max_output=(parse_size(args.max_output, what="max output")
+                        if args.max_output is not None else None))
     if progress is not None:
         progress.done()
     return 0
