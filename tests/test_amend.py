@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 
 import pytest
+
+from helpers import cli, info, run
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 
 
-def run(*args, check=True):
-    r = subprocess.run(args, capture_output=True, text=True)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "qcow2", *args], capture_output=True, text=True)
-
-
-def info(p):
-    return json.loads(run("qemu-img", "info", "--output=json", str(p)).stdout)
 
 
 @pytest.fixture

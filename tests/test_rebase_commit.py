@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
+
+from helpers import clean, cli, info, run
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 
 
-def run(*args, check=True, cwd=None):
-    r = subprocess.run(args, capture_output=True, text=True, cwd=cwd)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "qcow2", *args], capture_output=True,
-                          text=True, cwd=cwd)
-
-
-def clean(path):
-    r = run("qemu-img", "check", "--output=json", str(path), check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def info(path):
-    return json.loads(run("qemu-img", "info", "-U", "--output=json", str(path)).stdout)
 
 
 @pytest.fixture

@@ -5,34 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+
+from helpers import clean, cli, info, run
 
 import qcow2
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 
 
-def run(*args, check=True):
-    r = subprocess.run(args, capture_output=True, text=True)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "qcow2", *args], capture_output=True, text=True)
-
-
-def info(path):
-    return json.loads(run("qemu-img", "info", "--output=json", str(path)).stdout)
-
-
-def clean(path):
-    r = run("qemu-img", "check", "--output=json", str(path), check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def twins(tmp_path, opts="cluster_size=65536", size="3M", writes=()):

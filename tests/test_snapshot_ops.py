@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
+
+from helpers import cli, run
 
 import qcow2
 from qcow2.ops import snapshot as snap
@@ -17,15 +17,6 @@ from qcow2.ops import snapshot as snap
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 
 
-def run(*args, check=True):
-    r = subprocess.run(args, capture_output=True, text=True)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "qcow2", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("opts,seed", [("cluster_size=65536", 1), ("cluster_size=4096", 2),
