@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_share, add_untrusted, vet_untrusted
+from .common import ProgressPrinter, add_share, add_untrusted
 
 _CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
 
@@ -41,25 +41,16 @@ def run(args) -> int:
         err = Qcow2Error(f"Invalid source cache option: {args.cache}")
         err.exit_code = 2  # type: ignore[attr-defined]
         raise err
-    if args.untrusted:
-        try:
-            vet_untrusted(args.image_a, args.fmt_a, force_share=args.force_share)
-            vet_untrusted(args.image_b, args.fmt_b, force_share=args.force_share)
-        except Qcow2Error as exc:
-            exc.exit_code = 2  # type: ignore[attr-defined]  (qemu-img: cannot open)
-            raise
     out = sys.stdout
     quiet = args.quiet
-    def show(pct):
-        out.write("    (%.2f/100%%)\r" % pct)
-        out.flush()
+    progress = ProgressPrinter(out) if args.progress and not quiet else None
 
-    progress = show if args.progress and not quiet else None
-
+    # one open per image, scanned first when untrusted (no gap between check and use)
     res = compare_images(args.image_a, args.image_b, fmt_a=args.fmt_a, fmt_b=args.fmt_b,
-                         strict=args.strict, progress=progress, force_share=args.force_share)
+                         strict=args.strict, progress=progress, force_share=args.force_share,
+                         untrusted=args.untrusted)
     if progress is not None:
-        out.write("\n")
+        progress.done()
     common = min(res.size_a, res.size_b)
     lines = []
     m = res.mismatch

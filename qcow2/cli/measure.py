@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_format, add_output, add_share, add_untrusted, vet_untrusted
+from .common import add_format, add_output, add_share, add_untrusted
 
 
 def add_parser(sub):
@@ -56,12 +56,10 @@ def run(args) -> int:
     if len(args.filenames) > 1:
         raise Qcow2Error("At most one filename argument is allowed.")
     options = parse_option_list(",".join(args.options)) if args.options else {}
-    if args.untrusted and args.filenames:
-        vet_untrusted(args.filenames[0], args.format, snapshot=_snapshot_arg(args.snapshot),
-                      force_share=args.force_share)
     info = measure(args.filenames[0] if args.filenames else None, size=args.size,
                    fmt=args.format, out_format=args.out_format, options=options,
-                   snapshot=_snapshot_arg(args.snapshot), force_share=args.force_share)
+                   snapshot=_snapshot_arg(args.snapshot), force_share=args.force_share,
+                   untrusted=args.untrusted)
     if args.output == "json":
         sys.stdout.write(qemu_json(info) + "\n")
     else:

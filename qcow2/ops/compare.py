@@ -75,7 +75,7 @@ class Comparison(NamedTuple):
 
 def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
             strict: bool = False, progress: Callable[[float], None] | None = None,
-            force_share: bool = False, workers: int = 2) -> int | None:
+            force_share: bool = False, workers: int = 2, untrusted: bool = False) -> int | None:
     """Compare the guest content of images ``a`` and ``b`` like ``qemu-img compare``.
 
     Returns None when they are identical, else the offset qemu-img reports (the first
@@ -84,20 +84,22 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
     Raises Qcow2Error (with ``exit_code`` 2, 3 or 4 as qemu-img exits) on errors.
     """
     res = compare_images(a, b, fmt_a=fmt_a, fmt_b=fmt_b, strict=strict, progress=progress,
-                         force_share=force_share, workers=workers)
+                         force_share=force_share, workers=workers, untrusted=untrusted)
     return None if res.mismatch is None else res.mismatch.offset
 
 
 def compare_images(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
                    strict: bool = False, progress: Callable[[float], None] | None = None,
-                   force_share: bool = False, workers: int = 2) -> Comparison:
+                   force_share: bool = False, workers: int = 2,
+                   untrusted: bool = False) -> Comparison:
     """:func:`compare` with the details the CLI prints: both sizes and the mismatch."""
     names = (os.fspath(a), os.fspath(b))
     imgs = []
     try:
         for name, fmt in zip(names, (fmt_a, fmt_b)):
             try:
-                imgs.append(open_image(name, format=fmt, force_share=force_share))
+                imgs.append(open_image(name, format=fmt, force_share=force_share,
+                                       untrusted=untrusted))
             except Qcow2Error as exc:
                 exc.exit_code = EXIT_OPEN  # type: ignore[attr-defined]
                 raise

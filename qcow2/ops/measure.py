@@ -48,7 +48,8 @@ _BITMAP_TABLE_ENTRY = 8
 
 
 def measure(path=None, *, size=None, fmt: str | None = None, out_format: str = "qcow2",
-            options: dict | None = None, snapshot=None, force_share: bool = False) -> dict:
+            options: dict | None = None, snapshot=None, force_share: bool = False,
+            untrusted: bool = False) -> dict:
     """What ``qemu-img measure -O OUT_FORMAT [-o OPTIONS] (--size SIZE | [-f FMT] [-l SN] PATH)``
     prints, as a dict in QEMU's JSON key order: ``{"bitmaps": N,`` (only when qemu
     prints it) ``"required": N, "fully-allocated": N}``.
@@ -73,7 +74,7 @@ def measure(path=None, *, size=None, fmt: str | None = None, out_format: str = "
         return _measure(None, size, out_format, options)
     from ..image import open_image
     with open_image(os.fspath(path), format=fmt, snapshot=snapshot,
-                    force_share=force_share) as img:
+                    force_share=force_share, untrusted=untrusted) as img:
         return _measure(img, size, out_format, options)
 
 
