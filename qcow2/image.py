@@ -435,8 +435,12 @@ class Qcow2Image(Image):
         try:
             if snapshot is not None:
                 self._select_snapshot(snapshot)
-            if h.has_data_file:
+            if h.has_data_file and (open_backing or self.be.writable):
                 self._open_data_file()
+            elif h.has_data_file:
+                # info without the chain: the data file is named, not opened (reads of
+                # guest data refuse instead of looking in the wrong file)
+                self.data_be = None
             if h.backing_file and open_backing:
                 self._open_backing(max_backing_depth, chain, depth)
             if untrusted:
@@ -602,6 +606,10 @@ class Qcow2Image(Image):
         return d
 
     def _require_readable(self) -> None:
+        if self.data_be is None:
+            raise Qcow2Error(f"'{self.filename}' was opened without its external data file "
+                             f"{self.header.data_file!r} (backing=False): its data cannot "
+                             f"be read")
         if self.untrusted and self.header.corrupt:
             raise UnsafeImageError(f"image '{self.filename}' is marked corrupt; untrusted "
                                    f"mode does not read it")
@@ -827,7 +835,7 @@ class Qcow2Image(Image):
 
     def close(self) -> None:
         super().close()
-        if self.data_be is not self.be:
+        if self.data_be is not None and self.data_be is not self.be:
             self.data_be.close()
         self.be.close()
 

@@ -496,8 +496,12 @@ class _Scan:
         fail(std & ((es & np.uint64(cs - 1)) != 0), "points at an unaligned cluster")
         # a data cluster may be cut by the file's end (QEMU writes only the subclusters
         # or sectors it needs); one that starts at or past the end is refused
-        fail(std & (es != 0) & (es >= np.uint64(self.fsize)),
-             f"points past the end of the file (size {self.fsize:#x})")
+        # with an external data file, data clusters live in that (unopened) file: the
+        # image file's size, metadata and refcounts say nothing about them
+        elsewhere = h.has_data_file
+        if not elsewhere:
+            fail(std & (es != 0) & (es >= np.uint64(self.fsize)),
+                 f"points past the end of the file (size {self.fsize:#x})")
         if ext:
             bm = t[1::2][nz]
             alloc = bm & np.uint64(_ALL_ALLOC)
@@ -507,7 +511,8 @@ class _Scan:
                  "has allocated subclusters but no host cluster")
             fail(compressed & (bm != 0), "is compressed but has a subcluster bitmap")
         host = (es[std & (es != 0)] >> np.uint64(cbits)).astype(self.dtype)
-        hit = _member(np, self.meta_clusters, host)
+        hit = (_member(np, self.meta_clusters, host) if not elsewhere
+               else np.zeros(len(host), bool))
         if hit.any():
             c = int(host[np.argmax(hit)])
             j = int(np.searchsorted(self.meta_clusters, c))
@@ -523,6 +528,8 @@ class _Scan:
                 fail(np.arange(len(e)) == k,
                      f"points at host cluster {c << cbits:#x} already used in this table",
                      UnsafeImageError)
+        if elsewhere:
+            host = host[:0]            # nothing of the image file's own
         if not compressed.any():
             return host, None
         fail(compressed & ((e & np.uint64(C.OFLAG_COPIED)) != 0),

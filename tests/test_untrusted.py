@@ -636,3 +636,24 @@ def test_fuzz_mutated_images(base, tmp_path):
         assert peak < 256 << 20, peak
 
     run()
+
+
+def test_info_reports_data_file_that_untrusted_reads_refuse(tmp_path):
+    """info --untrusted still names the external data file; reading refuses it."""
+    import json as _json
+    import subprocess as _sp
+    import sys as _sys
+
+    p = tmp_path / "df.qcow2"
+    r = _sp.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=df.data",
+                 str(p), "1M"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _sp.run([_sys.executable, "-m", "qcow2", "info", "--untrusted", "--output=json", str(p)],
+                capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _json.loads(r.stdout)["format-specific"]["data"]["data-file"] == "df.data"
+    r = _sp.run([_sys.executable, "-m", "qcow2", "convert", "--untrusted", "-O", "raw", str(p),
+                 str(tmp_path / "out.raw")], capture_output=True, text=True)
+    assert r.returncode == 1 and "df.data" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.raw").exists()
