@@ -28,8 +28,11 @@ pytestmark = [
 
 
 def run(*args, check=True):
+    env = dict(ENV)
+    if "E2FSPROGS_FAKE_TIME" in os.environ:      # a test pins e2fsprogs' clock
+        env["E2FSPROGS_FAKE_TIME"] = os.environ["E2FSPROGS_FAKE_TIME"]
     return subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          check=check, timeout=120, env=ENV)
+                          check=check, timeout=120, env=env)
 
 
 @pytest.fixture
@@ -96,6 +99,8 @@ def test_volume_writer_on_a_block_device(tmp_path, image, loop_factory, monkeypa
     """The lvm disk path with lvcreate replaced by a loop device: data + zeros exactly."""
     from qcow2 import compute
     from qcow2.backends import lvm
+    # e2fsck/resize2fs stamp the superblock with the time: the same time on both sides
+    monkeypatch.setenv("E2FSPROGS_FAKE_TIME", "1700000000")
     dev = loop_factory(96 * MiB)
     removed = []
     monkeypatch.setattr(lvm, "create_volume", lambda vg, name, size: dev)

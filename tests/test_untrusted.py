@@ -539,7 +539,9 @@ def _limit_as():
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the CLI must run the very package under test (the installed one in CI)
+    pkg_root = os.path.dirname(os.path.dirname(qcow2.__file__))
+    env = dict(os.environ, PYTHONPATH=pkg_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("QCOW2_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "qcow2", *map(str, args)], env=env,
                           capture_output=True, text=True, preexec_fn=_limit_as, timeout=60)
