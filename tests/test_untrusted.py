@@ -540,6 +540,7 @@ def _limit_as():
 
 def _cli(*args):
     # the CLI must run the very package under test (the installed one in CI)
+    import qcow2
     pkg_root = os.path.dirname(os.path.dirname(qcow2.__file__))
     env = dict(os.environ, PYTHONPATH=pkg_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("QCOW2_DEBUG", None)
