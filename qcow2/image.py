@@ -163,6 +163,9 @@ def open_image(path, mode: str = "r", *, format: str | None = None, untrusted: b
                 raise UnsupportedFeatureError("raw images have no snapshots",
                                               feature="snapshot")
             img = RawImage(be, filename, writable=writable)
+            if untrusted and img.size > limits.max_virtual_size:
+                raise UnsafeImageError(f"virtual size {img.size} of raw image '{filename}' "
+                                       f"exceeds the limit of {limits.max_virtual_size} bytes")
         return img
     except BaseException:
         be.close()

@@ -660,3 +660,18 @@ def test_info_reports_data_file_that_untrusted_reads_refuse(tmp_path):
     assert r.returncode == 1 and "df.data" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.raw").exists()
+
+
+def test_virtual_size_cap_applies_to_raw_images(tmp_path):
+    import qcow2
+    from qcow2.errors import UnsafeImageError
+
+    p = tmp_path / "big.raw"
+    with open(p, "wb") as f:
+        f.truncate(2 << 40)                         # 2 TiB sparse raw file
+    with pytest.raises(UnsafeImageError, match="exceeds the limit"):
+        qcow2.open(p, format="raw", untrusted=True, max_virtual_size=1 << 40)
+    with qcow2.open(p, format="raw", untrusted=True) as img:   # default cap: 16 TiB
+        assert img.size == 2 << 40
+    with qcow2.open(p, format="raw", max_virtual_size=1 << 40) as img:  # trusted: no cap
+        assert img.size == 2 << 40
