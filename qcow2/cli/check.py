@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UnsafeImageError
-from .common import add_format, add_output, add_share, add_untrusted, vet_untrusted
+from .common import add_format, add_output, add_share, add_untrusted
 
 
 def add_parser(sub):
@@ -36,14 +36,14 @@ def run(args) -> int:
     from ..ops.check import CheckFailedError, check, exit_status, format_human, format_repaired
     from ..ops.info import qemu_json
 
-    if args.untrusted:
-        if args.repair:
-            raise UnsafeImageError("an untrusted image is never repaired in place "
-                                   "(--untrusted with -r)")
-        vet_untrusted(args.filename, args.format, force_share=args.force_share)
+    if args.untrusted and args.repair:
+        raise UnsafeImageError("an untrusted image is never repaired in place "
+                               "(--untrusted with -r)")
     try:
+        # untrusted: one open, scanned, then checked (no gap for a swapped file)
         result = check(args.filename, format=args.format, repair=args.repair,
-                       force_share=args.force_share, log=_stderr_line)
+                       force_share=args.force_share, log=_stderr_line,
+                       untrusted=args.untrusted)
     except CheckFailedError as exc:
         if exc.repaired and args.output == "human" and not args.quiet:
             sys.stdout.write(format_repaired(exc.repaired))     # as qemu-img, before failing

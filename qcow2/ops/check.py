@@ -42,7 +42,7 @@ import numpy as np
 from .. import constants as C
 from ..backends import FileBackend
 from ..errors import (CorruptImageError, InvalidOptionError, Qcow2Error,
-                      UnsupportedFeatureError)
+                      UnsafeImageError, UnsupportedFeatureError)
 from ..header import Header
 
 # -- modes (QEMU's BdrvCheckMode) ------------------------------------------------------
@@ -1635,7 +1635,8 @@ def _as_dict(filename: str, fmt: str, r: CheckResult) -> dict:
 # ---------------------------------------------------------------------------
 
 def check(path, *, format: str | None = None, repair: str | None = None,
-          force_share: bool = False, log=None) -> dict:
+          force_share: bool = False, log=None, untrusted: bool = False,
+          limits=None) -> dict:
     """Check (and with ``repair="leaks"|"all"`` repair) an image, as ``qemu-img check``.
 
     Returns the dict ``qemu-img check --output=json`` prints.  ``log(line)`` receives
@@ -1643,6 +1644,11 @@ def check(path, *, format: str | None = None, repair: str | None = None,
     reference=0", ...).  Raises :class:`CheckNotSupportedError` for raw images
     (qemu-img's exit status 63) and :class:`CheckFailedError` when the check could not
     complete (exit status 1).  :func:`exit_status` maps a result to qemu-img's status.
+
+    ``untrusted=True`` opens the file once, in untrusted mode (format checks and the
+    metadata scan of :mod:`qcow2.untrusted`, with ``limits``), and checks that same
+    open file: nothing else is opened and the file is not re-opened between the scan
+    and the check.  An untrusted image is never repaired.
     """
     if repair not in _REPAIR_MODES:
         raise InvalidOptionError(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
@@ -1651,6 +1657,8 @@ def check(path, *, format: str | None = None, repair: str | None = None,
     filename = os.fspath(path)
     if isinstance(filename, bytes):
         filename = os.fsdecode(filename)
+    if untrusted:
+        return _check_untrusted(filename, format, fix, force_share, log, limits)
     be, fmt = _open(filename, format, bool(fix), force_share)
     companions: list = []
     try:
@@ -1678,6 +1686,25 @@ def check(path, *, format: str | None = None, repair: str | None = None,
         for c in companions:
             c.close()
         be.close()
+
+
+def _check_untrusted(filename: str, fmt: str | None, fix: int, force_share: bool, log,
+                     limits) -> dict:
+    """check(untrusted=True): one open_image (scanned), its file checked in place."""
+    from ..image import open_image
+    if fix:
+        raise UnsafeImageError("an untrusted image is never repaired in place "
+                               "(untrusted check with repair)")
+    img = open_image(filename, format=fmt, untrusted=True, force_share=force_share,
+                     limits=limits)
+    try:
+        if img.format != "qcow2":
+            raise CheckNotSupportedError("This image format does not support checks",
+                                         feature="check")
+        # the scan refused backing and data files: there are no companions to open
+        return _as_dict(filename, "qcow2", _run(_File(img.be), 0, log))
+    finally:
+        img.close()
 
 
 def exit_status(result: dict) -> int:
