@@ -53,21 +53,38 @@ class Snapshot:
         return d
 
 
-def read_snapshot_table(read, offset: int, count: int, file_size: int) -> list[Snapshot]:
+def read_snapshot_table(read, offset: int, count: int, file_size: int,
+                        charge=None) -> list[Snapshot]:
     """Parse ``count`` entries at ``offset`` (validated by the header already).
 
-    The table is read in one bounded piece: it can be at most
-    MAX_SNAPSHOTS_SIZE bytes long, and must lie inside the file.
+    The table is read incrementally, as far as its entries say it goes: it can be at
+    most MAX_SNAPSHOTS_SIZE bytes long and must lie inside the file.  ``charge(n)``,
+    when given, is called with the number of bytes about to be read before every read
+    (untrusted mode counts them against its metadata budget and refuses there).
     """
     if count == 0:
         return []
     limit = min(C.MAX_SNAPSHOTS_SIZE, max(0, file_size - offset))
-    buf = read(limit, offset) if limit else b""
+    buf = bytearray()
+
+    def need(n: int) -> bool:
+        """Make ``buf`` hold ``n`` bytes (reading ahead at most 1 MiB); False past the end."""
+        if n <= len(buf):
+            return True
+        if n > limit:
+            return False
+        want = min(limit, max(n, len(buf) + min(max(len(buf), 64 << 10), 1 << 20)))
+        if charge is not None:
+            charge(want - len(buf))
+        got = read(want - len(buf), offset + len(buf))
+        buf.extend(got)
+        return n <= len(buf)
+
     out: list[Snapshot] = []
     pos = 0
     for i in range(count):
         pos = (pos + 7) & ~7
-        if pos + _SN.size > len(buf):
+        if not need(pos + _SN.size):
             raise _trunc(i, offset + pos, file_size)
         (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, clock, vm_state,
          extra_size) = _SN.unpack_from(buf, pos)
@@ -79,7 +96,7 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int) -> list[S
                 f"({extra_size} bytes, at offset {entry_off:#x})",
                 offset=entry_off, size=_SN.size, what="snapshot table entry")
         end = pos + extra_size + id_size + name_size
-        if end > len(buf):
+        if not need(end):
             if end > C.MAX_SNAPSHOTS_SIZE:
                 raise CorruptImageError(
                     f"Snapshot table exceeds the maximum size (entry {i} at offset {entry_off:#x})",
@@ -97,9 +114,9 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int) -> list[S
             icount = struct.unpack_from(">Q", extra, 16)[0]
             if icount == 0xFFFFFFFFFFFFFFFF:
                 icount = None
-        sid = buf[pos:pos + id_size].decode("utf-8", "surrogateescape")
+        sid = bytes(buf[pos:pos + id_size]).decode("utf-8", "surrogateescape")
         pos += id_size
-        name = buf[pos:pos + name_size].decode("utf-8", "surrogateescape")
+        name = bytes(buf[pos:pos + name_size]).decode("utf-8", "surrogateescape")
         pos += name_size
         end = (pos + 7) & ~7
         out.append(Snapshot(i, l1_off, l1_size, sid, name, date_sec, date_nsec, clock,

@@ -107,6 +107,28 @@ def _unsafe(msg: str, offset: int | None = None, size: int | None = None,
     return err
 
 
+class Budget:
+    """Bytes of metadata read and held for one untrusted image, against
+    ``Limits.max_metadata``: charged *before* each read, so an image whose tables
+    would pass the cap is refused without reading them."""
+
+    __slots__ = ("limit", "held")
+
+    def __init__(self, limits: Limits):
+        self.limit = limits.max_metadata
+        self.held = 0
+
+    def hold(self, n: int, what: str, offset: int | None = None) -> None:
+        self.held += n
+        if self.held > self.limit:
+            raise _unsafe(f"metadata of {self.held} bytes (reading {what}) exceeds the "
+                          f"limit of {self.limit} bytes", offset, None, "metadata")
+
+    def charge_snapshot_table(self, n: int) -> None:
+        """``read_snapshot_table``'s ``charge``: the header's table offset is named."""
+        self.hold(n, "the snapshot table", 0x40)
+
+
 def _corrupt(msg: str, offset: int, size: int, what: str) -> CorruptImageError:
     return CorruptImageError(f"{msg} (at offset {offset:#x})", offset=offset, size=size,
                              what=what)
@@ -173,16 +195,14 @@ class _Scan:
         self.cbits = img.cluster_bits
         self.fsize = img.file_size
         self.t0 = time.process_time()
-        self.held = 0
+        # shared with the open, which charged the snapshot table before reading it
+        self.budget = getattr(img, "_budget", None) or Budget(limits)
         # (cluster indices, what, file offset of the pointer) of every metadata structure
         self.meta: list[tuple] = []
 
     # -- budgets -------------------------------------------------------------------
-    def _hold(self, n: int, what: str) -> None:
-        self.held += n
-        if self.held > self.limits.max_metadata:
-            raise _unsafe(f"metadata of {self.held} bytes (reading {what}) exceeds the limit "
-                          f"of {self.limits.max_metadata} bytes")
+    def _hold(self, n: int, what: str, offset: int | None = None) -> None:
+        self.budget.hold(n, what, offset)
 
     def _tick(self) -> None:
         used = time.process_time() - self.t0
@@ -220,9 +240,9 @@ class _Scan:
                               f"Snapshot L1 table of snapshot {sn.id}", sn.entry_offset)
             l1s.append((sn.l1_table_offset, sn.l1_size, f"L1 table of snapshot {sn.id}",
                         sn.entry_offset))
-        self._hold(h.refcount_table_clusters * cs, "the refcount table")
+        self._hold(h.refcount_table_clusters * cs, "the refcount table", 0x38)
         for off, n, what, ptr in l1s:
-            self._hold(n * 8, what)
+            self._hold(n * 8, what, 0x24 if ptr == 0x28 else ptr + 8)   # the size field
         self._region(0, cs, "header", 0)
         self._region(h.refcount_table_offset, h.refcount_table_clusters * cs,
                      "refcount table", 0x30)
@@ -274,7 +294,7 @@ class _Scan:
         all_l2 = np.unique(np.concatenate([p[3] for p in per_l1])) if per_l1 else \
             np.zeros(0, np.uint64)
         l2_bytes = cs if not h.extended_l2 else cs     # a table is one cluster either way
-        self._hold(len(all_l2) * l2_bytes, f"{len(all_l2)} L2 tables")
+        self._hold(len(all_l2) * l2_bytes, f"{len(all_l2)} L2 tables", 0x28)
         # where each L2 table is pointed from (for messages): first L1 entry seen
         l2_ptr = {}
         for off, what, idx, l2off in per_l1:
@@ -451,7 +471,7 @@ class _Scan:
                 i = int(idx[bad[0]])
                 raise _corrupt(f"refcount table entry {i} ({int(rt[i]):#x}): refcount block "
                                f"{text}", off + i * 8, 8, "refcount table entry")
-        self._hold(len(idx) * cs, "refcount blocks")
+        self._hold(len(idx) * cs, "refcount blocks", 0x30)
         blocks = (ent >> np.uint64(self.cbits)).astype(np.int64)
         u, first, counts = np.unique(blocks, return_index=True, return_counts=True)
         if len(u) and counts.max() > 1:

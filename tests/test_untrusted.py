@@ -361,6 +361,53 @@ def test_snapshot_l1_past_eof(img):
     refused(p, CorruptImageError, st)
 
 
+def big_snapshot_table(p, n, name_size=1000):
+    """Replace the snapshot table with ``n`` entries (no L1 table, a long name each) at
+    the end of the file, refcounted, so the image stays clean: about n KiB of table."""
+    entry = struct.pack(">QIHHIIQII", 0, 0, 4, name_size, 0, 0, 0, 0, 24) + bytes(24)
+    table = b"".join(entry + b"%04d" % (i % 10000) + b"n" * name_size +
+                     bytes(-(len(entry) + 4 + name_size) % 8) for i in range(n))
+    new = round_up(p.stat().st_size)
+    os.truncate(p, round_up(new + len(table)))
+    poke(p, new, table)
+    poke64(p, 0x40, new)
+    poke(p, 0x3C, struct.pack(">I", n))
+    rb = u64(p, reftable_off(p))
+    first, last = new // CS, (new + len(table) - 1) // CS
+    assert last < CS // 2
+    poke(p, rb + 2 * first, b"\0\1" * (last - first + 1))
+    return new, len(table)
+
+
+def test_snapshot_table_charged_before_it_is_read(img, monkeypatch):
+    """A snapshot table bigger than max_metadata is refused after reading at most the
+    budget of it (the header's count and the entries' sizes are not trusted)."""
+    import qcow2
+    from qcow2 import UnsafeImageError
+    from qcow2.backends import FileBackend
+    p = img("plain")
+    off, size = big_snapshot_table(p, 4000)            # ~4 MiB of snapshot table
+    with qcow2.open(p, untrusted=True) as im:         # the default 64 MiB: fine
+        assert len(im.snapshots_list) == 4000 and im.pread(4, 0) == b"\x01" * 4
+    read = []
+    real = FileBackend.readinto
+
+    def counting(self, buf, offset):
+        n = real(self, buf, offset)
+        if offset >= off:
+            read.append(n)
+        return n
+
+    monkeypatch.setattr(FileBackend, "readinto", counting)
+    cap = 1 << 20
+    e = refused(p, UnsafeImageError, 0x40, max_metadata=cap)
+    assert "snapshot table" in str(e) and str(cap) in str(e)
+    assert 0 < sum(read) <= cap, sum(read)
+    # the snapshot table counts together with the other metadata
+    with pytest.raises(UnsafeImageError, match="metadata"):
+        qcow2.open(p, untrusted=True, max_metadata=size + 4096)
+
+
 def test_huge_virtual_size(img):
     from qcow2 import UnsafeImageError
     p = img("plain")
