@@ -428,6 +428,127 @@ def test_spawn_failure_removes_instance(compute, tmp_path, images, monkeypatch):
     assert not os.path.exists(os.path.join(o.instances_path, UUID1))
 
 
+# -- growing the file system of qcow2 disks (resize_fs_using_block_device) ---------------------------
+
+def _fs_blocks(path_raw):
+    out = subprocess.run(["dumpe2fs", "-h", path_raw], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True).stdout
+    field = {l.split(":")[0]: l.split(":")[1].strip() for l in out.splitlines() if ":" in l}
+    return int(field["Block count"]) * int(field["Block size"])
+
+
+def _guest_raw(disk, tmp_path):
+    out = str(tmp_path / "guest.raw")
+    if os.path.exists(out):
+        os.unlink(out)
+    qemu("convert", "-O", "raw", disk, out)
+    return out
+
+
+@needs_qemu
+@needs_mkfs
+@pytest.mark.parametrize("force_raw, prealloc", [(True, "none"), (False, "none"),
+                                                 (True, "space")])
+def test_qcow2_disk_fs_grown(compute, tmp_path, images, monkeypatch, force_raw, prealloc):
+    # e2fsprogs stamp the superblock with the time: the same time here and for the reference
+    monkeypatch.setenv("E2FSPROGS_FAKE_TIME", "1700000000")
+    monkeypatch.setenv("E2FSCK_TIME", "1700000000")
+    o = make_opts(compute, tmp_path, images_type="qcow2", resize_fs_using_block_device=True,
+                  force_raw_images=force_raw, preallocate_images=prealloc)
+    res = compute.spawn(o, UUID1, "img", images["qcow2"], 256 * MiB, disk_format="qcow2")
+    base = res["base"]
+    disk = res["disks"]["disk"]["path"]
+    grown = res["disks"]["disk"]["fs_grown"]
+    assert 0 < grown["written"] < 8 * MiB               # only the clusters that changed
+    qi = qinfo(disk)
+    assert qi["format"] == "qcow2" and qi["virtual-size"] == 256 * MiB
+    assert qi["backing-filename"] == base
+    check = json.loads(qemu("check", "--output=json", disk).stdout)
+    assert not check.get("leaks") and not check.get("corruptions") \
+        and check.get("check-errors", 0) == 0
+    # the base is shared: untouched
+    qemu("compare", "-f", "raw", "-F", qinfo(base)["format"], images["raw"], base)
+    raw = _guest_raw(disk, tmp_path)
+    subprocess.run(["e2fsck", "-fn", raw], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    assert _fs_blocks(raw) == 256 * MiB
+    got = subprocess.run(["debugfs", "-R", "cat /hello", raw], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL).stdout
+    assert got == (images["dir"] / "content" / "hello").read_bytes()
+    # byte for byte what e2fsck + resize2fs make of the image grown as a raw file
+    ref = str(tmp_path / "ref.raw")
+    shutil.copy(images["raw"], ref)
+    os.truncate(ref, 256 * MiB)
+    subprocess.run(["e2fsck", "-fp", ref], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["resize2fs", ref], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    qemu("compare", "-f", "raw", "-F", "qcow2", ref, disk)
+    if prealloc == "space":
+        assert os.stat(disk).st_blocks * 512 >= 256 * MiB
+    assert sorted(os.listdir(os.path.dirname(disk))) == ["disk", "disk.info"]
+
+
+@needs_qemu
+@needs_mkfs
+def test_qcow2_disk_fs_not_grown_without_the_option(compute, tmp_path, images):
+    o = make_opts(compute, tmp_path, images_type="qcow2")
+    res = compute.spawn(o, UUID1, "img", images["qcow2"], 256 * MiB, disk_format="qcow2")
+    disk = res["disks"]["disk"]["path"]
+    assert "fs_grown" not in res["disks"]["disk"]
+    qemu("check", disk)
+    qemu("compare", "-f", "raw", "-F", "qcow2", images["raw"], disk)   # the image, then zeros
+    assert _fs_blocks(_guest_raw(disk, tmp_path)) == 64 * MiB
+    assert qinfo(disk)["actual-size"] < 1 * MiB                     # nothing written
+
+
+@needs_qemu
+@needs_mkfs
+def test_qcow2_disk_fs_grow_skipped(compute, tmp_path, images):
+    """Nothing to do: the root size is the image's, or no unpartitioned ext file system."""
+    o = make_opts(compute, tmp_path, images_type="qcow2", resize_fs_using_block_device=True)
+    res = compute.spawn(o, UUID1, "img", images["qcow2"], 64 * MiB, disk_format="qcow2")
+    assert "fs_grown" not in res["disks"]["disk"]
+    qemu("compare", "-f", "raw", "-F", "qcow2", images["raw"], res["disks"]["disk"]["path"])
+    # a partitioned disk (ext4 in a partition at 1 MiB): the whole disk is not grown
+    part = str(tmp_path / "part.raw")
+    with open(part, "wb") as f:
+        f.truncate(16 * MiB)
+        f.seek(446)                          # one MBR entry: type 0x83 from sector 2048 on
+        f.write(bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little")
+                + (30720).to_bytes(4, "little"))
+        f.seek(510)
+        f.write(b"\x55\xaa")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "offset=1048576", part, "15M"], check=True)
+    res = compute.spawn(o, UUID2, "part", part, 64 * MiB, disk_format="raw")
+    assert "fs_grown" not in res["disks"]["disk"]
+    qemu("compare", "-f", "raw", "-F", "qcow2", part, res["disks"]["disk"]["path"])
+
+
+@needs_qemu
+@needs_mkfs
+def test_qcow2_disk_fs_grow_failures_leave_nothing(compute, tmp_path, images, monkeypatch):
+    from qcow2.compute import fetch, growfs
+    o = make_opts(compute, tmp_path, images_type="qcow2", resize_fs_using_block_device=True)
+    compute.fetch_base(o, "img", images["qcow2"])
+    real_run = growfs._run_on_fd
+
+    def failing_resize(args, fd, **kw):
+        if args[0] == "resize2fs":
+            raise compute.ToolError("resize2fs on the working copy failed (exit 1): boom")
+        return real_run(args, fd, **kw)
+    monkeypatch.setattr(growfs, "_run_on_fd", failing_resize)
+    with pytest.raises(compute.ToolError, match="resize2fs"):
+        compute.spawn(o, UUID1, "img", images["qcow2"], 256 * MiB)
+    assert not os.path.exists(os.path.join(o.instances_path, UUID1))
+    monkeypatch.setattr(growfs, "_run_on_fd", real_run)
+    # not enough room for the working copy: refused before anything is written
+    monkeypatch.setattr(fetch, "free_space", lambda p: 1 * MiB)
+    with pytest.raises(compute.InsufficientSpaceError, match="growing the file system"):
+        compute.spawn(o, UUID1, "img", images["qcow2"], 256 * MiB)
+    assert not os.path.exists(os.path.join(o.instances_path, UUID1))
+    assert leftovers(o.base_dir) == [compute.base_name("img")]
+
+
 # -- the cache manager ---------------------------------------------------------------------------
 
 def _age(path, now, seconds):

@@ -12,7 +12,9 @@ In ``<instances_path>/<instance uuid>/``:
 preallocate_images=space reserves the space (fallocate; for a qcow2 overlay
 ``fallocate --keep-size`` over the virtual size, as nova does).  Raw disks that hold an
 unpartitioned ext2/3/4 file system get it grown (``e2fsck -fp``, ``resize2fs``); qcow2
-disks would need a block device (resize_fs_using_block_device): not done here.
+disks only with resize_fs_using_block_device, through a working copy of the guest view
+whose changed clusters are written back into the overlay (``growfs``), and only when the
+root size is larger than the image (as nova).
 A root size smaller than the image is refused before any instance disk is created;
 on failure everything made for the instance is removed.
 """
@@ -138,15 +140,25 @@ def _fallocate_keep_size(path: str, size: int) -> None:
         os.close(fd)
 
 
-def _file_disk(opts, base: str, base_fmt: str, path: str, size: int, grow: bool) -> str:
-    """Make the file disk ``path``; returns its format."""
+def _file_disk(opts, base: str, base_fmt: str, path: str, size: int, grow: bool,
+               stats: dict | None = None) -> str:
+    """Make the file disk ``path``; returns its format.  ``stats`` receives what growing
+    the file system of a qcow2 disk did (``growfs.grow_qcow2_fs``)."""
     import qcow2
     space = opts.preallocate_images == "space"
     if opts.backend == "qcow2":
-        qcow2.create(path, size, backing_file=os.path.abspath(base), backing_format=base_fmt,
-                     cluster_size=65536)
         if space:
             check_space(os.path.dirname(path), size, f"the disk {path}")
+        qcow2.create(path, size, backing_file=os.path.abspath(base), backing_format=base_fmt,
+                     cluster_size=65536)
+        if grow and opts.resize_fs_using_block_device:
+            old = virtual_size(base)
+            if size > old:                       # nova: only when the disk was extended
+                from .growfs import grow_qcow2_fs
+                res = grow_qcow2_fs(path, old_size=old)
+                if stats is not None and res is not None:
+                    stats.update(res)
+        if space:
             _fallocate_keep_size(path, size)
         return "qcow2"
     # flat / raw: a sparse raw copy, extended to the root size
@@ -258,8 +270,7 @@ def spawn(opts, instance: str, image_id: str, source: str, root_size: int, *,
             wants.append(("disk.swap", swap_base(opts, swap_size), "raw", swap_size, False))
         info = {}
         for name, b, bfmt, size, is_root in wants:
-            # qcow2 disks would need a block device to grow their fs: not done here
-            grow = is_root and backend != "qcow2"
+            grow = is_root
             if backend == "lvm":
                 lv = f"{instance}_{name.replace('.', '_')}"
                 dev = _lvm_disk(opts, b, bfmt, lv, size, grow)
@@ -270,9 +281,12 @@ def spawn(opts, instance: str, image_id: str, source: str, root_size: int, *,
                 if os.path.exists(path):
                     raise ComputeError(f"{path} already exists")
                 made.append(("file", path))
-                fmt = _file_disk(opts, b, bfmt, path, size, grow)
+                stats: dict = {}
+                fmt = _file_disk(opts, b, bfmt, path, size, grow, stats)
                 info[path] = fmt
                 result["disks"][name] = {"path": path, "format": fmt}
+                if stats:
+                    result["disks"][name]["fs_grown"] = stats
         if info:
             write_disk_info(inst_dir, info)
     except BaseException:
