@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Iterator
+TYPE_CHECKING = False
+if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
+    from typing import Iterator
 
 from .base import Backend
 

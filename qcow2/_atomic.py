@@ -10,7 +10,6 @@ is used and removed on failure.
 from __future__ import annotations
 
 import os
-import tempfile
 
 
 def _umask() -> int:
@@ -36,6 +35,7 @@ class AtomicOutput:
             except OSError:
                 self.fd = -1
         if self.fd < 0:
+            import tempfile
             self.fd, self.tmp_path = tempfile.mkstemp(
                 prefix=f".{os.path.basename(self.dst)}.", suffix=".part", dir=self.dir)
             os.fchmod(self.fd, self.mode)

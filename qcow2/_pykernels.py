@@ -267,18 +267,35 @@ class _Guard:
 # --------------------------------------------------------------------------
 # L2 tables
 
+#: array.array typecodes of l2_runs()'s five results (uint8, uint32, uint32,
+#: uint64, uint32 on every platform CPython supports).
+RUN_TYPECODES = ("B", "I", "I", "Q", "I")
+for _tc, _size in zip(RUN_TYPECODES, (1, 4, 4, 8, 4)):
+    assert array.array(_tc).itemsize == _size, _tc
+
+
 def _empty_runs():
-    np = _np()
-    return (np.empty(0, np.uint8), np.empty(0, np.uint32), np.empty(0, np.uint32),
-            np.empty(0, np.uint64), np.empty(0, np.uint32))
+    return tuple(array.array(tc) for tc in RUN_TYPECODES)
+
+
+def _runs_arrays(*cols):
+    """numpy columns -> the array.array results both implementations return."""
+    out = []
+    for tc, col in zip(RUN_TYPECODES, cols):
+        a = array.array(tc)
+        a.frombytes(col.astype(f"={tc}").tobytes())
+        out.append(a)
+    return tuple(out)
 
 
 def l2_runs(table, first, count, *, cluster_bits, extended, data_file=False,
             strict=False, table_offset=0):
     """Decode entries [first, first + count) of an L2 table into runs.
 
-    Returns ``(kinds, starts, lens, hosts, csizes)``, numpy arrays of dtypes
-    uint8, uint32, uint32, uint64, uint32, one element per run.  The unit is a
+    Returns ``(kinds, starts, lens, hosts, csizes)``, ``array.array`` objects of
+    typecodes B, I, I, Q, I (uint8, uint32, uint32, uint64, uint32: see
+    RUN_TYPECODES), one element per run.  (Not numpy arrays: the native reader
+    never imports numpy, which costs a CLI process ~0.1 s.)  The unit is a
     subcluster for extended L2 entries, else a cluster; ``starts`` count units
     from ``first``.  Raises CorruptImageError (what="L2 entry") for the first
     bad entry.
@@ -400,9 +417,8 @@ def l2_runs(table, first, count, *, cluster_bits, extended, data_file=False,
     first_seg = np.flatnonzero(brk)
     starts = seg_start[first_seg]
     lens = np.diff(np.append(starts, count * (SUBCLUSTERS if extended else 1)))
-    return (seg_kind[first_seg].astype(np.uint8), starts.astype(np.uint32),
-            lens.astype(np.uint32), seg_host[first_seg].astype(np.uint64),
-            seg_csize[first_seg].astype(np.uint32))
+    return _runs_arrays(seg_kind[first_seg], starts, lens, seg_host[first_seg],
+                        seg_csize[first_seg])
 
 
 # --------------------------------------------------------------------------
@@ -656,9 +672,11 @@ class Compressor:
 # Zero detection
 
 def zero_blocks(buf, block_size):
-    """numpy bool array: True where block i of ``buf`` is all zeros.
+    """Flags, one per block of ``buf``: True where block i is all zeros.
 
-    The last block may be partial.
+    The last block may be partial.  The result is a read-only memoryview of
+    format "?" (``.tolist()`` gives bools, ``.tobytes()`` 0/1 bytes for
+    ``bytes.find``), the same type from both implementations.
     """
     mv = byte_view(buf, what="buf")
     bs = _index(block_size, "block_size")
@@ -676,7 +694,7 @@ def zero_blocks(buf, block_size):
         out[:nfull] = ~full.reshape(nfull, -1).any(axis=1)
     if size % bs:
         out[nfull] = not a[nfull * bs:].any()
-    return out
+    return memoryview(out.tobytes()).cast("?")
 
 
 def is_zero(buf) -> bool:

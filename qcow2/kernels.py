@@ -31,7 +31,7 @@ API (identical in both implementations)::
     Compressor(algo, cluster_size, level=None)
         .compress(src_cluster) -> bytes | None
         .compress_many(buf, n) -> list[bytes | None]
-    zero_blocks(buf, block_size) -> numpy bool array
+    zero_blocks(buf, block_size) -> memoryview of format "?" (bools)
     is_zero(buf) -> bool
 
 Native calls release the GIL; codec objects hold a reusable context and must
@@ -114,7 +114,6 @@ def _build_native():
             raise NativeUnavailableError(
                 f"qcow2._native disagrees with qcow2._pykernels on {name}; rebuild it")
 
-    _np = _py._np
     NULL = ffi.NULL
     QCOW2N_L2_EXTENDED = lib.QCOW2N_L2_EXTENDED
     QCOW2N_L2_DATA_FILE = lib.QCOW2N_L2_DATA_FILE
@@ -132,24 +131,20 @@ def _build_native():
 
     scratch = threading.local()
     SCRATCH_MAX = 1 << 16       # runs; larger outputs get their own arrays
+    RUN_CTYPES = ("uint8_t[]", "uint32_t[]", "uint32_t[]", "uint64_t[]", "uint32_t[]")
+    RUN_SIZES = (1, 4, 4, 8, 4)
+    RUN_TYPECODES = _py.RUN_TYPECODES
+    _array = __import__("array").array
 
     def run_arrays(cap):
-        """(capacity, arrays, qcow2n_runs *) with room for at least cap runs."""
+        """(capacity, C arrays, qcow2n_runs *) with room for at least cap runs.
+        C-owned memory: no Python buffer stays exported between calls."""
         cached = getattr(scratch, "runs", None)
         if cached is not None and cached[0] >= cap:
             return cached
-        np = _np()
         size = max(cap, 1024) if cap <= SCRATCH_MAX else cap
-        arrays = (np.empty(size, np.uint8), np.empty(size, np.uint32),
-                  np.empty(size, np.uint32), np.empty(size, np.uint64),
-                  np.empty(size, np.uint32))
-        # numpy arrays (unlike memoryviews, see below) may stay exported.
-        views = (ffi.from_buffer("uint8_t[]", arrays[0]),
-                 ffi.from_buffer("uint32_t[]", arrays[1]),
-                 ffi.from_buffer("uint32_t[]", arrays[2]),
-                 ffi.from_buffer("uint64_t[]", arrays[3]),
-                 ffi.from_buffer("uint32_t[]", arrays[4]))
-        entry = (size, arrays, ffi.new("qcow2n_runs *", views), views)
+        arrays = tuple(ffi.new(ct, size) for ct in RUN_CTYPES)
+        entry = (size, arrays, ffi.new("qcow2n_runs *", arrays))
         if size <= SCRATCH_MAX:
             scratch.runs = entry       # one per thread: calls may run in parallel
         return entry
@@ -168,7 +163,7 @@ def _build_native():
         need = count if not extended else count * 2 + 64
         n_runs = ffi.new("size_t[2]")
         while True:
-            cap, arrays, runs, _views = run_arrays(need)
+            cap, arrays, runs = run_arrays(need)
             # The table's buffer is released before any exception can be
             # raised: a memoryview with a live export caught in a garbage
             # cycle (an exception's traceback) crashes CPython's collector.
@@ -186,7 +181,12 @@ def _build_native():
                                    table_offset=table_offset)
             raise ValueError(f"qcow2n_l2_runs failed with code {ret}")  # pragma: no cover
         n = n_runs[0]
-        return tuple(a[:n].copy() for a in arrays)
+        out = []
+        for tc, size, a in zip(RUN_TYPECODES, RUN_SIZES, arrays):
+            r = _array(tc)
+            r.frombytes(ffi.buffer(a, n * size))
+            out.append(r)
+        return tuple(out)
 
     class Decompressor:
         __doc__ = _py.Decompressor.__doc__
@@ -296,14 +296,14 @@ def _build_native():
         bs = _py._index(block_size, "block_size")
         if bs <= 0:
             raise ValueError(f"block size {bs} must be positive")
-        np = _np()
-        out = np.empty(len(mv) // bs + (len(mv) % bs != 0), bool)
-        if out.shape[0]:
-            with ffi.from_buffer(mv) as sp:
-                ret = lib.qcow2n_zero_blocks(ffi.cast("uint8_t *", out.ctypes.data),
-                                             out.shape[0], sp, len(mv), bs)
-            assert ret == 0, ret
-        return out
+        n = len(mv) // bs + (len(mv) % bs != 0)
+        if not n:
+            return memoryview(b"").cast("?")
+        out = bytearray(n)
+        with ffi.from_buffer(mv) as sp, ffi.from_buffer(out) as op:
+            ret = lib.qcow2n_zero_blocks(op, n, sp, len(mv), bs)
+        assert ret == 0, ret
+        return memoryview(bytes(out)).cast("?")
 
     def is_zero(buf) -> bool:
         mv = _py.byte_view(buf, what="buf")

@@ -65,16 +65,26 @@ class RefcountReader:
     def count_referenced(self, end_cluster: int, stop_at: int) -> int:
         """Number of clusters below ``end_cluster`` with a nonzero refcount,
         counting no further than ``stop_at``."""
-        import numpy as np
+        import array
 
         count = 0
         per = self.block_entries
+        bits = self.bits
+        code = {8: "B", 16: "H", 32: "I", 64: "Q"}.get(bits)
         for bi in range((end_cluster + per - 1) // per):
             blk = self.block(bi)
             if blk is None:
                 continue
             n = min(per, end_cluster - bi * per)
-            count += int(np.count_nonzero(_decode(blk, self.bits)[:n]))
+            if code is not None:
+                # nonzero entries, without numpy (the reader's start-up path): the
+                # byte order does not matter for comparing with zero
+                a = array.array(code)
+                a.frombytes(memoryview(blk)[:n * bits // 8])
+                count += n - a.count(0)
+            else:
+                import numpy as np
+                count += int(np.count_nonzero(_decode(blk, bits)[:n]))
             if count >= stop_at:
                 break
         return count

@@ -16,7 +16,36 @@ COMMANDS = ("create", "info", "map", "convert", "check", "compare", "measure", "
             "rebase", "commit", "snapshot", "amend", "compute")
 
 
+_WIDTH: int | None = None
+
+
+def _width() -> int:
+    """argparse's help width, computed once (argparse asks for it on every
+    add_argument, through shutil, which costs the start-up of every command)."""
+    global _WIDTH
+    if _WIDTH is None:
+        try:
+            cols = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            try:
+                cols = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                cols = 80
+        _WIDTH = max(cols - 2, 11)
+    return _WIDTH
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position,
+                         _width() if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 1 like qemu-img
         raise UsageError(message)
 
@@ -25,11 +54,16 @@ class UsageError(Exception):
     pass
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only`` (a command name) just that subcommand's (each
+    subcommand module is imported to build its parser: a command line that names
+    its command need not pay for the others)."""
     p = _Parser(prog="qcow2", description="qcow2/raw disk image tool (qemu-img compatible)")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
+        if only is not None and name != only:
+            continue
         # a subcommand whose module has not landed yet is simply not offered
         if not os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py")):
             continue
@@ -45,7 +79,7 @@ def main(argv=None) -> int:
             and argv[-1][1:2].isdigit() and "--" not in argv:
         argv.insert(len(argv) - 1, "--")      # "-1G" is a size, not an option
     try:
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
         args = parser.parse_args(argv)
         if args.version:
             from .. import __version__

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 
 from .._atomic import AtomicOutput, fsync_dir, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
@@ -32,13 +30,15 @@ _CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
 DATA, ZERO, BACKING = "data", "zero", "backing"
 
 
-@dataclass
 class _Piece:
-    dst: int          # offset in the output
-    src: object       # source Image
-    off: int          # offset in the source
-    n: int
-    kind: str
+    __slots__ = ("dst", "src", "off", "n", "kind")
+
+    def __init__(self, dst: int, src, off: int, n: int, kind: str):
+        self.dst = dst        # offset in the output
+        self.src = src        # source Image
+        self.off = off        # offset in the source
+        self.n = n
+        self.kind = kind
 
 
 def _plan(sources, *, top_only: bool):
@@ -88,11 +88,12 @@ def _run_ordered(jobs, compute, apply, workers: int, in_order: bool) -> None:
     this thread on each result, in submission order when ``in_order`` (qemu-img's
     default: the output's layout follows the guest order), else as results complete
     (``-W``).  At most two jobs per worker are in flight: memory stays bounded."""
-    if workers <= 1:
+    if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             apply(compute(job))
         return
     from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-convert") as pool:
         pending: deque = deque()
         try:
@@ -115,10 +116,11 @@ def _run_ordered(jobs, compute, apply, workers: int, in_order: bool) -> None:
 
 
 def _run_pool(jobs, work, workers: int) -> None:
-    if workers <= 1:
+    if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             work(job)
         return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-convert") as pool:
         pending = set()
         try:
