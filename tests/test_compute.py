@@ -564,7 +564,7 @@ def test_manager_age_boundaries(compute, tmp_path, images):
     orig_young = os.path.join(o.base_dir, compute.base_name("a"))
     orig_old = os.path.join(o.base_dir, compute.base_name("b"))
     res_young = os.path.join(o.base_dir, compute.base_name("c") + "_10737418240")
-    res_old = os.path.join(o.base_dir, compute.swap_name(MiB))
+    res_old = os.path.join(o.base_dir, compute.base_name("d") + "_10737418240")
     for p, age in ((orig_young, 999), (orig_old, 1000), (res_young, 99), (res_old, 100)):
         open(p, "wb").close()
         _age(p, now, age)
@@ -607,6 +607,105 @@ def test_manager_in_use_through_backing_files(compute, tmp_path, images):
     compute.destroy(o, UUID1)
     rep = compute.clean(o, now=far)
     assert rep["removed"] == [base] and os.path.exists(other)
+
+
+def test_manager_swap_and_ephemeral_take_the_original_age(compute, tmp_path):
+    """nova's swap pass (_remove_swap_file): swap and ephemeral bases go at
+    remove_unused_original_minimum_age_seconds, not at the resized age; names that are
+    not cache files are never removed."""
+    o = make_opts(compute, tmp_path, remove_unused_original_minimum_age_seconds=1000,
+                  remove_unused_resized_minimum_age_seconds=100)
+    os.makedirs(o.base_dir)
+    now = 2_000_000_000
+    eph = compute.ephemeral_name
+    files = {
+        compute.swap_name(128 * MiB): 999,           # past the resized age, under the original
+        compute.swap_name(256 * MiB): 1000,          # exactly at the limit: goes
+        eph(1 << 30, "ext4"): 999,
+        eph(2 << 30, "ext4"): 1000,
+        compute.swap_name(3 * MiB + 1): 1000,        # our spelling of a size in bytes
+        "swap_x": 10 ** 7, "notes.txt": 10 ** 7,     # not cache files: never removed
+    }
+    paths = {n: os.path.join(o.base_dir, n) for n in files}
+    for n, age in files.items():
+        open(paths[n], "wb").close()
+        _age(paths[n], now, age)
+    rep = compute.clean(o, dry_run=True, now=now)
+    gone = sorted(paths[n] for n in (compute.swap_name(256 * MiB), eph(2 << 30, "ext4"),
+                                     compute.swap_name(3 * MiB + 1)))
+    assert rep["would_remove"] == gone
+    assert sorted(rep["too_young"]) == sorted([paths[compute.swap_name(128 * MiB)],
+                                               paths[eph(1 << 30, "ext4")]])
+    assert rep["ignored"] == sorted([paths["swap_x"], paths["notes.txt"]])
+    assert rep["kinds"][paths[compute.swap_name(128 * MiB)]] == "swap"
+    assert rep["kinds"][paths[eph(1 << 30, "ext4")]] == "ephemeral"
+    assert all(os.path.exists(p) for p in paths.values())
+    rep = compute.clean(o, now=now)
+    assert rep["removed"] == gone
+    assert sorted(leftovers(o.base_dir)) == sorted(
+        [compute.swap_name(128 * MiB), eph(1 << 30, "ext4"), "swap_x", "notes.txt"])
+    # one second later the young ones go too
+    rep = compute.clean(o, now=now + 1)
+    assert sorted(leftovers(o.base_dir)) == ["notes.txt", "swap_x"]
+
+
+@needs_qemu
+@needs_mkfs
+@pytest.mark.parametrize("images_type", ["qcow2", "flat"])
+def test_manager_swap_and_ephemeral_in_use(compute, tmp_path, images, images_type):
+    """In use through the backing file of disk.swap / disk.local (qcow2), or through an
+    instance disk of the base's size (raw copies, like nova's block-device mappings);
+    in use means kept and touched, however old."""
+    o = make_opts(compute, tmp_path, images_type=images_type)
+    compute.spawn(o, UUID1, "img", images["qcow2"], 128 * MiB, ephemeral_size=32 * MiB,
+                  swap_size=16 * MiB)
+    swap = os.path.join(o.base_dir, compute.swap_name(16 * MiB))
+    eph = os.path.join(o.base_dir, compute.ephemeral_name(32 * MiB, "ext4"))
+    unused_swap = os.path.join(o.base_dir, compute.swap_name(32 * MiB))
+    shutil.copy(swap, unused_swap)
+    now = time.time()
+    for p in (swap, eph, unused_swap):
+        _age(p, now, 10 ** 6)
+    used = compute.bases_in_use(o)
+    assert used[swap] == [os.path.join(o.instances_path, UUID1, "disk.swap")]
+    assert used[eph] == [os.path.join(o.instances_path, UUID1, "disk.local")]
+    assert unused_swap not in used
+    rep = compute.clean(o, dry_run=True, now=now + 10 ** 6)
+    assert unused_swap in rep["would_remove"] and swap not in rep["would_remove"]
+    assert swap in rep["in_use"] and eph in rep["in_use"]
+    assert now - os.stat(swap).st_mtime >= 10 ** 6 - 5              # a dry run touches nothing
+    rep = compute.clean(o, now=now + 10 ** 6)
+    base = os.path.join(o.base_dir, compute.base_name("img"))
+    # (a raw root disk does not point at its base: that one goes by its age)
+    assert rep["removed"] == sorted([unused_swap] + ([base] if images_type == "flat" else []))
+    assert time.time() - os.stat(swap).st_mtime < 60 and time.time() - os.stat(eph).st_mtime < 60
+    # the instance gone, they are unused: removed once old enough (the original age)
+    compute.destroy(o, UUID1)
+    limit = o.remove_unused_original_minimum_age_seconds
+    rep = compute.clean(o, now=os.stat(swap).st_mtime + limit - 1)
+    assert swap in rep["too_young"] and eph in rep["too_young"]
+    left = [p for p in (swap, eph, base) if os.path.exists(p)]
+    rep = compute.clean(o, now=max(os.stat(p).st_mtime for p in left) + limit)
+    assert sorted(rep["removed"]) == sorted(left)
+
+
+@needs_qemu
+def test_manager_reports_missing_bases_and_busy_swap(compute, tmp_path):
+    from qcow2.compute.locks import image_lock
+    o = make_opts(compute, tmp_path)
+    os.makedirs(o.base_dir)
+    d = os.path.join(o.instances_path, UUID1)
+    os.makedirs(d)
+    gone = os.path.join(o.base_dir, compute.swap_name(8 * MiB))
+    qemu("create", "-f", "qcow2", "-u", "-o", f"backing_file={gone},backing_fmt=raw",
+         os.path.join(d, "disk.swap"), str(8 * MiB))
+    rep = compute.clean(o, now=time.time())
+    assert rep["missing"] == [gone] and rep["in_use"] == []
+    swap = os.path.join(o.base_dir, compute.swap_name(4 * MiB))
+    open(swap, "wb").close()
+    with image_lock(o.lock_dir, os.path.basename(swap)):
+        rep = compute.clean(o, now=time.time() + 10 ** 7)
+    assert rep["busy"] == [swap] and os.path.exists(swap)
 
 
 def test_manager_leaves_a_file_being_written(compute, tmp_path):
@@ -668,3 +767,24 @@ def test_cli(tmp_path, images):
     bad = tmp_path / "bad.conf"
     bad.write_text("[libvirt]\nimages_type = floppy\n")
     assert main(["compute", "usage", "--config", str(bad)]) == 1
+
+
+@needs_qemu
+@needs_mkfs
+def test_cli_reports(tmp_path, images, capsys):
+    from qcow2.cli import main
+    from qcow2.compute import base_name
+    conf = tmp_path / "nova.conf"
+    conf.write_text(f"[DEFAULT]\ninstances_path = {tmp_path / 'inst'}\n"
+                    "resize_fs_using_block_device = True\n[libvirt]\nimages_type = qcow2\n")
+    assert main(["compute", "spawn", "--config", str(conf), "--instance", UUID1, "--image",
+                 "img", "--source", images["qcow2"], "--root-size", "128M", "-q"]) == 0
+    assert "disk: file system grown to the disk" in capsys.readouterr().out
+    base_dir = tmp_path / "inst" / "_base"
+    (base_dir / "README").write_text("not a base")
+    (base_dir / "swap_64").write_bytes(b"")
+    assert main(["compute", "clean", "--config", str(conf), "--now", "4e9"]) == 0
+    out = capsys.readouterr().out
+    assert f"not a cache file, left alone: {base_dir / 'README'}" in out
+    assert f"removed: {base_dir / 'swap_64'}" in out
+    assert f"in use: {base_dir / base_name('img')}" in out

@@ -78,6 +78,9 @@ def run_spawn(args) -> int:
     print(f"base: {res['base']} ({res['base_format']})")
     for name, d in res["disks"].items():
         print(f"{name}: {d['path']} ({d['format']})")
+        if d.get("fs_grown"):
+            print(f"{name}: file system grown to the disk ({d['fs_grown']['written']} bytes "
+                  f"written into the overlay)")
     return 0
 
 
@@ -106,6 +109,10 @@ def run_clean(args) -> int:
         print(f"being written, left alone: {p}")
     for p in rep["kept"]:
         print(f"kept: {p}")
+    for p in rep["ignored"]:
+        print(f"not a cache file, left alone: {p}")
+    for p in rep["missing"]:
+        print(f"in use by an instance but missing from the cache: {p}")
     for p in rep["stale_temporaries"]:
         print(f"{'would remove' if args.dry_run else 'removed'} stale temporary file: {p}")
     _print_usage(rep["usage"])

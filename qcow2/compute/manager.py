@@ -1,14 +1,29 @@
 """The image cache manager: which bases are in use, and removal of the unused ones.
 
-A base is in use when a qcow2 disk of an instance under instances_path (made here or by
-nova) names it as its backing file (resolved as QEMU does, relative to the disk).
-Bases in use are touched.  An unused original (a file named by the sha1 of an image id)
-is removed once its age (now - mtime) reaches remove_unused_original_minimum_age_seconds,
-any other unused base (resized, ephemeral_*, swap_*) at
-remove_unused_resized_minimum_age_seconds -- nova's rule: ``age < maxage`` is too
-young.  Each removal happens under the image's lock (not waited for: a held lock means
-the file is being written, and it is left alone) after a re-check that it is still
-unused and old enough.
+The cache files are classified by name as nova's ``_scan_base_images`` does:
+
+===============================  ============  =====================================
+name                              kind          removed when unused and at least
+===============================  ============  =====================================
+40 characters (sha1 of image id)  original      remove_unused_original_minimum_age_seconds
+40 characters, ``_``, more        resized       remove_unused_resized_minimum_age_seconds
+``swap_<MiB>``                    swap          remove_unused_original_minimum_age_seconds
+``ephemeral_<GiB>_<7 hex>``       ephemeral     remove_unused_original_minimum_age_seconds
+anything else                     --            never (left alone, reported as ignored)
+===============================  ============  =====================================
+
+Swap and ephemeral bases follow nova's separate swap pass (``_age_and_verify_swap_images``
+/ ``_remove_swap_file``: the *original* age, not the resized one).  ``swap_<N>b`` and
+``ephemeral_<N>b_<hash>`` are this flow's spelling of sizes that are not whole MiB/GiB.
+
+In use means: a disk of an instance under instances_path (made here or by nova) names the
+file as its backing file (resolved as QEMU does, relative to the disk); or, for swap and
+ephemeral bases, an instance has a ``disk.swap`` / ``disk.local`` of the base's size --
+the equivalent of nova's block-device mappings, so raw (flat) copies that do not point at
+their base keep it too.  Bases in use are touched.  Age is ``now - mtime``; nova's rule
+``age < maxage`` is too young (at exactly the limit the file goes).  Each removal happens
+under the file's lock (not waited for: a held lock means the file is being written, and
+it is left alone) after a re-check that it is still unused and old enough.
 """
 
 from __future__ import annotations
@@ -20,37 +35,89 @@ import time
 
 from .locks import try_image_lock
 
-_ORIGINAL = re.compile(r"^[0-9a-f]{40}$")
+_SWAP = re.compile(r"^swap_([0-9]+)(b?)$")
+_EPHEMERAL = re.compile(r"^ephemeral_([0-9]+)(b?)_([0-9a-f]{7})$")
 _SKIP_DIRS = {"locks", "snapshots"}
+_DIGEST = 40                      # hex digits of a sha1: nova's cache names
+
+
+def kind_of(name: str) -> str | None:
+    """``original``, ``resized``, ``swap``, ``ephemeral`` or None (not a cache file)."""
+    if name.startswith("."):
+        return None
+    if len(name) == _DIGEST:
+        return "original"
+    if len(name) > _DIGEST + 2 and name[_DIGEST] == "_":
+        return "resized"
+    if _SWAP.match(name):
+        return "swap"
+    if _EPHEMERAL.match(name):
+        return "ephemeral"
+    return None
+
+
+def size_of_name(name: str) -> int | None:
+    """The disk size a swap/ephemeral base name stands for (None for other names)."""
+    m = _SWAP.match(name)
+    if m:
+        return int(m.group(1)) * (1 if m.group(2) else 1 << 20)
+    m = _EPHEMERAL.match(name)
+    if m:
+        return int(m.group(1)) * (1 if m.group(2) else 1 << 30)
+    return None
+
+
+def _qcow2_header(path: str) -> tuple[bytes, object] | None:
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return None
+    head = f.read(32)
+    if len(head) < 32 or head[:4] != b"QFI\xfb":
+        f.close()
+        return None
+    return head, f
 
 
 def backing_file_of(path: str) -> str | None:
     """The absolute backing file of a qcow2 file, or None (not qcow2 / no backing)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(20)
-            if len(head) < 20 or head[:4] != b"QFI\xfb":
-                return None
-            off, size = struct.unpack(">QI", head[8:20])
-            if not off or not size or size > 1023:
-                return None
+    got = _qcow2_header(path)
+    if got is None:
+        return None
+    head, f = got
+    with f:
+        off, size = struct.unpack(">QI", head[8:20])
+        if not off or not size or size > 1023:
+            return None
+        try:
             f.seek(off)
             name = f.read(size).decode("utf-8", "replace")
-    except OSError:
-        return None
+        except OSError:
+            return None
     if name.startswith(("json:", "file:")):
         name = name.split(":", 1)[1] if name.startswith("file:") else name
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), name))
 
 
-def bases_in_use(opts) -> dict[str, list[str]]:
-    """{base path: [disks using it]} for the bases in the cache directory."""
-    base_dir = os.path.normpath(os.path.abspath(opts.base_dir))
-    used: dict[str, list[str]] = {}
+def guest_size_of(path: str) -> int | None:
+    """The guest size of a file disk: a qcow2's virtual size, else the file's size."""
+    got = _qcow2_header(path)
+    if got is not None:
+        head, f = got
+        f.close()
+        return struct.unpack(">Q", head[24:32])[0]
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _instance_files(opts):
+    """(instance dir entry, file name, path) of every file in the instance directories."""
     try:
         entries = os.listdir(opts.instances_path)
     except FileNotFoundError:
-        return used
+        return
     for entry in entries:
         d = os.path.join(opts.instances_path, entry)
         if entry == opts.subdirectory_name or entry in _SKIP_DIRS or entry.startswith(".") \
@@ -62,11 +129,34 @@ def bases_in_use(opts) -> dict[str, list[str]]:
             continue
         for fname in files:
             p = os.path.join(d, fname)
-            if not os.path.isfile(p):
-                continue
-            b = backing_file_of(p)
-            if b is not None and os.path.dirname(b) == base_dir:
-                used.setdefault(b, []).append(p)
+            if os.path.isfile(p):
+                yield entry, fname, p
+
+
+def bases_in_use(opts) -> dict[str, list[str]]:
+    """{base path: [disks using it]} for the bases in the cache directory: backing files
+    of instance disks, and swap/ephemeral bases of the size of an instance's
+    ``disk.swap`` / ``disk.local``.  Bases named but missing are included (see
+    :func:`clean`'s ``missing``)."""
+    base_dir = os.path.normpath(os.path.abspath(opts.base_dir))
+    used: dict[str, list[str]] = {}
+    sized: dict[tuple[str, int], list[str]] = {}
+    for _, fname, p in _instance_files(opts):
+        b = backing_file_of(p)
+        if b is not None and os.path.dirname(b) == base_dir:
+            used.setdefault(b, []).append(p)
+        kind = {"disk.swap": "swap", "disk.local": "ephemeral"}.get(fname)
+        if kind is not None:
+            size = guest_size_of(p)
+            if size is not None:
+                sized.setdefault((kind, size), []).append(p)
+    if sized:
+        for p in cached_files(opts):
+            name = os.path.basename(p)
+            users = sized.get((kind_of(name), size_of_name(name)))
+            if users:
+                lst = used.setdefault(os.path.normpath(os.path.abspath(p)), [])
+                lst.extend(u for u in users if u not in lst)
     return used
 
 
@@ -79,10 +169,14 @@ def cached_files(opts) -> list[str]:
             if not n.startswith(".") and os.path.isfile(os.path.join(opts.base_dir, n))]
 
 
-def max_age(opts, path: str) -> int:
-    if _ORIGINAL.match(os.path.basename(path)):
-        return opts.remove_unused_original_minimum_age_seconds
-    return opts.remove_unused_resized_minimum_age_seconds
+def max_age(opts, path: str) -> int | None:
+    """The age at which an unused cache file goes (None: never, not a cache file)."""
+    kind = kind_of(os.path.basename(path))
+    if kind is None:
+        return None
+    if kind == "resized":
+        return opts.remove_unused_resized_minimum_age_seconds
+    return opts.remove_unused_original_minimum_age_seconds
 
 
 def usage(opts) -> dict:
@@ -103,18 +197,34 @@ def usage(opts) -> dict:
 
 
 def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
-    """One pass of the cache manager; returns what it found and did."""
+    """One pass of the cache manager; returns what it found and did.
+
+    Keys: ``in_use`` (touched unless dry run), ``removed`` / ``would_remove`` (dry run),
+    ``too_young``, ``busy`` (lock held: being written), ``kept`` (removal disabled, or
+    the re-check under the lock found it used or young again), ``ignored`` (names that
+    are not cache files), ``missing`` (bases named by instance disks but absent),
+    ``kinds`` ({path: original|resized|swap|ephemeral}), ``stale_temporaries``, ``usage``.
+    """
     now = time.time() if now is None else now
     used = bases_in_use(opts)
-    report = {"in_use": sorted(used), "removed": [], "would_remove": [], "too_young": [],
-              "busy": [], "kept": []}
-    for b in used:
-        if not dry_run and os.path.exists(b):
+    files = cached_files(opts)
+    present = set(files)
+    report = {"in_use": sorted(p for p in used if p in present), "removed": [],
+              "would_remove": [], "too_young": [], "busy": [], "kept": [], "ignored": [],
+              "missing": sorted(p for p in used if p not in present and not os.path.exists(p)),
+              "kinds": {}}
+    for b in report["in_use"]:
+        if not dry_run:
             try:
                 os.utime(b)
             except OSError:
                 pass
-    for p in cached_files(opts):
+    for p in files:
+        limit = max_age(opts, p)
+        if limit is None:
+            report["ignored"].append(p)
+            continue
+        report["kinds"][p] = kind_of(os.path.basename(p))
         if p in used:
             continue
         if not opts.remove_unused_base_images:
@@ -124,7 +234,7 @@ def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
             age = now - os.stat(p).st_mtime
         except FileNotFoundError:
             continue
-        if age < max_age(opts, p):
+        if age < limit:
             report["too_young"].append(p)
             continue
         if dry_run:
@@ -140,7 +250,7 @@ def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
                 age = now - os.stat(p).st_mtime
             except FileNotFoundError:
                 continue
-            if p in bases_in_use(opts) or age < max_age(opts, p):
+            if p in bases_in_use(opts) or age < limit:
                 report["kept"].append(p)
                 continue
             os.unlink(p)
