@@ -80,6 +80,7 @@ class Header:
         self.data_file = data_file
         self.feature_table = feature_table if feature_table is not None else []
         self.bitmaps_ext = bitmaps_ext          # (nb_bitmaps, dir_size, dir_offset)
+        self.bitmaps_ext_offset: int | None = None   # file offset of its nb_bitmaps field
         self.crypto_header = crypto_header      # (offset, length)
         self.unknown_extensions = unknown_extensions if unknown_extensions is not None else []
 
@@ -248,6 +249,12 @@ class Header:
 
         h._read_extensions(first, ext_end, only_feature_table=False)
 
+        if h.bitmaps_ext is not None and h.bitmaps_ext[2] + h.bitmaps_ext[1] > file_size:
+            _nb, dsize, doff = h.bitmaps_ext
+            raise _corrupt(f"bitmaps_ext: bitmap directory at {doff:#x} ({dsize} bytes) "
+                           f"extends past the end of the file (size {file_size:#x})",
+                           h.bitmaps_ext_offset + 16, 8, "header extension")
+
         if h.has_data_file:
             if h.data_file is None:
                 raise _corrupt("'data-file' is required for this image, but it names none "
@@ -355,7 +362,11 @@ class Header:
                                        f"the maximum supported size "
                                        f"({C.MAX_BITMAP_DIRECTORY_SIZE})", offset + 8, 8,
                                        "header extension")
+                    if dsize == 0:
+                        raise _corrupt("bitmaps_ext: Requested bitmap directory size is zero",
+                                       offset + 8, 8, "header extension")
                     self.bitmaps_ext = (nb, dsize, doff)
+                    self.bitmaps_ext_offset = offset
             elif magic == C.EXT_DATA_FILE:
                 self.data_file = _c_string(data)
             else:

@@ -3,12 +3,15 @@
 ``qcow2.open(path, untrusted=True)`` opens exactly one file and, before the first guest
 read, walks every metadata structure of the image once (header fields, the refcount
 table, the active and every snapshot's L1 table, every L2 table those reach, the
-snapshot table, the refcount blocks) and refuses anything a hostile image could use to make a reader go
+snapshot table, the refcount blocks, the bitmap directory and every bitmap table, with
+the bitmap data clusters they name) and refuses anything a hostile image could use to make a reader go
 astray: unaligned entries, reserved bits, references past the end of the file, host
 clusters referenced twice from one L1 table, L2 tables or data clusters that overlap
 other metadata (or each other), compressed descriptors that overrun the file, zero
-flags in a v2 image, extended-L2 subclusters that are both allocated and zero, and
-(unless the image is dirty) clusters in use whose refcount is 0.
+flags in a v2 image, extended-L2 subclusters that are both allocated and zero, bitmap
+directory entries QEMU would not load, and (unless the image is dirty) clusters in use
+whose refcount is 0.  Every table is charged against ``Limits.max_metadata`` before it
+is read (the snapshot table as it is read, from the open onwards).
 
 Plain corruption (a field that is malformed on its own) raises ``CorruptImageError``;
 aliasing and exceeded limits raise ``UnsafeImageError``.  Both carry ``offset`` (the
@@ -25,6 +28,7 @@ time, Python only formats the first problem found.
 
 from __future__ import annotations
 
+import struct
 import time
 
 from . import constants as C
@@ -37,6 +41,19 @@ _L1E_RESERVED = 0x7F000000000001FF
 _L2E_STD_RESERVED = 0x3F000000000001FE      # bits 1-8 and 56-61 of a standard entry
 _REFT_RESERVED = 0x1FF
 _ALL_ALLOC = 0xFFFFFFFF
+# persistent dirty bitmaps (docs/interop/qcow2.rst "Bitmaps"; QEMU's qcow2-bitmap.c)
+_BME_ENTRY = struct.Struct(">QIIBBHI")      # a bitmap directory entry's fixed part
+_BME_TABLE_RESERVED = 0xFF000000000001FE
+_BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+_BME_ALL_ONES = 1
+_BME_MAX_TABLE_SIZE = 0x8000000
+_BME_MAX_PHYS_SIZE = 0x20000000
+_BME_MIN_GRANULARITY_BITS = 9
+_BME_MAX_GRANULARITY_BITS = 31
+_BME_MAX_NAME_SIZE = 1023
+_BME_RESERVED_FLAGS = 0xFFFFFFFC
+_BME_FLAG_IN_USE = 1
+_BT_DIRTY_TRACKING = 1
 _BATCH_TABLES = 256
 
 # Signatures of other image formats: (offset, bytes, name).  An untrusted file showing
@@ -251,12 +268,13 @@ class _Scan:
             self._region(h.snapshots_offset, end - h.snapshots_offset, "snapshot table", 0x40)
         if h.bitmaps_ext is not None:
             nb, dsize, doff = h.bitmaps_ext
-            self._region(doff, dsize, "bitmap directory", 0)
+            self._region(doff, dsize, "bitmap directory", h.bitmaps_ext_offset + 16)
         if h.crypto_header is not None:
             self._region(h.crypto_header[0], h.crypto_header[1], "encryption header", 0)
         for off, n, what, ptr in l1s:
             self._region(off, n * 8, what, ptr)
         self._refcount_table()
+        self._bitmaps()
         # L1 tables -> the distinct L2 tables
         per_l1 = []
         for off, n, what, ptr in l1s:
@@ -444,11 +462,117 @@ class _Scan:
                 ptr, name = l2_ptr.get(c, c), "L2 table"
                 # an L1 entry pointing an L2 table at other metadata: name the entry
                 raise _unsafe(f"L2 table at {c:#x} overlaps the {a[1]}", ptr, 8, "L1 entry")
+            ptr = b[2]
+            if isinstance(ptr, np.ndarray):
+                # one pointer per cluster (bitmap data): the entry reaching this one
+                starts = np.cumsum([0] + [len(m[0]) for m in self.meta])
+                ptr = int(ptr[int(order[k + 1]) - int(starts[int(owner[k + 1])])])
             raise _unsafe(f"{b[1]} overlaps the {a[1]} at host cluster {c:#x}",
-                          b[2] if b[2] is not None else c, None, b[1])
+                          ptr if ptr is not None else c, None, b[1])
         whats = [self.meta[int(o)][1] for o in owner.tolist()] if len(cl) < 4096 else \
             _LazyNames(self.meta, owner)
         return cl, whats, None
+
+    def _bitmaps(self) -> None:
+        """The bitmap directory and every bitmap table (QEMU's bitmap_list_load,
+        check_dir_entry, bitmap_table_load and load_bitmap_data rules); the tables and
+        the bitmap data clusters they point at join the metadata for the overlap,
+        metadata-as-data and refcount checks."""
+        h = self.h
+        if h.bitmaps_ext is None:
+            return
+        np = self.np
+        cs, cbits = self.cs, self.cbits
+        nb, dsize, doff = h.bitmaps_ext
+        ext = h.bitmaps_ext_offset        # nb_bitmaps at +0, size at +8, offset at +16
+        self._hold(dsize, "the bitmap directory", ext + 8)
+        d = self.img._read_meta(dsize, doff)
+        if len(d) != dsize:
+            raise _corrupt(f"short read of the bitmap directory ({len(d)} of {dsize} "
+                           f"bytes)", ext + 16, 8, "bitmap directory")
+        entries = []
+        pos = 0
+        while pos < dsize:
+            e = doff + pos
+            i = len(entries)
+            if pos + _BME_ENTRY.size > dsize:
+                raise _corrupt(f"bitmap directory entry {i} at {e:#x} overruns the "
+                               f"directory ({dsize} bytes at {doff:#x})", e, dsize - pos,
+                               "bitmap directory entry")
+            if i + 1 > nb:
+                raise _corrupt(f"bitmap directory has more entries than the {nb} the header "
+                               f"extension names (entry {i} at {e:#x})", e,
+                               _BME_ENTRY.size, "bitmap directory entry")
+            toff, tsize, flags, btype, gbits, name_size, extra = _BME_ENTRY.unpack_from(d, pos)
+
+            def bad(text, field, size):
+                return _corrupt(f"bitmap directory entry {i} at {e:#x}: {text}", e + field,
+                                size, "bitmap directory entry")
+
+            if extra != 0:
+                raise bad(f"has {extra} bytes of extra data (not supported)", 20, 4)
+            if name_size > _BME_MAX_NAME_SIZE:
+                raise bad(f"name of {name_size} bytes exceeds {_BME_MAX_NAME_SIZE}", 18, 2)
+            nxt = pos + ((_BME_ENTRY.size + name_size + extra + 7) & ~7)
+            if nxt > dsize:
+                raise bad(f"name of {name_size} bytes overruns the directory ({dsize} "
+                          f"bytes at {doff:#x})", 18, 2)
+            if flags & _BME_RESERVED_FLAGS:
+                raise bad(f"flags {flags:#x} have reserved bits set", 12, 4)
+            if btype != _BT_DIRTY_TRACKING:
+                raise bad(f"type {btype} is not a dirty tracking bitmap (1)", 16, 1)
+            if not _BME_MIN_GRANULARITY_BITS <= gbits <= _BME_MAX_GRANULARITY_BITS:
+                raise bad(f"granularity 2^{gbits} is out of range "
+                          f"(2^{_BME_MIN_GRANULARITY_BITS}..2^{_BME_MAX_GRANULARITY_BITS})",
+                          17, 1)
+            if toff == 0 or toff & (cs - 1):
+                raise bad(f"bitmap table offset {toff:#x} is "
+                          f"{'zero' if toff == 0 else 'not cluster-aligned'}", 0, 8)
+            if tsize == 0 or tsize > _BME_MAX_TABLE_SIZE or tsize * cs > _BME_MAX_PHYS_SIZE:
+                raise bad(f"bitmap table size {tsize} is out of range (1.."
+                          f"{min(_BME_MAX_TABLE_SIZE, _BME_MAX_PHYS_SIZE // cs)} entries)",
+                          8, 4)
+            if not flags & _BME_FLAG_IN_USE:
+                # a bitmap saved cleanly has exactly the table the disk needs (one
+                # that is in use may lag behind a resize: QEMU does not load its data)
+                bits = (h.size + (1 << gbits) - 1) >> gbits
+                want = (bits + 8 * cs - 1) // (8 * cs)
+                if tsize != want:
+                    raise bad(f"bitmap table of {tsize} entries, but a disk of {h.size} "
+                              f"bytes at granularity 2^{gbits} needs {want}", 8, 4)
+            entries.append((e, toff, tsize, bytes(d[pos + 24:pos + 24 + name_size])))
+            pos = nxt
+        if len(entries) != nb:
+            raise _corrupt(f"bitmap directory has {len(entries)} entries, the header "
+                           f"extension names {nb}", ext, 4, "header extension")
+        # budget first, for every table, then read and check them
+        for e, toff, tsize, name in entries:
+            self._hold(tsize * 8, f"the bitmap table of bitmap entry at {e:#x}", e + 8)
+        for e, toff, tsize, name in entries:
+            label = name.decode("utf-8", "backslashreplace")[:64]
+            what = f"bitmap table of bitmap {label!r}"
+            self._region(toff, tsize * 8, what, e)
+            t = self._read_u64(toff, tsize)
+            off = t & np.uint64(_BME_OFFSET_MASK)
+            has = off != 0
+            checks = (
+                ((t & np.uint64(_BME_TABLE_RESERVED)) != 0, "has reserved bits set"),
+                (has & ((t & np.uint64(_BME_ALL_ONES)) != 0),
+                 "has a data cluster and the all-ones flag"),
+                (has & ((off & np.uint64(cs - 1)) != 0), "points at an unaligned cluster"),
+                (has & (off + np.uint64(cs) > np.uint64(self.fsize)),
+                 f"points past the end of the file (size {self.fsize:#x})"),
+            )
+            for mask, text in checks:
+                k = np.flatnonzero(mask)
+                if len(k):
+                    k = int(k[0])
+                    raise _corrupt(f"entry {k} of the {what} at {toff:#x} ({int(t[k]):#x}) "
+                                   f"{text}", toff + 8 * k, 8, "bitmap table entry")
+            k = np.flatnonzero(has)
+            self.meta.append(((off[k] >> np.uint64(cbits)).astype(np.int64),
+                              f"bitmap data of bitmap {label!r}", toff + 8 * k))
+            self._tick()
 
     def _refcount_table(self) -> None:
         np = self.np
