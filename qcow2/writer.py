@@ -382,6 +382,65 @@ class WritableQcow2Image(Qcow2Image):
             self._set_entry(table, toff, i, e, 0)
             self._free_entry(old, oldb)
 
+    def write_compressed_many(self, offset: int, comps, raw) -> int:
+        """Store consecutive clusters from ``offset`` already compressed by the caller:
+        ``comps[i]`` is cluster i's compressed bytes, or None to store it uncompressed
+        from ``raw`` (the clusters' data, the last one may be short at the disk's
+        end).  Clusters packed back to back in the file go out in one write.
+        Returns the bytes written."""
+        cs = self.cluster_size
+        raw = memoryview(raw).cast("B")
+        if offset % cs or offset + len(raw) > self.size or len(raw) > len(comps) * cs:
+            raise ValueError("compressed writes take whole, aligned clusters")
+        if self.data_be is not self.be:
+            raise UnsupportedFeatureError("compressed clusters cannot be written to images "
+                                          "with an external data file",
+                                          feature="compression with data file")
+        shift = 62 - (self.cluster_bits - 8)
+        mask = self._l2_entries - 1
+        written = 0
+        with self._lock:
+            self._mark_modified()
+            run: list = []              # compressed data contiguous in the file
+            run_host = run_end = 0
+            table = toff = None
+            cur_l1 = -1
+            try:
+                for k, comp in enumerate(comps):
+                    a = offset + k * cs
+                    if comp is None:
+                        if run:
+                            data, run = b"".join(run), []
+                            self._write_data(data, run_host)
+                        self._write(raw[k * cs:(k + 1) * cs], a)
+                        written += min(cs, len(raw) - k * cs)
+                        continue
+                    l1i = a >> self._l2_span_bits
+                    if l1i != cur_l1:
+                        table, toff = self._l2_for_write(l1i)
+                        cur_l1 = l1i
+                    i = (a >> self.cluster_bits) & mask
+                    old, oldb = self._entry(table, i)
+                    host = self._alloc_bytes(len(comp))
+                    if run and host != run_end:
+                        data, run = b"".join(run), []
+                        self._write_data(data, run_host)
+                    if not run:
+                        run_host = host
+                    run.append(comp)
+                    run_end = host + len(comp)
+                    written += len(comp)
+                    nb = ((host + len(comp) - 1) >> 9) - (host >> 9)
+                    self._set_entry(table, toff, i,
+                                    C.OFLAG_COMPRESSED | (nb << shift) | host, 0)
+                    self._free_entry(old, oldb)
+            finally:
+                # the entries set above point at this data: it goes out before any
+                # flush can write them
+                if run:
+                    self._write_data(b"".join(run), run_host)
+        return written
+
     def _alloc_bytes(self, size: int) -> int:
         """QEMU's qcow2_alloc_bytes: pack compressed clusters back to back; every host
         cluster a compressed cluster touches holds one reference for it."""

@@ -270,3 +270,23 @@ def test_convert_in_order_unless_W(images, tmp_path, flag):
                                       capture_output=True, text=True).stdout)
         offs = [e["offset"] for e in m if e.get("data") and "offset" in e]
         assert offs == sorted(offs)          # host layout follows the guest order
+
+
+@pytest.mark.parametrize("extra", [[], ["-S", "0"], ["-c"], ["-c", "-S", "0"], ["-m", "1"]])
+def test_convert_to_qcow2_reused_buffers(images, tmp_path, extra):
+    """Window buffers are reused: stale bytes of an earlier window never reach the
+    output, whether zero ranges are skipped (default -S) or written (-S 0, -n)."""
+    fresh = tmp_path / "f.qcow2"
+    r = cli("convert", "-O", "qcow2", *extra, str(images["raw"]), str(fresh))
+    assert r.returncode == 0, r.stderr
+    check_clean(fresh)
+    same(images["raw"], fresh)
+    if "-c" in extra:
+        return
+    tgt = tmp_path / "t.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(tgt), str(48 << 20))
+    run("qemu-io", "-c", "write -P 0x77 0 48M", str(tgt))     # garbage to be overwritten
+    r = cli("convert", "-n", "-O", "qcow2", *extra, str(images["zstd"]), str(tgt))
+    assert r.returncode == 0, r.stderr
+    check_clean(tgt)
+    same(images["raw"], tgt)

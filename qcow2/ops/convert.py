@@ -297,6 +297,16 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
         progress(100.0)
 
 
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _zero(mv: memoryview) -> None:
+    n = len(mv)
+    for i in range(0, n, len(_ZEROS)):
+        k = min(n - i, len(_ZEROS))
+        mv[i:i + k] = _ZEROS[:k]
+
+
 def _is_blockdev(fd: int) -> bool:
     import stat
     return stat.S_ISBLK(os.fstat(fd).st_mode)
@@ -441,15 +451,28 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
             c = tls.c = kernels.Compressor(out.header.compression_type, cs)
         return c
 
+    # Window buffers are reused (a fresh 4 MiB bytearray per window costs a page
+    # fault per 4 KiB): taken by compute, given back once apply has written them.
+    # At most 2 x workers + 1 windows are in flight, so the pool stays that small.
+    free_bufs: list = []
+    bufs_lock = threading.Lock()
+
+    def take_buf():
+        with bufs_lock:
+            if free_bufs:
+                return free_bufs.pop()
+        return bytearray(window)
+
     def compute(job):
         """Read (and compress) one window; returns the writes it needs."""
         w, segs = job
         end = min(size, w + window)
-        buf = bytearray(end - w)
-        mv = memoryview(buf)
-        ncl = (len(buf) + cs - 1) // cs
+        buf = take_buf()
+        mv = memoryview(buf)[:end - w]
+        ncl = (end - w + cs - 1) // cs
         write = [False] * ncl          # cluster holds bytes this convert must set
         keep = [False] * ncl           # cluster holds bytes left to the backing file
+        known_zero = []                # cluster ranges [ka, kb) that read as zeros
         ndata = 0
         for p, d, o, n in segs:
             seg = mv[d - w:d - w + n]
@@ -458,12 +481,32 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
                 ndata += n
             elif p.kind == BACKING:
                 out.readinto(seg, d)   # what the new backing file shows there
+            elif sparse_size:
+                # (the buffer is reused) clusters wholly in this zero range are known
+                # zero and never written from the buffer: only the partial ones at
+                # its edges need clearing, so the scan sees what the guest reads
+                a, b = d - w, d - w + n
+                ka = -(-a // cs)
+                kb = ncl if b == len(mv) else b // cs
+                if ka < kb:
+                    _zero(mv[a:ka * cs])
+                    _zero(mv[kb * cs:b])
+                    known_zero.append((ka, kb))
+                else:
+                    _zero(seg)
+            else:
+                _zero(seg)             # -S 0 writes zero clusters from the buffer
             for k in range((d - w) // cs, (d - w + n - 1) // cs + 1):
                 if p.kind == BACKING:
                     keep[k] = True
                 elif p.kind == DATA or zero_writes:
                     write[k] = True
-        zero = kernels.zero_blocks(mv, cs).tolist() if sparse_size else [False] * ncl
+        if sparse_size:
+            zero = kernels.zero_blocks(mv, cs).tolist()
+            for ka, kb in known_zero:
+                zero[ka:kb] = [True] * (kb - ka)
+        else:
+            zero = [False] * ncl
         comp = compressor() if compress else None
         ops = []
         k = 0
@@ -472,37 +515,44 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
                 k += 1
                 continue
             a = w + k * cs
-            piece = mv[k * cs:(k + 1) * cs]
             if zero[k]:
                 if zero_writes or keep[k]:
-                    ops.append(("z", a, len(piece), None))
-                k += 1
-                continue
-            if comp is not None:
-                full = piece if len(piece) == cs else bytes(piece) + bytes(cs - len(piece))
-                ops.append(("c", a, comp.compress(full), piece))
+                    ops.append(("z", a, min(cs, end - a), None))
                 k += 1
                 continue
             j = k + 1
             while j < ncl and write[j] and not zero[j]:
                 j += 1
-            ops.append(("w", a, mv[k * cs:j * cs], None))
+            if comp is None:
+                ops.append(("w", a, mv[k * cs:j * cs], None))
+            else:
+                # one kernel call for the run of whole clusters, one for a short tail
+                whole = min(j, (end - w) // cs) - k
+                comps = comp.compress_many(mv[k * cs:], whole) if whole > 0 else []
+                if k + whole < j:
+                    tail = mv[(k + whole) * cs:]
+                    comps.append(comp.compress(bytes(tail) + bytes(cs - len(tail))))
+                ops.append(("c", a, comps, mv[k * cs:j * cs]))
             k = j
-        return ops, ndata
+        return buf, ops, ndata
 
     applied = [0]
 
     def apply(result):
-        ops, ndata = result
-        for op, a, x, y in ops:
-            if op == "w":
-                out.pwrite(x, a)
-                applied[0] += len(x)
-            elif op == "z":
-                out.write_zeroes(a, x)
-            else:
-                out.write_compressed_prepared(a, x, y)
-                applied[0] += len(x) if x is not None else len(y)
+        buf, ops, ndata = result
+        try:
+            for op, a, x, y in ops:
+                if op == "w":
+                    out.pwrite(x, a)
+                    applied[0] += len(x)
+                elif op == "z":
+                    out.write_zeroes(a, x)
+                else:
+                    applied[0] += out.write_compressed_many(a, x, y)
+        finally:
+            del ops
+            with bufs_lock:
+                free_bufs.append(buf)
         if applied[0] >= 64 << 20:           # let the disk work while we go on
             applied[0] = 0
             start_writeback(out.be.fd)
