@@ -22,7 +22,14 @@ Passes:
   * a local source: read in place (untrusted), converted or sparse-copied straight into
     the base: no temporary copy.
 Free space is checked first against what the result needs (``qcow2.measure`` for a
-conversion, the allocated size for a copy, Content-Length for a download).
+conversion, the allocated size for a copy, Content-Length for a download -- for a qcow2
+that becomes a raw base, plus room for the raw data, up to its virtual size).  While a
+download streams, free space is looked at again every ``STREAM_CHECK_EVERY`` bytes (one
+``statvfs``): with a known length it must still hold the rest of the body (and the raw
+base to come); without one (chunked transfer encoding) it must hold the next stretch plus
+``STREAM_RESERVE`` and, for a qcow2 that becomes raw, as much raw data as has arrived (up
+to the virtual size the header gave).  Otherwise the download stops with
+:class:`InsufficientSpaceError`, leaving nothing behind.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ QCOW2_MAGIC = b"QFI\xfb"
 CHUNK = 1 << 20
 BLOCK = 4096
 TIMEOUT = 60.0
+STREAM_CHECK_EVERY = 64 << 20     # bytes of body between two free-space checks
+STREAM_RESERVE = 64 << 20         # left free on top of the next stretch (unknown length)
 
 
 def parse_checksum(checksum: str | None) -> str | None:
@@ -206,12 +215,57 @@ def _read(resp, url: str, n: int) -> bytes:
         raise DownloadError(f"download of {url} failed: {type(exc).__name__}: {exc}") from None
 
 
-def _stream(resp, url, length, head: bytes, write, hasher, progress) -> int:
-    """Feed the body (``head`` already read) to ``write(data, offset)``; returns its size."""
+class _SpaceWatch:
+    """Free-space checks while a body streams into ``directory`` (see the module doc).
+
+    ``raw_cap``: the body is a qcow2 that becomes a raw base afterwards, whose data can
+    take up to ``raw_cap`` bytes (its virtual size); None when nothing follows.
+    """
+
+    def __init__(self, directory: str, url: str, length: int | None, raw_cap: int | None):
+        self.dir, self.url, self.length, self.raw_cap = directory, url, length, raw_cap
+        self.every = STREAM_CHECK_EVERY
+        self.reserve = STREAM_RESERVE
+        self.next_at = 0
+
+    def later(self, pos: int) -> int:
+        """Room the raw base will need after the download, as far as known at ``pos``."""
+        if self.raw_cap is None:
+            return 0
+        return min(self.raw_cap, self.length if self.length is not None else pos)
+
+    def __call__(self, pos: int) -> None:
+        if pos < self.next_at:
+            return
+        self.next_at = pos + self.every
+        if self.length is not None:
+            body, what = max(0, self.length - pos), f"the remaining {self.length - pos} bytes"
+        else:
+            body = self.every + self.reserve
+            what = f"the next {self.every} bytes and a reserve of {self.reserve} bytes"
+        later = self.later(pos)
+        if later:
+            what += f" and {later} bytes for the raw base"
+        have = free_space(self.dir)
+        if have < body + later:
+            raise InsufficientSpaceError(
+                f"not enough space in {self.dir} to go on with the download of {self.url} "
+                f"after {pos} bytes: {have} bytes available, {body + later} needed ({what})")
+
+
+def _qcow2_virtual_size(head: bytes) -> int | None:
+    return int.from_bytes(head[24:32], "big") if len(head) >= 32 else None
+
+
+def _stream(resp, url, length, head: bytes, write, hasher, progress, watch=None) -> int:
+    """Feed the body (``head`` already read) to ``write(data, offset)``; returns its size.
+    ``watch(pos)`` is called before each write (the free-space checks)."""
     pos = 0
     buf = head
     while True:
         if buf:
+            if watch is not None:
+                watch(pos)
             hasher.update(buf)
             write(buf, pos)
             pos += len(buf)
@@ -260,12 +314,16 @@ def _fetch_url(opts, url, dst, declared, want, progress, timeout) -> str:
         head = _read(resp, url, CHUNK)
         fmt = probe_format(head)
         _refuse_format(fmt, declared, url)
+        raw_cap = None
+        if fmt == "qcow2" and opts.force_raw_images:
+            raw_cap = _qcow2_virtual_size(head)
+        watch = _SpaceWatch(base_dir, url, length, raw_cap)
         hasher = hashlib.sha256()
         if fmt == "raw":
             # one pass: the body goes straight into the anonymous output file
             with AtomicOutput(dst, 0o644) as out:
                 size = _stream(resp, url, length, head, lambda b, p: _pwrite_sparse(out.fd, b, p),
-                               hasher, progress)
+                               hasher, progress, watch)
                 os.ftruncate(out.fd, size)
                 _verify(hasher.hexdigest(), want, url)
                 out.commit(sync=True)
@@ -275,7 +333,7 @@ def _fetch_url(opts, url, dst, declared, want, progress, timeout) -> str:
         try:
             try:
                 _stream(resp, url, length, head, lambda b, p: os.pwrite(fd, b, p) and None,
-                        hasher, progress)
+                        hasher, progress, watch)
             finally:
                 os.close(fd)
             _verify(hasher.hexdigest(), want, url)
