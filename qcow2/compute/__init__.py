@@ -8,7 +8,8 @@
     compute.destroy(opts, instance_uuid)
 
 Modules: ``config`` (options), ``locks`` (names, per-image locks), ``fetch`` (the base
-cache), ``disks`` (instance disks), ``manager`` (the cache manager).
+cache), ``disks`` (instance disks), ``growfs`` (growing the file system of a qcow2 disk),
+``manager`` (the cache manager).
 """
 
 from __future__ import annotations
