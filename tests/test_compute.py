@@ -568,7 +568,7 @@ def test_spawn_failure_removes_instance(compute, tmp_path, images, monkeypatch):
     assert not os.path.exists(os.path.join(o.instances_path, UUID1))
 
 
-# -- growing the file system of qcow2 disks (resize_fs_using_block_device) ---------------------------
+# -- growing the file system of qcow2 disks (resize_fs_using_block_device) ----------------------
 
 def _fs_blocks(path_raw):
     out = subprocess.run(["dumpe2fs", "-h", path_raw], stdout=subprocess.PIPE,

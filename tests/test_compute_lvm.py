@@ -7,7 +7,6 @@ Loop devices, volume groups and physical volumes are removed even when a test fa
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
