@@ -6,8 +6,9 @@ pytest-benchmark and qemu-img (or cp) on the same input, and stores in extra_inf
 exit, which is our default and what nova asks for with ``-t none``; qemu-img's own
 default for convert is ``unsafe``, no flush at all)
 ``theirs_s`` (best of the same number of rounds), ``ratio`` (ours / theirs, lower is
-better), ``peak_rss_mib`` of our process.  ``python benchmarks/report.py`` prints the
-table.  Nothing here asserts timings.
+better), ``peak_rss_mib`` of our process, ``corpus`` (its kind: "debian-minbase" or
+"synthetic", see conftest.py).  ``python benchmarks/report.py`` prints the table.
+Nothing here asserts timings.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ import pytest
 
 ROUNDS = int(os.environ.get("QCOW2_BENCH_ROUNDS", "3"))
 QCOW2 = [sys.executable, "-m", "qcow2"]
+
+
+@pytest.fixture(autouse=True)
+def _corpus_kind(benchmark, corpus):
+    benchmark.extra_info["corpus"] = corpus.kind
+    if corpus.note:
+        benchmark.extra_info["corpus_note"] = corpus.note
+
+
+def _need(corpus, key):
+    if key not in corpus:
+        pytest.skip(f"the {corpus.kind} corpus has no {key!r} image")
+    return corpus[key]
 
 
 def _run(cmd, env=None) -> tuple[float, float]:
@@ -64,9 +78,10 @@ def _side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
     })
 
 
-@pytest.mark.parametrize("kind", ["plain", "zlib", "zstd"])
+@pytest.mark.parametrize("kind", ["plain", "zlib", "zstd", "full", "plain0"])
 def test_qcow2_to_raw(benchmark, corpus, scratch, kind):
     out = scratch / "out.raw"
+    _need(corpus, kind)
 
     def rm():
         out.unlink(missing_ok=True)
