@@ -616,8 +616,11 @@ class Qcow2Image(Image):
                              f"{self.header.data_file!r} (backing=False): its data cannot "
                              f"be read")
         if self.untrusted and self.header.corrupt:
-            raise UnsafeImageError(f"image '{self.filename}' is marked corrupt; untrusted "
-                                   f"mode does not read it")
+            at = C.HEADER_INCOMPATIBLE_OFFSET
+            err = UnsafeImageError(f"image '{self.filename}' is marked corrupt; untrusted "
+                                   f"mode does not read it (at offset {at:#x})")
+            err.offset, err.size, err.what = at, 8, "header"  # type: ignore[attr-defined]
+            raise err
         if self.encrypted:
             raise UnsupportedFeatureError(
                 f"reading encrypted images is not supported ('{self.filename}' uses "
@@ -652,6 +655,16 @@ class Qcow2Image(Image):
         if batch:
             self._read_compressed(mv, offset, batch)
 
+    def _src_buffer(self, n: int) -> memoryview:
+        """A per-thread buffer for compressed data, reused (a fresh one per batch
+        costs a page fault per 4 KiB)."""
+        buf = getattr(self._tls, "src", None)
+        if buf is None or len(buf) < n:
+            if n > 8 << 20:                     # (rare, big clusters): not kept
+                return memoryview(bytearray(n))
+            buf = self._tls.src = memoryview(bytearray(max(n, 1 << 20)))
+        return buf[:n]
+
     def _read_compressed(self, mv: memoryview, offset: int, batch) -> None:
         """Decode a batch of compressed clusters: one read of the covering host range
         (when the clusters lie close together, as qemu-img writes them), one kernel call."""
@@ -665,8 +678,10 @@ class Qcow2Image(Image):
         else:
             groups = [(b[2], b[2] + b[3], [b]) for b in batch]
         for glo, ghi, items in groups:
-            src = bytearray(ghi - glo)          # zeros past EOF, as QEMU reads them
-            self.be.readinto(src, glo)
+            src = self._src_buffer(ghi - glo)
+            got = self.be.readinto(src, glo)
+            if got < len(src):
+                _zero_fill(src[got:])           # zeros past EOF, as QEMU reads them
             full = [b for b in items if b[1] == cs]
             part = [b for b in items if b[1] != cs]
             try:

@@ -603,7 +603,7 @@ class _Scan:
             i = int(idx[j[1]])
             raise _unsafe(f"refcount table entries {int(idx[j[0]])} and {i} point at the "
                           f"same refcount block", off + i * 8, 8, "refcount table entry")
-        self.meta.append((blocks, "refcount block", off))
+        self.meta.append((blocks, "refcount block", off + idx.astype(np.int64) * 8))
 
     def _l2_table(self, o: int):
         """Check one L2 table; return (standard host clusters, compressed host clusters)."""

@@ -114,6 +114,11 @@ def base(tmp_path_factory):
     qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", p, "64M")
     qemu_io(p, "write -P 1 0 128k", "write -z 256k 64k")
     imgs["ext"] = p
+    p = d / "bitmap.qcow2"
+    shutil.copy(imgs["plain"], p)
+    qemu_img("bitmap", "--add", p, "b0")
+    qemu_io(p, "write -P 4 1M 64k")
+    imgs["bitmap"] = p
     return imgs
 
 
@@ -307,6 +312,15 @@ def test_extended_l2_alloc_and_zero(img):
 
 # -- refcounts, snapshots, sizes ----------------------------------------------------------
 
+def test_refcount_block_overlaps_the_l1_table(img):
+    from qcow2 import UnsafeImageError
+    p = img("plain")
+    rt = reftable_off(p)
+    poke64(p, rt + 8, l1_off(p) & ~(CS - 1))
+    e = refused(p, UnsafeImageError, rt + 8)          # names the refcount table entry
+    assert "L1 table" in str(e)
+
+
 def test_refcount_table_entry_past_eof(img):
     from qcow2 import CorruptImageError
     p = img("plain")
@@ -450,8 +464,9 @@ def test_corrupt_bit_refuses_untrusted_reads_only(img):
         assert im.pread(4, 0) == b"\x01" * 4
     with qcow2.open(p, untrusted=True) as im:
         im.info()
-        with pytest.raises(UnsafeImageError, match="corrupt"):
+        with pytest.raises(UnsafeImageError, match="corrupt") as ei:
             im.pread(4, 0)
+        assert ei.value.offset == 0x48
 
 
 def test_dirty_bit_reads_and_no_repair(img):
@@ -627,14 +642,35 @@ def test_cli_refusals_one_line(img, tmp_path):
 
 # -- a bounded fuzzer ---------------------------------------------------------------------
 
-def test_fuzz_mutated_images(base, tmp_path):
-    hypothesis = pytest.importorskip("hypothesis")
-    from hypothesis import HealthCheck, given, settings, strategies as st
-    import tracemalloc
+REGRESSIONS = ROOT / "tests" / "fuzz_regressions"
 
+
+def exercise(path):
+    """What the fuzzer and the regression corpus do with an image: an untrusted open,
+    info, reads at the start, middle and end, the first extents.  Qcow2Error is the
+    only exception allowed out."""
     import qcow2
-    from qcow2 import Qcow2Error
+    with qcow2.open(path, untrusted=True) as im:
+        im.info()
+        for off in (0, im.size // 2, max(0, im.size - CS)):
+            im.pread(CS, off)
+        for _i, _e in zip(range(200), im.extents()):
+            pass
 
+
+def save_regression(data: bytes) -> Path:
+    """Keep a failing input in tests/fuzz_regressions/ (gzip, named by its hash)."""
+    import gzip
+    import hashlib
+    REGRESSIONS.mkdir(exist_ok=True)
+    path = REGRESSIONS / f"fuzz-{hashlib.sha256(data).hexdigest()[:16]}.qcow2.gz"
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(data)
+    return path
+
+
+def fuzz_seeds(base):
+    """(bytes, hot regions) of each base image: the fields and tables mutations aim at."""
     seeds = {}
     for name, p in base.items():
         raw = p.read_bytes()
@@ -644,48 +680,84 @@ def test_fuzz_mutated_images(base, tmp_path):
             hot.append((l2, 0x1000))
         if u32(p, 0x3C):
             hot.append((u64(p, 0x40), 0x100))
+        i = raw.find(struct.pack(">I", 0x23852875), 0, CS)      # bitmaps extension
+        if i > 0:
+            doff = u64(p, i + 8 + 16)
+            hot += [(i, 0x20), (doff, 0x40), (u64(p, doff) & ~(CS - 1), 0x200)]
         seeds[name] = (raw, hot)
+    return seeds
+
+
+def mutate(raw, hot, muts) -> bytes:
+    data = bytearray(raw)
+    for region, at, kind, val in muts:
+        start, length = hot[region % len(hot)]
+        off = min(start + at % length, len(data) - 8)
+        if kind == "byte":
+            data[off] = val & 0xFF
+        elif kind == "u64":
+            data[off:off + 8] = struct.pack(">Q", val)
+        elif kind == "bit":
+            data[off] ^= 1 << (val % 8)
+        else:
+            data[off:off + 8] = bytes(8)
+    return bytes(data)
+
+
+def test_fuzz_mutated_images(base, tmp_path):
+    """Mutated real images through an untrusted open and reads.  Any other exception
+    than a Qcow2Error, or a memory peak over 256 MiB, fails the test and the minimal
+    failing input (hypothesis shrinks it, then replays it last) is written to
+    tests/fuzz_regressions/ (see the README there; QCOW2_FUZZ_SAVE=0 turns that off).
+    QCOW2_FUZZ_EXAMPLES (default 200) and QCOW2_FUZZ_SEED run it longer or elsewhere."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, note, seed, settings, strategies as st
+    import tracemalloc
+
+    from qcow2 import Qcow2Error
+
+    seeds = fuzz_seeds(base)
     names = sorted(seeds)
     target = tmp_path / "fuzz.qcow2"
+    failing: dict = {}
 
     mutation = st.tuples(st.integers(0, 10 ** 6), st.integers(0, 10 ** 6),
                          st.sampled_from(["byte", "u64", "bit", "zero"]),
                          st.integers(0, 2 ** 64 - 1))
+    fixed_seed = os.environ.get("QCOW2_FUZZ_SEED")
 
-    @settings(max_examples=200, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=int(os.environ.get("QCOW2_FUZZ_EXAMPLES", "200")), deadline=None,
+              derandomize=fixed_seed is None, suppress_health_check=list(HealthCheck),
+              database=None)
     @given(st.sampled_from(names), st.lists(mutation, min_size=1, max_size=4))
     def run(name, muts):
-        raw, hot = seeds[name]
-        data = bytearray(raw)
-        for region, at, kind, val in muts:
-            start, length = hot[region % len(hot)]
-            off = min(start + at % length, len(data) - 8)
-            if kind == "byte":
-                data[off] = val & 0xFF
-            elif kind == "u64":
-                data[off:off + 8] = struct.pack(">Q", val)
-            elif kind == "bit":
-                data[off] ^= 1 << (val % 8)
-            else:
-                data[off:off + 8] = bytes(8)
-        target.write_bytes(bytes(data))
+        data = mutate(*seeds[name], muts)
+        target.write_bytes(data)
         tracemalloc.start()
         try:
-            with qcow2.open(target, untrusted=True) as im:
-                im.info()
-                for off in (0, im.size // 2, max(0, im.size - CS)):
-                    im.pread(CS, off)
-                for i, _ in zip(range(200), im.extents()):
-                    pass
+            exercise(target)
         except Qcow2Error:
             pass
+        except BaseException:
+            failing["data"] = data
+            note(f"seed image {name!r}, {len(data)} bytes")
+            raise
         finally:
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
-        assert peak < 256 << 20, peak
+        if peak >= 256 << 20:
+            failing["data"] = data
+            raise AssertionError(f"memory peak {peak} bytes")
 
-    run()
+    if fixed_seed is not None:
+        run = seed(int(fixed_seed))(run)
+    try:
+        run()
+    except BaseException:
+        if "data" in failing and os.environ.get("QCOW2_FUZZ_SAVE", "1") != "0":
+            path = save_regression(failing["data"])
+            print(f"\nfuzzer: minimal failing input saved as {path}", file=sys.stderr)
+        raise
 
 
 def test_info_reports_data_file_that_untrusted_reads_refuse(tmp_path):
