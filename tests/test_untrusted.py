@@ -524,7 +524,9 @@ def test_json_data_file_name(tmp_path):
     import qcow2
     from qcow2 import UnsafeImageError
     p = tmp_path / "j.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=jsonXaaaa.raw", p, "1M")
+    # (qemu-img creates the data file relative to its working directory)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=jsonXaaaa.raw",
+                    str(p), "1M"], check=True, capture_output=True, cwd=tmp_path)
     raw = p.read_bytes()
     i = raw.index(b"jsonXaaaa.raw")
     poke(p, i, b"json:")
@@ -763,19 +765,15 @@ def test_fuzz_mutated_images(base, tmp_path):
 def test_info_reports_data_file_that_untrusted_reads_refuse(tmp_path):
     """info --untrusted still names the external data file; reading refuses it."""
     import json as _json
-    import subprocess as _sp
-    import sys as _sys
 
     p = tmp_path / "df.qcow2"
-    r = _sp.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=df.data",
-                 str(p), "1M"], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=df.data",
+                        str(p), "1M"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = _sp.run([_sys.executable, "-m", "qcow2", "info", "--untrusted", "--output=json", str(p)],
-                capture_output=True, text=True)
+    r = _cli("info", "--untrusted", "--output=json", p)
     assert r.returncode == 0, r.stderr
     assert _json.loads(r.stdout)["format-specific"]["data"]["data-file"] == "df.data"
-    r = _sp.run([_sys.executable, "-m", "qcow2", "convert", "--untrusted", "-O", "raw", str(p),
-                 str(tmp_path / "out.raw")], capture_output=True, text=True)
+    r = _cli("convert", "--untrusted", "-O", "raw", p, tmp_path / "out.raw")
     assert r.returncode == 1 and "df.data" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.raw").exists()
