@@ -77,11 +77,12 @@ class Limits:
     """Caps applied to untrusted images (``max_backing_depth`` applies in every mode).
 
     ``max_virtual_size``: bytes of guest disk (default 16 TiB); ``max_metadata``: bytes
-    of L1 tables, L2 tables and refcount structures the scan reads and holds (default
-    64 MiB; the scan's working set is at most about twice that); ``max_output``: bytes a
-    ``convert`` may produce (default None: unlimited); ``max_backing_depth``: images in
-    a backing chain (default 16); ``max_scan_cpu``: seconds of CPU time
-    (``time.process_time``) the metadata scan may take (default 60).
+    of snapshot table, L1 tables, L2 tables, refcount structures, bitmap directory and
+    bitmap tables the open and the scan read and hold, each charged before it is read
+    (default 64 MiB; the scan's working set is at most about twice that);
+    ``max_output``: bytes a ``convert`` may produce (default None: unlimited);
+    ``max_backing_depth``: images in a backing chain (default 16); ``max_scan_cpu``:
+    seconds of CPU time (``time.process_time``) the metadata scan may take (default 60).
     """
 
     __slots__ = ("max_virtual_size", "max_metadata", "max_output", "max_backing_depth",
@@ -459,12 +460,13 @@ class _Scan:
             a, b = self.meta[int(owner[k])], self.meta[int(owner[k + 1])]
             c = int(cl[k]) << self.cbits
             if b[1] == "L2 table":
-                ptr, name = l2_ptr.get(c, c), "L2 table"
+                ptr = l2_ptr.get(c, c)
                 # an L1 entry pointing an L2 table at other metadata: name the entry
                 raise _unsafe(f"L2 table at {c:#x} overlaps the {a[1]}", ptr, 8, "L1 entry")
             ptr = b[2]
             if isinstance(ptr, np.ndarray):
-                # one pointer per cluster (bitmap data): the entry reaching this one
+                # one pointer per cluster (refcount blocks, bitmap data): the entry
+                # reaching this one
                 starts = np.cumsum([0] + [len(m[0]) for m in self.meta])
                 ptr = int(ptr[int(order[k + 1]) - int(starts[int(owner[k + 1])])])
             raise _unsafe(f"{b[1]} overlaps the {a[1]} at host cluster {c:#x}",

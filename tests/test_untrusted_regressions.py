@@ -24,7 +24,7 @@ if str(HERE) not in sys.path:
 
 from test_untrusted import (COPIED, CS, REGRESSIONS, _cli, big_snapshot_table,  # noqa: E402
                             exercise, l1_off, l2_off, move_l1, poke, poke64, qemu_img,
-                            qemu_io, reftable_off, round_up, u32, u64)
+                            qemu_io, reftable_off, round_up, u64)
 
 CASES = sorted(REGRESSIONS.glob("*.qcow2.gz")) if REGRESSIONS.is_dir() else []
 
