@@ -62,6 +62,7 @@ class WritableQcow2Image(Qcow2Image):
         self._compressor = None
         self._closed = False
         self._marked_dirty = False
+        self._unordered = False
         self._l1_table()
         self._meta: dict[int, str] = {}
         self._build_meta()
@@ -150,6 +151,19 @@ class WritableQcow2Image(Qcow2Image):
         finally:
             raise CorruptImageError(f"qcow2: Marking image as corrupt: {why}; further "
                                     f"writes are refused", what="metadata overlap")
+
+    def set_unordered(self) -> None:
+        """For an output nobody sees until it is complete (convert's temporary file,
+        renamed into place only after its final flush): metadata goes out without the
+        ordering syncs between stages, and cache-pressure flushes do not sync at all;
+        ``flush()`` ends with one sync that makes everything durable.  A crash before
+        that leaves a temporary file that is thrown away, never an image in use."""
+        self._unordered = True
+
+    def _stage_sync(self) -> None:
+        """The sync between two stages of an ordered flush."""
+        if not self._unordered:
+            self._sync()
 
     def _sync(self) -> None:
         if self.data_be is not self.be:
@@ -301,31 +315,33 @@ class WritableQcow2Image(Qcow2Image):
         """Make every write so far durable, in the order that keeps the image consistent."""
         with self._lock:
             refs = self.refs
-            self._sync()                                  # data before anything points at it
+            self._stage_sync()                                  # data before anything points at it
             if self._rc_cache.dirty_count:
                 self._rc_cache.write_dirty()
                 if refs.table_dirty:
-                    self._sync()
+                    self._stage_sync()
             if refs.table_dirty:
                 refs.write_table_entries()
-            self._sync()
+            self._stage_sync()
             if self._l2c.dirty_count:
                 self._l2c.write_dirty()
-                self._sync()
+                self._stage_sync()
             if self._l1_dirty:
                 base = self._l1_offset
                 for i in sorted(self._l1_dirty):
                     self._write_meta(struct.pack(">Q", self._l1[i]), base + i * 8,
                                      "the active L1 table")
                 self._l1_dirty.clear()
-                self._sync()
+                self._stage_sync()
             if refs.apply_pending_frees():
                 # the cluster compressed data was being packed into may be free now and
                 # reused for anything: start packing in a fresh cluster
                 self._free_byte_offset = 0
                 self._rc_cache.write_dirty()
                 refs.write_table_entries()
-                self._sync()
+                self._stage_sync()
+            if self._unordered and not sync_only_metadata:
+                self._sync()                              # the one sync of an unordered image
 
     def close(self) -> None:
         if getattr(self, "_closed", True):

@@ -31,20 +31,33 @@ DATA, ZERO, BACKING = "data", "zero", "backing"
 
 
 class _Piece:
-    __slots__ = ("dst", "src", "off", "n", "kind")
+    __slots__ = ("dst", "src", "off", "n", "kind", "host")
 
-    def __init__(self, dst: int, src, off: int, n: int, kind: str):
+    def __init__(self, dst: int, src, off: int, n: int, kind: str, host=None):
         self.dst = dst        # offset in the output
         self.src = src        # source Image
         self.off = off        # offset in the source
         self.n = n
         self.kind = kind
+        self.host = host      # (fd, offset): where a plain data run lies in a file
+
+
+def _host_fd(img, depth: int):
+    """The file descriptor holding the data of layer ``depth`` of ``img``'s chain."""
+    chain = img.backing_chain()
+    if depth >= len(chain):
+        return None
+    layer = chain[depth]
+    be = getattr(layer, "data_be", None) or getattr(layer, "be", None)
+    fd = getattr(be, "fd", None)
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 def _plan(sources, *, top_only: bool):
     """Pieces covering the whole output, in order."""
     base = 0
     for img in sources:
+        fds: dict = {}
         for e in img.extents():
             if not e.length:
                 continue
@@ -54,7 +67,14 @@ def _plan(sources, *, top_only: bool):
                 kind = DATA
             elif e.zero or not e.data:
                 kind = ZERO if (not top_only or e.present) else BACKING
-            yield _Piece(base + e.start, img, e.start, e.length, kind)
+            host = None
+            if kind == DATA and e.offset is not None and not getattr(img, "encrypted", False):
+                fd = fds.get(e.depth, -1)
+                if fd == -1:
+                    fd = fds[e.depth] = _host_fd(img, e.depth)
+                if fd is not None:
+                    host = (fd, e.offset)
+            yield _Piece(base + e.start, img, e.start, e.length, kind, host)
         base += img.size
 
 
@@ -116,26 +136,39 @@ def _run_ordered(jobs, compute, apply, workers: int, in_order: bool) -> None:
 
 
 def _run_pool(jobs, work, workers: int) -> None:
+    """Run ``work(job)`` for every job on ``workers`` threads (this one included), in
+    any order.  Each thread takes the next job itself: no futures, no feeding loop.
+    The first exception stops every thread after its current job and is raised."""
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             work(job)
         return
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-convert") as pool:
-        pending = set()
+    it = iter(jobs)
+    lock = threading.Lock()
+    failed: list = []
+
+    def loop():
         try:
-            for job in jobs:
-                pending.add(pool.submit(work, job))
-                if len(pending) >= workers * 2:      # bound memory: 2 chunks per worker
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        f.result()
-            for f in pending:
-                f.result()
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+            while not failed:
+                with lock:
+                    job = next(it, None)
+                if job is None:
+                    return
+                work(job)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            failed.append(exc)
+
+    threads = [threading.Thread(target=loop, name=f"qcow2-convert_{i}", daemon=True)
+               for i in range(min(workers, len(jobs)) - 1)]
+    for t in threads:
+        t.start()
+    try:
+        loop()                         # (an interrupt lands here: the others stop too)
+    finally:
+        for t in threads:
+            t.join()
+    if failed:
+        raise failed[0]
 
 
 def _parse_options(options) -> dict:
@@ -250,6 +283,7 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
                 jobs.extend((p, d, o, -n) for d, o, n in _chunks(p, CHUNK))
 
         tls = threading.local()
+        offload = [hasattr(os, "copy_file_range")]
 
         def work(job):
             p, d, o, n = job
@@ -263,8 +297,15 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
                 whole = tls.buf = memoryview(bytearray(CHUNK))
             mv = whole[:n]
             p.src.readinto(mv, o)
+            # plain data lying in a file: the kernel copies it (copy_file_range), the
+            # buffer only serves the zero scan (and the fallback)
+            src = None
+            if p.host is not None and offload[0]:
+                src = (p.host[0], p.host[1] + (o - p.off), offload)
             if sparse_size:
-                _write_sparse(fd, mv, d, sparse_size, kernels, zero_writes)
+                _write_sparse(fd, mv, d, sparse_size, kernels, zero_writes, src)
+            elif src is not None:
+                _copy_run(fd, mv, d, src)
             else:
                 _pwrite_all(fd, mv, d)
             if sync:
@@ -327,28 +368,65 @@ def _punch_or_zero(fd: int, off: int, n: int) -> None:
         pos += k
 
 
+_NO_OFFLOAD = None
+
+
+def _copy_run(fd: int, mv: memoryview, off: int, src) -> None:
+    """Write ``mv`` (the bytes at ``src``) at ``off``: by copy_file_range from
+    ``src = (fd, offset, state)`` when the kernel can, else from the buffer.  A
+    refusal turns offload off for the rest of the convert (``state[0]``)."""
+    global _NO_OFFLOAD
+    if src is not None and src[2][0]:
+        if _NO_OFFLOAD is None:
+            import errno
+            _NO_OFFLOAD = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                           errno.EBADF, errno.ETXTBSY, errno.EPERM}
+        sfd, soff, state = src
+        n = len(mv)
+        done = 0
+        try:
+            while done < n:
+                k = os.copy_file_range(sfd, fd, n - done, soff + done, off + done)
+                if k == 0:                   # past the source's end: the buffer has zeros
+                    break
+                done += k
+        except OSError as exc:
+            if exc.errno not in _NO_OFFLOAD:
+                raise
+            state[0] = False
+        if done >= n:
+            return
+        _pwrite_all(fd, mv[done:], off + done)
+        return
+    _pwrite_all(fd, mv, off)
+
+
 def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
-                  explicit_zeros: bool = False) -> None:
-    """Write the non-zero blocks of ``mv`` (aligned to ``block`` in output terms)."""
+                  explicit_zeros: bool = False, src=None) -> None:
+    """Write the non-zero blocks of ``mv`` (aligned to ``block`` in output terms);
+    ``src`` (fd, offset, state): where ``mv``'s bytes lie in a file, to copy them
+    with copy_file_range."""
     n = len(mv)
     head = (-off) % block
     if head:
         head = min(head, n)
         if explicit_zeros or not kernels.is_zero(mv[:head]):
-            _pwrite_all(fd, mv[:head], off)
+            _copy_run(fd, mv[:head], off, src)
     body = mv[head:]
     if not len(body):
         return
-    zl = kernels.zero_blocks(body, block).tolist()
+    flags = kernels.zero_blocks(body, block).tobytes()     # 1: an all-zero block
+    nb = len(flags)
     i = 0
-    nb = len(zl)
     while i < nb:
-        j = i + 1
-        while j < nb and zl[j] == zl[i]:
-            j += 1
+        zero = flags[i]
+        j = flags.find(0 if zero else 1, i)
+        if j < 0:
+            j = nb
         a, b = i * block, min(j * block, len(body))
-        if not zl[i]:
-            _pwrite_all(fd, body[a:b], off + head + a)
+        if not zero:
+            _copy_run(fd, body[a:b], off + head + a,
+                      None if src is None else (src[0], src[1] + head + a, src[2]))
         elif explicit_zeros:
             _punch_or_zero(fd, off + head + a, b - a)
         i = j
@@ -386,6 +464,7 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             create(tmp, size, format="qcow2", backing_file=backing_file,
                    backing_format=backing_format, **opts)
             out = open_image(tmp, "r+", format="qcow2")
+            out.set_unordered()      # invisible until renamed: one sync at the end
         _fill_qcow2(images, out, size, compress=compress, sparse_size=sparse_size,
                     workers=workers, progress=progress,
                     top_only=backing_file is not None,
