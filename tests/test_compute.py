@@ -58,6 +58,8 @@ def images(tmp_path_factory):
     content = d / "content"
     content.mkdir()
     (content / "hello").write_bytes(os.urandom(3 * MiB))
+    (content / "etc" / "conf.d").mkdir(parents=True)
+    (content / "etc" / "conf.d" / "motd").write_text("a small tree\n" * 100)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(content), str(raw)],
                    check=True)
     qc = d / "img.qcow2"
@@ -615,6 +617,9 @@ def test_qcow2_disk_fs_grown(compute, tmp_path, images, monkeypatch, force_raw, 
     got = subprocess.run(["debugfs", "-R", "cat /hello", raw], stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL).stdout
     assert got == (images["dir"] / "content" / "hello").read_bytes()
+    got = subprocess.run(["debugfs", "-R", "cat /etc/conf.d/motd", raw], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL).stdout
+    assert got == (images["dir"] / "content" / "etc" / "conf.d" / "motd").read_bytes()
     # byte for byte what e2fsck + resize2fs make of the image grown as a raw file
     ref = str(tmp_path / "ref.raw")
     shutil.copy(images["raw"], ref)
