@@ -671,6 +671,44 @@ def test_qcow2_disk_fs_grow_skipped(compute, tmp_path, images):
 
 @needs_qemu
 @needs_mkfs
+@pytest.mark.parametrize("fs", ["ext4", "ext3"])
+def test_qcow2_disk_fs_grow_space_estimate(compute, tmp_path, fs, monkeypatch):
+    """The free space asked for is what growing can take -- not the root size: with
+    group checksums (ext4's default) a few MiB; an ext3's new inode tables are zeroed in
+    the working copy (but, being zeros, not written into the overlay)."""
+    import qcow2
+    from qcow2.compute import fetch, growfs
+    raw = str(tmp_path / "img.raw")
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run([f"mkfs.{fs}", "-q", "-F", "-b", "4096", raw], check=True)
+    with qcow2.open(raw) as img:
+        sb = growfs.read_ext_super(img)
+        data = sum(e.length for e in img.extents() if e.data and not e.zero)
+    assert sb.size == 64 * MiB and sb.block_size == 4096
+    assert sb.group_csum == (fs == "ext4")
+    need = growfs.space_needed(sb, 4 << 30, data, 65536)
+    itables = 31 * sb.inodes_per_group * sb.inode_size      # 31 new groups of 128 MiB
+    if fs == "ext4":
+        assert need < data + 64 * MiB
+    else:
+        assert data + itables < need < data + itables + 64 * MiB
+    o = make_opts(compute, tmp_path, images_type="qcow2", resize_fs_using_block_device=True)
+    compute.fetch_base(o, "img", raw)
+    seen = []
+    monkeypatch.setattr(fetch, "free_space", lambda p: seen.append(p) or need)
+    res = compute.spawn(o, UUID1, "img", raw, 4 << 30, disk_format="raw")
+    assert res["disks"]["disk"]["fs_grown"]["written"] < 8 * MiB
+    assert seen == [os.path.join(o.instances_path, UUID1)]
+    monkeypatch.undo()
+    out = _guest_raw(res["disks"]["disk"]["path"], tmp_path)
+    subprocess.run(["e2fsck", "-fn", out], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    assert _fs_blocks(out) == 4 << 30
+
+
+@needs_qemu
+@needs_mkfs
 def test_qcow2_disk_fs_grow_failures_leave_nothing(compute, tmp_path, images, monkeypatch):
     from qcow2.compute import fetch, growfs
     o = make_opts(compute, tmp_path, images_type="qcow2", resize_fs_using_block_device=True)

@@ -155,7 +155,7 @@ def _file_disk(opts, base: str, base_fmt: str, path: str, size: int, grow: bool,
             old = virtual_size(base)
             if size > old:                       # nova: only when the disk was extended
                 from .growfs import grow_qcow2_fs
-                res = grow_qcow2_fs(path, old_size=old)
+                res = grow_qcow2_fs(path)
                 if stats is not None and res is not None:
                     stats.update(res)
         if space:

@@ -26,21 +26,71 @@ import errno
 import os
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 from .errors import ToolError
 from .fetch import check_space
 
 EXT_MAGIC = b"\x53\xef"
-EXT_MAGIC_OFFSET = 1024 + 56
 CHUNK = 4 << 20
 
 
+RO_COMPAT_GDT_CSUM = 0x10
+RO_COMPAT_METADATA_CSUM = 0x400
+INCOMPAT_64BIT = 0x80
+
+
+@dataclass(frozen=True)
+class ExtSuper:
+    """The few superblock fields the space estimate needs."""
+    block_size: int
+    blocks: int
+    blocks_per_group: int
+    inodes_per_group: int
+    inode_size: int
+    group_csum: bool       # new groups' inode tables are left uninitialised, not zeroed
+
+    @property
+    def size(self) -> int:
+        return self.blocks * self.block_size
+
+
+def read_ext_super(img) -> ExtSuper | None:
+    """The ext2/3/4 superblock at byte 1024 of the guest view of ``img`` (an unpartitioned
+    file system: a partitioned disk has its partition table there), or None."""
+    if img.size < 2048:
+        return None
+    sb = img.pread(1024, 1024)
+    if sb[56:58] != EXT_MAGIC:
+        return None
+    u32 = lambda off: int.from_bytes(sb[off:off + 4], "little")   # noqa: E731
+    log_bs, bpg, ipg = u32(0x18), u32(0x20), u32(0x28)
+    incompat, ro_compat = u32(0x60), u32(0x64)
+    inode_size = int.from_bytes(sb[0x58:0x5A], "little") if u32(0x4C) >= 1 else 128
+    blocks = u32(0x04) | ((u32(0x150) << 32) if incompat & INCOMPAT_64BIT else 0)
+    if log_bs > 6 or not bpg or not ipg or not 128 <= inode_size <= 65536 or not blocks:
+        return None                                  # not a superblock e2fsprogs would take
+    return ExtSuper(1024 << log_bs, blocks, bpg, ipg, inode_size,
+                    bool(ro_compat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM)))
+
+
+def space_needed(sb: ExtSuper, size: int, data: int, cluster: int) -> int:
+    """Free space growing ``sb`` to ``size`` bytes can take: the working copy (``data``
+    bytes of guest data, plus the new groups' bitmaps -- and their inode tables, which
+    resize2fs zeroes unless the file system has group checksums) and the clusters that
+    change in the overlay (a new group's bitmaps and descriptors touch at most a couple
+    of clusters), with 16 MiB to spare for each."""
+    group = sb.blocks_per_group * sb.block_size
+    groups = -(-max(0, size - sb.size) // group)
+    itables = 0 if sb.group_csum else groups * sb.inodes_per_group * sb.inode_size
+    working = data + itables + groups * 2 * sb.block_size + (16 << 20)
+    overlay = groups * 2 * cluster + (16 << 20)
+    return working + overlay
+
+
 def has_ext_fs(img) -> bool:
-    """True when the guest view of ``img`` starts with an ext2/3/4 superblock (the disk
-    is unpartitioned: a partition table would be there instead)."""
-    if img.size < EXT_MAGIC_OFFSET + 2:
-        return False
-    return img.pread(2, EXT_MAGIC_OFFSET) == EXT_MAGIC
+    """True when the guest view of ``img`` holds an unpartitioned ext2/3/4."""
+    return read_ext_super(img) is not None
 
 
 def _working_file(directory: str) -> int:
@@ -136,25 +186,23 @@ def _write_back(img, fd: int, ranges, cluster: int) -> int:
     return written
 
 
-def grow_qcow2_fs(path: str, *, old_size: int | None = None) -> dict | None:
+def grow_qcow2_fs(path: str) -> dict | None:
     """Grow the unpartitioned ext2/3/4 inside the qcow2 disk ``path`` to its virtual size.
 
-    ``old_size``: the size the file system was made for (the image's virtual size), for
-    the free-space estimate.  Returns None when there is no such file system, else
-    ``{"compared": bytes, "written": bytes}``.
+    Returns None when there is no such file system or it already fills the disk, else
+    ``{"compared": bytes, "written": bytes}`` (guest bytes compared, bytes written into
+    the overlay).
     """
     import qcow2
     with qcow2.open(path, force_share=True) as img:
-        if not has_ext_fs(img):
+        sb = read_ext_super(img)
+        if sb is None or img.size - sb.size < sb.block_size:
             return None
-        size = img.size
+        size, cluster = img.size, img.cluster_size
         data = sum(e.length for e in img.extents() if e.data and not e.zero)
-    # the working copy holds the guest data; resize2fs adds group metadata for the new
-    # space (inode tables, at most 1/64 of it with the default inode ratio, bitmaps,
-    # descriptors) and the changed clusters go into the overlay: a margin for each
-    growth = max(0, size - (old_size or 0)) // 32 + (16 << 20)
     directory = os.path.dirname(os.path.abspath(path))
-    check_space(directory, data + 2 * growth, f"growing the file system of {path}")
+    check_space(directory, space_needed(sb, size, data, cluster),
+                f"growing the file system of {path}")
     fd = _working_file(directory)
     try:
         os.ftruncate(fd, size)
