@@ -18,6 +18,7 @@ reference), which ``qemu-img check`` reports as leaks, never as corruption.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from . import constants as C
@@ -63,6 +64,7 @@ class WritableQcow2Image(Qcow2Image):
         self._closed = False
         self._marked_dirty = False
         self._unordered = False
+        self._offload = [True]         # copy_file_range works for this output (so far)
         self._l1_table()
         self._meta: dict[int, str] = {}
         self._build_meta()
@@ -170,9 +172,18 @@ class WritableQcow2Image(Qcow2Image):
             self.data_be.flush()
         self.be.flush()
 
-    def _write_data(self, data, host: int) -> None:
+    def _write_data(self, data, host: int, src=None) -> None:
+        """Write guest data at ``host``; ``src`` (fd, offset, state): the same bytes lie
+        in that file, copy them in the kernel (copy_file_range) while ``state[0]``."""
         if self.data_be is self.be:
             self._check_overlap(host, len(data), "guest data")
+        if src is not None and src[2][0]:
+            fd = getattr(self.data_be, "fd", None)
+            if isinstance(fd, int) and _copy_range(src[0], src[1], fd, host, len(data),
+                                                   src[2]):
+                if host + len(data) > self.file_size and self.data_be is self.be:
+                    self.file_size = host + len(data)
+                return
         self.data_be.pwrite(data, host)
         if self.data_be is self.be and host + len(data) > self.file_size:
             self.file_size = host + len(data)
@@ -249,8 +260,12 @@ class WritableQcow2Image(Qcow2Image):
         with self._lock:
             return super().readinto(buf, offset)
 
-    def pwrite(self, data, offset: int) -> int:
-        """Write ``data`` at guest ``offset`` (any alignment)."""
+    def pwrite(self, data, offset: int, *, source=None) -> int:
+        """Write ``data`` at guest ``offset`` (any alignment).
+
+        ``source``: optional ``(fd, file_offset)`` where exactly these bytes also lie
+        in a file; whole clusters may then be copied from there by the kernel
+        (copy_file_range) instead of from ``data`` (converters pass it)."""
         mv = memoryview(data).cast("B")
         n = len(mv)
         if offset < 0 or offset + n > self.size:
@@ -258,9 +273,12 @@ class WritableQcow2Image(Qcow2Image):
                              f"(size {self.size})")
         if not n:
             return 0
+        src = None
+        if source is not None and hasattr(os, "copy_file_range"):
+            src = (source[0], source[1] - offset, self._offload)   # minus: see _write
         with self._lock:
             self._mark_modified()
-            self._write(mv, offset)
+            self._write(mv, offset, src)
         return n
 
     def write_zeroes(self, offset: int, n: int) -> None:
@@ -481,7 +499,8 @@ class WritableQcow2Image(Qcow2Image):
     def _l1_span_end(self) -> int:
         return min(self.size + self.cluster_size, len(self._l1) << self._l2_span_bits)
 
-    def _write(self, mv: memoryview, offset: int) -> None:
+    def _write(self, mv: memoryview, offset: int, src=None) -> None:
+        """``src`` (fd, file offset of guest offset 0, state): see pwrite."""
         end = offset + len(mv)
         cbits = self.cluster_bits
         cs = self.cluster_size
@@ -505,7 +524,8 @@ class WritableQcow2Image(Qcow2Image):
                                 break
                             j += 1
                             stop = min(stop + cs, tend)
-                        self._write_data(mv[pos - offset:stop - offset], host0)
+                        self._write_data(mv[pos - offset:stop - offset], host0,
+                                         src and (src[0], src[1] + pos, src[2]))
                     else:
                         self._write_ext_in_place(table, toff, i, e, bm, mv, offset, pos, cend)
                     pos = stop
@@ -523,7 +543,8 @@ class WritableQcow2Image(Qcow2Image):
                         stop += cs
                     n = j - i + 1
                     host = self._alloc_data(n, cstart)
-                    self._write_data(mv[pos - offset:stop - offset], host)
+                    self._write_data(mv[pos - offset:stop - offset], host,
+                                     src and (src[0], src[1] + pos, src[2]))
                     for k in range(n):
                         old, oldb = self._entry(table, i + k)
                         self._set_entry(table, toff, i + k, (host + k * cs) | C.OFLAG_COPIED)
@@ -898,3 +919,29 @@ def _discard_all(img: WritableQcow2Image) -> None:
         end = min(len(img._l1) << img._l2_span_bits,
                   (img.size + img.cluster_size - 1) // img.cluster_size * img.cluster_size)
         img._discard_clusters(0, end, full=True)
+
+
+_NO_OFFLOAD = None
+
+
+def _copy_range(sfd: int, soff: int, dfd: int, doff: int, n: int, state) -> bool:
+    """copy_file_range n bytes; False (the caller writes them itself) when the kernel
+    cannot here, which turns offload off (``state[0]``), or the source ends early."""
+    global _NO_OFFLOAD
+    if _NO_OFFLOAD is None:
+        import errno
+        _NO_OFFLOAD = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                       errno.EBADF, errno.ETXTBSY, errno.EPERM}
+    done = 0
+    try:
+        while done < n:
+            k = os.copy_file_range(sfd, dfd, n - done, soff + done, doff + done)
+            if k == 0:
+                return False
+            done += k
+    except OSError as exc:
+        if exc.errno not in _NO_OFFLOAD:
+            raise
+        state[0] = False
+        return False
+    return True

@@ -552,12 +552,15 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
         write = [False] * ncl          # cluster holds bytes this convert must set
         keep = [False] * ncl           # cluster holds bytes left to the backing file
         known_zero = []                # cluster ranges [ka, kb) that read as zeros
+        hosted = []                    # plain data lying in a file: (a, b, fd, offset)
         ndata = 0
         for p, d, o, n in segs:
             seg = mv[d - w:d - w + n]
             if p.kind == DATA:
                 p.src.readinto(seg, o)
                 ndata += n
+                if p.host is not None and not compress:
+                    hosted.append((d - w, d - w + n, p.host[0], p.host[1] + (o - p.off)))
             elif p.kind == BACKING:
                 out.readinto(seg, d)   # what the new backing file shows there
             elif sparse_size:
@@ -603,7 +606,13 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
             while j < ncl and write[j] and not zero[j]:
                 j += 1
             if comp is None:
-                ops.append(("w", a, mv[k * cs:j * cs], None))
+                ra, rb = k * cs, min(j * cs, len(mv))
+                source = None
+                for ha, hb, fd, hoff in hosted:      # the whole run in one file range
+                    if ha <= ra and rb <= hb:
+                        source = (fd, hoff + (ra - ha))
+                        break
+                ops.append(("w", a, mv[ra:rb], source))
             else:
                 # one kernel call for the run of whole clusters, one for a short tail
                 whole = min(j, (end - w) // cs) - k
@@ -622,7 +631,7 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
         try:
             for op, a, x, y in ops:
                 if op == "w":
-                    out.pwrite(x, a)
+                    out.pwrite(x, a, source=y)
                     applied[0] += len(x)
                 elif op == "z":
                     out.write_zeroes(a, x)
