@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import subprocess
 
 import pytest
 
@@ -293,3 +294,25 @@ def test_bitmaps_ignored_when_the_autoclear_bit_is_clear(bimg):
     poke64(bimg, ext + 16, round_up(bimg.stat().st_size) + 4 * CS)
     with qcow2.open(bimg, untrusted=True) as im:
         assert im.pread(4, 0) == b"\x01" * 4
+
+
+@pytest.mark.parametrize("in_use", [False, True])
+def test_qemu_made_bitmap_images_pass(tmp_path, in_use):
+    """As the corpus makes them: an enabled and a disabled bitmap, writes recorded, and
+    (in_use) qemu-io killed while the image was open read-write: the bitmaps keep their
+    in-use flag.  Untrusted mode reads all of them as qemu-img does."""
+    import qcow2
+    p = tmp_path / "b.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", p, "4M")
+    qemu_img("bitmap", "--add", p, "bm0")
+    qemu_img("bitmap", "--add", "-g", "128k", "--disable", p, "bitmap-one")
+    qemu_io(p, "write -P 1 0 64k", "write -P 2 1M 192k", "write -z 2M 64k")
+    if in_use:
+        r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 65536 4096",
+                            "-c", "flush", "-c", "sigraise 9", str(p)], capture_output=True)
+        assert r.returncode == -9
+        assert any(e[3] & 1 for e in directory(p))
+    raw = tmp_path / "b.raw"
+    qemu_img("convert", "-U", "-O", "raw", p, raw)
+    with qcow2.open(p, untrusted=True) as im:
+        assert im.pread(im.size, 0) == raw.read_bytes()
