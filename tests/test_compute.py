@@ -208,18 +208,23 @@ class _Server:
                 if data is None:
                     self.send_error(404)
                     return
-                if route == "chunked":                   # no Content-Length
+                if route in ("chunked", "chunkdrop"):    # no Content-Length
                     self.protocol_version = "HTTP/1.1"
                     self.send_response(200)
                     self.send_header("Transfer-Encoding", "chunked")
                     self.send_header("Connection", "close")
                     self.end_headers()
+                    # chunkdrop: the connection closes half-way, without the last chunk
+                    end = len(data) // 2 if route == "chunkdrop" else len(data)
                     try:
-                        for i in range(0, len(data), 256 * 1024):
-                            piece = data[i:i + 256 * 1024]
+                        for i in range(0, end, 256 * 1024):
+                            piece = data[i:min(end, i + 256 * 1024)]
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                        self.wfile.write(b"0\r\n\r\n")
-                    except (BrokenPipeError, ConnectionResetError):
+                        if route == "chunked":
+                            self.wfile.write(b"0\r\n\r\n")
+                        self.wfile.flush()
+                        self.connection.shutdown(2)
+                    except (BrokenPipeError, ConnectionResetError, OSError):
                         pass
                     return
                 self.send_response(200)
@@ -300,6 +305,19 @@ def test_http_dropped_connection_leaves_nothing(compute, tmp_path, server, fmt):
         compute.fetch_base(o, "img", f"{server.base}/drop/img.{fmt}", disk_format=fmt,
                            timeout=10)
     assert leftovers(o.base_dir) == []
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_http_chunked_dropped_connection_leaves_nothing(compute, tmp_path, server, fmt):
+    """Without a Content-Length only the missing last chunk tells a cut body: refused."""
+    if f"img.{fmt}" not in server.files:
+        pytest.skip("qemu-img is not installed")
+    o = make_opts(compute, tmp_path)
+    with pytest.raises(compute.DownloadError):
+        compute.fetch_base(o, "img", f"{server.base}/chunkdrop/img.{fmt}", disk_format=fmt,
+                           timeout=10)
+    assert leftovers(o.base_dir) == []
+    assert _lock_is_free(o, compute.base_name("img"))
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
