@@ -78,6 +78,28 @@ def _plan(sources, *, top_only: bool):
         base += img.size
 
 
+def _data_total(images, top_only: bool, progress) -> int:
+    """Bytes of data to copy (for the progress percentage only: a metadata walk)."""
+    if progress is None:
+        return 0
+    return sum(p.n for p in _plan(images, top_only=top_only) if p.kind == DATA)
+
+
+def _first_two(jobs):
+    """(an iterator equal to ``jobs``, whether it has at least two items)."""
+    it = iter(jobs)
+    head = []
+    for job in it:
+        head.append(job)
+        if len(head) == 2:
+            break
+
+    def chained():
+        yield from head
+        yield from it
+    return chained(), len(head) == 2
+
+
 def _chunks(piece: _Piece, align: int):
     pos, end = piece.off, piece.off + piece.n
     delta = piece.dst - piece.off
@@ -108,7 +130,8 @@ def _run_ordered(jobs, compute, apply, workers: int, in_order: bool) -> None:
     this thread on each result, in submission order when ``in_order`` (qemu-img's
     default: the output's layout follows the guest order), else as results complete
     (``-W``).  At most two jobs per worker are in flight: memory stays bounded."""
-    if workers <= 1 or len(jobs) <= 1:
+    jobs, several = _first_two(jobs)
+    if workers <= 1 or not several:
         for job in jobs:
             apply(compute(job))
         return
@@ -139,7 +162,8 @@ def _run_pool(jobs, work, workers: int) -> None:
     """Run ``work(job)`` for every job on ``workers`` threads (this one included), in
     any order.  Each thread takes the next job itself: no futures, no feeding loop.
     The first exception stops every thread after its current job and is raised."""
-    if workers <= 1 or len(jobs) <= 1:
+    jobs, several = _first_two(jobs)
+    if workers <= 1 or not several:
         for job in jobs:
             work(job)
         return
@@ -159,7 +183,7 @@ def _run_pool(jobs, work, workers: int) -> None:
             failed.append(exc)
 
     threads = [threading.Thread(target=loop, name=f"qcow2-convert_{i}", daemon=True)
-               for i in range(min(workers, len(jobs)) - 1)]
+               for i in range(workers - 1)]
     for t in threads:
         t.start()
     try:
@@ -270,17 +294,19 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
             target_is_zero) -> None:
     from .. import kernels
 
-    pieces = list(_plan(images, top_only=False))
-    prog = _Progress(sum(p.n for p in pieces if p.kind == DATA), progress)
+    prog = _Progress(_data_total(images, False, progress), progress)
 
     def copy(fd: int, zero_writes: bool):
-        # (sync: the output will be flushed at the end: start writing back early)
-        jobs = []
-        for p in pieces:
-            if p.kind == DATA:
-                jobs.extend((p, d, o, n) for d, o, n in _chunks(p, CHUNK))
-            elif zero_writes:
-                jobs.extend((p, d, o, -n) for d, o, n in _chunks(p, CHUNK))
+        # Jobs are generated as the workers take them: memory does not grow with
+        # the image (a map can have millions of extents).
+        def jobs():
+            for p in _plan(images, top_only=False):
+                if p.kind == DATA:
+                    for d, o, n in _chunks(p, CHUNK):
+                        yield p, d, o, n
+                elif zero_writes:
+                    for d, o, n in _chunks(p, CHUNK):
+                        yield p, d, o, -n
 
         tls = threading.local()
         offload = [hasattr(os, "copy_file_range")]
@@ -314,7 +340,7 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
 
         if progress is not None:
             progress(0.0)
-        _run_pool(jobs, work, workers)
+        _run_pool(jobs(), work, workers)
 
     if no_create:
         try:
@@ -515,13 +541,13 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
     from .. import kernels
 
     cs = out.cluster_size
-    pieces = list(_plan(images, top_only=top_only))
-    prog = _Progress(sum(p.n for p in pieces if p.kind == DATA), progress)
+    prog = _Progress(_data_total(images, top_only, progress), progress)
     if progress is not None:
         progress(0.0)
     window = max(cs, CHUNK // cs * cs)
-    jobs = [(w, segs) for w, segs in _windows(pieces, window)
-            if any(p.kind == DATA or (p.kind == ZERO and zero_writes) for p, *_ in segs)]
+    # generated as the work goes (bounded memory whatever the map's size)
+    jobs = ((w, segs) for w, segs in _windows(_plan(images, top_only=top_only), window)
+            if any(p.kind == DATA or (p.kind == ZERO and zero_writes) for p, *_ in segs))
     tls = threading.local()
 
     def compressor():
