@@ -37,7 +37,7 @@ import errno
 import os
 import stat
 import struct
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from . import constants as C
 from ._atomic import AtomicOutput
@@ -203,16 +203,33 @@ def parse_size_arg(size) -> int:
 
 # -- the generic stage ----------------------------------------------------------------------
 
-@dataclass
 class CreateRequest:
-    """A creation request that passed qemu-img's generic checks (see :func:`prepare`)."""
+    """A creation request that passed qemu-img's generic checks (see :func:`prepare`).
 
-    path: str
-    format: str
-    size: int                                   # as requested (not yet rounded)
-    options: dict = field(default_factory=dict)  # parsed values of the options given
-    shown: dict = field(default_factory=dict)    # option -> text for the Formatting line
-    cluster_size_given: bool = False
+    (Plain classes and namedtuples here rather than dataclasses: importing
+    ``dataclasses`` costs every ``create`` process ~20 ms.)"""
+
+    __slots__ = ("path", "format", "size", "options", "shown", "cluster_size_given")
+
+    def __init__(self, path: str, format: str, size: int, options: dict | None = None,
+                 shown: dict | None = None, cluster_size_given: bool = False):
+        self.path = path
+        self.format = format
+        self.size = size                        # as requested (not yet rounded)
+        self.options = {} if options is None else options  # parsed values of the options
+        self.shown = {} if shown is None else shown  # option -> text for the Formatting line
+        self.cluster_size_given = cluster_size_given
+
+    def __repr__(self) -> str:
+        return (f"CreateRequest(path={self.path!r}, format={self.format!r}, "
+                f"size={self.size!r}, options={self.options!r})")
+
+    def __eq__(self, other):
+        if not isinstance(other, CreateRequest):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
 
     def formatting_line(self) -> str:
         """The line qemu-img 7.2 prints before creating the image (same keys, same order)."""
@@ -372,25 +389,14 @@ def create(path, size=None, *, format: str = "qcow2", backing_file=None, backing
 
 # -- the qcow2 driver stage -------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Qcow2Spec:
-    """Validated, final parameters of a qcow2 image to create."""
+class Qcow2Spec(namedtuple("Qcow2Spec", (
+        "path size requested_size version cluster_bits refcount_order extended_l2 "
+        "lazy_refcounts compression_type preallocation backing_file backing_format "
+        "data_file data_file_raw cluster_size_given"))):
+    """Validated, final parameters of a qcow2 image to create (immutable): ``size`` is
+    the virtual size, a multiple of 512; ``requested_size`` as asked."""
 
-    path: str
-    size: int                       # virtual size, a multiple of 512
-    requested_size: int
-    version: int
-    cluster_bits: int
-    refcount_order: int
-    extended_l2: bool
-    lazy_refcounts: bool
-    compression_type: int
-    preallocation: str
-    backing_file: str | None
-    backing_format: str | None
-    data_file: str | None
-    data_file_raw: bool
-    cluster_size_given: bool
+    __slots__ = ()
 
     @classmethod
     def from_request(cls, req: CreateRequest) -> "Qcow2Spec":
@@ -507,27 +513,18 @@ def _data_file_path(image_path: str, name: str) -> str:
 
 # -- layout -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Qcow2Layout:
-    """Where everything goes; all offsets in bytes, counts in clusters."""
+class Qcow2Layout(namedtuple("Qcow2Layout", (
+        "cluster_bits refcount_order l2_entry_size l1_size l1_offset l1_clusters "
+        "reftable_offset reftable_clusters refblock_offset refblocks l2_offset l2_tables "
+        "data_offset data_clusters mapped_clusters total_clusters file_size"))):
+    """Where everything goes; all offsets in bytes, counts in clusters (immutable).
 
-    cluster_bits: int
-    refcount_order: int
-    l2_entry_size: int
-    l1_size: int                # entries
-    l1_offset: int              # 0 when l1_size is 0 (as QEMU writes it)
-    l1_clusters: int
-    reftable_offset: int
-    reftable_clusters: int
-    refblock_offset: int
-    refblocks: int
-    l2_offset: int
-    l2_tables: int
-    data_offset: int
-    data_clusters: int          # data clusters in the image file (0 with a data file)
-    mapped_clusters: int        # guest clusters mapped by the L2 tables
-    total_clusters: int         # clusters with refcount 1: [0, total_clusters)
-    file_size: int
+    ``l1_size`` counts entries; ``l1_offset`` is 0 when l1_size is 0 (as QEMU writes
+    it); ``data_clusters``: data clusters in the image file (0 with a data file);
+    ``mapped_clusters``: guest clusters mapped by the L2 tables; ``total_clusters``:
+    the clusters with refcount 1, [0, total_clusters)."""
+
+    __slots__ = ()
 
     @property
     def cluster_size(self) -> int:
