@@ -647,17 +647,28 @@ def test_cli_refusals_one_line(img, tmp_path):
 REGRESSIONS = ROOT / "tests" / "fuzz_regressions"
 
 
-def exercise(path):
+def exercise(path, deep=False):
     """What the fuzzer and the regression corpus do with an image: an untrusted open,
-    info, reads at the start, middle and end, the first extents.  Qcow2Error is the
-    only exception allowed out."""
+    info, reads at the start, middle and end, the first extents; ``deep`` adds
+    ``check(untrusted=True)`` and a sequential read of the whole disk (up to 256 MiB).
+    Qcow2Error is the only exception allowed out."""
     import qcow2
+    from qcow2 import Qcow2Error
     with qcow2.open(path, untrusted=True) as im:
         im.info()
         for off in (0, im.size // 2, max(0, im.size - CS)):
             im.pread(CS, off)
         for _i, _e in zip(range(200), im.extents()):
             pass
+    if deep:
+        try:
+            qcow2.check(path, untrusted=True)
+        except Qcow2Error:
+            pass
+        with qcow2.open(path, untrusted=True) as im, im.file() as f:
+            for _i in range(64):
+                if not f.read(4 << 20):
+                    break
 
 
 def save_regression(data: bytes) -> Path:
@@ -711,7 +722,8 @@ def test_fuzz_mutated_images(base, tmp_path):
     than a Qcow2Error, or a memory peak over 256 MiB, fails the test and the minimal
     failing input (hypothesis shrinks it, then replays it last) is written to
     tests/fuzz_regressions/ (see the README there; QCOW2_FUZZ_SAVE=0 turns that off).
-    QCOW2_FUZZ_EXAMPLES (default 200) and QCOW2_FUZZ_SEED run it longer or elsewhere."""
+    QCOW2_FUZZ_EXAMPLES (default 200) and QCOW2_FUZZ_SEED run it longer or elsewhere;
+    QCOW2_FUZZ_DEEP=1 also checks each image and reads all of it (about 5x slower)."""
     pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, note, seed, settings, strategies as st
     import tracemalloc
@@ -727,6 +739,7 @@ def test_fuzz_mutated_images(base, tmp_path):
                          st.sampled_from(["byte", "u64", "bit", "zero"]),
                          st.integers(0, 2 ** 64 - 1))
     fixed_seed = os.environ.get("QCOW2_FUZZ_SEED")
+    deep = os.environ.get("QCOW2_FUZZ_DEEP") == "1"
 
     @settings(max_examples=int(os.environ.get("QCOW2_FUZZ_EXAMPLES", "200")), deadline=None,
               derandomize=fixed_seed is None, suppress_health_check=list(HealthCheck),
@@ -737,7 +750,7 @@ def test_fuzz_mutated_images(base, tmp_path):
         target.write_bytes(data)
         tracemalloc.start()
         try:
-            exercise(target)
+            exercise(target, deep)
         except Qcow2Error:
             pass
         except BaseException:
