@@ -3,15 +3,16 @@
 ``qcow2.open(path, untrusted=True)`` opens exactly one file and, before the first guest
 read, walks every metadata structure of the image once (header fields, the refcount
 table, the active and every snapshot's L1 table, every L2 table those reach, the
-snapshot table, the refcount blocks, the bitmap directory and every bitmap table, with
-the bitmap data clusters they name) and refuses anything a hostile image could use to make a reader go
-astray: unaligned entries, reserved bits, references past the end of the file, host
-clusters referenced twice from one L1 table, L2 tables or data clusters that overlap
-other metadata (or each other), compressed descriptors that overrun the file, zero
-flags in a v2 image, extended-L2 subclusters that are both allocated and zero, bitmap
-directory entries QEMU would not load, and (unless the image is dirty) clusters in use
-whose refcount is 0.  Every table is charged against ``Limits.max_metadata`` before it
-is read (the snapshot table as it is read, from the open onwards).
+snapshot table, the refcount blocks, the bitmap directory and every bitmap table with
+the bitmap data clusters they name) and refuses anything a hostile image could use to
+make a reader go astray: unaligned entries, reserved bits, references past the end of
+the file, host clusters referenced twice from one L1 table, L2 tables or data clusters
+that overlap other metadata (or each other), compressed descriptors that overrun the
+file, zero flags in a v2 image, extended-L2 subclusters that are both allocated and
+zero, bitmap directory entries QEMU would not load, and (unless the image is dirty)
+clusters in use whose refcount is 0.  Every table is charged against
+``Limits.max_metadata`` before it is read (the snapshot table as it is read, from the
+open onwards).
 
 Plain corruption (a field that is malformed on its own) raises ``CorruptImageError``;
 aliasing and exceeded limits raise ``UnsafeImageError``.  Both carry ``offset`` (the
