@@ -26,15 +26,6 @@ def add_untrusted(p) -> None:
                         "check its format and scan all its metadata before reading")
 
 
-def vet_untrusted(filename, fmt, *, snapshot=None, force_share: bool = False) -> None:
-    """Open ``filename`` in untrusted mode (format checks, metadata scan) and close it:
-    for subcommands whose operation opens the image itself."""
-    import qcow2
-    with qcow2.open(filename, format=fmt, untrusted=True, snapshot=snapshot,
-                    force_share=force_share):
-        pass
-
-
 class ProgressPrinter:
     """qemu-img's progress line: "    (NN.NN/100%)" rewritten in place, printed only
     when it moved by at least one percent (and at 100)."""
