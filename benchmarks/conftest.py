@@ -97,9 +97,9 @@ def _fill(path: Path, size: int, holes: bool = True, zeros: bool = True) -> None
                 f.write(bytes(chunk))        # explicit zeros (data region, all zero)
 
 
-def _qcow2_versions(raw: Path, d: Path, prefix: str = "") -> None:
+def _qcow2_versions(raw: Path, d: Path) -> None:
     for name, opts in QCOW2_VARIANTS.items():
-        subprocess.run(QIMG + opts + [str(raw), str(d / f"{prefix}{name}.qcow2")], check=True)
+        subprocess.run(QIMG + opts + [str(raw), str(d / f"{name}.qcow2")], check=True)
 
 
 def _common(d: Path) -> None:
@@ -164,10 +164,43 @@ def _debootstrap() -> str:
         if p.returncode != 0 or exe is None:
             raise CannotBuild("debootstrap is missing and `apt-get install -y debootstrap` "
                               f"failed: {(p.stderr or p.stdout).strip()[-300:]}")
-    for tool in ("mkfs.ext4", "chroot"):
+    for tool in ("mkfs.ext4", "debugfs", "dumpe2fs", "chroot"):
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
             raise CannotBuild(f"{tool} is missing")
     return exe
+
+
+def _used_inodes(raw: Path) -> list[int]:
+    """In-use inode numbers of an ext4 image, from dumpe2fs' per-group free ranges."""
+    out = subprocess.run(["dumpe2fs", str(raw)], check=True, capture_output=True,
+                         text=True).stdout
+    count = per_group = 0
+    free: set[int] = set()
+    group_first = None
+    for line in out.splitlines():
+        s = line.strip()
+        if s.startswith("Inode count:"):
+            count = int(s.split(":")[1])
+        elif s.startswith("Inodes per group:"):
+            per_group = int(s.split(":")[1])
+        elif s.startswith("Group ") and per_group:
+            group_first = int(s.split()[1].rstrip(":")) * per_group + 1
+        elif s.startswith("Free inodes:") and group_first is not None:
+            for part in s.split(":", 1)[1].split(","):
+                part = part.strip()
+                if part:
+                    a, _, b = part.partition("-")
+                    free.update(range(int(a), int(b or a) + 1))
+    return [i for i in range(1, count + 1) if i not in free]
+
+
+def _pin_inode_times(raw: Path, env: dict) -> None:
+    """mkfs.ext4 -d copies each file's ctime (the time of our touch: now) and atime
+    (bumped by reading the tree); set both to EPOCH in every inode in use."""
+    cmds = "".join(f"sif <{i}> ctime @{EPOCH}\nsif <{i}> atime @{EPOCH}\n"
+                   for i in _used_inodes(raw) if i == 2 or i >= 11)
+    subprocess.run(["debugfs", "-w", "-f", "-", str(raw)], input=cmds, text=True, check=True,
+                   capture_output=True, env=dict(env, E2FSPROGS_FAKE_TIME=str(EPOCH)))
 
 
 def _build_debian(d: Path, work: Path) -> dict:
@@ -218,6 +251,7 @@ def _build_debian(d: Path, work: Path) -> dict:
                         "-E", f"hash_seed={HASH_SEED},root_owner=0:0",
                         "-d", str(target), str(raw)],
                        check=True, env=dict(env, E2FSPROGS_FAKE_TIME=str(EPOCH)))
+        _pin_inode_times(raw, env)
     finally:
         _remove_tree(target)
     _qcow2_versions(raw, d)
