@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 
 from . import constants as C
 from .cache import TableCache
@@ -65,6 +66,7 @@ class WritableQcow2Image(Qcow2Image):
         self._marked_dirty = False
         self._unordered = False
         self._offload = [True]         # copy_file_range works for this output (so far)
+        self._dtls = threading.local()  # per-thread deferred data writes (defer_data)
         self._l1_table()
         self._meta: dict[int, str] = {}
         self._build_meta()
@@ -154,6 +156,21 @@ class WritableQcow2Image(Qcow2Image):
             raise CorruptImageError(f"qcow2: Marking image as corrupt: {why}; further "
                                     f"writes are refused", what="metadata overlap")
 
+    def defer_data(self, pending: list | None) -> None:
+        """Queue this thread's guest-data writes in ``pending`` instead of performing
+        them (None: write directly again).  Allocation and table updates still happen
+        at once, in call order; the caller must then run ``write_pending(pending)``
+        -- outside the image lock, in parallel with other threads -- before any
+        flush, and must not read those clusters before.  Converters use it to keep
+        allocation in guest order while the data copies run on every core."""
+        self._dtls.pending = pending
+
+    def write_pending(self, pending: list) -> None:
+        """Perform writes queued by :meth:`defer_data` (any thread, no lock held)."""
+        for data, host, src in pending:
+            self._put_data(data, host, src)
+        pending.clear()
+
     def set_unordered(self) -> None:
         """For an output nobody sees until it is complete (convert's temporary file,
         renamed into place only after its final flush): metadata goes out without the
@@ -177,6 +194,16 @@ class WritableQcow2Image(Qcow2Image):
         in that file, copy them in the kernel (copy_file_range) while ``state[0]``."""
         if self.data_be is self.be:
             self._check_overlap(host, len(data), "guest data")
+        pending = getattr(self._dtls, "pending", None)
+        if pending is not None:
+            # deferred (see defer_data): the caller writes it outside the lock
+            pending.append((data, host, src))
+            if host + len(data) > self.file_size and self.data_be is self.be:
+                self.file_size = host + len(data)
+            return
+        self._put_data(data, host, src)
+
+    def _put_data(self, data, host: int, src=None) -> None:
         if src is not None and src[2][0]:
             fd = getattr(self.data_be, "fd", None)
             if isinstance(fd, int) and _copy_range(src[0], src[1], fd, host, len(data),

@@ -125,37 +125,64 @@ class _Progress:
         self.cb(pct)
 
 
-def _run_ordered(jobs, compute, apply, workers: int, in_order: bool) -> None:
-    """``compute`` runs in worker threads (reads, decodes, compresses); ``apply`` runs in
-    this thread on each result, in submission order when ``in_order`` (qemu-img's
-    default: the output's layout follows the guest order), else as results complete
-    (``-W``).  At most two jobs per worker are in flight: memory stays bounded."""
+def _run_sequenced(jobs, compute, apply, finish, workers: int, in_order: bool) -> None:
+    """Each of ``workers`` threads (this one included) takes the next job and runs
+    ``compute(job)`` (reads, decodes, compresses: in parallel), then ``apply(result)``
+    one thread at a time -- in job order when ``in_order`` (the output's allocation
+    follows the guest order, as qemu-img's does), else as results come -- then
+    ``finish(result)`` in parallel again (the data copies).  The first exception stops
+    every thread after its current step and is raised here."""
     jobs, several = _first_two(jobs)
     if workers <= 1 or not several:
         for job in jobs:
-            apply(compute(job))
+            r = compute(job)
+            apply(r)
+            finish(r)
         return
-    from collections import deque
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-convert") as pool:
-        pending: deque = deque()
+    it = iter(jobs)
+    take = threading.Lock()
+    turn = threading.Condition()
+    state = {"seq": 0, "next": 0}
+    failed: list = []
+
+    def loop():
         try:
-            for job in jobs:
-                pending.append(pool.submit(compute, job))
-                while len(pending) >= workers * 2:
+            while not failed:
+                with take:
+                    job = next(it, None)
+                    if job is None:
+                        return
+                    mine = state["seq"]
+                    state["seq"] += 1
+                r = compute(job)
+                with turn:
                     if in_order:
-                        apply(pending.popleft().result())
-                    else:
-                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            pending.remove(f)
-                            apply(f.result())
-            while pending:
-                apply(pending.popleft().result())
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+                        while state["next"] != mine and not failed:
+                            turn.wait()
+                    if failed:
+                        return
+                    try:
+                        apply(r)
+                    finally:
+                        state["next"] += 1
+                        turn.notify_all()
+                finish(r)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            failed.append(exc)
+            with turn:
+                turn.notify_all()
+
+    threads = [threading.Thread(target=loop, name=f"qcow2-convert_{i}", daemon=True)
+               for i in range(workers - 1)]
+    for t in threads:
+        t.start()
+    try:
+        loop()
+    finally:
+        for t in threads:
+            t.join()
+    if failed:
+        raise failed[0]
 
 
 def _run_pool(jobs, work, workers: int) -> None:
@@ -648,28 +675,47 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
                     comps.append(comp.compress(bytes(tail) + bytes(cs - len(tail))))
                 ops.append(("c", a, comps, mv[k * cs:j * cs]))
             k = j
-        return buf, ops, ndata
+        return buf, ops, ndata, []
 
     applied = [0]
+    deferred = getattr(out, "_unordered", False)   # (see WritableQcow2Image.defer_data)
 
     def apply(result):
-        buf, ops, ndata = result
+        """Allocation and tables, one window at a time (in order unless -W); with a
+        temporary output the data copies are only queued, for finish()."""
+        buf, ops, ndata, pending = result
+        if deferred:
+            out.defer_data(pending)
         try:
             for op, a, x, y in ops:
                 if op == "w":
                     out.pwrite(x, a, source=y)
-                    applied[0] += len(x)
                 elif op == "z":
                     out.write_zeroes(a, x)
                 else:
-                    applied[0] += out.write_compressed_many(a, x, y)
+                    out.write_compressed_many(a, x, y)
         finally:
+            if deferred:
+                out.defer_data(None)
+
+    def finish(result):
+        """The window's data copies (in parallel across windows), then its buffer
+        goes back to the pool."""
+        buf, ops, ndata, pending = result
+        try:
+            out.write_pending(pending) if pending else None
+        finally:
+            n = sum(len(x) if op == "w" else 0 for op, _a, x, _y in ops)
             del ops
+            pending.clear()
             with bufs_lock:
                 free_bufs.append(buf)
-        if applied[0] >= 64 << 20:           # let the disk work while we go on
-            applied[0] = 0
+                applied[0] += n or ndata
+                kick = applied[0] >= 64 << 20
+                if kick:
+                    applied[0] = 0
+        if kick:                             # let the disk work while we go on
             start_writeback(out.be.fd)
         prog.add(ndata)
 
-    _run_ordered(jobs, compute, apply, workers, in_order=not out_of_order)
+    _run_sequenced(jobs, compute, apply, finish, workers, in_order=not out_of_order)
