@@ -662,7 +662,8 @@ class Qcow2Image(Image):
         if buf is None or len(buf) < n:
             if n > 8 << 20:                     # (rare, big clusters): not kept
                 return memoryview(bytearray(n))
-            buf = self._tls.src = memoryview(bytearray(max(n, 1 << 20)))
+            from ._atomic import io_buffer
+            buf = self._tls.src = io_buffer(max(n, 1 << 20))
         return buf[:n]
 
     def _read_compressed(self, mv: memoryview, offset: int, batch) -> None:

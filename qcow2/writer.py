@@ -65,6 +65,7 @@ class WritableQcow2Image(Qcow2Image):
         self._closed = False
         self._marked_dirty = False
         self._unordered = False
+        self._durable = True
         self._offload = [True]         # copy_file_range works for this output (so far)
         self._dtls = threading.local()  # per-thread deferred data writes (defer_data)
         self._l1_table()
@@ -171,13 +172,15 @@ class WritableQcow2Image(Qcow2Image):
             self._put_data(data, host, src)
         pending.clear()
 
-    def set_unordered(self) -> None:
+    def set_unordered(self, *, durable: bool = True) -> None:
         """For an output nobody sees until it is complete (convert's temporary file,
         renamed into place only after its final flush): metadata goes out without the
         ordering syncs between stages, and cache-pressure flushes do not sync at all;
         ``flush()`` ends with one sync that makes everything durable.  A crash before
-        that leaves a temporary file that is thrown away, never an image in use."""
+        that leaves a temporary file that is thrown away, never an image in use.
+        ``durable=False`` (convert ``-t unsafe``): no sync at all."""
         self._unordered = True
+        self._durable = durable
 
     def _stage_sync(self) -> None:
         """The sync between two stages of an ordered flush."""
@@ -185,6 +188,8 @@ class WritableQcow2Image(Qcow2Image):
             self._sync()
 
     def _sync(self) -> None:
+        if not self._durable:
+            return
         if self.data_be is not self.be:
             self.data_be.flush()
         self.be.flush()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .._atomic import AtomicOutput, fsync_dir, start_writeback
+from .._atomic import AtomicOutput, fsync_dir, io_buffer, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 
 CHUNK = 4 * 1024 * 1024
@@ -347,7 +347,7 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
             # page fault per 4 KiB (readinto fills all of it, holes included)
             whole = getattr(tls, "buf", None)
             if whole is None:
-                whole = tls.buf = memoryview(bytearray(CHUNK))
+                whole = tls.buf = io_buffer(CHUNK)
             mv = whole[:n]
             p.src.readinto(mv, o)
             # plain data lying in a file: the kernel copies it (copy_file_range), the
@@ -517,7 +517,8 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             create(tmp, size, format="qcow2", backing_file=backing_file,
                    backing_format=backing_format, **opts)
             out = open_image(tmp, "r+", format="qcow2")
-            out.set_unordered()      # invisible until renamed: one sync at the end
+            # invisible until renamed: one sync at the end (none with -t unsafe)
+            out.set_unordered(durable=sync)
         _fill_qcow2(images, out, size, compress=compress, sparse_size=sparse_size,
                     workers=workers, progress=progress,
                     top_only=backing_file is not None,
@@ -593,7 +594,7 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
         with bufs_lock:
             if free_bufs:
                 return free_bufs.pop()
-        return bytearray(window)
+        return io_buffer(window)
 
     def compute(job):
         """Read (and compress) one window; returns the writes it needs."""

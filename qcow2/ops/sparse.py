@@ -45,7 +45,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
     from typing import Callable
 
-from .._atomic import AtomicOutput, start_writeback
+from .._atomic import AtomicOutput, io_buffer, start_writeback
 from ..backends import FileBackend
 from ..errors import Qcow2Error
 
@@ -117,7 +117,7 @@ def _copy(be: FileBackend, fd: int, size: int, preallocate: bool, progress,
         pos, n = job
         buf = getattr(tls, "buf", None)
         if buf is None:
-            buf = tls.buf = memoryview(bytearray(CHUNK))
+            buf = tls.buf = io_buffer(CHUNK)
         chunk = buf[:n]
         got = be.readinto(chunk, pos)
         if got < n:                             # the source shrank: zeros, as a hole reads
