@@ -126,3 +126,30 @@ def io_buffer(n: int) -> memoryview:
     """
     import mmap
     return memoryview(mmap.mmap(-1, max(n, 1)))[:n]
+
+
+_NO_OFFLOAD = None
+
+
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> int:
+    """``copy_file_range`` n bytes, looping over short copies.  Returns the bytes
+    copied: n, fewer when the source ends first, or -1 when the kernel cannot copy
+    between these two files (other file system, block device, old kernel...): the
+    caller then writes the bytes itself, and should stop trying."""
+    global _NO_OFFLOAD
+    if _NO_OFFLOAD is None:
+        import errno
+        _NO_OFFLOAD = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                       errno.EBADF, errno.ETXTBSY, errno.EPERM}
+    done = 0
+    try:
+        while done < n:
+            k = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
+            if k == 0:
+                break
+            done += k
+    except OSError as exc:
+        if exc.errno not in _NO_OFFLOAD:
+            raise
+        return -1
+    return done

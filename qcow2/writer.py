@@ -23,6 +23,7 @@ import struct
 import threading
 
 from . import constants as C
+from ._atomic import copy_range
 from .cache import TableCache
 from .errors import CorruptImageError, Qcow2Error, ReadOnlyError, UnsupportedFeatureError
 from .image import Qcow2Image, _zero_fill
@@ -211,8 +212,11 @@ class WritableQcow2Image(Qcow2Image):
     def _put_data(self, data, host: int, src=None) -> None:
         if src is not None and src[2][0]:
             fd = getattr(self.data_be, "fd", None)
-            if isinstance(fd, int) and _copy_range(src[0], src[1], fd, host, len(data),
-                                                   src[2]):
+            got = copy_range(src[0], src[1], fd, host, len(data)) if isinstance(fd, int) \
+                else -1
+            if got < 0:
+                src[2][0] = False                # the kernel cannot: stop trying
+            if got == len(data):
                 if host + len(data) > self.file_size and self.data_be is self.be:
                     self.file_size = host + len(data)
                 return
@@ -951,29 +955,3 @@ def _discard_all(img: WritableQcow2Image) -> None:
         end = min(len(img._l1) << img._l2_span_bits,
                   (img.size + img.cluster_size - 1) // img.cluster_size * img.cluster_size)
         img._discard_clusters(0, end, full=True)
-
-
-_NO_OFFLOAD = None
-
-
-def _copy_range(sfd: int, soff: int, dfd: int, doff: int, n: int, state) -> bool:
-    """copy_file_range n bytes; False (the caller writes them itself) when the kernel
-    cannot here, which turns offload off (``state[0]``), or the source ends early."""
-    global _NO_OFFLOAD
-    if _NO_OFFLOAD is None:
-        import errno
-        _NO_OFFLOAD = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
-                       errno.EBADF, errno.ETXTBSY, errno.EPERM}
-    done = 0
-    try:
-        while done < n:
-            k = os.copy_file_range(sfd, dfd, n - done, soff + done, doff + done)
-            if k == 0:
-                return False
-            done += k
-    except OSError as exc:
-        if exc.errno not in _NO_OFFLOAD:
-            raise
-        state[0] = False
-        return False
-    return True

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .._atomic import AtomicOutput, fsync_dir, io_buffer, start_writeback
+from .._atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 
 CHUNK = 4 * 1024 * 1024
@@ -421,37 +421,20 @@ def _punch_or_zero(fd: int, off: int, n: int) -> None:
         pos += k
 
 
-_NO_OFFLOAD = None
-
-
 def _copy_run(fd: int, mv: memoryview, off: int, src) -> None:
     """Write ``mv`` (the bytes at ``src``) at ``off``: by copy_file_range from
     ``src = (fd, offset, state)`` when the kernel can, else from the buffer.  A
     refusal turns offload off for the rest of the convert (``state[0]``)."""
-    global _NO_OFFLOAD
+    done = 0
     if src is not None and src[2][0]:
-        if _NO_OFFLOAD is None:
-            import errno
-            _NO_OFFLOAD = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
-                           errno.EBADF, errno.ETXTBSY, errno.EPERM}
-        sfd, soff, state = src
-        n = len(mv)
-        done = 0
-        try:
-            while done < n:
-                k = os.copy_file_range(sfd, fd, n - done, soff + done, off + done)
-                if k == 0:                   # past the source's end: the buffer has zeros
-                    break
-                done += k
-        except OSError as exc:
-            if exc.errno not in _NO_OFFLOAD:
-                raise
-            state[0] = False
-        if done >= n:
+        done = copy_range(src[0], src[1], fd, off, len(mv))
+        if done < 0:
+            src[2][0] = False
+            done = 0
+        if done >= len(mv):
             return
-        _pwrite_all(fd, mv[done:], off + done)
-        return
-    _pwrite_all(fd, mv, off)
+    # the rest from the buffer (past the source's end it holds zeros)
+    _pwrite_all(fd, mv[done:], off + done)
 
 
 def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,

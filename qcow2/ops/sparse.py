@@ -36,7 +36,6 @@ The output is an anonymous file linked under ``dst`` only when complete and flus
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import threading
@@ -45,13 +44,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
     from typing import Callable
 
-from .._atomic import AtomicOutput, io_buffer, start_writeback
+from .._atomic import AtomicOutput, copy_range, io_buffer, start_writeback
 from ..backends import FileBackend
 from ..errors import Qcow2Error
 
 CHUNK = 4 << 20             # bytes read and scanned at a time
-_NO_OFFLOAD = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
-               errno.ETXTBSY, errno.EPERM}
 
 
 def sparse_copy(src, dst, preallocate: bool = False, *,
@@ -197,19 +194,7 @@ def _data_runs(kernels, chunk: memoryview, pos: int, block: int):
 def _offload(src_fd: int, dst_fd: int, offset: int, length: int) -> bool:
     """Copy with copy_file_range; False (nothing or part copied, the caller rewrites
     the whole run) when the kernel cannot do it for these files."""
-    done = 0
-    try:
-        while done < length:
-            k = os.copy_file_range(src_fd, dst_fd, length - done, offset + done,
-                                   offset + done)
-            if k == 0:                          # source shorter than expected
-                return False
-            done += k
-    except OSError as exc:
-        if exc.errno in _NO_OFFLOAD:
-            return False
-        raise
-    return True
+    return copy_range(src_fd, offset, dst_fd, offset, length) == length
 
 
 def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
