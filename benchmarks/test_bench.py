@@ -165,3 +165,35 @@ def test_library_reads(benchmark, corpus):
                 img.pread(4096, off)
         benchmark.pedantic(work, rounds=ROUNDS, iterations=1)
     benchmark.extra_info["what"] = "256 MiB sequential + 2000 random 4 KiB reads"
+
+
+@pytest.mark.parametrize("kind", ["plain", "zlib"])
+def test_reads_process(benchmark, corpus, kind, tmp_path):
+    """The same reads as test_library_reads, as whole processes on both sides: ours a
+    Python program over ``qcow2.open(...).pread``, theirs ``qemu-io -r`` with one
+    ``read`` command per request.  256 sequential 1 MiB reads, then 2000 random 4 KiB
+    reads (512-aligned: qemu-io's requirement)."""
+    import random
+
+    if shutil.which("qemu-io") is None:
+        pytest.skip("qemu-io is needed for this comparison")
+    path = str(corpus[kind])
+    import qcow2
+    with qcow2.open(path) as img:
+        size = img.size
+    rng = random.Random(1)
+    seq = [(off, 1 << 20) for off in range(0, min(size, 256 << 20), 1 << 20)]
+    rnd = [(rng.randrange(0, (size - 4096) // 512) * 512, 4096) for _ in range(2000)]
+    reqs = seq + rnd
+    plan = tmp_path / "reads.txt"
+    plan.write_text("".join(f"{o} {n}\n" for o, n in reqs))
+    prog = ("import sys, qcow2\n"
+            "img = qcow2.open(sys.argv[1])\n"
+            "for line in open(sys.argv[2]):\n"
+            "    o, n = map(int, line.split())\n"
+            "    img.pread(n, o)\n")
+    theirs = ["qemu-io", "-r", "-f", "qcow2"]
+    for o, n in reqs:
+        theirs += ["-c", f"read -q {o} {n}"]
+    _side_by_side(benchmark, [sys.executable, "-c", prog, path, str(plan)], theirs + [path])
+    benchmark.extra_info["what"] = "256 x 1 MiB sequential + 2000 x 4 KiB random preads"
