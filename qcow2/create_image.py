@@ -244,13 +244,14 @@ class CreateRequest:
                 parts.append(f"{name}={_QCOW2_SHOWN_DEFAULTS[name]}")
         return " ".join(parts)
 
-    def run(self) -> None:
-        """Validate the options as the format driver does, then write the image."""
+    def run(self, *, durable: bool = True) -> None:
+        """Validate the options as the format driver does, then write the image
+        (``durable=False``: without syncing it, for a caller that syncs it later)."""
         if self.format == "raw":
-            _create_raw(self)
+            _create_raw(self, durable)
         else:
             spec = Qcow2Spec.from_request(self)
-            _create_qcow2(spec)
+            _create_qcow2(spec, durable)
 
 
 def prepare(path, size=None, *, format: str = "qcow2", backing_file=None, backing_format=None,
@@ -775,7 +776,7 @@ def _write_error(exc: OSError, path: str, fmt: str, hint: bool) -> Qcow2Error:
     return err
 
 
-def _create_qcow2(spec: Qcow2Spec) -> None:
+def _create_qcow2(spec: Qcow2Spec, durable: bool = True) -> None:
     try:
         lay = qcow2_layout(spec.size, spec.cluster_bits, spec.refcount_order,
                            extended_l2=spec.extended_l2,
@@ -808,8 +809,8 @@ def _create_qcow2(spec: Qcow2Spec) -> None:
             except OSError as exc:
                 raise _write_error(exc, spec.path, "qcow2", spec.cluster_size_given) from None
             if data_out is not None:
-                data_out.commit(sync=True)
-            out.commit(sync=True)
+                data_out.commit(sync=durable)
+            out.commit(sync=durable)
     finally:
         if data_out is not None:
             data_out.close()
@@ -817,7 +818,7 @@ def _create_qcow2(spec: Qcow2Spec) -> None:
 
 # -- raw ----------------------------------------------------------------------------------
 
-def _create_raw(req: CreateRequest) -> None:
+def _create_raw(req: CreateRequest, durable: bool = True) -> None:
     prealloc = req.options.get("preallocation", "off")
     if prealloc == "metadata":
         raise InvalidOptionError("Unsupported preallocation mode: metadata")
@@ -831,7 +832,7 @@ def _create_raw(req: CreateRequest) -> None:
             _allocate_data(out.fd, 0, size, prealloc)
         except OSError as exc:
             raise _write_error(exc, req.path, "raw", False) from None
-        out.commit(sync=True)
+        out.commit(sync=durable)
 
 
 __all__ = ["create", "prepare", "CreateRequest", "Qcow2Spec", "Qcow2Layout", "qcow2_layout",

@@ -481,7 +481,7 @@ def _pwrite_all(fd: int, mv: memoryview, off: int) -> None:
 def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, progress,
               no_create, target_is_zero, backing_file, backing_format,
               out_of_order=False) -> None:
-    from ..create_image import create
+    from ..create_image import prepare
     from ..image import open_image
 
     tmp = None
@@ -497,8 +497,10 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             if backing_file is not None and not os.path.isabs(backing_file):
                 # the backing name is relative to DST's folder, which is tmp's folder too
                 pass
-            create(tmp, size, format="qcow2", backing_file=backing_file,
-                   backing_format=backing_format, **opts)
+            # not synced here: the output's final flush syncs everything before the
+            # rename makes it visible
+            prepare(tmp, size, format="qcow2", backing_file=backing_file,
+                    backing_format=backing_format, **opts).run(durable=False)
             out = open_image(tmp, "r+", format="qcow2")
             # invisible until renamed: one sync at the end (none with -t unsafe)
             out.set_unordered(durable=sync)
