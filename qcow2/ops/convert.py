@@ -128,10 +128,14 @@ class _Progress:
 def _run_sequenced(jobs, compute, apply, finish, workers: int, in_order: bool) -> None:
     """Each of ``workers`` threads (this one included) takes the next job and runs
     ``compute(job)`` (reads, decodes, compresses: in parallel), then ``apply(result)``
-    one thread at a time -- in job order when ``in_order`` (the output's allocation
-    follows the guest order, as qemu-img's does), else as results come -- then
-    ``finish(result)`` in parallel again (the data copies).  The first exception stops
-    every thread after its current step and is raised here."""
+    one at a time -- in job order when ``in_order`` (the output's allocation follows
+    the guest order, as qemu-img's does), else as results come -- then
+    ``finish(result)`` in parallel again (the data copies).
+
+    A result that is not next yet is parked and its thread goes on with another job;
+    whoever applies the next result applies the parked ones that follow it too.  At
+    most 2 x workers results wait (each holds a window buffer).  The first exception
+    stops every thread after its current step and is raised here."""
     jobs, several = _first_two(jobs)
     if workers <= 1 or not several:
         for job in jobs:
@@ -143,7 +147,9 @@ def _run_sequenced(jobs, compute, apply, finish, workers: int, in_order: bool) -
     take = threading.Lock()
     turn = threading.Condition()
     state = {"seq": 0, "next": 0}
+    parked: dict = {}
     failed: list = []
+    limit = 2 * workers
 
     def loop():
         try:
@@ -155,18 +161,27 @@ def _run_sequenced(jobs, compute, apply, finish, workers: int, in_order: bool) -
                     mine = state["seq"]
                     state["seq"] += 1
                 r = compute(job)
+                ready = []
                 with turn:
-                    if in_order:
-                        while state["next"] != mine and not failed:
-                            turn.wait()
                     if failed:
                         return
-                    try:
+                    if not in_order:
                         apply(r)
-                    finally:
-                        state["next"] += 1
-                        turn.notify_all()
-                finish(r)
+                        ready.append(r)
+                    else:
+                        parked[mine] = r
+                        try:
+                            while state["next"] in parked:
+                                nxt = parked.pop(state["next"])
+                                apply(nxt)
+                                ready.append(nxt)
+                                state["next"] += 1
+                        finally:
+                            turn.notify_all()
+                        while len(parked) >= limit and not failed:
+                            turn.wait()      # too far ahead: let the next one come
+                for x in ready:
+                    finish(x)
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             failed.append(exc)
             with turn:
@@ -183,6 +198,8 @@ def _run_sequenced(jobs, compute, apply, finish, workers: int, in_order: bool) -
             t.join()
     if failed:
         raise failed[0]
+    if parked:                               # (cannot happen: every job was applied)
+        raise RuntimeError("convert: results left unapplied")
 
 
 def _run_pool(jobs, work, workers: int) -> None:
