@@ -69,6 +69,7 @@ class WritableQcow2Image(Qcow2Image):
         self._durable = True
         self._offload = [True]         # copy_file_range works for this output (so far)
         self._dtls = threading.local()  # per-thread deferred data writes (defer_data)
+        self._copy_lock = threading.Lock()
         self._l1_table()
         self._meta: dict[int, str] = {}
         self._build_meta()
@@ -169,8 +170,9 @@ class WritableQcow2Image(Qcow2Image):
 
     def write_pending(self, pending: list) -> None:
         """Perform writes queued by :meth:`defer_data` (any thread, no lock held)."""
-        for data, host, src in pending:
-            self._put_data(data, host, src)
+        with self._copy_lock:     # (one copy at a time: see ops.convert._COPY_LOCK)
+            for data, host, src in pending:
+                self._put_data(data, host, src)
         pending.clear()
 
     def set_unordered(self, *, durable: bool = True) -> None:

@@ -438,13 +438,20 @@ def _punch_or_zero(fd: int, off: int, n: int) -> None:
         pos += k
 
 
+# In-kernel copies into one output file serialize on its inode lock anyway; taking
+# turns here makes the waiting thread sleep instead of spinning in the kernel
+# (perf: rwsem_spin_on_owner was 13 % of the CPU; 25 % less CPU, same wall time).
+_COPY_LOCK = threading.Lock()
+
+
 def _copy_run(fd: int, mv: memoryview, off: int, src) -> None:
     """Write ``mv`` (the bytes at ``src``) at ``off``: by copy_file_range from
     ``src = (fd, offset, state)`` when the kernel can, else from the buffer.  A
     refusal turns offload off for the rest of the convert (``state[0]``)."""
     done = 0
     if src is not None and src[2][0]:
-        done = copy_range(src[0], src[1], fd, off, len(mv))
+        with _COPY_LOCK:
+            done = copy_range(src[0], src[1], fd, off, len(mv))
         if done < 0:
             src[2][0] = False
             done = 0
