@@ -11,7 +11,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONSAFEPATH=1
 Q=.venv/bin/qcow2
-W=${DEMO_DIR:-$(mktemp -d -t qcow2-demo.XXXXXX)}
+if [ -n "${DEMO_DIR:-}" ]; then
+    W=$DEMO_DIR                      # kept for inspection
+else
+    W=$(mktemp -d -t qcow2-demo.XXXXXX)
+    trap 'rm -rf "$W"' EXIT          # set DEMO_DIR to keep the files
+fi
 mkdir -p "$W"
 echo "== building the sample disk in $W"
 .venv/bin/python scripts/make_sample.py "$W/sample.raw" >/dev/null

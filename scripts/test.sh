@@ -6,13 +6,29 @@ cd "$(dirname "$0")/.."
 export QCOW2_REQUIRE_NATIVE=1
 bash scripts/setup.sh
 export QCOW2_RUN_SLOW=${QCOW2_RUN_SLOW:-1}
-export QCOW2_CORPUS_DIR=${QCOW2_CORPUS_DIR:-$(mktemp -d -t qcow2-corpus.XXXXXX)}
+# Everything the run writes (corpus, pytest's temporary folders, qemu-img's oracle
+# outputs, anything else under TMPDIR) lives in one folder that is removed at the end,
+# pass or fail: runs must not fill a shared /tmp.  Passed tests' folders are removed as
+# they pass (pyproject.toml) and the oracle cache is capped, so the peak stays near the
+# corpus size plus ~1.5 GB.
+WORK=$(mktemp -d -t qcow2-test.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/tmp"
+export TMPDIR=$WORK/tmp
+export QCOW2_CORPUS_DIR=${QCOW2_CORPUS_DIR:-$WORK/corpus}
 # never import the source tree by accident: tests run against the installed package
 export PYTHONSAFEPATH=1
-export HYPOTHESIS_STORAGE_DIRECTORY=${TMPDIR:-/tmp}/qcow2-hypothesis
+export HYPOTHESIS_STORAGE_DIRECTORY=$WORK/hypothesis
+need_gb=6
+free_kb=$(df -Pk "$WORK" | awk 'NR == 2 {print $4}')
+if [ "$free_kb" -lt $(( need_gb * 1024 * 1024 )) ]; then
+    echo "WARNING: $(( free_kb / 1024 )) MiB free under $WORK; the suite needs about ${need_gb} GiB" >&2
+fi
 
 echo "== test suite, native kernels (QCOW2_IMPL=native)"
-QCOW2_IMPL=native .venv/bin/python -P -m pytest -q -ra "$@"
+QCOW2_IMPL=native .venv/bin/python -P -m pytest -q -ra --basetemp "$WORK/pytest-native" "$@"
+rm -rf "$WORK/pytest-native" "$WORK/tmp" && mkdir -p "$WORK/tmp"
 
 echo "== test suite, pure-Python kernels (QCOW2_IMPL=python, fast subset)"
-QCOW2_IMPL=python QCOW2_REQUIRE_NATIVE=0 QCOW2_RUN_SLOW=0 .venv/bin/python -P -m pytest -q -ra -m "not slow" "$@"
+QCOW2_IMPL=python QCOW2_REQUIRE_NATIVE=0 QCOW2_RUN_SLOW=0 .venv/bin/python -P -m pytest -q -ra -m "not slow" \
+    --basetemp "$WORK/pytest-python" "$@"

@@ -33,7 +33,11 @@ QEMU_IMG = shutil.which("qemu-img")
 TIMEOUT = 600
 
 _cache_dir: Path | None = None
-_raw_cache: dict[tuple, Path] = {}
+_raw_cache: dict[tuple, Path] = {}          # insertion order = least recently used first
+# disk the cached raw files may hold (allocated bytes); the least recently used are
+# removed past it, so a whole run's oracle outputs never pile up on a small /tmp
+CACHE_LIMIT = int(os.environ.get("QCOW2_ORACLE_CACHE_MB", "1024")) << 20
+_KEEP_RECENT = 8                            # never evict the newest few (callers hold paths)
 _sha_cache: dict[Path, str] = {}
 _lock = threading.Lock()
 
@@ -84,7 +88,9 @@ def raw_path(path, fmt: str | None = None, snapshot: str | None = None) -> Path:
     qemu resolves as an id first, then as a name).  Sparse; cached per session."""
     key = (_identity(path), fmt, snapshot)
     with _lock:
-        hit = _raw_cache.get(key)
+        hit = _raw_cache.pop(key, None)
+        if hit is not None:
+            _raw_cache[key] = hit           # most recently used again
     if hit is not None and hit.exists():
         return hit
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
@@ -100,7 +106,29 @@ def raw_path(path, fmt: str | None = None, snapshot: str | None = None) -> Path:
     os.replace(tmp, out)
     with _lock:
         _raw_cache[key] = out
+        _evict_locked()
     return out
+
+
+def _evict_locked() -> None:
+    """Drop least recently used raw files while the cache holds more than its limit."""
+    sizes = {}
+    for k, p in _raw_cache.items():
+        try:
+            sizes[k] = os.stat(p).st_blocks * 512
+        except OSError:
+            sizes[k] = 0
+    total = sum(sizes.values())
+    for k in list(_raw_cache)[:-_KEEP_RECENT]:
+        if total <= CACHE_LIMIT:
+            break
+        p = _raw_cache.pop(k)
+        _sha_cache.pop(p, None)
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+        total -= sizes[k]
 
 
 def raw_bytes(path, fmt: str | None = None, snapshot: str | None = None) -> bytes:
