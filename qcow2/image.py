@@ -40,6 +40,9 @@ ST_ALLOCATED = 8
 
 _ZEROS = memoryview(bytes(1 << 20))
 _HOST_KINDS = (C.KIND_DATA, C.KIND_ZERO_ALLOC, C.KIND_UNALLOC_ALLOC)
+# any bit but COPIED and the offset: not a plain data entry (compressed, zero, reserved)
+_NOT_PLAIN_DATA = ~(C.L2E_OFFSET_MASK | C.OFLAG_COPIED) & 0xFFFFFFFFFFFFFFFF
+_unpack_u64 = struct.Struct(">Q").unpack_from
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 
 
@@ -417,6 +420,8 @@ class Qcow2Image(Image):
         self._l2_entries = 1 << h.l2_bits
         self._l2_span_bits = h.cluster_bits + h.l2_bits
         self._unit_shift = h.cluster_bits - (5 if h.extended_l2 else 0)
+        # reads within one cluster of a plain L2 entry skip the run decoder
+        self._fast_reads = not h.extended_l2 and not h.has_data_file
         self._l1: list[int] | None = None
         self._l1_offset = h.l1_table_offset
         self._l1_entries = h.l1_size
@@ -627,9 +632,45 @@ class Qcow2Image(Image):
                 f"{'LUKS' if self.header.crypt_method == C.CRYPT_LUKS else 'AES'} encryption)",
                 feature="encryption")
 
+    def _one_cluster(self, offset: int):
+        """Fast path for reads inside one cluster (random 4 KiB reads): the host offset
+        of ``offset`` for a plain data entry, -1 for an unallocated one, None for any
+        other entry (zero flags, compressed, reserved bits, ...: the kernel decodes
+        those, with its checks)."""
+        l1 = self._l1
+        if l1 is None:
+            l1 = self._l1_table()
+        idx = offset >> self._l2_span_bits
+        if idx >= len(l1):
+            return None
+        l2_off = l1[idx] & C.L1E_OFFSET_MASK
+        if not l2_off:
+            return -1
+        table = self._l2_table(idx, l2_off)
+        entry = _unpack_u64(table, ((offset >> self.cluster_bits) & (self._l2_entries - 1)) << 3)[0]
+        if not entry:
+            return -1
+        cmask = self.cluster_size - 1
+        if entry & _NOT_PLAIN_DATA or not entry & C.L2E_OFFSET_MASK or entry & cmask:
+            return None
+        return (entry & C.L2E_OFFSET_MASK) + (offset & cmask)
+
     def _read(self, mv: memoryview, offset: int) -> None:
         self._require_readable()
-        end = offset + len(mv)
+        n = len(mv)
+        end = offset + n
+        if (self._fast_reads and (offset >> self.cluster_bits) == ((end - 1) >> self.cluster_bits)):
+            host = self._one_cluster(offset)
+            if host is not None:
+                if host >= 0:
+                    got = self.data_be.readinto(mv, host)
+                    if got < n:
+                        _zero_fill(mv[got:])
+                elif self.backing is None:
+                    _zero_fill(mv)
+                else:
+                    self.backing._read_clipped(mv, offset)
+                return
         batch: list[tuple[int, int, int, int]] = []
         for a, n, kind, host, csize in self._runs(offset, end):
             dst = mv[a - offset:a - offset + n]
