@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import struct
 import subprocess
 
 import pytest
@@ -16,25 +15,12 @@ import oracle
 pytestmark = pytest.mark.skipif(not shutil.which("qemu-img") or not shutil.which("qemu-io"),
                                 reason="qemu-img/qemu-io not installed")
 
-CS = 65536
-COPIED = 1 << 63
+from imgbytes import CS, COPIED, poke64, u64
 
 
 def run(*args):
     r = subprocess.run([str(a) for a in args], capture_output=True)
     assert r.returncode == 0, r.stderr.decode()
-
-
-def u64(path, off):
-    with open(path, "rb") as f:
-        f.seek(off)
-        return struct.unpack(">Q", f.read(8))[0]
-
-
-def poke64(path, off, v):
-    with open(path, "r+b") as f:
-        f.seek(off)
-        f.write(struct.pack(">Q", v))
 
 
 def l2_off(path):

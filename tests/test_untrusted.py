@@ -14,62 +14,13 @@ import zlib
 from pathlib import Path
 
 import pytest
+from imgbytes import (CS, COPIED, l1_off, l2_off, poke, poke64, qemu_img,  # noqa: F401
+                      qemu_io, reftable_off, round_up, u32, u64)
 
 pytestmark = pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("qemu-io")),
                                 reason="qemu-img/qemu-io not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
-CS = 65536
-COPIED = 1 << 63
-
-
-def qemu_img(*args):
-    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
-
-
-def qemu_io(path, *cmds, fmt="qcow2"):
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    subprocess.run(argv + [str(path)], check=True, capture_output=True)
-
-
-def u64(path, off):
-    with open(path, "rb") as f:
-        f.seek(off)
-        return struct.unpack(">Q", f.read(8))[0]
-
-
-def u32(path, off):
-    with open(path, "rb") as f:
-        f.seek(off)
-        return struct.unpack(">I", f.read(4))[0]
-
-
-def poke(path, off, data):
-    with open(path, "r+b") as f:
-        f.seek(off)
-        f.write(data)
-
-
-def poke64(path, off, v):
-    poke(path, off, struct.pack(">Q", v))
-
-
-def l1_off(p):
-    return u64(p, 0x28)
-
-
-def l2_off(p, i=0):
-    return u64(p, l1_off(p) + 8 * i) & 0x00FFFFFFFFFFFE00
-
-
-def reftable_off(p):
-    return u64(p, 0x30)
-
-
-def round_up(n, a=CS):
-    return (n + a - 1) // a * a
 
 
 def move_l1(p, n):
