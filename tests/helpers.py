@@ -1,8 +1,11 @@
-"""Small helpers shared by the operation tests (qemu-img oracles and our CLI)."""
+"""Small helpers shared by the tests: qemu-img oracles and our CLI; byte-level pokes
+for tests that build an image with qemu-img and then change single fields (big-endian
+integers, the L1 / L2 / refcount tables of a 64 KiB-cluster image)."""
 
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -29,3 +32,58 @@ def clean(path) -> None:
     """qemu-img check finds neither corruption nor leak."""
     r = run("qemu-img", "check", "--output=json", path, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- byte-level pokes -------------------------------------------------------------
+
+CS = 65536
+COPIED = 1 << 63
+
+
+def qemu_img(*args):
+    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
+
+
+def qemu_io(path, *cmds, fmt="qcow2"):
+    argv = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    subprocess.run(argv + [str(path)], check=True, capture_output=True)
+
+
+def u64(path, off):
+    with open(path, "rb") as f:
+        f.seek(off)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def u32(path, off):
+    with open(path, "rb") as f:
+        f.seek(off)
+        return struct.unpack(">I", f.read(4))[0]
+
+
+def poke(path, off, data):
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(data)
+
+
+def poke64(path, off, v):
+    poke(path, off, struct.pack(">Q", v))
+
+
+def l1_off(p):
+    return u64(p, 0x28)
+
+
+def l2_off(p, i=0):
+    return u64(p, l1_off(p) + 8 * i) & 0x00FFFFFFFFFFFE00
+
+
+def reftable_off(p):
+    return u64(p, 0x30)
+
+
+def round_up(n, a=CS):
+    return (n + a - 1) // a * a

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
 
 import pytest
 
@@ -15,12 +14,7 @@ import oracle
 pytestmark = pytest.mark.skipif(not shutil.which("qemu-img") or not shutil.which("qemu-io"),
                                 reason="qemu-img/qemu-io not installed")
 
-from imgbytes import CS, COPIED, poke64, u64
-
-
-def run(*args):
-    r = subprocess.run([str(a) for a in args], capture_output=True)
-    assert r.returncode == 0, r.stderr.decode()
+from helpers import CS, COPIED, poke64, run, u64
 
 
 def l2_off(path):

@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from imgbytes import (CS, COPIED, l1_off, l2_off, poke, poke64, qemu_img,  # noqa: F401
+from helpers import (CS, COPIED, l1_off, l2_off, poke, poke64, qemu_img,  # noqa: F401
                       qemu_io, reftable_off, round_up, u32, u64)
 
 pytestmark = pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("qemu-io")),
