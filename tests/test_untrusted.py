@@ -600,7 +600,8 @@ REGRESSIONS = ROOT / "tests" / "fuzz_regressions"
 
 def exercise(path, deep=False):
     """What the fuzzer and the regression corpus do with an image: an untrusted open,
-    info, reads at the start, middle and end, the first extents; ``deep`` adds
+    info, reads at the start, middle and end, the first extents; then small reads in
+    trusted mode (without the backing chain); ``deep`` adds
     ``check(untrusted=True)`` and a sequential read of the whole disk (up to 256 MiB).
     Qcow2Error is the only exception allowed out."""
     import qcow2
@@ -611,6 +612,12 @@ def exercise(path, deep=False):
             im.pread(CS, off)
         for _i, _e in zip(range(200), im.extents()):
             pass
+    # trusted mode (no other file opened: backing=False) must hold too, including the
+    # single-cluster fast path of small reads and reads that straddle clusters
+    with qcow2.open(path, backing=False, format="qcow2") as im:
+        for off in (0, 4096, im.size // 3, max(0, im.size - 4096)):
+            im.pread(4096, off)
+            im.pread(1024, max(0, off - 512))
     if deep:
         try:
             qcow2.check(path, untrusted=True)
