@@ -45,7 +45,7 @@ _NOT_PLAIN_DATA = ~(C.L2E_OFFSET_MASK | C.OFLAG_COPIED) & 0xFFFFFFFFFFFFFFFF
 _unpack_u64 = struct.Struct(">Q").unpack_from
 _scratch = threading.local()            # pread's reused buffer, one per thread
 _SCRATCH_MIN = 64 << 10
-_SCRATCH_MAX = 16 << 20
+_SCRATCH_MAX = 4 << 20             # kept per thread at most
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 
 
@@ -208,14 +208,17 @@ class Image:
         if n < 0:
             raise ValueError("negative length")
         n = max(0, min(n, self.size - offset)) if offset >= 0 else n
-        if _SCRATCH_MIN <= n <= _SCRATCH_MAX:
-            # Large reads go through a reused, page-aligned per-thread buffer: a fresh
-            # bytearray is zeroed and page-faulted on every call (1 MiB reads ran 5x
-            # slower that way), and the kernel copies faster into aligned memory.
+        if n >= _SCRATCH_MIN:
+            # Large reads go through a page-aligned buffer, reused per thread up to
+            # 4 MiB: a fresh bytearray is zeroed and page-faulted on every call (1 MiB
+            # reads ran 5x slower that way), and the kernel copies faster into
+            # aligned memory.
             buf = getattr(_scratch, "buf", None)
             if buf is None or len(buf) < n:
                 from ._atomic import io_buffer
-                buf = _scratch.buf = io_buffer(max(n, 1 << 20))
+                buf = io_buffer(max(n, 1 << 20))
+                if n <= _SCRATCH_MAX:
+                    _scratch.buf = buf
             got = self.readinto(buf[:n], offset)
             return bytes(buf[:got])
         buf = bytearray(n)
