@@ -97,24 +97,15 @@ def run_clean(args) -> int:
     if args.output == "json":
         print(json.dumps(rep, indent=4))
         return 0
-    for p in rep["in_use"]:
-        print(f"in use: {p}")
-    for p in rep["would_remove"]:
-        print(f"would remove: {p}")
-    for p in rep["removed"]:
-        print(f"removed: {p}")
-    for p in rep["too_young"]:
-        print(f"too young to remove: {p}")
-    for p in rep["busy"]:
-        print(f"being written, left alone: {p}")
-    for p in rep["kept"]:
-        print(f"kept: {p}")
-    for p in rep["ignored"]:
-        print(f"not a cache file, left alone: {p}")
-    for p in rep["missing"]:
-        print(f"in use by an instance but missing from the cache: {p}")
-    for p in rep["stale_temporaries"]:
-        print(f"{'would remove' if args.dry_run else 'removed'} stale temporary file: {p}")
+    stale = f"{'would remove' if args.dry_run else 'removed'} stale temporary file"
+    for key, label in (("in_use", "in use"), ("would_remove", "would remove"),
+                       ("removed", "removed"), ("too_young", "too young to remove"),
+                       ("busy", "being written, left alone"), ("kept", "kept"),
+                       ("ignored", "not a cache file, left alone"),
+                       ("missing", "in use by an instance but missing from the cache"),
+                       ("stale_temporaries", stale)):
+        for p in rep[key]:
+            print(f"{label}: {p}")
     _print_usage(rep["usage"])
     return 0
 
