@@ -943,6 +943,15 @@ class ImageFile(io.RawIOBase):
         self._pos += n
         return n
 
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        data = self._img.pread(size, self._pos)    # (RawIOBase's read zeroes a new
+        self._pos += len(data)                      # bytearray per call, then copies)
+        return data
+
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_SET:
             pos = offset

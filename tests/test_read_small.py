@@ -83,3 +83,21 @@ def test_odd_entries_read_like_qemu(chain, engine, index, bits):
     with engine.open(chain) as img:
         for n, at in ((512, off), (4096, off + CS - 4096), (CS, off), (2 * CS, off)):
             assert img.pread(n, at) == want[at:at + n], (n, at)
+
+
+def test_file_object_read_sizes(chain, engine):
+    """``file().read(n)`` goes through ``pread`` (small, large, past the end, closed)."""
+    want = oracle.raw_bytes(chain, "qcow2")
+    with engine.open(chain) as img:
+        f = img.file()
+        for n in (1, 4096, CS + 3, 5 * CS):
+            at = f.tell()
+            assert f.read(n) == want[at:at + n]
+        f.seek(len(want) - 10)
+        assert f.read(CS) == want[-10:]
+        assert f.read(CS) == b"" and f.read() == b""
+        f.seek(0)
+        assert f.read() == want
+        f.close()
+        with pytest.raises(ValueError):
+            f.read(10)
