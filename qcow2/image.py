@@ -44,6 +44,60 @@ _HOST_KINDS = (C.KIND_DATA, C.KIND_ZERO_ALLOC, C.KIND_UNALLOC_ALLOC)
 _NOT_PLAIN_DATA = ~(C.L2E_OFFSET_MASK | C.OFLAG_COPIED) & 0xFFFFFFFFFFFFFFFF
 _unpack_u64 = struct.Struct(">Q").unpack_from
 _scratch = threading.local()            # pread's reused buffer, one per thread
+_serial = threading.local()             # .on: this thread does not split decodes
+_SPLIT_MIN = 512 << 10                  # decoded bytes worth a helper thread
+_pool = None                            # (executor, pid) of the decode helpers
+_pool_lock = threading.Lock()
+
+
+def _decode_pool():
+    """The helper threads that decode half of a big batch of compressed clusters
+    (one fewer than the usable CPUs; None with one CPU).  Made on first use, and
+    again in a forked child (the parent's threads do not exist there)."""
+    global _pool
+    pid = os.getpid()
+    p = _pool
+    if p is None or p[1] != pid:
+        with _pool_lock:
+            p = _pool
+            if p is None or p[1] != pid:
+                try:
+                    cpus = len(os.sched_getaffinity(0))
+                except (AttributeError, OSError):
+                    cpus = os.cpu_count() or 1
+                ex = None
+                if cpus > 1:
+                    from concurrent.futures import ThreadPoolExecutor
+                    ex = ThreadPoolExecutor(max_workers=cpus - 1,
+                                            thread_name_prefix="qcow2-decode")
+                p = _pool = (ex, pid)
+    return p[0]
+
+
+def _by_host(c):
+    return c[2]
+
+
+def _decode_into(dec, mv, src, full, offset: int) -> None:
+    """One kernel call for whole clusters ``((guest, n, host, csize), buffer offset)``;
+    ``dec`` may be a callable returning this thread's decompressor."""
+    if not hasattr(dec, "decompress_into"):
+        dec = dec()
+    dec.decompress_into(mv, src, [so for _c, so in full], [c[3] for c, _so in full],
+                        dest_offsets=[c[0] - offset for c, _so in full])
+
+
+class serial_reads:
+    """Within this context the calling thread decodes compressed clusters itself,
+    never with helper threads: for callers that already run one reader per core."""
+
+    def __enter__(self):
+        self._prev = getattr(_serial, "on", False)
+        _serial.on = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _serial.on = self._prev
 _SCRATCH_MIN = 64 << 10
 _SCRATCH_MAX = 4 << 20             # kept per thread at most
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -438,6 +492,9 @@ class Qcow2Image(Image):
         self._unit_shift = h.cluster_bits - (5 if h.extended_l2 else 0)
         # reads within one cluster of a plain L2 entry skip the run decoder
         self._fast_reads = not h.extended_l2 and not h.has_data_file
+        # compressed clusters per batch: 4 MiB of output (2 clusters of 2 MiB), which
+        # bounds the read buffer to ~8 MiB whatever the cluster size
+        self._batch_max = max(2, (4 << 20) >> h.cluster_bits)
         self._l1: list[int] | None = None
         self._l1_offset = h.l1_table_offset
         self._l1_entries = h.l1_size
@@ -691,15 +748,13 @@ class Qcow2Image(Image):
         for a, n, kind, host, csize in self._runs(offset, end):
             dst = mv[a - offset:a - offset + n]
             if kind == C.KIND_DATA:
-                if batch:
-                    self._read_compressed(mv, offset, batch)
-                    batch = []
+                # (compressed clusters keep collecting: each run has its own part of mv)
                 got = self.data_be.readinto(dst, host)
                 if got < n:
                     _zero_fill(dst[got:])
             elif kind == C.KIND_COMPRESSED:
                 batch.append((a, n, host, csize))
-                if len(batch) >= 64:
+                if len(batch) >= self._batch_max:
                     self._read_compressed(mv, offset, batch)
                     batch = []
             elif kind in (C.KIND_ZERO, C.KIND_ZERO_ALLOC):
@@ -724,41 +779,83 @@ class Qcow2Image(Image):
         return buf[:n]
 
     def _read_compressed(self, mv: memoryview, offset: int, batch) -> None:
-        """Decode a batch of compressed clusters: one read of the covering host range
-        (when the clusters lie close together, as qemu-img writes them), one kernel call."""
+        """Decode a batch of compressed clusters ``(guest, length, host, csize)``.
+
+        Their host ranges are read into one buffer with as few reads as possible
+        (clusters less than a cluster -- at most 64 KiB -- apart share a read; qemu-img
+        writes them back to back, with plain clusters in between), then all whole
+        clusters are decoded by one kernel call, split across threads when big."""
         cs = self.cluster_size
-        lo = min(b[2] for b in batch)
-        hi = max(b[2] + b[3] for b in batch)
-        total = sum(b[3] for b in batch)
+        gap = min(cs, 64 << 10)
+        groups: list[list[int]] = []            # [host start, host end, buffer offset]
+        placed = []                             # (cluster, its offset in the buffer)
+        pos = 0
+        for c in sorted(batch, key=_by_host):
+            h, e = c[2], c[2] + c[3]
+            g = groups[-1] if groups else None
+            if g is not None and h - g[1] <= gap:
+                if e > g[1]:
+                    g[1] = e
+            else:
+                if g is not None:
+                    pos += g[1] - g[0]
+                g = [h, e, pos]
+                groups.append(g)
+            placed.append((c, g[2] + h - g[0]))
+        g = groups[-1]
+        src = self._src_buffer(pos + g[1] - g[0])
+        for glo, ghi, at in groups:
+            got = self.be.readinto(src[at:at + ghi - glo], glo)
+            if got < ghi - glo:
+                _zero_fill(src[at + got:at + ghi - glo])   # zeros past EOF, as QEMU reads
+        full = [p for p in placed if p[0][1] == cs]
         dec = self._decompressor()
-        if hi - lo <= total + 64 * 1024:
-            groups = [(lo, hi, batch)]
-        else:
-            groups = [(b[2], b[2] + b[3], [b]) for b in batch]
-        for glo, ghi, items in groups:
-            src = self._src_buffer(ghi - glo)
-            got = self.be.readinto(src, glo)
-            if got < len(src):
-                _zero_fill(src[got:])           # zeros past EOF, as QEMU reads them
-            full = [b for b in items if b[1] == cs]
-            part = [b for b in items if b[1] != cs]
-            try:
-                if full:
-                    dec.decompress_into(mv, src, [b[2] - glo for b in full],
-                                        [b[3] for b in full],
-                                        dest_offsets=[b[0] - offset for b in full])
-                for a, n, host, csize in part:
-                    cl = dec.decompress(memoryview(src)[host - glo:host - glo + csize])
+        bad = None
+        try:
+            if full:
+                bad = full
+                self._decode_full(dec, mv, src, full, offset)
+            for p in placed:
+                if p[0][1] != cs:
+                    bad = [p]
+                    (a, n, _host, csize), so = p
+                    cl = dec.decompress(src[so:so + csize])
                     within = a & (cs - 1)
                     mv[a - offset:a - offset + n] = memoryview(cl)[within:within + n]
-            except DecompressionError as exc:
-                bad = (full if exc.index is not None and part == [] else items)
-                idx = exc.index if exc.index is not None and exc.index < len(bad) else 0
-                host = bad[idx][2]
-                raise DecompressionError(
-                    f"compressed cluster at host offset {host:#x} (guest offset "
-                    f"{bad[idx][0] & ~(cs - 1):#x}) does not decode to a full cluster: {exc}",
-                    offset=host, size=bad[idx][3], index=idx) from None
+        except DecompressionError as exc:
+            idx = exc.index if exc.index is not None and exc.index < len(bad) else 0
+            (a, _n, host, csize), _so = bad[idx]
+            raise DecompressionError(
+                f"compressed cluster at host offset {host:#x} (guest offset "
+                f"{a & ~(cs - 1):#x}) does not decode to a full cluster: {exc}",
+                offset=host, size=csize, index=idx) from None
+
+    def _decode_full(self, dec, mv, src, full, offset: int) -> None:
+        """Decode whole clusters ``(cluster, buffer offset)`` into ``mv``; big batches
+        are split with a helper thread (the kernels release the GIL), unless this
+        thread is already one of several workers (convert: ``serial_reads``)."""
+        half = len(full) // 2
+        if (half and len(full) * self.cluster_size >= _SPLIT_MIN
+                and not getattr(_serial, "on", False)):
+            pool = _decode_pool()
+            try:
+                fut = pool.submit(_decode_into, self._decompressor, mv, src, full[half:],
+                                  offset) if pool is not None else None
+            except RuntimeError:                # (interpreter shutting down)
+                fut = None
+            if fut is not None:
+                try:
+                    _decode_into(dec, mv, src, full[:half], offset)
+                finally:
+                    # the helper writes into mv and reads src: never leave before it
+                    # is done, whatever happened here
+                    exc = fut.exception()
+                if exc is not None:
+                    if isinstance(exc, DecompressionError) and exc.index is not None:
+                        exc.index += half
+                    raise exc
+                return
+        _decode_into(dec, mv, src, full, offset)
 
     # -- allocation status ----------------------------------------------------------
     def _metadata_preallocated(self) -> bool:
@@ -974,5 +1071,5 @@ class ImageFile(io.RawIOBase):
         return self._img.size
 
 
-__all__ = ["Image", "Qcow2Image", "RawImage", "Extent", "ImageFile", "open_image",
+__all__ = ["Image", "Qcow2Image", "RawImage", "Extent", "ImageFile", "open_image", "serial_reads",
            "probe_format", "combine_path", "check_file_name", "FormatError", "NotQcow2Error"]

@@ -101,3 +101,76 @@ def test_file_object_read_sizes(chain, engine):
         f.close()
         with pytest.raises(ValueError):
             f.read(10)
+
+
+# -- big reads of compressed clusters: one buffer, one kernel call, split in two threads --
+
+@pytest.fixture
+def compressed(tmp_path):
+    """64 compressed 64 KiB clusters, every fourth one stored plain (incompressible),
+    so the compressed ones are not contiguous in the file; then a hole."""
+    import os
+    raw = tmp_path / "src.raw"
+    with open(raw, "wb") as f:
+        for i in range(64):
+            f.write(os.urandom(CS) if i % 4 == 3 else (b"cluster %5d " % i) * (CS // 14)
+                    + bytes(CS % 14))
+        f.truncate(72 * CS)
+    img = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", raw, img)
+    return img, raw.read_bytes()
+
+
+def _compressed_offset(path, index):
+    l2 = l2_off(path)
+    e = u64(path, l2 + 8 * index)
+    assert e & (1 << 62), index
+    return e & ((1 << 54) - 1)
+
+
+@pytest.mark.parametrize("serial", [False, True])
+def test_big_compressed_reads(compressed, engine, serial):
+    from qcow2.image import serial_reads
+    import contextlib
+    path, want = compressed
+    with engine.open(path) as img, (serial_reads() if serial else contextlib.nullcontext()):
+        assert img.pread(len(want), 0) == want
+        for off, n in ((CS + 100, 40 * CS), (0, 2 * CS), (7 * CS - 1, 17 * CS + 2)):
+            assert img.pread(n, off) == want[off:off + n]
+
+
+@pytest.mark.parametrize("index", [0, 5, 33, 62])       # first half, second half, last
+@pytest.mark.parametrize("serial", [False, True])
+def test_big_compressed_read_names_the_bad_cluster(compressed, engine, index, serial):
+    from qcow2.image import serial_reads
+    import contextlib
+    path, want = compressed
+    coff = _compressed_offset(path, index)
+    with open(path, "r+b") as f:
+        f.seek(coff)
+        f.write(b"\xff" * 64)
+    with engine.open(path) as img, (serial_reads() if serial else contextlib.nullcontext()):
+        with pytest.raises(engine.DecompressionError) as exc:
+            img.pread(64 * CS, 0)
+        assert exc.value.offset == coff
+        assert f"guest offset {index * CS:#x}" in str(exc.value)
+        # a good cluster still reads, alone
+        good = 2 * CS if index != 2 else 1 * CS
+        assert img.pread(CS, good) == want[good:good + CS]
+
+
+def test_decode_helpers_after_fork(compressed, engine):
+    """A forked child makes its own helper threads (the parent's do not exist there)."""
+    import os
+    path, want = compressed
+    with engine.open(path) as img:
+        assert img.pread(len(want), 0) == want          # the parent's pool exists now
+        pid = os.fork()
+        if pid == 0:                                     # child: exit code says it all
+            try:
+                ok = img.pread(len(want), 0) == want
+            except BaseException:
+                ok = False
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -23,6 +23,7 @@ import threading
 
 from .._atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
+from ..image import serial_reads
 
 CHUNK = 4 * 1024 * 1024
 _CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
@@ -138,10 +139,11 @@ def _run_sequenced(jobs, compute, apply, finish, workers: int, in_order: bool) -
     stops every thread after its current step and is raised here."""
     jobs, several = _first_two(jobs)
     if workers <= 1 or not several:
-        for job in jobs:
-            r = compute(job)
-            apply(r)
-            finish(r)
+        with serial_reads():
+            for job in jobs:
+                r = compute(job)
+                apply(r)
+                finish(r)
         return
     it = iter(jobs)
     take = threading.Lock()
@@ -152,6 +154,10 @@ def _run_sequenced(jobs, compute, apply, finish, workers: int, in_order: bool) -
     limit = 2 * workers
 
     def loop():
+        with serial_reads():            # one reader per core already
+            _loop()
+
+    def _loop():
         try:
             while not failed:
                 with take:
@@ -208,14 +214,19 @@ def _run_pool(jobs, work, workers: int) -> None:
     The first exception stops every thread after its current job and is raised."""
     jobs, several = _first_two(jobs)
     if workers <= 1 or not several:
-        for job in jobs:
-            work(job)
+        with serial_reads():
+            for job in jobs:
+                work(job)
         return
     it = iter(jobs)
     lock = threading.Lock()
     failed: list = []
 
     def loop():
+        with serial_reads():            # one reader per core already
+            _loop()
+
+    def _loop():
         try:
             while not failed:
                 with lock:
