@@ -44,6 +44,8 @@ _HOST_KINDS = (C.KIND_DATA, C.KIND_ZERO_ALLOC, C.KIND_UNALLOC_ALLOC)
 _NOT_PLAIN_DATA = ~(C.L2E_OFFSET_MASK | C.OFLAG_COPIED) & 0xFFFFFFFFFFFFFFFF
 _unpack_u64 = struct.Struct(">Q").unpack_from
 _scratch = threading.local()            # pread's reused buffer, one per thread
+_SCRATCH_MIN = 64 << 10                 # reads from this size use it
+_SCRATCH_MAX = 4 << 20                  # kept per thread at most
 _serial = threading.local()             # .on: this thread does not split decodes
 _SPLIT_MIN = 512 << 10                  # decoded bytes worth a helper thread
 _pool = None                            # (executor, pid) of the decode helpers
@@ -98,8 +100,8 @@ class serial_reads:
 
     def __exit__(self, *exc) -> None:
         _serial.on = self._prev
-_SCRATCH_MIN = 64 << 10
-_SCRATCH_MAX = 4 << 20             # kept per thread at most
+
+
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 
 
@@ -720,7 +722,8 @@ class Qcow2Image(Image):
         if not l2_off:
             return -1
         table = self._l2_table(idx, l2_off)
-        entry = _unpack_u64(table, ((offset >> self.cluster_bits) & (self._l2_entries - 1)) << 3)[0]
+        index = (offset >> self.cluster_bits) & (self._l2_entries - 1)
+        entry = _unpack_u64(table, index << 3)[0]
         if not entry:
             return -1
         cmask = self.cluster_size - 1
@@ -732,7 +735,8 @@ class Qcow2Image(Image):
         self._require_readable()
         n = len(mv)
         end = offset + n
-        if (self._fast_reads and (offset >> self.cluster_bits) == ((end - 1) >> self.cluster_bits)):
+        cbits = self.cluster_bits
+        if self._fast_reads and offset >> cbits == (end - 1) >> cbits:
             host = self._one_cluster(offset)
             if host is not None:
                 if host >= 0:
