@@ -61,6 +61,12 @@ def base(tmp_path_factory):
     p = d / "comp.qcow2"
     qemu_img("convert", "-c", "-O", "qcow2", imgs["plain"], p)
     imgs["comp"] = p
+    p = d / "comp16.qcow2"              # 1 MiB compressed: big reads split the decode
+    q = d / "src16.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", q, "8M")
+    qemu_io(q, "write -P 5 0 1M", "write -P 6 2M 512k")
+    qemu_img("convert", "-c", "-O", "qcow2", q, p)
+    imgs["comp16"] = p
     p = d / "ext.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", p, "64M")
     qemu_io(p, "write -P 1 0 128k", "write -z 256k 64k")
@@ -618,6 +624,7 @@ def exercise(path, deep=False):
         for off in (0, 4096, im.size // 3, max(0, im.size - 4096)):
             im.pread(4096, off)
             im.pread(1024, max(0, off - 512))
+        im.pread(1 << 20, 0)            # big: compressed clusters decoded in two threads
     if deep:
         try:
             qcow2.check(path, untrusted=True)
