@@ -148,8 +148,8 @@ class FileBackend(Backend):
         os.ftruncate(self.fd, size)
 
     def punch_hole(self, offset: int, length: int) -> None:
-        from . import _fallocate
-        _fallocate.punch_hole(self.fd, offset, length)
+        from . import fallocate
+        fallocate.punch_hole(self.fd, offset, length)
 
     def flush(self) -> None:
         if self.writable:

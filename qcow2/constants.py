@@ -6,10 +6,32 @@ Section names in comments refer to the spec.
 MAGIC = b"QFI\xfb"                    # "Header": magic
 
 # -- header layout (Header) --------------------------------------------------
+# Byte offsets of the header fields (all big-endian).  Write a field through these
+# names, never through a bare literal.
+HDR_MAGIC = 0x00                      # u32
+HDR_VERSION = 0x04                    # u32
+HDR_BACKING_FILE_OFFSET = 0x08        # u64
+HDR_BACKING_FILE_SIZE = 0x10          # u32
+HDR_CLUSTER_BITS = 0x14               # u32
+HDR_SIZE = 0x18                       # u64: virtual size
+HDR_CRYPT_METHOD = 0x20               # u32
+HDR_L1_SIZE = 0x24                    # u32, followed by HDR_L1_TABLE_OFFSET
+HDR_L1_TABLE_OFFSET = 0x28            # u64
+HDR_REFCOUNT_TABLE_OFFSET = 0x30      # u64, followed by HDR_REFCOUNT_TABLE_CLUSTERS
+HDR_REFCOUNT_TABLE_CLUSTERS = 0x38    # u32
+HDR_NB_SNAPSHOTS = 0x3C               # u32, followed by HDR_SNAPSHOTS_OFFSET
+HDR_SNAPSHOTS_OFFSET = 0x40           # u64
+HDR_INCOMPATIBLE_FEATURES = 0x48      # u64 (version 3 from here on)
+HDR_COMPATIBLE_FEATURES = 0x50        # u64
+HDR_AUTOCLEAR_FEATURES = 0x58         # u64
+HDR_REFCOUNT_ORDER = 0x60             # u32
+HDR_HEADER_LENGTH = 0x64              # u32
+HDR_COMPRESSION_TYPE = 0x68           # u8, present when header_length > 104
+
 V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = 104
-HEADER_COMPRESSION_TYPE_OFFSET = 104   # optional field, present when header_length > 104
-HEADER_INCOMPATIBLE_OFFSET = 72
+HEADER_COMPRESSION_TYPE_OFFSET = HDR_COMPRESSION_TYPE
+HEADER_INCOMPATIBLE_OFFSET = HDR_INCOMPATIBLE_FEATURES
 HEADER_STRUCT_SIZE = 112               # QEMU's QCowHeader incl. padding: unknown fields start here
 
 MIN_CLUSTER_BITS = 9
@@ -75,6 +97,18 @@ MAX_BACKING_FILE_NAME = 1023
 MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY_SIZE = 64 * MAX_BITMAPS  # 1024 bytes per entry max
 BITMAP_EXT_SIZE = 24
+
+# -- bitmaps (Bitmaps extension, Bitmap directory, Bitmap table) -------------------
+# (added with qcow2.bitmap)
+
+# -- refcount block codec, consistency check ----------------------------------------
+# (added with qcow2.refcount / the consistency checker)
+
+# -- images we create: layout, options --------------------------------------------
+# (added with qcow2.layout / qcow2.options)
+
+# -- kernels contract (mirrored by native/qcow2_native.h; a test compares them) -----
+# (added with qcow2.kernels)
 
 # -- engine limits -------------------------------------------------------------
 MAX_BACKING_DEPTH = 16                # backing chain depth (QEMU's loop guard is similar)

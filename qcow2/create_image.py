@@ -26,7 +26,7 @@ with the L1 table).  Metadata is streamed in bounded chunks (at most a few MiB i
 memory), and an image without preallocation costs O(1) writes: the L1 table and the
 header's tail are left as holes, which read as zeros.
 
-Outputs go through :class:`qcow2._atomic.AtomicOutput`: nothing appears under the
+Outputs go through :class:`qcow2.atomic.AtomicOutput`: nothing appears under the
 destination name until the image is complete and flushed; an existing file is
 replaced.  An external data file is committed just before the image that names it.
 """
@@ -40,7 +40,7 @@ import struct
 from collections import namedtuple
 
 from . import constants as C
-from ._atomic import AtomicOutput
+from .atomic import AtomicOutput
 from .errors import (ImageTooLargeError, InvalidOptionError, Qcow2Error,  # noqa: F401
                      UnsupportedFeatureError)
 from .header import Header, pack_header
@@ -328,7 +328,7 @@ def prepare(path, size=None, *, format: str = "qcow2", backing_file=None, backin
 
     # -- the backing file --------------------------------------------------------------
     if backing_file is not None:
-        from .image import check_file_name, combine_path
+        from .paths import check_file_name, combine_path
 
         if backing_file == path:
             raise InvalidOptionError("Error: Trying to create an image with the same filename "
@@ -463,7 +463,7 @@ class Qcow2Spec(namedtuple("Qcow2Spec", (
                 raise InvalidOptionError("External data files are only supported with "
                                          "compatibility level 1.1 and above (use version=v3 or "
                                          "greater)")
-            from .image import check_file_name
+            from .paths import check_file_name
             check_file_name(data_file, "external data file")
             full = _data_file_path(req.path, data_file)
             if os.path.abspath(full) == os.path.abspath(req.path) or (
@@ -508,7 +508,7 @@ class Qcow2Spec(namedtuple("Qcow2Spec", (
 def _data_file_path(image_path: str, name: str) -> str:
     """Where the data file goes: resolved against the image's folder, as the engine
     resolves it on open (qemu-img 7.2 resolves it against the working directory)."""
-    from .image import combine_path
+    from .paths import combine_path
     return combine_path(image_path, name)
 
 
@@ -738,7 +738,7 @@ def _allocate_data(fd: int, offset: int, length: int, mode: str) -> None:
     if length <= 0 or mode in ("off", "metadata"):
         return
     if mode == "falloc":
-        from .backends._fallocate import allocate
+        from .backends.fallocate import allocate
         allocate(fd, offset, length)
         return
     zeros = bytes(min(_CHUNK, length))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import struct
 import threading
 from collections import namedtuple
@@ -26,9 +25,9 @@ if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
 from . import constants as C
 from .backends import Backend, FileBackend
 from .cache import TableCache
-from .errors import (CorruptImageError, DecompressionError, FormatError, NotQcow2Error,
-                     Qcow2Error, ReadOnlyError, UnsafeImageError, UnsupportedFeatureError)
+from .errors import (CorruptImageError, DecompressionError, Qcow2Error, ReadOnlyError, UnsafeImageError, UnsupportedFeatureError)
 from .header import Header
+from .paths import check_file_name, combine_path
 from .refcount import RefcountReader
 from .snapshot import Snapshot, find_snapshot, read_snapshot_table
 
@@ -102,9 +101,6 @@ class serial_reads:
         _serial.on = self._prev
 
 
-_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
-
-
 def _zero_fill(mv: memoryview) -> None:
     n = len(mv)
     i = 0
@@ -131,22 +127,6 @@ class Extent(namedtuple("Extent", "start length depth present zero data offset")
 # ---------------------------------------------------------------------------
 # opening
 # ---------------------------------------------------------------------------
-
-def check_file_name(name: str, what: str) -> None:
-    """Refuse pseudo-file names that would make us open something other than a file."""
-    if name.startswith("json:") or _PROTOCOL_RE.match(name):
-        raise UnsafeImageError(f"{what} {name!r} uses a protocol prefix or json: "
-                               f"pseudo-filename; only plain file names are allowed")
-    if "\0" in name:
-        raise UnsafeImageError(f"{what} {name!r} contains a NUL byte")
-
-
-def combine_path(base_filename: str, name: str) -> str:
-    """Resolve a name stored in an image against the image's own folder (QEMU's path_combine)."""
-    if os.path.isabs(name):
-        return name
-    return os.path.join(os.path.dirname(base_filename), name)
-
 
 def probe_format(backend: Backend) -> str:
     """qcow2 when the magic is there and the version is at least 2 (QEMU's rule: the
@@ -271,7 +251,7 @@ class Image:
             # aligned memory.
             buf = getattr(_scratch, "buf", None)
             if buf is None or len(buf) < n:
-                from ._atomic import io_buffer
+                from .atomic import io_buffer
                 buf = io_buffer(max(n, 1 << 20))
                 if n <= _SCRATCH_MAX:
                     _scratch.buf = buf
@@ -778,7 +758,7 @@ class Qcow2Image(Image):
         if buf is None or len(buf) < n:
             if n > 8 << 20:                     # (rare, big clusters): not kept
                 return memoryview(bytearray(n))
-            from ._atomic import io_buffer
+            from .atomic import io_buffer
             buf = self._tls.src = io_buffer(max(n, 1 << 20))
         return buf[:n]
 
@@ -1076,4 +1056,4 @@ class ImageFile(io.RawIOBase):
 
 
 __all__ = ["Image", "Qcow2Image", "RawImage", "Extent", "ImageFile", "open_image", "serial_reads",
-           "probe_format", "combine_path", "check_file_name", "FormatError", "NotQcow2Error"]
+           "probe_format"]

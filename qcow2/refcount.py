@@ -84,22 +84,40 @@ class RefcountReader:
                 count += n - a.count(0)
             else:
                 import numpy as np
-                count += int(np.count_nonzero(_decode(blk, bits)[:n]))
+                count += int(np.count_nonzero(decode_block(blk, bits)[:n]))
             if count >= stop_at:
                 break
         return count
 
 
-def _decode(block: bytes, bits: int):
+_DTYPES = {1: "u1", 2: "u1", 4: "u1", 8: "u1", 16: "u2", 32: "u4", 64: "u8"}
+
+
+def decode_block(block, bits: int):
+    """The refcounts of one refcount block (or of several concatenated) as a numpy
+    array of the narrowest unsigned type that holds ``bits``-wide entries (spec:
+    "Host cluster management": entries below 8 bits are packed LSB first)."""
     import numpy as np
 
-    raw = np.frombuffer(block, dtype=np.uint8)
     if bits >= 8:
-        return np.frombuffer(block, dtype=f">u{bits // 8}")
-    # sub-byte widths: entry i lives at bit (i * bits) % 8 of byte i*bits//8, LSB first
+        return np.frombuffer(block, dtype=f">u{bits // 8}").astype(_DTYPES[bits])
     per = 8 // bits
-    shifts = np.arange(per, dtype=np.uint8) * bits
-    return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    raw = np.frombuffer(block, dtype=np.uint8)
+    shifts = np.arange(per, dtype=np.uint8) * np.uint8(bits)
+    return ((raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)
+
+
+def encode_block(values, bits: int) -> bytes:
+    """The inverse of :func:`decode_block`: ``values`` (a multiple of 8 // bits long
+    below 8 bits) packed into ``bits``-wide big-endian or sub-byte entries."""
+    import numpy as np
+
+    if bits >= 8:
+        return np.asarray(values).astype(f">u{bits // 8}").tobytes()
+    per = 8 // bits
+    v = np.asarray(values).astype(np.uint8).reshape(-1, per)
+    shifts = np.arange(per, dtype=np.uint8) * np.uint8(bits)
+    return np.bitwise_or.reduce(v << shifts, axis=1).astype(np.uint8).tobytes()
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,10 @@ from . import constants as C
 from .errors import CorruptImageError
 
 _SN = struct.Struct(">QIHHIIQII")   # 40 bytes
+_EXTRA = struct.Struct(">QQQ")       # vm_state_size_large, disk_size, icount
+
+#: The extra data every entry we write carries (QEMU's QCowSnapshotExtraData).
+EXTRA_DATA_SIZE = _EXTRA.size
 
 
 class Snapshot:
@@ -141,3 +145,35 @@ def find_snapshot(snapshots: list[Snapshot], key: str | int) -> Snapshot | None:
         if sn.name == key:
             return sn
     return None
+
+
+def pack_entry(sn: Snapshot, disk_size: int) -> bytes:
+    """One table entry as QEMU's qcow2_write_snapshots writes it (no padding).
+
+    The extra data is at least :data:`EXTRA_DATA_SIZE` bytes: the 64-bit VM state
+    size, the disk size (``disk_size``, the image's, for older entries that had
+    none) and icount (all ones when unknown); extra data beyond those fields is
+    kept as read.  A VM state size that does not fit the 32-bit field is written as
+    0 there, so that older readers see a disk-only snapshot rather than a
+    truncated one."""
+    sid = sn.id.encode("utf-8", "surrogateescape")
+    name = sn.name.encode("utf-8", "surrogateescape")
+    extra_size = max(EXTRA_DATA_SIZE, sn.extra_data_size)
+    vm32 = sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0
+    icount = 0xFFFFFFFFFFFFFFFF if sn.icount is None else sn.icount
+    head = _SN.pack(sn.l1_table_offset, sn.l1_size, len(sid), len(name), sn.date_sec,
+                    sn.date_nsec, sn.vm_clock_nsec, vm32, extra_size)
+    extra = _EXTRA.pack(sn.vm_state_size,
+                        disk_size if sn.disk_size is None else sn.disk_size, icount)
+    unknown = bytes(sn.extra[EXTRA_DATA_SIZE:sn.extra_data_size])
+    return head + extra + unknown + sid + name
+
+
+def pack_table(snapshots: list[Snapshot], disk_size: int) -> bytes:
+    """The whole table: entries at 8-byte aligned offsets, the last one unpadded (its
+    length is the table size QEMU records)."""
+    buf = bytearray()
+    for sn in snapshots:
+        buf.extend(bytes((-len(buf)) % 8))
+        buf.extend(pack_entry(sn, disk_size))
+    return bytes(buf)

@@ -392,7 +392,7 @@ class _Scan:
     def _refcounts(self, refs, comp_all, nclus: int, use_map: bool) -> None:
         """Every cluster in use -- metadata, data, compressed data -- has a refcount."""
         np = self.np
-        from .ops.check import _decode_block
+        from .refcount import decode_block
         h, cs, cbits = self.h, self.cs, self.cbits
         bits = h.refcount_bits
         span = cbits + 3 - h.refcount_order          # log2(entries per refcount block)
@@ -421,7 +421,7 @@ class _Scan:
                                f"block (refcount table entry {b})",
                                h.refcount_table_offset + 8 * min(b, len(rt)), 8,
                                "refcount table entry")
-            vals = _decode_block(self.img._read_meta(cs, bo), bits)
+            vals = decode_block(self.img._read_meta(cs, bo), bits)
             z = np.flatnonzero(vals[idx] == 0)
             if len(z):
                 i = int(idx[z[0]])

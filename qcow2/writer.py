@@ -23,7 +23,7 @@ import struct
 import threading
 
 from . import constants as C
-from ._atomic import copy_range
+from .atomic import copy_range
 from .cache import TableCache
 from .errors import CorruptImageError, Qcow2Error, ReadOnlyError, UnsupportedFeatureError
 from .image import Qcow2Image, _zero_fill
@@ -878,7 +878,7 @@ def _grow_l1(img: WritableQcow2Image, entries: int) -> None:
 def _preallocate(img: WritableQcow2Image, a: int, b: int, mode: str) -> None:
     """Allocate data clusters for [a, b) (metadata: mapping only; falloc: and the
     space; full: and written zeros)."""
-    from .backends import _fallocate
+    from .backends import fallocate
     cs = img.cluster_size
     mask = img._l2_entries - 1
     for pos, tend, table, toff in img._tables((a + cs - 1) // cs * cs, b):
@@ -904,11 +904,11 @@ def _preallocate(img: WritableQcow2Image, a: int, b: int, mode: str) -> None:
                     # reused clusters may hold old bytes: make them read zeros
                     if host < be.size():
                         try:
-                            _fallocate.punch_hole(be.fd, host, length)
+                            fallocate.punch_hole(be.fd, host, length)
                         except OSError:
                             _write_zeros(be, host, min(length, be.size() - host))
                     if mode == "falloc":
-                        _fallocate.allocate(be.fd, host, length)
+                        fallocate.allocate(be.fd, host, length)
                     elif be.size() < host + length:
                         be.truncate(host + length)
                 img.file_size = max(img.file_size, host + length)
@@ -927,7 +927,7 @@ def set_backing(img: WritableQcow2Image, name: str | None, fmt: str | None) -> N
     """Rewrite the header with a new backing file name and format (None: no backing
     file).  Everything the header points at is made durable first."""
     from .header import pack_header
-    from .image import check_file_name
+    from .paths import check_file_name
 
     h = img.header
     if name:
@@ -946,7 +946,7 @@ def set_backing(img: WritableQcow2Image, name: str | None, fmt: str | None) -> N
     img.backing_filename = h.backing_file
     img.full_backing_filename = None
     if h.backing_file:
-        from .image import combine_path
+        from .paths import combine_path
         img.full_backing_filename = combine_path(img.filename, h.backing_file)
 
 

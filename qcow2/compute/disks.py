@@ -26,9 +26,9 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 
-from .._atomic import AtomicOutput, fsync_dir
+from ..atomic import AtomicOutput, fsync_dir
+from ..paths import make_temp
 from .errors import ComputeError, ToolError
 from .fetch import check_space, clean_stale_temps, fetch_base
 from .locks import ephemeral_name, image_lock, swap_name
@@ -103,7 +103,7 @@ def _make_base(opts, name: str, size: int, fill) -> str:
         if os.path.exists(path):
             return path
         check_space(base_dir, size // 16, f"the base {name}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=base_dir)
+        fd, tmp = make_temp(name, base_dir)
         try:
             os.ftruncate(fd, size)
             fill(tmp)
@@ -131,10 +131,10 @@ def swap_base(opts, size: int) -> str:
 # -- one disk from a base -------------------------------------------------------------------
 
 def _fallocate_keep_size(path: str, size: int) -> None:
-    from ..backends._fallocate import FALLOC_FL_KEEP_SIZE, _fallocate
+    from ..backends.fallocate import FALLOC_FL_KEEP_SIZE, fallocate
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size)
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -171,7 +171,7 @@ def _file_disk(opts, base: str, base_fmt: str, path: str, size: int, grow: bool,
         if os.fstat(f.fileno()).st_size < size:
             os.ftruncate(f.fileno(), size)
         if space:
-            from ..backends._fallocate import allocate
+            from ..backends.fallocate import allocate
             allocate(f.fileno(), 0, size)
         os.fsync(f.fileno())
     if grow:

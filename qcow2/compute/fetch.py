@@ -37,12 +37,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 
-from .._atomic import AtomicOutput, fsync_dir
+from ..atomic import AtomicOutput, fsync_dir
 from ..errors import Qcow2Error
+from ..paths import is_temp_for, make_temp
 from .errors import (ChecksumError, ComputeError, DownloadError, ImageFormatMismatchError,
                      InsufficientSpaceError)
 from .locks import base_name, image_lock
@@ -77,7 +77,7 @@ def clean_stale_temps(base_dir: str, name: str) -> list[str]:
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if entry.startswith(f".{name}.") and entry.endswith(".part"):
+        if is_temp_for(entry, name):
             try:
                 os.unlink(os.path.join(base_dir, entry))
                 removed.append(entry)
@@ -328,8 +328,7 @@ def _fetch_url(opts, url, dst, declared, want, progress, timeout) -> str:
                 _verify(hasher.hexdigest(), want, url)
                 out.commit(sync=True)
             return "raw"
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".part",
-                                   dir=base_dir)
+        fd, tmp = make_temp(dst, base_dir)
         try:
             try:
                 _stream(resp, url, length, head, lambda b, p: os.pwrite(fd, b, p) and None,

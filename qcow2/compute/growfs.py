@@ -25,9 +25,9 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import tempfile
 from dataclasses import dataclass
 
+from ..paths import make_temp
 from .errors import ToolError
 from .fetch import check_space
 
@@ -102,7 +102,7 @@ def _working_file(directory: str) -> int:
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-    fd, path = tempfile.mkstemp(prefix=".disk.grow.", suffix=".part", dir=directory)
+    fd, path = make_temp("disk.grow", directory)
     os.unlink(path)
     return fd
 

@@ -33,6 +33,7 @@ import re
 import struct
 import time
 
+from ..paths import temp_owner
 from .locks import try_image_lock
 
 _SWAP = re.compile(r"^swap_([0-9]+)(b?)$")
@@ -269,11 +270,11 @@ def _clean_temps(opts, report, dry_run: bool) -> None:
     except FileNotFoundError:
         return
     for entry in entries:
-        m = re.match(r"^\.(.+)\.[^.]+\.part$", entry)
-        if not m:
+        owner = temp_owner(entry)
+        if owner is None:
             continue
         p = os.path.join(opts.base_dir, entry)
-        with try_image_lock(opts.lock_dir, m.group(1)) as got:
+        with try_image_lock(opts.lock_dir, owner) as got:
             if not got:
                 continue
             if not dry_run:

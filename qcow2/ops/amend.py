@@ -171,6 +171,8 @@ def _change_refcount_width(img, bits: int) -> None:
     table and blocks (QEMU's qcow2_change_refcount_order)."""
     import numpy as np
 
+    from ..refcount import decode_block, encode_block
+
     h = img.header
     cs = img.cluster_size
     img.flush()
@@ -179,11 +181,10 @@ def _change_refcount_width(img, bits: int) -> None:
     # current refcounts of every cluster
     counts = np.zeros(end, dtype=np.uint64)
     per_old = refs.block_entries
-    from ..refcount import _decode
     for bi in range((end + per_old - 1) // per_old):
         off = refs._block_offset(bi)
         if off:
-            vals = _decode(bytes(refs.cache.get(off)), h.refcount_bits)
+            vals = decode_block(bytes(refs.cache.get(off)), h.refcount_bits)
             lo = bi * per_old
             hi = min(end, lo + per_old)
             counts[lo:hi] = vals[:hi - lo]
@@ -212,7 +213,7 @@ def _change_refcount_width(img, bits: int) -> None:
     for off in old_blocks:
         if off:
             counts[off // cs] -= 1
-    blocks = _encode(counts, bits, per_new, cs)
+    blocks = encode_block(counts, bits)
     base = end * cs
     img._write_meta(blocks, base)
     table = struct.pack(f">{nb}Q", *[base + i * cs for i in range(nb)])
@@ -239,15 +240,3 @@ def _change_refcount_width(img, bits: int) -> None:
     img.refs = Refcounts(img, img._rc_cache)
     img.refs.on_zero = img._meta_forget
     img._build_meta()
-
-
-def _encode(counts, bits: int, per: int, cs: int) -> bytes:
-    import numpy as np
-    if bits >= 8:
-        return counts.astype(f">u{bits // 8}").tobytes()
-    vals = counts.astype(np.uint8).reshape(-1, 8 // bits)
-    shifts = (np.arange(8 // bits, dtype=np.uint8) * bits)
-    packed = np.bitwise_or.reduce(vals << shifts, axis=1).astype(np.uint8)
-    out = packed.tobytes()
-    assert len(out) % cs == 0
-    return out

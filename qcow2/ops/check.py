@@ -44,6 +44,7 @@ from ..backends import FileBackend
 from ..errors import (CorruptImageError, InvalidOptionError, Qcow2Error,
                       UnsafeImageError, UnsupportedFeatureError)
 from ..header import Header
+from ..refcount import decode_block, encode_block
 
 # -- modes (QEMU's BdrvCheckMode) ------------------------------------------------------
 FIX_LEAKS = 1
@@ -132,33 +133,6 @@ class CheckResult:
 
     def copy(self) -> "CheckResult":
         return CheckResult(**self.__dict__)
-
-
-# ---------------------------------------------------------------------------
-# refcount block encoding
-# ---------------------------------------------------------------------------
-
-def _dtype(bits: int):
-    return {1: np.uint8, 2: np.uint8, 4: np.uint8, 8: np.uint8, 16: np.uint16,
-            32: np.uint32, 64: np.uint64}[bits]
-
-
-def _decode_block(raw: bytes, bits: int) -> np.ndarray:
-    if bits >= 8:
-        return np.frombuffer(raw, dtype=f">u{bits // 8}").astype(_dtype(bits))
-    per = 8 // bits
-    b = np.frombuffer(raw, dtype=np.uint8)
-    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-    return ((b[:, None] >> shifts) & ((1 << bits) - 1)).astype(np.uint8).reshape(-1)
-
-
-def _encode_block(vals: np.ndarray, bits: int) -> bytes:
-    if bits >= 8:
-        return vals.astype(f">u{bits // 8}").tobytes()
-    per = 8 // bits
-    v = vals.astype(np.uint8).reshape(-1, per)
-    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(v << shifts, axis=1).astype(np.uint8).tobytes()
 
 
 def _memory_budget() -> int:
@@ -280,7 +254,7 @@ class _Pass:
         self.data_file = h.has_data_file
         self.bits = h.refcount_bits
         self.rmax = (1 << self.bits) - 1
-        self.dtype = _dtype(self.bits)
+        self.dtype = decode_block(bytes(8), self.bits).dtype
         self.per = self.cs * 8 // self.bits           # refcount block entries
         self.rb_bits = self.per.bit_length() - 1
         self.csize_shift = 62 - (self.cbits - 8)
@@ -416,7 +390,7 @@ class _Pass:
             self._signal_corruption(f"Refblock offset {off:#x} unaligned (reftable index: "
                                     f"{_hex_alt(bi)})")
             return self._BAD
-        blk = _decode_block(self.f.read(self.cs, off), self.bits)
+        blk = decode_block(self.f.read(self.cs, off), self.bits)
         if len(self._blocks) > 4096:
             self._blocks.clear()
         self._blocks[bi] = blk
@@ -1120,12 +1094,12 @@ class _Pass:
         freed = []
         for bi, clusters in by_block.items():
             off = int(self.reftable[bi]) & C.REFT_OFFSET_MASK
-            blk = _decode_block(self.f.read(self.cs, off), self.bits).copy()
+            blk = decode_block(self.f.read(self.cs, off), self.bits).copy()
             for c in clusters:
                 blk[c & (self.per - 1)] = fixes[c]
                 if fixes[c] == 0:
                     freed.append(c)
-            self.f.write(_encode_block(blk, self.bits), off)
+            self.f.write(encode_block(blk, self.bits), off)
         self.f.sync()
         self._blocks = {}
         if freed and self.f.be.can_punch_holes:
@@ -1208,7 +1182,7 @@ class _Pass:
             except _Abort as exc:
                 self.log(f"ERROR writing refblock: {exc}")
                 raise
-            self.f.write(_encode_block(self.imrt[start:start + per], self.bits), rb_off)
+            self.f.write(encode_block(self.imrt[start:start + per], self.bits), rb_off)
             bi += 1
             cluster = bi * per
         return grown
@@ -1573,7 +1547,8 @@ def _open(path, fmt: str | None, writable: bool, force_share: bool):
 def _open_companions(f: _File, filename: str, force_share: bool, writable: bool) -> list:
     """Open the backing chain and the external data file as qemu-img check does (it
     refuses an image whose companions cannot be opened); returns what to close."""
-    from ..image import check_file_name, combine_path, open_image
+    from ..image import open_image
+    from ..paths import check_file_name, combine_path
     h, _, _ = _parse_header(f)
     opened = []
     try:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import threading
 
-from .._atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, start_writeback
+from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, start_writeback
+from ..paths import temp_name
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..image import serial_reads
 
@@ -435,9 +436,9 @@ def _is_blockdev(fd: int) -> bool:
 
 
 def _punch_or_zero(fd: int, off: int, n: int) -> None:
-    from ..backends import _fallocate
+    from ..backends import fallocate
     try:
-        _fallocate.punch_hole(fd, off, n)
+        fallocate.punch_hole(fd, off, n)
         return
     except OSError:
         pass
@@ -527,11 +528,8 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             if out.size < size:
                 raise Qcow2Error(f"Target image '{dst}' is smaller than the source")
         else:
-            d = os.path.dirname(os.path.abspath(dst))
-            tmp = os.path.join(d, f".{os.path.basename(dst)}.{os.urandom(6).hex()}.part")
-            if backing_file is not None and not os.path.isabs(backing_file):
-                # the backing name is relative to DST's folder, which is tmp's folder too
-                pass
+            # beside DST, so a relative backing name resolves the same for both
+            tmp = temp_name(dst)
             # not synced here: the output's final flush syncs everything before the
             # rename makes it visible
             prepare(tmp, size, format="qcow2", backing_file=backing_file,

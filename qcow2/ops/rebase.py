@@ -15,7 +15,8 @@ CHUNK = 2 * 1024 * 1024
 
 def rebase(path, backing_file, *, format: str | None = None, backing_format: str | None = None,
            unsafe: bool = False, progress=None, force_share: bool = False) -> None:
-    from ..image import combine_path, open_image
+    from ..image import open_image
+    from ..paths import combine_path
     from ..writer import WritableQcow2Image, set_backing
 
     backing_file = backing_file or ""

@@ -43,7 +43,7 @@ def resize(path, size, *, format: str | None = None, shrink: bool = False,
 
 
 def _resize_raw(img, new: int, *, shrink: bool, preallocation: str) -> int:
-    from ..backends import _fallocate
+    from ..backends import fallocate
 
     if preallocation == "metadata":
         raise InvalidOptionError("Unsupported preallocation mode: metadata")
@@ -58,7 +58,7 @@ def _resize_raw(img, new: int, *, shrink: bool, preallocation: str) -> int:
     elif new > old:
         be.truncate(new)
         if preallocation == "falloc":
-            _fallocate.allocate(be.fd, old, new - old)
+            fallocate.allocate(be.fd, old, new - old)
         elif preallocation == "full":
             z = memoryview(bytes(1 << 20))
             p = old

@@ -15,9 +15,8 @@ import time
 
 from .. import constants as C
 from ..errors import Qcow2Error, UnsupportedFeatureError
-from ..snapshot import Snapshot, find_snapshot
+from ..snapshot import Snapshot, find_snapshot, pack_table
 
-_SN = struct.Struct(">QIHHIIQII")
 
 
 def _open_rw(path, format):
@@ -115,21 +114,10 @@ def _fix_copied(img) -> None:
 
 # -- the snapshot table ---------------------------------------------------------------
 
-def _pack_entry(sn: Snapshot) -> bytes:
-    sid = sn.id.encode("utf-8", "surrogateescape")
-    name = sn.name.encode("utf-8", "surrogateescape")
-    extra = sn.extra
-    head = _SN.pack(sn.l1_table_offset, sn.l1_size, len(sid), len(name), sn.date_sec,
-                    sn.date_nsec, sn.vm_clock_nsec, min(sn.vm_state_size, 0xFFFFFFFF),
-                    len(extra))
-    out = head + extra + sid + name
-    return out + bytes((-len(out)) % 8)
-
-
 def _write_table(img, snaps: list[Snapshot]) -> None:
     """Write the table to new clusters and point the header at it (old one freed)."""
     h = img.header
-    data = b"".join(_pack_entry(s) for s in snaps)
+    data = pack_table(snaps, img.size)
     old_off = h.snapshots_offset
     old_len = sum(s.entry_size for s in img.snapshots_list) if h.nb_snapshots else 0
     new_off = 0
@@ -147,8 +135,14 @@ def _write_table(img, snaps: list[Snapshot]) -> None:
         img.refs.free(old_off, old_len)
         img.refs.block_freed(old_off, old_len)
     img.snapshots_list = snaps
+    pos = 0
     for k, s in enumerate(snaps):
         s.index = k
+        start = pos
+        pos = start + len(pack_table([s], img.size))
+        if k + 1 < len(snaps):
+            pos += (-pos) % 8
+        s.entry_offset, s.entry_size = new_off + start, pos - start
 
 
 # -- operations ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ falls back to ``pwrite`` from the buffer already read when the kernel refuses it
 (block devices, different file systems, old kernels).
 
 The output is an anonymous file linked under ``dst`` only when complete and flushed
-(:class:`qcow2._atomic.AtomicOutput`): a failed or killed copy leaves nothing behind.
+(:class:`qcow2.atomic.AtomicOutput`): a failed or killed copy leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
     from typing import Callable
 
-from .._atomic import AtomicOutput, copy_range, io_buffer, start_writeback
+from ..atomic import AtomicOutput, copy_range, io_buffer, start_writeback
 from ..backends import FileBackend
 from ..errors import Qcow2Error
 
@@ -99,7 +99,7 @@ def _copy(be: FileBackend, fd: int, size: int, preallocate: bool, progress,
 
     os.ftruncate(fd, size)
     if preallocate and size:
-        from ..backends._fallocate import allocate
+        from ..backends.fallocate import allocate
         allocate(fd, 0, size)
     block = _hole_size(fd)
     regions = list(be.data_regions(0, size))

@@ -1,4 +1,7 @@
-"""fallocate(2) through ctypes: hole punching and zero ranges (Linux)."""
+"""fallocate(2) through ctypes: allocation, hole punching and zero ranges (Linux).
+
+The public face of the host file system's space management: the engine, the
+operations and the compute flow all come here rather than to ctypes."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _libc = None
 
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -26,11 +29,11 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
-    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def zero_range(fd: int, offset: int, length: int) -> None:
-    _fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
+    fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
 
 
 def allocate(fd: int, offset: int, length: int) -> None:
@@ -39,4 +42,4 @@ def allocate(fd: int, offset: int, length: int) -> None:
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        _fallocate(fd, 0, offset, length)
+        fallocate(fd, 0, offset, length)

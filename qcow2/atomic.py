@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from .paths import make_temp, temp_name
+
 
 def _umask() -> int:
     mask = os.umask(0o022)
@@ -35,9 +37,7 @@ class AtomicOutput:
             except OSError:
                 self.fd = -1
         if self.fd < 0:
-            import tempfile
-            self.fd, self.tmp_path = tempfile.mkstemp(
-                prefix=f".{os.path.basename(self.dst)}.", suffix=".part", dir=self.dir)
+            self.fd, self.tmp_path = make_temp(self.dst, self.dir)
             os.fchmod(self.fd, self.mode)
 
     def commit(self, *, sync: bool = True) -> None:
@@ -47,8 +47,7 @@ class AtomicOutput:
         if self.tmp_path is None:
             name = None
             for _ in range(100):
-                name = os.path.join(self.dir, f".{os.path.basename(self.dst)}."
-                                              f"{os.urandom(6).hex()}.part")
+                name = temp_name(self.dst)
                 # linkat(AT_SYMLINK_FOLLOW) on the /proc magic link; CPython only uses
                 # linkat (rather than link) when a dir fd is given, hence src_dir_fd.
                 dfd = os.open(self.dir, os.O_RDONLY | os.O_CLOEXEC)

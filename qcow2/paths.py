@@ -1,0 +1,60 @@
+"""File names: which names an image may refer to, how a stored name is resolved, and
+how the temporary names of outputs in progress are spelled.
+
+Every module that makes or recognises a temporary output name goes through here, so
+the cache manager's stale-temporary sweep and the writers always agree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+from .errors import UnsafeImageError
+
+#: Suffix of every temporary output we create: ``.<final name>.<random>.part``.
+TEMP_SUFFIX = ".part"
+
+_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+_TEMP_RE = re.compile(r"^\.(.+)\.[^.]+\.part$")
+
+
+def check_file_name(name: str, what: str) -> None:
+    """Refuse pseudo-file names that would make us open something other than a file."""
+    if name.startswith("json:") or _PROTOCOL_RE.match(name):
+        raise UnsafeImageError(f"{what} {name!r} uses a protocol prefix or json: "
+                               f"pseudo-filename; only plain file names are allowed")
+    if "\0" in name:
+        raise UnsafeImageError(f"{what} {name!r} contains a NUL byte")
+
+
+def combine_path(base_filename: str, name: str) -> str:
+    """Resolve a name stored in an image against the image's own folder (QEMU's path_combine)."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(base_filename), name)
+
+
+def temp_name(dst: str) -> str:
+    """A fresh hidden temporary name beside ``dst`` (not created)."""
+    d = os.path.dirname(os.path.abspath(dst)) or "."
+    return os.path.join(d, f".{os.path.basename(dst)}.{os.urandom(6).hex()}{TEMP_SUFFIX}")
+
+
+def make_temp(dst: str, directory: str | None = None) -> tuple[int, str]:
+    """Create a hidden temporary file for ``dst`` (in ``directory``, default beside
+    it); returns ``(fd, path)`` as ``tempfile.mkstemp`` does."""
+    d = directory or os.path.dirname(os.path.abspath(dst)) or "."
+    return tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=TEMP_SUFFIX, dir=d)
+
+
+def temp_owner(entry: str) -> str | None:
+    """The final name a temporary output name ``entry`` was made for, or None."""
+    m = _TEMP_RE.match(entry)
+    return m.group(1) if m else None
+
+
+def is_temp_for(entry: str, name: str) -> bool:
+    """True when ``entry`` is one of our temporary names for the output ``name``."""
+    return entry.startswith(f".{name}.") and entry.endswith(TEMP_SUFFIX)
