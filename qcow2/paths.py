@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 
 from .errors import UnsafeImageError
 
@@ -45,6 +44,8 @@ def temp_name(dst: str) -> str:
 def make_temp(dst: str, directory: str | None = None) -> tuple[int, str]:
     """Create a hidden temporary file for ``dst`` (in ``directory``, default beside
     it); returns ``(fd, path)`` as ``tempfile.mkstemp`` does."""
+    import tempfile                     # not at import: ~10 ms of every CLI start
+
     d = directory or os.path.dirname(os.path.abspath(dst)) or "."
     return tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=TEMP_SUFFIX, dir=d)
 
