@@ -32,7 +32,7 @@ def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = 
     fields (``max_virtual_size=``, ``max_metadata=``, ``max_scan_cpu=``,
     ``max_backing_depth=``) set the caps.
     """
-    from .image import open_image
+    from .opener import open_image
     if limits is not None or limit_overrides:
         from .untrusted import resolve
         limits = resolve(limits, **limit_overrides)

@@ -130,7 +130,7 @@ def _compressed_offset(path, index):
 
 @pytest.mark.parametrize("serial", [False, True])
 def test_big_compressed_reads(compressed, engine, serial):
-    from qcow2.image import serial_reads
+    from qcow2.reader import serial_reads
     import contextlib
     path, want = compressed
     with engine.open(path) as img, (serial_reads() if serial else contextlib.nullcontext()):
@@ -142,7 +142,7 @@ def test_big_compressed_reads(compressed, engine, serial):
 @pytest.mark.parametrize("index", [0, 5, 33, 62])       # first half, second half, last
 @pytest.mark.parametrize("serial", [False, True])
 def test_big_compressed_read_names_the_bad_cluster(compressed, engine, index, serial):
-    from qcow2.image import serial_reads
+    from qcow2.reader import serial_reads
     import contextlib
     path, want = compressed
     coff = _compressed_offset(path, index)
