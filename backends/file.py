@@ -14,6 +14,7 @@ if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
 
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+_DEVICE_BLOCK = 4096        # a multiple of every logical block size Linux supports
 
 
 class FileBackend(Backend):
@@ -152,9 +153,24 @@ class FileBackend(Backend):
 
     def punch_hole(self, offset: int, length: int) -> None:
         from . import fallocate         # (ctypes: not on the CLI's start path)
+        if self.is_block_device:
+            # a device deallocates whole blocks only: zeros are written around them
+            a = min((offset + _DEVICE_BLOCK - 1) // _DEVICE_BLOCK * _DEVICE_BLOCK,
+                    offset + length)
+            b = max(a, (offset + length) // _DEVICE_BLOCK * _DEVICE_BLOCK)
+            self.write_zeros(offset, a - offset)
+            self.write_zeros(b, offset + length - b)
+            offset, length = a, b - a
+            if not length:
+                return
         fallocate.punch_hole(self.fd, offset, length)
 
     def allocate(self, offset: int, length: int) -> None:
+        if self.is_block_device:
+            # a device's blocks all exist already; it cannot grow
+            if offset + length > self.size():
+                raise OSError(errno.ENOSPC, "past the end of the device", self.name)
+            return
         from . import fallocate
         fallocate.allocate(self.fd, offset, length)
 

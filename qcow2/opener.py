@@ -26,20 +26,11 @@ from .backends import Backend, FileBackend
 from .errors import Qcow2Error, ReadOnlyError, UnsafeImageError, UnsupportedFeatureError
 from .image import Image, RawImage
 from .paths import check_file_name, combine_path
+from .probe import probe_format
 from .reader import Qcow2Image
 
 _MODES = ("r", "rb", "r+", "rb+", "r+b")
 _FORMATS = (None, "qcow2", "raw")
-
-
-def probe_format(backend: Backend) -> str:
-    """qcow2 when the magic is there and the version is at least 2 (QEMU's rule: the
-    magic with version 1 is the older qcow format, not ours); raw otherwise."""
-    head = backend.pread(8, 0)
-    if len(head) == 8 and head[:4] == C.MAGIC and \
-            struct.unpack_from(">I", head, C.HDR_VERSION)[0] >= 2:
-        return "qcow2"
-    return "raw"
 
 
 def _dirty_v3(backend: Backend) -> bool:
@@ -191,4 +182,4 @@ class _Companions:
         return be, path
 
 
-__all__ = ["open_image", "probe_format"]
+__all__ = ["open_image"]

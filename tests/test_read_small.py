@@ -8,13 +8,12 @@ import random
 import shutil
 
 import pytest
+from helpers import COPIED, CS, poke64, run, u64
 
 import oracle
 
 pytestmark = pytest.mark.skipif(not shutil.which("qemu-img") or not shutil.which("qemu-io"),
                                 reason="qemu-img/qemu-io not installed")
-
-from helpers import CS, COPIED, poke64, run, u64
 
 
 def l2_off(path):
