@@ -172,7 +172,7 @@ class _Companions:
             raise UnsafeImageError(f"image '{img.filename}' uses an external data file "
                                    f"{name!r}; untrusted mode opens no other file")
         path = combine_path(img.filename, name)
-        writable = img.be.writable
+        writable = img.writable                    # (the writer's, before its __init__ ran)
         be = _open_file(path, writable)
         try:
             be.lock(write=writable, force_share=self.force_share)

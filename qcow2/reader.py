@@ -157,7 +157,7 @@ class Qcow2Image(Image):
             if snapshot is not None:
                 self._select_snapshot(snapshot)
             if h.has_data_file and companions is not None and (
-                    companions.open_backing or self.be.writable):
+                    companions.open_backing or self.writable):
                 self.data_be, self.data_filename = companions.data_file(self)
                 self.data_display_name = h.data_file      # as stored: what map prints
             elif h.has_data_file:

@@ -51,6 +51,8 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
     from the mixins.  Every public method takes the image's lock.
     """
 
+    writable = True
+
     def __init__(self, backend, filename, **kw):
         super().__init__(backend, filename, **kw)
         h = self.header
@@ -67,7 +69,6 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
             # image that became dirty in between is refused rather than trusted
             raise Qcow2Error(f"'{self.filename}' has the dirty bit set: its refcounts "
                              f"must be rebuilt before writing (qcow2 check -r all)")
-        self.writable = True
         # the reader's cache holds no table yet: one that writes back through the
         # overlap check replaces it
         self._l2c = TableCache(h.cluster_size, self._l2c.max_tables * h.cluster_size,
@@ -450,6 +451,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         if offset % cs or offset + len(raw) > self.size or len(raw) > len(comps) * cs:
             raise ValueError("compressed writes take whole, aligned clusters")
         self._refuse_compressed_with_data_file()
+        shift = 62 - (self.cluster_bits - 8)    # (_compressed_entry, inlined: per cluster)
         mask = self._l2_entries - 1
         written = 0
         with self._lock:
@@ -483,7 +485,9 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
                     run.append(comp)
                     run_end = host + len(comp)
                     written += len(comp)
-                    self._set_entry(table, toff, i, self._compressed_entry(host, len(comp)), 0)
+                    nb = ((host + len(comp) - 1) >> 9) - (host >> 9)
+                    self._set_entry(table, toff, i,
+                                    C.OFLAG_COMPRESSED | (nb << shift) | host, 0)
                     self._free_entry(old, oldb)
             finally:
                 # the entries set above point at this data: it goes out before any

@@ -407,6 +407,10 @@ def test_store_locks_and_ownership(tmp_path):
     with qcow2.open(be, "r+") as img:
         img.pwrite(b"x" * 512, 0)
     assert be.pread(4, 0) == b"QFI\xfb"             # still open, holding the image
+    with qcow2.open(be) as img:                     # a writable store, opened to read
+        assert not img.writable
+        with pytest.raises(qcow2.ReadOnlyError):
+            img.pwrite(b"y", 0)
     ro = MemoryBackend(be.getvalue(), writable=False)
     with pytest.raises(qcow2.ReadOnlyError, match="read-only"):
         qcow2.open(ro, "r+")
