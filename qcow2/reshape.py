@@ -16,7 +16,8 @@ from .errors import Qcow2Error, UnsupportedFeatureError
 from .header import pack_header
 from .paths import check_file_name, combine_path
 
-_PREALLOCATION = ("off", "metadata", "falloc", "full")
+#: resize's preallocation modes for the new area (qemu-img resize --preallocation)
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 
 
 class Reshape:
@@ -32,7 +33,7 @@ class Reshape:
         shrinking, so a crash never exposes a size the tables do not cover.
         ``preallocation`` (growing): "metadata" maps the new clusters, "falloc" also
         reserves their space, "full" also writes zeros."""
-        if preallocation not in _PREALLOCATION:
+        if preallocation not in PREALLOCATION_MODES:
             raise ValueError(f"invalid preallocation mode {preallocation!r}")
         if new_size % 512:
             raise Qcow2Error("The new size must be a multiple of 512")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from ..errors import InvalidOptionError
 from ..opener import open_image
+from ..reshape import PREALLOCATION_MODES
 from ..units import parse_size
-
-PREALLOC = ("off", "metadata", "falloc", "full")
 
 
 def parse_resize(text, current: int) -> int:
@@ -29,7 +28,7 @@ def resize(path, size, *, format: str | None = None, shrink: bool = False,
     the new virtual size (of a raw image: its new length).  Shrinking needs
     ``shrink=True``, as in qemu-img; internal snapshots keep their own sizes and
     tables."""
-    if preallocation not in PREALLOC:
+    if preallocation not in PREALLOCATION_MODES:
         raise InvalidOptionError(f"Invalid preallocation mode: '{preallocation}'")
     with open_image(path, "r+", format=format) as img:
         new = parse_resize(size, img.size)
