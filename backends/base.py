@@ -1,22 +1,31 @@
-"""The backend interface."""
+"""The backend interface: a byte store with positional I/O and capability properties."""
 
 from __future__ import annotations
 
 import abc
+import errno
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
-    from typing import Iterator
+    from typing import Hashable, Iterator
+
+_ZERO_CHUNK = 1 << 20
 
 
 class Backend(abc.ABC):
     """A byte store with positional reads and writes.
 
     Capability properties tell callers what the store can do cheaply, so that
-    operations pick the best strategy (hole punching, SEEK_DATA, copy offload)
-    without probing by trial and error.
+    operations pick the best strategy (hole punching, SEEK_DATA) without probing by
+    trial and error.  Subclasses must supply ``size`` and ``readinto``; a writable
+    store also ``pwrite`` and ``truncate``.  What a store cannot do raises ``OSError``
+    with an errno (EROFS: read-only, EOPNOTSUPP: not supported, EBADF: closed).
+    The operations that mean nothing for some stores (``lock``, ``flush``,
+    ``close``) are explicit no-ops here.
     """
 
-    #: a name for messages (usually the path)
+    #: a name for messages (usually the path); names stored in an image (its backing
+    #: file) are resolved against it as against a path
     name: str = "<backend>"
     #: opened for writing
     writable: bool = False
@@ -29,15 +38,23 @@ class Backend(abc.ABC):
 
     @property
     def can_punch_holes(self) -> bool:
+        """``punch_hole`` works (the range then reads as zeros)."""
         return False
 
     @property
-    def fileno_or_none(self) -> int | None:
-        """A file descriptor for zero-copy paths (copy_file_range), or None."""
-        return None
+    def can_resize(self) -> bool:
+        """``truncate`` works (a block device has the size it has)."""
+        return False
+
+    def identity(self) -> Hashable:
+        """Which store this is: two backends on the same store (a file opened twice)
+        have equal identities (backing chains use it to refuse loops)."""
+        return ("object", id(self))
 
     def lock(self, *, write: bool, force_share: bool = False) -> None:
-        """Take the store's access locks (no-op where the store has none)."""
+        """Take the store's access locks.  A store without locks (memory) has nothing
+        to take: every open succeeds."""
+        return None
 
     # -- reading -----------------------------------------------------------
     @abc.abstractmethod
@@ -69,19 +86,42 @@ class Backend(abc.ABC):
 
     # -- writing -----------------------------------------------------------
     def pwrite(self, data, offset: int) -> int:
-        raise OSError(30, "backend is read-only", self.name)
+        """Write all of ``data`` at ``offset`` (the store grows as needed)."""
+        raise OSError(errno.EROFS, "backend is read-only", self.name)
 
     def truncate(self, size: int) -> None:
-        raise OSError(30, "backend is read-only", self.name)
+        """Cut or extend (with zeros) the store to ``size`` bytes."""
+        raise OSError(errno.EROFS, "backend is read-only", self.name)
 
     def punch_hole(self, offset: int, length: int) -> None:
-        raise OSError(95, "hole punching not supported", self.name)
+        """Deallocate [offset, offset+length) inside the store; it reads zeros after."""
+        raise OSError(errno.EOPNOTSUPP, "hole punching not supported", self.name)
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve storage for [offset, offset+length), extending the store if it
+        ends before (as posix_fallocate).  A store that allocates as it is written
+        (this default) only extends."""
+        if self.size() < offset + length:
+            self.truncate(offset + length)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Write explicit zeros over [offset, offset+length) (allocating them)."""
+        zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.pwrite(zeros[:n], offset)
+            offset += n
 
     def flush(self) -> None:
-        """Make written data durable."""
+        """Make written data durable.  A store with nothing below it to sync
+        (memory) is always as durable as it gets."""
+        return None
 
     def close(self) -> None:
-        """Release the store."""
+        """Release the store.  A store holding no resource but memory has nothing to
+        release; it stays readable."""
+        return None
 
     def __enter__(self):
         return self

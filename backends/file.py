@@ -5,14 +5,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
-TYPE_CHECKING = False
-if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
-    from typing import Iterator
 
 from .base import Backend
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
+    from typing import Hashable, Iterator
+
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+_DEVICE_BLOCK = 4096        # a multiple of every logical block size Linux supports
 
 
 class FileBackend(Backend):
@@ -53,28 +55,30 @@ class FileBackend(Backend):
         return self.writable and hasattr(os, "posix_fallocate")
 
     @property
-    def fileno_or_none(self) -> int | None:
-        return self.fd
+    def can_resize(self) -> bool:
+        return self.writable and not self.is_block_device
 
     def fileno(self) -> int:
         return self.fd
 
-    def stat(self) -> os.stat_result:
-        return os.fstat(self.fd)
+    def identity(self) -> Hashable:
+        """The file itself (device and inode), whatever name opened it."""
+        st = os.fstat(self.fd)
+        return ("file", st.st_dev, st.st_ino)
 
     def lock(self, *, write: bool, force_share: bool = False) -> None:
         """Take QEMU-compatible image locks: a reader excludes writers (unless
         ``force_share``), a writer excludes every other writer and reader."""
-        from . import _lock
+        from . import qemu_locks as L
         if write:
-            perm = _lock.PERM_CONSISTENT_READ | _lock.PERM_WRITE | _lock.PERM_RESIZE
-            shared = _lock.PERM_CONSISTENT_READ | _lock.PERM_WRITE_UNCHANGED
+            perm = L.PERM_CONSISTENT_READ | L.PERM_WRITE | L.PERM_RESIZE
+            shared = L.PERM_CONSISTENT_READ | L.PERM_WRITE_UNCHANGED
         elif force_share:
             return
         else:
-            perm = _lock.PERM_CONSISTENT_READ
-            shared = _lock.PERM_ALL & ~_lock.PERM_WRITE & ~_lock.PERM_RESIZE
-        _lock.apply_locks(self.fd, perm, shared, self.name)
+            perm = L.PERM_CONSISTENT_READ
+            shared = L.PERM_ALL & ~L.PERM_WRITE & ~L.PERM_RESIZE
+        L.apply_locks(self.fd, perm, shared, self.name)
 
     # -- reading -----------------------------------------------------------
     def size(self) -> int:
@@ -148,8 +152,27 @@ class FileBackend(Backend):
         os.ftruncate(self.fd, size)
 
     def punch_hole(self, offset: int, length: int) -> None:
-        from . import fallocate
+        from . import fallocate         # (ctypes: not on the CLI's start path)
+        if self.is_block_device:
+            # a device deallocates whole blocks only: zeros are written around them
+            a = min((offset + _DEVICE_BLOCK - 1) // _DEVICE_BLOCK * _DEVICE_BLOCK,
+                    offset + length)
+            b = max(a, (offset + length) // _DEVICE_BLOCK * _DEVICE_BLOCK)
+            self.write_zeros(offset, a - offset)
+            self.write_zeros(b, offset + length - b)
+            offset, length = a, b - a
+            if not length:
+                return
         fallocate.punch_hole(self.fd, offset, length)
+
+    def allocate(self, offset: int, length: int) -> None:
+        if self.is_block_device:
+            # a device's blocks all exist already; it cannot grow
+            if offset + length > self.size():
+                raise OSError(errno.ENOSPC, "past the end of the device", self.name)
+            return
+        from . import fallocate
+        fallocate.allocate(self.fd, offset, length)
 
     def flush(self) -> None:
         if self.writable:

@@ -1,15 +1,31 @@
-"""An in-memory backend: for tests, models and scratch images."""
+"""An in-memory store: images that live in a ``bytearray`` (tests, models, scratch
+images, images received over the network), and the reference every other backend is
+compared with in the conformance tests."""
 
 from __future__ import annotations
+
+import errno
 
 from .base import Backend
 
 
 class MemoryBackend(Backend):
-    def __init__(self, data: bytes | bytearray = b"", *, writable: bool = True, name: str = "<memory>"):
+    """A growable byte buffer.  ``getvalue()`` returns the bytes; ``close()`` has
+    nothing to release (the buffer stays readable), locks and flushes are no-ops."""
+
+    def __init__(self, data: bytes | bytearray = b"", *, writable: bool = True,
+                 name: str = "<memory>"):
         self._buf = bytearray(data)
         self.writable = writable
         self.name = name
+
+    @property
+    def can_punch_holes(self) -> bool:
+        return self.writable
+
+    @property
+    def can_resize(self) -> bool:
+        return self.writable
 
     def size(self) -> int:
         return len(self._buf)
@@ -19,12 +35,15 @@ class MemoryBackend(Backend):
         if offset >= len(self._buf):
             return 0
         n = min(len(mv), len(self._buf) - offset)
-        mv[:n] = self._buf[offset:offset + n]
+        mv[:n] = memoryview(self._buf)[offset:offset + n]
         return n
 
-    def pwrite(self, data, offset: int) -> int:
+    def _refuse_read_only(self) -> None:
         if not self.writable:
-            return super().pwrite(data, offset)
+            raise OSError(errno.EROFS, "backend is read-only", self.name)
+
+    def pwrite(self, data, offset: int) -> int:
+        self._refuse_read_only()
         mv = memoryview(data).cast("B")
         end = offset + len(mv)
         if end > len(self._buf):
@@ -33,21 +52,18 @@ class MemoryBackend(Backend):
         return len(mv)
 
     def truncate(self, size: int) -> None:
-        if not self.writable:
-            return super().truncate(size)
+        self._refuse_read_only()
         if size < len(self._buf):
             del self._buf[size:]
         else:
             self._buf.extend(bytes(size - len(self._buf)))
 
-    @property
-    def can_punch_holes(self) -> bool:
-        return self.writable
-
     def punch_hole(self, offset: int, length: int) -> None:
+        self._refuse_read_only()
         end = min(offset + length, len(self._buf))
         if offset < end:
             self._buf[offset:end] = bytes(end - offset)
 
     def getvalue(self) -> bytes:
+        """A copy of the whole store."""
         return bytes(self._buf)

@@ -22,7 +22,9 @@ __version__ = "0.1.0"
 def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
          snapshot: str | int | None = None, force_share: bool = False, backing: bool = True,
          limits=None, **limit_overrides):
-    """Open a qcow2 or raw image.
+    """Open a qcow2 or raw image: ``path`` names a file, or is a store (a
+    ``qcow2.backends.Backend``, e.g. ``MemoryBackend(data)``) that the image then
+    reads and writes through and leaves open on close (see ``qcow2.opener``).
 
     ``format`` None probes (qcow2 or raw); ``snapshot`` reads an internal snapshot (by id
     or name) instead of the active layer; ``backing=False`` leaves the backing chain
@@ -32,7 +34,7 @@ def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = 
     fields (``max_virtual_size=``, ``max_metadata=``, ``max_scan_cpu=``,
     ``max_backing_depth=``) set the caps.
     """
-    from .image import open_image
+    from .opener import open_image
     if limits is not None or limit_overrides:
         from .untrusted import resolve
         limits = resolve(limits, **limit_overrides)

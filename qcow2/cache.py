@@ -17,8 +17,12 @@ if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
 
 
 class TableCache:
+    """Tables of ``table_size`` bytes, at most ``max_bytes`` of them (at least 8 tables):
+    ``read(n, offset)`` loads one, ``write(data, offset)`` writes one back."""
+
     def __init__(self, table_size: int, max_bytes: int, read: Callable[[int, int], bytes],
-                 write: Callable[[bytes, int], None], on_pressure: Callable[[], None] | None = None):
+                 write: Callable[[bytes, int], None],
+                 on_pressure: Callable[[], None] | None = None):
         self.table_size = table_size
         self.max_tables = max(8, max_bytes // table_size)
         self._read = read

@@ -113,6 +113,13 @@ BITMAP_EXT_SIZE = 24
 # -- engine limits -------------------------------------------------------------
 MAX_BACKING_DEPTH = 16                # backing chain depth (QEMU's loop guard is similar)
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+REFCOUNT_CACHE_BYTES = 4 * 1024 * 1024        # refcount blocks cached by a writer
+
+# (added with the engine: reader, writer, reshape, internal snapshots)
+# Extended L2 entries' subcluster bitmap (Extended L2 Entries): bits 0-31 say a
+# subcluster is allocated, bits 32-63 that it reads as zeros.
+L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
+L2_BITMAP_ALL_ZERO = 0xFFFFFFFF << 32
 
 # Kinds of guest ranges produced by the L2 decoder (qcow2.kernels mirrors these).
 KIND_UNALLOC = 0          # no host cluster: backing data, or zeros

@@ -359,7 +359,7 @@ def prepare(path, size=None, *, format: str = "qcow2", backing_file=None, backin
 
 def _open_backing(full: str, fmt: str | None) -> tuple[str, int]:
     """Open the backing file (not its own chain) as qemu-img does: (format, virtual size)."""
-    from .image import open_image
+    from .opener import open_image
 
     try:
         with open_image(full, format=fmt, backing=False) as img:

@@ -1,6 +1,11 @@
 """Writing qcow2 images: allocation, copy-on-write, zero writes, discard, compressed
 clusters, and an ordered flush that keeps the image consistent across crashes.
 
+Changes to the whole image (resize, the L1 table's size, the backing file, the format
+version, the refcount width) come from :class:`qcow2.reshape.Reshape`, internal
+snapshots from :class:`qcow2.internal_snapshots.InternalSnapshots`; both are mixed
+into :class:`WritableQcow2Image` and use its tables, refcounts and flush.
+
 Crash safety comes from one rule, applied by :meth:`WritableQcow2Image.flush`:
 nothing on disk ever points at something that is not durable yet.
 
@@ -26,15 +31,27 @@ from . import constants as C
 from .atomic import copy_range
 from .cache import TableCache
 from .errors import CorruptImageError, Qcow2Error, ReadOnlyError, UnsupportedFeatureError
-from .image import Qcow2Image, _zero_fill
+from .image import zero_fill
+from .internal_snapshots import InternalSnapshots
+from .overlap import GUEST_DATA, HEADER_FIELD, MetadataMap
+from .reader import Qcow2Image
 from .refcount import Refcounts
+from .reshape import Reshape
 
-_ALL_ALLOC = 0xFFFFFFFF
-_ALL_ZERO = 0xFFFFFFFF << 32
+_ALL_ALLOC = C.L2_BITMAP_ALL_ALLOC
+_ALL_ZERO = C.L2_BITMAP_ALL_ZERO
 
 
-class WritableQcow2Image(Qcow2Image):
-    """A qcow2 image opened with ``mode="r+"``."""
+class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
+    """A qcow2 image opened with ``mode="r+"``.
+
+    Guest writes: ``pwrite``, ``write_zeroes``, ``discard``, ``write_compressed*``;
+    ``flush`` makes them durable in a crash-safe order; whole-image changes
+    (``resize``, ``grow_l1``, ``discard_all``, ``set_backing``, snapshots, ...) come
+    from the mixins.  Every public method takes the image's lock.
+    """
+
+    writable = True
 
     def __init__(self, backend, filename, **kw):
         super().__init__(backend, filename, **kw)
@@ -52,15 +69,14 @@ class WritableQcow2Image(Qcow2Image):
             # image that became dirty in between is refused rather than trusted
             raise Qcow2Error(f"'{self.filename}' has the dirty bit set: its refcounts "
                              f"must be rebuilt before writing (qcow2 check -r all)")
-        self.writable = True
-        self._l2c._write = lambda d, o: self._write_meta(d, o, "L2 table")
-        self._rc_cache = TableCache(h.cluster_size, 4 << 20, self._read_meta,
-                                    lambda d, o: self._write_meta(d, o, "refcount block"),
-                                    on_pressure=self._cache_pressure)
-        self.refs = Refcounts(self, self._rc_cache)
-        self.refs.on_zero = self._meta_forget
+        # the reader's cache holds no table yet: one that writes back through the
+        # overlap check replaces it
+        self._l2c = TableCache(h.cluster_size, self._l2c.max_tables * h.cluster_size,
+                               self._read_meta, lambda d, o: self._write_meta(d, o, "L2 table"),
+                               on_pressure=self._cache_pressure)
+        self._overlap = MetadataMap(h.cluster_bits)
+        self._open_refcounts()
         self._l1_dirty: set[int] = set()
-        self._header_dirty = False
         self._free_byte_offset = 0
         self._compressor = None
         self._closed = False
@@ -71,8 +87,7 @@ class WritableQcow2Image(Qcow2Image):
         self._dtls = threading.local()  # per-thread deferred data writes (defer_data)
         self._copy_lock = threading.Lock()
         self._l1_table()
-        self._meta: dict[int, str] = {}
-        self._build_meta()
+        self._rebuild_overlap_map()
         if h.autoclear_features & ~C.AUTOCLEAR_MASK or (
                 h.bitmaps_ext is not None and h.bitmaps_consistent):
             # We do not maintain persistent bitmaps or unknown autoclear features:
@@ -80,80 +95,47 @@ class WritableQcow2Image(Qcow2Image):
             self._clear_autoclear()
 
     # -- low level -------------------------------------------------------------
-    def _header_extent(self) -> int:
-        """Bytes in use at the start of the first cluster (header, extensions, name)."""
-        raw = self.be.pread(self.cluster_size, 0)
-        end = len(raw.rstrip(b"\0"))
-        return end
+    def _open_refcounts(self) -> None:
+        """The refcount machinery over the structure the header names now."""
+        self._rc_cache = TableCache(self.cluster_size, C.REFCOUNT_CACHE_BYTES, self._read_meta,
+                                    lambda d, o: self._write_meta(d, o, "refcount block"),
+                                    on_pressure=self._cache_pressure)
+        self.refs = Refcounts(self, self._rc_cache)
+        self.refs.on_zero = self._overlap.forget
 
     def _write_meta(self, data, offset: int, kind: str = "metadata") -> None:
         if offset < self.cluster_size:
-            kind = "header field"
-        elif kind not in ("metadata",):
-            self._check_overlap(offset, len(data), kind)
+            kind = HEADER_FIELD
+        elif kind != "metadata":
+            why = self._overlap.conflict(offset, len(data), kind)
+            if why is not None:
+                self._mark_corrupt(why)
         self.be.pwrite(data, offset)
         end = offset + len(data)
         if end > self.file_size:
             self.file_size = end
 
-    # -- overlap protection (QEMU's qcow2_pre_write_overlap_check) ----------------
-    def _meta_add(self, offset: int, length: int, kind: str) -> None:
-        cb = self.cluster_bits
-        for c in range(offset >> cb, (offset + length - 1 >> cb) + 1):
-            self._meta[c] = kind
+    def _write_header_field(self, offset: int, fmt: str, *values) -> None:
+        """Write header fields at ``offset`` (a ``C.HDR_*``) in place; not synced."""
+        self.be.pwrite(struct.pack(fmt, *values), offset)
 
+    # -- overlap protection (QEMU's qcow2_pre_write_overlap_check) ----------------
     def _claim(self, offset: int, length: int, kind: str) -> None:
         """Newly allocated clusters must not hold metadata already (a refcount that
         says "free" for a table would otherwise make us overwrite it)."""
-        cb = self.cluster_bits
-        for c in range(offset >> cb, (offset + length - 1 >> cb) + 1):
-            there = self._meta.get(c)
-            if there is not None:
-                self._mark_corrupt(f"cluster {c << cb:#x} allocated for {kind} is in use by "
-                                   f"{there} (its refcount is 0); metadata overlap")
-            if kind != "guest data":
-                self._meta[c] = kind
+        why = self._overlap.claim(offset, length, kind)
+        if why is not None:
+            self._mark_corrupt(why)
 
-    def _meta_forget(self, cluster: int) -> None:
-        self._meta.pop(cluster, None)
-
-    def _build_meta(self) -> None:
-        """Every cluster holding metadata of the active layer, and what it holds."""
-        h = self.header
-        cs = self.cluster_size
-        self._meta = {0: "the header"}
-        if self._l1_entries:
-            self._meta_add(self._l1_offset, self._l1_entries * 8, "the active L1 table")
-        for e in self._l1:
-            if e & C.L1E_OFFSET_MASK:
-                self._meta[(e & C.L1E_OFFSET_MASK) >> self.cluster_bits] = "L2 table"
-        self._meta_add(h.refcount_table_offset, h.refcount_table_clusters * cs,
-                       "the refcount table")
-        for e in self.refs.table:
-            if e & C.REFT_OFFSET_MASK:
-                self._meta[(e & C.REFT_OFFSET_MASK) >> self.cluster_bits] = "refcount block"
-        if h.nb_snapshots:
-            size = sum(sn.entry_size for sn in self.snapshots_list)
-            self._meta_add(h.snapshots_offset, max(size, 1), "the snapshot table")
-            for sn in self.snapshots_list:
-                if sn.l1_size:
-                    self._meta_add(sn.l1_table_offset, sn.l1_size * 8, "a snapshot L1 table")
-
-    def _check_overlap(self, offset: int, n: int, kind: str) -> None:
-        cb = self.cluster_bits
-        meta = self._meta
-        for c in range(offset >> cb, (offset + n - 1 >> cb) + 1):
-            there = meta.get(c)
-            if there is not None and there != kind and not (
-                    kind == "header field" and there == "the header"):
-                self._mark_corrupt(f"writing {kind} at {offset:#x} ({n} bytes) would "
-                                   f"overwrite {there} at {c << cb:#x}; metadata overlap")
+    def _rebuild_overlap_map(self) -> None:
+        self._overlap.rebuild(self.header, self._l1_offset, self._l1, self.refs.table,
+                              self.snapshots_list)
 
     def _mark_corrupt(self, why: str):
         h = self.header
         h.incompatible_features |= C.INCOMPAT_CORRUPT
         try:
-            self.be.pwrite(struct.pack(">Q", h.incompatible_features), 0x48)
+            self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q", h.incompatible_features)
             self.be.flush()
         finally:
             raise CorruptImageError(f"qcow2: Marking image as corrupt: {why}; further "
@@ -201,7 +183,9 @@ class WritableQcow2Image(Qcow2Image):
         """Write guest data at ``host``; ``src`` (fd, offset, state): the same bytes lie
         in that file, copy them in the kernel (copy_file_range) while ``state[0]``."""
         if self.data_be is self.be:
-            self._check_overlap(host, len(data), "guest data")
+            why = self._overlap.conflict(host, len(data), GUEST_DATA)
+            if why is not None:
+                self._mark_corrupt(why)
         pending = getattr(self._dtls, "pending", None)
         if pending is not None:
             # deferred (see defer_data): the caller writes it outside the lock
@@ -233,14 +217,15 @@ class WritableQcow2Image(Qcow2Image):
             # Refcounts stay exact here, but mark the image dirty while it is open
             # for writing with lazy refcounts, as QEMU does.
             self.header.incompatible_features |= C.INCOMPAT_DIRTY
-            self.be.pwrite(struct.pack(">Q", self.header.incompatible_features), 0x48)
+            self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q",
+                                     self.header.incompatible_features)
             self.be.flush()
             self._marked_dirty = True
 
     def _clear_autoclear(self) -> None:
         h = self.header
         h.autoclear_features &= C.AUTOCLEAR_DATA_FILE_RAW
-        self.be.pwrite(struct.pack(">Q", h.autoclear_features), 0x58)
+        self._write_header_field(C.HDR_AUTOCLEAR_FEATURES, ">Q", h.autoclear_features)
         self.be.flush()
 
     def _cache_pressure(self) -> None:
@@ -406,13 +391,20 @@ class WritableQcow2Image(Qcow2Image):
             self.flush()
             if self._marked_dirty:
                 self.header.incompatible_features &= ~C.INCOMPAT_DIRTY
-                self.be.pwrite(struct.pack(">Q", self.header.incompatible_features), 0x48)
+                self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q",
+                                         self.header.incompatible_features)
                 self.be.flush()
         finally:
             self._closed = True
             super().close()
 
     # -- compressed clusters --------------------------------------------------------
+    def _refuse_compressed_with_data_file(self) -> None:
+        if self.data_be is not self.be:
+            raise UnsupportedFeatureError("compressed clusters cannot be written to images "
+                                          "with an external data file",
+                                          feature="compression with data file")
+
     def write_compressed(self, data, offset: int) -> None:
         """Write one whole cluster compressed (zlib or zstd as the image says); a
         cluster that does not compress is written normally, as QEMU does.  The last
@@ -421,10 +413,7 @@ class WritableQcow2Image(Qcow2Image):
         cs = self.cluster_size
         if offset % cs or (len(mv) != cs and offset + len(mv) != self.size) or len(mv) > cs:
             raise ValueError("compressed writes take whole, aligned clusters")
-        if self.data_be is not self.be:
-            raise UnsupportedFeatureError("compressed clusters cannot be written to images "
-                                          "with an external data file",
-                                          feature="compression with data file")
+        self._refuse_compressed_with_data_file()
         if self._compressor is None:
             self._compressor = self.kernels.Compressor(self.header.compression_type, cs)
         if len(mv) < cs:
@@ -448,10 +437,7 @@ class WritableQcow2Image(Qcow2Image):
             old, oldb = self._entry(table, i)
             host = self._alloc_bytes(len(comp))
             self._write_data(comp, host)
-            nb = ((host + len(comp) - 1) >> 9) - (host >> 9)
-            shift = 62 - (self.cluster_bits - 8)
-            e = C.OFLAG_COMPRESSED | (nb << shift) | host
-            self._set_entry(table, toff, i, e, 0)
+            self._set_entry(table, toff, i, self._compressed_entry(host, len(comp)), 0)
             self._free_entry(old, oldb)
 
     def write_compressed_many(self, offset: int, comps, raw) -> int:
@@ -464,11 +450,8 @@ class WritableQcow2Image(Qcow2Image):
         raw = memoryview(raw).cast("B")
         if offset % cs or offset + len(raw) > self.size or len(raw) > len(comps) * cs:
             raise ValueError("compressed writes take whole, aligned clusters")
-        if self.data_be is not self.be:
-            raise UnsupportedFeatureError("compressed clusters cannot be written to images "
-                                          "with an external data file",
-                                          feature="compression with data file")
-        shift = 62 - (self.cluster_bits - 8)
+        self._refuse_compressed_with_data_file()
+        shift = 62 - (self.cluster_bits - 8)    # (_compressed_entry, inlined: per cluster)
         mask = self._l2_entries - 1
         written = 0
         with self._lock:
@@ -512,6 +495,12 @@ class WritableQcow2Image(Qcow2Image):
                 if run:
                     self._write_data(b"".join(run), run_host)
         return written
+
+    def _compressed_entry(self, host: int, length: int) -> int:
+        """The L2 descriptor of ``length`` compressed bytes at ``host`` (spec:
+        "Compressed Clusters Descriptor": the count of further 512-byte sectors)."""
+        sectors = ((host + length - 1) >> 9) - (host >> 9)
+        return C.OFLAG_COMPRESSED | (sectors << (62 - (self.cluster_bits - 8))) | host
 
     def _alloc_bytes(self, size: int) -> int:
         """QEMU's qcow2_alloc_bytes: pack compressed clusters back to back; every host
@@ -671,11 +660,11 @@ class WritableQcow2Image(Qcow2Image):
                     part = bv[(s - first) * sc:(s - first + 1) * sc]
                     g = cstart + s * sc
                     if bm & (1 << (32 + s)):
-                        _zero_fill(part)
+                        zero_fill(part)
                     elif self.backing is not None:
                         self.backing._read_clipped(part, g)
                     else:
-                        _zero_fill(part)
+                        zero_fill(part)
                 elif s in (first, last):
                     g = cstart + s * sc
                     self.data_be.readinto(bv[(s - first) * sc:(s - first + 1) * sc], host + s * sc)
@@ -776,184 +765,3 @@ class WritableQcow2Image(Qcow2Image):
                     self._set_entry(table, toff, i, ne, nbm)
                     self._free_entry(e, bm)
                 pos += cs
-
-
-# ---------------------------------------------------------------------------
-# resizing
-# ---------------------------------------------------------------------------
-
-def _resize_qcow2(img: WritableQcow2Image, new_size: int, *, shrink: bool,
-                  preallocation: str) -> None:
-    """Grow or shrink the active layer of ``img`` (internal snapshots keep their own
-    tables and sizes).  Crash order: a bigger L1 table is written and made durable
-    before the header points at it; the new size is written last when growing and
-    first when shrinking, so a crash never exposes a size the tables do not cover."""
-    h = img.header
-    old = img.size
-    if new_size % 512:
-        raise Qcow2Error("The new size must be a multiple of 512")
-    if new_size == old:
-        return
-    if img.snapshots_list and h.version < 3:
-        raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots",
-                                      feature="resize v2 with snapshots")
-    with img._lock:
-        img._mark_modified()
-        if new_size < old:
-            if not shrink:
-                raise Qcow2Error("Use the --shrink option to perform a shrink operation.")
-            if preallocation != "off":
-                raise Qcow2Error("Preallocation can't be used for shrinking an image")
-            h.header_size_field = new_size
-            img.be.pwrite(struct.pack(">Q", new_size), 0x18)
-            img._sync()
-            img.size = h.size = new_size
-            cs = img.cluster_size
-            a = (new_size + cs - 1) // cs * cs
-            end = min(len(img._l1) << img._l2_span_bits, (old + cs - 1) // cs * cs)
-            if a < end:
-                img._discard_clusters(a, end, full=True)
-            # L2 tables wholly past the end are no longer needed
-            keep = h.l1_entries_needed(new_size)
-            for i in range(keep, len(img._l1)):
-                off = img._l1[i] & C.L1E_OFFSET_MASK
-                if off:
-                    if img._l1[i] & C.OFLAG_COPIED:
-                        img.refs.free(off, cs)
-                        img.refs.block_freed(off, cs)
-                        img._l2c.drop(off)
-                    img._l1[i] = 0
-                    img._l1_dirty.add(i)
-            img.flush()
-            return
-        need = h.l1_entries_needed(new_size)
-        if need > len(img._l1):
-            _grow_l1(img, need)
-        h.header_size_field = new_size
-        img.be.pwrite(struct.pack(">Q", new_size), 0x18)
-        img._sync()
-        img.size = h.size = new_size
-        # a longer backing file would show through the new area: it must read zeros
-        bk = img.backing
-        if bk is not None and bk.size > old:
-            img.write_zeroes(old, new_size - old)
-        elif old % img.cluster_size:
-            # bytes past the old end in its last cluster (left by a shrink) stay hidden
-            tail_end = min(new_size, (old + img.cluster_size - 1) // img.cluster_size
-                           * img.cluster_size)
-            img.write_zeroes(old, tail_end - old)
-        if preallocation != "off":
-            _preallocate(img, old, new_size, preallocation)
-        img.flush()
-
-
-def _grow_l1(img: WritableQcow2Image, entries: int) -> None:
-    """Move the active L1 table to a bigger place (QEMU's qcow2_grow_l1_table)."""
-    h = img.header
-    cs = img.cluster_size
-    if entries > C.MAX_L1_SIZE // 8:
-        raise Qcow2Error("The image size is too large for file format 'qcow2' (L1 table "
-                         "would exceed 32 MiB)")
-    img.flush()                                    # everything the old table points at
-    new_clusters = (entries * 8 + cs - 1) // cs
-    new_off = img.refs.alloc(new_clusters)
-    img._claim(new_off, new_clusters * cs, "the active L1 table")
-    table = list(img._l1) + [0] * (entries - len(img._l1))
-    img._write_meta(struct.pack(f">{entries}Q", *table) + bytes(new_clusters * cs - entries * 8),
-                    new_off, "the active L1 table")
-    img.flush()                                    # refcounts of the new table, the table
-    old_off, old_n = img._l1_offset, img._l1_entries
-    img.be.pwrite(struct.pack(">IQ", entries, new_off), 0x24)
-    img._sync()
-    h.l1_size, h.l1_table_offset = entries, new_off
-    img._l1 = table
-    img._l1_offset, img._l1_entries = new_off, entries
-    img._l1_dirty.clear()
-    if old_n:
-        n = (old_n * 8 + cs - 1) // cs * cs
-        img.refs.free(old_off, n)
-        img.refs.block_freed(old_off, n)
-
-
-def _preallocate(img: WritableQcow2Image, a: int, b: int, mode: str) -> None:
-    """Allocate data clusters for [a, b) (metadata: mapping only; falloc: and the
-    space; full: and written zeros)."""
-    from .backends import fallocate
-    cs = img.cluster_size
-    mask = img._l2_entries - 1
-    for pos, tend, table, toff in img._tables((a + cs - 1) // cs * cs, b):
-        i = (pos >> img.cluster_bits) & mask
-        n = (tend - pos + cs - 1) // cs
-        # only entries not yet allocated
-        todo = [k for k in range(n) if not img._entry(table, i + k)[0] & C.L2E_OFFSET_MASK]
-        if todo:
-            host = img._alloc_data(len(todo), pos)
-            for j, k in enumerate(todo):
-                bm = _ALL_ALLOC if img.header.extended_l2 else 0
-                if img.header.has_data_file:
-                    hk = pos + k * cs
-                else:
-                    hk = host + j * cs
-                img._set_entry(table, toff, i + k, hk | C.OFLAG_COPIED, bm)
-            if not img.header.has_data_file:
-                length = len(todo) * cs
-                be = img.data_be
-                if mode == "full":
-                    _write_zeros(be, host, length)
-                else:
-                    # reused clusters may hold old bytes: make them read zeros
-                    if host < be.size():
-                        try:
-                            fallocate.punch_hole(be.fd, host, length)
-                        except OSError:
-                            _write_zeros(be, host, min(length, be.size() - host))
-                    if mode == "falloc":
-                        fallocate.allocate(be.fd, host, length)
-                    elif be.size() < host + length:
-                        be.truncate(host + length)
-                img.file_size = max(img.file_size, host + length)
-
-
-def _write_zeros(be, offset: int, length: int) -> None:
-    z = memoryview(bytes(min(length, 1 << 20)))
-    p = 0
-    while p < length:
-        k = min(len(z), length - p)
-        be.pwrite(z[:k], offset + p)
-        p += k
-
-
-def set_backing(img: WritableQcow2Image, name: str | None, fmt: str | None) -> None:
-    """Rewrite the header with a new backing file name and format (None: no backing
-    file).  Everything the header points at is made durable first."""
-    from .header import pack_header
-    from .paths import check_file_name
-
-    h = img.header
-    if name:
-        check_file_name(name, "backing file")
-    img.flush()
-    old_len = (h.backing_file_offset + h.backing_file_size) if h.backing_file_offset else 0
-    h.backing_file = name or None
-    h.backing_format = (fmt or None) if name else None
-    try:
-        packed = pack_header(h)
-    except ValueError as exc:
-        raise Qcow2Error(f"Could not change the backing file to '{name}': {exc}") from None
-    pad = max(0, max(old_len, img._header_extent()) - len(packed))
-    img.be.pwrite(packed + bytes(pad), 0)
-    img._sync()
-    img.backing_filename = h.backing_file
-    img.full_backing_filename = None
-    if h.backing_file:
-        from .paths import combine_path
-        img.full_backing_filename = combine_path(img.filename, h.backing_file)
-
-
-def _discard_all(img: WritableQcow2Image) -> None:
-    """Drop every cluster of the active layer (QEMU's make_empty)."""
-    with img._lock:
-        img._mark_modified()
-        end = min(len(img._l1) << img._l2_span_bits,
-                  (img.size + img.cluster_size - 1) // img.cluster_size * img.cluster_size)
-        img._discard_clusters(0, end, full=True)

@@ -108,8 +108,8 @@ def test_sigkill_at_random_points(tmp_path, opts):
     rounds = 10
     for r in range(rounds):
         log.unlink(missing_ok=True)
-        p = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(log), str(rng.randrange(1 << 30))],
-                             env=env, stderr=subprocess.PIPE)
+        p = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(log),
+                              str(rng.randrange(1 << 30))], env=env, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(0.2, 1.2))
         p.send_signal(signal.SIGKILL)
         _out, err = p.communicate()
@@ -132,7 +132,7 @@ def test_sigkill_at_random_points(tmp_path, opts):
         assert bad.size == 0, f"round {r}: flushed byte at {int(bad[0])} lost " \
                               f"(got {g[bad[0]]}, flushed {m[bad[0]]})"
         # uncertain bytes: the old value or one of the values written in flight
-        for off, n, val in pending:
+        for off, n, _val in pending:
             seg = g[off:off + n]
             allowed = {int(x) for x in np.unique(m[off:off + n])}
             allowed.update(v for _o, _n, v in pending)

@@ -8,13 +8,12 @@ import random
 import shutil
 
 import pytest
+from helpers import COPIED, CS, poke64, run, u64
 
 import oracle
 
 pytestmark = pytest.mark.skipif(not shutil.which("qemu-img") or not shutil.which("qemu-io"),
                                 reason="qemu-img/qemu-io not installed")
-
-from helpers import CS, COPIED, poke64, run, u64
 
 
 def l2_off(path):
@@ -130,7 +129,7 @@ def _compressed_offset(path, index):
 
 @pytest.mark.parametrize("serial", [False, True])
 def test_big_compressed_reads(compressed, engine, serial):
-    from qcow2.image import serial_reads
+    from qcow2.reader import serial_reads
     import contextlib
     path, want = compressed
     with engine.open(path) as img, (serial_reads() if serial else contextlib.nullcontext()):
@@ -142,7 +141,7 @@ def test_big_compressed_reads(compressed, engine, serial):
 @pytest.mark.parametrize("index", [0, 5, 33, 62])       # first half, second half, last
 @pytest.mark.parametrize("serial", [False, True])
 def test_big_compressed_read_names_the_bad_cluster(compressed, engine, index, serial):
-    from qcow2.image import serial_reads
+    from qcow2.reader import serial_reads
     import contextlib
     path, want = compressed
     coff = _compressed_offset(path, index)

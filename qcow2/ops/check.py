@@ -1547,7 +1547,7 @@ def _open(path, fmt: str | None, writable: bool, force_share: bool):
 def _open_companions(f: _File, filename: str, force_share: bool, writable: bool) -> list:
     """Open the backing chain and the external data file as qemu-img check does (it
     refuses an image whose companions cannot be opened); returns what to close."""
-    from ..image import open_image
+    from ..opener import open_image
     from ..paths import check_file_name, combine_path
     h, _, _ = _parse_header(f)
     opened = []
@@ -1666,7 +1666,7 @@ def check(path, *, format: str | None = None, repair: str | None = None,
 def _check_untrusted(filename: str, fmt: str | None, fix: int, force_share: bool, log,
                      limits) -> dict:
     """check(untrusted=True): one open_image (scanned), its file checked in place."""
-    from ..image import open_image
+    from ..opener import open_image
     if fix:
         raise UnsafeImageError("an untrusted image is never repaired in place "
                                "(untrusted check with repair)")

@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 
 from ..errors import Qcow2Error
+from ..image import ST_DATA, ST_ZERO
+from ..opener import open_image
+from ..writer import WritableQcow2Image
 
 CHUNK = 4 * 1024 * 1024
 
@@ -20,9 +23,6 @@ def commit(path, *, format: str | None = None, base: str | None = None, keep: bo
            progress=None) -> None:
     """Commit ``path`` into its backing file (or into ``base``, further down the chain).
     ``keep`` (qemu-img's ``-d``): leave the top image as it is."""
-    from ..image import ST_DATA, ST_ZERO, open_image
-    from ..writer import WritableQcow2Image, _discard_all
-
     top = open_image(path, "r+" if not keep else "r", format=format)
     try:
         chain = top.backing_chain()
@@ -49,9 +49,9 @@ def commit(path, *, format: str | None = None, base: str | None = None, keep: bo
         wbase.backing = below
         above.backing = wbase
         if wbase.size < top.size:
-            _grow(wbase, top.size)
+            wbase.resize(top.size)
         # the ranges the layers above the base hold
-        runs = [(a, n, flags) for a, n, depth, flags, _h in top._chain_status(0, top.size, 0)
+        runs = [(a, n, flags) for a, n, depth, flags, _h in top.chain_status(0, top.size)
                 if depth < idx and flags & (ST_DATA | ST_ZERO)]
         total = sum(n for _a, n, _f in runs) or 1
         done = 0
@@ -73,19 +73,9 @@ def commit(path, *, format: str | None = None, base: str | None = None, keep: bo
                 progress(min(99.9, 100.0 * done / total))
         wbase.flush()
         if not keep and isinstance(top, WritableQcow2Image):
-            _discard_all(top)
+            top.discard_all()
             top.flush()
     finally:
         top.close()
     if progress is not None:
         progress(100.0)
-
-
-def _grow(img, size: int) -> None:
-    from ..ops.resize import _resize_raw
-    from ..writer import WritableQcow2Image, _resize_qcow2
-    if isinstance(img, WritableQcow2Image):
-        _resize_qcow2(img, size, shrink=False, preallocation="off")
-    else:
-        _resize_raw(img, size, shrink=False, preallocation="off")
-        img.size = (img.be.size() + 511) & ~511

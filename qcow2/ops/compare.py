@@ -33,7 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple
 
 from ..errors import Qcow2Error
-from ..image import ST_DATA, ST_OFFSET_VALID, ST_ZERO, open_image
+from ..image import ST_DATA, ST_OFFSET_VALID, ST_ZERO
+from ..opener import open_image
 
 IO_CHUNK = 4 << 20          # bytes read per task (2-8 MiB measured alike; 4 fits L3 x 2 workers)
 SECTOR = 512                # qemu-img reports mismatches at sector granularity
@@ -348,12 +349,12 @@ class _Layer:
 
     def _gen(self):
         img = self.img
-        runs = ((a, n, _bs_flags(st)) for a, n, st, _host in img._status_runs(0, self.size))
+        runs = ((a, n, _bs_flags(st)) for a, n, st, _host in img.block_status(0, self.size))
         if not self.qcow2:
             for a, n, flags in runs:
                 yield a, a + n, flags
             return
-        span = 1 << img._l2_span_bits
+        span = img.l2_span
         for a, n, flags in runs:
             end = a + n
             while a < end:                     # unallocated L1 ranges: one table per call

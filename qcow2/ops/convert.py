@@ -24,7 +24,7 @@ import threading
 from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, start_writeback
 from ..paths import temp_name
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
-from ..image import serial_reads
+from ..reader import serial_reads
 
 CHUNK = 4 * 1024 * 1024
 _CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
@@ -280,7 +280,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     ``workers`` (-m) threads; ``progress``: a callable taking a percentage;
     ``max_output``: refuse (UnsafeImageError) when the output would exceed that many bytes.
     """
-    from ..image import open_image
+    from ..opener import open_image
 
     if out_format not in ("raw", "qcow2"):
         raise UnsupportedFeatureError(f"output format {out_format!r} is not supported "
@@ -518,7 +518,7 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
               no_create, target_is_zero, backing_file, backing_format,
               out_of_order=False) -> None:
     from ..create_image import prepare
-    from ..image import open_image
+    from ..opener import open_image
 
     tmp = None
     out = None

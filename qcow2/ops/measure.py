@@ -72,7 +72,7 @@ def measure(path=None, *, size=None, fmt: str | None = None, out_format: str = "
 
     if path is None:
         return _measure(None, size, out_format, options)
-    from ..image import open_image
+    from ..opener import open_image
     with open_image(os.fspath(path), format=fmt, snapshot=snapshot,
                     force_share=force_share, untrusted=untrusted) as img:
         return _measure(img, size, out_format, options)

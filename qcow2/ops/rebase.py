@@ -9,16 +9,16 @@ rewrites the header.  An empty backing name flattens the image (compared with ze
 from __future__ import annotations
 
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
+from ..image import ST_DATA, ST_ZERO
+from ..opener import open_image
+from ..paths import combine_path
+from ..writer import WritableQcow2Image
 
 CHUNK = 2 * 1024 * 1024
 
 
 def rebase(path, backing_file, *, format: str | None = None, backing_format: str | None = None,
            unsafe: bool = False, progress=None, force_share: bool = False) -> None:
-    from ..image import open_image
-    from ..paths import combine_path
-    from ..writer import WritableQcow2Image, set_backing
-
     backing_file = backing_file or ""
     if backing_file and not backing_format:
         raise InvalidOptionError(f"Could not change the backing file to '{backing_file}': "
@@ -41,17 +41,15 @@ def rebase(path, backing_file, *, format: str | None = None, backing_format: str
             finally:
                 if new is not None:
                     new.close()
-        set_backing(img, backing_file or None, backing_format if backing_file else None)
+        img.set_backing(backing_file or None, backing_format if backing_file else None)
     if progress is not None:
         progress(100.0)
 
 
 def _copy_differences(img, new, progress) -> None:
-    from ..image import ST_DATA, ST_ZERO
-
     old = img.backing
     size = img.size
-    holes = [(a, n) for a, n, flags, _h in img._status_runs(0, size)
+    holes = [(a, n) for a, n, flags, _h in img.block_status(0, size)
              if not flags & (ST_DATA | ST_ZERO)]
     total = sum(n for _a, n in holes) or 1
     done = 0
@@ -61,12 +59,12 @@ def _copy_differences(img, new, progress) -> None:
         pos = a
         while pos < a + n:
             k = min(CHUNK, a + n - pos)
-            ob = bytearray(k)
+            ob = bytearray(k)                  # (what lies past an image's end: zeros)
             nb = bytearray(k)
             if old is not None:
-                old._read_clipped(memoryview(ob), pos)
+                old.readinto(ob, pos)
             if new is not None:
-                new._read_clipped(memoryview(nb), pos)
+                new.readinto(nb, pos)
             if ob != nb:
                 _write_diffs(img, memoryview(ob), memoryview(nb), pos)
             pos += k

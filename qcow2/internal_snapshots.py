@@ -1,0 +1,206 @@
+"""Internal snapshots of a writable qcow2 image: take, apply and delete them.
+
+A snapshot is a copy of the active L1 table plus one more reference on every cluster
+reachable from it, so that the active layer copies on write from then on (COPIED
+flags say where a cluster is the active layer's alone).  The order of every change
+is chosen so that a crash leaves leaks, never a reference to a cluster with too low
+a refcount: references are counted before they are published and uncounted only
+after they are gone from the disk.
+
+:class:`InternalSnapshots` is mixed into :class:`qcow2.writer.WritableQcow2Image`;
+the snapshot table itself is read and packed by ``qcow2.snapshot``.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from . import constants as C
+from .errors import Qcow2Error
+from .snapshot import Snapshot, pack_table
+
+# the extra data QEMU writes with a new snapshot: vm_state_size_large, disk_size, icount
+_EXTRA = struct.Struct(">QQQ")
+
+
+class InternalSnapshots:
+    """``create_snapshot`` / ``apply_snapshot`` / ``delete_snapshot`` (the
+    ``WritableQcow2Image`` part behind ``qemu-img snapshot``)."""
+
+    def lookup_snapshot(self, key) -> Snapshot:
+        """The snapshot whose id or name is ``key``, its L1 table checked to lie in
+        the file; Qcow2Error when there is none or it is damaged."""
+        sn = self.find_snapshot(key)
+        if sn is None:
+            raise Qcow2Error("snapshot not found")
+        if sn.l1_table_offset + sn.l1_size * C.L1E_SIZE > self.file_size:
+            raise Qcow2Error(f"the L1 table of snapshot {sn.id} lies past the end of the file")
+        return sn
+
+    def create_snapshot(self, name: str) -> Snapshot:
+        """Take a snapshot of the active layer named ``name`` (the next free numeric id)."""
+        with self._lock:
+            self._mark_modified()
+            self.flush()
+            cs = self.cluster_size
+            l1 = list(self._l1)
+            ids = [int(s.id) for s in self.snapshots_list if s.id.isdigit()]
+            # 1. one more reference on everything the active tree reaches
+            self._add_tree(l1, +1)
+            self._fix_copied()
+            # 2. the snapshot's own copy of the L1 table (COPIED means nothing there)
+            n = max(1, (len(l1) * C.L1E_SIZE + cs - 1) // cs)
+            l1_off = self.refs.alloc(n)
+            self._claim(l1_off, n * cs, "a snapshot L1 table")
+            copy = [e & ~C.OFLAG_COPIED for e in l1]
+            self._write_meta(struct.pack(f">{len(copy)}Q", *copy)
+                             + bytes(n * cs - len(copy) * C.L1E_SIZE), l1_off,
+                             "a snapshot L1 table")
+            now = time.time_ns()
+            sn = Snapshot(index=len(self.snapshots_list), l1_table_offset=l1_off,
+                          l1_size=len(l1), id=str(max(ids, default=0) + 1), name=name,
+                          date_sec=now // 10**9, date_nsec=(now % 10**9) // 1000 * 1000,
+                          vm_clock_nsec=0, vm_state_size=0, disk_size=self.size, icount=0,
+                          extra_data_size=_EXTRA.size, entry_offset=0,
+                          extra=_EXTRA.pack(0, self.size, 0))
+            # 3. publish: the table (and the header) last
+            self._write_snapshot_table(list(self.snapshots_list) + [sn])
+            self.flush()
+            return sn
+
+    def delete_snapshot(self, sn: Snapshot) -> None:
+        """Delete ``sn`` (from :meth:`lookup_snapshot`) and free what only it used."""
+        with self._lock:
+            self._mark_modified()
+            sl1 = self._snapshot_l1(sn)
+            # 1. unpublish it (a crash after this leaks its clusters, nothing worse)
+            self._write_snapshot_table([s for s in self.snapshots_list if s is not sn])
+            # 2. drop its references, then its L1 table
+            self._add_tree(sl1, -1)
+            n = (sn.l1_size * C.L1E_SIZE + self.cluster_size - 1) // self.cluster_size
+            if n:
+                self._add_range(sn.l1_table_offset, n * self.cluster_size, -1)
+            self.flush()
+            # 3. clusters the active layer now owns alone get COPIED back
+            self._fix_copied()
+            self.flush()
+
+    def apply_snapshot(self, sn: Snapshot) -> None:
+        """Make the active layer what ``sn`` (from :meth:`lookup_snapshot`) holds,
+        its size included."""
+        with self._lock:
+            self._mark_modified()
+            if sn.disk_size is not None and sn.disk_size != self.size:
+                self.resize(sn.disk_size, shrink=True)
+            if sn.l1_size > len(self._l1):
+                self.grow_l1(sn.l1_size)
+            self.flush()
+            sl1 = self._snapshot_l1(sn)
+            new = sl1 + [0] * (len(self._l1) - len(sl1))
+            old = list(self._l1)
+            # 1. count the snapshot's tree for the active layer too, durably
+            self._add_tree(sl1, +1)
+            self.flush()
+            # 2. switch the active L1 table on disk
+            self._write_meta(struct.pack(f">{len(new)}Q", *new), self._l1_offset,
+                             "the active L1 table")
+            self._sync()
+            self._l1[:] = new
+            self._l1_dirty.clear()
+            # 3. the old active tree loses its reference
+            self._add_tree(old, -1)
+            self.flush()
+            self._fix_copied()
+            self.flush()
+
+    # -- the reference walk ----------------------------------------------------------
+    def _snapshot_l1(self, sn: Snapshot) -> list[int]:
+        raw = self._read_meta(sn.l1_size * C.L1E_SIZE, sn.l1_table_offset) if sn.l1_size else b""
+        return list(struct.unpack(f">{sn.l1_size}Q", raw))
+
+    def _tree(self, l1: list[int]):
+        """(l1 index, L2 offset, [descriptor]) for every L2 table of ``l1``."""
+        step = self.header.l2_entry_size // 8
+        unpack = struct.Struct(f">{self._l2_entries * step}Q").unpack
+        for i, e in enumerate(l1):
+            off = e & C.L1E_OFFSET_MASK
+            if off:
+                yield i, off, unpack(bytes(self._l2_table(i, off)))[::step]
+
+    def _add_tree(self, l1: list[int], delta: int) -> None:
+        """+1 / -1 on every L2 table of ``l1`` and every cluster its entries reach."""
+        cs = self.cluster_size
+        data_file = self.header.has_data_file
+        for _i, off, entries in self._tree(l1):
+            for e in entries:
+                if e & C.OFLAG_COMPRESSED:
+                    _coff, _csize, start, n = C.compressed_extent(e, self.cluster_bits)
+                    self._add_range(start, n, delta)
+                elif e & C.L2E_OFFSET_MASK and not data_file:
+                    self._add_range(e & C.L2E_OFFSET_MASK, cs, delta)
+            self._add_range(off, cs, delta)
+
+    def _add_range(self, start: int, length: int, delta: int) -> None:
+        refs = self.refs
+        if delta > 0:
+            refs.increment(start, length)
+            return
+        for c in range(start >> refs.cbits, ((start + length - 1) >> refs.cbits) + 1):
+            refs._add(c, -1)
+
+    def _fix_copied(self) -> None:
+        """Set COPIED exactly where the active layer is a cluster's only user."""
+        refs = self.refs
+        esz = self.header.l2_entry_size
+        cbits = self.cluster_bits
+        data_file = self.header.has_data_file
+        l1 = self._l1
+        for i, off, entries in list(self._tree(l1)):
+            want = C.OFLAG_COPIED if refs.get(off >> cbits) == 1 else 0
+            if (l1[i] & C.OFLAG_COPIED) != want:
+                l1[i] = (l1[i] & ~C.OFLAG_COPIED) | want
+                self._l1_dirty.add(i)
+            table = self._l2_table(i, off)
+            changed = False
+            for k, e in enumerate(entries):
+                host = e & C.L2E_OFFSET_MASK
+                if e & C.OFLAG_COMPRESSED or not host:
+                    continue
+                w = C.OFLAG_COPIED if data_file or refs.get(host >> cbits) == 1 else 0
+                if (e & C.OFLAG_COPIED) != w:
+                    struct.pack_into(">Q", table, k * esz, (e & ~C.OFLAG_COPIED) | w)
+                    changed = True
+            if changed:
+                self._l2c.mark_dirty(off)
+
+    # -- the snapshot table -------------------------------------------------------------
+    def _write_snapshot_table(self, snaps: list[Snapshot]) -> None:
+        """Write the table to new clusters and point the header at it (old one freed)."""
+        h = self.header
+        cs = self.cluster_size
+        data = pack_table(snaps, self.size)
+        old_off = h.snapshots_offset
+        old_len = sum(s.entry_size for s in self.snapshots_list) if h.nb_snapshots else 0
+        new_off = 0
+        if data:
+            n = (len(data) + cs - 1) // cs
+            new_off = self.refs.alloc(n)
+            self._claim(new_off, n * cs, "the snapshot table")
+            self._write_meta(data + bytes(n * cs - len(data)), new_off, "the snapshot table")
+        self.flush()                       # refcounts, tables, the new snapshot table
+        self._write_header_field(C.HDR_NB_SNAPSHOTS, ">IQ", len(snaps), new_off)
+        self._sync()
+        h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
+        if old_off and old_len:
+            self.refs.free(old_off, old_len)
+            self.refs.block_freed(old_off, old_len)
+        self.snapshots_list = snaps
+        pos = 0
+        for k, s in enumerate(snaps):
+            s.index = k
+            start = pos
+            pos = start + len(pack_table([s], self.size))
+            if k + 1 < len(snaps):
+                pos += (-pos) % 8
+            s.entry_offset, s.entry_size = new_off + start, pos - start

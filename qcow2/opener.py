@@ -1,0 +1,185 @@
+"""Opening images: the one place that turns a file name or a store into an Image.
+
+:func:`open_image` probes the format, takes the store's locks, rebuilds the refcounts
+of a dirty image opened for writing, applies the untrusted policy, chooses the class
+(:class:`~qcow2.image.RawImage`, :class:`~qcow2.reader.Qcow2Image`,
+:class:`~qcow2.writer.WritableQcow2Image`) and opens what a qcow2 image refers to --
+its backing chain (with loop and depth checks) and its external data file.
+
+A store can be handed in instead of a path (a :class:`qcow2.backends.Backend`, as
+go-qcow2reader takes a ReaderAt): the image then reads and writes through it, takes
+the store's locks (none for a store without any) and leaves it open on close (the
+caller owns it).  Names stored in such an image (backing file, data file) are resolved
+against the store's ``name`` as against a path: a name without a folder, like a
+``MemoryBackend``'s default ``<memory>``, resolves relative to the current directory.
+A dirty image (lazy refcounts, then a crash) is rebuilt before writing only when
+opened by path; on a store handed in, writing it is refused (run ``check -r all``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from . import constants as C
+from .backends import Backend, FileBackend
+from .errors import Qcow2Error, ReadOnlyError, UnsafeImageError, UnsupportedFeatureError
+from .image import Image, RawImage
+from .paths import check_file_name, combine_path
+from .probe import probe_format
+from .reader import Qcow2Image
+
+_MODES = ("r", "rb", "r+", "rb+", "r+b")
+_FORMATS = (None, "qcow2", "raw")
+
+
+def _dirty_v3(backend: Backend) -> bool:
+    n = C.HDR_INCOMPATIBLE_FEATURES + 8
+    head = backend.pread(n, 0)
+    return (len(head) == n and head[:4] == C.MAGIC
+            and struct.unpack_from(">I", head, C.HDR_VERSION)[0] >= 3
+            and bool(struct.unpack_from(">Q", head, C.HDR_INCOMPATIBLE_FEATURES)[0]
+                     & C.INCOMPAT_DIRTY))
+
+
+def open_image(target, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
+               snapshot: str | int | None = None, force_share: bool = False,
+               backing: bool = True, max_backing_depth: int | None = None,
+               limits=None) -> Image:
+    """Open an image file, or an image in a store (see ``qcow2.open``)."""
+    if max_backing_depth is None:
+        max_backing_depth = (limits.max_backing_depth if limits is not None
+                             else C.MAX_BACKING_DEPTH)
+    return _open(target, mode, format=format, untrusted=untrusted, snapshot=snapshot,
+                 force_share=force_share, backing=backing, max_depth=max_backing_depth,
+                 limits=limits, chain=(), depth=0)
+
+
+def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backing, max_depth,
+          limits, chain: tuple, depth: int) -> Image:
+    if mode not in _MODES:
+        raise ValueError(f"invalid mode {mode!r} (use 'r' or 'r+')")
+    writable = "+" in mode
+    if untrusted and writable:
+        raise UnsafeImageError("an untrusted image is opened read-only (it is never "
+                               "written or repaired in place)")
+    if format not in _FORMATS:
+        raise UnsupportedFeatureError(f"Unknown or unsupported image format {format!r} "
+                                      f"(supported: qcow2, raw)", feature=f"format {format}")
+    be, filename, owned = _store(target, writable, format)
+    try:
+        try:
+            be.lock(write=writable, force_share=force_share and not writable)
+        except OSError as exc:
+            raise Qcow2Error(f"Could not open '{filename}': {exc.strerror or exc}") from None
+        ident = be.identity()
+        if ident in chain:
+            raise UnsafeImageError(f"backing chain loop: {filename!r} is already in the chain")
+        chain = chain + (ident,)
+        fmt = format or probe_format(be)
+        if untrusted:
+            from . import untrusted as U
+            limits = U.resolve(limits)
+            U.check_format(be, fmt, explicit=format is not None)
+        if fmt == "qcow2":
+            cls = Qcow2Image
+            if writable:
+                from .writer import WritableQcow2Image as cls
+            companions = _Companions(backing, force_share, max_depth, chain, depth)
+            return cls(be, filename, untrusted=untrusted, snapshot=snapshot,
+                       companions=companions, owns_backend=owned, limits=limits)
+        if snapshot is not None:
+            raise UnsupportedFeatureError("raw images have no snapshots", feature="snapshot")
+        img = RawImage(be, filename, writable=writable, owns_backend=owned)
+        if untrusted and img.size > limits.max_virtual_size:
+            raise UnsafeImageError(f"virtual size {img.size} of raw image '{filename}' "
+                                   f"exceeds the limit of {limits.max_virtual_size} bytes")
+        return img
+    except BaseException:
+        if owned:
+            be.close()
+        raise
+
+
+def _store(target, writable: bool, format: str | None) -> tuple[Backend, str, bool]:
+    """(backend, file name, whether we opened it) for a path or a store handed in."""
+    if isinstance(target, Backend):
+        if writable and not target.writable:
+            raise ReadOnlyError(f"Could not open '{target.name}' for writing: the store is "
+                                f"read-only")
+        return target, target.name, False
+    filename = os.fspath(target)
+    be = _open_file(filename, writable)
+    if writable and format != "raw" and _dirty_v3(be):
+        # Refcounts may lag behind (lazy refcounts, then a crash): rebuild them before
+        # anything is allocated, as QEMU does when it opens such an image read-write.
+        be.close()
+        from .ops.check import rebuild_if_dirty
+        rebuild_if_dirty(filename)
+        be = _open_file(filename, writable)
+    return be, filename, True
+
+
+def _open_file(filename: str, writable: bool) -> FileBackend:
+    try:
+        return FileBackend(filename, writable=writable)
+    except OSError as exc:
+        raise _open_error(filename, exc) from None
+
+
+def _open_error(filename: str, exc: OSError) -> Qcow2Error:
+    err = Qcow2Error(f"Could not open '{filename}': {exc.strerror or exc}")
+    err.errno = exc.errno  # type: ignore[attr-defined]
+    return err
+
+
+class _Companions:
+    """Opens the files a qcow2 image names, under the policy of the open that found
+    it: untrusted images open none, the chain has a depth cap and no loops, locks are
+    shared as the image's own are."""
+
+    def __init__(self, open_backing: bool, force_share: bool, max_depth: int, chain: tuple,
+                 depth: int):
+        self.open_backing = open_backing
+        self.force_share = force_share
+        self.max_depth = max_depth
+        self.chain = chain
+        self.depth = depth
+
+    def backing_file(self, img: Qcow2Image) -> Image:
+        name = img.header.backing_file
+        check_file_name(name, "backing file")
+        if img.untrusted:
+            raise UnsafeImageError(f"image '{img.filename}' has a backing file {name!r}; "
+                                   f"untrusted mode opens no other file")
+        if self.depth + 1 > self.max_depth:
+            raise UnsafeImageError(f"backing chain of '{img.filename}' is deeper than "
+                                   f"{self.max_depth} images")
+        fmt = img.header.backing_format
+        if fmt is not None and fmt not in _FORMATS:
+            raise UnsupportedFeatureError(f"backing file format {fmt!r} of "
+                                          f"'{img.filename}' is not supported",
+                                          feature=f"format {fmt}")
+        return _open(img.full_backing_filename, "r", format=fmt, untrusted=False, snapshot=None,
+                     force_share=self.force_share, backing=True, max_depth=self.max_depth,
+                     limits=None, chain=self.chain, depth=self.depth + 1)
+
+    def data_file(self, img: Qcow2Image) -> tuple[Backend, str]:
+        """(backend, path) of the external data file, opened and locked like the image."""
+        name = img.header.data_file
+        check_file_name(name, "external data file")
+        if img.untrusted:
+            raise UnsafeImageError(f"image '{img.filename}' uses an external data file "
+                                   f"{name!r}; untrusted mode opens no other file")
+        path = combine_path(img.filename, name)
+        writable = img.writable                    # (the writer's, before its __init__ ran)
+        be = _open_file(path, writable)
+        try:
+            be.lock(write=writable, force_share=self.force_share)
+        except OSError as exc:
+            be.close()
+            raise Qcow2Error(f"Could not open '{path}': {exc.strerror or exc}") from None
+        return be, path
+
+
+__all__ = ["open_image"]

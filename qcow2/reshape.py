@@ -1,0 +1,367 @@
+"""Whole-image changes of a writable qcow2 image: size, L1 table, backing file, format
+version, lazy refcounts, refcount width, emptying the active layer.
+
+:class:`Reshape` is mixed into :class:`qcow2.writer.WritableQcow2Image` and works
+with its tables, refcounts and ordered flush.  Every change writes new structures
+first, makes them durable, and only then switches the header fields that point at
+them, so a crash leaves the old image or the new one (with leaked clusters at worst).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from . import constants as C
+from .errors import Qcow2Error, UnsupportedFeatureError
+from .header import pack_header
+from .paths import check_file_name, combine_path
+
+#: resize's preallocation modes for the new area (qemu-img resize --preallocation)
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+
+
+class Reshape:
+    """Resize, grow the L1 table, empty the active layer, set the backing file, change
+    the version, lazy refcounts or refcount width (the ``WritableQcow2Image`` part
+    behind ``qemu-img resize``, ``commit``, ``rebase`` and ``amend``)."""
+
+    # -- size ----------------------------------------------------------------------
+    def resize(self, new_size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
+        """Grow or shrink the active layer (internal snapshots keep their own tables and
+        sizes).  Crash order: a bigger L1 table is written and made durable before the
+        header points at it; the new size is written last when growing and first when
+        shrinking, so a crash never exposes a size the tables do not cover.
+        ``preallocation`` (growing): "metadata" maps the new clusters, "falloc" also
+        reserves their space, "full" also writes zeros."""
+        if preallocation not in PREALLOCATION_MODES:
+            raise ValueError(f"invalid preallocation mode {preallocation!r}")
+        if new_size % 512:
+            raise Qcow2Error("The new size must be a multiple of 512")
+        if new_size == self.size:
+            return
+        if self.snapshots_list and self.header.version < 3:
+            raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots",
+                                          feature="resize v2 with snapshots")
+        with self._lock:
+            self._mark_modified()
+            if new_size < self.size:
+                self._check_resize(new_size, shrink=shrink, preallocation=preallocation)
+                self._shrink(new_size)
+            else:
+                self._grow(new_size, preallocation)
+            self.flush()
+
+    def _set_size(self, new_size: int) -> None:
+        h = self.header
+        h.header_size_field = new_size
+        self._write_header_field(C.HDR_SIZE, ">Q", new_size)
+        self._sync()
+        self.size = h.size = new_size
+
+    def _shrink(self, new_size: int) -> None:
+        old = self.size
+        cs = self.cluster_size
+        self._set_size(new_size)
+        a = _round_up(new_size, cs)
+        end = min(len(self._l1) << self._l2_span_bits, _round_up(old, cs))
+        if a < end:
+            self._discard_clusters(a, end, full=True)
+        # L2 tables wholly past the end are no longer needed
+        for i in range(self.header.l1_entries_needed(new_size), len(self._l1)):
+            off = self._l1[i] & C.L1E_OFFSET_MASK
+            if off:
+                if self._l1[i] & C.OFLAG_COPIED:
+                    self.refs.free(off, cs)
+                    self.refs.block_freed(off, cs)
+                    self._l2c.drop(off)
+                self._l1[i] = 0
+                self._l1_dirty.add(i)
+
+    def _grow(self, new_size: int, preallocation: str) -> None:
+        old = self.size
+        cs = self.cluster_size
+        need = self.header.l1_entries_needed(new_size)
+        if need > len(self._l1):
+            self.grow_l1(need)
+        self._set_size(new_size)
+        # a longer backing file would show through the new area: it must read zeros
+        bk = self.backing
+        if bk is not None and bk.size > old:
+            self.write_zeroes(old, new_size - old)
+        elif old % cs:
+            # bytes past the old end in its last cluster (left by a shrink) stay hidden
+            self.write_zeroes(old, min(new_size, _round_up(old, cs)) - old)
+        if preallocation != "off":
+            self._preallocate(old, new_size, preallocation)
+
+    def grow_l1(self, entries: int) -> None:
+        """Move the active L1 table to a bigger place (QEMU's qcow2_grow_l1_table)."""
+        h = self.header
+        cs = self.cluster_size
+        if entries > C.MAX_L1_SIZE // C.L1E_SIZE:
+            raise Qcow2Error("The image size is too large for file format 'qcow2' (L1 table "
+                             "would exceed 32 MiB)")
+        with self._lock:
+            self.flush()                                   # everything the old table points at
+            new_clusters = _round_up(entries * C.L1E_SIZE, cs) // cs
+            new_off = self.refs.alloc(new_clusters)
+            self._claim(new_off, new_clusters * cs, "the active L1 table")
+            table = list(self._l1) + [0] * (entries - len(self._l1))
+            self._write_meta(_pack_l1(table, new_clusters * cs), new_off, "the active L1 table")
+            self.flush()                                   # refcounts of the new table, the table
+            old_off, old_n = self._l1_offset, self._l1_entries
+            self._write_header_field(C.HDR_L1_SIZE, ">IQ", entries, new_off)
+            self._sync()
+            h.l1_size, h.l1_table_offset = entries, new_off
+            self._l1 = table
+            self._l1_offset, self._l1_entries = new_off, entries
+            self._l1_dirty.clear()
+            if old_n:
+                n = _round_up(old_n * C.L1E_SIZE, cs)
+                self.refs.free(old_off, n)
+                self.refs.block_freed(old_off, n)
+
+    def _preallocate(self, a: int, b: int, mode: str) -> None:
+        """Allocate data clusters for [a, b) (metadata: mapping only; falloc: and the
+        space; full: and written zeros)."""
+        h = self.header
+        cs = self.cluster_size
+        mask = self._l2_entries - 1
+        bm = C.L2_BITMAP_ALL_ALLOC if h.extended_l2 else 0
+        for pos, tend, table, toff in self._tables(_round_up(a, cs), b):
+            i = (pos >> self.cluster_bits) & mask
+            n = _round_up(tend - pos, cs) // cs
+            # only entries not yet allocated
+            todo = [k for k in range(n) if not self._entry(table, i + k)[0] & C.L2E_OFFSET_MASK]
+            if not todo:
+                continue
+            host = self._alloc_data(len(todo), pos)
+            for j, k in enumerate(todo):
+                hk = pos + k * cs if h.has_data_file else host + j * cs
+                self._set_entry(table, toff, i + k, hk | C.OFLAG_COPIED, bm)
+            if not h.has_data_file:
+                self._allocate_space(host, len(todo) * cs, mode)
+
+    def _allocate_space(self, host: int, length: int, mode: str) -> None:
+        be = self.data_be
+        if mode == "full":
+            be.write_zeros(host, length)
+        else:
+            # reused clusters may hold old bytes: make them read zeros
+            if host < be.size():
+                try:
+                    be.punch_hole(host, length)
+                except OSError:
+                    be.write_zeros(host, min(length, be.size() - host))
+            if mode == "falloc":
+                be.allocate(host, length)
+            elif be.size() < host + length:
+                be.truncate(host + length)
+        self.file_size = max(self.file_size, host + length)
+
+    # -- the active layer ------------------------------------------------------------
+    def discard_all(self) -> None:
+        """Drop every cluster of the active layer (QEMU's make_empty): it then reads
+        its backing file, or zeros."""
+        with self._lock:
+            self._mark_modified()
+            end = min(len(self._l1) << self._l2_span_bits, _round_up(self.size, self.cluster_size))
+            self._discard_clusters(0, end, full=True)
+
+    # -- the header --------------------------------------------------------------------
+    def _header_extent(self) -> int:
+        """Bytes in use at the start of the first cluster (header, extensions, name)."""
+        return len(self.be.pread(self.cluster_size, 0).rstrip(b"\0"))
+
+    def _rewrite_header(self, at_least: int = 0) -> None:
+        """Write the whole header area again from ``self.header`` (everything it points
+        at made durable first); what the old one used beyond the new is zeroed."""
+        self.flush()
+        packed = pack_header(self.header)
+        pad = max(0, max(at_least, self._header_extent()) - len(packed))
+        self.be.pwrite(packed + bytes(pad), 0)
+        self._sync()
+
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the header with a new backing file name and format (None: no backing
+        file).  Everything the header points at is made durable first."""
+        h = self.header
+        if name:
+            check_file_name(name, "backing file")
+        with self._lock:
+            old_len = (h.backing_file_offset + h.backing_file_size) if h.backing_file_offset \
+                else 0
+            h.backing_file = name or None
+            h.backing_format = (fmt or None) if name else None
+            try:
+                pack_header(h)
+            except ValueError as exc:
+                raise Qcow2Error(f"Could not change the backing file to '{name}': "
+                                 f"{exc}") from None
+            self._rewrite_header(old_len)
+            self.backing_filename = h.backing_file
+            self.full_backing_filename = (combine_path(self.filename, h.backing_file)
+                                          if h.backing_file else None)
+
+    def set_lazy_refcounts(self, on: bool) -> None:
+        """Turn the lazy_refcounts compatible feature on or off (version 3 only; a
+        version 2 header has no field for it)."""
+        h = self.header
+        with self._lock:
+            self.flush()
+            if on:
+                h.compatible_features |= C.COMPAT_LAZY_REFCOUNTS
+            else:
+                h.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
+            if h.version >= 3:
+                self._write_header_field(C.HDR_COMPATIBLE_FEATURES, ">Q", h.compatible_features)
+                self._sync()
+
+    def set_version(self, version: int) -> None:
+        """Change the format version: 2 -> 3 rewrites the header; 3 -> 2 also turns
+        zero clusters into what version 2 can say, and refuses what it cannot hold."""
+        h = self.header
+        with self._lock:
+            if version == 3 and h.version == 2:
+                h.version = 3
+                h.header_length = 0            # pack_header picks the v3 length
+                self._rewrite_header()
+            elif version == 2 and h.version == 3:
+                self._downgrade()
+
+    def _downgrade(self) -> None:
+        h = self.header
+        if h.refcount_bits != 16:
+            raise Qcow2Error("compat=0.10 requires refcount_bits=16")
+        if h.extended_l2 or h.has_data_file or h.compression_type != C.COMPRESSION_ZLIB:
+            raise Qcow2Error("Cannot downgrade an image with extended L2 entries, an external "
+                             "data file or a compression type other than zlib")
+        if h.bitmaps_ext is not None:
+            raise Qcow2Error("Cannot downgrade an image with bitmaps")
+        if self.snapshots_list:
+            raise UnsupportedFeatureError("Downgrading an image with internal snapshots is not "
+                                          "supported", feature="amend compat with snapshots")
+        self._expand_zero_clusters()
+        if h.lazy_refcounts:
+            h.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
+        h.version = 2
+        h.incompatible_features = h.compatible_features = h.autoclear_features = 0
+        self._rewrite_header()
+
+    def _expand_zero_clusters(self) -> None:
+        """Version 2 has no zero flag: clusters marked zero become unallocated (no backing
+        file) or written zeros (a backing file would show through)."""
+        cs = self.cluster_size
+        for i, e in enumerate(list(self._l1)):
+            if not e & C.L1E_OFFSET_MASK:
+                continue
+            table, toff = self._l2_for_write(i)
+            for k in range(self._l2_entries):
+                d = struct.unpack_from(">Q", table, k * 8)[0]
+                if d & C.OFLAG_COMPRESSED or not d & C.OFLAG_ZERO:
+                    continue
+                guest = (i << self._l2_span_bits) + k * cs
+                self._set_entry(table, toff, k, 0)
+                self._free_entry(d)
+                if self.header.backing_file is not None and guest < self.size:
+                    self.pwrite(bytes(min(cs, self.size - guest)), guest)
+        self.flush()
+
+    # -- refcount width ----------------------------------------------------------------
+    def change_refcount_width(self, bits: int) -> None:
+        """Write a complete new refcount structure of ``bits``-wide entries after the end
+        of the used space, make it durable, switch the header to it, then drop the old
+        table and blocks (QEMU's qcow2_change_refcount_order)."""
+        import numpy as np
+
+        h = self.header
+        cs = self.cluster_size
+        with self._lock:
+            self.flush()
+            counts = self._all_refcounts()
+            if counts.size and int(counts.max()) > (1 << bits) - 1:
+                raise Qcow2Error(f"Cannot decrease refcount entry width to {bits} bits: a "
+                                 f"cluster has refcount {int(counts.max())}")
+            refs = self.refs
+            end = refs.end_cluster
+            old_blocks = [refs._block_offset(bi) for bi in range(len(refs.table))]
+            nb, tc = _refcount_structure(end, cs * 8 // bits, cs)
+            total = end + nb + tc
+            counts = np.concatenate([counts, np.ones(nb + tc, dtype=np.uint64),
+                                     np.zeros(nb * (cs * 8 // bits) - total, dtype=np.uint64)])
+            # the old table and blocks are dropped after the switch: not counted anew
+            first = h.refcount_table_offset // cs
+            counts[first:first + h.refcount_table_clusters] -= 1
+            for off in old_blocks:
+                if off:
+                    counts[off // cs] -= 1
+            self._switch_refcounts(counts, bits, end, nb, tc)
+
+    def _all_refcounts(self):
+        """The refcount of every cluster below the end of the used space (numpy)."""
+        import numpy as np
+
+        from .refcount import decode_block
+
+        refs = self.refs
+        end = refs.end_cluster
+        per = refs.block_entries
+        counts = np.zeros(end, dtype=np.uint64)
+        for bi in range((end + per - 1) // per):
+            off = refs._block_offset(bi)
+            if off:
+                vals = decode_block(bytes(refs.cache.get(off)), self.header.refcount_bits)
+                lo = bi * per
+                hi = min(end, lo + per)
+                counts[lo:hi] = vals[:hi - lo]
+        return counts
+
+    def _switch_refcounts(self, counts, bits: int, end: int, nb: int, tc: int) -> None:
+        """Write the new blocks and table at cluster ``end``, then the header fields."""
+        from .refcount import encode_block
+
+        h = self.header
+        cs = self.cluster_size
+        base = end * cs
+        self._write_meta(encode_block(counts, bits), base)
+        table = struct.pack(f">{nb}Q", *[base + i * cs for i in range(nb)])
+        self._write_meta(table + bytes(tc * cs - len(table)), base + nb * cs)
+        self._sync()
+        # the switch: offset, clusters and order live in the first sector; one pwrite of
+        # [refcount table offset, header length) changes all three at once, so every
+        # state on disk points at a complete structure of the width the header names
+        h.refcount_table_offset = base + nb * cs
+        h.refcount_table_clusters = tc
+        h.refcount_order = bits.bit_length() - 1
+        lo = C.HDR_REFCOUNT_TABLE_OFFSET
+        head = bytearray(self.be.pread(C.HDR_HEADER_LENGTH - lo, lo))
+        struct.pack_into(">QI", head, 0, h.refcount_table_offset, tc)
+        struct.pack_into(">I", head, C.HDR_REFCOUNT_ORDER - lo, h.refcount_order)
+        self._write_header_field(lo, f">{len(head)}s", bytes(head))
+        self._sync()
+        # the refcount machinery over the new structure
+        self.file_size = max(self.file_size, base + (nb + tc) * cs)
+        self._open_refcounts()
+        self._rebuild_overlap_map()
+
+
+def _round_up(n: int, unit: int) -> int:
+    return (n + unit - 1) // unit * unit
+
+
+def _pack_l1(table: list[int], length: int) -> bytes:
+    """An L1 table as stored, zero-padded to ``length`` bytes."""
+    return struct.pack(f">{len(table)}Q", *table) + bytes(length - len(table) * C.L1E_SIZE)
+
+
+def _refcount_structure(end: int, per_block: int, cs: int) -> tuple[int, int]:
+    """(blocks, table clusters) of a refcount structure placed at cluster ``end`` that
+    covers everything below it and itself."""
+    nb = tc = 0
+    while True:
+        total = end + nb + tc
+        nb2 = (total + per_block - 1) // per_block
+        tc2 = (nb2 * 8 + cs - 1) // cs
+        if (nb2, tc2) == (nb, tc):
+            return nb, tc
+        nb, tc = nb2, tc2
