@@ -1,5 +1,5 @@
-"""qemu-img's syntaxes: sizes (bytes, or a number with a k/M/G/T/P/E suffix) and
-``-o key=value,...`` option lists."""
+"""qemu-img's syntaxes -- sizes (bytes, or a number with a k/M/G/T/P/E suffix) and
+``-o key=value,...`` option lists -- and the rounding of sizes to units."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ from .errors import InvalidOptionError, Qcow2Error
 _SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
            "p": 1 << 50, "e": 1 << 60}
 _SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)\s*([bkmgtpe]?)\s*$", re.I)
+
+
+def ceil_div(n: int, unit: int) -> int:
+    """How many ``unit``-sized pieces hold ``n`` (n >= 0): n / unit rounded up."""
+    return -(-n // unit)
+
+
+def round_up(n: int, unit: int) -> int:
+    """``n`` rounded up to a multiple of ``unit``."""
+    return -(-n // unit) * unit
 
 
 def parse_size(text, *, what: str = "size") -> int:
