@@ -277,13 +277,14 @@ def needs_v3(name: str, hint: str = "version=v3") -> InvalidOptionError:
     return InvalidOptionError(f"{_V3_ONLY[name]} (use {hint} or greater)")
 
 
-def compat_version(value, levels=COMPAT_LEVELS) -> int:
-    """The qcow2 version a ``compat`` value names.  ``levels``: the names the command
-    takes; create's QAPI message with :data:`COMPAT_LEVELS`, else qcow2_opt_get_version's."""
+def compat_version(value, levels=COMPAT_LEVELS, *, qapi: bool = True) -> int:
+    """The qcow2 version a ``compat`` value names; ``levels``: the names the command
+    takes.  ``qapi``: create's message (QEMU's QAPI visitor), else the one of
+    qcow2_opt_get_version_del (measure, amend)."""
     version = levels.get(value) if isinstance(value, str) else None
     if version is not None:
         return version
-    if levels is COMPAT_LEVELS:
+    if qapi:
         raise InvalidOptionError(f"Parameter 'compat' does not accept value '{value}' "
                                  f"(use 0.10, 1.1, v2 or v3)")
     raise InvalidOptionError(f"Invalid compatibility level: '{value}'")

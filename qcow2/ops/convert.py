@@ -24,7 +24,6 @@ import threading
 from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, pwrite_all, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..image import serial_reads
-from ..options import option_dict
 from ..paths import temp_name
 from ..pool import run
 from ..units import ceil_div
@@ -155,7 +154,11 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     if no_create and (options or backing_file is not None):
         raise InvalidOptionError("-n and -o/-B are mutually exclusive" if options else
                                  "-n and -B are mutually exclusive")
-    opts = option_dict(options)
+    if options is not None:
+        from ..options import option_dict
+        opts = option_dict(options)
+    else:
+        opts = {}
     if workers is not None and not 1 <= workers <= 16:
         raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines "
                                  "is between 1 and 16")

@@ -113,7 +113,9 @@ def _measure_qcow2(img, opts: dict) -> dict:
     cs = opts.get("cluster_size", C.DEFAULT_CLUSTER_SIZE)
     check_cluster_size(cs, extended_l2)
     compat = opts.get("compat")
-    version = 3 if compat is None else compat_version(compat, MEASURE_COMPAT_LEVELS)
+    version = 3
+    if compat is not None:
+        version = compat_version(compat, MEASURE_COMPAT_LEVELS, qapi=False)
     refcount_bits = opts.get("refcount_bits", C.DEFAULT_REFCOUNT_BITS)
     check_refcount_bits(refcount_bits, version, hint="compat=1.1")
     prealloc = opts.get("preallocation", "off")
