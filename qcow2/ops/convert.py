@@ -6,10 +6,11 @@ the walk ``qemu-img map`` does) says which guest ranges hold data, which read as
 zeros and (with ``-B``) which are left to the new backing file.  Ranges that read as
 zeros are never read; a raw output keeps them as holes, a qcow2 output leaves them
 unallocated (or zero clusters where a backing file would show through).  Data ranges
-are cut into cluster-aligned chunks that a small pool of threads reads, decodes (the
-kernels release the GIL, so compressed sources decode on every core), scans for zero
-blocks and, for ``-c``, compresses; writes go out with ``pwrite`` in any order.
-Memory is bounded by workers x chunk size.
+are cut into cluster-aligned chunks that a small pool of threads (:mod:`qcow2.pool`)
+reads, decodes (the kernels release the GIL, so compressed sources decode on every
+core), scans for zero blocks and, for ``-c``, compresses; a raw output's writes go out
+with ``pwrite``/``copy_file_range`` in any order, a qcow2 output's clusters are
+allocated in guest order (unless ``-W``).  Memory is bounded by workers x chunk size.
 
 Raw output is an anonymous file (``O_TMPFILE``) linked into place only on success; a
 qcow2 output is built under a hidden temporary name next to DST and renamed into
