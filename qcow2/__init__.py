@@ -44,8 +44,8 @@ def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = 
 
 def create(path, size=None, *, format: str = "qcow2", backing_file=None, backing_format=None,
            **options):
-    """Create an image (see ``qcow2.create_image.create``)."""
-    from .create_image import create as _create
+    """Create an image (see ``qcow2.creator.create``)."""
+    from .creator import create as _create
     return _create(path, size, format=format, backing_file=backing_file,
                    backing_format=backing_format, **options)
 

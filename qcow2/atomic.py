@@ -40,6 +40,12 @@ class AtomicOutput:
             self.fd, self.tmp_path = make_temp(self.dst, self.dir)
             os.fchmod(self.fd, self.mode)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def commit(self, *, sync: bool = True) -> None:
         """Make the output durable (unless ``sync`` is false) and move it into place."""
         if sync:
@@ -81,12 +87,6 @@ class AtomicOutput:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def fsync_dir(path: str) -> None:
     try:
@@ -99,6 +99,14 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (any buffer) at ``offset``, looping over short writes."""
+    mv = memoryview(data)
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
 
 
 def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:

@@ -106,6 +106,13 @@ BITMAP_EXT_SIZE = 24
 
 # -- images we create: layout, options --------------------------------------------
 # (added with qcow2.layout / qcow2.options)
+L2E_SIZE = 8                          # bytes of a standard L2 entry (Cluster mapping)
+L2E_SIZE_EXTENDED = 16                # bytes of an extended L2 entry (Extended L2 Entries)
+REFTE_SIZE = 8                        # bytes of a refcount table entry (Host cluster management)
+DEFAULT_CLUSTER_SIZE = 65536          # qemu-img create's default
+DEFAULT_REFCOUNT_BITS = 16
+MIN_EXTL2_CLUSTER_SIZE = 512 * SUBCLUSTERS_PER_CLUSTER   # 16 KiB: subclusters of 512 bytes
+MAX_IMAGE_SIZE = (1 << 63) - 1        # qemu-img's largest virtual size (INT64_MAX)
 
 # -- kernels contract (mirrored by native/qcow2_native.h; a test compares them) -----
 # (added with qcow2.kernels)

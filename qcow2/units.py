@@ -1,5 +1,5 @@
-"""qemu-img's syntaxes: sizes (bytes, or a number with a k/M/G/T/P/E suffix) and
-``-o key=value,...`` option lists."""
+"""qemu-img's syntaxes -- sizes (bytes, or a number with a k/M/G/T/P/E suffix) and
+``-o key=value,...`` option lists -- and the rounding of sizes to units."""
 
 from __future__ import annotations
 
@@ -9,7 +9,19 @@ from .errors import InvalidOptionError, Qcow2Error
 
 _SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
            "p": 1 << 50, "e": 1 << 60}
-_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)\s*([bkmgtpe]?)\s*$", re.I)
+# (compiled on first use, by re's cache: importing this module stays cheap for the
+# operations that only round)
+_SIZE_PATTERN = r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)\s*([bkmgtpe]?)\s*$"
+
+
+def ceil_div(n: int, unit: int) -> int:
+    """How many ``unit``-sized pieces hold ``n`` (n >= 0): n / unit rounded up."""
+    return -(-n // unit)
+
+
+def round_up(n: int, unit: int) -> int:
+    """``n`` rounded up to a multiple of ``unit``."""
+    return -(-n // unit) * unit
 
 
 def parse_size(text, *, what: str = "size") -> int:
@@ -19,7 +31,7 @@ def parse_size(text, *, what: str = "size") -> int:
         if text < 0:
             raise InvalidOptionError(f"Invalid {what} specified: {text}")
         return text
-    m = _SIZE_RE.match(str(text))
+    m = re.match(_SIZE_PATTERN, str(text), re.I)
     if not m:
         raise InvalidOptionError(f"Invalid {what} specified: {text!r}. You may use k, M, G, "
                                  f"T, P or E suffixes for kilobytes, megabytes, gigabytes, "

@@ -120,11 +120,11 @@ def test_killed_convert_leaves_nothing(images, tmp_path):
     dst = tmp_path / "k.raw"
     slow = ("import qcow2, time\n"
             "from qcow2.ops import convert as c\n"
-            "orig = c._pwrite_all\n"
+            "orig = c.pwrite_all\n"
             "def slow(*a):\n"
             "    time.sleep(0.05)\n"
             "    orig(*a)\n"
-            "c._pwrite_all = slow\n"
+            "c.pwrite_all = slow\n"
             f"qcow2.convert({str(images['zlib'])!r}, {str(dst)!r}, workers=1)\n")
     p = subprocess.Popen([sys.executable, "-c", slow])
     time.sleep(1.5)
@@ -290,49 +290,3 @@ def test_convert_to_qcow2_reused_buffers(images, tmp_path, extra):
     assert r.returncode == 0, r.stderr
     check_clean(tgt)
     same(images["raw"], tgt)
-
-
-@pytest.mark.parametrize("workers", [1, 2, 4])
-@pytest.mark.parametrize("in_order", [True, False])
-def test_run_sequenced_order_and_errors(workers, in_order):
-    """The convert scheduler: applies in job order (unless told otherwise), finishes
-    everything, never parks more than 2 x workers results, and hands a worker's
-    exception to the caller without hanging."""
-    import random
-    import threading as th
-
-    from qcow2.ops.convert import _run_sequenced
-
-    rng = random.Random(workers)
-    delays = [rng.random() * 0.004 for _ in range(200)]
-    applied, finished, live = [], [], []
-    lock = th.Lock()
-    peak = [0]
-
-    def compute(job):
-        time.sleep(delays[job])
-        with lock:
-            live.append(job)
-            peak[0] = max(peak[0], len(live))
-        return job
-
-    def apply(r):
-        applied.append(r)
-
-    def finish(r):
-        with lock:
-            live.remove(r)
-            finished.append(r)
-
-    _run_sequenced(range(200), compute, apply, finish, workers, in_order)
-    assert sorted(applied) == list(range(200)) and sorted(finished) == list(range(200))
-    if in_order:
-        assert applied == list(range(200))
-    assert peak[0] <= 3 * workers + 1
-
-    def bad(job):
-        if job == 57:
-            raise OSError(5, "boom")
-        return compute(job)
-    with pytest.raises(OSError, match="boom"):
-        _run_sequenced(range(200), bad, apply, finish, workers, in_order)

@@ -22,8 +22,10 @@ import tracemalloc
 import pytest
 
 import qcow2
-from qcow2 import create_image as ci
-from qcow2.errors import Qcow2Error, UnsafeImageError
+from qcow2 import creator
+from qcow2.errors import InvalidOptionError, Qcow2Error, UnsafeImageError
+from qcow2.layout import qcow2_layout, refblock
+from qcow2.options import QCOW2_OPTIONS
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -125,7 +127,7 @@ def pairwise_cases() -> list[dict]:
     """A deterministic covering set: every pair of values that some valid combination
     has appears in at least one case (greedy over seeded random candidates)."""
     names = list(PARAMS)
-    space = [dict(zip(names, vals)) for vals in itertools.product(*PARAMS.values())]
+    space = [dict(zip(names, vals, strict=True)) for vals in itertools.product(*PARAMS.values())]
     space = [c for c in space if valid(c)]
 
     def pairs(c):
@@ -289,10 +291,10 @@ def test_backing_name_in_small_clusters(tmp_path, shared, cluster_size):
 
 def test_backing_name_too_long_for_512_byte_cluster(tmp_path):
     name = "b" * 400
-    with pytest.raises(ci.InvalidOptionError, match="more than one cluster"):
+    with pytest.raises(InvalidOptionError, match="more than one cluster"):
         qcow2.create(tmp_path / "x.qcow2", "1M", backing_file=name, backing_format="raw",
                      unsafe=True, cluster_size=512)
-    with pytest.raises(ci.InvalidOptionError, match="at most 1023"):
+    with pytest.raises(InvalidOptionError, match="at most 1023"):
         qcow2.create(tmp_path / "x.qcow2", "1M", backing_file="b" * 1024,
                      backing_format="raw", unsafe=True)
     assert os.listdir(tmp_path) == []
@@ -305,7 +307,7 @@ def test_refblock_packing(order):
     bits = 1 << order
     per = cs * 8 // bits
     for used in (0, 1, 3, per // 2 + 1, per - 1, per):
-        block = ci._refblock(cs, order, used)
+        block = refblock(cs, order, used)
         assert len(block) == cs
         as_int = int.from_bytes(block, "big")
         for i in range(per):
@@ -327,9 +329,9 @@ def test_layout_refcounts_cover_everything():
         size = rng.choice([0, 512, rng.randrange(1 << 20, 1 << 34, 512)])
         pre = rng.choice(["off", "metadata", "falloc", "full"])
         try:
-            lay = ci.qcow2_layout(size, cb, order, extended_l2=ext, preallocation=pre,
+            lay = qcow2_layout(size, cb, order, extended_l2=ext, preallocation=pre,
                                   external_data=rng.random() < 0.3)
-        except ci.InvalidOptionError:
+        except InvalidOptionError:
             continue
         cs = 1 << cb
         assert lay.refblocks * lay.refcounts_per_block >= lay.total_clusters
@@ -511,27 +513,27 @@ def test_library_errors_are_typed(tmp_path):
     p = tmp_path / "x.qcow2"
     with pytest.raises(ValueError):
         qcow2.create(p, "1M", compat="0.10", lazy_refcounts=True)
-    with pytest.raises(ci.InvalidOptionError, match="Invalid parameter 'clustersize'"):
+    with pytest.raises(InvalidOptionError, match="Invalid parameter 'clustersize'"):
         qcow2.create(p, "1M", clustersize=4096)
-    with pytest.raises(ci.InvalidOptionError, match="cluster_size"):
+    with pytest.raises(InvalidOptionError, match="cluster_size"):
         qcow2.create(p, "1M", cluster_size=True)
-    with pytest.raises(ci.InvalidOptionError, match="needs a size"):
+    with pytest.raises(InvalidOptionError, match="needs a size"):
         qcow2.create(p)
-    with pytest.raises(ci.InvalidOptionError, match="Invalid image size"):
+    with pytest.raises(InvalidOptionError, match="Invalid image size"):
         qcow2.create(p, -1)
-    with pytest.raises(ci.InvalidOptionError, match="Unknown file format 'foo'"):
+    with pytest.raises(InvalidOptionError, match="Unknown file format 'foo'"):
         qcow2.create(p, "1M", format="foo")
     with pytest.raises(qcow2.UnsupportedFeatureError):
         qcow2.create(p, "1M", format="vmdk")
     with pytest.raises(qcow2.UnsupportedFeatureError):
         qcow2.create(p, "1M", encryption=True)
-    with pytest.raises(ci.InvalidOptionError, match="Unsupported preallocation mode: metadata"):
+    with pytest.raises(InvalidOptionError, match="Unsupported preallocation mode: metadata"):
         qcow2.create(p, "1M", format="raw", preallocation="metadata")
-    with pytest.raises(ci.InvalidOptionError, match="Backing file not supported"):
+    with pytest.raises(InvalidOptionError, match="Backing file not supported"):
         qcow2.create(p, "1M", format="raw", backing_file="b", backing_format="raw")
-    with pytest.raises(ci.InvalidOptionError, match="same filename as the backing file"):
+    with pytest.raises(InvalidOptionError, match="same filename as the backing file"):
         qcow2.create(p, "1M", backing_file=str(p), backing_format="qcow2")
-    with pytest.raises(ci.InvalidOptionError, match="cannot be the image itself"):
+    with pytest.raises(InvalidOptionError, match="cannot be the image itself"):
         qcow2.create(p, "1M", data_file="x.qcow2")
     assert os.listdir(tmp_path) == []
 
@@ -601,7 +603,7 @@ def test_1_tib_metadata_preallocation_streams(tmp_path):
         tracemalloc.stop()
     assert peak < 48 << 20, peak
     st = os.stat(p)
-    lay = ci.qcow2_layout(1 << 40, 16, 4, preallocation="metadata")
+    lay = qcow2_layout(1 << 40, 16, 4, preallocation="metadata")
     assert st.st_size == lay.file_size
     assert st.st_blocks * 512 < 256 << 20                     # metadata only
     res = check_clean(p)
@@ -653,7 +655,7 @@ def test_option_list_parsing():
 def test_help_lists_options():
     r = cli("create", "-f", "qcow2", "-o", "help")
     assert r.returncode == 0
-    for name in ci.QCOW2_OPTIONS:
+    for name in QCOW2_OPTIONS:
         assert f"  {name}=" in r.stdout
 
 
@@ -666,7 +668,7 @@ def test_existing_destination_replaced(tmp_path):
     assert os.path.getsize(p) == 3 * 65536 + 8
     # a refused request leaves the old image alone
     before = p.read_bytes()
-    with pytest.raises(ci.InvalidOptionError):
+    with pytest.raises(InvalidOptionError):
         qcow2.create(p, "1M", compat="0.10", extended_l2=True)
     assert p.read_bytes() == before
 
@@ -688,7 +690,7 @@ def test_failure_leaves_nothing(tmp_path, monkeypatch):
     def boom(fd, offset, length, mode):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ci, "_allocate_data", boom)
+    monkeypatch.setattr(creator, "_allocate_data", boom)
     with pytest.raises(Qcow2Error, match="No space left on device"):
         qcow2.create(tmp_path / "new.qcow2", "10M", preallocation="full")
     with pytest.raises(Qcow2Error, match="No space left on device"):

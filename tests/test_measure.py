@@ -131,8 +131,7 @@ def test_limits_measure_has_but_create_lacks():
 
 
 def test_prealloc_formula_matches_create_layout():
-    from qcow2.create_image import qcow2_layout
-    from qcow2.ops.measure import qcow2_prealloc_size
+    from qcow2.layout import qcow2_layout, qcow2_prealloc_size
     for size in (0, 512, MiB, 12345 * 512, GiB, TiB):
         for cbits in (9, 12, 16, 21):
             for order in (0, 4, 6):

@@ -33,7 +33,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..create_image import help_text, parse_size_arg, prepare
+    from ..creator import prepare
+    from ..options import help_text, parse_size_arg
 
     options: dict[str, str] = {}
     joined = ",".join(args.options)

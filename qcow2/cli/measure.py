@@ -50,7 +50,7 @@ def run(args) -> int:
     from .create import parse_option_list
 
     if args.options and any(o in ("help", "?") for o in ",".join(args.options).split(",")):
-        from ..create_image import help_text
+        from ..options import help_text
         sys.stdout.write(help_text(args.out_format if args.out_format == "raw" else "qcow2"))
         return 0
     if len(args.filenames) > 1:

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple
 
 from ..errors import Qcow2Error
 from ..image import ST_DATA, ST_OFFSET_VALID, ST_ZERO
 from ..opener import open_image
+from ..pool import run
 
 IO_CHUNK = 4 << 20          # bytes read per task (2-8 MiB measured alike; 4 fits L3 x 2 workers)
 SECTOR = 512                # qemu-img reports mismatches at sector granularity
@@ -97,7 +96,7 @@ def compare_images(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
     names = (os.fspath(a), os.fspath(b))
     imgs = []
     try:
-        for name, fmt in zip(names, (fmt_a, fmt_b)):
+        for name, fmt in zip(names, (fmt_a, fmt_b), strict=True):
             try:
                 imgs.append(open_image(name, format=fmt, force_share=force_share,
                                        untrusted=untrusted))
@@ -254,8 +253,9 @@ class _Worker:
             err.exit_code = EXIT_READ  # type: ignore[attr-defined]
             raise err from None
 
-    def __call__(self, task) -> int | None:
-        """The offset qemu-img reports for this task's range, or None if it matches."""
+    def __call__(self, task) -> tuple[int, int | None]:
+        """(the end of the task's range, the offset qemu-img reports for it or None
+        if it matches)."""
         kind, start, stop, base = task
         n = stop - start
         full1, full2 = self._bufs()
@@ -266,17 +266,17 @@ class _Worker:
             self._read(0, buf1, start)
             self._read(1, buf2, start)
             if buf1 == buf2:
-                return None
+                return stop, None
             d = _first_difference(buf1, buf2)
         else:
             from .. import kernels
             buf = memoryview(full1)[:n]
             self._read(0 if kind == _ZERO_A else 1, buf, start)
             if kernels.is_zero(buf):
-                return None
+                return stop, None
             d = _first_nonzero(buf)
         pos = start + d
-        return base + (pos - base) // SECTOR * SECTOR
+        return stop, base + (pos - base) // SECTOR * SECTOR
 
 
 def _first_difference(a, b) -> int:
@@ -297,36 +297,20 @@ def _first_nonzero(buf) -> int:
 
 
 def _run(tasks, imgs, names, workers: int, prog: _Progress) -> int | None:
-    """Run the tasks (in offset order), return the first reported mismatch."""
-    work = _Worker(imgs, names)
-    if workers <= 1:
-        for task in tasks:
-            found = work(task)
-            if found is not None:
-                return found
-            prog.at(task[2])
-        return None
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-compare")
-    pending: deque = deque()
-    try:
-        it = iter(tasks)
-        exhausted = False
-        while True:
-            while not exhausted and len(pending) < workers * 2:
-                task = next(it, None)
-                if task is None:
-                    exhausted = True
-                    break
-                pending.append((task, pool.submit(work, task)))
-            if not pending:
-                return None
-            task, fut = pending.popleft()
-            found = fut.result()
-            if found is not None:
-                return found
-            prog.at(task[2])
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Run the tasks (results taken in offset order), return the first reported
+    mismatch; the tasks after it are not started."""
+    found: list = []
+
+    def take(result) -> bool:
+        stop, mismatch = result
+        if mismatch is not None:
+            found.append(mismatch)
+            return True
+        prog.at(stop)
+        return False
+
+    run(tasks, _Worker(imgs, names), workers, apply=take, ordered=True, name="qcow2-compare")
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------------------

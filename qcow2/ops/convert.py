@@ -6,10 +6,11 @@ the walk ``qemu-img map`` does) says which guest ranges hold data, which read as
 zeros and (with ``-B``) which are left to the new backing file.  Ranges that read as
 zeros are never read; a raw output keeps them as holes, a qcow2 output leaves them
 unallocated (or zero clusters where a backing file would show through).  Data ranges
-are cut into cluster-aligned chunks that a small pool of threads reads, decodes (the
-kernels release the GIL, so compressed sources decode on every core), scans for zero
-blocks and, for ``-c``, compresses; writes go out with ``pwrite`` in any order.
-Memory is bounded by workers x chunk size.
+are cut into cluster-aligned chunks that a small pool of threads (:mod:`qcow2.pool`)
+reads, decodes (the kernels release the GIL, so compressed sources decode on every
+core), scans for zero blocks and, for ``-c``, compresses; a raw output's writes go out
+with ``pwrite``/``copy_file_range`` in any order, a qcow2 output's clusters are
+allocated in guest order (unless ``-W``).  Memory is bounded by workers x chunk size.
 
 Raw output is an anonymous file (``O_TMPFILE``) linked into place only on success; a
 qcow2 output is built under a hidden temporary name next to DST and renamed into
@@ -21,10 +22,12 @@ from __future__ import annotations
 import os
 import threading
 
-from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, start_writeback
-from ..paths import temp_name
+from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, pwrite_all, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
+from ..paths import temp_name
+from ..pool import run
 from ..reader import serial_reads
+from ..units import ceil_div
 
 CHUNK = 4 * 1024 * 1024
 _CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
@@ -67,7 +70,7 @@ def _plan(sources, *, top_only: bool):
                 kind = BACKING
             elif e.data and not e.zero:
                 kind = DATA
-            elif e.zero or not e.data:
+            else:
                 kind = ZERO if (not top_only or e.present) else BACKING
             host = None
             if kind == DATA and e.offset is not None and not getattr(img, "encrypted", False):
@@ -85,21 +88,6 @@ def _data_total(images, top_only: bool, progress) -> int:
     if progress is None:
         return 0
     return sum(p.n for p in _plan(images, top_only=top_only) if p.kind == DATA)
-
-
-def _first_two(jobs):
-    """(an iterator equal to ``jobs``, whether it has at least two items)."""
-    it = iter(jobs)
-    head = []
-    for job in it:
-        head.append(job)
-        if len(head) == 2:
-            break
-
-    def chained():
-        yield from head
-        yield from it
-    return chained(), len(head) == 2
 
 
 def _chunks(piece: _Piece, align: int):
@@ -127,139 +115,6 @@ class _Progress:
         self.cb(pct)
 
 
-def _run_sequenced(jobs, compute, apply, finish, workers: int, in_order: bool) -> None:
-    """Each of ``workers`` threads (this one included) takes the next job and runs
-    ``compute(job)`` (reads, decodes, compresses: in parallel), then ``apply(result)``
-    one at a time -- in job order when ``in_order`` (the output's allocation follows
-    the guest order, as qemu-img's does), else as results come -- then
-    ``finish(result)`` in parallel again (the data copies).
-
-    A result that is not next yet is parked and its thread goes on with another job;
-    whoever applies the next result applies the parked ones that follow it too.  At
-    most 2 x workers results wait (each holds a window buffer).  The first exception
-    stops every thread after its current step and is raised here."""
-    jobs, several = _first_two(jobs)
-    if workers <= 1 or not several:
-        with serial_reads():
-            for job in jobs:
-                r = compute(job)
-                apply(r)
-                finish(r)
-        return
-    it = iter(jobs)
-    take = threading.Lock()
-    turn = threading.Condition()
-    state = {"seq": 0, "next": 0}
-    parked: dict = {}
-    failed: list = []
-    limit = 2 * workers
-
-    def loop():
-        with serial_reads():            # one reader per core already
-            _loop()
-
-    def _loop():
-        try:
-            while not failed:
-                with take:
-                    job = next(it, None)
-                    if job is None:
-                        return
-                    mine = state["seq"]
-                    state["seq"] += 1
-                r = compute(job)
-                ready = []
-                with turn:
-                    if failed:
-                        return
-                    if not in_order:
-                        apply(r)
-                        ready.append(r)
-                    else:
-                        parked[mine] = r
-                        try:
-                            while state["next"] in parked:
-                                nxt = parked.pop(state["next"])
-                                apply(nxt)
-                                ready.append(nxt)
-                                state["next"] += 1
-                        finally:
-                            turn.notify_all()
-                        while len(parked) >= limit and not failed:
-                            turn.wait()      # too far ahead: let the next one come
-                for x in ready:
-                    finish(x)
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            failed.append(exc)
-            with turn:
-                turn.notify_all()
-
-    threads = [threading.Thread(target=loop, name=f"qcow2-convert_{i}", daemon=True)
-               for i in range(workers - 1)]
-    for t in threads:
-        t.start()
-    try:
-        loop()
-    finally:
-        for t in threads:
-            t.join()
-    if failed:
-        raise failed[0]
-    if parked:                               # (cannot happen: every job was applied)
-        raise RuntimeError("convert: results left unapplied")
-
-
-def _run_pool(jobs, work, workers: int) -> None:
-    """Run ``work(job)`` for every job on ``workers`` threads (this one included), in
-    any order.  Each thread takes the next job itself: no futures, no feeding loop.
-    The first exception stops every thread after its current job and is raised."""
-    jobs, several = _first_two(jobs)
-    if workers <= 1 or not several:
-        with serial_reads():
-            for job in jobs:
-                work(job)
-        return
-    it = iter(jobs)
-    lock = threading.Lock()
-    failed: list = []
-
-    def loop():
-        with serial_reads():            # one reader per core already
-            _loop()
-
-    def _loop():
-        try:
-            while not failed:
-                with lock:
-                    job = next(it, None)
-                if job is None:
-                    return
-                work(job)
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            failed.append(exc)
-
-    threads = [threading.Thread(target=loop, name=f"qcow2-convert_{i}", daemon=True)
-               for i in range(workers - 1)]
-    for t in threads:
-        t.start()
-    try:
-        loop()                         # (an interrupt lands here: the others stop too)
-    finally:
-        for t in threads:
-            t.join()
-    if failed:
-        raise failed[0]
-
-
-def _parse_options(options) -> dict:
-    if options is None:
-        return {}
-    if isinstance(options, dict):
-        return dict(options)
-    from ..units import parse_option_list
-    return parse_option_list(options)
-
-
 def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             compress: bool = False, options=None, sparse_size: int = 4096,
             cache: str = "writeback", workers: int | None = None, out_of_order: bool = False,
@@ -284,7 +139,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
 
     if out_format not in ("raw", "qcow2"):
         raise UnsupportedFeatureError(f"output format {out_format!r} is not supported "
-                                      f"(supported: raw, qcow2)", feature=f"convert -O {out_format}")
+                                      f"(supported: raw, qcow2)",
+                                      feature=f"convert -O {out_format}")
     if cache not in _CACHE_MODES:
         raise InvalidOptionError(f"Invalid cache option: {cache}")
     if sparse_size < 0 or (sparse_size and sparse_size % 512):
@@ -299,7 +155,11 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     if no_create and (options or backing_file is not None):
         raise InvalidOptionError("-n and -o/-B are mutually exclusive" if options else
                                  "-n and -B are mutually exclusive")
-    opts = _parse_options(options)
+    if options is not None:
+        from ..options import option_dict
+        opts = option_dict(options)
+    else:
+        opts = {}
     if workers is not None and not 1 <= workers <= 16:
         raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines "
                                  "is between 1 and 16")
@@ -346,75 +206,104 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
 # raw output
 # ---------------------------------------------------------------------------
 
+def _raw_jobs(images, zero_writes: bool):
+    """(piece, output offset, source offset, n) per chunk of data; with ``zero_writes``
+    also the zero ranges, as n < 0.  Generated as the workers take them: memory does
+    not grow with the image (a map can have millions of extents)."""
+    for p in _plan(images, top_only=False):
+        if p.kind == DATA:
+            for d, o, n in _chunks(p, CHUNK):
+                yield p, d, o, n
+        elif zero_writes:
+            for d, o, n in _chunks(p, CHUNK):
+                yield p, d, o, -n
+
+
+class _Work:
+    """What the workers of one convert share, whatever the output."""
+
+    def __init__(self, *, sparse_size: int, zero_writes: bool, prog):
+        from .. import kernels
+        self.kernels = kernels
+        self.sparse_size = sparse_size     # -S: zero runs this long are not written
+        self.zero_writes = zero_writes     # zeros must be written (-n, or -B)
+        self.prog = prog
+        self.tls = threading.local()       # per-thread buffers and compressors
+
+
+class _RawCopy(_Work):
+    """Copies one job of :func:`_raw_jobs` into the raw output ``fd`` (any thread)."""
+
+    def __init__(self, fd: int, *, sparse_size: int, zero_writes: bool, sync: bool, prog):
+        super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
+        self.fd = fd
+        self.sync = sync
+        self.offload = [hasattr(os, "copy_file_range")]
+
+    def __call__(self, job) -> None:
+        p, d, o, n = job
+        fd = self.fd
+        if n < 0:
+            _punch_or_zero(fd, d, -n)
+            return
+        # one buffer per thread, reused: a fresh 4 MiB buffer per chunk costs a
+        # page fault per 4 KiB (readinto fills all of it, holes included)
+        whole = getattr(self.tls, "buf", None)
+        if whole is None:
+            whole = self.tls.buf = io_buffer(CHUNK)
+        mv = whole[:n]
+        p.src.readinto(mv, o)
+        # plain data lying in a file: the kernel copies it (copy_file_range), the
+        # buffer only serves the zero scan (and the fallback)
+        src = None
+        if p.host is not None and self.offload[0]:
+            src = (p.host[0], p.host[1] + (o - p.off), self.offload)
+        if self.sparse_size:
+            _write_sparse(fd, mv, d, self.sparse_size, self.kernels, self.zero_writes, src)
+        elif src is not None:
+            _copy_run(fd, mv, d, src)
+        else:
+            pwrite_all(fd, mv, d)
+        if self.sync:
+            start_writeback(fd, d, n)
+        self.prog.add(n)
+
+
+def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
+    """``copy(fd)`` into the existing raw file or device ``dst`` (-n)."""
+    try:
+        fd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Qcow2Error(f"Could not open '{dst}': {exc.strerror}") from None
+    try:
+        if os.fstat(fd).st_size < size and not _is_blockdev(fd):
+            raise Qcow2Error(f"Target image '{dst}' is smaller than the source")
+        copy(fd)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
             target_is_zero) -> None:
-    from .. import kernels
-
     prog = _Progress(_data_total(images, False, progress), progress)
+    zero_writes = no_create and not target_is_zero
 
-    def copy(fd: int, zero_writes: bool):
-        # Jobs are generated as the workers take them: memory does not grow with
-        # the image (a map can have millions of extents).
-        def jobs():
-            for p in _plan(images, top_only=False):
-                if p.kind == DATA:
-                    for d, o, n in _chunks(p, CHUNK):
-                        yield p, d, o, n
-                elif zero_writes:
-                    for d, o, n in _chunks(p, CHUNK):
-                        yield p, d, o, -n
-
-        tls = threading.local()
-        offload = [hasattr(os, "copy_file_range")]
-
-        def work(job):
-            p, d, o, n = job
-            if n < 0:
-                _punch_or_zero(fd, d, -n)
-                return
-            # one buffer per thread, reused: a fresh 4 MiB buffer per chunk costs a
-            # page fault per 4 KiB (readinto fills all of it, holes included)
-            whole = getattr(tls, "buf", None)
-            if whole is None:
-                whole = tls.buf = io_buffer(CHUNK)
-            mv = whole[:n]
-            p.src.readinto(mv, o)
-            # plain data lying in a file: the kernel copies it (copy_file_range), the
-            # buffer only serves the zero scan (and the fallback)
-            src = None
-            if p.host is not None and offload[0]:
-                src = (p.host[0], p.host[1] + (o - p.off), offload)
-            if sparse_size:
-                _write_sparse(fd, mv, d, sparse_size, kernels, zero_writes, src)
-            elif src is not None:
-                _copy_run(fd, mv, d, src)
-            else:
-                _pwrite_all(fd, mv, d)
-            if sync:
-                start_writeback(fd, d, n)
-            prog.add(n)
-
+    def copy(fd: int) -> None:
         if progress is not None:
             progress(0.0)
-        _run_pool(jobs(), work, workers)
+        work = _RawCopy(fd, sparse_size=sparse_size, zero_writes=zero_writes, sync=sync,
+                        prog=prog)
+        run(_raw_jobs(images, zero_writes), work, workers, context=serial_reads,
+            name="qcow2-convert")
 
     if no_create:
-        try:
-            fd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise Qcow2Error(f"Could not open '{dst}': {exc.strerror}") from None
-        try:
-            if os.fstat(fd).st_size < size and not _is_blockdev(fd):
-                raise Qcow2Error(f"Target image '{dst}' is smaller than the source")
-            copy(fd, zero_writes=not target_is_zero)
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _into_existing(dst, size, sync, copy)
     else:
         with AtomicOutput(dst) as out:
             os.ftruncate(out.fd, size)
-            copy(out.fd, zero_writes=False)
+            copy(out.fd)
             out.commit(sync=sync)
     if progress is not None:
         progress(100.0)
@@ -446,7 +335,7 @@ def _punch_or_zero(fd: int, off: int, n: int) -> None:
     pos = off
     while pos < off + n:
         k = min(len(z), off + n - pos)
-        _pwrite_all(fd, z[:k], pos)
+        pwrite_all(fd, z[:k], pos)
         pos += k
 
 
@@ -470,7 +359,7 @@ def _copy_run(fd: int, mv: memoryview, off: int, src) -> None:
         if done >= len(mv):
             return
     # the rest from the buffer (past the source's end it holds zeros)
-    _pwrite_all(fd, mv[done:], off + done)
+    pwrite_all(fd, mv[done:], off + done)
 
 
 def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
@@ -504,12 +393,6 @@ def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
         i = j
 
 
-def _pwrite_all(fd: int, mv: memoryview, off: int) -> None:
-    done = 0
-    while done < len(mv):
-        done += os.pwritev(fd, [mv[done:]], off + done)
-
-
 # ---------------------------------------------------------------------------
 # qcow2 output
 # ---------------------------------------------------------------------------
@@ -517,7 +400,7 @@ def _pwrite_all(fd: int, mv: memoryview, off: int) -> None:
 def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, progress,
               no_create, target_is_zero, backing_file, backing_format,
               out_of_order=False) -> None:
-    from ..create_image import prepare
+    from ..creator import prepare
     from ..opener import open_image
 
     tmp = None
@@ -537,12 +420,20 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             out = open_image(tmp, "r+", format="qcow2")
             # invisible until renamed: one sync at the end (none with -t unsafe)
             out.set_unordered(durable=sync)
-        _fill_qcow2(images, out, size, compress=compress, sparse_size=sparse_size,
-                    workers=workers, progress=progress,
-                    top_only=backing_file is not None,
-                    zero_writes=(no_create and not target_is_zero) or backing_file is not None,
-                    out_of_order=out_of_order)
-        out.flush() if sync else None
+        fill = _Qcow2Fill(out, size, compress=compress, sparse_size=sparse_size,
+                          zero_writes=(no_create and not target_is_zero)
+                          or backing_file is not None,
+                          deferred=tmp is not None,
+                          prog=_Progress(_data_total(images, backing_file is not None,
+                                                     progress), progress))
+        if progress is not None:
+            progress(0.0)
+        # jobs generated as the work goes (bounded memory whatever the map's size)
+        run(fill.jobs(images, top_only=backing_file is not None), fill.compute, workers,
+            apply=fill.apply, finish=fill.finish, ordered=not out_of_order,
+            context=serial_reads, name="qcow2-convert")
+        if sync:
+            out.flush()
         out.close()
         out = None
         if tmp is not None:
@@ -551,18 +442,23 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             if sync:
                 fsync_dir(os.path.dirname(os.path.abspath(dst)))
     finally:
-        if out is not None:
-            try:
-                out.close()
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        _discard(out, tmp)
     if progress is not None:
         progress(100.0)
+
+
+def _discard(out, tmp) -> None:
+    """After a failure: close the output, remove the temporary file."""
+    if out is not None:
+        try:
+            out.close()
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+    if tmp is not None:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def _windows(pieces, window: int):
@@ -582,65 +478,100 @@ def _windows(pieces, window: int):
         yield cur * window, segs
 
 
-def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, top_only,
-                zero_writes, out_of_order=False) -> None:
-    from .. import kernels
+def _hosted_source(hosted, ra: int, rb: int):
+    """(fd, offset) of the file range holding all of [ra, rb) of the window, or None."""
+    for ha, hb, fd, hoff in hosted:
+        if ha <= ra and rb <= hb:
+            return fd, hoff + (ra - ha)
+    return None
 
-    cs = out.cluster_size
-    prog = _Progress(_data_total(images, top_only, progress), progress)
-    if progress is not None:
-        progress(0.0)
-    window = max(cs, CHUNK // cs * cs)
-    # generated as the work goes (bounded memory whatever the map's size)
-    jobs = ((w, segs) for w, segs in _windows(_plan(images, top_only=top_only), window)
-            if any(p.kind == DATA or (p.kind == ZERO and zero_writes) for p, *_ in segs))
-    tls = threading.local()
 
-    def compressor():
-        c = getattr(tls, "c", None)
+class _Qcow2Fill(_Work):
+    """convert's work for a qcow2 output, one window of the output per job (see
+    :func:`qcow2.pool.run`): ``compute`` reads (and compresses) a window in parallel,
+    ``apply`` allocates its clusters and updates the tables, one window at a time (in
+    order unless -W), ``finish`` performs its data copies in parallel again.
+
+    Window buffers are reused (a fresh 4 MiB bytearray per window costs a page fault
+    per 4 KiB): taken by compute, given back by finish.  At most 2 x workers + 1
+    windows are in flight, so the pool of buffers stays that small."""
+
+    def __init__(self, out, size: int, *, compress: bool, sparse_size: int,
+                 zero_writes: bool, deferred: bool, prog):
+        super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
+        self.out = out
+        self.size = size
+        self.cs = out.cluster_size
+        self.window = max(self.cs, CHUNK // self.cs * self.cs)
+        self.compress = compress
+        # a temporary output (set_unordered): allocation in apply, data copies queued
+        # for finish (see WritableQcow2Image.defer_data)
+        self.deferred = deferred
+        self.free_bufs: list = []
+        self.bufs_lock = threading.Lock()
+        self.applied = 0                   # bytes written since the last writeback kick
+
+    def jobs(self, images, *, top_only: bool):
+        """(window offset, segments) of the windows holding anything to write."""
+        zero_writes = self.zero_writes
+        return ((w, segs) for w, segs in _windows(_plan(images, top_only=top_only),
+                                                  self.window)
+                if any(p.kind == DATA or (p.kind == ZERO and zero_writes)
+                       for p, *_ in segs))
+
+    def _compressor(self):
+        c = getattr(self.tls, "c", None)
         if c is None:
-            c = tls.c = kernels.Compressor(out.header.compression_type, cs)
+            c = self.tls.c = self.kernels.Compressor(self.out.header.compression_type, self.cs)
         return c
 
-    # Window buffers are reused (a fresh 4 MiB bytearray per window costs a page
-    # fault per 4 KiB): taken by compute, given back once apply has written them.
-    # At most 2 x workers + 1 windows are in flight, so the pool stays that small.
-    free_bufs: list = []
-    bufs_lock = threading.Lock()
+    def _take_buf(self):
+        with self.bufs_lock:
+            if self.free_bufs:
+                return self.free_bufs.pop()
+        return io_buffer(self.window)
 
-    def take_buf():
-        with bufs_lock:
-            if free_bufs:
-                return free_bufs.pop()
-        return io_buffer(window)
-
-    def compute(job):
+    def compute(self, job):
         """Read (and compress) one window; returns the writes it needs."""
         w, segs = job
-        end = min(size, w + window)
-        buf = take_buf()
+        end = min(self.size, w + self.window)
+        buf = self._take_buf()
         mv = memoryview(buf)[:end - w]
-        ncl = (end - w + cs - 1) // cs
-        write = [False] * ncl          # cluster holds bytes this convert must set
-        keep = [False] * ncl           # cluster holds bytes left to the backing file
-        known_zero = []                # cluster ranges [ka, kb) that read as zeros
-        hosted = []                    # plain data lying in a file: (a, b, fd, offset)
+        ncl = (end - w + self.cs - 1) // self.cs
+        write, keep, known_zero, hosted, ndata = self._read(w, segs, mv, ncl)
+        if self.sparse_size:
+            zero = self.kernels.zero_blocks(mv, self.cs).tolist()
+            for ka, kb in known_zero:
+                zero[ka:kb] = [True] * (kb - ka)
+        else:
+            zero = [False] * ncl
+        return buf, self._writes(w, end, mv, write, keep, zero, hosted), ndata, []
+
+    def _read(self, w: int, segs, mv: memoryview, ncl: int):
+        """Fill the window's buffer; per cluster whether this convert must set it
+        (``write``) or leaves it to the backing file (``keep``); the cluster ranges
+        known to read as zeros; the plain data lying in a file (a, b, fd, offset)."""
+        cs = self.cs
+        write = [False] * ncl
+        keep = [False] * ncl
+        known_zero = []
+        hosted = []
         ndata = 0
         for p, d, o, n in segs:
-            seg = mv[d - w:d - w + n]
+            a, b = d - w, d - w + n
+            seg = mv[a:b]
             if p.kind == DATA:
                 p.src.readinto(seg, o)
                 ndata += n
-                if p.host is not None and not compress:
-                    hosted.append((d - w, d - w + n, p.host[0], p.host[1] + (o - p.off)))
+                if p.host is not None and not self.compress:
+                    hosted.append((a, b, p.host[0], p.host[1] + (o - p.off)))
             elif p.kind == BACKING:
-                out.readinto(seg, d)   # what the new backing file shows there
-            elif sparse_size:
+                self.out.readinto(seg, d)      # what the new backing file shows there
+            elif self.sparse_size:
                 # (the buffer is reused) clusters wholly in this zero range are known
                 # zero and never written from the buffer: only the partial ones at
                 # its edges need clearing, so the scan sees what the guest reads
-                a, b = d - w, d - w + n
-                ka = -(-a // cs)
+                ka = ceil_div(a, cs)
                 kb = ncl if b == len(mv) else b // cs
                 if ka < kb:
                     _zero(mv[a:ka * cs])
@@ -649,19 +580,23 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
                 else:
                     _zero(seg)
             else:
-                _zero(seg)             # -S 0 writes zero clusters from the buffer
-            for k in range((d - w) // cs, (d - w + n - 1) // cs + 1):
-                if p.kind == BACKING:
-                    keep[k] = True
-                elif p.kind == DATA or zero_writes:
-                    write[k] = True
-        if sparse_size:
-            zero = kernels.zero_blocks(mv, cs).tolist()
-            for ka, kb in known_zero:
-                zero[ka:kb] = [True] * (kb - ka)
-        else:
-            zero = [False] * ncl
-        comp = compressor() if compress else None
+                _zero(seg)                     # -S 0 writes zero clusters from the buffer
+            if p.kind == BACKING:
+                marks = keep
+            elif p.kind == DATA or self.zero_writes:
+                marks = write
+            else:
+                continue
+            for k in range(a // cs, (b - 1) // cs + 1):
+                marks[k] = True
+        return write, keep, known_zero, hosted, ndata
+
+    def _writes(self, w: int, end: int, mv: memoryview, write, keep, zero, hosted) -> list:
+        """The window's writes: ("w", offset, data, source), ("z", offset, length,
+        None), ("c", offset, compressed clusters, data)."""
+        cs = self.cs
+        ncl = len(write)
+        comp = self._compressor() if self.compress else None
         ops = []
         k = 0
         while k < ncl:
@@ -670,7 +605,7 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
                 continue
             a = w + k * cs
             if zero[k]:
-                if zero_writes or keep[k]:
+                if self.zero_writes or keep[k]:
                     ops.append(("z", a, min(cs, end - a), None))
                 k += 1
                 continue
@@ -679,12 +614,7 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
                 j += 1
             if comp is None:
                 ra, rb = k * cs, min(j * cs, len(mv))
-                source = None
-                for ha, hb, fd, hoff in hosted:      # the whole run in one file range
-                    if ha <= ra and rb <= hb:
-                        source = (fd, hoff + (ra - ha))
-                        break
-                ops.append(("w", a, mv[ra:rb], source))
+                ops.append(("w", a, mv[ra:rb], _hosted_source(hosted, ra, rb)))
             else:
                 # one kernel call for the run of whole clusters, one for a short tail
                 whole = min(j, (end - w) // cs) - k
@@ -694,16 +624,14 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
                     comps.append(comp.compress(bytes(tail) + bytes(cs - len(tail))))
                 ops.append(("c", a, comps, mv[k * cs:j * cs]))
             k = j
-        return buf, ops, ndata, []
+        return ops
 
-    applied = [0]
-    deferred = getattr(out, "_unordered", False)   # (see WritableQcow2Image.defer_data)
-
-    def apply(result):
+    def apply(self, result) -> None:
         """Allocation and tables, one window at a time (in order unless -W); with a
         temporary output the data copies are only queued, for finish()."""
-        buf, ops, ndata, pending = result
-        if deferred:
+        _buf, ops, _ndata, pending = result
+        out = self.out
+        if self.deferred:
             out.defer_data(pending)
         try:
             for op, a, x, y in ops:
@@ -714,27 +642,26 @@ def _fill_qcow2(images, out, size, *, compress, sparse_size, workers, progress, 
                 else:
                     out.write_compressed_many(a, x, y)
         finally:
-            if deferred:
+            if self.deferred:
                 out.defer_data(None)
 
-    def finish(result):
+    def finish(self, result) -> None:
         """The window's data copies (in parallel across windows), then its buffer
         goes back to the pool."""
         buf, ops, ndata, pending = result
         try:
-            out.write_pending(pending) if pending else None
+            if pending:
+                self.out.write_pending(pending)
         finally:
             n = sum(len(x) if op == "w" else 0 for op, _a, x, _y in ops)
             del ops
             pending.clear()
-            with bufs_lock:
-                free_bufs.append(buf)
-                applied[0] += n or ndata
-                kick = applied[0] >= 64 << 20
+            with self.bufs_lock:
+                self.free_bufs.append(buf)
+                self.applied += n or ndata
+                kick = self.applied >= 64 << 20
                 if kick:
-                    applied[0] = 0
-        if kick:                             # let the disk work while we go on
-            start_writeback(out.be.fd)
-        prog.add(ndata)
-
-    _run_sequenced(jobs, compute, apply, finish, workers, in_order=not out_of_order)
+                    self.applied = 0
+        if kick:                               # let the disk work while we go on
+            start_writeback(self.out.be.fd)
+        self.prog.add(ndata)

@@ -25,23 +25,14 @@ from __future__ import annotations
 
 import os
 
-from ..create_image import (DEFAULT_CLUSTER_SIZE, MIN_EXTL2_CLUSTER_SIZE, QCOW2_OPTIONS,
-                            RAW_OPTIONS, parse_bool_option, parse_number_option, parse_size_option,
-                            parse_size_arg)
 from .. import constants as C
-from ..errors import ImageTooLargeError, InvalidOptionError, UnsupportedFeatureError
-
-# Options of the file protocol driver, which qemu-img measure accepts on top of the
-# format's (QEMU appends bdrv_file's create options).
-_FILE_OPTIONS = ("size", "preallocation", "nocow", "extent_size_hint")
-# Encryption options qemu knows for qcow2 (accepted, not used, unless encrypt.format=luks).
-_QCOW2_CRYPT_OPTIONS = ("encryption", "encrypt.format", "encrypt.key-secret",
-                        "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
-                        "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time")
-_SIZE_OPTS = {"size", "cluster_size", "extent_size_hint"}
-_BOOL_OPTS = {"extended_l2", "data_file_raw", "lazy_refcounts", "nocow", "encryption"}
-_NUMBER_OPTS = {"refcount_bits", "encrypt.iter-time"}
-_PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+from ..errors import InvalidOptionError, UnsupportedFeatureError
+from ..layout import l1_entries, qcow2_prealloc_size
+from ..options import (CRYPT_OPTIONS, FILE_OPTIONS, MEASURE_COMPAT_LEVELS, QCOW2_OPTIONS,
+                       QCOW2_PREALLOC, RAW_OPTIONS, check_cluster_size, check_preallocation,
+                       check_refcount_bits, compat_version, parse_options, parse_size_arg,
+                       too_large)
+from ..units import round_up
 
 _BITMAP_DIR_ENTRY = 24          # Qcow2BitmapDirEntry without name and extra data
 _BITMAP_TABLE_ENTRY = 8
@@ -92,30 +83,15 @@ def _measure(img, size, out_format: str, options: dict | None) -> dict:
 
 
 def _parse_options(out_format: str, options: dict) -> dict:
-    """The syntax checks qemu_opts_do_parse makes: known names, typed values."""
-    known = set(_FILE_OPTIONS)
-    known.update(QCOW2_OPTIONS + _QCOW2_CRYPT_OPTIONS if out_format == "qcow2" else RAW_OPTIONS)
-    parsed: dict = {}
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name not in known:
-            raise InvalidOptionError(f"Invalid parameter '{name}'. Invalid options for file "
-                                     f"format '{out_format}'")
-        try:
-            if name in _SIZE_OPTS:
-                value = parse_size_option(name, value)
-            elif name in _BOOL_OPTS:
-                value = parse_bool_option(name, value)
-            elif name in _NUMBER_OPTS:
-                value = parse_number_option(name, value)
-            elif isinstance(value, os.PathLike):
-                value = os.fspath(value)
-        except InvalidOptionError as exc:
-            raise InvalidOptionError(f"{exc}. Invalid options for file format "
-                                     f"'{out_format}'") from None
-        parsed[name] = value
-    return parsed
+    """The syntax checks qemu_opts_do_parse makes: known names, typed values (the
+    format's options and the file driver's; for qcow2 also the encryption ones)."""
+    known = set(FILE_OPTIONS)
+    known.update(QCOW2_OPTIONS + CRYPT_OPTIONS if out_format == "qcow2" else RAW_OPTIONS)
+    try:
+        return parse_options(options, known, strict_strings=False)
+    except InvalidOptionError as exc:
+        raise InvalidOptionError(f"{exc}. Invalid options for file format "
+                                 f"'{out_format}'") from None
 
 
 # -- raw ------------------------------------------------------------------------------------
@@ -134,45 +110,29 @@ def _measure_raw(img, opts: dict) -> dict:
 def _measure_qcow2(img, opts: dict) -> dict:
     """QEMU's qcow2_measure, check for check."""
     extended_l2 = opts.get("extended_l2", False)
-    cluster_size = opts.get("cluster_size", DEFAULT_CLUSTER_SIZE)
-    _check_cluster_size(cluster_size, extended_l2)
+    cs = opts.get("cluster_size", C.DEFAULT_CLUSTER_SIZE)
+    check_cluster_size(cs, extended_l2)
     compat = opts.get("compat")
-    if compat is None:
-        version = 3
-    elif compat == "0.10":
-        version = 2
-    elif compat == "1.1":
-        version = 3
-    else:
-        raise InvalidOptionError(f"Invalid compatibility level: '{compat}'")
-    refcount_bits = opts.get("refcount_bits", 16)
-    if not 0 < refcount_bits <= 64 or refcount_bits & (refcount_bits - 1):
-        raise InvalidOptionError("Refcount width must be a power of two and may not exceed "
-                                 "64 bits")
-    if version < 3 and refcount_bits != 16:
-        raise InvalidOptionError("Different refcount widths than 16 bits require "
-                                 "compatibility level 1.1 or above (use compat=1.1 or "
-                                 "greater)")
+    version = 3
+    if compat is not None:
+        version = compat_version(compat, MEASURE_COMPAT_LEVELS, qapi=False)
+    refcount_bits = opts.get("refcount_bits", C.DEFAULT_REFCOUNT_BITS)
+    check_refcount_bits(refcount_bits, version, hint="compat=1.1")
     prealloc = opts.get("preallocation", "off")
-    if prealloc not in _PREALLOC_MODES:
-        raise InvalidOptionError(f"invalid parameter value: {prealloc}")
+    check_preallocation(prealloc, QCOW2_PREALLOC, qapi=False)
     has_backing_file = "backing_file" in opts
     if opts.get("encrypt.format") == "luks":
         raise UnsupportedFeatureError("measuring LUKS-encrypted qcow2 output is not "
                                       "supported", feature="encryption")
 
-    cs = cluster_size
-    l2e = 16 if extended_l2 else 8
-    virtual_size = -(-opts.get("size", 0) // cs) * cs
-    l2_tables = -(-(virtual_size // cs) // (cs // l2e))
-    if l2_tables * C.L1E_SIZE > C.MAX_L1_SIZE:
+    virtual_size = round_up(opts.get("size", 0), cs)
+    if l1_entries(virtual_size, cs, extended_l2) * C.L1E_SIZE > C.MAX_L1_SIZE:
         # QEMU checks the size option only: not an input image's size.
-        raise ImageTooLargeError("The image size is too large (try using a larger cluster "
-                                 "size)")
+        raise too_large(None, True)
 
     required = 0
     if img is not None:
-        virtual_size = -(-img.size // cs) * cs
+        virtual_size = round_up(img.size, cs)
         if has_backing_file:
             # The new image's backing file may share nothing with the input: count all.
             required = virtual_size
@@ -189,44 +149,6 @@ def _measure_qcow2(img, opts: dict) -> dict:
     out["required"] = fully - virtual_size + required
     out["fully-allocated"] = fully
     return out
-
-
-def _check_cluster_size(cluster_size: int, extended_l2: bool) -> None:
-    bits = cluster_size.bit_length() - 1
-    if (cluster_size <= 0 or cluster_size & (cluster_size - 1)
-            or not C.MIN_CLUSTER_BITS <= bits <= C.MAX_CLUSTER_BITS):
-        raise InvalidOptionError(f"Cluster size must be a power of two between "
-                                 f"{1 << C.MIN_CLUSTER_BITS} and "
-                                 f"{1 << (C.MAX_CLUSTER_BITS - 10)}k")
-    if extended_l2 and cluster_size < MIN_EXTL2_CLUSTER_SIZE:
-        raise InvalidOptionError(f"Extended L2 entries are only supported with cluster "
-                                 f"sizes of at least {MIN_EXTL2_CLUSTER_SIZE} bytes")
-
-
-def qcow2_prealloc_size(size: int, cluster_size: int, refcount_order: int,
-                        extended_l2: bool = False) -> int:
-    """Bytes of a qcow2 image of virtual ``size`` with every cluster allocated: header,
-    L2 and L1 tables, refcount structures and data (QEMU's qcow2_calc_prealloc_size).
-
-    This is the total of :func:`qcow2.create_image.qcow2_layout` with
-    ``preallocation="full"`` (the same fixed point), without the limits ``create``
-    enforces (measure reports sizes QEMU could never create, as qemu-img does).
-    """
-    cs = cluster_size
-    l2e = 16 if extended_l2 else 8
-    data = -(-size // cs)
-    l2_tables = -(-data // (cs // l2e))
-    l1_clusters = -(-l2_tables // (cs // C.L1E_SIZE))
-    clusters = 1 + l2_tables + l1_clusters + data
-    per_block = (cs * 8) >> refcount_order
-    blocks = table = 0
-    while True:                # refcount blocks count themselves: find the fixed point
-        nblocks = -(-(clusters + table + blocks) // per_block)
-        ntable = -(-nblocks // (cs // 8))
-        if (nblocks, ntable) == (blocks, table):
-            break
-        blocks, table = nblocks, ntable
-    return (clusters + blocks + table) * cs
 
 
 def _data_clusters(img, cs: int) -> int:
@@ -272,4 +194,4 @@ def _bitmaps_size(img, cs: int) -> int:
     return total + -(-dir_size // cs) * cs
 
 
-__all__ = ["measure", "qcow2_prealloc_size"]
+__all__ = ["measure"]

@@ -39,14 +39,15 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+from ..atomic import AtomicOutput, copy_range, io_buffer, pwrite_all, start_writeback
+from ..backends import FileBackend
+from ..errors import Qcow2Error
+from ..pool import run
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
     from typing import Callable
-
-from ..atomic import AtomicOutput, copy_range, io_buffer, start_writeback
-from ..backends import FileBackend
-from ..errors import Qcow2Error
 
 CHUNK = 4 << 20             # bytes read and scanned at a time
 
@@ -124,28 +125,14 @@ def _copy(be: FileBackend, fd: int, size: int, preallocate: bool, progress,
                 if _offload(be.fd, fd, pos + a, b - a):
                     continue
                 state["offload"] = False
-            _pwrite_all(fd, chunk[a:b], pos + a)
+            pwrite_all(fd, chunk[a:b], pos + a)
         start_writeback(fd, pos, n)
         if progress is not None:
             with lock:
                 state["done"] += n
                 progress(min(100.0, 100.0 * state["done"] / total))
 
-    jobs = _jobs(regions)
-    if workers <= 1:
-        for job in jobs:
-            work(job)
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qcow2-sparse") as pool:
-        pending = set()
-        for job in jobs:
-            pending.add(pool.submit(work, job))
-            if len(pending) >= workers * 2:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    f.result()
-        for f in pending:
-            f.result()
+    run(_jobs(regions), work, workers, name="qcow2-sparse")
 
 
 def _jobs(regions):
@@ -195,12 +182,6 @@ def _offload(src_fd: int, dst_fd: int, offset: int, length: int) -> bool:
     """Copy with copy_file_range; False (nothing or part copied, the caller rewrites
     the whole run) when the kernel cannot do it for these files."""
     return copy_range(src_fd, offset, dst_fd, offset, length) == length
-
-
-def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(mv):
-        done += os.pwritev(fd, [mv[done:]], offset + done)
 
 
 __all__ = ["sparse_copy", "CHUNK"]
