@@ -39,15 +39,15 @@ def _snapshot_arg(text):
     """qemu-img's -l: a plain id-or-name, or ``snapshot.id=ID,snapshot.name=NAME``."""
     if text is None or not text.startswith("snapshot."):
         return text
-    from .create import parse_option_list
+    from ..units import parse_option_list
     opts = parse_option_list(text)
     return opts.get("snapshot.id") or opts.get("snapshot.name")
 
 
 def run(args) -> int:
-    from ..ops.info import qemu_json
     from ..ops.measure import measure
-    from .create import parse_option_list
+    from ..units import parse_option_list
+    from .output import qemu_json
 
     if args.options and any(o in ("help", "?") for o in ",".join(args.options).split(",")):
         from ..create_image import help_text
