@@ -531,8 +531,7 @@ class Qcow2Image(Image):
         if sn is None:
             raise Qcow2Error(f"Failed to load snapshot: snapshot {key!r} not found "
                              f"in '{self.filename}'")
-        self.header._validate_table(sn.l1_table_offset, sn.l1_size, C.L1E_SIZE, C.MAX_L1_SIZE,
-                                    f"Snapshot L1 table of snapshot {sn.id}", sn.entry_offset)
+        self.header.validate_snapshot_l1(sn)
         self.snapshot = sn
         self._l1_offset = sn.l1_table_offset
         self._l1_entries = sn.l1_size

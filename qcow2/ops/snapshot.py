@@ -186,8 +186,7 @@ def _find(img, key):
     sn = find_snapshot(img.snapshots_list, key)
     if sn is None:
         raise Qcow2Error("snapshot not found")
-    img.header._validate_table(sn.l1_table_offset, sn.l1_size, C.L1E_SIZE, C.MAX_L1_SIZE,
-                               f"Snapshot L1 table of snapshot {sn.id}", sn.entry_offset)
+    img.header.validate_snapshot_l1(sn)
     if sn.l1_table_offset + sn.l1_size * 8 > img.file_size:
         raise Qcow2Error(f"the L1 table of snapshot {sn.id} lies past the end of the file")
     return sn
