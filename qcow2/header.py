@@ -142,18 +142,22 @@ class Header:
         in QEMU's order (qcow2_do_open), each before the field it guards is used.
         """
         h = cls._parse_fields(read(C.V3_MIN_HEADER_LENGTH, 0), file_size)
-        # The first cluster holds the header, its extensions and the backing file
-        # name: read it once (bounded by the 2 MiB maximum cluster size).
+        # The first cluster holds the header, its extensions (up to the backing file
+        # name, if any, else to the cluster's end) and the backing file name: read
+        # what of it they can reach, once (at most the 2 MiB maximum cluster size).
         cluster_size = h.cluster_size
-        first = read(cluster_size, 0)
+        ext_end = h.backing_file_offset if h.backing_file_offset else cluster_size
+        reach = max(h.header_length, ext_end + _EXT.size,
+                    h.backing_file_offset + h.backing_file_size)
+        need = min(cluster_size, reach)
+        first = read(need, 0)
         if len(first) < h.header_length:
             raise _corrupt(f"header truncated: header_length {h.header_length} but the file "
                            f"has {len(first)} bytes", 0, h.header_length)
-        first = first + bytes(cluster_size - len(first))  # QEMU reads zeros past EOF
+        first = first + bytes(need - len(first))  # QEMU reads zeros past EOF
         if h.header_length > C.HDR_COMPRESSION_TYPE:
             h.compression_type = first[C.HDR_COMPRESSION_TYPE]
         h._validate_compression()
-        ext_end = h.backing_file_offset if h.backing_file_offset else cluster_size
         h._refuse_unknown_features(first, ext_end)
         h._validate_geometry()
         h._read_extensions(first, ext_end, only_feature_table=False)
