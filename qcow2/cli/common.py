@@ -40,6 +40,16 @@ def add_file(p, run) -> None:
     p.set_defaults(func=run)
 
 
+def snapshot_arg(text: str | None) -> str | None:
+    """qemu-img's ``-l`` (convert, measure): a snapshot id or name, or the options
+    ``snapshot.id=ID,snapshot.name=NAME`` (when it starts with ``snapshot.``)."""
+    if text is None or not text.startswith("snapshot."):
+        return text
+    from ..units import parse_option_list
+    opts = parse_option_list(text)
+    return opts.get("snapshot.id") or opts.get("snapshot.name")
+
+
 class ProgressPrinter:
     """qemu-img's progress line: "    (NN.NN/100%)" rewritten in place, printed only
     when it moved by at least one percent (and at 100)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..errors import InvalidOptionError
 from ..units import parse_size
 from .common import (add_format, add_progress, add_quiet, add_share, add_untrusted,
-                     end_progress, progress_for)
+                     end_progress, progress_for, snapshot_arg)
 
 
 def add_parser(sub):
@@ -42,16 +42,6 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _snapshot_arg(text):
-    if text is None:
-        return None
-    if "=" not in text:
-        return text
-    from ..units import parse_option_list
-    opts = parse_option_list(text)
-    return opts.get("snapshot.id") or opts.get("snapshot.name")
-
-
 def run(args) -> int:
     from ..ops.convert import convert
     from ..units import parse_option_list
@@ -69,7 +59,7 @@ def run(args) -> int:
             workers=args.workers, out_of_order=args.out_of_order, no_create=args.no_create,
             target_is_zero=args.target_is_zero, backing_file=args.backing_file,
             backing_format=args.backing_format, progress=progress, untrusted=args.untrusted,
-            force_share=args.force_share, snapshot=_snapshot_arg(args.snapshot),
+            force_share=args.force_share, snapshot=snapshot_arg(args.snapshot),
             max_output=(parse_size(args.max_output, what="max output")
                         if args.max_output is not None else None))
     end_progress(progress)

@@ -245,8 +245,7 @@ def spawn(opts, instance: str, image_id: str, source: str, root_size: int, *,
     inst_dir = instance_dir(opts, instance)
     backend = opts.backend
     if backend == "lvm":
-        import shutil as _sh
-        if not _sh.which("lvcreate"):
+        if not shutil.which("lvcreate"):
             raise ComputeError("images_type lvm needs lvm2 (lvcreate) installed")
     base, base_fmt = fetch_base(opts, image_id, source, disk_format=disk_format,
                                 checksum=checksum, progress=progress)
