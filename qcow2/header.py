@@ -95,13 +95,24 @@ class Header:
         return f"Header(version={self.version}, cluster_bits={self.cluster_bits}, size={self.size})"
 
     # -- derived ---------------------------------------------------------
-    @property
-    def cluster_size(self) -> int:
-        return 1 << self.cluster_bits
+    dirty = _flag("incompatible_features", C.INCOMPAT_DIRTY)
+    corrupt = _flag("incompatible_features", C.INCOMPAT_CORRUPT)
+    lazy_refcounts = _flag("compatible_features", C.COMPAT_LAZY_REFCOUNTS)
+    data_file_raw = _flag("autoclear_features", C.AUTOCLEAR_DATA_FILE_RAW)
+    bitmaps_consistent = _flag("autoclear_features", C.AUTOCLEAR_BITMAPS)
 
+    # the two flags the writer reads for every cluster: plain properties, faster than _flag
     @property
     def extended_l2(self) -> bool:
         return bool(self.incompatible_features & C.INCOMPAT_EXTL2)
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible_features & C.INCOMPAT_DATA_FILE)
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
 
     @property
     def l2_entry_size(self) -> int:
@@ -118,13 +129,6 @@ class Header:
     @property
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
-
-    dirty = _flag("incompatible_features", C.INCOMPAT_DIRTY)
-    corrupt = _flag("incompatible_features", C.INCOMPAT_CORRUPT)
-    has_data_file = _flag("incompatible_features", C.INCOMPAT_DATA_FILE)
-    lazy_refcounts = _flag("compatible_features", C.COMPAT_LAZY_REFCOUNTS)
-    data_file_raw = _flag("autoclear_features", C.AUTOCLEAR_DATA_FILE_RAW)
-    bitmaps_consistent = _flag("autoclear_features", C.AUTOCLEAR_BITMAPS)
 
     def l1_entries_needed(self, size: int | None = None) -> int:
         """Number of L1 entries needed to map ``size`` bytes (QEMU's size_to_l1)."""
@@ -253,7 +257,7 @@ class Header:
         sizes (QEMU's caps), before any table is read."""
         cluster_size = self.cluster_size
         subcluster_size = cluster_size // self.subclusters_per_cluster
-        if subcluster_size < 512:
+        if subcluster_size < 1 << C.MIN_CLUSTER_BITS:     # QEMU's rule, as for clusters
             raise _corrupt(f"Unsupported subcluster size: {subcluster_size}",
                            C.HDR_INCOMPATIBLE_FEATURES, 8)
         if self.refcount_order > 6:
