@@ -71,6 +71,13 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_CRYPTO_HEADER = 0x0537BE77
 EXT_BITMAPS = 0x23852875
 EXT_DATA_FILE = 0x44415441
+# the data of the extensions with a fixed layout
+EXT_BACKING_FORMAT_MAX = 16           # a backing format name is shorter (QEMU's buffer)
+EXT_CRYPTO_HEADER_SIZE = 16           # u64 offset, u64 length of the encryption header
+BITMAPS_EXT_NB_BITMAPS = 0            # u32
+BITMAPS_EXT_RESERVED = 4              # u32, zero
+BITMAPS_EXT_DIRECTORY_SIZE = 8        # u64
+BITMAPS_EXT_DIRECTORY_OFFSET = 16     # u64
 
 # -- L1/L2 entries (Cluster mapping) -----------------------------------------
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -90,6 +97,8 @@ MAX_CRYPT_CLUSTERS = 32
 MAX_SNAPSHOTS = 65536
 MAX_REFTABLE_SIZE = 8 * 1024 * 1024           # bytes
 MAX_L1_SIZE = 32 * 1024 * 1024                # bytes
+MAX_L1_ENTRIES = 0x7FFFFFFF                   # L1 entries a virtual size may need (INT_MAX)
+MAX_TABLE_END = 0x7FFFFFFFFFFFFFFF            # no table may end past INT64_MAX
 MAX_SNAPSHOT_EXTRA_DATA = 1024
 SNAPSHOT_HEADER_SIZE = 40
 MAX_SNAPSHOTS_SIZE = 1024 * MAX_SNAPSHOTS     # bytes: whole table

@@ -84,7 +84,7 @@ class NativeUnavailableError(Qcow2Error, ImportError):
 
 
 __all__ = [
-    "Qcow2Error", "FormatError", "NotQcow2Error", "CorruptImageError",
-    "DecompressionError", "InvalidOptionError", "ImageTooLargeError", "UnsupportedFeatureError", "UnsafeImageError",
+    "Qcow2Error", "FormatError", "NotQcow2Error", "CorruptImageError", "DecompressionError",
+    "InvalidOptionError", "ImageTooLargeError", "UnsupportedFeatureError", "UnsafeImageError",
     "ReadOnlyError", "NativeUnavailableError",
 ]

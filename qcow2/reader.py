@@ -194,9 +194,7 @@ class Qcow2Image(Image):
         checked as QEMU checks it), or None."""
         sn = find_snapshot(self.snapshots_list, key)
         if sn is not None:
-            self.header._validate_table(sn.l1_table_offset, sn.l1_size, C.L1E_SIZE,
-                                        C.MAX_L1_SIZE, f"Snapshot L1 table of snapshot {sn.id}",
-                                        sn.entry_offset)
+            self.header.validate_snapshot_l1(sn)
         return sn
 
     def _select_snapshot(self, key) -> None:

@@ -255,8 +255,7 @@ class _Scan:
         # budget from the header alone, before anything is read
         l1s = [(h.l1_table_offset, h.l1_size, "active L1 table", 0x28)]
         for sn in img.snapshots_list:
-            h._validate_table(sn.l1_table_offset, sn.l1_size, C.L1E_SIZE, C.MAX_L1_SIZE,
-                              f"Snapshot L1 table of snapshot {sn.id}", sn.entry_offset)
+            h.validate_snapshot_l1(sn)
             l1s.append((sn.l1_table_offset, sn.l1_size, f"L1 table of snapshot {sn.id}",
                         sn.entry_offset))
         self._hold(h.refcount_table_clusters * cs, "the refcount table", 0x38)

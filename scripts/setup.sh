@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh Debian machine: system packages (oracle + headers),
-# a virtual environment in .venv, and the package installed into it (native core built).
+# a virtual environment in .venv with the linter (ruff), and the package installed
+# into it (native core built).
 # Idempotent: a second run only reinstalls the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv"
     $PY -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi >/dev/null
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi "ruff>=0.6" >/dev/null
 echo "== installing qcow2 (native core required: ${QCOW2_REQUIRE_NATIVE:-0})"
 rm -rf build
 .venv/bin/python -m pip install -q ".[test]"

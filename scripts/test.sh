@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite: once with the native core required, once more
-# (a fast subset) with the pure-Python kernels.  Extra arguments go to pytest.
+# Set up, lint (ruff, with the rules in pyproject.toml: any finding fails the run) and
+# run the whole test suite: once with the native core required, once more (a fast
+# subset) with the pure-Python kernels.  Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export QCOW2_REQUIRE_NATIVE=1
 bash scripts/setup.sh
+echo "== lint: ruff check (rules in pyproject.toml)"
+.venv/bin/ruff check .
 # Everything the run writes (corpus, pytest's temporary folders, qemu-img's oracle
 # outputs, anything else under TMPDIR) lives in one folder that is removed at the end,
 # pass or fail: runs must not fill a shared /tmp.  Passed tests' folders are removed as

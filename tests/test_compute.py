@@ -530,8 +530,9 @@ def test_spawn_end_to_end(compute, tmp_path, images, images_type, force_raw, use
         # the ext4 was grown to the root size, clean, and its file is intact
         out = subprocess.run(["dumpe2fs", "-h", disk], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True).stdout
-        count = int(next(l for l in out.splitlines() if l.startswith("Block count")).split()[-1])
-        bs = int(next(l for l in out.splitlines() if l.startswith("Block size")).split()[-1])
+        lines = out.splitlines()
+        count = int(next(ln for ln in lines if ln.startswith("Block count")).split()[-1])
+        bs = int(next(ln for ln in lines if ln.startswith("Block size")).split()[-1])
         assert count * bs == 128 * MiB
         subprocess.run(["e2fsck", "-fn", disk], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
@@ -543,7 +544,7 @@ def test_spawn_end_to_end(compute, tmp_path, images, images_type, force_raw, use
         assert used >= 128 * MiB
     else:
         assert used < 64 * MiB
-    for name, label_cmd in (("disk.local", "ephemeral0"), ("disk.swap", None)):
+    for name in ("disk.local", "disk.swap"):
         p = os.path.join(d, name)
         assert info[p] == qinfo(p)["format"]
         if cow:
@@ -584,7 +585,8 @@ def test_spawn_failure_removes_instance(compute, tmp_path, images, monkeypatch):
 def _fs_blocks(path_raw):
     out = subprocess.run(["dumpe2fs", "-h", path_raw], stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True).stdout
-    field = {l.split(":")[0]: l.split(":")[1].strip() for l in out.splitlines() if ":" in l}
+    parts = (ln.partition(":") for ln in out.splitlines())
+    field = {k: v.strip() for k, sep, v in parts if sep}
     return int(field["Block count"]) * int(field["Block size"])
 
 

@@ -1,8 +1,10 @@
 """The ``qcow2`` command line, spelled like qemu-img.
 
-Each subcommand lives in its own module with ``add_parser(subparsers)`` and
-``run(args) -> int``.  Errors become one line on stderr and a non-zero exit status;
-never a traceback (set QCOW2_DEBUG=1 to see one).
+Each subcommand of ``COMMANDS`` lives in its own module with ``add_parser(subparsers)``
+and ``run(args) -> int``; ``common`` holds the argument helpers they share and
+``output`` what they print in qemu-img's layouts (info text, snapshot table, QEMU's
+JSON).  Errors become one line on stderr and a non-zero exit status; never a traceback
+(set QCOW2_DEBUG=1 to see one).
 """
 
 from __future__ import annotations
@@ -63,9 +65,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         if only is not None and name != only:
-            continue
-        # a subcommand whose module has not landed yet is simply not offered
-        if not os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py")):
             continue
         importlib.import_module(f".{name}", __name__).add_parser(sub)
     return p

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InvalidOptionError
-from .common import add_format
+from .common import add_file, add_format, add_progress, add_quiet
 
 
 def add_parser(sub):
@@ -12,10 +12,9 @@ def add_parser(sub):
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="options to change (key=value,...)")
     p.add_argument("--force", action="store_true", help="accepted for compatibility")
-    p.add_argument("-p", dest="progress", action="store_true", help="accepted")
-    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    p.add_argument("filename")
-    p.set_defaults(func=run)
+    add_progress(p, help="accepted")
+    add_quiet(p)
+    add_file(p, run)
 
 
 def run(args) -> int:

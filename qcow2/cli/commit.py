@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import ProgressPrinter, add_format
+from .common import add_file, add_format, add_progress, add_quiet, end_progress, progress_for
 
 
 def add_parser(sub):
@@ -12,21 +12,18 @@ def add_parser(sub):
     p.add_argument("-b", dest="base", default=None, help="commit down to this image")
     p.add_argument("-d", dest="keep", action="store_true",
                    help="do not empty the image after committing")
-    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    p.add_argument("filename")
-    p.set_defaults(func=run)
-
+    add_progress(p)
+    add_quiet(p)
+    add_file(p, run)
 
 
 def run(args) -> int:
     from ..ops.commit import commit
 
-    progress = ProgressPrinter() if args.progress and not args.quiet else None
+    progress = progress_for(args)
     commit(args.filename, format=args.format, base=args.base, keep=args.keep,
            progress=progress)
-    if progress is not None:
-        progress.done()
+    end_progress(progress)
     if not args.quiet:
         print("Image committed.")
     return 0

@@ -1,8 +1,8 @@
-"""Argument helpers shared by the subcommands."""
+"""Argument helpers shared by the subcommands, and qemu-img's progress line."""
 
 from __future__ import annotations
 
-from ..units import parse_size  # noqa: F401  (re-exported for the subcommands)
+import sys
 
 
 def add_output(p) -> None:
@@ -26,12 +26,35 @@ def add_untrusted(p) -> None:
                         "check its format and scan all its metadata before reading")
 
 
+def add_progress(p, help: str = "show progress") -> None:
+    p.add_argument("-p", dest="progress", action="store_true", help=help)
+
+
+def add_quiet(p, help: str = "quiet") -> None:
+    p.add_argument("-q", dest="quiet", action="store_true", help=help)
+
+
+def add_file(p, run) -> None:
+    """The image argument, last, and the function that runs the subcommand."""
+    p.add_argument("filename")
+    p.set_defaults(func=run)
+
+
+def snapshot_arg(text: str | None) -> str | None:
+    """qemu-img's ``-l`` (convert, measure): a snapshot id or name, or the options
+    ``snapshot.id=ID,snapshot.name=NAME`` (when it starts with ``snapshot.``)."""
+    if text is None or not text.startswith("snapshot."):
+        return text
+    from ..units import parse_option_list
+    opts = parse_option_list(text)
+    return opts.get("snapshot.id") or opts.get("snapshot.name")
+
+
 class ProgressPrinter:
     """qemu-img's progress line: "    (NN.NN/100%)" rewritten in place, printed only
     when it moved by at least one percent (and at 100)."""
 
     def __init__(self, stream=None):
-        import sys
         self.stream = stream or sys.stdout
         self.last = -100.0
 
@@ -45,3 +68,14 @@ class ProgressPrinter:
     def done(self) -> None:
         self.stream.write("\n")
         self.stream.flush()
+
+
+def progress_for(args, stream=None) -> ProgressPrinter | None:
+    """The progress line of ``-p`` (None without ``-p`` or with ``-q``)."""
+    return ProgressPrinter(stream) if args.progress and not args.quiet else None
+
+
+def end_progress(progress: ProgressPrinter | None) -> None:
+    """End the progress line once the work succeeded (qemu-img's final newline)."""
+    if progress is not None:
+        progress.done()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from .common import ProgressPrinter, add_share, add_untrusted
+from .common import add_progress, add_quiet, add_share, add_untrusted, end_progress, progress_for
 
 _CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
 
@@ -23,8 +23,8 @@ def add_parser(sub):
     p.add_argument("-f", dest="fmt_a", default=None, help="format of the first image")
     p.add_argument("-F", dest="fmt_b", default=None, help="format of the second image")
     p.add_argument("-T", dest="cache", default="writeback", help="source cache mode")
-    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    add_progress(p)
+    add_quiet(p, help="print nothing")
     p.add_argument("-s", dest="strict", action="store_true",
                    help="strict: sizes and block status must match too")
     add_share(p)
@@ -42,15 +42,13 @@ def run(args) -> int:
         err.exit_code = 2  # type: ignore[attr-defined]
         raise err
     out = sys.stdout
-    quiet = args.quiet
-    progress = ProgressPrinter(out) if args.progress and not quiet else None
+    progress = progress_for(args, out)
 
     # one open per image, scanned first when untrusted (no gap between check and use)
     res = compare_images(args.image_a, args.image_b, fmt_a=args.fmt_a, fmt_b=args.fmt_b,
                          strict=args.strict, progress=progress, force_share=args.force_share,
                          untrusted=args.untrusted)
-    if progress is not None:
-        progress.done()
+    end_progress(progress)
     common = min(res.size_a, res.size_b)
     lines = []
     m = res.mismatch
@@ -63,6 +61,6 @@ def run(args) -> int:
             lines.append("Warning: Image size mismatch!")
         lines.append("Images are identical." if m is None else
                      f"Content mismatch at offset {m.offset}!")
-    if not quiet:
+    if not args.quiet:
         out.write("".join(line + "\n" for line in lines))
     return 0 if m is None else 1

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 
-from .common import ProgressPrinter, parse_size
+from ..units import parse_size
+from .common import ProgressPrinter
 
 
 def add_parser(sub):

@@ -5,7 +5,9 @@ SRC... DST"""
 from __future__ import annotations
 
 from ..errors import InvalidOptionError
-from .common import ProgressPrinter, add_format, add_share, add_untrusted, parse_size
+from ..units import parse_size
+from .common import (add_format, add_progress, add_quiet, add_share, add_untrusted,
+                     end_progress, progress_for, snapshot_arg)
 
 
 def add_parser(sub):
@@ -29,8 +31,8 @@ def add_parser(sub):
     p.add_argument("-m", dest="workers", type=int, default=None, help="parallel workers")
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="allow out-of-order writes")
-    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    add_progress(p)
+    add_quiet(p)
     p.add_argument("-l", dest="snapshot", default=None, help="read an internal snapshot")
     add_share(p)
     add_untrusted(p)
@@ -38,17 +40,6 @@ def add_parser(sub):
                    help="refuse to produce more than SIZE bytes of output")
     p.add_argument("files", nargs="+", metavar="SRC... DST")
     p.set_defaults(func=run)
-
-
-def _snapshot_arg(text):
-    if text is None:
-        return None
-    if "=" not in text:
-        return text
-    from ..units import parse_option_list
-    opts = parse_option_list(text)
-    return opts.get("snapshot.id") or opts.get("snapshot.name")
-
 
 
 def run(args) -> int:
@@ -61,16 +52,15 @@ def run(args) -> int:
     options = {}
     for text in args.options:
         options.update(parse_option_list(text))
-    progress = ProgressPrinter() if args.progress and not args.quiet else None
+    progress = progress_for(args)
     convert(srcs if len(srcs) > 1 else srcs[0], dst, src_format=args.format,
             out_format=args.out_format, compress=args.compress, options=options or None,
             sparse_size=parse_size(args.sparse_size, what="sparse size"), cache=args.cache,
             workers=args.workers, out_of_order=args.out_of_order, no_create=args.no_create,
             target_is_zero=args.target_is_zero, backing_file=args.backing_file,
             backing_format=args.backing_format, progress=progress, untrusted=args.untrusted,
-            force_share=args.force_share, snapshot=_snapshot_arg(args.snapshot),
+            force_share=args.force_share, snapshot=snapshot_arg(args.snapshot),
             max_output=(parse_size(args.max_output, what="max output")
                         if args.max_output is not None else None))
-    if progress is not None:
-        progress.done()
+    end_progress(progress)
     return 0

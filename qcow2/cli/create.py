@@ -14,6 +14,7 @@ import sys
 
 from ..errors import Qcow2Error
 from ..units import parse_option_list
+from .common import add_quiet
 
 
 def add_parser(sub):
@@ -26,7 +27,7 @@ def add_parser(sub):
                    help="options: key=value[,key=value...] ('-o help' lists them)")
     p.add_argument("-u", dest="unsafe", action="store_true",
                    help="do not open the backing file (a size is then required)")
-    p.add_argument("-q", dest="quiet", action="store_true", help="quiet: print nothing")
+    add_quiet(p, help="quiet: print nothing")
     p.add_argument("filename", nargs="?")
     p.add_argument("size", nargs="?")
     p.set_defaults(func=run)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_format, add_output, add_share, add_untrusted
+from .common import add_file, add_format, add_output, add_share, add_untrusted
 
 
 def add_parser(sub):
@@ -12,13 +12,12 @@ def add_parser(sub):
     add_share(p)
     add_untrusted(p)
     p.add_argument("--backing-chain", action="store_true", help="describe the whole chain")
-    p.add_argument("filename")
-    p.set_defaults(func=run)
+    add_file(p, run)
 
 
 def run(args) -> int:
     import qcow2
-    from ..ops.info import format_human, qemu_json
+    from .output import format_human, qemu_json
 
     infos = []
     with qcow2.open(args.filename, format=args.format, untrusted=args.untrusted,

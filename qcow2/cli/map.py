@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_format, add_output, add_share, add_untrusted
+from .common import add_file, add_format, add_output, add_share, add_untrusted
 
 
 def add_parser(sub):
@@ -14,8 +14,7 @@ def add_parser(sub):
     add_output(p)
     add_share(p)
     add_untrusted(p)
-    p.add_argument("filename")
-    p.set_defaults(func=run)
+    add_file(p, run)
 
 
 def _hex(v: int) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_format, add_output, add_share, add_untrusted
+from .common import add_format, add_output, add_share, add_untrusted, snapshot_arg
 
 
 def add_parser(sub):
@@ -35,19 +35,10 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _snapshot_arg(text):
-    """qemu-img's -l: a plain id-or-name, or ``snapshot.id=ID,snapshot.name=NAME``."""
-    if text is None or not text.startswith("snapshot."):
-        return text
-    from .create import parse_option_list
-    opts = parse_option_list(text)
-    return opts.get("snapshot.id") or opts.get("snapshot.name")
-
-
 def run(args) -> int:
-    from ..ops.info import qemu_json
     from ..ops.measure import measure
-    from .create import parse_option_list
+    from ..units import parse_option_list
+    from .output import qemu_json
 
     if args.options and any(o in ("help", "?") for o in ",".join(args.options).split(",")):
         from ..options import help_text
@@ -58,7 +49,7 @@ def run(args) -> int:
     options = parse_option_list(",".join(args.options)) if args.options else {}
     info = measure(args.filenames[0] if args.filenames else None, size=args.size,
                    fmt=args.format, out_format=args.out_format, options=options,
-                   snapshot=_snapshot_arg(args.snapshot), force_share=args.force_share,
+                   snapshot=snapshot_arg(args.snapshot), force_share=args.force_share,
                    untrusted=args.untrusted)
     if args.output == "json":
         sys.stdout.write(qemu_json(info) + "\n")

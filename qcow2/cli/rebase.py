@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import ProgressPrinter, add_format, add_share
+from .common import (add_file, add_format, add_progress, add_quiet, add_share, end_progress,
+                     progress_for)
 
 
 def add_parser(sub):
@@ -13,25 +14,21 @@ def add_parser(sub):
     p.add_argument("-b", dest="backing_file", default=None,
                    help="new backing file ('' flattens the image)")
     p.add_argument("-F", dest="backing_format", default=None, help="its format")
-    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    add_progress(p)
+    add_quiet(p)
     add_share(p)
-    p.add_argument("filename")
-    p.set_defaults(func=run)
-
+    add_file(p, run)
 
 
 def run(args) -> int:
     from ..errors import InvalidOptionError
     from ..ops.rebase import rebase
 
-    progress = ProgressPrinter() if args.progress and not args.quiet else None
+    progress = progress_for(args)
     if args.backing_file is None and not args.unsafe:
         raise InvalidOptionError("Must specify backing file (-b)")
     rebase(args.filename, args.backing_file or "", format=args.format,
-           backing_format=args.backing_format, unsafe=args.unsafe,
-           progress=progress,
+           backing_format=args.backing_format, unsafe=args.unsafe, progress=progress,
            force_share=args.force_share)
-    if progress is not None:
-        progress.done()
+    end_progress(progress)
     return 0

@@ -1,8 +1,9 @@
-"""qcow2 resize [-f FMT] [--shrink] [--preallocation=off|metadata|falloc|full] [-q] FILE [+|-]SIZE"""
+"""qcow2 resize [-f FMT] [--shrink] [--preallocation=off|metadata|falloc|full] [-q]
+             FILE [+|-]SIZE"""
 
 from __future__ import annotations
 
-from .common import add_format
+from .common import add_format, add_quiet
 
 
 def add_parser(sub):
@@ -11,7 +12,7 @@ def add_parser(sub):
     p.add_argument("--shrink", action="store_true", help="allow shrinking")
     p.add_argument("--preallocation", default="off",
                    choices=("off", "metadata", "falloc", "full"))
-    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    add_quiet(p)
     p.add_argument("filename")
     p.add_argument("size", help="new size, or +SIZE / -SIZE relative to the current one")
     p.set_defaults(func=run)

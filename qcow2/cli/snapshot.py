@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InvalidOptionError
-from .common import add_format, add_share
+from .common import add_file, add_format, add_quiet, add_share
 
 
 def add_parser(sub):
@@ -15,15 +15,14 @@ def add_parser(sub):
     g.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot")
     g.add_argument("-a", dest="apply", metavar="NAME", help="revert to a snapshot")
     g.add_argument("-d", dest="delete", metavar="NAME", help="delete a snapshot")
-    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    add_quiet(p)
     add_share(p)
-    p.add_argument("filename")
-    p.set_defaults(func=run)
+    add_file(p, run)
 
 
 def run(args) -> int:
     from ..ops import snapshot as ops
-    from ..ops.info import _snapshot_line
+    from .output import snapshot_table
 
     if args.create is not None:
         ops.create_snapshot(args.filename, args.create, format=args.format)
@@ -34,11 +33,8 @@ def run(args) -> int:
     elif args.list:
         snaps = ops.list_snapshots(args.filename, format=args.format,
                                    force_share=args.force_share)
-        print("Snapshot list:")
-        print("%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
-                                             "ICOUNT"))
-        for sn in snaps:
-            print(_snapshot_line(sn))
+        for line in snapshot_table(snaps):
+            print(line)
     else:
         raise InvalidOptionError("Expecting one of -l, -c, -a or -d")
     return 0

@@ -30,8 +30,8 @@ import subprocess
 from ..atomic import AtomicOutput, fsync_dir
 from ..paths import make_temp
 from .errors import ComputeError, ToolError
-from .fetch import check_space, clean_stale_temps, fetch_base
-from .locks import ephemeral_name, image_lock, swap_name
+from .fetch import check_space, fetch_base, locked_base
+from .locks import ephemeral_name, swap_name
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
                    r"[0-9a-fA-F]{12}$")
@@ -96,10 +96,7 @@ def grow_fs(path: str) -> bool:
 def _make_base(opts, name: str, size: int, fill) -> str:
     """Create the cached base ``name`` of ``size`` bytes with ``fill(path)`` once."""
     base_dir = opts.base_dir
-    os.makedirs(base_dir, exist_ok=True)
-    path = os.path.join(base_dir, name)
-    with image_lock(opts.lock_dir, name):
-        clean_stale_temps(base_dir, name)
+    with locked_base(opts, name) as path:
         if os.path.exists(path):
             return path
         check_space(base_dir, size // 16, f"the base {name}")
@@ -248,8 +245,7 @@ def spawn(opts, instance: str, image_id: str, source: str, root_size: int, *,
     inst_dir = instance_dir(opts, instance)
     backend = opts.backend
     if backend == "lvm":
-        import shutil as _sh
-        if not _sh.which("lvcreate"):
+        if not shutil.which("lvcreate"):
             raise ComputeError("images_type lvm needs lvm2 (lvcreate) installed")
     base, base_fmt = fetch_base(opts, image_id, source, disk_format=disk_format,
                                 checksum=checksum, progress=progress)

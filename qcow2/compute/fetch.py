@@ -34,12 +34,14 @@ to the virtual size the header gave).  Otherwise the download stops with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import urllib.error
 import urllib.request
 
+from .. import constants as C
 from ..atomic import AtomicOutput, fsync_dir
 from ..errors import Qcow2Error
 from ..paths import is_temp_for, make_temp
@@ -47,7 +49,6 @@ from .errors import (ChecksumError, ComputeError, DownloadError, ImageFormatMism
                      InsufficientSpaceError)
 from .locks import base_name, image_lock
 
-QCOW2_MAGIC = b"QFI\xfb"
 CHUNK = 1 << 20
 BLOCK = 4096
 TIMEOUT = 60.0
@@ -99,7 +100,18 @@ def check_space(path: str, need: int, what: str) -> None:
 
 
 def probe_format(head: bytes) -> str:
-    return "qcow2" if head[:4] == QCOW2_MAGIC else "raw"
+    return "qcow2" if head[:len(C.MAGIC)] == C.MAGIC else "raw"
+
+
+@contextlib.contextmanager
+def locked_base(opts, name: str):
+    """Hold the lock of the cache file ``name`` (in a cache directory that exists, its
+    stale temporaries removed) and give its path: whoever holds it makes the file."""
+    base_dir = opts.base_dir
+    os.makedirs(base_dir, exist_ok=True)
+    with image_lock(opts.lock_dir, name):
+        clean_stale_temps(base_dir, name)
+        yield os.path.join(base_dir, name)
 
 
 def fetch_base(opts, image_id: str, source: str, *, disk_format: str | None = None,
@@ -113,12 +125,7 @@ def fetch_base(opts, image_id: str, source: str, *, disk_format: str | None = No
     if disk_format not in (None, "raw", "qcow2"):
         raise ComputeError(f"unsupported disk format {disk_format!r} (raw or qcow2)")
     want = parse_checksum(checksum)
-    name = name or base_name(image_id)
-    base_dir = opts.base_dir
-    os.makedirs(base_dir, exist_ok=True)
-    path = os.path.join(base_dir, name)
-    with image_lock(opts.lock_dir, name):
-        clean_stale_temps(base_dir, name)
+    with locked_base(opts, name or base_name(image_id)) as path:
         if os.path.exists(path):
             try:
                 os.utime(path)          # used again: its age restarts, as nova's touch
@@ -254,7 +261,10 @@ class _SpaceWatch:
 
 
 def _qcow2_virtual_size(head: bytes) -> int | None:
-    return int.from_bytes(head[24:32], "big") if len(head) >= 32 else None
+    """The virtual size the first bytes of a qcow2 declare (an estimate of the raw data
+    to come while the body streams: the image is checked once it has arrived)."""
+    end = C.HDR_SIZE + 8
+    return int.from_bytes(head[C.HDR_SIZE:end], "big") if len(head) >= end else None
 
 
 def _stream(resp, url, length, head: bytes, write, hasher, progress, watch=None) -> int:

@@ -88,11 +88,6 @@ def space_needed(sb: ExtSuper, size: int, data: int, cluster: int) -> int:
     return working + overlay
 
 
-def has_ext_fs(img) -> bool:
-    """True when the guest view of ``img`` holds an unpartitioned ext2/3/4."""
-    return read_ext_super(img) is not None
-
-
 def _working_file(directory: str) -> int:
     """An anonymous read-write file in ``directory`` (gone when its descriptor closes)."""
     o_tmpfile = getattr(os, "O_TMPFILE", 0)

@@ -1,4 +1,5 @@
-"""Human-readable ``info`` output, formatted exactly as qemu-img prints it."""
+"""What the CLI prints, formatted exactly as qemu-img prints it: the ``info`` text,
+the snapshot table, sizes for humans, and QEMU's pretty JSON."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import re
 import time
 
 _SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+_SNAPSHOT_ROW = "%-9s %-16s %8s%20s%13s%11s"
+SNAPSHOT_HEADER = "%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
+                                                 "ICOUNT")
 
 
 def size_to_str(val: int) -> str:
@@ -21,21 +25,14 @@ def size_to_str(val: int) -> str:
 
 def _dump(obj, indent: int, out: list[str]) -> None:
     pad = " " * (indent * 4)
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            key = k.replace("-", " ")
-            if isinstance(v, (dict, list)):
-                out.append(f"{pad}{key}:")
-                _dump(v, indent + 1, out)
-            else:
-                out.append(f"{pad}{key}: {_scalar(v)}")
-    else:
-        for i, v in enumerate(obj):
-            if isinstance(v, (dict, list)):
-                out.append(f"{pad}[{i}]:")
-                _dump(v, indent + 1, out)
-            else:
-                out.append(f"{pad}[{i}]: {_scalar(v)}")
+    items = ((k.replace("-", " "), v) for k, v in obj.items()) if isinstance(obj, dict) \
+        else ((f"[{i}]", v) for i, v in enumerate(obj))
+    for key, v in items:
+        if isinstance(v, (dict, list)):
+            out.append(f"{pad}{key}:")
+            _dump(v, indent + 1, out)
+        else:
+            out.append(f"{pad}{key}: {_scalar(v)}")
 
 
 def _scalar(v) -> str:
@@ -46,19 +43,35 @@ def _scalar(v) -> str:
     return str(v)
 
 
-def _snapshot_line(sn: dict) -> str:
+def snapshot_line(sn: dict) -> str:
+    """One row of qemu-img's snapshot table (``sn`` as ``Image.snapshots()`` lists it)."""
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
     nsec = sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"]
     secs = nsec // 1_000_000_000
     clock = "%02d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60,
                                     (nsec // 1_000_000) % 1000)
     icount = str(sn["icount"]) if "icount" in sn else ""
-    return "%-9s %-16s %8s%20s%13s%11s" % (sn["id"], sn["name"], size_to_str(sn["vm-state-size"]),
-                                          date, clock, icount)
+    return _SNAPSHOT_ROW % (sn["id"], sn["name"], size_to_str(sn["vm-state-size"]), date,
+                            clock, icount)
+
+
+def snapshot_table(snapshots) -> list[str]:
+    """The lines of qemu-img's "Snapshot list:" (info and ``snapshot -l`` alike)."""
+    return ["Snapshot list:", SNAPSHOT_HEADER, *(snapshot_line(sn) for sn in snapshots)]
+
+
+def _backing_line(info: dict) -> str:
+    line = f"backing file: {info['backing-filename']}"
+    full = info.get("full-backing-filename")
+    if full is None:
+        line += " (cannot determine actual path)"
+    elif full != info["backing-filename"]:
+        line += f" (actual path: {full})"
+    return line
 
 
 def format_human(info: dict) -> str:
-    """The text `qemu-img info` prints for one image."""
+    """The text `qemu-img info` prints for one image (``info`` as ``Image.info()``)."""
     out = [f"image: {info['filename']}",
            f"file format: {info['format']}",
            f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
@@ -71,20 +84,11 @@ def format_human(info: dict) -> str:
     if info.get("dirty-flag"):
         out.append("cleanly shut down: no")
     if "backing-filename" in info:
-        line = f"backing file: {info['backing-filename']}"
-        full = info.get("full-backing-filename")
-        if full is None:
-            line += " (cannot determine actual path)"
-        elif full != info["backing-filename"]:
-            line += f" (actual path: {full})"
-        out.append(line)
+        out.append(_backing_line(info))
     if "backing-filename-format" in info:
         out.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("snapshots"):
-        out.append("Snapshot list:")
-        out.append("%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
-                                                  "ICOUNT"))
-        out.extend(_snapshot_line(sn) for sn in info["snapshots"])
+        out.extend(snapshot_table(info["snapshots"]))
     if "format-specific" in info:
         out.append("Format specific information:")
         _dump(info["format-specific"]["data"], 1, out)
