@@ -34,7 +34,7 @@ def _stderr_line(msg: str) -> None:
 
 def run(args) -> int:
     from ..ops.check import CheckFailedError, check, exit_status, format_human, format_repaired
-    from ..ops.info import qemu_json
+    from .output import qemu_json
 
     if args.untrusted and args.repair:
         raise UnsafeImageError("an untrusted image is never repaired in place "

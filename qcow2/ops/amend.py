@@ -15,45 +15,17 @@ from __future__ import annotations
 
 from ..errors import InvalidOptionError, UnsupportedFeatureError
 from ..opener import open_image
-from ..units import parse_option_list, parse_size
+from ..options import (check_amend_names, check_refcount_bits, compat_version, needs_v3,
+                       option_dict, parse_bool_option)
+from ..units import parse_size
 from ..writer import WritableQcow2Image
-
-_CANNOT = {
-    "cluster_size": "Changing the cluster size is not supported",
-    "extended_l2": "Toggling extended L2 entries is not supported",
-    "compression_type": "Changing the compression type is not supported",
-    "encrypt.format": "Changing the encryption format is not supported",
-    "encryption": "Changing the encryption flag is not supported",
-    "preallocation": "Cannot change preallocation mode",
-    "data_file": "data-file can only be set for images that use an external data file",
-    "data_file_raw": "data-file-raw can only be set for images that use an external "
-                     "data file",
-}
-_KNOWN = {"compat", "lazy_refcounts", "refcount_bits", "backing_file", "backing_fmt", "size"}
-_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
-
-
-def _bool(name, v) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).lower()
-    if s in ("on", "yes", "true", "1"):
-        return True
-    if s in ("off", "no", "false", "0"):
-        return False
-    raise InvalidOptionError(f"Parameter '{name}' expects 'on' or 'off'")
-
 
 def amend(path, options, *, format: str | None = None, force: bool = False) -> None:
     """Apply ``options`` (dict, or qemu-img's "k=v,k=v" text) to the image at ``path``."""
-    opts = parse_option_list(options) if isinstance(options, str) else dict(options)
+    opts = option_dict(options)
     if not opts:
         raise InvalidOptionError("No options given")
-    for k in opts:
-        if k in _CANNOT:
-            raise UnsupportedFeatureError(_CANNOT[k], feature=f"amend {k}")
-        if k not in _KNOWN:
-            raise InvalidOptionError(f"Invalid parameter '{k}'")
+    check_amend_names(opts)
     with open_image(path, "r+", format=format, backing=False) as img:
         if not isinstance(img, WritableQcow2Image):
             raise UnsupportedFeatureError("Format driver 'raw' does not support option "
@@ -61,16 +33,13 @@ def amend(path, options, *, format: str | None = None, force: bool = False) -> N
         h = img.header
         version = None
         if "compat" in opts:
-            version = _VERSIONS.get(str(opts["compat"]))
-            if version is None:
-                raise InvalidOptionError(f"Invalid compatibility level: '{opts['compat']}'")
+            version = compat_version(str(opts["compat"]), qapi=False)
             if version == 3:
                 img.set_version(3)              # first: the options below may need it
         if "lazy_refcounts" in opts:
-            on = _bool("lazy_refcounts", opts["lazy_refcounts"])
+            on = parse_bool_option("lazy_refcounts", opts["lazy_refcounts"])
             if on and h.version < 3:
-                raise InvalidOptionError("Lazy refcounts only supported with compatibility "
-                                         "level 1.1 and above (use compat=1.1 or greater)")
+                raise needs_v3("lazy_refcounts", hint="compat=1.1")
             img.set_lazy_refcounts(on)
         if "refcount_bits" in opts:
             _refcount_bits(img, opts["refcount_bits"], version)
@@ -89,12 +58,6 @@ def amend(path, options, *, format: str | None = None, force: bool = False) -> N
 
 def _refcount_bits(img: WritableQcow2Image, value, version: int | None) -> None:
     bits = int(parse_size(value, what="refcount_bits"))
-    if bits < 1 or bits > 64 or bits & (bits - 1):
-        raise InvalidOptionError("Refcount width must be a power of two and may not "
-                                 "exceed 64 bits")
-    if bits != 16 and img.header.version < 3 and version != 3:
-        raise InvalidOptionError("Different refcount widths than 16 bits require "
-                                 "compatibility level 1.1 or above (use compat=1.1 or "
-                                 "greater)")
+    check_refcount_bits(bits, 3 if version == 3 else img.header.version, hint="compat=1.1")
     if bits != img.header.refcount_bits:
         img.change_refcount_width(bits)
