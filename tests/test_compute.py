@@ -803,6 +803,31 @@ def test_manager_in_use_through_backing_files(compute, tmp_path, images):
     assert rep["removed"] == [base] and os.path.exists(other)
 
 
+def test_manager_keeps_every_base_while_a_disk_is_unreadable(compute, tmp_path, images):
+    """An instance disk whose qcow2 header the engine refuses (here an incompatible
+    feature bit from the future) may use any base: nothing is removed while it is there,
+    and the report names it."""
+    o = make_opts(compute, tmp_path)
+    compute.spawn(o, UUID1, "img", images["qcow2"], 128 * MiB)
+    unused = os.path.join(o.base_dir, compute.base_name("unused"))
+    open(unused, "wb").close()
+    for p in os.listdir(o.base_dir):
+        _age(os.path.join(o.base_dir, p), time.time(), 10 ** 6)
+    disk = os.path.join(o.instances_path, UUID1, "disk")
+    with open(disk, "r+b") as f:                  # incompatible_features bit 60
+        f.seek(72)
+        f.write((1 << 60).to_bytes(8, "big"))
+    far = time.time() + 10 ** 7
+    rep = compute.clean(o, now=far)
+    assert rep["unreadable_disks"] == [disk]
+    assert rep["removed"] == [] and unused in rep["kept"]
+    assert os.path.exists(unused)
+    assert disk not in str(compute.bases_in_use(o))
+    os.unlink(disk)
+    rep = compute.clean(o, now=far)
+    assert rep["unreadable_disks"] == [] and unused in rep["removed"]
+
+
 def test_manager_swap_and_ephemeral_take_the_original_age(compute, tmp_path):
     """nova's swap pass (_remove_swap_file): swap and ephemeral bases go at
     remove_unused_original_minimum_age_seconds, not at the resized age; names that are

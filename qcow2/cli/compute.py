@@ -104,6 +104,8 @@ def run_clean(args) -> int:
                        ("busy", "being written, left alone"), ("kept", "kept"),
                        ("ignored", "not a cache file, left alone"),
                        ("missing", "in use by an instance but missing from the cache"),
+                       ("unreadable_disks", "instance disk with an unreadable qcow2 header "
+                                            "(every base kept)"),
                        ("stale_temporaries", stale)):
         for p in rep[key]:
             print(f"{label}: {p}")

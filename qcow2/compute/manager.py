@@ -76,11 +76,18 @@ def _resolve_backing(disk: str, name: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(disk)), name))
 
 
+#: describe_disk's backing file for a qcow2 disk whose header the engine refuses (a
+#: future feature bit, damage): it may use any base, so while one exists nothing is
+#: removed (nova, whose qemu-img info fails on such a disk, removes nothing either).
+UNREADABLE = "<unreadable>"
+
+
 def describe_disk(path: str) -> tuple[str | None, int | None]:
     """(backing file, guest size) of a file in an instance directory, as the engine's
-    header parser reads it: the absolute backing file (None: none, not a qcow2, or a
-    header the engine refuses) and the guest size (a qcow2's virtual size, another
-    file's size; None: not readable).  Only the first cluster is read: no backing file
+    header parser reads it: the absolute backing file (None: none or not a qcow2;
+    :data:`UNREADABLE`: a qcow2 whose header the engine refuses, so its backing file
+    cannot be known) and the guest size (a qcow2's virtual size, another file's size;
+    None: not readable).  Only the first cluster is read: no backing file
     is opened and no lock is taken (the instance may be running), and a scan of many
     disks stays cheap (``qcow2.open`` would also read the snapshot table and set up
     the image's caches, at three times the cost)."""
@@ -93,7 +100,9 @@ def describe_disk(path: str) -> tuple[str | None, int | None]:
         header = Header.parse(lambda n, offset: os.pread(fd, n, offset), size)
     except NotQcow2Error:
         return None, size
-    except (Qcow2Error, OSError):
+    except Qcow2Error:
+        return UNREADABLE, None
+    except OSError:
         return None, None
     finally:
         os.close(fd)
@@ -127,12 +136,20 @@ def bases_in_use(opts) -> dict[str, list[str]]:
     of instance disks, and swap/ephemeral bases of the size of an instance's
     ``disk.swap`` / ``disk.local``.  Bases named but missing are included (see
     :func:`clean`'s ``missing``)."""
+    return _scan_instances(opts)[0]
+
+
+def _scan_instances(opts) -> tuple[dict[str, list[str]], list[str]]:
+    """:func:`bases_in_use`, and the instance disks whose qcow2 header is unreadable."""
     base_dir = os.path.normpath(os.path.abspath(opts.base_dir))
     used: dict[str, list[str]] = {}
+    unreadable: list[str] = []
     sized: dict[tuple[str, int], list[str]] = {}
     for _, fname, p in _instance_files(opts):
         b, size = describe_disk(p)
-        if b is not None and os.path.dirname(b) == base_dir:
+        if b is UNREADABLE:
+            unreadable.append(p)
+        elif b is not None and os.path.dirname(b) == base_dir:
             used.setdefault(b, []).append(p)
         kind = {"disk.swap": "swap", "disk.local": "ephemeral"}.get(fname)
         if kind is not None and size is not None:
@@ -144,7 +161,7 @@ def bases_in_use(opts) -> dict[str, list[str]]:
             if users:
                 lst = used.setdefault(os.path.normpath(os.path.abspath(p)), [])
                 lst.extend(u for u in users if u not in lst)
-    return used
+    return used, unreadable
 
 
 def cached_files(opts) -> list[str]:
@@ -190,16 +207,18 @@ def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
     ``too_young``, ``busy`` (lock held: being written), ``kept`` (removal disabled, or
     the re-check under the lock found it used or young again), ``ignored`` (names that
     are not cache files), ``missing`` (bases named by instance disks but absent),
-    ``kinds`` ({path: original|resized|swap|ephemeral}), ``stale_temporaries``, ``usage``.
+    ``kinds`` ({path: original|resized|swap|ephemeral}), ``unreadable_disks`` (qcow2
+    instance disks whose header the engine refuses: while there is one, every base is
+    kept), ``stale_temporaries``, ``usage``.
     """
     now = time.time() if now is None else now
-    used = bases_in_use(opts)
+    used, unreadable = _scan_instances(opts)
     files = cached_files(opts)
     present = set(files)
     report = {"in_use": sorted(p for p in used if p in present), "removed": [],
               "would_remove": [], "too_young": [], "busy": [], "kept": [], "ignored": [],
               "missing": sorted(p for p in used if p not in present and not os.path.exists(p)),
-              "kinds": {}}
+              "kinds": {}, "unreadable_disks": sorted(unreadable)}
     for b in report["in_use"]:
         if not dry_run:
             try:
@@ -214,7 +233,7 @@ def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
         report["kinds"][p] = kind_of(os.path.basename(p))
         if p in used:
             continue
-        if not opts.remove_unused_base_images:
+        if not opts.remove_unused_base_images or unreadable:
             report["kept"].append(p)
             continue
         young = _too_young(p, now, limit)
@@ -252,7 +271,8 @@ def _remove_unused(opts, path: str, now: float, limit: int) -> str | None:
         young = _too_young(path, now, limit)
         if young is None:
             return None
-        if young or path in bases_in_use(opts):
+        used, unreadable = _scan_instances(opts)
+        if young or path in used or unreadable:
             return "kept"
         os.unlink(path)
         return "removed"
