@@ -332,7 +332,7 @@ class Refcounts:
                 break
             missing |= extra
         hosts = range(start, start + m)
-        for bi, h in zip(sorted(missing), hosts):
+        for bi, h in zip(sorted(missing), hosts, strict=True):
             off = h << self.cbits
             self._register(off, self.cs, "refcount block")
             self.cache.put_new(off)
@@ -370,7 +370,7 @@ class Refcounts:
         block_hosts = list(range(start, start + nb))
         table_host = start + nb
         self.table = self.table + [0] * (new_entries - len(self.table))
-        for b, host in zip(need, block_hosts):
+        for b, host in zip(need, block_hosts, strict=False):
             self.table[b] = host << self.cbits
             self._register(host << self.cbits, cs, "refcount block")
             self.cache.put_new(host << self.cbits)
