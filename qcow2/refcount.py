@@ -1,7 +1,9 @@
-"""Reading refcounts (spec: "Host cluster management").
+"""Refcounts (spec: "Host cluster management").
 
-The write path extends this with allocation; reading is needed for metadata
-preallocation detection (qemu-img map semantics) and for check.
+:func:`decode_block` / :func:`encode_block` are the one refcount block codec (the
+check, untrusted mode and amend use it); :class:`RefcountReader` reads refcounts
+(metadata preallocation detection, qemu-img map semantics); :class:`Refcounts` are
+the refcounts of a writable image: allocation, free-space search, growth.
 """
 
 from __future__ import annotations
@@ -389,7 +391,8 @@ class Refcounts:
         img._sync()
         self.h.refcount_table_offset = table_host << self.cbits
         self.h.refcount_table_clusters = tc
-        img._write_meta(struct.pack(">QI", self.h.refcount_table_offset, tc), 0x30)
+        img._write_meta(struct.pack(">QI", self.h.refcount_table_offset, tc),
+                        C.HDR_REFCOUNT_TABLE_OFFSET)
         img._sync()
         self.table_dirty.clear()
         self.free(old_off, old_clusters * cs)
