@@ -24,7 +24,8 @@ class BitmapEntry:
     """One bitmap directory entry (a plain class: see header.Header)."""
 
     __slots__ = ("index", "offset", "table_offset", "table_size", "flags", "type",
-                 "granularity_bits", "name_size", "extra_data_size", "name", "size")
+                 "granularity_bits", "name_size", "extra_data_size", "name", "size",
+                 "granularity", "in_use")
 
     def __init__(self, index: int, offset: int, fields: tuple, name: bytes):
         self.index = index
@@ -34,14 +35,8 @@ class BitmapEntry:
         self.name = name                    # raw bytes, as stored
         #: bytes the entry takes in the directory, padding included
         self.size = (C.BME_ENTRY_SIZE + self.name_size + self.extra_data_size + 7) & ~7
-
-    @property
-    def granularity(self) -> int:
-        return 1 << self.granularity_bits
-
-    @property
-    def in_use(self) -> bool:
-        return bool(self.flags & C.BME_FLAG_IN_USE)
+        self.granularity = 1 << self.granularity_bits
+        self.in_use = bool(self.flags & C.BME_FLAG_IN_USE)
 
     def label(self) -> str:
         """The name for messages (at most 64 characters)."""
