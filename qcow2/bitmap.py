@@ -227,9 +227,10 @@ def required_size(disk_size: int, bitmaps, cluster_size: int) -> int:
     return total + (dir_size + cs - 1) // cs * cs
 
 
-def supports_persistent(fmt: str, version: int | None) -> bool:
-    """QEMU's bdrv_supports_persistent_dirty_bitmap: a qcow2 version 3 image."""
-    return fmt == "qcow2" and version is not None and version >= 3
+def supports_persistent(fmt: str, header) -> bool:
+    """QEMU's bdrv_supports_persistent_dirty_bitmap: a qcow2 version 3 image (``header``
+    its parsed header, None for other formats)."""
+    return fmt == "qcow2" and header is not None and header.version >= 3
 
 
 __all__ = ["BitmapEntry", "read_directory", "load_directory", "entry_problem",

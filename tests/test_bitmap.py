@@ -163,5 +163,9 @@ def test_required_size_is_what_qemu_measures(image, directory):
     pairs = [(e.granularity, e.info()["name"]) for e in entries]
     assert required_size(SIZE, pairs, CS) == want
     assert required_size(SIZE, [], CS) == 0
-    assert supports_persistent("qcow2", 3)
-    assert not supports_persistent("qcow2", 2) and not supports_persistent("raw", None)
+    import qcow2
+    with qcow2.open(str(image)) as img:
+        assert supports_persistent(img.format, img.header)
+        img.header.version = 2
+        assert not supports_persistent(img.format, img.header)
+    assert not supports_persistent("raw", None)
