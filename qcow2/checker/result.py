@@ -4,7 +4,6 @@ the dict ``qemu-img check --output=json`` prints."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from ..errors import Qcow2Error, UnsupportedFeatureError
 
@@ -49,19 +48,30 @@ class Abort(Exception):
         self.err = err
 
 
-@dataclass
+_FIELDS = ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed",
+           "image_end_offset", "total_clusters", "allocated_clusters", "fragmented_clusters",
+           "compressed_clusters")
+
+
 class CheckResult:
-    """QEMU's BdrvCheckResult (with its BlockFragInfo flattened in)."""
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
+    """QEMU's BdrvCheckResult (with its BlockFragInfo flattened in): counts, all 0 to
+    start with.  (A plain class: dataclasses would cost every CLI start its import.)"""
+
+    __slots__ = _FIELDS
+
+    def __init__(self, **counts: int):
+        for k in _FIELDS:
+            setattr(self, k, counts.pop(k, 0))
+        if counts:
+            raise TypeError(f"unknown check result fields: {', '.join(counts)}")
+
+    def __repr__(self) -> str:
+        return "CheckResult(" + ", ".join(f"{k}={getattr(self, k)}" for k in _FIELDS) + ")"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, CheckResult):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in _FIELDS)
 
     def add(self, other: "CheckResult", allocation_info: bool) -> None:
         self.corruptions += other.corruptions
@@ -77,10 +87,11 @@ class CheckResult:
             self.compressed_clusters = other.compressed_clusters
 
     def copy(self) -> "CheckResult":
-        return CheckResult(**self.__dict__)
+        return CheckResult(**{k: getattr(self, k) for k in _FIELDS})
 
     def restore(self, saved: "CheckResult") -> None:
-        self.__dict__.update(saved.__dict__)
+        for k in _FIELDS:
+            setattr(self, k, getattr(saved, k))
 
     def as_dict(self, filename: str, fmt: str) -> dict:
         """The dict `qemu-img check --output=json` prints (optional keys only when

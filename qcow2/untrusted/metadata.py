@@ -5,7 +5,6 @@ only the first problem found is formatted."""
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
 
 from .. import constants as C
 from ..bitmap import data_clusters, load_directory, table_problem
@@ -17,14 +16,15 @@ from .limits import Budget, Limits, corrupt, unsafe
 _BATCH_TABLES = 256
 
 
-class _L1(NamedTuple):
+class _L1:
     """An L1 table to scan: where, how many entries, its name, and the file offsets of
     the fields that point at it and give its size."""
-    offset: int
-    size: int
-    what: str
-    ptr: int
-    size_ptr: int
+
+    __slots__ = ("offset", "size", "what", "ptr", "size_ptr")
+
+    def __init__(self, offset: int, size: int, what: str, ptr: int, size_ptr: int):
+        self.offset, self.size, self.what = offset, size, what
+        self.ptr, self.size_ptr = ptr, size_ptr
 
 
 class _Scan:
