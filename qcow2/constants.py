@@ -109,9 +109,37 @@ BITMAP_EXT_SIZE = 24
 
 # -- bitmaps (Bitmaps extension, Bitmap directory, Bitmap table) -------------------
 # (added with qcow2.bitmap)
+BME_ENTRY_SIZE = 24                   # "Bitmap directory": an entry without name and extra data
+BME_TABLE_ENTRY_SIZE = 8              # "Bitmap table": one u64 per cluster of bitmap data
+BME_MAX_TABLE_SIZE = 0x8000000        # entries of one bitmap table (QEMU's limit)
+BME_MAX_PHYS_SIZE = 0x20000000        # bytes of one bitmap's data (QEMU's limit)
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_GRANULARITY_BITS = 31
+BME_MAX_NAME_SIZE = 1023
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+BME_TYPE_DIRTY_TRACKING = 1
+BME_TABLE_RESERVED_MASK = 0xFF000000000001FE  # "Bitmap table": bits 1-8 and 56-63
+BME_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00    # bits 9-55: the data cluster
+BME_TABLE_ALL_ONES = 1 << 0                   # no data cluster: reads as all ones
 
 # -- refcount block codec, consistency check ----------------------------------------
 # (added with qcow2.refcount / the consistency checker)
+# "Cluster mapping" / "Extended L2 Entries" / "Compressed Clusters Descriptor" details
+# (the same names and values as the kernels' section adds: one of the two goes at merge)
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE      # standard descriptor: bits 1-8 and 56-61
+L2_BITMAP_ALLOC_MASK = 0x00000000FFFFFFFF       # "Extended L2 Entries": bits 0-31 allocated,
+L2_BITMAP_ZERO_SHIFT = 32                       # bits 32-63 read as zeros
+L2E_COMPRESSED_FIELD_BITS = 62                  # host offset and sector count: bits 0-61
+COMPRESSED_SECTOR_SIZE = 512
+REFT_RESERVED_MASK = 0x1FF            # "Host cluster management": refcount table entry
+# snapshot table entries (Snapshots): the extra data a version 3 entry must have
+SNAPSHOT_EXTRA_V3_MIN = 16            # vm_state_size_large + disk_size
+SNAPSHOT_ICOUNT_UNKNOWN = 0xFFFFFFFFFFFFFFFF
+# QEMU's integer limits that the check's rules name (INT_MAX, INT64_MAX)
+INT_MAX = 0x7FFFFFFF
+INT64_MAX = 0x7FFFFFFFFFFFFFFF
 
 # -- images we create: layout, options --------------------------------------------
 # (added with qcow2.layout / qcow2.options)
@@ -145,12 +173,3 @@ KIND_ZERO_ALLOC = 3       # reads as zeros, host cluster allocated
 KIND_DATA = 4             # data at the host offset
 KIND_COMPRESSED = 5       # compressed cluster
 
-
-def compressed_extent(entry: int, cluster_bits: int) -> tuple[int, int, int, int]:
-    """Decode a compressed cluster descriptor (spec: "Compressed Clusters Descriptor"):
-    (data offset, data length as QEMU reads it, first 512-byte sector start, bytes of
-    the sectors it touches -- what its references cover)."""
-    shift = 62 - (cluster_bits - 8)
-    coff = entry & ((1 << shift) - 1)
-    nsec = ((entry >> shift) & ((1 << (cluster_bits - 8)) - 1)) + 1
-    return coff, nsec * 512 - (coff & 511), coff & ~511, nsec * 512

@@ -17,6 +17,7 @@ import struct
 import time
 
 from . import constants as C
+from .cluster import compressed_extent
 from .errors import Qcow2Error
 from .snapshot import Snapshot, pack_table
 
@@ -135,7 +136,7 @@ class InternalSnapshots:
         for _i, off, entries in self._tree(l1):
             for e in entries:
                 if e & C.OFLAG_COMPRESSED:
-                    _coff, _csize, start, n = C.compressed_extent(e, self.cluster_bits)
+                    _coff, _csize, start, n = compressed_extent(e, self.cluster_bits)
                     self._add_range(start, n, delta)
                 elif e & C.L2E_OFFSET_MASK and not data_file:
                     self._add_range(e & C.L2E_OFFSET_MASK, cs, delta)

@@ -19,10 +19,10 @@ opened by path; on a store handed in, writing it is refused (run ``check -r all`
 from __future__ import annotations
 
 import os
-import struct
 
 from . import constants as C
 from .backends import Backend, FileBackend
+from .checker import needs_rebuild, rebuild_if_dirty
 from .errors import Qcow2Error, ReadOnlyError, UnsafeImageError, UnsupportedFeatureError
 from .image import Image, RawImage
 from .paths import check_file_name, combine_path
@@ -31,15 +31,6 @@ from .reader import Qcow2Image
 
 _MODES = ("r", "rb", "r+", "rb+", "r+b")
 _FORMATS = (None, "qcow2", "raw")
-
-
-def _dirty_v3(backend: Backend) -> bool:
-    n = C.HDR_INCOMPATIBLE_FEATURES + 8
-    head = backend.pread(n, 0)
-    return (len(head) == n and head[:4] == C.MAGIC
-            and struct.unpack_from(">I", head, C.HDR_VERSION)[0] >= 3
-            and bool(struct.unpack_from(">Q", head, C.HDR_INCOMPATIBLE_FEATURES)[0]
-                     & C.INCOMPAT_DIRTY))
 
 
 def open_image(target, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
@@ -107,14 +98,15 @@ def _store(target, writable: bool, format: str | None) -> tuple[Backend, str, bo
         if writable and not target.writable:
             raise ReadOnlyError(f"Could not open '{target.name}' for writing: the store is "
                                 f"read-only")
+        if writable and format != "raw" and needs_rebuild(target):
+            rebuild_if_dirty(target)
         return target, target.name, False
     filename = os.fspath(target)
     be = _open_file(filename, writable)
-    if writable and format != "raw" and _dirty_v3(be):
+    if writable and format != "raw" and needs_rebuild(be):
         # Refcounts may lag behind (lazy refcounts, then a crash): rebuild them before
         # anything is allocated, as QEMU does when it opens such an image read-write.
         be.close()
-        from .ops.check import rebuild_if_dirty
         rebuild_if_dirty(filename)
         be = _open_file(filename, writable)
     return be, filename, True

@@ -19,6 +19,7 @@ import struct
 import threading
 
 from . import constants as C
+from .bitmap import read_directory
 from .cache import TableCache
 from .errors import CorruptImageError, DecompressionError, Qcow2Error, ReadOnlyError, \
     UnsafeImageError, UnsupportedFeatureError
@@ -549,30 +550,7 @@ class Qcow2Image(Image):
                 f"bitmap directory at {doff:#x} ({dsize} bytes) extends past the end of the "
                 f"file (size {self.file_size:#x})", offset=doff, size=dsize,
                 what="bitmap directory")
-        buf = self._read_meta(dsize, doff)
-        out = []
-        pos = 0
-        for i in range(nb):
-            if pos + 24 > len(buf):
-                raise CorruptImageError(f"bitmap directory entry {i} at {doff + pos:#x} "
-                                        f"overruns the directory", offset=doff + pos,
-                                        what="bitmap directory")
-            (_tab_off, _tab_size, flags, _btype, gbits, name_size,
-             extra) = struct.unpack_from(">QIIBBHI", buf, pos)
-            end = pos + 24 + extra + name_size
-            if end > len(buf):
-                raise CorruptImageError(f"bitmap directory entry {i} at {doff + pos:#x} "
-                                        f"overruns the directory", offset=doff + pos,
-                                        what="bitmap directory")
-            name = buf[pos + 24 + extra:end].decode("utf-8", "surrogateescape")
-            fl = []
-            if flags & 1:
-                fl.append("in-use")
-            if flags & 2:
-                fl.append("auto")
-            out.append({"flags": fl, "name": name, "granularity": 1 << gbits})
-            pos = (end + 7) & ~7
-        return out
+        return [e.info() for e in read_directory(self._read_meta(dsize, doff), doff, nb)]
 
     def format_specific(self) -> dict:
         h = self.header

@@ -1,7 +1,9 @@
-"""Reading refcounts (spec: "Host cluster management").
+"""Refcounts (spec: "Host cluster management").
 
-The write path extends this with allocation; reading is needed for metadata
-preallocation detection (qemu-img map semantics) and for check.
+:func:`decode_block` / :func:`encode_block` are the one refcount block codec (the
+check, untrusted mode and amend use it); :class:`RefcountReader` reads refcounts
+(metadata preallocation detection, qemu-img map semantics); :class:`Refcounts` are
+the refcounts of a writable image: allocation, free-space search, growth.
 """
 
 from __future__ import annotations
@@ -332,7 +334,7 @@ class Refcounts:
                 break
             missing |= extra
         hosts = range(start, start + m)
-        for bi, h in zip(sorted(missing), hosts):
+        for bi, h in zip(sorted(missing), hosts, strict=True):
             off = h << self.cbits
             self._register(off, self.cs, "refcount block")
             self.cache.put_new(off)
@@ -370,7 +372,7 @@ class Refcounts:
         block_hosts = list(range(start, start + nb))
         table_host = start + nb
         self.table = self.table + [0] * (new_entries - len(self.table))
-        for b, host in zip(need, block_hosts):
+        for b, host in zip(need, block_hosts, strict=False):
             self.table[b] = host << self.cbits
             self._register(host << self.cbits, cs, "refcount block")
             self.cache.put_new(host << self.cbits)
@@ -389,7 +391,8 @@ class Refcounts:
         img._sync()
         self.h.refcount_table_offset = table_host << self.cbits
         self.h.refcount_table_clusters = tc
-        img._write_meta(struct.pack(">QI", self.h.refcount_table_offset, tc), 0x30)
+        img._write_meta(struct.pack(">QI", self.h.refcount_table_offset, tc),
+                        C.HDR_REFCOUNT_TABLE_OFFSET)
         img._sync()
         self.table_dirty.clear()
         self.free(old_off, old_clusters * cs)

@@ -7,11 +7,13 @@ import struct
 from . import constants as C
 from .errors import CorruptImageError
 
-_SN = struct.Struct(">QIHHIIQII")   # 40 bytes
-_EXTRA = struct.Struct(">QQQ")       # vm_state_size_large, disk_size, icount
-
-#: The extra data every entry we write carries (QEMU's QCowSnapshotExtraData).
-EXTRA_DATA_SIZE = _EXTRA.size
+#: An entry's fixed part: l1_table_offset, l1_size, id_str_size, name_size, date_sec,
+#: date_nsec, vm_clock_nsec, vm_state_size, extra_data_size (40 bytes).
+ENTRY_HEADER = struct.Struct(">QIHHIIQII")
+#: The extra data every entry we write carries (QEMU's QCowSnapshotExtraData):
+#: vm_state_size_large, disk_size, icount.
+EXTRA = struct.Struct(">QQQ")
+EXTRA_DATA_SIZE = EXTRA.size
 
 
 class Snapshot:
@@ -88,17 +90,17 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
     pos = 0
     for i in range(count):
         pos = (pos + 7) & ~7
-        if not need(pos + _SN.size):
+        if not need(pos + ENTRY_HEADER.size):
             raise _trunc(i, offset + pos, file_size)
         (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, clock, vm_state,
-         extra_size) = _SN.unpack_from(buf, pos)
+         extra_size) = ENTRY_HEADER.unpack_from(buf, pos)
         entry_off = offset + pos
-        pos += _SN.size
+        pos += ENTRY_HEADER.size
         if extra_size > C.MAX_SNAPSHOT_EXTRA_DATA:
             raise CorruptImageError(
                 f"Too much extra metadata in snapshot table entry {i} "
                 f"({extra_size} bytes, at offset {entry_off:#x})",
-                offset=entry_off, size=_SN.size, what="snapshot table entry")
+                offset=entry_off, size=ENTRY_HEADER.size, what="snapshot table entry")
         end = pos + extra_size + id_size + name_size
         if not need(end):
             if end > C.MAX_SNAPSHOTS_SIZE:
@@ -116,7 +118,7 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
             disk_size = struct.unpack_from(">Q", extra, 8)[0]
         if extra_size >= 24:
             icount = struct.unpack_from(">Q", extra, 16)[0]
-            if icount == 0xFFFFFFFFFFFFFFFF:
+            if icount == C.SNAPSHOT_ICOUNT_UNKNOWN:
                 icount = None
         sid = bytes(buf[pos:pos + id_size]).decode("utf-8", "surrogateescape")
         pos += id_size
@@ -160,10 +162,10 @@ def pack_entry(sn: Snapshot, disk_size: int) -> bytes:
     name = sn.name.encode("utf-8", "surrogateescape")
     extra_size = max(EXTRA_DATA_SIZE, sn.extra_data_size)
     vm32 = sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0
-    icount = 0xFFFFFFFFFFFFFFFF if sn.icount is None else sn.icount
-    head = _SN.pack(sn.l1_table_offset, sn.l1_size, len(sid), len(name), sn.date_sec,
+    icount = C.SNAPSHOT_ICOUNT_UNKNOWN if sn.icount is None else sn.icount
+    head = ENTRY_HEADER.pack(sn.l1_table_offset, sn.l1_size, len(sid), len(name), sn.date_sec,
                     sn.date_nsec, sn.vm_clock_nsec, vm32, extra_size)
-    extra = _EXTRA.pack(sn.vm_state_size,
+    extra = EXTRA.pack(sn.vm_state_size,
                         disk_size if sn.disk_size is None else sn.disk_size, icount)
     unknown = bytes(sn.extra[EXTRA_DATA_SIZE:sn.extra_data_size])
     return head + extra + unknown + sid + name

@@ -28,6 +28,7 @@ import struct
 import threading
 
 from . import constants as C
+from .cluster import compressed_entry, compressed_extent
 from .atomic import copy_range
 from .cache import TableCache
 from .errors import CorruptImageError, Qcow2Error, ReadOnlyError, UnsupportedFeatureError
@@ -437,7 +438,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
             old, oldb = self._entry(table, i)
             host = self._alloc_bytes(len(comp))
             self._write_data(comp, host)
-            self._set_entry(table, toff, i, self._compressed_entry(host, len(comp)), 0)
+            self._set_entry(table, toff, i, compressed_entry(host, len(comp), self.cluster_bits), 0)
             self._free_entry(old, oldb)
 
     def write_compressed_many(self, offset: int, comps, raw) -> int:
@@ -451,7 +452,6 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         if offset % cs or offset + len(raw) > self.size or len(raw) > len(comps) * cs:
             raise ValueError("compressed writes take whole, aligned clusters")
         self._refuse_compressed_with_data_file()
-        shift = 62 - (self.cluster_bits - 8)    # (_compressed_entry, inlined: per cluster)
         mask = self._l2_entries - 1
         written = 0
         with self._lock:
@@ -485,9 +485,8 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
                     run.append(comp)
                     run_end = host + len(comp)
                     written += len(comp)
-                    nb = ((host + len(comp) - 1) >> 9) - (host >> 9)
                     self._set_entry(table, toff, i,
-                                    C.OFLAG_COMPRESSED | (nb << shift) | host, 0)
+                                    compressed_entry(host, len(comp), self.cluster_bits), 0)
                     self._free_entry(old, oldb)
             finally:
                 # the entries set above point at this data: it goes out before any
@@ -495,12 +494,6 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
                 if run:
                     self._write_data(b"".join(run), run_host)
         return written
-
-    def _compressed_entry(self, host: int, length: int) -> int:
-        """The L2 descriptor of ``length`` compressed bytes at ``host`` (spec:
-        "Compressed Clusters Descriptor": the count of further 512-byte sectors)."""
-        sectors = ((host + length - 1) >> 9) - (host >> 9)
-        return C.OFLAG_COMPRESSED | (sectors << (62 - (self.cluster_bits - 8))) | host
 
     def _alloc_bytes(self, size: int) -> int:
         """QEMU's qcow2_alloc_bytes: pack compressed clusters back to back; every host
@@ -605,7 +598,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
     def _old_content(self, e: int, bm: int, cstart: int, into: memoryview) -> None:
         """What the cluster at guest ``cstart`` reads as now (whole cluster)."""
         if e & C.OFLAG_COMPRESSED:
-            coff, csize, _start, _n = C.compressed_extent(e, self.cluster_bits)
+            coff, csize, _start, _n = compressed_extent(e, self.cluster_bits)
             src = bytearray(csize)
             self.be.readinto(src, coff)
             into[:] = self._decompressor().decompress(src)
@@ -680,7 +673,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
     def _free_entry(self, e: int, bm: int = 0) -> None:
         """Drop the reference an L2 entry held (the caller replaced it)."""
         if e & C.OFLAG_COMPRESSED:
-            _coff, _csize, start, n = C.compressed_extent(e, self.cluster_bits)
+            _coff, _csize, start, n = compressed_extent(e, self.cluster_bits)
             self.refs.free(start, n)
             self.refs.block_freed(start, n)
             return

@@ -26,6 +26,8 @@ import time
 import pytest
 
 import qcow2
+from qcow2 import checker
+from qcow2.cli import check as cli_check
 from qcow2.ops import check as ck
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io")
@@ -324,7 +326,7 @@ def test_raw_is_not_supported(tmp_path):
     q = run("qemu-img", "check", path)
     assert r.returncode == q.returncode == 63
     assert "This image format does not support checks" in r.stderr
-    with pytest.raises(ck.CheckNotSupportedError):
+    with pytest.raises(checker.CheckNotSupportedError):
         ck.check(path)
     qc = tmp_path / "q.qcow2"
     qimg("create", "-q", "-f", "qcow2", qc, MB)
@@ -675,8 +677,8 @@ def test_rebuild_if_dirty_after_killed_qemu_io(tmp_path):
     assert not Img(auto).incompat & 1
     assert qemu_check(auto)[1] == 0
     assert raw_sha(auto) == raw_sha(theirs)
-    assert ck.rebuild_if_dirty(path) is True
-    assert ck.rebuild_if_dirty(path) is False          # clean now: nothing to do
+    assert checker.rebuild_if_dirty(path) is True
+    assert checker.rebuild_if_dirty(path) is False          # clean now: nothing to do
     d1, rc1, _ = qemu_check(path)
     assert rc1 == 0 and d1["check-errors"] == 0
     assert not Img(path).incompat & 1
@@ -696,7 +698,7 @@ def test_messages_go_to_log(tmp_path):
     img.set_ref(c, 2)                   # a leak, and a COPIED flag refcount 2 forbids
     lines = []
     res = ck.check(path, log=lines.append)
-    assert res["leaks"] == 1 and res["corruptions"] == 1 and ck.exit_status(res) == 2
+    assert res["leaks"] == 1 and res["corruptions"] == 1 and cli_check.exit_status(res) == 2
     assert lines[0] == f"Leaked cluster {c} refcount=2 reference=1"
     assert lines[1].startswith("ERROR OFLAG_COPIED data cluster: l2_entry=")
     img.set_ref(c, 1)
@@ -704,13 +706,13 @@ def test_messages_go_to_log(tmp_path):
     end = os.path.getsize(path) // img.cs - 1
     lines = []
     res = ck.check(path, log=lines.append)
-    assert res["leaks"] == 1 and "corruptions" not in res and ck.exit_status(res) == 3
+    assert res["leaks"] == 1 and "corruptions" not in res and cli_check.exit_status(res) == 3
     assert lines == [f"Leaked cluster {end} refcount=1 reference=0"]
-    assert ck.format_human(res).startswith(
+    assert cli_check.format_human(res).startswith(
         "\n1 leaked clusters were found on the image.\n"
         "This means waste of disk space, but no harm to data.\n")
     res = ck.check(path, repair="leaks", log=lines.append)
-    assert res["leaks-fixed"] == 1 and ck.exit_status(res) == 0
+    assert res["leaks-fixed"] == 1 and cli_check.exit_status(res) == 0
 
 
 def test_library_failures_and_flags(tmp_path):
@@ -721,7 +723,7 @@ def test_library_failures_and_flags(tmp_path):
     img.w64(72, img.incompat | 2)                   # corrupt bit: r+ refuses the image
     poke_refcount_zero(img)
     lines = []
-    with pytest.raises(ck.CheckFailedError, match="Input/output error") as ei:
+    with pytest.raises(checker.CheckFailedError, match="Input/output error") as ei:
         ck.check(path, repair="leaks", log=lines.append)
     assert ei.value.exit_code == 1
     assert lines[-1] == "ERROR need to rebuild refcount structures"
@@ -730,7 +732,7 @@ def test_library_failures_and_flags(tmp_path):
     lines = []
     res = ck.check(path, repair="all", log=lines.append)
     assert "Rebuilding refcount structure" in lines
-    assert res["corruptions-fixed"] >= 1 and ck.exit_status(res) == 0
+    assert res["corruptions-fixed"] >= 1 and cli_check.exit_status(res) == 0
     assert not Img(path).incompat & 3
     assert qemu_check(path)[1] == 0
     with qcow2.open(path, "r+") as w:
@@ -738,7 +740,7 @@ def test_library_failures_and_flags(tmp_path):
     assert qemu_check(path)[1] == 0
     # an unknown version is not qcow2 to the prober: "does not support checks", as qemu-img
     img.w32(4, 1)
-    with pytest.raises(ck.CheckNotSupportedError):
+    with pytest.raises(checker.CheckNotSupportedError):
         ck.check(path)
 
 
@@ -746,7 +748,7 @@ def test_luks_image_without_the_key(tmp_path):
     """The LUKS header area is counted; no key is needed (qemu-img needs one to open)."""
     path = str(tmp_path / "e.qcow2")
     secret = ["--object", "secret,id=s0,data=pw"]
-    for attempt in range(5):
+    for _attempt in range(5):
         # qemu-img's PBKDF benchmark fails now and then on a loaded machine
         # ("Unable to get accurate CPU usage"): try again
         r = run("qemu-img", "create", "-q", "-f", "qcow2", *secret, "-o",
@@ -765,3 +767,37 @@ def test_luks_image_without_the_key(tmp_path):
     q = run("qemu-img", "check", "--output=json", *secret, "--image-opts", opts)
     res = ck.check(path)
     assert res == dict(json.loads(q.stdout), filename=path) and res["leaks"] == 1
+
+
+def test_check_and_dirty_rebuild_on_any_backend(tmp_path):
+    """The check reads and writes through the Backend interface: an image held in
+    memory is checked, repaired and rebuilt exactly as the same image in a file."""
+    from qcow2.backends import MemoryBackend
+    from qcow2.checker.run import check_file
+    from qcow2.checker.state import CheckedFile
+    path = _base(str(tmp_path))
+    img = Img(path)
+    img.set_ref(img.data_cluster(3), 2)         # a leak (and COPIED then looks wrong)
+    with open(path, "rb") as f:
+        be = MemoryBackend(f.read())
+    want_lines: list = []
+    want = ck.check(path, repair="all", log=want_lines.append)
+    lines: list = []
+    got = check_file(CheckedFile(be), checker.FIX_LEAKS | checker.FIX_ERRORS, lines.append)
+    assert got.as_dict(path, "qcow2") == want and lines == want_lines
+    assert want["leaks-fixed"] == 1
+    with open(path, "rb") as f:
+        assert be.getvalue() == f.read()
+    # a dirty image (lazy refcounts, then a kill): rebuilt in memory as on disk
+    lazy = os.path.join(str(tmp_path), "lazy.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", lazy, 64 * MB)
+    p = subprocess.run(["qemu-io", "-c", "write -P 0x22 1M 3M", "-c", "sigraise 9", lazy],
+                       capture_output=True)
+    assert p.returncode == -signal.SIGKILL and Img(lazy).incompat & 1
+    with open(lazy, "rb") as f:
+        be = MemoryBackend(f.read())
+    assert checker.needs_rebuild(be)
+    assert checker.rebuild_if_dirty(be) is True and checker.rebuild_if_dirty(lazy) is True
+    assert not checker.needs_rebuild(be) and checker.rebuild_if_dirty(be) is False
+    with open(lazy, "rb") as f:
+        assert be.getvalue() == f.read()

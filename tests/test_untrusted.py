@@ -616,7 +616,7 @@ def exercise(path, deep=False):
         im.info()
         for off in (0, im.size // 2, max(0, im.size - CS)):
             im.pread(CS, off)
-        for _i, _e in zip(range(200), im.extents()):
+        for _i, _e in zip(range(200), im.extents(), strict=False):
             pass
     # trusted mode (no other file opened: backing=False) must hold too, including the
     # single-cluster fast path of small reads and reads that straddle clusters

@@ -79,7 +79,7 @@ def test_library_check_untrusted_opens_once_and_scans(tmp_path, monkeypatch):
 def test_check_untrusted_limits_and_raw(tmp_path):
     import qcow2
     from qcow2 import UnsafeImageError
-    from qcow2.ops.check import CheckNotSupportedError
+    from qcow2.checker import CheckNotSupportedError
     p = _make(tmp_path)
     with pytest.raises(UnsafeImageError, match="metadata"):
         qcow2.check(p, untrusted=True, limits=qcow2.Limits(max_metadata=4096))

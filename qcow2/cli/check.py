@@ -32,8 +32,65 @@ def _stderr_line(msg: str) -> None:
     sys.stderr.flush()
 
 
+def exit_status(result: dict) -> int:
+    """qemu-img check's exit status for a result: 1 check errors, 2 corruptions,
+    3 leaks only, 0 clean."""
+    if result.get("check-errors"):
+        return 1
+    if result.get("corruptions"):
+        return 2
+    if result.get("leaks"):
+        return 3
+    return 0
+
+
+def format_repaired(result: dict) -> str:
+    """What `qemu-img check -r` prints before it checks the repaired image again."""
+    lf, cf = result.get("leaks-fixed", 0), result.get("corruptions-fixed", 0)
+    if not (lf or cf):
+        return ""
+    return ("The following inconsistencies were found and repaired:\n\n"
+            f"    {lf} leaked clusters\n    {cf} corruptions\n\n"
+            "Double checking the fixed image now...\n")
+
+
+def _problems(result: dict) -> list[str]:
+    corr = result.get("corruptions", 0)
+    leaks = result.get("leaks", 0)
+    errs = result.get("check-errors", 0)
+    if not (corr or leaks or errs):
+        return ["No errors were found on the image.\n"]
+    out = []
+    if corr:
+        out.append(f"\n{corr} errors were found on the image.\nData may be corrupted, or "
+                   f"further writes to the image may corrupt it.\n")
+    if leaks:
+        out.append(f"\n{leaks} leaked clusters were found on the image.\nThis means waste "
+                   f"of disk space, but no harm to data.\n")
+    if errs:
+        out.append(f"\n{errs} internal errors have occurred during the check.\n")
+    return out
+
+
+def format_human(result: dict) -> str:
+    """The text `qemu-img check` prints on stdout for a result."""
+    out = [format_repaired(result)] + _problems(result)
+    total = result.get("total-clusters", 0)
+    alloc = result.get("allocated-clusters", 0)
+    if total and alloc:
+        frag = result.get("fragmented-clusters", 0)
+        comp = result.get("compressed-clusters", 0)
+        out.append("%d/%d = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed "
+                   "clusters\n" % (alloc, total, alloc * 100.0 / total, frag * 100.0 / alloc,
+                                   comp * 100.0 / alloc))
+    if result.get("image-end-offset"):
+        out.append(f"Image end offset: {result['image-end-offset']}\n")
+    return "".join(out)
+
+
 def run(args) -> int:
-    from ..ops.check import CheckFailedError, check, exit_status, format_human, format_repaired
+    from ..checker import CheckFailedError
+    from ..ops.check import check
     from .output import qemu_json
 
     if args.untrusted and args.repair:

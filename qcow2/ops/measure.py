@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 
 from .. import constants as C
+from ..bitmap import required_size, supports_persistent
 from ..errors import InvalidOptionError, UnsupportedFeatureError
 from ..layout import l1_entries, qcow2_prealloc_size
 from ..options import (CRYPT_OPTIONS, FILE_OPTIONS, MEASURE_COMPAT_LEVELS, QCOW2_OPTIONS,
@@ -34,8 +35,6 @@ from ..options import (CRYPT_OPTIONS, FILE_OPTIONS, MEASURE_COMPAT_LEVELS, QCOW2
                        too_large)
 from ..units import round_up
 
-_BITMAP_DIR_ENTRY = 24          # Qcow2BitmapDirEntry without name and extra data
-_BITMAP_TABLE_ENTRY = 8
 
 
 def measure(path=None, *, size=None, fmt: str | None = None, out_format: str = "qcow2",
@@ -143,8 +142,11 @@ def _measure_qcow2(img, opts: dict) -> dict:
 
     fully = qcow2_prealloc_size(virtual_size, cs, refcount_bits.bit_length() - 1, extended_l2)
     out: dict = {}
-    if version >= 3 and img is not None and _supports_bitmaps(img):
-        out["bitmaps"] = _bitmaps_size(img, cs)
+    if (version >= 3 and img is not None
+            and supports_persistent(img.format, getattr(img, "header", None))):
+        # bitmaps cover the active layer, even with -l
+        out["bitmaps"] = required_size(
+            img.header.size, [(b["granularity"], b["name"]) for b in img.bitmaps()], cs)
     # Metadata is counted as for the fully allocated image: an over-estimate, as QEMU's.
     out["required"] = fully - virtual_size + required
     out["fully-allocated"] = fully
@@ -170,28 +172,6 @@ def _data_clusters(img, cs: int) -> int:
             count += end - first + 1
             last = end
     return count
-
-
-def _supports_bitmaps(img) -> bool:
-    """QEMU's bdrv_supports_persistent_dirty_bitmap: a qcow2 v3 image."""
-    header = getattr(img, "header", None)
-    return img.format == "qcow2" and header is not None and header.version >= 3
-
-
-def _bitmaps_size(img, cs: int) -> int:
-    """QEMU's qcow2_get_persistent_dirty_bitmap_size: each bitmap fully allocated, its
-    table, and its share of the bitmap directory."""
-    total = 0
-    dir_size = 0
-    disk = img.header.size       # bitmaps cover the active layer, even with -l
-    for bm in img.bitmaps():
-        bits = -(-disk // bm["granularity"])
-        clusters = -(-(-(-bits // 8)) // cs)
-        total += clusters * cs
-        total += -(-(clusters * _BITMAP_TABLE_ENTRY) // cs) * cs
-        name = len(bm["name"].encode("utf-8", "surrogateescape"))
-        dir_size += (_BITMAP_DIR_ENTRY + name + 7) & ~7
-    return total + -(-dir_size // cs) * cs
 
 
 __all__ = ["measure"]
