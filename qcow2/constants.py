@@ -109,6 +109,17 @@ BITMAP_EXT_SIZE = 24
 
 # -- kernels contract (mirrored by native/qcow2_native.h; a test compares them) -----
 # (added with qcow2.kernels)
+MIN_CLUSTER_SIZE = 1 << MIN_CLUSTER_BITS        # 512 bytes
+MAX_CLUSTER_SIZE = 1 << MAX_CLUSTER_BITS        # 2 MiB
+L2E_SIZE = 8                                    # "Cluster mapping": a standard L2 entry
+L2E_EXTENDED_SIZE = 16                          # "Extended L2 Entries": entry + bitmap
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE      # standard descriptor: bits 1-8 and 56-61
+L2_BITMAP_ALLOC_MASK = 0x00000000FFFFFFFF       # "Extended L2 Entries": bits 0-31 allocated,
+L2_BITMAP_ZERO_SHIFT = 32                       # bits 32-63 read as zeros
+# "Compressed Clusters Descriptor": bits 0..x-1 host offset, x..61 additional sectors,
+# x = 62 - (cluster_bits - 8); the length runs to the end of its last 512-byte sector.
+L2E_COMPRESSED_FIELD_BITS = 62
+COMPRESSED_SECTOR_SIZE = 512
 
 # -- engine limits -------------------------------------------------------------
 MAX_BACKING_DEPTH = 16                # backing chain depth (QEMU's loop guard is similar)
