@@ -90,6 +90,70 @@ static inline int emit(struct emitter *em, int kind, uint32_t start,
 }
 
 /*
+ * check_entry - 0, or the QCOW2N_EL2* error QEMU reports for an entry of
+ * cluster type @type (in this order: reserved bits, only with @strict;
+ * subcluster bitmap; host offset alignment).  @reserved: the reserved bits of
+ * a standard descriptor.
+ */
+static inline int check_entry(int type, uint64_t entry, uint64_t bitmap,
+                              int extended, int strict, uint64_t reserved,
+                              uint64_t cluster_size)
+{
+    if (strict && (type == CT_COMPRESSED ? (extended && bitmap != 0)
+                                         : (entry & reserved) != 0)) {
+        return QCOW2N_EL2RESERVED;
+    }
+    if (extended && ((type == CT_NORMAL &&
+                      ((bitmap >> QCOW2N_L2_BITMAP_ZERO_SHIFT) & bitmap)) ||
+                     (type == CT_UNALLOCATED &&
+                      (bitmap & QCOW2N_L2_BITMAP_ALLOC_MASK)))) {
+        /* QCOW2_SUBCLUSTER_INVALID: a subcluster both allocated and zero,
+         * or an allocated subcluster without a host cluster. */
+        return QCOW2N_EL2BITMAP;
+    }
+    if ((type == CT_NORMAL || type == CT_ZERO_ALLOC) &&
+        (entry & QCOW2N_L2E_OFFSET_MASK & (cluster_size - 1))) {
+        /* QEMU: "Cluster allocation offset ... unaligned" */
+        return QCOW2N_EL2UNALIGNED;
+    }
+    return 0;
+}
+
+/*
+ * emit_subclusters - the subclusters of one extended entry, one unit each,
+ * as QEMU's qcow2_get_subcluster_type(): with a host cluster (@normal) they
+ * are ZERO_ALLOC, DATA or UNALLOC_ALLOC at @host + sc * unit; without one,
+ * ZERO or UNALLOC.
+ */
+static inline int emit_subclusters(struct emitter *em, int normal,
+                                   uint32_t start, uint64_t host,
+                                   uint64_t bitmap)
+{
+    unsigned sc;
+    int ret = 0;
+
+    for (sc = 0; sc < QCOW2N_SUBCLUSTERS && ret == 0; sc++) {
+        int zero = (bitmap >> (QCOW2N_L2_BITMAP_ZERO_SHIFT + sc)) & 1;
+        int kind;
+
+        if (!normal) {
+            ret = emit(em, zero ? QCOW2N_KIND_ZERO : QCOW2N_KIND_UNALLOC,
+                       start + sc, 1, 0, 0);
+            continue;
+        }
+        if (zero) {
+            kind = QCOW2N_KIND_ZERO_ALLOC;
+        } else if ((bitmap >> sc) & 1) {
+            kind = QCOW2N_KIND_DATA;
+        } else {
+            kind = QCOW2N_KIND_UNALLOC_ALLOC;
+        }
+        ret = emit(em, kind, start + sc, 1, host + sc * em->unit_size, 0);
+    }
+    return ret;
+}
+
+/*
  * qcow2n_l2_runs - decode entries [first, first + count) of an L2 table into
  * runs (the contract is in qcow2_native.h).  Every entry is checked as QEMU
  * checks it when it maps a guest offset; the first bad one stops the walk.
@@ -136,28 +200,11 @@ int qcow2n_l2_runs(const qcow2n_runs *dest, size_t dest_size,
         const int type = cluster_type(entry, extended, data_file);
         const uint64_t host = entry & QCOW2N_L2E_OFFSET_MASK;
 
-        if (strict) {
-            int bad = type == CT_COMPRESSED ? (extended && bitmap != 0)
-                                            : (entry & reserved) != 0;
-            if (bad) {
-                *bad_index = first + i;
-                return QCOW2N_EL2RESERVED;
-            }
-        }
-        if (extended && ((type == CT_NORMAL &&
-                          ((bitmap >> QCOW2N_L2_BITMAP_ZERO_SHIFT) & bitmap)) ||
-                         (type == CT_UNALLOCATED &&
-                          (bitmap & QCOW2N_L2_BITMAP_ALLOC_MASK)))) {
-            /* QCOW2_SUBCLUSTER_INVALID: a subcluster both allocated and
-             * zero, or an allocated subcluster without a host cluster. */
+        ret = check_entry(type, entry, bitmap, extended, strict, reserved,
+                          cluster_size);
+        if (ret < 0) {
             *bad_index = first + i;
-            return QCOW2N_EL2BITMAP;
-        }
-        if ((type == CT_NORMAL || type == CT_ZERO_ALLOC) &&
-            (host & (cluster_size - 1))) {
-            /* QEMU: "Cluster allocation offset ... unaligned" */
-            *bad_index = first + i;
-            return QCOW2N_EL2UNALIGNED;
+            return ret;
         }
 
         switch (type) {
@@ -183,15 +230,7 @@ int qcow2n_l2_runs(const qcow2n_runs *dest, size_t dest_size,
                 ret = emit(&em, QCOW2N_KIND_UNALLOC, start, (uint32_t)upc,
                            0, 0);
             } else {
-                unsigned sc;
-                ret = 0;
-                for (sc = 0; sc < QCOW2N_SUBCLUSTERS && ret == 0; sc++) {
-                    int zero =
-                        (bitmap >> (QCOW2N_L2_BITMAP_ZERO_SHIFT + sc)) & 1;
-                    ret = emit(&em, zero ? QCOW2N_KIND_ZERO
-                                         : QCOW2N_KIND_UNALLOC,
-                               start + sc, 1, 0, 0);
-                }
+                ret = emit_subclusters(&em, 0, start, 0, bitmap);
             }
             break;
         default: /* CT_NORMAL */
@@ -201,20 +240,7 @@ int qcow2n_l2_runs(const qcow2n_runs *dest, size_t dest_size,
                 ret = emit(&em, QCOW2N_KIND_DATA, start, QCOW2N_SUBCLUSTERS,
                            host, 0);
             } else {
-                unsigned sc;
-                ret = 0;
-                for (sc = 0; sc < QCOW2N_SUBCLUSTERS && ret == 0; sc++) {
-                    int kind;
-                    if ((bitmap >> (QCOW2N_L2_BITMAP_ZERO_SHIFT + sc)) & 1) {
-                        kind = QCOW2N_KIND_ZERO_ALLOC;
-                    } else if ((bitmap >> sc) & 1) {
-                        kind = QCOW2N_KIND_DATA;
-                    } else {
-                        kind = QCOW2N_KIND_UNALLOC_ALLOC;
-                    }
-                    ret = emit(&em, kind, start + sc, 1,
-                               host + sc * em.unit_size, 0);
-                }
+                ret = emit_subclusters(&em, 1, start, host, bitmap);
             }
             break;
         }
