@@ -32,14 +32,16 @@
 
 #include "qcow2_native.h"
 
-#define MIN_CLUSTER_SIZE 512u
-#define MAX_CLUSTER_SIZE (2u * 1024 * 1024)
-
-struct qcow2n_dctx {
+/* What both context kinds start with (codec_new() fills it in). */
+struct codec {
     int algo;
     size_t cluster_size;
     int zinit;                  /* zs initialised */
     z_stream zs;
+};
+
+struct qcow2n_dctx {
+    struct codec c;             /* first member: see codec_new() */
 #ifdef HAVE_LIBDEFLATE
     struct libdeflate_decompressor *ld;
 #endif
@@ -49,26 +51,69 @@ struct qcow2n_dctx {
 };
 
 struct qcow2n_cctx {
-    int algo;
-    size_t cluster_size;
-    int zinit;
-    z_stream zs;
+    struct codec c;             /* first member: see codec_new() */
 #ifdef HAVE_ZSTD
     ZSTD_CCtx *zc;
 #endif
 };
 
-static int valid_cluster_size(size_t cs)
+/*
+ * codec_new - allocate a zeroed context of @size bytes whose first member is
+ * a struct codec, for @algo (compiled in) and @cluster_size (a power of two
+ * in QCOW2N_MIN_CLUSTER_SIZE..QCOW2N_MAX_CLUSTER_SIZE).  NULL on a bad
+ * argument or when memory is short.
+ */
+static void *codec_new(size_t size, int algo, size_t cluster_size)
 {
-    return cs >= MIN_CLUSTER_SIZE && cs <= MAX_CLUSTER_SIZE &&
-           (cs & (cs - 1)) == 0;
+    struct codec *c;
+
+    if (cluster_size < QCOW2N_MIN_CLUSTER_SIZE ||
+        cluster_size > QCOW2N_MAX_CLUSTER_SIZE ||
+        (cluster_size & (cluster_size - 1)) != 0) {
+        return NULL;
+    }
+#ifndef HAVE_ZSTD
+    if (algo == QCOW2N_ALGO_ZSTD) {
+        return NULL;
+    }
+#endif
+    if (algo != QCOW2N_ALGO_ZLIB && algo != QCOW2N_ALGO_ZSTD) {
+        return NULL;
+    }
+    c = calloc(1, size);
+    if (c) {
+        c->algo = algo;
+        c->cluster_size = cluster_size;
+    }
+    return c;
 }
 
+/* Release what codec_new() allocated, ending the zlib stream with @end. */
+static void codec_free(struct codec *c, int (*end)(z_streamp))
+{
+    if (c->zinit) {
+        end(&c->zs);
+    }
+    free(c);
+}
+
+/* Point @zs at one cluster's input and output. */
+static void zstream_point(z_stream *zs, uint8_t *dest, size_t dest_size,
+                          const uint8_t *src, size_t src_size)
+{
+    zs->next_in = (Bytef *)(uintptr_t)src;
+    zs->avail_in = (uInt)src_size;
+    zs->next_out = dest;
+    zs->avail_out = (uInt)dest_size;
+}
+
+/* qcow2n_version - see qcow2_native.h. */
 int qcow2n_version(void)
 {
     return QCOW2N_VERSION;
 }
 
+/* qcow2n_features - see qcow2_native.h. */
 unsigned qcow2n_features(void)
 {
     unsigned f = 0;
@@ -81,6 +126,7 @@ unsigned qcow2n_features(void)
     return f;
 }
 
+/* qcow2n_zstd_version - see qcow2_native.h. */
 unsigned qcow2n_zstd_version(void)
 {
 #ifdef HAVE_ZSTD
@@ -93,63 +139,49 @@ unsigned qcow2n_zstd_version(void)
 /* ------------------------------------------------------------------------ */
 /* Decompression                                                             */
 
+/*
+ * qcow2n_dctx_new - a decompression context: zlib's inflate state with a
+ * 4 KiB window (and libdeflate's decompressor unless strict), or a zstd one.
+ */
 qcow2n_dctx *qcow2n_dctx_new(int algo, size_t cluster_size, unsigned flags)
 {
     qcow2n_dctx *ctx;
+    int ok = 0;
 
-    if (!valid_cluster_size(cluster_size) || (flags & ~QCOW2N_DCTX_STRICT)) {
+    if (flags & ~QCOW2N_DCTX_STRICT) {
         return NULL;
     }
-#ifndef HAVE_ZSTD
-    if (algo == QCOW2N_ALGO_ZSTD) {
-        return NULL;
-    }
-#endif
-    if (algo != QCOW2N_ALGO_ZLIB && algo != QCOW2N_ALGO_ZSTD) {
-        return NULL;
-    }
-    ctx = calloc(1, sizeof(*ctx));
+    ctx = codec_new(sizeof(*ctx), algo, cluster_size);
     if (!ctx) {
         return NULL;
     }
-    ctx->algo = algo;
-    ctx->cluster_size = cluster_size;
     if (algo == QCOW2N_ALGO_ZLIB) {
-        if (inflateInit2(&ctx->zs, -12) != Z_OK) {
-            goto fail;
-        }
-        ctx->zinit = 1;
+        ok = ctx->c.zinit = inflateInit2(&ctx->c.zs, -12) == Z_OK;
 #ifdef HAVE_LIBDEFLATE
-        if (!(flags & QCOW2N_DCTX_STRICT)) {
+        if (ok && !(flags & QCOW2N_DCTX_STRICT)) {
             ctx->ld = libdeflate_alloc_decompressor();
-            if (!ctx->ld) {
-                goto fail;
-            }
+            ok = ctx->ld != NULL;
         }
 #endif
     }
 #ifdef HAVE_ZSTD
     if (algo == QCOW2N_ALGO_ZSTD) {
         ctx->zd = ZSTD_createDCtx();
-        if (!ctx->zd) {
-            goto fail;
-        }
+        ok = ctx->zd != NULL;
     }
 #endif
+    if (!ok) {
+        qcow2n_dctx_free(ctx);
+        ctx = NULL;
+    }
     return ctx;
-
-fail:
-    qcow2n_dctx_free(ctx);
-    return NULL;
 }
 
+/* qcow2n_dctx_free - release a decompression context (NULL is fine). */
 void qcow2n_dctx_free(qcow2n_dctx *ctx)
 {
     if (!ctx) {
         return;
-    }
-    if (ctx->zinit) {
-        inflateEnd(&ctx->zs);
     }
 #ifdef HAVE_LIBDEFLATE
     if (ctx->ld) {
@@ -159,14 +191,14 @@ void qcow2n_dctx_free(qcow2n_dctx *ctx)
 #ifdef HAVE_ZSTD
     ZSTD_freeDCtx(ctx->zd);
 #endif
-    free(ctx);
+    codec_free(&ctx->c, inflateEnd);
 }
 
 /* One zlib cluster, exactly as qcow2_zlib_decompress(). */
 static int inflate_cluster(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
                            const uint8_t *src, size_t src_size)
 {
-    z_stream *zs = &ctx->zs;
+    z_stream *zs = &ctx->c.zs;
     int ret;
 
 #ifdef HAVE_LIBDEFLATE
@@ -186,10 +218,7 @@ static int inflate_cluster(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
     if (inflateReset(zs) != Z_OK) {
         return QCOW2N_ENOMEM;
     }
-    zs->next_in = (Bytef *)(uintptr_t)src;
-    zs->avail_in = (uInt)src_size;
-    zs->next_out = dest;
-    zs->avail_out = (uInt)dest_size;
+    zstream_point(zs, dest, dest_size, src, src_size);
     ret = inflate(zs, Z_FINISH);
     /* Z_BUF_ERROR with a full output is fine: input may be left over. */
     if ((ret == Z_STREAM_END || ret == Z_BUF_ERROR) && zs->avail_out == 0) {
@@ -254,13 +283,17 @@ static int zstd_cluster(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
 }
 #endif
 
+/*
+ * qcow2n_decompress - check every range, then decode cluster by cluster
+ * (zstd_cluster() or inflate_cluster()); see qcow2_native.h.
+ */
 int qcow2n_decompress(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
                       const uint8_t *src, size_t src_size,
                       const uint64_t *src_offsets, const uint32_t *src_lengths,
                       const uint64_t *dest_offsets, size_t n,
                       size_t *bad_index)
 {
-    const size_t cs = ctx ? ctx->cluster_size : 0;
+    const size_t cs = ctx ? ctx->c.cluster_size : 0;
     size_t i;
 
     if (!ctx) {
@@ -286,7 +319,7 @@ int qcow2n_decompress(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
         int ret;
 
 #ifdef HAVE_ZSTD
-        if (ctx->algo == QCOW2N_ALGO_ZSTD) {
+        if (ctx->c.algo == QCOW2N_ALGO_ZSTD) {
             ret = zstd_cluster(ctx, d, cs, s, src_lengths[i]);
         } else
 #endif
@@ -304,71 +337,53 @@ int qcow2n_decompress(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
 /* ------------------------------------------------------------------------ */
 /* Compression                                                               */
 
+/* qcow2n_cctx_free - release a compression context (NULL is fine). */
+void qcow2n_cctx_free(qcow2n_cctx *ctx)
+{
+    if (ctx) {
+#ifdef HAVE_ZSTD
+        ZSTD_freeCCtx(ctx->zc);
+#endif
+        codec_free(&ctx->c, deflateEnd);
+    }
+}
+
+/*
+ * qcow2n_cctx_new - a compression context with QEMU's parameters: raw
+ * deflate with a 4 KiB window and memLevel 9, or zstd at @level.
+ */
 qcow2n_cctx *qcow2n_cctx_new(int algo, size_t cluster_size, int level)
 {
     qcow2n_cctx *ctx;
+    int ok = 0;
 
-    if (!valid_cluster_size(cluster_size)) {
-        return NULL;
-    }
     if (algo == QCOW2N_ALGO_ZLIB && (level < -1 || level > 9)) {
         return NULL;
     }
-#ifndef HAVE_ZSTD
-    if (algo == QCOW2N_ALGO_ZSTD) {
-        return NULL;
-    }
-#endif
-    if (algo != QCOW2N_ALGO_ZLIB && algo != QCOW2N_ALGO_ZSTD) {
-        return NULL;
-    }
-    ctx = calloc(1, sizeof(*ctx));
+    ctx = codec_new(sizeof(*ctx), algo, cluster_size);
     if (!ctx) {
         return NULL;
     }
-    ctx->algo = algo;
-    ctx->cluster_size = cluster_size;
     if (algo == QCOW2N_ALGO_ZLIB) {
         /* QEMU: "best compression, small window, no zlib header" */
-        if (deflateInit2(&ctx->zs, level, Z_DEFLATED, -12, 9,
-                         Z_DEFAULT_STRATEGY) != Z_OK) {
-            goto fail;
-        }
-        ctx->zinit = 1;
+        ok = ctx->c.zinit = deflateInit2(&ctx->c.zs, level, Z_DEFLATED, -12,
+                                         9, Z_DEFAULT_STRATEGY) == Z_OK;
     }
 #ifdef HAVE_ZSTD
     if (algo == QCOW2N_ALGO_ZSTD) {
         ctx->zc = ZSTD_createCCtx();
-        if (!ctx->zc) {
-            goto fail;
-        }
-        if (level != 0 &&
-            ZSTD_isError(ZSTD_CCtx_setParameter(ctx->zc,
-                                                ZSTD_c_compressionLevel,
-                                                level))) {
-            goto fail;
-        }
+        ok = ctx->zc != NULL &&
+             (level == 0 ||
+              !ZSTD_isError(ZSTD_CCtx_setParameter(ctx->zc,
+                                                   ZSTD_c_compressionLevel,
+                                                   level)));
     }
 #endif
+    if (!ok) {
+        qcow2n_cctx_free(ctx);
+        ctx = NULL;
+    }
     return ctx;
-
-fail:
-    qcow2n_cctx_free(ctx);
-    return NULL;
-}
-
-void qcow2n_cctx_free(qcow2n_cctx *ctx)
-{
-    if (!ctx) {
-        return;
-    }
-    if (ctx->zinit) {
-        deflateEnd(&ctx->zs);
-    }
-#ifdef HAVE_ZSTD
-    ZSTD_freeCCtx(ctx->zc);
-#endif
-    free(ctx);
 }
 
 /* Compressors return the compressed size, -1 when it does not fit in
@@ -377,16 +392,13 @@ static int64_t deflate_cluster(qcow2n_cctx *ctx, uint8_t *dest,
                                size_t dest_size, const uint8_t *src,
                                size_t src_size)
 {
-    z_stream *zs = &ctx->zs;
+    z_stream *zs = &ctx->c.zs;
     int ret;
 
     if (deflateReset(zs) != Z_OK) {
         return QCOW2N_ENOMEM;
     }
-    zs->next_in = (Bytef *)(uintptr_t)src;
-    zs->avail_in = (uInt)src_size;
-    zs->next_out = dest;
-    zs->avail_out = (uInt)dest_size;
+    zstream_point(zs, dest, dest_size, src, src_size);
     ret = deflate(zs, Z_FINISH);
     if (ret == Z_STREAM_END) {
         return (int64_t)(dest_size - zs->avail_out);
@@ -424,6 +436,11 @@ static int64_t zstd_compress_cluster(qcow2n_cctx *ctx, uint8_t *dest,
 }
 #endif
 
+/*
+ * qcow2n_compress - compress cluster by cluster into cluster_size - 1 bytes
+ * of room each (zstd_compress_cluster() or deflate_cluster()); see
+ * qcow2_native.h.
+ */
 int qcow2n_compress(qcow2n_cctx *ctx, uint8_t *dest, size_t dest_size,
                     const uint8_t *src, size_t src_size, size_t n,
                     int64_t *sizes)
@@ -433,7 +450,7 @@ int qcow2n_compress(qcow2n_cctx *ctx, uint8_t *dest, size_t dest_size,
     if (!ctx) {
         return QCOW2N_EINVAL;
     }
-    cs = ctx->cluster_size;
+    cs = ctx->c.cluster_size;
     if (n > src_size / cs) {
         return QCOW2N_EINVAL;
     }
@@ -443,7 +460,7 @@ int qcow2n_compress(qcow2n_cctx *ctx, uint8_t *dest, size_t dest_size,
     for (i = 0; i < n; i++) {
         int64_t r;
 #ifdef HAVE_ZSTD
-        if (ctx->algo == QCOW2N_ALGO_ZSTD) {
+        if (ctx->c.algo == QCOW2N_ALGO_ZSTD) {
             r = zstd_compress_cluster(ctx, dest + i * cs, cs - 1,
                                       src + i * cs, cs);
         } else

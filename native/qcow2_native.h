@@ -14,8 +14,9 @@
  * function returns 0 or a negative QCOW2N_E* code.
  */
 
-/* Bumped whenever a declaration below changes; qcow2/kernels.py checks it. */
-#define QCOW2N_VERSION 1
+/* Bumped whenever a declaration below changes; qcow2/kernels/native.py checks
+ * it against NATIVE_VERSION in qcow2/kernels/contract.py. */
+#define QCOW2N_VERSION 2
 
 /* Bits of qcow2n_features(): optional libraries compiled in. */
 #define QCOW2N_FEATURE_ZSTD       1
@@ -51,6 +52,34 @@
 #define QCOW2N_KIND_ZERO_ALLOC    3  /* reads as zeros, host cluster allocated */
 #define QCOW2N_KIND_DATA          4  /* data at the host offset */
 #define QCOW2N_KIND_COMPRESSED    5  /* one compressed cluster */
+
+/*
+ * Format constants the kernels use (the qcow2 spec, docs/interop/qcow2.rst).
+ * The same values are named in qcow2/constants.py; a test
+ * (tests/test_kernels_contract.py) checks that this file, the compiled module
+ * and the Python side agree.
+ */
+#define QCOW2N_MIN_CLUSTER_BITS  9
+#define QCOW2N_MAX_CLUSTER_BITS  21
+#define QCOW2N_MIN_CLUSTER_SIZE  512
+#define QCOW2N_MAX_CLUSTER_SIZE  2097152
+#define QCOW2N_SUBCLUSTERS       32  /* "Extended L2 Entries" */
+#define QCOW2N_L2E_SIZE          8   /* bytes of a standard L2 entry */
+#define QCOW2N_L2E_EXTENDED_SIZE 16  /* entry + subcluster bitmap */
+/* "Standard Cluster Descriptor": host offset in bits 9..55 */
+#define QCOW2N_L2E_OFFSET_MASK       0x00fffffffffffe00ULL
+/* reserved bits 1..8 and 56..61 (bit 0 too with extended L2 entries) */
+#define QCOW2N_L2E_STD_RESERVED_MASK 0x3f000000000001feULL
+#define QCOW2N_OFLAG_COPIED          0x8000000000000000ULL  /* bit 63 */
+#define QCOW2N_OFLAG_COMPRESSED      0x4000000000000000ULL  /* bit 62 */
+#define QCOW2N_OFLAG_ZERO            0x0000000000000001ULL  /* bit 0 */
+/* "Extended L2 Entries": bitmap bits 0..31 allocated, 32..63 zero */
+#define QCOW2N_L2_BITMAP_ALLOC_MASK  0x00000000ffffffffULL
+#define QCOW2N_L2_BITMAP_ZERO_SHIFT  32
+/* "Compressed Clusters Descriptor": bits 0..x-1 host offset, x..61 additional
+ * sectors, x = 62 - (cluster_bits - 8) */
+#define QCOW2N_L2E_COMPRESSED_FIELD_BITS 62
+#define QCOW2N_COMPRESSED_SECTOR_SIZE    512
 
 /* Flags of qcow2n_l2_runs(). */
 #define QCOW2N_L2_EXTENDED  1  /* 16-byte entries with a subcluster bitmap */

@@ -53,11 +53,16 @@ static int all_zero(const uint8_t *p, size_t n)
     return 1;
 }
 
+/* qcow2n_is_zero - 1 when all @src_size bytes of @src are zero, else 0. */
 int qcow2n_is_zero(const uint8_t *src, size_t src_size)
 {
     return all_zero(src, src_size);
 }
 
+/*
+ * qcow2n_zero_blocks - one flag per @block_size bytes of @src (the last block
+ * may be partial): 1 where the block is all zeros; see qcow2_native.h.
+ */
 int qcow2n_zero_blocks(uint8_t *dest, size_t dest_size,
                        const uint8_t *src, size_t src_size,
                        size_t block_size)

@@ -87,7 +87,19 @@ OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
 L1E_SIZE = 8
-SUBCLUSTERS_PER_CLUSTER = 32          # extended L2 entries
+L2E_SIZE = 8                                    # a standard L2 entry
+L2E_EXTENDED_SIZE = 16                          # "Extended L2 Entries": entry + bitmap
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE      # standard descriptor: bits 1-8 and 56-61
+SUBCLUSTERS_PER_CLUSTER = 32                    # "Extended L2 Entries"
+L2_BITMAP_ALLOC_MASK = 0x00000000FFFFFFFF       # bits 0-31: subcluster allocated
+L2_BITMAP_ZERO_SHIFT = 32                       # bits 32-63: subcluster reads as zeros
+L2_BITMAP_ZERO_MASK = L2_BITMAP_ALLOC_MASK << L2_BITMAP_ZERO_SHIFT
+# "Compressed Clusters Descriptor": bits 0..x-1 host offset, x..61 additional sectors,
+# x = 62 - (cluster_bits - 8); the length runs to the end of its last 512-byte sector.
+L2E_COMPRESSED_FIELD_BITS = 62
+COMPRESSED_SECTOR_SIZE = 512
+MIN_CLUSTER_SIZE = 1 << MIN_CLUSTER_BITS        # 512 bytes
+MAX_CLUSTER_SIZE = 1 << MAX_CLUSTER_BITS        # 2 MiB
 
 # -- refcounts (Host cluster management) --------------------------------------
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
@@ -108,7 +120,6 @@ MAX_BITMAP_DIRECTORY_SIZE = 64 * MAX_BITMAPS  # 1024 bytes per entry max
 BITMAP_EXT_SIZE = 24
 
 # -- bitmaps (Bitmaps extension, Bitmap directory, Bitmap table) -------------------
-# (added with qcow2.bitmap)
 BME_ENTRY_SIZE = 24                   # "Bitmap directory": an entry without name and extra data
 BME_TABLE_ENTRY_SIZE = 8              # "Bitmap table": one u64 per cluster of bitmap data
 BME_MAX_TABLE_SIZE = 0x8000000        # entries of one bitmap table (QEMU's limit)
@@ -125,14 +136,6 @@ BME_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00    # bits 9-55: the data cluster
 BME_TABLE_ALL_ONES = 1 << 0                   # no data cluster: reads as all ones
 
 # -- refcount block codec, consistency check ----------------------------------------
-# (added with qcow2.refcount / the consistency checker)
-# "Cluster mapping" / "Extended L2 Entries" / "Compressed Clusters Descriptor" details
-# (the same names and values as the kernels' section adds: one of the two goes at merge)
-L2E_STD_RESERVED_MASK = 0x3F000000000001FE      # standard descriptor: bits 1-8 and 56-61
-L2_BITMAP_ALLOC_MASK = 0x00000000FFFFFFFF       # "Extended L2 Entries": bits 0-31 allocated,
-L2_BITMAP_ZERO_SHIFT = 32                       # bits 32-63 read as zeros
-L2E_COMPRESSED_FIELD_BITS = 62                  # host offset and sector count: bits 0-61
-COMPRESSED_SECTOR_SIZE = 512
 REFT_RESERVED_MASK = 0x1FF            # "Host cluster management": refcount table entry
 # snapshot table entries (Snapshots): the extra data a version 3 entry must have
 SNAPSHOT_EXTRA_V3_MIN = 16            # vm_state_size_large + disk_size
@@ -142,9 +145,6 @@ INT_MAX = 0x7FFFFFFF
 INT64_MAX = 0x7FFFFFFFFFFFFFFF
 
 # -- images we create: layout, options --------------------------------------------
-# (added with qcow2.layout / qcow2.options)
-L2E_SIZE = 8                          # bytes of a standard L2 entry (Cluster mapping)
-L2E_SIZE_EXTENDED = 16                # bytes of an extended L2 entry (Extended L2 Entries)
 REFTE_SIZE = 8                        # bytes of a refcount table entry (Host cluster management)
 DEFAULT_CLUSTER_SIZE = 65536          # qemu-img create's default
 DEFAULT_REFCOUNT_BITS = 16
@@ -152,20 +152,7 @@ MIN_EXTL2_CLUSTER_SIZE = 512 * SUBCLUSTERS_PER_CLUSTER   # 16 KiB: subclusters o
 MAX_IMAGE_SIZE = (1 << 63) - 1        # qemu-img's largest virtual size (INT64_MAX)
 
 # -- kernels contract (mirrored by native/qcow2_native.h; a test compares them) -----
-# (added with qcow2.kernels)
-
-# -- engine limits -------------------------------------------------------------
-MAX_BACKING_DEPTH = 16                # backing chain depth (QEMU's loop guard is similar)
-DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
-REFCOUNT_CACHE_BYTES = 4 * 1024 * 1024        # refcount blocks cached by a writer
-
-# (added with the engine: reader, writer, reshape, internal snapshots)
-# Extended L2 entries' subcluster bitmap (Extended L2 Entries): bits 0-31 say a
-# subcluster is allocated, bits 32-63 that it reads as zeros.
-L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
-L2_BITMAP_ALL_ZERO = 0xFFFFFFFF << 32
-
-# Kinds of guest ranges produced by the L2 decoder (qcow2.kernels mirrors these).
+# The entry constants above and these kinds of guest ranges the L2 decoder produces.
 KIND_UNALLOC = 0          # no host cluster: backing data, or zeros
 KIND_UNALLOC_ALLOC = 1    # extended L2: cluster allocated, subcluster not: backing data
 KIND_ZERO = 2             # reads as zeros, no host cluster
@@ -173,3 +160,7 @@ KIND_ZERO_ALLOC = 3       # reads as zeros, host cluster allocated
 KIND_DATA = 4             # data at the host offset
 KIND_COMPRESSED = 5       # compressed cluster
 
+# -- engine limits -------------------------------------------------------------
+MAX_BACKING_DEPTH = 16                # backing chain depth (QEMU's loop guard is similar)
+DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+REFCOUNT_CACHE_BYTES = 4 * 1024 * 1024        # refcount blocks cached by a writer

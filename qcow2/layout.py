@@ -54,7 +54,7 @@ class Qcow2Layout(namedtuple("Qcow2Layout", (
 
 
 def l2_entry_size(extended_l2: bool) -> int:
-    return C.L2E_SIZE_EXTENDED if extended_l2 else C.L2E_SIZE
+    return C.L2E_EXTENDED_SIZE if extended_l2 else C.L2E_SIZE
 
 
 def l1_entries(size: int, cluster_size: int, extended_l2: bool = False) -> int:
@@ -245,7 +245,7 @@ def _l2_tables(lay: Qcow2Layout, host_base: int):
     cs = lay.cluster_size
     per_table = cs // lay.l2_entry_size
     tables_per_chunk = max(1, CHUNK // cs)
-    ext = lay.l2_entry_size == C.L2E_SIZE_EXTENDED
+    ext = lay.l2_entry_size == C.L2E_EXTENDED_SIZE
     for t0 in range(0, lay.l2_tables, tables_per_chunk):
         nt = min(tables_per_chunk, lay.l2_tables - t0)
         g0 = t0 * per_table

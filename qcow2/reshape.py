@@ -127,7 +127,7 @@ class Reshape:
         h = self.header
         cs = self.cluster_size
         mask = self._l2_entries - 1
-        bm = C.L2_BITMAP_ALL_ALLOC if h.extended_l2 else 0
+        bm = C.L2_BITMAP_ALLOC_MASK if h.extended_l2 else 0
         for pos, tend, table, toff in self._tables(_round_up(a, cs), b):
             i = (pos >> self.cluster_bits) & mask
             n = _round_up(tend - pos, cs) // cs

@@ -39,8 +39,8 @@ from .reader import Qcow2Image
 from .refcount import Refcounts
 from .reshape import Reshape
 
-_ALL_ALLOC = C.L2_BITMAP_ALL_ALLOC
-_ALL_ZERO = C.L2_BITMAP_ALL_ZERO
+_ALL_ALLOC = C.L2_BITMAP_ALLOC_MASK
+_ALL_ZERO = C.L2_BITMAP_ZERO_MASK
 
 
 class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):

@@ -463,7 +463,7 @@ def all_combos() -> list[dict]:
     names = list(DIMENSIONS)
     out = []
     for values in itertools.product(*(DIMENSIONS[n] for n in names)):
-        c = dict(zip(names, values))
+        c = dict(zip(names, values, strict=True))
         if valid_combo(c):
             out.append(c)
     return out

@@ -68,7 +68,7 @@ def pair():
 def table_bytes(entries, bitmaps=None):
     if bitmaps is None:
         return b"".join(struct.pack(">Q", e) for e in entries)
-    return b"".join(struct.pack(">QQ", e, b) for e, b in zip(entries, bitmaps))
+    return b"".join(struct.pack(">QQ", e, b) for e, b in zip(entries, bitmaps, strict=True))
 
 
 def runs_list(result):
@@ -76,7 +76,7 @@ def runs_list(result):
     # array.array, not numpy: the native reader never imports numpy (start-up)
     assert [a.typecode for a in result] == ["B", "I", "I", "Q", "I"]
     assert [a.itemsize for a in result] == [1, 4, 4, 8, 4]
-    return [tuple(int(x) for x in r) for r in zip(kinds, starts, lens, hosts, csizes)]
+    return [tuple(int(x) for x in r) for r in zip(kinds, starts, lens, hosts, csizes, strict=True)]
 
 
 def compressed_entry(cluster_bits, offset, nb_sectors):
@@ -139,6 +139,12 @@ def test_native_features():
         assert {"zstd", "libdeflate"} <= native.features
 
 
+def _site_root():
+    """The folder the installed qcow2 package lives in."""
+    import qcow2
+    return os.path.dirname(os.path.dirname(os.path.abspath(qcow2.__file__)))
+
+
 @pytest.mark.parametrize("env, expect", [
     ({"QCOW2_IMPL": "python"}, "python"),
     ({"QCOW2_IMPL": "auto"}, None),
@@ -147,7 +153,7 @@ def test_env_selection(env, expect):
     code = "import qcow2.kernels as k; print(k.implementation)"
     full = dict(os.environ, **env)
     full.pop("QCOW2_REQUIRE_NATIVE", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
+    root = _site_root()
     full["PYTHONPATH"] = root + os.pathsep + full.get("PYTHONPATH", "")
     out = subprocess.run([os.sys.executable, "-c", code], env=full, check=True,
                          capture_output=True, text=True).stdout.strip()
@@ -156,7 +162,7 @@ def test_env_selection(env, expect):
 
 def test_python_only_without_native_module(tmp_path):
     """With qcow2._native unimportable: auto falls back, native refuses."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
+    root = _site_root()
     code = ("import sys; sys.modules['qcow2._native'] = None\n"
             "import qcow2.kernels as k\n"
             "print(k.implementation, sorted(k.features))\n"
@@ -365,7 +371,7 @@ def test_l2_big_table_worst_case(pair):
     raw = hosts.astype(">u8").tobytes()
     a = native.l2_runs(raw, 0, n, cluster_bits=21, extended=False)
     b = python.l2_runs(raw, 0, n, cluster_bits=21, extended=False)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
     n = 4096
     e = np.full(n, 0x10000, np.uint64) * np.arange(1, n + 1, dtype=np.uint64)
@@ -374,7 +380,7 @@ def test_l2_big_table_worst_case(pair):
     a = native.l2_runs(raw, 0, n, cluster_bits=16, extended=True)
     b = python.l2_runs(raw, 0, n, cluster_bits=16, extended=True)
     assert len(a[0]) == n * 32
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
 
 
@@ -589,10 +595,10 @@ def _zstd_samples():
 
 def test_zstd_without_cffi_backend(monkeypatch):
     """The Python twin's fallback when python-zstandard has no cffi backend."""
-    from qcow2 import _pykernels
+    from qcow2.kernels import python as twin
     python = kernels.get("python")
     ref = [outcome(python.Decompressor(1, 4096).decompress, c) for c in _zstd_samples()]
-    monkeypatch.setattr(_pykernels, "_zstd_cffi", False)
+    monkeypatch.setattr(twin, "_zstd_cffi", False)
     d = python.Decompressor(1, 4096)
     assert not d._use_cffi
     assert [outcome(d.decompress, c) for c in _zstd_samples()] == ref
@@ -756,7 +762,7 @@ def test_compress_many(impl, algo):
     assert many == [c.compress(x) for x in clusters]
     assert many[2] is None
     d = impl.Decompressor(algo, cs)
-    for x, comp in zip(clusters, many):
+    for x, comp in zip(clusters, many, strict=True):
         if comp is not None:
             assert len(comp) <= cs - 1
             assert d.decompress(comp) == x
@@ -874,7 +880,8 @@ def _read_image(ns, path):
             table_offset=l2_off))
         base = l1i * per_table * cs
         comp = kinds == COMPRESSED
-        for k, s, n, h in zip(kinds[~comp], starts[~comp], lens[~comp], hosts[~comp]):
+        for k, s, n, h in zip(kinds[~comp], starts[~comp], lens[~comp], hosts[~comp],
+                              strict=True):
             if k == DATA:
                 g = base + int(s) * unit
                 guest[g:g + int(n) * unit] = img[int(h):int(h) + int(n) * unit]

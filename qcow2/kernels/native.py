@@ -1,0 +1,247 @@
+"""The native implementation: cffi wrappers over the C kernels in ``qcow2._native``.
+
+Importing this module raises NativeUnavailableError when the extension is
+missing, was built from another ``native/qcow2_native.h`` (QCOW2N_VERSION) or
+disagrees with ``qcow2.constants`` / the contract on a shared number.  The
+wrappers validate their arguments and build their exceptions with
+``qcow2.kernels.contract``, exactly as the Python twin does.  A build without
+zstd keeps every other kernel native and decodes zstd with the Python twin.
+
+cffi releases the GIL around every C call, so threads run kernels in parallel.
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+
+from .. import constants as C
+from ..errors import NativeUnavailableError
+from . import contract
+from . import python as twin
+from .contract import (
+    ALGO_ZSTD, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ENOMEM, ENOSPC, NATIVE_VERSION,
+    RUN_ITEMSIZES, RUN_TYPECODES, CompressorBase, DecompressorBase, byte_view,
+    check_block_size, check_codec_args, check_l2_args, empty_runs, l2_error,
+)
+
+try:
+    from .. import _native
+except ImportError as exc:
+    raise NativeUnavailableError(
+        f"the native core qcow2._native is not available ({exc}); build it "
+        f"with 'python setup.py build_ext --inplace' or use QCOW2_IMPL=python"
+    ) from exc
+
+ffi, lib = _native.ffi, _native.lib
+
+if lib.qcow2n_version() != NATIVE_VERSION:
+    raise NativeUnavailableError(
+        f"qcow2._native is version {lib.qcow2n_version()} but this package needs "
+        f"{NATIVE_VERSION}; rebuild it")
+
+#: Python-side value of every number the extension also defines (QCOW2N_<name>).
+SHARED_NUMBERS = {
+    **{name: getattr(contract, name) for name in (
+        "OK", "EINVAL", "ENOMEM", "ENOSPC", "EUNSUPPORTED", "ESRCRANGE", "EDSTRANGE",
+        "EL2RESERVED", "EL2BITMAP", "EL2UNALIGNED", "EDATA", "ESHORT", "ELONG",
+        "ALGO_ZLIB", "ALGO_ZSTD")},
+    **{name: getattr(C, name) for name in (
+        "KIND_UNALLOC", "KIND_UNALLOC_ALLOC", "KIND_ZERO", "KIND_ZERO_ALLOC", "KIND_DATA",
+        "KIND_COMPRESSED", "MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS", "MIN_CLUSTER_SIZE",
+        "MAX_CLUSTER_SIZE", "L2E_SIZE", "L2E_EXTENDED_SIZE", "L2E_OFFSET_MASK",
+        "L2E_STD_RESERVED_MASK", "OFLAG_COPIED", "OFLAG_COMPRESSED", "OFLAG_ZERO",
+        "L2_BITMAP_ALLOC_MASK", "L2_BITMAP_ZERO_SHIFT", "L2E_COMPRESSED_FIELD_BITS",
+        "COMPRESSED_SECTOR_SIZE")},
+    "SUBCLUSTERS": C.SUBCLUSTERS_PER_CLUSTER,
+}
+for _name, _value in SHARED_NUMBERS.items():
+    if getattr(lib, "QCOW2N_" + _name) != _value:
+        raise NativeUnavailableError(
+            f"qcow2._native disagrees with qcow2.constants on {_name}; rebuild it")
+
+HAVE_ZSTD = bool(lib.qcow2n_features() & lib.QCOW2N_FEATURE_ZSTD)
+IMPLEMENTATION = "native"
+FEATURES = frozenset({"l2", "zero", "zlib"}
+                     | ({"zstd"} if HAVE_ZSTD else set())
+                     | ({"libdeflate"} if lib.qcow2n_features() & lib.QCOW2N_FEATURE_LIBDEFLATE
+                        else set()))
+
+NULL = ffi.NULL
+L2_EXTENDED = lib.QCOW2N_L2_EXTENDED
+L2_DATA_FILE = lib.QCOW2N_L2_DATA_FILE
+L2_STRICT = lib.QCOW2N_L2_STRICT
+DCTX_STRICT = lib.QCOW2N_DCTX_STRICT
+
+
+class _NoBuffer:
+    """Stands for ffi.from_buffer() of an absent array: NULL."""
+
+    def __enter__(self):
+        return NULL
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_BUFFER = _NoBuffer()
+
+
+# --------------------------------------------------------------------------
+# L2 tables
+
+_scratch = threading.local()
+SCRATCH_MAX = 1 << 16       # runs; larger outputs get their own arrays
+RUN_CTYPES = ("uint8_t[]", "uint32_t[]", "uint32_t[]", "uint64_t[]", "uint32_t[]")
+
+
+def _run_arrays(cap):
+    """(capacity, columns, qcow2n_runs *) with room for at least cap runs; a
+    column is (typecode, item size, C array) for one of the five results.
+    C-owned memory: no Python buffer stays exported between calls."""
+    cached = getattr(_scratch, "runs", None)
+    if cached is not None and cached[0] >= cap:
+        return cached
+    size = max(cap, 1024) if cap <= SCRATCH_MAX else cap
+    arrays = tuple(ffi.new(ct, size) for ct in RUN_CTYPES)
+    columns = tuple(zip(RUN_TYPECODES, RUN_ITEMSIZES, arrays, strict=True))
+    entry = (size, columns, ffi.new("qcow2n_runs *", arrays))
+    if size <= SCRATCH_MAX:
+        _scratch.runs = entry      # one per thread: calls may run in parallel
+    return entry
+
+
+def l2_runs(table, first, count, *, cluster_bits, extended, data_file=False,
+            strict=False, table_offset=0):
+    mv, _esize, first, count, cluster_bits = check_l2_args(
+        table, first, count, cluster_bits, extended)
+    if count == 0:
+        return empty_runs()
+    flags = ((L2_EXTENDED if extended else 0)
+             | (L2_DATA_FILE if data_file else 0)
+             | (L2_STRICT if strict else 0))
+    # Without subclusters there is at most one run per entry; with them
+    # try a small capacity first and go to the worst case if needed.
+    need = count if not extended else count * 2 + 64
+    n_runs = ffi.new("size_t[2]")
+    while True:
+        cap, columns, runs = _run_arrays(need)
+        # The table's buffer is released before any exception can be
+        # raised: a memoryview with a live export caught in a garbage
+        # cycle (an exception's traceback) crashes CPython's collector.
+        with ffi.from_buffer(mv) as src:
+            ret = lib.qcow2n_l2_runs(runs, cap, src, len(mv), first, count,
+                                     cluster_bits, flags, n_runs, n_runs + 1)
+        if ret == ENOSPC and need < count * C.SUBCLUSTERS_PER_CLUSTER:
+            need = count * C.SUBCLUSTERS_PER_CLUSTER
+            continue
+        break
+    if ret < 0:
+        if ret in (EL2RESERVED, EL2BITMAP, EL2UNALIGNED):
+            raise l2_error(ret, n_runs[1], mv, cluster_bits=cluster_bits,
+                           extended=bool(extended), table_offset=table_offset)
+        raise ValueError(f"qcow2n_l2_runs failed with code {ret}")  # pragma: no cover
+    n = n_runs[0]
+    out = []
+    for tc, size, a in columns:
+        r = array(tc)
+        r.frombytes(ffi.buffer(a, n * size))
+        out.append(r)
+    return tuple(out)
+
+
+l2_runs.__doc__ = twin.l2_runs.__doc__
+
+
+# --------------------------------------------------------------------------
+# Codecs
+
+class Decompressor(DecompressorBase):
+    __doc__ = DecompressorBase.__doc__
+
+    def __new__(cls, algo, cluster_size, *, strict=False):
+        algo, cluster_size = check_codec_args(algo, cluster_size)
+        if algo == ALGO_ZSTD and not HAVE_ZSTD:
+            # per-kernel fallback
+            return twin.Decompressor(algo, cluster_size, strict=strict)
+        return super().__new__(cls)
+
+    def __init__(self, algo, cluster_size, *, strict=False):
+        super().__init__(algo, cluster_size, strict=strict)
+        ctx = lib.qcow2n_dctx_new(self.algo, self.cluster_size,
+                                  DCTX_STRICT if strict else 0)
+        if ctx == NULL:
+            raise MemoryError("cannot allocate a decompression context")
+        self._ctx = ffi.gc(ctx, lib.qcow2n_dctx_free)
+        self._bad = ffi.new("size_t *")
+
+    def _decompress_batch(self, dmv, smv, so, sl, do, n):
+        with self._guard, \
+                ffi.from_buffer(dmv, require_writable=True) as dp, \
+                ffi.from_buffer(smv) as sp, \
+                ffi.from_buffer("uint64_t[]", so) as sop, \
+                ffi.from_buffer("uint32_t[]", sl) as slp, \
+                (_NO_BUFFER if do is None else ffi.from_buffer("uint64_t[]", do)) as dop:
+            ret = lib.qcow2n_decompress(self._ctx, dp, len(dmv), sp, len(smv),
+                                        sop, slp, dop, n, self._bad)
+            return ret, self._bad[0]
+
+
+class Compressor(CompressorBase):
+    __doc__ = CompressorBase.__doc__
+
+    def __new__(cls, algo, cluster_size, level=None):
+        algo, cluster_size = check_codec_args(algo, cluster_size)
+        if algo == ALGO_ZSTD and not HAVE_ZSTD:
+            return twin.Compressor(algo, cluster_size, level)
+        return super().__new__(cls)
+
+    def __init__(self, algo, cluster_size, level=None):
+        super().__init__(algo, cluster_size, level)
+        ctx = lib.qcow2n_cctx_new(self.algo, self.cluster_size, self.level)
+        if ctx == NULL:
+            raise MemoryError("cannot allocate a compression context")
+        self._ctx = ffi.gc(ctx, lib.qcow2n_cctx_free)
+
+    def _compress_one(self, mv):
+        return self._compress_clusters(mv, 1)[0]
+
+    def _compress_clusters(self, mv, n):
+        cs = self.cluster_size
+        out = bytearray(n * cs)
+        sizes = ffi.new("int64_t[]", n)
+        with self._guard, ffi.from_buffer(out) as dp, ffi.from_buffer(mv) as sp:
+            ret = lib.qcow2n_compress(self._ctx, dp, len(out), sp, len(mv), n, sizes)
+        if ret == ENOMEM:
+            raise MemoryError("compression failed: out of memory")
+        if ret != 0:  # pragma: no cover - arguments are checked above
+            raise ValueError(f"qcow2n_compress failed with code {ret}")
+        omv = memoryview(out)
+        return [bytes(omv[i * cs:i * cs + s]) if s >= 0 else None
+                for i, s in enumerate(sizes)]
+
+
+# --------------------------------------------------------------------------
+# Zero detection
+
+def zero_blocks(buf, block_size):
+    mv = byte_view(buf, what="buf")
+    bs = check_block_size(block_size)
+    n = len(mv) // bs + (len(mv) % bs != 0)
+    if not n:
+        return memoryview(b"").cast("?")
+    out = bytearray(n)
+    with ffi.from_buffer(mv) as sp, ffi.from_buffer(out) as op:
+        ret = lib.qcow2n_zero_blocks(op, n, sp, len(mv), bs)
+    assert ret == 0, ret
+    return memoryview(bytes(out)).cast("?")
+
+
+def is_zero(buf) -> bool:
+    mv = byte_view(buf, what="buf")
+    with ffi.from_buffer(mv) as sp:
+        return bool(lib.qcow2n_is_zero(sp, len(mv)))
+
+
+zero_blocks.__doc__ = twin.zero_blocks.__doc__
+is_zero.__doc__ = twin.is_zero.__doc__
