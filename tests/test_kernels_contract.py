@@ -27,6 +27,7 @@ from qcow2.kernels import python as twin
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "native" / "qcow2_native.h"
 TWIN_SOURCE = ROOT / "qcow2" / "kernels" / "python.py"
+CLUSTER_SOURCE = ROOT / "qcow2" / "cluster.py"
 REQUIRE_NATIVE = os.environ.get("QCOW2_REQUIRE_NATIVE", "") not in ("", "0")
 
 # QCOW2N_<name> -> the name in qcow2/constants.py
@@ -139,10 +140,12 @@ def test_public_names_come_from_the_contract():
         assert ns.KIND_NAMES == contract.KIND_NAMES
 
 
-def test_twin_defines_no_format_number():
-    """The twin names every mask and limit through qcow2.constants: no number of
-    512 or more, and no hexadecimal literal, in its source."""
-    text = TWIN_SOURCE.read_text()
+@pytest.mark.parametrize("source", [TWIN_SOURCE, CLUSTER_SOURCE], ids=["twin", "cluster"])
+def test_twin_defines_no_format_number(source):
+    """The twin, and qcow2.cluster whose L2 entry classification it runs on, name
+    every mask and limit through qcow2.constants: no number of 512 or more, and no
+    hexadecimal literal, in their source."""
+    text = source.read_text()
     tree = ast.parse(text)
     lines = text.splitlines()
     bad = []
@@ -154,7 +157,14 @@ def test_twin_defines_no_format_number():
     assert not bad, bad
     for name in ("OFLAG_COPIED", "OFLAG_COMPRESSED", "OFLAG_ZERO", "L2E_OFFSET_MASK",
                  "L2E_STD_RESERVED_MASK", "SUBCLUSTERS_PER_CLUSTER", "KIND_DATA"):
-        assert getattr(twin, name) is getattr(C, name), name
+        assert getattr(twin, name, getattr(C, name)) is getattr(C, name), name
+
+
+def test_twin_classifies_with_the_engine_rule():
+    """One Python statement of the L2 entry rule: the twin's batch classification is
+    qcow2.cluster.L2Batch, the one check and untrusted mode use."""
+    from qcow2 import cluster
+    assert twin.L2Batch is cluster.L2Batch
 
 
 # --------------------------------------------------------------------------

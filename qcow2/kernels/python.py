@@ -14,11 +14,11 @@ import array
 import zlib
 
 from ..constants import (
-    COMPRESSED_SECTOR_SIZE, KIND_COMPRESSED, KIND_DATA, KIND_UNALLOC, KIND_UNALLOC_ALLOC,
+    KIND_COMPRESSED, KIND_DATA, KIND_UNALLOC, KIND_UNALLOC_ALLOC,
     KIND_ZERO, KIND_ZERO_ALLOC, L2_BITMAP_ALLOC_MASK, L2_BITMAP_ZERO_SHIFT,
-    L2E_COMPRESSED_FIELD_BITS, L2E_OFFSET_MASK, L2E_SIZE, L2E_STD_RESERVED_MASK,
-    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS_PER_CLUSTER,
+    L2E_SIZE, SUBCLUSTERS_PER_CLUSTER,
 )
+from ..cluster import L2Batch
 from .contract import (
     ALGO_ZLIB, ALGO_ZSTD, EDATA, EDSTRANGE, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ELONG,
     ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, CompressorBase, DecompressorBase,
@@ -32,29 +32,16 @@ FEATURES = frozenset()
 # --------------------------------------------------------------------------
 # L2 tables
 
-def _classify(np, e, bm, count: int, extended: bool, data_file: bool) -> tuple:
-    """Masks over a slice of L2 entries, by cluster type (QEMU's
-    qcow2_get_cluster_type()): ``(e, bm, off, comp, normal, unalloc, zero_alloc,
-    zero_plain)``: the descriptors and bitmaps (uint64; bm is None without
-    subclusters), the host cluster offsets of standard descriptors, then the
-    masks compressed; data at a host cluster; no host cluster and no zero
-    flag; zero flag with a host cluster; zero flag without one.  (A tuple, not
-    a named one: this runs once per read.)"""
-    U = np.uint64
-    comp = (e & U(OFLAG_COMPRESSED)) != 0
-    off = e & U(L2E_OFFSET_MASK)
-    has_off = off != 0
-    if extended:
-        zflag = np.zeros(count, bool)
-    else:
-        zflag = ((e & U(OFLAG_ZERO)) != 0) & ~comp
-    plain = ~comp & ~zflag
-    normal = plain & has_off
-    if data_file:
-        # Offset 0 is valid in an external data file: COPIED tells it apart.
-        normal |= plain & ((e & U(OFLAG_COPIED)) != 0)
-    return (e, bm, off, comp, normal, plain & ~normal, zflag & has_off,
-            zflag & ~has_off)
+def _classify(e, bm, extended: bool, data_file: bool) -> tuple:
+    """Masks over a slice of L2 entries by cluster type, from the engine's one
+    statement of the rule (:class:`qcow2.cluster.L2Batch`): ``(e, bm, off, comp,
+    normal, unalloc, zero_alloc, zero_plain, batch)``: the descriptors and bitmaps
+    (uint64; bm is None without subclusters), the host cluster offsets of standard
+    descriptors, then the masks compressed; data at a host cluster; no host cluster
+    and no zero flag; zero flag with a host cluster; zero flag without one."""
+    b = L2Batch(e, bm, extended=extended, data_file=data_file)
+    return (e, bm, b.offset, b.compressed, b.normal, b.unallocated, b.zero_alloc,
+            b.zero_plain, b)
 
 
 def _bitmap_halves(np, bm):
@@ -66,22 +53,14 @@ def _check_entries(np, t: tuple, mv, first: int, *, cluster_bits: int,
                    extended: bool, strict: bool, table_offset: int) -> None:
     """Raise l2_error() for the first bad entry, in the native order of checks:
     reserved bits (strict only), bitmap, alignment."""
-    U = np.uint64
-    e, bm, off, comp, normal, unalloc, zero_alloc, _zero_plain = t
-    count = e.shape[0]
-    if strict:
-        reserved = U(L2E_STD_RESERVED_MASK | (OFLAG_ZERO if extended else 0))
-        bad_res = ~comp & ((e & reserved) != 0)
-        if extended:
-            bad_res |= comp & (bm != 0)
-    else:
-        bad_res = np.zeros(count, bool)
+    b = t[-1]
+    count = b.entry.shape[0]
+    bad_res = b.reserved(strict=True) if strict else np.zeros(count, bool)
     if extended:
-        lo, hi = _bitmap_halves(np, bm)
-        bad_bm = (normal & ((lo & hi) != 0)) | (unalloc & (lo != 0))
+        bad_bm = b.bitmap_conflict() | b.bitmap_unallocated()
     else:
         bad_bm = np.zeros(count, bool)
-    bad_al = (normal | zero_alloc) & ((off & U((1 << cluster_bits) - 1)) != 0)
+    bad_al = b.unaligned(1 << cluster_bits)
     bad = bad_res | bad_bm | bad_al
     if bad.any():
         i = int(np.argmax(bad))
@@ -93,19 +72,14 @@ def _check_entries(np, t: tuple, mv, first: int, *, cluster_bits: int,
 def _compressed_fields(np, t: tuple, cluster_bits: int):
     """(host offset, length QEMU reads) of compressed descriptors (spec
     "Compressed Clusters Descriptor"; the length is 0 for other entries)."""
-    U = np.uint64
-    e, comp = t[0], t[3]
-    shift = L2E_COMPRESSED_FIELD_BITS - (cluster_bits - 8)
-    coff = e & U((1 << shift) - 1)
-    sectors = ((e >> U(shift)) & U((1 << (cluster_bits - 8)) - 1)) + U(1)
-    csize = np.where(comp, sectors * U(COMPRESSED_SECTOR_SIZE)
-                     - (coff & U(COMPRESSED_SECTOR_SIZE - 1)), U(0))
-    return coff, csize
+    b = t[-1]
+    coff, length, _start, _nbytes = b.compressed_extents(cluster_bits)
+    return coff, np.where(b.compressed, length, np.uint64(0))
 
 
 def _segments_standard(np, t: tuple, coff, csize):
     """One segment per entry: (kind, length, host, csize, first of its cluster)."""
-    _e, _bm, off, comp, normal, _unalloc, zero_alloc, zero_plain = t
+    _e, _bm, off, comp, normal, _unalloc, zero_alloc, zero_plain, _b = t
     count = off.shape[0]
     kind = np.full(count, KIND_UNALLOC, np.uint8)
     kind[comp] = KIND_COMPRESSED
@@ -120,7 +94,7 @@ def _segments_extended(np, t: tuple, coff, csize, unit: int):
     """Extended entries: one segment per entry when the whole cluster is one
     kind, else one per subcluster (same tuple as _segments_standard)."""
     U = np.uint64
-    _e, bm, off, comp, normal, unalloc, _zero_alloc, _zero_plain = t
+    _e, bm, off, comp, normal, unalloc, _zero_alloc, _zero_plain, _b = t
     count = off.shape[0]
     lo, hi = _bitmap_halves(np, bm)
     full = U(L2_BITMAP_ALLOC_MASK)
@@ -202,7 +176,7 @@ def l2_runs(table, first, count, *, cluster_bits, extended, data_file=False,
     words = np.frombuffer(mv, dtype=">u8", count=count * (esize // L2E_SIZE),
                           offset=first * esize).astype(np.uint64)
     e, bm = (words[0::2], words[1::2]) if extended else (words, None)
-    t = _classify(np, e, bm, count, extended, data_file)
+    t = _classify(e, bm, extended, data_file)
     _check_entries(np, t, mv, first, cluster_bits=cluster_bits, extended=extended,
                    strict=strict, table_offset=table_offset)
     coff, csize = _compressed_fields(np, t, cluster_bits)

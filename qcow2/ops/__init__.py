@@ -1,1 +1,1 @@
-"""qemu-img's operations, natively (convert, info formatting, map, ...)."""
+"""qemu-img's operations, natively (convert, compare, check, resize, rebase, ...)."""
