@@ -21,7 +21,7 @@ def ceil_div(n: int, unit: int) -> int:
 
 def round_up(n: int, unit: int) -> int:
     """``n`` rounded up to a multiple of ``unit``."""
-    return -(-n // unit) * unit
+    return ceil_div(n, unit) * unit
 
 
 def parse_size(text, *, what: str = "size") -> int:

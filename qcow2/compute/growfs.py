@@ -28,6 +28,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ..paths import make_temp
+from ..units import ceil_div, round_up
 from .errors import ToolError
 from .fetch import check_space
 
@@ -81,7 +82,7 @@ def space_needed(sb: ExtSuper, size: int, data: int, cluster: int) -> int:
     change in the overlay (a new group's bitmaps and descriptors touch at most a couple
     of clusters), with 16 MiB to spare for each."""
     group = sb.blocks_per_group * sb.block_size
-    groups = -(-max(0, size - sb.size) // group)
+    groups = ceil_div(max(0, size - sb.size), group)
     itables = 0 if sb.group_csum else groups * sb.inodes_per_group * sb.inode_size
     working = data + itables + groups * 2 * sb.block_size + (16 << 20)
     overlay = groups * 2 * cluster + (16 << 20)
@@ -139,7 +140,7 @@ def _merge(ranges, align: int, size: int):
     out: list[list[int]] = []
     for a, b in sorted(ranges):
         a = a // align * align
-        b = min(size, -(-b // align) * align)
+        b = min(size, round_up(b, align))
         if out and a <= out[-1][1]:
             out[-1][1] = max(out[-1][1], b)
         else:
