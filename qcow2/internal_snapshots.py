@@ -148,7 +148,7 @@ class InternalSnapshots:
             refs.increment(start, length)
             return
         for c in range(start >> refs.cbits, ((start + length - 1) >> refs.cbits) + 1):
-            refs._add(c, -1)
+            refs.add(c, -1)
 
     def _fix_copied(self) -> None:
         """Set COPIED exactly where the active layer is a cluster's only user."""

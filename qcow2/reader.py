@@ -116,12 +116,13 @@ class Qcow2Image(Image):
         self.file_size = backend.size()
         self.header = h = Header.parse(self._read_meta, self.file_size)
         charge = None
+        self.budget = None                     # untrusted mode: the metadata budget
         if untrusted:
             from . import untrusted as U
             limits = U.resolve(limits)
             U.check_header(h, self.file_size, limits)
-            self._budget = U.Budget(limits)     # metadata bytes, charged before reads
-            charge = self._budget.charge_snapshot_table
+            self.budget = U.Budget(limits)     # metadata bytes, charged before reads
+            charge = self.budget.charge_snapshot_table
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits
         self.size = h.size

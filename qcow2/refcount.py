@@ -184,7 +184,8 @@ class Refcounts:
         self.end_cluster = (image.file_size + self.cs - 1) // self.cs
 
     # -- lookups -------------------------------------------------------------
-    def _block_offset(self, bi: int) -> int:
+    def block_offset(self, bi: int) -> int:
+        """The host offset of refcount block ``bi`` (0: not allocated)."""
         if bi >= len(self.table):
             return 0
         off = self.table[bi] & C.REFT_OFFSET_MASK
@@ -196,22 +197,25 @@ class Refcounts:
 
     def get(self, cluster: int) -> int:
         bi, idx = divmod(cluster, self.block_entries)
-        off = self._block_offset(bi)
+        off = self.block_offset(bi)
         if not off:
             return 0
         return _get_entry(self.cache.get(off), idx, self.bits)
 
     # -- updates ---------------------------------------------------------------
-    def _add(self, cluster: int, delta: int) -> None:
+    def add(self, cluster: int, delta: int) -> None:
+        """Change one cluster's refcount now by ``delta`` (a refcount block is
+        allocated for an increment where there is none); :meth:`free` instead defers
+        decrements until the references are gone from the disk."""
         bi, idx = divmod(cluster, self.block_entries)
-        off = self._block_offset(bi)
+        off = self.block_offset(bi)
         if not off:
             if delta < 0:
                 raise CorruptImageError(f"refcount of cluster {cluster} would drop below 0 "
                                         f"(no refcount block)", what="refcount block")
             while not self._ensure_blocks(cluster, 1):
                 pass
-            off = self._block_offset(bi)
+            off = self.block_offset(bi)
         blk = self.cache.get(off)
         v = _get_entry(blk, idx, self.bits) + delta
         if v < 0 or v > self.max_ref:
@@ -230,7 +234,7 @@ class Refcounts:
         first = offset >> self.cbits
         last = (offset + length - 1) >> self.cbits
         for c in range(first, last + 1):
-            self._add(c, 1)
+            self.add(c, 1)
 
     def free(self, offset: int, length: int) -> None:
         """Queue -1 for every cluster touched by the range (applied after the flush)."""
@@ -247,7 +251,7 @@ class Refcounts:
             first = offset >> self.cbits
             last = (offset + length - 1) >> self.cbits
             for c in range(first, last + 1):
-                self._add(c, -1)
+                self.add(c, -1)
                 if c < self.free_hint:
                     self.free_hint = c
         self.blocked.clear()
@@ -297,7 +301,7 @@ class Refcounts:
         """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset."""
         c = self.take_free(n)
         for i in range(n):
-            self._add(c + i, 1)
+            self.add(c + i, 1)
         # like QEMU's free_cluster_index: continue after this run (a hole skipped on the
         # way is found again once something below it is freed); never rescan the used
         # area from a small hole on every allocation
@@ -312,7 +316,7 @@ class Refcounts:
     def _missing_blocks(self, c: int, n: int) -> set[int]:
         per = self.block_entries
         return {bi for bi in range(c // per, (c + n - 1) // per + 1)
-                if not self._block_offset(bi)}
+                if not self.block_offset(bi)}
 
     def _ensure_blocks(self, c: int, n: int) -> bool:
         """Create the refcount blocks that clusters [c, c+n) need.  They are placed in
@@ -341,7 +345,7 @@ class Refcounts:
             self.table[bi] = off
             self.table_dirty.add(bi)
         for h in hosts:
-            self._add(h, 1)
+            self.add(h, 1)
         return True
 
     def _grow_table(self, min_entries: int) -> None:
@@ -362,7 +366,7 @@ class Refcounts:
             while True:                 # blocks for the area, the area holding them too
                 last = start + nb + tc - 1
                 need = [b for b in range(start // per, last // per + 1)
-                        if not self._block_offset(b)]
+                        if not self.block_offset(b)]
                 if len(need) <= nb:
                     break
                 nb = len(need)
@@ -379,9 +383,9 @@ class Refcounts:
         self._register(table_host << self.cbits, tc * cs, "the refcount table")
         self.end_cluster = max(self.end_cluster, table_host + tc)
         for host in block_hosts:
-            self._add(host, 1)
+            self.add(host, 1)
         for i in range(tc):
-            self._add(table_host + i, 1)
+            self.add(table_host + i, 1)
         old_off = self.h.refcount_table_offset
         old_clusters = self.h.refcount_table_clusters
         self.cache.write_dirty()

@@ -284,7 +284,7 @@ class Reshape:
                                  f"cluster has refcount {int(counts.max())}")
             refs = self.refs
             end = refs.end_cluster
-            old_blocks = [refs._block_offset(bi) for bi in range(len(refs.table))]
+            old_blocks = [refs.block_offset(bi) for bi in range(len(refs.table))]
             nb, tc = _refcount_structure(end, cs * 8 // bits, cs)
             total = end + nb + tc
             counts = np.concatenate([counts, np.ones(nb + tc, dtype=np.uint64),
@@ -308,7 +308,7 @@ class Reshape:
         per = refs.block_entries
         counts = np.zeros(end, dtype=np.uint64)
         for bi in range((end + per - 1) // per):
-            off = refs._block_offset(bi)
+            off = refs.block_offset(bi)
             if off:
                 vals = decode_block(bytes(refs.cache.get(off)), self.header.refcount_bits)
                 lo = bi * per

@@ -274,12 +274,12 @@ def test_bitmap_tables_count_in_the_metadata_budget(bimg):
     import qcow2
     from qcow2 import UnsafeImageError
     with qcow2.open(bimg, untrusted=True) as im:
-        held = im._budget.held
+        held = im.budget.held
     e = directory(bimg)[0]
     n = 4000                                  # 32000 bytes of table, inside its cluster
     poke(bimg, e[0] + 8, struct.pack(">II", n, e[3] | 1))
     with qcow2.open(bimg, untrusted=True) as im:
-        assert im._budget.held == held + (n - 1) * 8
+        assert im.budget.held == held + (n - 1) * 8
     nl2 = sum(1 for i in range(u32(bimg, 0x24)) if u64(bimg, l1_off(bimg) + 8 * i))
     err = refused(bimg, UnsafeImageError, e[0] + 8, max_metadata=held - nl2 * CS)
     assert "bitmap table" in str(err) and str(held - nl2 * CS) in str(err)

@@ -40,7 +40,7 @@ class _Scan:
         self.fsize = img.file_size
         self.t0 = time.process_time()
         # shared with the open, which charged the snapshot table before reading it
-        self.budget = getattr(img, "_budget", None) or Budget(limits)
+        self.budget = getattr(img, "budget", None) or Budget(limits)
         # (cluster indices, what, file offset of the pointer) of every metadata structure
         self.meta: list[tuple] = []
 
