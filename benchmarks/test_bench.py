@@ -195,5 +195,5 @@ def test_reads_process(benchmark, corpus, kind, tmp_path):
     theirs = ["qemu-io", "-r", "-f", "qcow2"]
     for o, n in reqs:
         theirs += ["-c", f"read -q {o} {n}"]
-    _side_by_side(benchmark, [sys.executable, "-c", prog, path, str(plan)], theirs + [path])
+    _side_by_side(benchmark, [sys.executable, "-P", "-c", prog, path, str(plan)], theirs + [path])
     benchmark.extra_info["what"] = "256 x 1 MiB sequential + 2000 x 4 KiB random preads"

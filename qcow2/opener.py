@@ -22,7 +22,6 @@ import os
 
 from . import constants as C
 from .backends import Backend, FileBackend
-from .checker import needs_rebuild, rebuild_if_dirty
 from .errors import Qcow2Error, ReadOnlyError, UnsafeImageError, UnsupportedFeatureError
 from .image import Image, RawImage
 from .paths import check_file_name, combine_path
@@ -98,11 +97,15 @@ def _store(target, writable: bool, format: str | None) -> tuple[Backend, str, bo
         if writable and not target.writable:
             raise ReadOnlyError(f"Could not open '{target.name}' for writing: the store is "
                                 f"read-only")
-        if writable and format != "raw" and needs_rebuild(target):
-            rebuild_if_dirty(target)
+        if writable and format != "raw":
+            from .checker import needs_rebuild, rebuild_if_dirty   # writers only: ~1 ms
+            if needs_rebuild(target):
+                rebuild_if_dirty(target)
         return target, target.name, False
     filename = os.fspath(target)
     be = _open_file(filename, writable)
+    if writable and format != "raw":
+        from .checker import needs_rebuild, rebuild_if_dirty       # writers only: ~1 ms
     if writable and format != "raw" and needs_rebuild(be):
         # Refcounts may lag behind (lazy refcounts, then a crash): rebuild them before
         # anything is allocated, as QEMU does when it opens such an image read-write.

@@ -19,7 +19,6 @@ import struct
 import threading
 
 from . import constants as C
-from .bitmap import read_directory
 from .cache import TableCache
 from .errors import CorruptImageError, DecompressionError, Qcow2Error, ReadOnlyError, \
     UnsafeImageError, UnsupportedFeatureError
@@ -551,6 +550,8 @@ class Qcow2Image(Image):
                 f"bitmap directory at {doff:#x} ({dsize} bytes) extends past the end of the "
                 f"file (size {self.file_size:#x})", offset=doff, size=dsize,
                 what="bitmap directory")
+        from .bitmap import read_directory      # not on every open's import path
+
         return [e.info() for e in read_directory(self._read_meta(dsize, doff), doff, nb)]
 
     def format_specific(self) -> dict:

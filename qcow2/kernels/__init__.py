@@ -59,7 +59,6 @@ from ..constants import (
     KIND_COMPRESSED, KIND_DATA, KIND_UNALLOC, KIND_UNALLOC_ALLOC, KIND_ZERO, KIND_ZERO_ALLOC,
 )
 from ..errors import NativeUnavailableError
-from . import python
 from .contract import ALGO_NAMES, ALGO_ZLIB, ALGO_ZSTD, KIND_NAMES, NATIVE_VERSION
 
 _API = ("l2_runs", "Decompressor", "Compressor", "zero_blocks", "is_zero")
@@ -78,9 +77,18 @@ def _namespace(module) -> types.SimpleNamespace:
         **{name: getattr(module, name) for name in _API}, **_CONSTANTS)
 
 
-_PYTHON = _namespace(python)
+_python_ns = None
 _native_ns = None
 _native_exc = None
+
+
+def _python() -> types.SimpleNamespace:
+    """The Python twin, imported on first use (a native process never needs it)."""
+    global _python_ns
+    if _python_ns is None:
+        from . import python
+        _python_ns = _namespace(python)
+    return _python_ns
 
 
 def get(name: str = "auto"):
@@ -91,7 +99,7 @@ def get(name: str = "auto"):
     """
     global _native_ns, _native_exc
     if name == "python":
-        return _PYTHON
+        return _python()
     if name not in ("native", "auto"):
         raise ValueError(f"unknown kernel implementation {name!r} "
                          f"(auto, native or python)")
@@ -105,7 +113,7 @@ def get(name: str = "auto"):
     if _native_ns is not None:
         return _native_ns
     if name == "auto":
-        return _PYTHON
+        return _python()
     raise NativeUnavailableError(str(_native_exc)) from _native_exc
 
 

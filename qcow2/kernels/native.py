@@ -18,7 +18,6 @@ from array import array
 from .. import constants as C
 from ..errors import NativeUnavailableError
 from . import contract
-from . import python as twin
 from .contract import (
     ALGO_ZSTD, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ENOMEM, ENOSPC, NATIVE_VERSION,
     RUN_ITEMSIZES, RUN_TYPECODES, CompressorBase, DecompressorBase, byte_view,
@@ -113,6 +112,8 @@ def _run_arrays(cap):
 
 def l2_runs(table, first, count, *, cluster_bits, extended, data_file=False,
             strict=False, table_offset=0):
+    """Decode entries [first, first + count) of an L2 table into runs (the contract
+    and the results are those of :func:`qcow2.kernels.python.l2_runs`)."""
     mv, _esize, first, count, cluster_bits = check_l2_args(
         table, first, count, cluster_bits, extended)
     if count == 0:
@@ -150,7 +151,6 @@ def l2_runs(table, first, count, *, cluster_bits, extended, data_file=False,
     return tuple(out)
 
 
-l2_runs.__doc__ = twin.l2_runs.__doc__
 
 
 # --------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class Decompressor(DecompressorBase):
     def __new__(cls, algo, cluster_size, *, strict=False):
         algo, cluster_size = check_codec_args(algo, cluster_size)
         if algo == ALGO_ZSTD and not HAVE_ZSTD:
-            # per-kernel fallback
+            from . import python as twin     # per-kernel fallback (not imported otherwise)
             return twin.Decompressor(algo, cluster_size, strict=strict)
         return super().__new__(cls)
 
@@ -193,6 +193,7 @@ class Compressor(CompressorBase):
     def __new__(cls, algo, cluster_size, level=None):
         algo, cluster_size = check_codec_args(algo, cluster_size)
         if algo == ALGO_ZSTD and not HAVE_ZSTD:
+            from . import python as twin     # per-kernel fallback
             return twin.Compressor(algo, cluster_size, level)
         return super().__new__(cls)
 
@@ -225,6 +226,8 @@ class Compressor(CompressorBase):
 # Zero detection
 
 def zero_blocks(buf, block_size):
+    """One bool per ``block_size`` block of ``buf`` (the last may be short): True where
+    the block is all zeros (as :func:`qcow2.kernels.python.zero_blocks`)."""
     mv = byte_view(buf, what="buf")
     bs = check_block_size(block_size)
     n = len(mv) // bs + (len(mv) % bs != 0)
@@ -238,10 +241,7 @@ def zero_blocks(buf, block_size):
 
 
 def is_zero(buf) -> bool:
+    """True when every byte of ``buf`` is zero."""
     mv = byte_view(buf, what="buf")
     with ffi.from_buffer(mv) as sp:
         return bool(lib.qcow2n_is_zero(sp, len(mv)))
-
-
-zero_blocks.__doc__ = twin.zero_blocks.__doc__
-is_zero.__doc__ = twin.is_zero.__doc__
