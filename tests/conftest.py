@@ -140,3 +140,13 @@ def engine():
 def errors():
     from qcow2 import errors as e
     return e
+
+
+@pytest.fixture(params=["native", "python"])
+def impl(request):
+    """Each kernel implementation in turn (the test runs once with each)."""
+    if request.param == "native":
+        from helpers import native_kernels
+        return native_kernels()
+    from qcow2 import kernels
+    return kernels.get("python")

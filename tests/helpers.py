@@ -87,3 +87,20 @@ def reftable_off(p):
 
 def round_up(n, a=CS):
     return (n + a - 1) // a * a
+
+
+def native_kernels():
+    """The native kernels; a skip where they were not built (a failure when
+    QCOW2_REQUIRE_NATIVE=1 says they must be)."""
+    import os
+
+    import pytest
+
+    from qcow2 import kernels
+    from qcow2.errors import NativeUnavailableError
+    try:
+        return kernels.get("native")
+    except NativeUnavailableError as exc:
+        if os.environ.get("QCOW2_REQUIRE_NATIVE", "") not in ("", "0"):
+            pytest.fail(f"QCOW2_REQUIRE_NATIVE=1 but the native core is unavailable: {exc}")
+        pytest.skip(f"native core not built: {exc}")

@@ -17,30 +17,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qcow2 import constants as C
-from qcow2 import kernels
 from qcow2.cluster import (Geometry, L2Batch, cluster_type, compressed_entry,
                            compressed_extent, has_data, split_table, subcluster_type,
                            zeroed_bitmap)
-from qcow2.errors import CorruptImageError, NativeUnavailableError
+from qcow2.errors import CorruptImageError
 
 SETTINGS = settings(max_examples=int(os.environ.get("QCOW2_TEST_EXAMPLES", "200")),
                     deadline=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
-REQUIRE_NATIVE = os.environ.get("QCOW2_REQUIRE_NATIVE", "") not in ("", "0")
 U64 = (1 << 64) - 1
 
 
-@pytest.fixture(params=["native", "python"])
-def impl(request):
-    if request.param == "python":
-        return kernels.get("python")
-    try:
-        return kernels.get("native")
-    except NativeUnavailableError as exc:
-        if REQUIRE_NATIVE:
-            pytest.fail(f"QCOW2_REQUIRE_NATIVE=1 but the native core is unavailable: {exc}")
-        pytest.skip(f"native core not built: {exc}")
 
 
 # -- geometry ---------------------------------------------------------------------------

@@ -22,8 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import native_kernels as _native   # the impl fixture is conftest's
+
 from qcow2 import kernels
-from qcow2.errors import CorruptImageError, DecompressionError, NativeUnavailableError
+from qcow2.errors import CorruptImageError, DecompressionError
 
 zstandard = pytest.importorskip("zstandard")
 
@@ -40,20 +42,6 @@ SETTINGS = settings(max_examples=int(os.environ.get("QCOW2_TEST_EXAMPLES", "250"
                                            HealthCheck.function_scoped_fixture])
 
 
-def _native():
-    try:
-        return kernels.get("native")
-    except NativeUnavailableError as exc:
-        if REQUIRE_NATIVE:
-            pytest.fail(f"QCOW2_REQUIRE_NATIVE=1 but the native core is unavailable: {exc}")
-        pytest.skip(f"native core not built: {exc}")
-
-
-@pytest.fixture(params=["native", "python"])
-def impl(request):
-    if request.param == "native":
-        return _native()
-    return kernels.get("python")
 
 
 @pytest.fixture(scope="module")

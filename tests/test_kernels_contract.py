@@ -170,16 +170,6 @@ def test_twin_classifies_with_the_engine_rule():
 # --------------------------------------------------------------------------
 # Behaviour: entries built from constants.py decode to the kinds it names
 
-@pytest.fixture(params=["python", "native"])
-def impl(request):
-    if request.param == "python":
-        return kernels.get("python")
-    try:
-        return kernels.get("native")
-    except NativeUnavailableError as exc:
-        if REQUIRE_NATIVE:
-            pytest.fail(f"QCOW2_REQUIRE_NATIVE=1 but the native core is unavailable: {exc}")
-        pytest.skip(f"native core not built: {exc}")
 
 
 def _runs(impl, entries, cluster_bits, *, bitmaps=None, strict=False):
