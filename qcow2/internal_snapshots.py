@@ -19,7 +19,7 @@ import time
 from . import constants as C
 from .cluster import compressed_extent
 from .errors import Qcow2Error
-from .snapshot import Snapshot, pack_table
+from .snapshot import EXTRA_DATA_SIZE, Snapshot, pack_table
 
 # the extra data QEMU writes with a new snapshot: vm_state_size_large, disk_size, icount
 _EXTRA = struct.Struct(">QQQ")
@@ -200,6 +200,10 @@ class InternalSnapshots:
         pos = 0
         for k, s in enumerate(snaps):
             s.index = k
+            # as written: pack_entry fills in the version 3 fields
+            s.extra_data_size = max(EXTRA_DATA_SIZE, s.extra_data_size)
+            if s.disk_size is None:
+                s.disk_size = self.size
             start = pos
             pos = start + len(pack_table([s], self.size))
             if k + 1 < len(snaps):

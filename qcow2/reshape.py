@@ -223,6 +223,11 @@ class Reshape:
         h = self.header
         with self._lock:
             if version == 3 and h.version == 2:
+                # version 3 requires the 64-bit VM state size and the disk size in every
+                # snapshot's extra data: the table is rewritten first (QEMU's order)
+                if any(sn.extra_data_size < C.SNAPSHOT_EXTRA_V3_MIN
+                       for sn in self.snapshots_list):
+                    self._write_snapshot_table(list(self.snapshots_list))
                 h.version = 3
                 h.header_length = 0            # pack_header picks the v3 length
                 self._rewrite_header()

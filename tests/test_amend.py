@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import struct
 
 import pytest
 
 from helpers import cli, info, run
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
-
-
-
 
 
 @pytest.fixture
@@ -69,3 +67,45 @@ def test_refused_options(img):
     assert r.returncode == 1 and "cluster size" in r.stderr
     r = cli("amend", "-o", "nonsense=1", str(p))
     assert r.returncode == 1 and "nonsense" in r.stderr
+
+
+def _strip_snapshot_extra_data(path) -> None:
+    """Rewrite the one-entry snapshot table of a version 2 image with no extra data
+    (what QEMU before 1.1 wrote; version 2 allows it)."""
+    with open(path, "r+b") as f:
+        head = f.read(72)
+        (nb, off) = struct.unpack_from(">IQ", head, 0x3C)
+        assert nb == 1
+        f.seek(off)
+        e = bytearray(f.read(4096))
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm32,
+         extra) = struct.unpack_from(">QIHHIIQII", e, 0)
+        names = bytes(e[40 + extra:40 + extra + id_len + name_len])
+        new = struct.pack(">QIHHIIQII", l1_off, l1_size, id_len, name_len, dsec, dnsec,
+                          clock, vm32, 0) + names
+        f.seek(off)
+        f.write(new + bytes(len(e) - len(new)))
+
+
+def test_upgrade_completes_old_snapshot_entries(tmp_path):
+    """compat=0.10 -> 1.1 rewrites snapshot entries that lack the version 3 extra data
+    (the 64-bit VM state size and the disk size) before the header says version 3, as
+    QEMU's qcow2_upgrade does: qemu-img check is clean afterwards."""
+    import qcow2
+    p = tmp_path / "v2.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(p), "8M")
+    run("qemu-io", "-c", "write -P 0x21 0 1M", str(p))
+    run("qemu-img", "snapshot", "-c", "old", str(p))
+    _strip_snapshot_extra_data(p)
+    run("qemu-img", "check", str(p))
+    with qcow2.open(str(p)) as im:
+        assert im.snapshots_list[0].extra_data_size == 0
+    r = cli("amend", "-o", "compat=1.1", str(p))
+    assert r.returncode == 0, r.stderr
+    run("qemu-img", "check", str(p))
+    with qcow2.open(str(p)) as im:
+        sn = im.snapshots_list[0]
+        assert im.header.version == 3
+        assert (sn.extra_data_size, sn.disk_size, sn.name) == (24, 8 << 20, "old")
+    with qcow2.open(str(p), snapshot="old") as im:
+        assert im.pread(4, 0) == b"\x21" * 4
