@@ -119,9 +119,8 @@ def main(argv=None) -> int:
 
 
 def _err(msg: str) -> None:
-    msg = " ".join(str(msg).split())  # exactly one line
-    sys.stderr.write(f"qcow2: {msg}\n")
-    sys.stderr.flush()
+    from .common import error_line
+    error_line(msg)                      # exactly one line
 
 
 def _debug() -> None:

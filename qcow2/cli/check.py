@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UnsafeImageError
-from .common import add_format, add_output, add_share, add_untrusted
+from .common import add_format, add_output, add_share, add_untrusted, program_name
 
 
 def add_parser(sub):
@@ -114,5 +114,5 @@ def run(args) -> int:
         sys.stdout.flush()
     status = exit_status(result)
     if status == 1:
-        _stderr_line("qcow2: Check failed")
+        _stderr_line(f"{program_name()}: Check failed")
     return status

@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+
+def program_name() -> str:
+    """The name this program was invoked as, for the prefix of its error lines: run as
+    ``qemu-img`` (a link or a copy under that name) it reads as qemu-img does;
+    ``python -m qcow2`` and the console script say ``qcow2``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not name or name.startswith("__main__") or name == "-c":
+        return "qcow2"
+    return name
+
+
+def error_line(msg: str) -> None:
+    """One line on stderr, prefixed with the program's name (qemu-img's format)."""
+    sys.stderr.write(f"{program_name()}: {' '.join(str(msg).split())}\n")
+    sys.stderr.flush()
 
 
 def add_output(p) -> None:
