@@ -47,9 +47,18 @@ our_pid() {
     [ -s "$RUN/$name.pid" ] || return 1
     pid=$(cat "$RUN/$name.pid")
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+    cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline") || return 1
     [[ $cmdline == *"$DIR/ceph.conf"* ]] || return 1
     echo "$pid"
+}
+
+# running PID: the process exists and is not a zombie (an orphaned daemon's exit is
+# reaped by PID 1 when it gets to it, seconds later on some machines)
+running() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [ "${stat%% *}" != Z ]
 }
 
 # stop_daemons SIGNAL NAME...: signal them together, wait (bounded) until all are
@@ -66,20 +75,20 @@ stop_daemons() {
     for i in $(seq 1 100); do                      # 10 s
         alive=0
         for pid in "${pids[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
+            if running "$pid"; then alive=1; fi
         done
         [ $alive = 0 ] && break
         sleep 0.1
     done
     for pid in "${pids[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
+        if running "$pid"; then
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done
     for i in $(seq 1 50); do                       # 5 s more after SIGKILL
         alive=0
         for pid in "${pids[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
+            if running "$pid"; then alive=1; fi
         done
         [ $alive = 0 ] && break
         sleep 0.1
@@ -162,8 +171,9 @@ MGR_SRC=/usr/share/ceph/mgr
 for f in "$MGR_SRC"/*.py; do
     if [ -e "$f" ]; then ln -s "$f" "$DIR/mgr-modules/"; fi
 done
-for m in status rbd_support balancer crash progress pg_autoscaler orchestrator \
-         devicehealth telemetry volumes iostat; do
+# (the always-on ones: a missing one is a HEALTH_ERR)
+for m in balancer crash devicehealth orchestrator pg_autoscaler progress rbd_support \
+         status telemetry volumes; do
     if [ -e "$MGR_SRC/$m" ]; then ln -s "$MGR_SRC/$m" "$DIR/mgr-modules/$m"; fi
 done
 
@@ -204,6 +214,9 @@ osd mon report interval = 1
 mon data = $DIR/mon
 keyring = $DIR/keys/cluster.keyring
 mgr initial modules = status
+# propose map changes at once (a one-mon cluster has nobody to batch for)
+paxos propose interval = 0.01
+paxos min wait = 0.01
 mon osd auto mark new in = true
 
 [mgr]
@@ -246,6 +259,10 @@ authtool "$K" --gen-key -n osd.0 --cap mon 'allow profile osd' --cap mgr 'allow 
     --cap osd 'allow *'
 authtool "$K" --import-keyring "$DIR/keyring"
 
+# phase NAME: the time since start, in LOG/start.times (where the seconds go)
+phase() { echo "$(( ($(date +%s%N) - START_NS) / 1000000 )) ms $1" >>"$LOG/start.times"; }
+phase "keys and conf written"
+
 fail() {            # stop what was started, then one line
     stop_cluster >/dev/null 2>&1 || true
     die 1 "$*"
@@ -279,9 +296,11 @@ timeout 30 ceph-mon -c "$CONF" -i a --mkfs --monmap "$DIR/monmap" --keyring "$K"
 # ceph-mon --mkfs can exit 0 having made nothing: judge it by its store
 [ -d "$DIR/mon/store.db" ] ||
     { wait $osd_mkfs || true; fail "ceph-mon --mkfs failed: $(last_error mon.a.mkfs)"; }
+phase "mon store made"
 start_daemon mon.a ceph-mon -f -c "$CONF" -i a
 start_daemon mgr.x ceph-mgr -f -c "$CONF" -i x
 wait $osd_mkfs || fail "ceph-osd --mkfs ($STORE) failed: $(last_error osd.0.mkfs)"
+phase "osd store made"
 
 # the rest through one librados client: register the OSD, start it, make the pool,
 # wait until a write to it lands and the cluster says HEALTH_OK (bounded)
@@ -289,7 +308,7 @@ elapsed=$(( ($(date +%s%N) - START_NS) / 1000000000 ))
 left=$(( TIMEOUT - elapsed ))
 [ $left -gt 5 ] || left=5
 set +e
-msg=$(/usr/bin/python3 - "$CONF" "$DIR" "$OSD_UUID" "$left" <<'EOF' 2>&1
+msg=$(/usr/bin/python3 - "$CONF" "$DIR" "$OSD_UUID" "$left" "$START_NS" <<'EOF' 2>&1
 import json
 import os
 import subprocess
@@ -299,18 +318,24 @@ import time
 import rados
 
 conf, d, osd_uuid, budget = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+start_ns = int(sys.argv[5])
 deadline = time.monotonic() + budget
 run, log = os.path.join(d, "run"), os.path.join(d, "log")
+
+
+def phase(what):
+    with open(os.path.join(log, "start.times"), "a") as f:
+        f.write(f"{(time.time_ns() - start_ns) // 1000000} ms {what}\n")
 
 
 def alive(name):
     with open(os.path.join(run, name + ".pid")) as f:
         pid = int(f.read())
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    try:                                # a zombie is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
         return False
-    return True
 
 
 def check_daemons():
@@ -326,8 +351,11 @@ def command(cluster, **cmd):
     return out
 
 
-cluster = rados.Rados(conffile=conf, rados_id="admin",
-                      conf={"client_mount_timeout": "5", "rados_osd_op_timeout": "5"})
+# a short objecter tick: a write sent before the OSD is up is resent as soon as the
+# new osdmap is known (the default tick, 5 s, was most of the start time)
+CLIENT_CONF = {"client_mount_timeout": "5", "rados_osd_op_timeout": "5",
+               "objecter_tick_interval": "0.1"}
+cluster = rados.Rados(conffile=conf, rados_id="admin", conf=CLIENT_CONF)
 while True:
     check_daemons()
     try:
@@ -337,9 +365,13 @@ while True:
         if time.monotonic() > deadline:
             sys.exit(f"the mon at {conf} did not answer: {e}")
         cluster = rados.Rados(conffile=conf, rados_id="admin",
-                              conf={"client_mount_timeout": "5", "rados_osd_op_timeout": "5"})
+                              conf=CLIENT_CONF)
         time.sleep(0.2)
 
+phase("mon answers")
+# the mgr's devicehealth module would make a pool of its own as soon as it sees the OSD
+command(cluster, prefix="config set", who="mgr", name="mgr/devicehealth/enable_monitoring",
+        value="false", force=True)
 command(cluster, prefix="osd new", uuid=osd_uuid, id=0)
 with open(os.path.join(log, "osd.0.out"), "wb") as out:
     p = subprocess.Popen(["ceph-osd", "-f", "-c", conf, "-i", "0"], stdin=subprocess.DEVNULL,
@@ -348,7 +380,10 @@ with open(os.path.join(run, "osd.0.pid"), "w") as f:
     f.write(f"{p.pid}\n")
 command(cluster, prefix="osd pool create", pool="rbd", pg_num=8, pgp_num=8)
 command(cluster, prefix="osd pool application enable", pool="rbd", app="rbd")
+phase("osd started, pool rbd made")
 
+# ready: a write to the pool lands, the mgr is active and has seen every PG
+# active+clean, and the cluster says HEALTH_OK
 wrote = False
 status = "no answer"
 while time.monotonic() < deadline:
@@ -359,18 +394,28 @@ while time.monotonic() < deadline:
                 io.write_full("ceph.sh-probe", b"ok")
                 io.remove_object("ceph.sh-probe")
             wrote = True
+            phase("pool rbd writable")
         except rados.Error as e:
             status = f"pool rbd not writable yet ({e})"
     if wrote:
-        ret, out, err = cluster.mon_command(json.dumps({"prefix": "health", "format": "json"}),
+        ret, out, err = cluster.mon_command(json.dumps({"prefix": "status", "format": "json"}),
                                             b"", timeout=10)
         if ret == 0:
-            health = json.loads(out)
-            if health.get("status") == "HEALTH_OK":
+            st = json.loads(out)
+            health = st["health"]
+            pgmap = st.get("pgmap", {})
+            states = {s["state_name"]: s["count"] for s in pgmap.get("pgs_by_state", [])}
+            if not st.get("mgrmap", {}).get("available"):
+                status = "the mgr is not active"
+            elif not pgmap.get("num_pgs") or states != {"active+clean": pgmap["num_pgs"]}:
+                status = f"PGs not all active+clean: {states or 'none reported'}"
+            elif health.get("status") != "HEALTH_OK":
+                status = health.get("status", "?") + ": " + "; ".join(
+                    c["summary"]["message"] for c in health.get("checks", {}).values())
+            else:
+                phase("mgr active, PGs active+clean, HEALTH_OK")
                 sys.exit(0)
-            status = health.get("status", "?") + ": " + "; ".join(
-                c["summary"]["message"] for c in health.get("checks", {}).values())
-    time.sleep(0.2)
+    time.sleep(0.1)
 sys.exit(f"not ready after {budget:.0f} s: {status}")
 EOF
 )
