@@ -353,7 +353,7 @@ def command(cluster, **cmd):
 
 # a short objecter tick: a write sent before the OSD is up is resent as soon as the
 # new osdmap is known (the default tick, 5 s, was most of the start time)
-CLIENT_CONF = {"client_mount_timeout": "5", "rados_osd_op_timeout": "5",
+CLIENT_CONF = {"client_mount_timeout": "5", "rados_osd_op_timeout": "2",
                "objecter_tick_interval": "0.1"}
 cluster = rados.Rados(conffile=conf, rados_id="admin", conf=CLIENT_CONF)
 while True:
