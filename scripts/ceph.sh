@@ -33,6 +33,7 @@ usage() { die 2 "usage: ceph.sh start|stop DIR"; }
 CMD=$1
 DIR=$2
 [ -n "$DIR" ] || usage
+if [ "$CMD" = stop ] && [ ! -d "$DIR" ]; then exit 0; fi
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd -P)
 RUN=$DIR/run
@@ -146,15 +147,27 @@ rm -rf "$DIR/mon" "$DIR/mgr" "$DIR/osd" "$DIR/mgr-modules" "$RUN" "$LOG" "$DIR/c
 mkdir -p "$DIR/mon" "$DIR/mgr" "$DIR/osd" "$DIR/mgr-modules" "$RUN" "$LOG" "$DIR/crash" \
          "$DIR/keys"
 
-# the mon's two ports (msgr2, msgr1): free now; a lost race shows as a bind failure
+# the mon's two ports (msgr2, msgr1): free now, and outside both the kernel's range for
+# outgoing connections (no client can take them meanwhile) and Ceph's 6800-7300 (the
+# OSD's and the mgr's)
 read -r PORT2 PORT1 < <(/usr/bin/python3 - <<'EOF'
+import random
 import socket
-socks = []
-for _ in range(2):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(*(s.getsockname()[1] for s in socks))
+
+with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+    low, high = map(int, f.read().split())
+ports = []
+while len(ports) < 2:
+    port = random.randrange(10000, 65536)
+    if low <= port <= high or port in ports:
+        continue
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    ports.append(port)
+print(*ports)
 EOF
 )
 FSID=$(cat /proc/sys/kernel/random/uuid)
