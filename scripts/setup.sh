@@ -6,16 +6,33 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS="qemu-utils zlib1g-dev libzstd-dev libdeflate-dev gcc python3-venv python3-dev e2fsprogs lvm2 util-linux"
+PKGS="qemu-utils qemu-block-extra zlib1g-dev libzstd-dev libdeflate-dev gcc python3-venv python3-dev e2fsprogs lvm2 util-linux"
+# a single-node Ceph cluster for the RBD tests (scripts/ceph.sh) and librbd's headers;
+# qemu-block-extra (above) gives qemu-img its rbd driver, the tests' oracle.  Without
+# their recommends: the mgr's dashboard and disk-prediction modules pull in hundreds of
+# MB that a test cluster never loads.
+CEPH_PKGS="ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev"
 missing=""
 for p in $PKGS; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
 done
-if [ -n "$missing" ]; then
+missing_ceph=""
+for p in $CEPH_PKGS; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing_ceph="$missing_ceph $p"
+done
+if [ -n "$missing$missing_ceph" ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    echo "== installing Debian packages:$missing"
+    echo "== installing Debian packages:$missing$missing_ceph"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+    if [ -n "$missing" ]; then
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+    fi
+    if [ -n "$missing_ceph" ]; then
+        # no init system here: the packages' services are not started (ceph.sh runs
+        # the daemons itself)
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+            $missing_ceph >/dev/null
+    fi
 fi
 
 PY=${PYTHON:-python3}

@@ -14,7 +14,14 @@ echo "== lint: ruff check (rules in pyproject.toml)"
 # they pass (pyproject.toml) and the oracle cache is capped, so the peak stays near the
 # corpus size plus ~1.5 GB.
 WORK=$(mktemp -d -t qcow2-test.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+# the Ceph cluster (below) is stopped before the folder goes, pass, fail or interrupt
+cleanup() {
+    if [ -d "$WORK/ceph" ]; then bash scripts/ceph.sh stop "$WORK/ceph" || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 mkdir -p "$WORK/tmp"
 export TMPDIR=$WORK/tmp
 export QCOW2_CORPUS_DIR=${QCOW2_CORPUS_DIR:-$WORK/corpus}
@@ -35,6 +42,19 @@ if [ "$free_mb" -lt 1536 ]; then
     echo "WARNING: less than 1.5 GiB free: tests may fail with 'No space left on device'" >&2
 fi
 export QCOW2_RUN_SLOW=${QCOW2_RUN_SLOW:-1}
+
+# One single-node Ceph cluster for the whole run (both passes): the RBD tests use it
+# through QCOW2_CEPH_CONF.  Where it cannot start they skip, saying why.
+echo "== Ceph: starting a single-node cluster (scripts/ceph.sh)"
+unset QCOW2_CEPH_CONF QCOW2_CEPH_KEYRING QCOW2_CEPH_UNAVAILABLE
+if ceph_err=$(bash scripts/ceph.sh start "$WORK/ceph" 2>&1 >"$WORK/ceph-start.out"); then
+    cat "$WORK/ceph-start.out"
+    export QCOW2_CEPH_CONF=$WORK/ceph/ceph.conf
+else
+    ceph_err=$(printf '%s\n' "$ceph_err" | tail -n 1)
+    echo "WARNING: no Ceph cluster, the RBD tests will be skipped: $ceph_err" >&2
+    export QCOW2_CEPH_UNAVAILABLE=$ceph_err
+fi
 
 echo "== test suite, native kernels (QCOW2_IMPL=native)"
 QCOW2_IMPL=native .venv/bin/python -P -m pytest -q -ra --basetemp "$WORK/pytest-native" "$@"

@@ -12,6 +12,12 @@ when ``qcow2`` is imported; CI runs the whole suite once per implementation rath
 than switching inside one process.
 
 Tests that need qemu-img are skipped, with the reason, when it is not installed.
+
+Ceph: the session fixture ``ceph`` (tests/cephcluster.py) is the cluster given by
+QCOW2_CEPH_CONF (scripts/test.sh starts one for the whole run), else one started with
+scripts/ceph.sh in a temp dir and stopped at the session's end.  Where Ceph cannot
+start (QCOW2_CEPH_UNAVAILABLE says why, or the script does), tests using it skip with
+the reason in the skip line.
 The engine is imported inside fixtures (``engine``), never at collection time, so
 the suite collects even while ``qcow2`` is incomplete.
 """
@@ -29,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:          # --import-mode=importlib: make helpers importable
     sys.path.insert(0, str(HERE))
 
+import cephcluster  # noqa: E402
 import corpus  # noqa: E402
 import oracle  # noqa: E402
 
@@ -150,3 +157,30 @@ def impl(request):
         return native_kernels()
     from qcow2 import kernels
     return kernels.get("python")
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory):
+    """A running single-node Ceph cluster (cephcluster.Cluster); skips, with the reason,
+    where Ceph cannot start.  A cluster given by QCOW2_CEPH_CONF is used as it is (and
+    must answer); otherwise one is started here and stopped at the end."""
+    reason = os.environ.get("QCOW2_CEPH_UNAVAILABLE")
+    if reason:
+        pytest.skip(f"Ceph cluster unavailable: {reason}")
+    conf = os.environ.get("QCOW2_CEPH_CONF")
+    if conf:
+        yield cephcluster.from_conf(conf, os.environ.get("QCOW2_CEPH_KEYRING"))
+        return
+    missing = cephcluster.missing_tools()
+    if missing:
+        pytest.skip(f"Ceph cluster unavailable: {', '.join(missing)} not installed "
+                    "(apt-get install ceph-mon ceph-mgr ceph-osd ceph-common)")
+    directory = tmp_path_factory.mktemp("ceph")
+    try:
+        cluster = cephcluster.start(directory)
+    except cephcluster.CephUnavailable as e:
+        pytest.skip(f"Ceph cluster unavailable: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
