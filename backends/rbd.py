@@ -45,7 +45,7 @@ CONNECT_TIMEOUT = 5.0
 OP_TIMEOUT = 30.0
 _CHUNK = 1 << 30                # per librbd call (its lengths are size_t, results ssize_t)
 _DIFF_WINDOW = 1 << 30          # diff_iterate2 is asked about this much at a time
-_DEFAULT_CONF_PATHS = ("/etc/ceph/ceph.conf", "~/.ceph/ceph.conf", "ceph.conf")
+_DEFAULT_CONF_PATHS = ("$CEPH_CONF", "/etc/ceph/ceph.conf", "~/.ceph/config", "./ceph.conf")
 
 try:
     from . import _rbd
@@ -118,7 +118,10 @@ class Cluster:
         self.cluster = p[0]
         try:
             self._configure(conf, options, connect_timeout, op_timeout)
-            r = lib.rados_connect(self.cluster)
+            # no monitor address: say so now (librados would print its DNS SRV failure
+            # on stderr, then fail with ENOENT); DNS SRV discovery is not supported
+            r = -errno.ENOENT if not self.conf_get("mon_host") else \
+                lib.rados_connect(self.cluster)
             if r < 0:
                 raise self._connect_error(-r)
             io = ffi.new("rados_ioctx_t *")
@@ -166,12 +169,13 @@ class Cluster:
             return _fail(code, f"the Ceph monitors ({mons or 'none known'}) did not answer "
                                f"within {self.connect_timeout:g} s (is the cluster down?)")
         if code in (errno.EACCES, errno.EPERM):
-            return _fail(code, f"the cluster refused {who}'s key (cephx authentication "
-                               f"failed: {os.strerror(code)})")
+            return _fail(code, f"cephx refused {who}: its key is wrong or unknown to the "
+                               f"cluster ({os.strerror(code)})")
         if code in (errno.ENOENT, errno.EINVAL):
             if not mons:
-                where = (f"ceph.conf '{self.conf}' names none" if self.conf is not None
-                         else "no ceph.conf was found (" + ", ".join(_DEFAULT_CONF_PATHS)
+                where = (f"ceph.conf '{self.conf}' names none (mon_host)"
+                         if self.conf is not None else
+                         "no ceph.conf was found (" + ", ".join(_DEFAULT_CONF_PATHS)
                          + ") and no mon_host was given")
                 return _fail(errno.ENOENT, f"no Ceph monitors to connect to: {where}")
             missing = self._missing_keyring()

@@ -104,9 +104,11 @@ def unescape(s: str) -> str:
     return "".join(out)
 
 
-def escape(s: str) -> str:
-    """Escape what the syntax would split on (the inverse of :func:`unescape`)."""
-    return "".join("\\" + c if c in "\\:@/=" else c for c in s)
+def escape(s: str, also: str = "") -> str:
+    """Escape what the syntax would split on (the inverse of :func:`unescape`): a
+    backslash, ``:`` and ``@`` (an ``@`` anywhere starts a snapshot) everywhere, and
+    ``also`` (``/`` in pool and image names, ``=`` in keys)."""
+    return "".join("\\" + c if c in "\\:@" or c in also else c for c in s)
 
 
 def parse_rbd_name(name: str) -> RbdName:
@@ -159,16 +161,16 @@ def format_rbd_name(pool: str, image: str, *, snapshot: str | None = None,
                     options=()) -> str:
     """The ``rbd:`` name of an image, escaped so that :func:`parse_rbd_name` gives the
     same fields back."""
-    out = [PREFIX, escape(pool), "/"]
+    out = [PREFIX, escape(pool, "/"), "/"]
     if namespace:
-        out += [escape(namespace), "/"]
-    out.append(escape(image))
+        out += [escape(namespace, "/"), "/"]
+    out.append(escape(image, "/"))
     if snapshot is not None:
         out += ["@", escape(snapshot)]
     pairs = ([("conf", conf)] if conf is not None else []) + \
             ([("id", user)] if user is not None else []) + list(options)
     for key, value in pairs:
-        out += [":", escape(key), "=", escape(value)]
+        out += [":", escape(key, "="), "=", escape(value)]
     return "".join(out)
 
 

@@ -27,6 +27,7 @@ from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import temp_name
 from ..pool import run
 from ..reader import serial_reads
+from ..rbdname import is_rbd_name
 from ..units import ceil_div
 
 CHUNK = 4 * 1024 * 1024
@@ -183,7 +184,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                                    f"{max_output} bytes (max_output)")
         sync = cache != "unsafe"
         if (out_format == "raw" and len(images) == 1 and images[0].format == "raw"
-                and images[0].file_size % 512 == 0 and not no_create and sparse_size):
+                and images[0].file_size % 512 == 0 and not no_create and sparse_size
+                and not is_rbd_name(srcs[0])):
             # raw -> raw is a sparse copy: data regions only, copy offload
             from .sparse import sparse_copy
             images[0].close()
