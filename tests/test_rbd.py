@@ -15,6 +15,7 @@ start, these tests skip and say why.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -250,12 +251,13 @@ class Pool:
                     try:
                         c.remove_image(image)
                     except OSError as exc:
-                        if exc.errno == 16:            # EBUSY: a watcher still going
+                        if exc.errno == errno.ENOENT:
+                            break
+                        if exc.errno == errno.EBUSY:     # a watcher still going
                             time.sleep(0.1)
                             continue
+                        _purge(self.cluster, image)     # snapshots first
                     break
-                else:
-                    _purge(self.cluster, image)
 
 
 def _purge(cluster, image: str) -> None:
@@ -619,3 +621,88 @@ def test_cluster_down_is_a_bounded_wait(tmp_path):
         assert took < 8
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------------------------------
+# convert into RBD
+# ---------------------------------------------------------------------------------------
+
+def _used(cluster, image: str) -> int:
+    """Bytes the image's objects hold (``rbd du --exact``)."""
+    import json
+    out = json.loads(cluster.rbd("du", "--exact", "--format", "json",
+                                 f"{cluster.pool}/{image}"))
+    return sum(i["used_size"] for i in out["images"])
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_convert_into_rbd(cluster, pool, tmp_path, fmt):
+    """Only data is written (RBD objects as few as qemu-img's, never more), the
+    content is the source's; an existing image is refused unless -n."""
+    path, data = _sparse_file(tmp_path, 48 * MiB, 21)
+    src = path
+    if fmt == "qcow2":
+        src = tmp_path / "s.qcow2"
+        _qemu(cluster, "convert", "-f", "raw", "-O", "qcow2", "-c", "-o",
+              "compression_type=zstd", path, src)
+    ours, theirs = pool.fresh("ours"), pool.fresh("theirs")
+    r = _cli("convert", "-O", "raw", src, pool.name(ours))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    _qemu(cluster, "convert", "-O", "raw", src, pool.name(theirs))
+    assert _raw_of(cluster, pool.name(ours), tmp_path) == data
+    assert 0 < _used(cluster, ours) <= _used(cluster, theirs)
+    assert cluster.rbd("info", f"{cluster.pool}/{ours}").count("size 48 MiB") == 1
+    r = _cli("convert", "-O", "raw", src, pool.name(ours))
+    assert r.returncode == 1 and "already exists" in r.stderr and "-n" in r.stderr
+    # -n: into the existing image, zeros written where the source has them
+    with qcow2.open(pool.name(ours), "r+", format="raw") as img:
+        img.pwrite(b"\xee" * MiB, 0)
+        img.pwrite(b"\xee" * MiB, 47 * MiB)
+    r = _cli("convert", "-n", src, pool.name(ours))
+    assert r.returncode == 0, r.stderr
+    assert _raw_of(cluster, pool.name(ours), tmp_path) == data
+
+
+def test_convert_into_rbd_refusals(cluster, pool, tmp_path):
+    path, _ = _sparse_file(tmp_path, 4 * MiB, 2)
+    r = _cli("convert", "-O", "qcow2", path, pool.name(pool.fresh()))
+    assert r.returncode == 1 and "-O raw" in r.stderr
+    small = pool.image(bytes(MiB))
+    r = _cli("convert", "-n", path, pool.name(small))
+    assert r.returncode == 1 and "smaller than the source" in r.stderr
+    r = _cli("convert", "-O", "raw", path, f"rbd:nosuchpool/x:conf={cluster.conf}")
+    assert r.returncode == 1 and "pool 'nosuchpool' does not exist" in r.stderr
+
+
+class _Failing(MemoryBackend):
+    """A source whose reads fail (or are interrupted) after ``after`` of them."""
+
+    def __init__(self, data: bytes, after: int, exc: BaseException):
+        super().__init__(data, writable=False, name="failing.raw")
+        self.after, self.exc = after, exc
+        self.lock_ = threading.Lock()
+
+    def readinto(self, buf, offset):
+        with self.lock_:
+            self.after -= 1
+            if self.after < 0:
+                raise self.exc
+        return super().readinto(buf, offset)
+
+
+@pytest.mark.parametrize("exc", [OSError(5, "Input/output error"), KeyboardInterrupt()])
+def test_failed_convert_leaves_no_image(cluster, pool, exc):
+    """A convert that fails half-way (a source error, an interrupt) removes the image
+    it created: nothing is left in the pool."""
+    data = random.Random(4).randbytes(32 * MiB)
+    image = pool.fresh("failed")
+    src = _Failing(data, 3, exc)
+    with pytest.raises(type(exc)):
+        qcow2.convert([src], pool.name(image), src_format="raw", workers=4)
+    assert image not in cluster.rbd("ls", cluster.pool).split()
+    # -n: an existing image is the caller's; a failure leaves it
+    existing = pool.image(bytes(32 * MiB))
+    with pytest.raises(type(exc)):
+        qcow2.convert([_Failing(data, 3, exc)], pool.name(existing), src_format="raw",
+                      no_create=True)
+    assert existing in cluster.rbd("ls", cluster.pool).split()
