@@ -107,8 +107,11 @@ class Cluster:
         ffi, lib = _lib()
         self.pool, self.namespace = pool, namespace
         self.conf, self.user = conf, user or "admin"
-        self.connect_timeout = float(dict(options).get("client_mount_timeout",
-                                                       connect_timeout))
+        try:            # (for messages; librados judges the value itself)
+            self.connect_timeout = float(dict(options).get("client_mount_timeout",
+                                                           connect_timeout))
+        except ValueError:
+            self.connect_timeout = connect_timeout
         self.cluster = self.ioctx = None
         p = ffi.new("rados_t *")
         r = lib.rados_create(p, _b(user))

@@ -706,3 +706,25 @@ def test_failed_convert_leaves_no_image(cluster, pool, exc):
         qcow2.convert([_Failing(data, 3, exc)], pool.name(existing), src_format="raw",
                       no_create=True)
     assert existing in cluster.rbd("ls", cluster.pool).split()
+
+
+def test_dirty_qcow2_in_rbd_is_rebuilt(cluster, pool, tmp_path):
+    """A dirty qcow2 (lazy refcounts, then a crash) stored in RBD has its refcounts
+    rebuilt when opened for writing, as a file's are."""
+    from qcow2 import constants as C
+    p = tmp_path / "d.qcow2"
+    _qemu(cluster, "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", p, 8 * MiB)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 192k", str(p)],
+                   check=True, capture_output=True)
+    data = bytearray(p.read_bytes())
+    data[C.HDR_INCOMPATIBLE_FEATURES + 7] |= C.INCOMPAT_DIRTY
+    p.write_bytes(bytes(data))
+    name = pool.name(pool.imported(p))
+    with qcow2.open(name) as img:
+        assert img.info()["dirty-flag"] is True
+    with qcow2.open(name, "r+") as img:
+        assert img.info()["dirty-flag"] is False
+        img.pwrite(b"\x44" * 4096, MiB)
+    assert _qemu(cluster, "check", name, check=False).returncode == 0
+    with qcow2.open(name) as img:
+        assert img.pread(4, 0) == b"\x33" * 4 and img.pread(4, MiB) == b"\x44" * 4
