@@ -57,8 +57,10 @@ try:
         _REASON = None
 except ImportError as exc:
     _rbd = None
-    _REASON = (f"the RBD binding qcow2.backends._rbd is not built ({exc}); install "
-               f"librbd-dev and reinstall the package")
+    _REASON = ("the RBD binding qcow2.backends._rbd is not built (librbd-dev was missing "
+               "when the package was installed); install librbd-dev and reinstall the "
+               "package" if "cannot import name" in str(exc) else
+               f"the RBD binding qcow2.backends._rbd cannot be loaded: {exc}")
 
 
 def unavailable_reason() -> str | None:

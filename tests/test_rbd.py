@@ -162,7 +162,8 @@ def test_binding_is_built():
     rbd = _rbd_module()
     reason = rbd.unavailable_reason()
     if reason is not None:
-        if os.path.exists("/usr/include/rbd/librbd.h"):
+        if os.path.exists("/usr/include/rbd/librbd.h") and \
+                "rbd" not in os.environ.get("QCOW2_NATIVE_WITHOUT", ""):
             pytest.fail(f"librbd-dev is installed but the binding is not usable: {reason}")
         pytest.skip(f"librbd-dev not installed: {reason}")
     assert rbd.librbd_version() >= (1, 12, 0)
