@@ -5,6 +5,10 @@ The native core (``qcow2._native``) is a cffi extension in API mode, built from
 that extension is skipped and the package falls back to its pure-Python kernels
 (``qcow2.implementation == "python"``).  Set ``QCOW2_REQUIRE_NATIVE=1`` to make any
 native build failure fatal (CI does).
+
+The RBD binding (``qcow2.backends._rbd``, built from ``native/build_rbd.py`` against
+librbd-dev) is optional the same way, under its own switch ``QCOW2_REQUIRE_RBD=1``:
+without it, ``rbd:`` names are refused with a clear error.
 """
 
 import os
@@ -15,6 +19,8 @@ from setuptools.command.build_ext import build_ext
 
 
 REQUIRE_NATIVE = os.environ.get("QCOW2_REQUIRE_NATIVE", "") not in ("", "0")
+REQUIRE_RBD = os.environ.get("QCOW2_REQUIRE_RBD", "") not in ("", "0")
+RBD_EXTENSION = "qcow2.backends._rbd"
 
 
 class optional_build_ext(build_ext):
@@ -32,8 +38,12 @@ class optional_build_ext(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            if REQUIRE_NATIVE:
+            if REQUIRE_RBD if ext.name == RBD_EXTENSION else REQUIRE_NATIVE:
                 raise
+            if ext.name == RBD_EXTENSION:
+                sys.stderr.write("WARNING: the RBD binding could not be built (%s); "
+                                 "rbd: names will be refused.\n" % (exc,))
+                return
             self._warn(exc)
 
     @staticmethod
@@ -52,7 +62,7 @@ setup(
               "qcow2.checker", "qcow2.kernels", "qcow2.untrusted"],
     package_dir={"qcow2.backends": "backends"},
     setup_requires=["cffi>=1.16"],
-    cffi_modules=["native/build_native.py:ffibuilder"],
+    cffi_modules=["native/build_native.py:ffibuilder", "native/build_rbd.py:ffibuilder"],
     install_requires=["cffi>=1.16", "numpy>=1.24", "zstandard>=0.21"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],

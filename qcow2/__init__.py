@@ -22,9 +22,11 @@ __version__ = "0.1.0"
 def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
          snapshot: str | int | None = None, force_share: bool = False, backing: bool = True,
          limits=None, **limit_overrides):
-    """Open a qcow2 or raw image: ``path`` names a file, or is a store (a
-    ``qcow2.backends.Backend``, e.g. ``MemoryBackend(data)``) that the image then
-    reads and writes through and leaves open on close (see ``qcow2.opener``).
+    """Open a qcow2 or raw image: ``path`` names a file or, in qemu-img's syntax, an
+    RBD image (``rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER]``, see ``qcow2.rbdname``),
+    or is a store (a ``qcow2.backends.Backend``, e.g. ``MemoryBackend(data)``) that the
+    image then reads and writes through and leaves open on close (see
+    ``qcow2.opener``).
 
     ``format`` None probes (qcow2 or raw); ``snapshot`` reads an internal snapshot (by id
     or name) instead of the active layer; ``backing=False`` leaves the backing chain

@@ -32,6 +32,7 @@ from .atomic import AtomicOutput, pwrite_all
 from .errors import ImageTooLargeError, InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from .layout import CHUNK, cow_end, metadata_writes, qcow2_header_bytes, qcow2_layout
 from .paths import check_file_name, combine_path
+from .rbdname import is_rbd_name, open_rbd
 
 # Image formats qemu-img can create that this engine cannot (so the error says
 # "not supported" rather than "unknown").
@@ -87,6 +88,10 @@ class CreateRequest:
         (``durable=False``: without syncing it, for a caller that syncs it later)."""
         if self.format == "raw":
             _create_raw(self, durable)
+        elif is_rbd_name(self.path):
+            raise UnsupportedFeatureError(f"Could not create '{self.path}': qcow2 images in "
+                                          f"RBD are not created here (create -f raw makes "
+                                          f"the RBD image)", feature="create -f qcow2 rbd:")
         else:
             spec = Qcow2Spec.from_request(self)
             _create_qcow2(spec, durable)
@@ -370,6 +375,14 @@ def _create_raw(req: CreateRequest, durable: bool = True) -> None:
         raise InvalidOptionError("Unsupported preallocation mode: metadata")
     O.check_preallocation(prealloc, O.RAW_PREALLOC)
     size = (req.size + 511) & ~511          # the file driver rounds up to sectors
+    if is_rbd_name(req.path):
+        # a new RBD image (refused when one of that name exists, as qemu-img does);
+        # it allocates as it is written: only "off" means anything
+        if prealloc != "off":
+            raise InvalidOptionError(f"Unsupported preallocation mode '{prealloc}' for an "
+                                     f"RBD image")
+        open_rbd(req.path, create=size).close()
+        return
     with _output(req.path) as out:
         try:
             os.ftruncate(out.fd, size)

@@ -14,6 +14,11 @@ against the store's ``name`` as against a path: a name without a folder, like a
 ``MemoryBackend``'s default ``<memory>``, resolves relative to the current directory.
 A dirty image (lazy refcounts, then a crash) is rebuilt before writing only when
 opened by path; on a store handed in, writing it is refused (run ``check -r all``).
+
+A name in qemu-img's ``rbd:POOL/IMAGE[@SNAP][:KEY=VALUE...]`` syntax opens the RBD
+image it names (``qcow2.rbdname``, ``qcow2.backends.rbd``) as a file name opens the
+file: the image is probed (a qcow2 stored in RBD opens like a qcow2 file), owned and
+closed with the image; a writer takes its exclusive lock.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .errors import Qcow2Error, ReadOnlyError, UnsafeImageError, UnsupportedFeat
 from .image import Image, RawImage
 from .paths import check_file_name, combine_path
 from .probe import probe_format
+from .rbdname import is_rbd_name, open_rbd
 from .reader import Qcow2Image
 
 _MODES = ("r", "rb", "r+", "rb+", "r+b")
@@ -109,13 +115,23 @@ def _store(target, writable: bool, format: str | None) -> tuple[Backend, str, bo
     if writable and format != "raw" and needs_rebuild(be):
         # Refcounts may lag behind (lazy refcounts, then a crash): rebuild them before
         # anything is allocated, as QEMU does when it opens such an image read-write.
+        if is_rbd_name(filename):
+            try:
+                be.lock(write=True)
+                rebuild_if_dirty(be)
+            except BaseException:
+                be.close()
+                raise
+            return be, filename, True
         be.close()
         rebuild_if_dirty(filename)
         be = _open_file(filename, writable)
     return be, filename, True
 
 
-def _open_file(filename: str, writable: bool) -> FileBackend:
+def _open_file(filename: str, writable: bool) -> Backend:
+    if is_rbd_name(filename):
+        return open_rbd(filename, writable=writable)
     try:
         return FileBackend(filename, writable=writable)
     except OSError as exc:

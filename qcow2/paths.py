@@ -11,6 +11,7 @@ import os
 import re
 
 from .errors import UnsafeImageError
+from .rbdname import is_rbd_name, parse_rbd_name
 
 #: Suffix of every temporary output we create: ``.<final name>.<random>.part``.
 TEMP_SUFFIX = ".part"
@@ -20,18 +21,27 @@ _TEMP_RE = re.compile(r"^\.(.+)\.[^.]+\.part$")
 
 
 def check_file_name(name: str, what: str) -> None:
-    """Refuse pseudo-file names that would make us open something other than a file."""
-    if name.startswith("json:") or _PROTOCOL_RE.match(name):
-        raise UnsafeImageError(f"{what} {name!r} uses a protocol prefix or json: "
-                               f"pseudo-filename; only plain file names are allowed")
+    """Refuse pseudo-file names that would make us open something other than a file
+    or an RBD image (``rbd:``, the one protocol we speak; ``untrusted`` mode opens no
+    other file at all, whatever its name)."""
     if "\0" in name:
         raise UnsafeImageError(f"{what} {name!r} contains a NUL byte")
+    if is_rbd_name(name):
+        return
+    if name.startswith("json:") or _PROTOCOL_RE.match(name):
+        raise UnsafeImageError(f"{what} {name!r} uses a protocol prefix or json: "
+                               f"pseudo-filename; only plain file names and rbd: names "
+                               f"are allowed")
 
 
 def combine_path(base_filename: str, name: str) -> str:
-    """Resolve a name stored in an image against the image's own folder (QEMU's path_combine)."""
-    if os.path.isabs(name):
+    """Resolve a name stored in an image against the image's own folder (QEMU's
+    path_combine).  An ``rbd:`` name stands for itself; a relative name stored in an
+    image in RBD names another image of its pool, reached the same way."""
+    if is_rbd_name(name) or os.path.isabs(name):
         return name
+    if is_rbd_name(base_filename):
+        return str(parse_rbd_name(base_filename).sibling(name))
     return os.path.join(os.path.dirname(base_filename), name)
 
 

@@ -11,6 +11,7 @@ import struct
 from .. import constants as C
 from ..backends import Backend, FileBackend
 from ..errors import CorruptImageError, Qcow2Error
+from ..rbdname import is_rbd_name, open_rbd
 from .result import FIX_ERRORS, FIX_LEAKS
 
 
@@ -41,14 +42,19 @@ def rebuild_if_dirty(path) -> bool:
 
 
 def open_locked(filename: str, *, writable: bool, force_share: bool = False,
-                for_image: str | None = None) -> FileBackend:
-    """The file opened and locked as qemu-img opens an image to check it (errors as
-    "Could not open 'NAME': REASON"; for a companion file of ``for_image``, an error
-    opening it names that image first)."""
+                for_image: str | None = None) -> Backend:
+    """The file (or the RBD image of an ``rbd:`` name) opened and locked as qemu-img
+    opens an image to check it (errors as "Could not open 'NAME': REASON"; for a
+    companion file of ``for_image``, an error opening it names that image first)."""
+    context = f"Could not open '{for_image}': " if for_image is not None else ""
     try:
-        be = FileBackend(filename, writable=writable)
+        if is_rbd_name(filename):
+            be = open_rbd(filename, writable=writable)
+        else:
+            be = FileBackend(filename, writable=writable)
+    except Qcow2Error as exc:
+        raise Qcow2Error(f"{context}{exc}") from None
     except OSError as exc:
-        context = f"Could not open '{for_image}': " if for_image is not None else ""
         raise Qcow2Error(f"{context}Could not open '{filename}': "
                          f"{exc.strerror or exc}") from None
     try:

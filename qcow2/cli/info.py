@@ -17,13 +17,17 @@ def add_parser(sub):
 
 def run(args) -> int:
     import qcow2
-    from .output import format_human, qemu_json
+    from ..rbdname import is_rbd_name
+    from .output import format_human, qemu_json, rbd_info
 
     infos = []
     with qcow2.open(args.filename, format=args.format, untrusted=args.untrusted,
                     force_share=args.force_share, backing=args.backing_chain) as img:
         for layer in (img.backing_chain() if args.backing_chain else [img]):
-            infos.append(layer.info())
+            info = layer.info()
+            if is_rbd_name(layer.filename):         # shown as qemu-img shows it
+                info = rbd_info(info, layer)
+            infos.append(info)
     if args.output == "json":
         print(qemu_json(infos if args.backing_chain else infos[0]))
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
+from ..rbdname import is_rbd_name, qemu_filename
 from .common import add_file, add_format, add_output, add_share, add_untrusted
 
 
@@ -69,6 +70,8 @@ def _emit(out, rec, chain) -> None:
         return
     layer = chain[rec[3]]
     fname = getattr(layer, "data_display_name", None) or layer.filename
+    if is_rbd_name(fname):
+        fname = qemu_filename(fname)                # the rbd node, as qemu-img shows it
     out.write("%-16s%-16s%-16s%s\n" % (_hex(rec[0]), _hex(rec[1]), _hex(rec[4] or 0), fname))
 
 

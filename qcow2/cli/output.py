@@ -95,6 +95,31 @@ def format_human(info: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def rbd_info(info: dict, img) -> dict:
+    """``info`` of an image stored in RBD as qemu-img shows it: under its json:
+    pseudo-filename, with no disk size; a raw one with the object size as its cluster
+    size and the RBD image's snapshots as its snapshot list."""
+    from ..rbdname import qemu_filename
+
+    raw = info.get("format") == "raw"
+    out: dict = {}
+    snaps = img.be.snapshots() if raw else []
+    if snaps:
+        out["snapshots"] = [{"icount": 0, "vm-clock-nsec": 0, "name": name, "date-sec": 0,
+                             "date-nsec": 0, "vm-clock-sec": 0, "id": name,
+                             "vm-state-size": size} for _id, name, size in snaps]
+    for key, value in info.items():
+        if key == "actual-size":
+            continue
+        if key == "filename":
+            out[key] = qemu_filename(value, info["format"])
+            if raw:
+                out["cluster-size"] = img.be.object_size
+            continue
+        out[key] = value
+    return out
+
+
 _U_ESC = re.compile(r"\\u([0-9a-f]{4})")
 
 

@@ -27,6 +27,7 @@ from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import temp_name
 from ..pool import run
 from ..reader import serial_reads
+from ..rbdname import is_rbd_name
 from ..units import ceil_div
 
 CHUNK = 4 * 1024 * 1024
@@ -183,13 +184,22 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                                    f"{max_output} bytes (max_output)")
         sync = cache != "unsafe"
         if (out_format == "raw" and len(images) == 1 and images[0].format == "raw"
-                and images[0].file_size % 512 == 0 and not no_create and sparse_size):
+                and images[0].file_size % 512 == 0 and not no_create and sparse_size
+                and isinstance(srcs[0], (str, bytes, os.PathLike))
+                and not is_rbd_name(os.fspath(srcs[0])) and not is_rbd_name(dst)):
             # raw -> raw is a sparse copy: data regions only, copy offload
             from .sparse import sparse_copy
             images[0].close()
             sparse_copy(srcs[0], dst, progress=progress)
             return
-        if out_format == "raw":
+        if is_rbd_name(dst):
+            if out_format != "raw":
+                raise UnsupportedFeatureError(f"Could not create '{dst}': convert writes "
+                                              f"raw images into RBD (-O raw)",
+                                              feature="convert -O qcow2 rbd:")
+            _to_rbd(images, dst, size, sparse_size=sparse_size, sync=sync, workers=workers,
+                    progress=progress, no_create=no_create, target_is_zero=target_is_zero)
+        elif out_format == "raw":
             _to_raw(images, dst, size, sparse_size=sparse_size, sync=sync, workers=workers,
                     progress=progress, no_create=no_create, target_is_zero=target_is_zero)
         else:
@@ -362,21 +372,17 @@ def _copy_run(fd: int, mv: memoryview, off: int, src) -> None:
     pwrite_all(fd, mv[done:], off + done)
 
 
-def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
-                  explicit_zeros: bool = False, src=None) -> None:
-    """Write the non-zero blocks of ``mv`` (aligned to ``block`` in output terms);
-    ``src`` (fd, offset, state): where ``mv``'s bytes lie in a file, to copy them
-    with copy_file_range."""
+def _sparse_runs(mv: memoryview, off: int, block: int, kernels):
+    """(start, end, zero) of the runs of ``mv`` (which lands at output offset ``off``):
+    the piece before the first ``block`` boundary, then runs of whole blocks (the last
+    maybe short), all zero or holding data."""
     n = len(mv)
-    head = (-off) % block
+    head = min((-off) % block, n)
     if head:
-        head = min(head, n)
-        if explicit_zeros or not kernels.is_zero(mv[:head]):
-            _copy_run(fd, mv[:head], off, src)
-    body = mv[head:]
-    if not len(body):
+        yield 0, head, kernels.is_zero(mv[:head])
+    if head >= n:
         return
-    flags = kernels.zero_blocks(body, block).tobytes()     # 1: an all-zero block
+    flags = kernels.zero_blocks(mv[head:], block).tobytes()     # 1: an all-zero block
     nb = len(flags)
     i = 0
     while i < nb:
@@ -384,13 +390,95 @@ def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
         j = flags.find(0 if zero else 1, i)
         if j < 0:
             j = nb
-        a, b = i * block, min(j * block, len(body))
-        if not zero:
-            _copy_run(fd, body[a:b], off + head + a,
-                      None if src is None else (src[0], src[1] + head + a, src[2]))
-        elif explicit_zeros:
-            _punch_or_zero(fd, off + head + a, b - a)
+        yield head + i * block, min(head + j * block, n), bool(zero)
         i = j
+
+
+def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
+                  explicit_zeros: bool = False, src=None) -> None:
+    """Write the non-zero blocks of ``mv`` (aligned to ``block`` in output terms);
+    ``src`` (fd, offset, state): where ``mv``'s bytes lie in a file, to copy them
+    with copy_file_range."""
+    for a, b, zero in _sparse_runs(mv, off, block, kernels):
+        if not zero:
+            _copy_run(fd, mv[a:b], off + a,
+                      None if src is None else (src[0], src[1] + a, src[2]))
+        elif explicit_zeros:
+            _punch_or_zero(fd, off + a, b - a)
+
+
+# ---------------------------------------------------------------------------
+# RBD output
+# ---------------------------------------------------------------------------
+
+def _to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
+            target_is_zero) -> None:
+    """Raw output streamed into an RBD image, by the workers in parallel (librbd runs
+    with the GIL released): only data is written, so no RADOS object is created for a
+    hole; no local file.  The image is created here (refused when it exists, unless
+    -n) and removed again if the convert fails, even on an interrupt."""
+    from ..rbdname import open_rbd
+
+    try:
+        be = open_rbd(dst, writable=True) if no_create else open_rbd(dst, create=size)
+    except Qcow2Error as exc:
+        if getattr(exc, "errno", None) == 17:                       # EEXIST
+            raise Qcow2Error(f"{exc} (-n writes into an existing image)") from None
+        raise
+    done = False
+    try:
+        be.lock(write=True)
+        if be.size() < size:
+            raise Qcow2Error(f"Target image '{dst}' is smaller than the source")
+        if progress is not None:
+            progress(0.0)
+        work = _RbdCopy(be, sparse_size=sparse_size,
+                        zero_writes=no_create and not target_is_zero,
+                        prog=_Progress(_data_total(images, False, progress), progress))
+        run(_raw_jobs(images, work.zero_writes), work, workers, context=serial_reads,
+            name="qcow2-convert")
+        if sync:
+            be.flush()
+        done = True
+    finally:
+        if done or no_create:
+            be.close()
+        else:
+            try:
+                be.remove()
+            except OSError:             # the original error matters more
+                be.close()
+    if progress is not None:
+        progress(100.0)
+
+
+class _RbdCopy(_Work):
+    """Copies one job of :func:`_raw_jobs` into the RBD image ``be`` (any thread)."""
+
+    def __init__(self, be, *, sparse_size: int, zero_writes: bool, prog):
+        super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
+        self.be = be
+
+    def __call__(self, job) -> None:
+        p, d, o, n = job
+        be = self.be
+        if n < 0:
+            be.punch_hole(d, -n)
+            return
+        whole = getattr(self.tls, "buf", None)
+        if whole is None:
+            whole = self.tls.buf = io_buffer(CHUNK)
+        mv = whole[:n]
+        p.src.readinto(mv, o)
+        if not self.sparse_size:
+            be.pwrite(mv, d)
+        else:
+            for a, b, zero in _sparse_runs(mv, d, self.sparse_size, self.kernels):
+                if not zero:
+                    be.pwrite(mv[a:b], d + a)
+                elif self.zero_writes:
+                    be.punch_hole(d + a, b - a)
+        self.prog.add(n)
 
 
 # ---------------------------------------------------------------------------
