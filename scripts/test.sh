@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export QCOW2_REQUIRE_NATIVE=1
+# setup.sh installs librbd-dev: a binding that does not build is a failure here
+export QCOW2_REQUIRE_RBD=1
 bash scripts/setup.sh
 echo "== lint: ruff check (rules in pyproject.toml)"
 .venv/bin/ruff check .

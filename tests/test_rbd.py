@@ -173,38 +173,12 @@ def test_binding_is_built():
 # the cluster
 # ---------------------------------------------------------------------------------------
 
-class _GivenCluster:
-    """QCOW2_CEPH_CONF's cluster, for a tree without the ``ceph`` fixture (the
-    fixture, tests/cephcluster.py, has the same attributes)."""
-
-    def __init__(self, conf: str):
-        self.conf = Path(conf)
-        self.keyring = Path(os.environ.get("QCOW2_CEPH_KEYRING", self.conf.parent / "keyring"))
-        self.user, self.pool = "admin", "rbd"
-        self.env = dict(os.environ, CEPH_CONF=str(self.conf),
-                        CEPH_ARGS=f"--id {self.user} --keyring {self.keyring}")
-
-    def rbd(self, *args) -> str:
-        p = subprocess.run(["rbd", *map(str, args)], env=self.env, capture_output=True,
-                           text=True, timeout=300)
-        if p.returncode != 0:
-            raise RuntimeError(f"rbd {' '.join(map(str, args))}: {p.stderr.strip()}")
-        return p.stdout
-
-
 @pytest.fixture(scope="session")
 def cluster(request):
     reason = _rbd_module().unavailable_reason()
     if reason is not None:
         pytest.skip(f"RBD binding unavailable: {reason}")
-    try:
-        return request.getfixturevalue("ceph")
-    except pytest.FixtureLookupError:
-        conf = os.environ.get("QCOW2_CEPH_CONF")
-        if not conf:
-            pytest.skip("Ceph cluster unavailable: no ceph fixture here and "
-                        "QCOW2_CEPH_CONF is not set")
-        return _GivenCluster(conf)
+    return request.getfixturevalue("ceph")
 
 
 class Pool:

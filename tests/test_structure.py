@@ -22,7 +22,7 @@ MAX_FUNCTION_LINES = 120
 # attributes of other objects that are private by name only (stdlib and numpy protocol)
 PUBLIC_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make", "_exit", "_getframe"}
 # compiled extension modules: private by the python-zstandard/cryptography convention
-EXTENSIONS = {"qcow2._native"}
+EXTENSIONS = {"qcow2._native", "qcow2.backends._rbd"}
 
 
 def _modules() -> dict[str, Path]:
