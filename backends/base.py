@@ -74,11 +74,16 @@ class Backend(abc.ABC):
 
     def data_regions(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         """Yield (offset, length) of regions that may hold data; holes are skipped."""
+        start, end = self.clip(start, end)
+        if start < end:
+            yield (start, end - start)
+
+    def clip(self, start: int, end: int | None) -> tuple[int, int]:
+        """``[start, end)`` cut to the store's size (``end`` None: to the end)."""
         size = self.size()
         if end is None or end > size:
             end = size
-        if start < end:
-            yield (start, end - start)
+        return start, end
 
     def allocated_size(self) -> int:
         """Bytes of storage actually used (like st_blocks * 512)."""
@@ -128,3 +133,18 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ResizableWhenWritable:
+    """Capabilities of a store that punches holes and resizes whenever it is open for
+    writing (memory, RBD): mixed in before :class:`Backend`."""
+
+    writable: bool
+
+    @property
+    def can_punch_holes(self) -> bool:
+        return self.writable
+
+    @property
+    def can_resize(self) -> bool:
+        return self.writable

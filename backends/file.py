@@ -101,9 +101,7 @@ class FileBackend(Backend):
         return os.fstat(self.fd).st_blocks * 512
 
     def data_regions(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
-        size = self.size()
-        if end is None or end > size:
-            end = size
+        start, end = self.clip(start, end)
         if start >= end:
             return
         if not self.can_seek_data or self._seek_data_ok is False:

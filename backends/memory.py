@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import errno
 
-from .base import Backend
+from .base import Backend, ResizableWhenWritable
 
 
-class MemoryBackend(Backend):
+class MemoryBackend(ResizableWhenWritable, Backend):
     """A growable byte buffer.  ``getvalue()`` returns the bytes; ``close()`` has
     nothing to release (the buffer stays readable), locks and flushes are no-ops."""
 
@@ -18,14 +18,6 @@ class MemoryBackend(Backend):
         self._buf = bytearray(data)
         self.writable = writable
         self.name = name
-
-    @property
-    def can_punch_holes(self) -> bool:
-        return self.writable
-
-    @property
-    def can_resize(self) -> bool:
-        return self.writable
 
     def size(self) -> int:
         return len(self._buf)

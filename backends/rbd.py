@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 import os
 
-from .base import Backend
+from .base import Backend, ResizableWhenWritable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
@@ -244,7 +244,7 @@ class Cluster:
         self.close()
 
 
-class RbdBackend(Backend):
+class RbdBackend(ResizableWhenWritable, Backend):
     """An RBD image (or a snapshot of one, read-only) as a byte store.
 
     ``RbdBackend("img", pool="rbd", writable=True)``; the other keywords are those of
@@ -371,14 +371,6 @@ class RbdBackend(Backend):
             return not (self.features & _rbd.lib.RBD_FEATURE_STRIPINGV2 or self.has_parent)
         return True
 
-    @property
-    def can_punch_holes(self) -> bool:
-        return self.writable
-
-    @property
-    def can_resize(self) -> bool:
-        return self.writable
-
     def identity(self) -> Hashable:
         ffi = _rbd.ffi
         buf = ffi.new("char[]", 128)
@@ -428,9 +420,7 @@ class RbdBackend(Backend):
         return done
 
     def data_regions(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
-        size = self.size()
-        if end is None or end > size:
-            end = size
+        start, end = self.clip(start, end)
         if start >= end:
             return
         if not self.can_seek_data:

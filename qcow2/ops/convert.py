@@ -240,6 +240,17 @@ class _Work:
         self.prog = prog
         self.tls = threading.local()       # per-thread buffers and compressors
 
+    def read_chunk(self, piece, offset: int, n: int) -> memoryview:
+        """``n`` bytes of ``piece``'s source from ``offset``, into this thread's buffer:
+        one per thread, reused (a fresh 4 MiB buffer per chunk costs a page fault per
+        4 KiB, since readinto fills all of it, holes included)."""
+        whole = getattr(self.tls, "buf", None)
+        if whole is None:
+            whole = self.tls.buf = io_buffer(CHUNK)
+        mv = whole[:n]
+        piece.src.readinto(mv, offset)
+        return mv
+
 
 class _RawCopy(_Work):
     """Copies one job of :func:`_raw_jobs` into the raw output ``fd`` (any thread)."""
@@ -256,13 +267,7 @@ class _RawCopy(_Work):
         if n < 0:
             _punch_or_zero(fd, d, -n)
             return
-        # one buffer per thread, reused: a fresh 4 MiB buffer per chunk costs a
-        # page fault per 4 KiB (readinto fills all of it, holes included)
-        whole = getattr(self.tls, "buf", None)
-        if whole is None:
-            whole = self.tls.buf = io_buffer(CHUNK)
-        mv = whole[:n]
-        p.src.readinto(mv, o)
+        mv = self.read_chunk(p, o, n)
         # plain data lying in a file: the kernel copies it (copy_file_range), the
         # buffer only serves the zero scan (and the fallback)
         src = None
@@ -465,11 +470,7 @@ class _RbdCopy(_Work):
         if n < 0:
             be.punch_hole(d, -n)
             return
-        whole = getattr(self.tls, "buf", None)
-        if whole is None:
-            whole = self.tls.buf = io_buffer(CHUNK)
-        mv = whole[:n]
-        p.src.readinto(mv, o)
+        mv = self.read_chunk(p, o, n)
         if not self.sparse_size:
             be.pwrite(mv, d)
         else:
