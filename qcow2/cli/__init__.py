@@ -46,7 +46,23 @@ class _Formatter(argparse.HelpFormatter):
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Formatter)
+        self.option_arity: dict[str, bool] = {}   # option string -> takes a value (getopt)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
         super().__init__(*args, **kwargs)
+
+    def _record(self, action):
+        for opt in action.option_strings:
+            self.option_arity[opt] = action.nargs != 0
+        return action
+
+    def add_argument(self, *args, **kwargs):
+        return self._record(super().add_argument(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        group = super().add_mutually_exclusive_group(**kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *a, **k: self._record(add(*a, **k))
+        return group
 
     def error(self, message):  # one line, exit 1 like qemu-img
         raise UsageError(message)
@@ -67,6 +83,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is not None and name != only:
             continue
         importlib.import_module(f".{name}", __name__).add_parser(sub)
+    p.commands = sub.choices
     return p
 
 
@@ -74,11 +91,11 @@ def main(argv=None) -> int:
     from ..errors import Qcow2Error
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "resize" and len(argv) > 2 and argv[-1][:1] == "-" \
-            and argv[-1][1:2].isdigit() and "--" not in argv:
-        argv.insert(len(argv) - 1, "--")      # "-1G" is a size, not an option
     try:
         parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+        if argv and argv[0] in COMMANDS and argv[0] != "compute":
+            from .getopt import reorder
+            argv = reorder(parser, argv)     # options anywhere, as qemu-img's getopt
         args = parser.parse_args(argv)
         if args.version:
             from .. import __version__
