@@ -62,10 +62,25 @@ running() {
     [ "${stat%% *}" != Z ]
 }
 
+# wait_gone TENTHS PID...: wait up to TENTHS tenths of a second until none is running
+wait_gone() {
+    local tenths=$1 i pid alive
+    shift
+    for i in $(seq 1 "$tenths"); do
+        alive=0
+        for pid in "$@"; do
+            if running "$pid"; then alive=1; fi
+        done
+        [ $alive = 0 ] && return 0
+        sleep 0.1
+    done
+    return 0
+}
+
 # stop_daemons SIGNAL NAME...: signal them together, wait (bounded) until all are
 # gone, then SIGKILL what is left
 stop_daemons() {
-    local sig=$1 name pid pids=() i alive
+    local sig=$1 name pid pids=()
     shift
     for name in "$@"; do
         if pid=$(our_pid "$name"); then
@@ -73,27 +88,13 @@ stop_daemons() {
             pids+=("$pid")
         fi
     done
-    for i in $(seq 1 100); do                      # 10 s
-        alive=0
-        for pid in "${pids[@]}"; do
-            if running "$pid"; then alive=1; fi
-        done
-        [ $alive = 0 ] && break
-        sleep 0.1
-    done
+    wait_gone 100 "${pids[@]}"                     # 10 s
     for pid in "${pids[@]}"; do
         if running "$pid"; then
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done
-    for i in $(seq 1 50); do                       # 5 s more after SIGKILL
-        alive=0
-        for pid in "${pids[@]}"; do
-            if running "$pid"; then alive=1; fi
-        done
-        [ $alive = 0 ] && break
-        sleep 0.1
-    done
+    wait_gone 50 "${pids[@]}"                      # 5 s more after SIGKILL
     for name in "$@"; do
         rm -f "$RUN/$name.pid"
     done

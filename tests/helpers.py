@@ -104,3 +104,34 @@ def native_kernels():
         if os.environ.get("QCOW2_REQUIRE_NATIVE", "") not in ("", "0"):
             pytest.fail(f"QCOW2_REQUIRE_NATIVE=1 but the native core is unavailable: {exc}")
         pytest.skip(f"native core not built: {exc}")
+
+
+def random_writes(img, model: bytearray, rng, count: int, ops, max_len: int) -> None:
+    """``count`` random operations from ``ops`` ("write", "zero", "discard",
+    "compressed") on a writable image, mirrored into ``model`` (its expected content)."""
+    size = len(model)
+    cs = img.cluster_size
+    for _ in range(count):
+        op = rng.choice(ops)
+        off = rng.randrange(size)
+        n = min(rng.randrange(1, max_len), size - off)
+        if op == "write":
+            blob = rng.randbytes(n)
+            img.pwrite(blob, off)
+            model[off:off + n] = blob
+        elif op == "zero":
+            img.write_zeroes(off, n)
+            model[off:off + n] = bytes(n)
+        elif op == "discard" and img.header.version >= 3:
+            img.discard(off, n)                  # v3: whole clusters read zeros after
+            a, b = -(-off // cs) * cs, (off + n) // cs * cs
+            if off + n == size:
+                b = size
+            if a < b:
+                model[a:b] = bytes(b - a)
+        elif op == "compressed":
+            c = rng.randrange(size // cs) * cs
+            blob = bytes([rng.randrange(256)]) * (cs // 2) + rng.randbytes(cs // 2)
+            img.write_compressed(blob, c)
+            model[c:c + cs] = blob
+

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 
 import pytest
+from helpers import random_writes
 
 from qcow2.backends import Backend, FileBackend, MemoryBackend
 from qcow2.backends.lvm import BlockDeviceBackend
@@ -344,30 +345,8 @@ def test_qcow2_in_memory_is_written_through_the_engine(tmp_path, opts):
     rng = random.Random(opts)
     with qcow2.open(be, "r+") as img:
         assert img.format == "qcow2" and img.filename == "in-memory.qcow2"
-        cs = img.cluster_size
-        for _ in range(60):
-            op = rng.choice(["write", "write", "zero", "discard", "compressed"])
-            off = rng.randrange(size)
-            n = min(rng.randrange(1, 300000), size - off)
-            if op == "write":
-                blob = rng.randbytes(n)
-                img.pwrite(blob, off)
-                model[off:off + n] = blob
-            elif op == "zero":
-                img.write_zeroes(off, n)
-                model[off:off + n] = bytes(n)
-            elif op == "discard" and img.header.version >= 3:
-                img.discard(off, n)                  # v3: whole clusters read zeros after
-                a, b = -(-off // cs) * cs, (off + n) // cs * cs
-                if off + n == size:
-                    b = size
-                if a < b:
-                    model[a:b] = bytes(b - a)
-            elif op == "compressed":
-                c = rng.randrange(size // cs) * cs
-                blob = bytes([rng.randrange(256)]) * (cs // 2) + rng.randbytes(cs // 2)
-                img.write_compressed(blob, c)
-                model[c:c + cs] = blob
+        random_writes(img, model, rng, 60, ["write", "write", "zero", "discard", "compressed"],
+                      300000)
         assert img.pread(size, 0) == bytes(model)
         img.resize(size + MiB)                  # (v2 cannot resize once it has snapshots)
         model.extend(bytes(MiB))

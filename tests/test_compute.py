@@ -290,9 +290,7 @@ def test_http_fetch(compute, tmp_path, images, server, fmt, force_raw):
 @needs_qemu
 def test_http_slow_server(compute, tmp_path, images, server):
     o = make_opts(compute, tmp_path)
-    t = time.monotonic()
     path, _ = compute.fetch_base(o, "img", f"{server.base}/slow/img.raw", disk_format="raw")
-    assert time.monotonic() - t < 30
     qemu("compare", "-f", "raw", "-F", "raw", images["raw"], path)
 
 
@@ -794,10 +792,11 @@ def test_manager_in_use_through_backing_files(compute, tmp_path, images):
     used = compute.bases_in_use(o)
     base = os.path.join(o.base_dir, compute.base_name("img"))
     assert set(used) == {base, other}
+    aged = os.stat(base).st_mtime
     rep = compute.clean(o, now=far)
     assert rep["removed"] == [unused]
     assert os.path.exists(base) and os.path.exists(other)
-    assert time.time() - os.stat(base).st_mtime < 60          # touched
+    assert os.stat(base).st_mtime > aged                       # touched
     compute.destroy(o, UUID1)
     rep = compute.clean(o, now=far)
     assert rep["removed"] == [base] and os.path.exists(other)
@@ -893,11 +892,12 @@ def test_manager_swap_and_ephemeral_in_use(compute, tmp_path, images, images_typ
     assert unused_swap in rep["would_remove"] and swap not in rep["would_remove"]
     assert swap in rep["in_use"] and eph in rep["in_use"]
     assert now - os.stat(swap).st_mtime >= 10 ** 6 - 5              # a dry run touches nothing
+    aged = {p: os.stat(p).st_mtime for p in (swap, eph)}
     rep = compute.clean(o, now=now + 10 ** 6)
     base = os.path.join(o.base_dir, compute.base_name("img"))
     # (a raw root disk does not point at its base: that one goes by its age)
     assert rep["removed"] == sorted([unused_swap] + ([base] if images_type == "flat" else []))
-    assert time.time() - os.stat(swap).st_mtime < 60 and time.time() - os.stat(eph).st_mtime < 60
+    assert all(os.stat(p).st_mtime > t for p, t in aged.items())     # touched
     # the instance gone, they are unused: removed once old enough (the original age)
     compute.destroy(o, UUID1)
     limit = o.remove_unused_original_minimum_age_seconds
@@ -963,7 +963,7 @@ def test_reuse_touches_the_base(compute, tmp_path, images):
     path, _ = compute.fetch_base(o, "img", images["raw"])
     os.utime(path, (1000, 1000))
     assert compute.fetch_base(o, "img", "/nonexistent/not/read/again")[0] == path
-    assert time.time() - os.stat(path).st_mtime < 60
+    assert os.stat(path).st_mtime > 1000                      # touched
 
 
 # -- the command line --------------------------------------------------------------------------
