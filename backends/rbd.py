@@ -38,7 +38,7 @@ if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
     from typing import Hashable, Iterator
 
 #: the binding's version this module was written for (native/build_rbd.py VERSION)
-BINDING_VERSION = 1
+BINDING_VERSION = 2
 #: seconds to wait for the monitors (nova's rbd_connect_timeout default)
 CONNECT_TIMEOUT = 5.0
 #: seconds an OSD operation may take before it fails with ETIMEDOUT
@@ -72,6 +72,12 @@ def _lib():
     if _rbd is None:
         raise OSError(errno.ENOSYS, _REASON)
     return _rbd.ffi, _rbd.lib
+
+
+def binding():
+    """(ffi, lib) of the librbd binding (``OSError(ENOSYS)`` when it is not built): for
+    the pool administration in ``qcow2.backends.rbdadmin``."""
+    return _lib()
 
 
 def librbd_version() -> tuple[int, int, int]:

@@ -31,7 +31,7 @@ REQUIRE_RBD = os.environ.get("QCOW2_REQUIRE_RBD", "") not in ("", "0")
 WITHOUT = {w.strip() for w in os.environ.get("QCOW2_NATIVE_WITHOUT", "").split(",")}
 
 #: bumped whenever CDEF changes; checked at import (qcow2.backends.rbd)
-VERSION = 1
+VERSION = 2
 
 PROBE = r"""
 #include <rados/librados.h>
@@ -39,6 +39,7 @@ PROBE = r"""
 int main(void) {
     rados_t c; rbd_image_t i = 0; uint64_t n;
     (void)rbd_write_zeroes; (void)rbd_diff_iterate2; (void)rbd_get_parent;
+    (void)rbd_clone3; (void)rbd_list_children3; (void)rbd_list2; (void)rbd_metadata_get;
     (void)RBD_WRITE_ZEROES_FLAG_THICK_PROVISION;
     if (rados_create(&c, 0) < 0) return 1;
     rados_shutdown(c);
@@ -72,6 +73,9 @@ typedef struct { char *pool_name; char *pool_namespace; char *image_id; char *im
                  bool trash; ...; } rbd_linked_image_spec_t;
 typedef struct { uint64_t id; char *name; ...; } rbd_snap_spec_t;
 typedef struct { uint64_t id; uint64_t size; const char *name; ...; } rbd_snap_info_t;
+typedef struct { char *id; char *name; ...; } rbd_image_spec_t;
+typedef void *rbd_image_options_t;
+struct timespec { long tv_sec; long tv_nsec; ...; };
 
 int rados_create(rados_t *cluster, const char * const id);
 int rados_conf_read_file(rados_t cluster, const char *path);
@@ -114,6 +118,26 @@ int rbd_flush(rbd_image_t image);
 int rbd_diff_iterate2(rbd_image_t image, const char *fromsnapname, uint64_t ofs,
                       uint64_t len, uint8_t include_parent, uint8_t whole_object,
                       int (*cb)(uint64_t, size_t, int, void *), void *arg);
+int rbd_list2(rados_ioctx_t io, rbd_image_spec_t *images, size_t *max_images);
+void rbd_image_spec_list_cleanup(rbd_image_spec_t *images, size_t num_images);
+int rbd_rename(rados_ioctx_t src_io_ctx, const char *srcname, const char *destname);
+void rbd_image_options_create(rbd_image_options_t *opts);
+void rbd_image_options_destroy(rbd_image_options_t opts);
+int rbd_clone3(rados_ioctx_t p_ioctx, const char *p_name, const char *p_snapname,
+               rados_ioctx_t c_ioctx, const char *c_name, rbd_image_options_t c_opts);
+int rbd_snap_create(rbd_image_t image, const char *snapname);
+int rbd_snap_remove(rbd_image_t image, const char *snapname);
+int rbd_snap_protect(rbd_image_t image, const char *snap_name);
+int rbd_snap_unprotect(rbd_image_t image, const char *snap_name);
+int rbd_snap_is_protected(rbd_image_t image, const char *snap_name, int *is_protected);
+int rbd_list_children3(rbd_image_t image, rbd_linked_image_spec_t *images,
+                       size_t *max_images);
+void rbd_linked_image_spec_list_cleanup(rbd_linked_image_spec_t *images,
+                                        size_t num_images);
+int rbd_metadata_get(rbd_image_t image, const char *key, char *value, size_t *val_len);
+int rbd_metadata_set(rbd_image_t image, const char *key, const char *value);
+int rbd_get_create_timestamp(rbd_image_t image, struct timespec *timestamp);
+int rbd_get_modify_timestamp(rbd_image_t image, struct timespec *timestamp);
 int rbd_lock_acquire(rbd_image_t image, rbd_lock_mode_t lock_mode);
 int rbd_lock_release(rbd_image_t image);
 

@@ -29,7 +29,8 @@ def add_parser(sub):
     common(s)
     s.add_argument("--instance", required=True)
     s.add_argument("--image", required=True, help="image id (names the cache file)")
-    s.add_argument("--source", required=True, help="local path or http(s) URL")
+    s.add_argument("--source", required=True, help="local path, http(s) URL, or (images_type=rbd) "
+                                          "rbd://FSID/POOL/IMAGE/SNAP")
     s.add_argument("--root-size", required=True, type=_size)
     s.add_argument("--disk-format", choices=("qcow2", "raw"), default=None)
     s.add_argument("--checksum", default=None, help="sha256:HEX")
@@ -109,6 +110,16 @@ def run_clean(args) -> int:
                        ("stale_temporaries", stale)):
         for p in rep[key]:
             print(f"{label}: {p}")
+    pool = rep.get("pool")
+    if pool is not None:
+        pstale = f"{'would remove' if args.dry_run else 'removed'} stale temporary image"
+        for key, label in (("in_use", "pool base in use"), ("would_remove", "would remove"),
+                           ("removed", "removed"), ("too_young", "too young to remove"),
+                           ("busy", "being written, left alone"), ("kept", "kept"),
+                           ("ignored", "not a finished base, left alone"),
+                           ("stale_temporaries", pstale)):
+            for name in pool[key]:
+                print(f"{label}: {name}")
     _print_usage(rep["usage"])
     return 0
 
@@ -126,3 +137,8 @@ def run_usage(args) -> int:
 def _print_usage(u) -> None:
     print(f"cache {u['directory']}: {u['count']} files, {u['allocated']} bytes allocated "
           f"({u['size']} bytes apparent)")
+    p = u.get("pool")
+    if p is not None:
+        clones = sum(b["clones"] for b in p["bases"])
+        print(f"pool {p['pool']}: {p['count']} bases, {p['allocated']} bytes allocated "
+              f"({p['size']} bytes virtual), {clones} clones")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 
 from ..errors import InvalidOptionError
 
-_IMAGES_TYPES = ("default", "raw", "flat", "qcow2", "lvm")
+_IMAGES_TYPES = ("default", "raw", "flat", "qcow2", "lvm", "rbd")
 _PREALLOCATE = ("none", "space")
 _FS = ("ext2", "ext3", "ext4", "xfs", "vfat", "ntfs")
 
@@ -28,6 +28,13 @@ _SCHEMA = (
     ("resize_fs_using_block_device", "DEFAULT", "resize_fs_using_block_device", "bool"),
     ("images_type", "libvirt", "images_type", "str"),
     ("images_volume_group", "libvirt", "images_volume_group", "str"),
+    ("images_rbd_pool", "libvirt", "images_rbd_pool", "str"),
+    ("images_rbd_ceph_conf", "libvirt", "images_rbd_ceph_conf", "str"),
+    ("rbd_user", "libvirt", "rbd_user", "str"),
+    ("rbd_connect_timeout", "libvirt", "rbd_connect_timeout", "int"),
+    ("rbd_destroy_volume_retries", "libvirt", "rbd_destroy_volume_retries", "int"),
+    ("rbd_destroy_volume_retry_interval", "libvirt", "rbd_destroy_volume_retry_interval",
+     "int"),
     ("subdirectory_name", "image_cache", "subdirectory_name", "str"),
     ("manager_interval", "image_cache", "manager_interval", "int"),
     ("remove_unused_base_images", "image_cache", "remove_unused_base_images", "bool"),
@@ -50,6 +57,12 @@ class Options:
     resize_fs_using_block_device: bool = False
     images_type: str = "default"
     images_volume_group: str | None = None
+    images_rbd_pool: str = "rbd"
+    images_rbd_ceph_conf: str | None = None      # None: librados' own search
+    rbd_user: str | None = None
+    rbd_connect_timeout: int = 5
+    rbd_destroy_volume_retries: int = 12
+    rbd_destroy_volume_retry_interval: int = 5
     subdirectory_name: str = "_base"
     manager_interval: int = 2400
     remove_unused_base_images: bool = True
@@ -76,9 +89,29 @@ class Options:
                      "remove_unused_resized_minimum_age_seconds"):
             if getattr(self, name) < (-1 if name == "manager_interval" else 0):
                 raise InvalidOptionError(f"[image_cache] {name}: must not be negative")
+        self._check_rbd()
         if self.backend == "lvm" and not self.images_volume_group:
             raise InvalidOptionError("[libvirt] images_volume_group: required when "
                                      "images_type is lvm")
+
+    def _check_rbd(self) -> None:
+        if not self.images_rbd_pool or "/" in self.images_rbd_pool \
+                or "@" in self.images_rbd_pool:
+            raise InvalidOptionError(f"[libvirt] images_rbd_pool: invalid pool name "
+                                     f"{self.images_rbd_pool!r}")
+        if self.rbd_connect_timeout <= 0:
+            raise InvalidOptionError("[libvirt] rbd_connect_timeout: must be positive")
+        if self.rbd_destroy_volume_retries < 1:
+            raise InvalidOptionError("[libvirt] rbd_destroy_volume_retries: must be at "
+                                     "least 1")
+        if self.rbd_destroy_volume_retry_interval < 0:
+            raise InvalidOptionError("[libvirt] rbd_destroy_volume_retry_interval: must "
+                                     "not be negative")
+        if self.images_type == "rbd" and not self.force_raw_images:
+            # as nova: a qcow2 base cannot be the parent of an RBD clone
+            raise InvalidOptionError("[libvirt] images_type = rbd needs [DEFAULT] "
+                                     "force_raw_images = True (RBD clones need a raw base); "
+                                     "force_raw_images = False is refused")
 
     # -- derived ---------------------------------------------------------------------
     @property
@@ -140,7 +173,7 @@ def _convert(section: str, name: str, kind: str, raw: str):
             return int(raw)
         except ValueError:
             raise InvalidOptionError(f"[{section}] {name}: invalid integer {raw!r}") from None
-    if name == "default_ephemeral_format" and raw == "":
+    if name in ("default_ephemeral_format", "images_rbd_ceph_conf", "rbd_user") and raw == "":
         return None
     return raw
 

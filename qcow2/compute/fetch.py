@@ -144,22 +144,22 @@ def file_format(path: str) -> str:
         return probe_format(f.read(4))
 
 
-def _refuse_format(actual: str, declared: str | None, source: str) -> None:
+def refuse_format(actual: str, declared: str | None, source: str) -> None:
     if declared is not None and actual != declared:
         raise ImageFormatMismatchError(f"image {source} is {actual}, but was declared "
                                        f"{declared}: refused")
 
 
-def _inspect(path: str, declared: str | None, source: str) -> str:
+def inspect_source(path: str, declared: str | None, source: str) -> str:
     """Open untrusted: refuses backing/data files; returns the probed format."""
     import qcow2
     with qcow2.open(path, untrusted=True) as img:
         fmt = img.format
-    _refuse_format(fmt, declared, source)
+    refuse_format(fmt, declared, source)
     return fmt
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -169,7 +169,7 @@ def _sha256_file(path: str) -> str:
             h.update(b)
 
 
-def _verify(got: str, want: str | None, source: str) -> None:
+def verify_checksum(got: str, want: str | None, source: str) -> None:
     if want is not None and got != want:
         raise ChecksumError(f"checksum mismatch for {source}: expected sha256:{want}, "
                             f"got sha256:{got}")
@@ -195,15 +195,15 @@ def _place(opts, src: str, fmt: str, dst: str, progress) -> str:
 def _fetch_local(opts, source, dst, declared, want, progress) -> str:
     if not os.path.exists(source):
         raise ComputeError(f"image source {source} does not exist")
-    fmt = _inspect(source, declared, source)
+    fmt = inspect_source(source, declared, source)
     if want is not None:
-        _verify(_sha256_file(source), want, source)
+        verify_checksum(sha256_file(source), want, source)
     return _place(opts, source, fmt, dst, progress)
 
 
 # -- http ------------------------------------------------------------------------------
 
-def _open_url(url: str, timeout: float):
+def open_url(url: str, timeout: float):
     try:
         resp = urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -215,14 +215,14 @@ def _open_url(url: str, timeout: float):
     return resp, (int(length) if length and length.isdigit() else None)
 
 
-def _read(resp, url: str, n: int) -> bytes:
+def read_body(resp, url: str, n: int) -> bytes:
     try:
         return resp.read(n)
     except Exception as exc:  # noqa: BLE001 - http.client raises several kinds
         raise DownloadError(f"download of {url} failed: {type(exc).__name__}: {exc}") from None
 
 
-class _SpaceWatch:
+class SpaceWatch:
     """Free-space checks while a body streams into ``directory`` (see the module doc).
 
     ``raw_cap``: the body is a qcow2 that becomes a raw base afterwards, whose data can
@@ -267,7 +267,7 @@ def _qcow2_virtual_size(head: bytes) -> int | None:
     return int.from_bytes(head[C.HDR_SIZE:end], "big") if len(head) >= end else None
 
 
-def _stream(resp, url, length, head: bytes, write, hasher, progress, watch=None) -> int:
+def stream_body(resp, url, length, head: bytes, write, hasher, progress, watch=None) -> int:
     """Feed the body (``head`` already read) to ``write(data, offset)``; returns its size.
     ``watch(pos)`` is called before each write (the free-space checks)."""
     pos = 0
@@ -281,7 +281,7 @@ def _stream(resp, url, length, head: bytes, write, hasher, progress, watch=None)
             pos += len(buf)
             if progress is not None and length:
                 progress(min(100.0, 100.0 * pos / length))
-        buf = _read(resp, url, CHUNK)
+        buf = read_body(resp, url, CHUNK)
         if not buf:
             break
     if length is not None and pos != length:
@@ -289,64 +289,67 @@ def _stream(resp, url, length, head: bytes, write, hasher, progress, watch=None)
     return pos
 
 
-def _pwrite_sparse(fd: int, data: bytes, pos: int) -> None:
-    """Write ``data`` at ``pos``, skipping all-zero blocks (holes in a new file)."""
+def write_sparse(put, data: bytes, pos: int) -> None:
+    """``put(view, offset)`` the runs of ``data`` (to go at ``pos``) that are not
+    all-zero ``BLOCK``-aligned blocks: a new output gets holes for the rest."""
     n = len(data)
     if data.count(0) == n:
         return
     mv = memoryview(data)
-
-    def put(a: int, b: int) -> None:
-        while a < b:
-            a += os.pwrite(fd, mv[a:b], pos + a)
-
     start = None
     i = 0
     while i < n:
         j = min(n, (pos + i) // BLOCK * BLOCK + BLOCK - pos)
         if data.count(0, i, j) == j - i:
             if start is not None:
-                put(start, i)
+                put(mv[start:i], pos + start)
                 start = None
         elif start is None:
             start = i
         i = j
     if start is not None:
-        put(start, n)
+        put(mv[start:n], pos + start)
+
+
+def _pwrite_all(fd: int, mv, offset: int) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
 
 
 def _fetch_url(opts, url, dst, declared, want, progress, timeout) -> str:
-    resp, length = _open_url(url, timeout)
+    resp, length = open_url(url, timeout)
     base_dir = os.path.dirname(dst)
     try:
         if length is not None:
             check_space(base_dir, length, f"the download of {url}")
-        head = _read(resp, url, CHUNK)
+        head = read_body(resp, url, CHUNK)
         fmt = probe_format(head)
-        _refuse_format(fmt, declared, url)
+        refuse_format(fmt, declared, url)
         raw_cap = None
         if fmt == "qcow2" and opts.force_raw_images:
             raw_cap = _qcow2_virtual_size(head)
-        watch = _SpaceWatch(base_dir, url, length, raw_cap)
+        watch = SpaceWatch(base_dir, url, length, raw_cap)
         hasher = hashlib.sha256()
         if fmt == "raw":
             # one pass: the body goes straight into the anonymous output file
             with AtomicOutput(dst, 0o644) as out:
-                size = _stream(resp, url, length, head, lambda b, p: _pwrite_sparse(out.fd, b, p),
+                size = stream_body(resp, url, length, head, lambda b, p: write_sparse(
+                    lambda v, o: _pwrite_all(out.fd, v, o), b, p),
                                hasher, progress, watch)
                 os.ftruncate(out.fd, size)
-                _verify(hasher.hexdigest(), want, url)
+                verify_checksum(hasher.hexdigest(), want, url)
                 out.commit(sync=True)
             return "raw"
         fd, tmp = make_temp(dst, base_dir)
         try:
             try:
-                _stream(resp, url, length, head, lambda b, p: os.pwrite(fd, b, p) and None,
+                stream_body(resp, url, length, head, lambda b, p: os.pwrite(fd, b, p) and None,
                         hasher, progress, watch)
             finally:
                 os.close(fd)
-            _verify(hasher.hexdigest(), want, url)
-            _inspect(tmp, declared or "qcow2", url)
+            verify_checksum(hasher.hexdigest(), want, url)
+            inspect_source(tmp, declared or "qcow2", url)
             if opts.force_raw_images:
                 return _place(opts, tmp, "qcow2", dst, None)
             os.chmod(tmp, 0o644)

@@ -34,6 +34,9 @@ from .fetch import check_space
 
 EXT_MAGIC = b"\x53\xef"
 CHUNK = 4 << 20
+#: the unit compared and written back into a raw image (an RBD clone copies up whole
+#: objects on the first write into each anyway)
+RAW_GRAIN = 64 << 10
 
 
 RO_COMPAT_GDT_CSUM = 0x10
@@ -189,29 +192,35 @@ def grow_qcow2_fs(path: str) -> dict | None:
     ``{"compared": bytes, "written": bytes}`` (guest bytes compared, bytes written into
     the overlay).
     """
+    return grow_image_fs(path, "qcow2", os.path.dirname(os.path.abspath(path)))
+
+
+def grow_image_fs(name: str, fmt: str, workdir: str) -> dict | None:
+    """:func:`grow_qcow2_fs` for any image the engine writes: a qcow2 file, or a raw
+    RBD image (``rbd:`` name) whose working copy lives in ``workdir``."""
     import qcow2
-    with qcow2.open(path, force_share=True) as img:
+    with qcow2.open(name, format=fmt, force_share=True) as img:
         sb = read_ext_super(img)
         if sb is None or img.size - sb.size < sb.block_size:
             return None
-        size, cluster = img.size, img.cluster_size
+        size = img.size
+        cluster = getattr(img, "cluster_size", RAW_GRAIN)
         data = sum(e.length for e in img.extents() if e.data and not e.zero)
-    directory = os.path.dirname(os.path.abspath(path))
-    check_space(directory, space_needed(sb, size, data, cluster),
-                f"growing the file system of {path}")
-    fd = _working_file(directory)
+    check_space(workdir, space_needed(sb, size, data, cluster),
+                f"growing the file system of {name}")
+    fd = _working_file(workdir)
     try:
         os.ftruncate(fd, size)
-        qcow2.convert(path, f"/proc/self/fd/{fd}", src_format="qcow2", out_format="raw",
+        qcow2.convert(name, f"/proc/self/fd/{fd}", src_format=fmt, out_format="raw",
                       no_create=True, target_is_zero=True, cache="unsafe", force_share=True)
         _run_on_fd(["e2fsck", "-fp"], fd, ok=(0, 1, 2))
         _run_on_fd(["resize2fs"], fd)
-        with qcow2.open(path, "r+") as img:
+        with qcow2.open(name, "r+", format=fmt) as img:
             ranges = list(_data_regions(fd, size))
             ranges += [(e.start, e.start + e.length) for e in img.extents()
                        if e.data and not e.zero]
-            ranges = _merge(ranges, img.cluster_size, size)
-            written = _write_back(img, fd, ranges, img.cluster_size)
+            ranges = _merge(ranges, cluster, size)
+            written = _write_back(img, fd, ranges, cluster)
             img.flush()
         return {"compared": sum(b - a for a, b in ranges), "written": written}
     finally:

@@ -184,7 +184,8 @@ def max_age(opts, path: str) -> int | None:
 
 
 def usage(opts) -> dict:
-    """Disk usage of the cache: per file and in total (allocated and apparent bytes)."""
+    """Disk usage of the cache: per file and in total (allocated and apparent bytes);
+    with images_type=rbd also the pool cache (``pool``: ``rbdmanager.pool_usage``)."""
     files = []
     total = apparent = 0
     for p in cached_files(opts):
@@ -196,8 +197,12 @@ def usage(opts) -> dict:
                       "mtime": int(st.st_mtime)})
         total += st.st_blocks * 512
         apparent += st.st_size
-    return {"directory": opts.base_dir, "files": files, "count": len(files),
-            "allocated": total, "size": apparent}
+    out = {"directory": opts.base_dir, "files": files, "count": len(files),
+           "allocated": total, "size": apparent}
+    if opts.backend == "rbd":
+        from .rbdmanager import pool_usage
+        out["pool"] = pool_usage(opts)
+    return out
 
 
 def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
@@ -209,7 +214,8 @@ def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
     are not cache files), ``missing`` (bases named by instance disks but absent),
     ``kinds`` ({path: original|resized|swap|ephemeral}), ``unreadable_disks`` (qcow2
     instance disks whose header the engine refuses: while there is one, every base is
-    kept), ``stale_temporaries``, ``usage``.
+    kept), ``stale_temporaries``, ``usage``; with images_type=rbd also ``pool``, the
+    pass over the pool bases (``rbdmanager.clean_pool``).
     """
     now = time.time() if now is None else now
     used, unreadable = _scan_instances(opts)
@@ -248,6 +254,9 @@ def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
             if outcome is not None:
                 report[outcome].append(p)
     _clean_temps(opts, report, dry_run)
+    if opts.backend == "rbd":
+        from .rbdmanager import clean_pool
+        report["pool"] = clean_pool(opts, dry_run=dry_run, now=now)
     report["usage"] = usage(opts)
     return report
 
