@@ -11,8 +11,10 @@ naming the image, as in ``rbd``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import time
 
 from .rbd import Cluster, binding
 
@@ -95,6 +97,44 @@ def clone(cluster: Cluster, parent: str, snap: str, child: str, *,
     if r < 0:
         raise _err(r, f"cannot clone '{parent}@{snap}' to '{child}' in pool "
                       f"'{cluster.pool}'")
+
+
+@contextlib.contextmanager
+def pool_lock(cluster: Cluster, key: str, *, duration: float = 60.0, wait: float = 300.0):
+    """Hold a cluster-wide advisory lock ``key`` (a RADOS object lock on the object
+    ``key`` of the pool), for a short critical section shared by every host using the
+    pool.  The lock expires ``duration`` seconds after it was taken, so a holder that
+    dies frees it; a busy lock is waited for, up to ``wait`` seconds (then ETIMEDOUT)."""
+    ffi, lib = binding()
+    cookie = os.urandom(8).hex().encode()
+    tv = ffi.new("struct timeval *")
+    tv.tv_sec = int(duration)
+    deadline = time.monotonic() + wait
+    pause = 0.05
+    while True:
+        r = lib.rados_lock_exclusive(cluster.ioctx, key.encode(), b"qcow2", cookie,
+                                     b"qcow2 pool cache", tv, 0)
+        if r == 0:
+            break
+        if r not in (-errno.EBUSY, -errno.EEXIST):
+            raise _err(r, f"cannot lock '{key}' in pool '{cluster.pool}'")
+        if time.monotonic() > deadline:
+            raise OSError(errno.ETIMEDOUT, f"lock '{key}' in pool '{cluster.pool}' still "
+                                           f"held by another client after {wait:g} s")
+        time.sleep(pause)
+        pause = min(1.0, pause * 2)
+    try:
+        yield
+    finally:
+        lib.rados_unlock(cluster.ioctx, key.encode(), b"qcow2", cookie)
+
+
+def remove_object(cluster: Cluster, key: str) -> None:
+    """Remove a RADOS object of the pool (a lock object no longer needed); ENOENT is
+    not an error."""
+    r = binding()[1].rados_remove(cluster.ioctx, key.encode())
+    if r < 0 and r != -errno.ENOENT:
+        raise _err(r, f"cannot remove object '{key}' from pool '{cluster.pool}'")
 
 
 class Image:
@@ -276,4 +316,5 @@ class Image:
         return self._timestamp(binding()[1].rbd_get_modify_timestamp, "modification")
 
 
-__all__ = ["Image", "clone", "close_ioctx", "list_images", "open_ioctx", "remove", "rename"]
+__all__ = ["Image", "clone", "close_ioctx", "list_images", "open_ioctx", "pool_lock", "remove",
+           "remove_object", "rename"]

@@ -76,6 +76,7 @@ typedef struct { uint64_t id; uint64_t size; const char *name; ...; } rbd_snap_i
 typedef struct { char *id; char *name; ...; } rbd_image_spec_t;
 typedef void *rbd_image_options_t;
 struct timespec { long tv_sec; long tv_nsec; ...; };
+struct timeval { long tv_sec; long tv_usec; ...; };
 
 int rados_create(rados_t *cluster, const char * const id);
 int rados_conf_read_file(rados_t cluster, const char *path);
@@ -86,6 +87,11 @@ void rados_shutdown(rados_t cluster);
 int rados_cluster_fsid(rados_t cluster, char *buf, size_t len);
 int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx);
 void rados_ioctx_destroy(rados_ioctx_t io);
+int rados_lock_exclusive(rados_ioctx_t io, const char *oid, const char *name,
+                         const char *cookie, const char *desc, struct timeval *duration,
+                         uint8_t flags);
+int rados_unlock(rados_ioctx_t io, const char *o, const char *name, const char *cookie);
+int rados_remove(rados_ioctx_t io, const char *oid);
 void rados_ioctx_set_namespace(rados_ioctx_t io, const char *nspace);
 int64_t rados_ioctx_get_id(rados_ioctx_t io);
 

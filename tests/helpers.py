@@ -4,10 +4,13 @@ integers, the L1 / L2 / refcount tables of a 64 KiB-cluster image)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 
 def run(*args, check=True, cwd=None) -> subprocess.CompletedProcess:
@@ -135,3 +138,72 @@ def random_writes(img, model: bytearray, rng, count: int, ops, max_len: int) -> 
             img.write_compressed(blob, c)
             model[c:c + cs] = blob
 
+
+class ImageServer:
+    """A real HTTP server on 127.0.0.1 serving ``files`` ({name: bytes}) under a few
+    routes: ``/plain/NAME``, ``/slow/NAME``, ``/drop/NAME`` (closed half-way),
+    ``/chunked/NAME`` (no Content-Length), ``/chunkdrop/NAME``; ``hits`` counts requests
+    per path."""
+
+    def __init__(self, files):
+        self.files = files
+        self.hits: dict[str, int] = {}
+        server = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                route, _, name = self.path.strip("/").partition("/")
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                data = server.files.get(name)
+                if data is None:
+                    self.send_error(404)
+                    return
+                if route in ("chunked", "chunkdrop"):    # no Content-Length
+                    self.protocol_version = "HTTP/1.1"
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    # chunkdrop: the connection closes half-way, without the last chunk
+                    end = len(data) // 2 if route == "chunkdrop" else len(data)
+                    try:
+                        for i in range(0, end, 256 * 1024):
+                            piece = data[i:min(end, i + 256 * 1024)]
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        if route == "chunked":
+                            self.wfile.write(b"0\r\n\r\n")
+                        self.wfile.flush()
+                        self.connection.shutdown(2)
+                    except (BrokenPipeError, ConnectionResetError, OSError):
+                        pass
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    if route == "drop":              # connection dropped half-way
+                        self.wfile.write(data[:len(data) // 2])
+                        self.wfile.flush()
+                        self.connection.shutdown(2)
+                        return
+                    step = 1 << 20
+                    for i in range(0, len(data), step):
+                        self.wfile.write(data[i:i + step])
+                        if route == "slow":
+                            time.sleep(0.02)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)

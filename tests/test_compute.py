@@ -5,7 +5,6 @@ and over real HTTP on 127.0.0.1), instance disks per images_type and option comb
 from __future__ import annotations
 
 import hashlib
-import http.server
 import itertools
 import json
 import os
@@ -16,6 +15,8 @@ import threading
 import time
 
 import pytest
+
+from helpers import ImageServer
 
 QEMU_IMG = shutil.which("qemu-img")
 needs_qemu = pytest.mark.skipif(not QEMU_IMG, reason="qemu-img (the test oracle) is not installed")
@@ -189,79 +190,12 @@ def test_stale_temporaries_removed(compute, tmp_path, images):
 
 # -- the base cache over HTTP ------------------------------------------------------------------
 
-class _Server:
-    """A real HTTP server on 127.0.0.1 with a few misbehaving routes."""
-
-    def __init__(self, files):
-        self.files = files
-        self.hits: dict[str, int] = {}
-        server = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                route, _, name = self.path.strip("/").partition("/")
-                server.hits[self.path] = server.hits.get(self.path, 0) + 1
-                data = server.files.get(name)
-                if data is None:
-                    self.send_error(404)
-                    return
-                if route in ("chunked", "chunkdrop"):    # no Content-Length
-                    self.protocol_version = "HTTP/1.1"
-                    self.send_response(200)
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    # chunkdrop: the connection closes half-way, without the last chunk
-                    end = len(data) // 2 if route == "chunkdrop" else len(data)
-                    try:
-                        for i in range(0, end, 256 * 1024):
-                            piece = data[i:min(end, i + 256 * 1024)]
-                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                        if route == "chunked":
-                            self.wfile.write(b"0\r\n\r\n")
-                        self.wfile.flush()
-                        self.connection.shutdown(2)
-                    except (BrokenPipeError, ConnectionResetError, OSError):
-                        pass
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    if route == "drop":              # connection dropped half-way
-                        self.wfile.write(data[:len(data) // 2])
-                        self.wfile.flush()
-                        self.connection.shutdown(2)
-                        return
-                    step = 1 * MiB
-                    for i in range(0, len(data), step):
-                        self.wfile.write(data[i:i + step])
-                        if route == "slow":
-                            time.sleep(0.02)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(10)
-
-
 @pytest.fixture
 def server(images):
     files = {"img.raw": open(images["raw"], "rb").read()}
     if QEMU_IMG:
         files["img.qcow2"] = open(images["qcow2"], "rb").read()
-    s = _Server(files)
+    s = ImageServer(files)
     try:
         yield s
     finally:
@@ -443,7 +377,7 @@ def test_http_chunked_real_small_file_system(compute, small_fs, monkeypatch):
     monkeypatch.setattr(fetch, "STREAM_CHECK_EVERY", 4 * MiB)
     monkeypatch.setattr(fetch, "STREAM_RESERVE", 4 * MiB)
     body = os.urandom(48 * MiB)
-    s = _Server({"big.raw": body})
+    s = ImageServer({"big.raw": body})
     try:
         o = compute.Options(instances_path=str(small_fs / "instances"))
         with pytest.raises(compute.InsufficientSpaceError, match="bytes available"):

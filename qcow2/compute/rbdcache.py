@@ -34,7 +34,8 @@ import time
 import urllib.parse
 
 from ..backends.rbd import Cluster, RbdBackend
-from ..backends.rbdadmin import Image, clone, list_images, remove, rename
+from ..backends.rbdadmin import Image, clone, list_images, pool_lock, remove, rename
+from ..errors import Qcow2Error
 from ..rbdname import format_rbd_name
 from .errors import ComputeError, ImageFormatMismatchError
 from .fetch import (CHUNK, TIMEOUT, SpaceWatch, check_space, inspect_source, is_url,
@@ -187,21 +188,33 @@ def _drop_unfinished(cl: Cluster, name: str, image_id: str) -> None:
                        f"did not finish removing, and it cannot be removed now")
 
 
+def publish_lock(cl: Cluster, name: str):
+    """The pool-wide lock under which a base is published or removed (every host)."""
+    return pool_lock(cl, f"qcow2_base_lock.{name}")
+
+
 def _finish(cl: Cluster, tmp: str, name: str, image_id: str) -> None:
-    """Snapshot, protect and rename the imported ``tmp`` to ``name``; another host's
-    finished base of the same name wins (ours is discarded)."""
+    """Snapshot and protect the imported ``tmp``, then rename it to ``name`` under the
+    pool-wide publish lock (an RBD rename alone is not atomic against a concurrent one
+    to the same name); another host's finished base of the same name wins, and ours is
+    discarded."""
     try:
         with Image(cl, tmp) as im:
             im.metadata_set(KEY_IMAGE_ID, image_id)
             im.metadata_set(KEY_LAST_USED, f"{time.time():.0f}")
             im.snap_create(SNAP)
             im.snap_protect(SNAP)
-        rename(cl, tmp, name)
+        with publish_lock(cl, name):
+            state = base_state(cl, name)
+            if state is None:
+                rename(cl, tmp, name)
+                return
+        if state != "ready":
+            raise RbdError(f"image '{name}' appeared in pool '{cl.pool}' during the import "
+                           f"and is not a finished base: refused")
     except OSError as exc:
-        if exc.errno == errno.EEXIST and base_state(cl, name) == "ready":
-            discard(cl, tmp)
-            return
         raise _rbd_error(exc) from None
+    discard(cl, tmp)
 
 
 def _convert_into(opts, src: str, fmt: str, tmp: str, progress) -> None:
@@ -265,6 +278,8 @@ def _stream_into_pool(opts, tmp, resp, url, length, head, hasher, want, progress
         verify_checksum(hasher.hexdigest(), want, url)
         be.flush()
         done = True
+    except Qcow2Error:
+        raise
     except OSError as exc:
         raise _rbd_error(exc) from None
     finally:
@@ -340,5 +355,6 @@ def _sha256_store(be, size: int, buf: bytearray) -> str:
 
 __all__ = ["KEY_IMAGE_ID", "KEY_LAST_USED", "SNAP", "RbdError",
            "base_state", "check_cloneable", "clone", "connect", "discard", "fetch_pool_base",
-           "is_base", "last_used", "list_images", "parse_rbd_url", "rbd_name", "temp_owner",
+           "is_base", "last_used", "list_images", "parse_rbd_url", "publish_lock", "rbd_name",
+           "temp_owner",
            "touch"]

@@ -17,10 +17,10 @@ from __future__ import annotations
 import errno
 import time
 
-from ..backends.rbdadmin import Image, list_images, remove
+from ..backends.rbdadmin import Image, list_images, remove, remove_object
 from .locks import try_image_lock
-from .rbdcache import (SNAP, RbdError, connect, discard, is_base, last_used, rbd_name,
-                       temp_owner, touch)
+from .rbdcache import (SNAP, RbdError, connect, discard, is_base, last_used, publish_lock,
+                       rbd_name, temp_owner, touch)
 
 #: seconds after which a temporary import image whose host lock is free is stale
 STALE_TEMP_AGE = 3600
@@ -84,7 +84,14 @@ def _base_pass(opts, cl, name: str, now: float, dry_run: bool, rep: dict) -> str
     with try_image_lock(opts.lock_dir, name) as got:
         if not got:
             return "busy"
-        return _remove_base(cl, name, now, limit)
+        with publish_lock(cl, name):
+            outcome = _remove_base(cl, name, now, limit)
+        if outcome == "removed":
+            try:
+                remove_object(cl, f"qcow2_base_lock.{name}")
+            except OSError:
+                pass
+        return outcome
 
 
 def _remove_base(cl, name: str, now: float, limit: int) -> str:
