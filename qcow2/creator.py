@@ -88,13 +88,12 @@ class CreateRequest:
         (``durable=False``: without syncing it, for a caller that syncs it later)."""
         if self.format == "raw":
             _create_raw(self, durable)
-        elif is_rbd_name(self.path):
-            raise UnsupportedFeatureError(f"Could not create '{self.path}': qcow2 images in "
-                                          f"RBD are not created here (create -f raw makes "
-                                          f"the RBD image)", feature="create -f qcow2 rbd:")
         else:
             spec = Qcow2Spec.from_request(self)
-            _create_qcow2(spec, durable)
+            if is_rbd_name(self.path):
+                _create_qcow2_rbd(spec, durable)
+            else:
+                _create_qcow2(spec, durable)
 
 
 def _check_format(format) -> None:
@@ -365,6 +364,49 @@ def _create_qcow2(spec: Qcow2Spec, durable: bool = True) -> None:
     finally:
         if data_out is not None:
             data_out.close()
+
+
+def _create_qcow2_rbd(spec: Qcow2Spec, durable: bool = True) -> None:
+    """A qcow2 image inside a new RBD image (refused when one of that name exists):
+    the metadata is written into it and flushed; on failure the RBD image is removed.
+    RBD allocates as it is written, so of the preallocation modes only ``off`` and
+    ``metadata`` mean anything; an external data file is a local file, not offered."""
+    if spec.data_file is not None:
+        raise UnsupportedFeatureError(f"Could not create '{spec.path}': an external data "
+                                      f"file for a qcow2 image in RBD is not supported",
+                                      feature="create -o data_file rbd:")
+    if spec.preallocation not in ("off", "metadata"):
+        raise InvalidOptionError(f"Unsupported preallocation mode '{spec.preallocation}' "
+                                 f"for a qcow2 image in RBD (off or metadata)")
+    try:
+        lay = qcow2_layout(spec.size, spec.cluster_bits, spec.refcount_order,
+                           extended_l2=spec.extended_l2, preallocation=spec.preallocation,
+                           external_data=False)
+    except ImageTooLargeError as exc:
+        raise O.too_large("qcow2", spec.cluster_size_given, str(exc)) from None
+    header = qcow2_header_bytes(spec, lay)
+    be = open_rbd(spec.path, create=lay.file_size)
+    done = False
+    try:
+        for offset, chunk in metadata_writes(lay, header, lay.data_offset):
+            be.pwrite(chunk, offset)
+        if spec.preallocation == "metadata":
+            end = cow_end(spec.size, spec.cluster_bits, spec.extended_l2)
+            if end > spec.size:
+                be.pwrite(bytes(end - spec.size), lay.data_offset + spec.size)
+        if durable:
+            be.flush()
+        done = True
+    except OSError as exc:
+        raise _write_error(exc, spec.path, "qcow2", spec.cluster_size_given) from None
+    finally:
+        if done:
+            be.close()
+        else:
+            try:
+                be.remove()
+            except OSError:
+                be.close()
 
 
 # -- raw ----------------------------------------------------------------------------------
