@@ -43,6 +43,8 @@ BINDING_VERSION = 2
 CONNECT_TIMEOUT = 5.0
 #: seconds an OSD operation may take before it fails with ETIMEDOUT
 OP_TIMEOUT = 30.0
+#: seconds the removal of a failed output keeps trying while the cluster does not answer
+REMOVE_PATIENCE = 60.0
 _CHUNK = 1 << 30                # per librbd call (its lengths are size_t, results ssize_t)
 _DIFF_WINDOW = 1 << 30          # diff_iterate2 is asked about this much at a time
 _DEFAULT_CONF_PATHS = ("$CEPH_CONF", "/etc/ceph/ceph.conf", "~/.ceph/config", "./ceph.conf")
@@ -540,13 +542,34 @@ class RbdBackend(ResizableWhenWritable, Backend):
         if cluster is not None:
             cluster.close()
 
-    def remove(self) -> None:
-        """Close the image and delete it from its pool (an output that failed)."""
+    def remove(self, patience: float | None = None) -> None:
+        """Close the image and delete it from its pool (an output that failed).
+
+        A cluster that does not answer (ETIMEDOUT) or a watch of ours the OSD still
+        holds (EBUSY, after a close that timed out) is waited out, up to ``patience``
+        seconds (default :data:`REMOVE_PATIENCE`); then the ``OSError`` says that the
+        partial image is left and how to remove it."""
+        import time
         image, self.image = self.image, None
         if image is not None:
             _rbd.lib.rbd_close(image)
+        deadline = time.monotonic() + (REMOVE_PATIENCE if patience is None else patience)
+        pause = 0.25
         try:
-            self.cluster.remove_image(self.image_name)
+            while True:
+                try:
+                    self.cluster.remove_image(self.image_name)
+                    return
+                except OSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        return
+                    if exc.errno not in (errno.ETIMEDOUT, errno.EBUSY, errno.EAGAIN) \
+                            or time.monotonic() + pause > deadline:
+                        raise _fail(exc.errno, f"the partial image was left in the pool "
+                                               f"({exc.strerror}): remove it with 'rbd rm "
+                                               f"{self.pool}/{self.image_name}'") from None
+                time.sleep(pause)
+                pause = min(4.0, pause * 2)
         finally:
             self.cluster.close()
 
@@ -557,5 +580,6 @@ class RbdBackend(ResizableWhenWritable, Backend):
             pass
 
 
-__all__ = ["BINDING_VERSION", "CONNECT_TIMEOUT", "Cluster", "OP_TIMEOUT", "RbdBackend",
+__all__ = ["BINDING_VERSION", "CONNECT_TIMEOUT", "Cluster", "OP_TIMEOUT", "REMOVE_PATIENCE",
+           "RbdBackend",
            "librbd_version", "unavailable_reason"]

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -582,6 +583,49 @@ def test_errors(cluster, pool, tmp_path):
         _one_line_error(["info", name], pattern, env=env)
     if not os.path.exists("/etc/ceph/ceph.conf"):
         _one_line_error(["info", f"rbd:{c.pool}/{image}"], r"no ceph.conf was found", env=env)
+
+
+def test_cluster_stalls_mid_convert(cluster, pool, tmp_path):
+    """The OSD stops answering while a convert streams into the pool (SIGSTOP, as a
+    hung or partitioned OSD): the convert fails once its operations time out, with one
+    line, and once the cluster answers again the image it made is gone."""
+    pidfile = Path(cluster.conf).parent / "run" / "osd.0.pid"
+    if not pidfile.exists():
+        pytest.skip("the OSD's PID is unknown (a cluster not started by scripts/ceph.sh)")
+    osd = int(pidfile.read_text().strip())
+    src = tmp_path / "big.raw"
+    with open(src, "wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(4 * MiB))
+    image = pool.fresh("stall")
+    from qcow2.backends.rbd import Cluster
+    from qcow2.backends.rbdadmin import list_images
+    p = subprocess.Popen([*QCOW2_CLI, "convert", "-O", "raw", str(src),
+                          pool.name(image, rados_osd_op_timeout="3")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = False
+    try:
+        with Cluster(**pool.kwargs()) as c:
+            deadline = time.monotonic() + 60
+            while image not in list_images(c) and p.poll() is None:
+                assert time.monotonic() < deadline, "the convert never created its image"
+            os.kill(osd, signal.SIGSTOP)
+            stopped = True
+        try:
+            p.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        if stopped:
+            os.kill(osd, signal.SIGCONT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, (out, err)
+    assert err.count("\n") == 1 and "timed out" in err, err
+    deadline = time.monotonic() + 60
+    with Cluster(**pool.kwargs()) as c:
+        while image in list_images(c):
+            assert time.monotonic() < deadline, "the failed convert left its image"
+            time.sleep(0.2)
 
 
 def test_cluster_down_is_a_bounded_wait(tmp_path):

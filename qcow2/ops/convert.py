@@ -430,7 +430,6 @@ def _to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
         if getattr(exc, "errno", None) == 17:                       # EEXIST
             raise Qcow2Error(f"{exc} (-n writes into an existing image)") from None
         raise
-    done = False
     try:
         be.lock(write=True)
         if be.size() < size:
@@ -444,17 +443,27 @@ def _to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
             name="qcow2-convert")
         if sync:
             be.flush()
-        done = True
-    finally:
-        if done or no_create:
+    except BaseException as exc:
+        if no_create:
             be.close()
-        else:
-            try:
-                be.remove()
-            except OSError:             # the original error matters more
-                be.close()
+            raise
+        try:
+            be.remove()
+        except OSError as left:         # the original error first, then what is left
+            be.close()
+            if isinstance(exc, (OSError, Qcow2Error)):
+                raise Qcow2Error(f"{_reason(exc)}; {left.strerror}") from None
+        raise
+    be.close()
     if progress is not None:
         progress(100.0)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an error of the RBD output (an OSError's text and the image)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f" '{exc.filename}'" if exc.filename else "")
+    return str(exc)
 
 
 class _RbdCopy(_Work):
