@@ -38,6 +38,10 @@ from pathlib import Path
 
 import pytest
 
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:        # --import-mode=importlib: test_bench_rbd imports test_bench
+    sys.path.insert(0, str(HERE))
+
 RECIPE = 2
 SIZE = int(os.environ.get("QCOW2_BENCH_SIZE", str(1 << 30)))
 FULL_SIZE = 1 << 30
@@ -350,3 +354,10 @@ def scratch(tmp_path_factory):
     d = tmp_path_factory.mktemp("out")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _corpus_kind(benchmark, corpus):
+    benchmark.extra_info["corpus"] = corpus.kind
+    if corpus.note:
+        benchmark.extra_info["corpus_note"] = corpus.note

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -29,20 +28,13 @@ _SCRIPT = os.path.join(os.path.dirname(sys.executable), "qcow2")
 QCOW2 = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [sys.executable, "-m", "qcow2"]
 
 
-@pytest.fixture(autouse=True)
-def _corpus_kind(benchmark, corpus):
-    benchmark.extra_info["corpus"] = corpus.kind
-    if corpus.note:
-        benchmark.extra_info["corpus_note"] = corpus.note
-
-
-def _need(corpus, key):
+def need(corpus, key):
     if key not in corpus:
         pytest.skip(f"the {corpus.kind} corpus has no {key!r} image")
     return corpus[key]
 
 
-def _run(cmd, env=None) -> tuple[float, float]:
+def run_process(cmd, env=None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one process (dirty pages of earlier runs are
     written back first, so no run pays for another's output)."""
     os.sync()
@@ -57,13 +49,13 @@ def _run(cmd, env=None) -> tuple[float, float]:
     return dt, ru.ru_maxrss / 1024
 
 
-def _side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
+def side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
     rss = []
 
     def one():
         if cleanup:
             cleanup()
-        dt, peak = _run(ours, env)
+        dt, peak = run_process(ours, env)
         rss.append(peak)
         return dt
 
@@ -72,7 +64,7 @@ def _side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
     for _ in range(ROUNDS):
         if cleanup:
             cleanup()
-        dt, _peak = _run(theirs)
+        dt, _peak = run_process(theirs)
         best = min(best, dt)
     ours_best = benchmark.stats.stats.min
     benchmark.extra_info.update({
@@ -85,11 +77,11 @@ def _side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
 @pytest.mark.parametrize("kind", ["plain", "zlib", "zstd", "full", "plain0"])
 def test_qcow2_to_raw(benchmark, corpus, scratch, kind):
     out = scratch / "out.raw"
-    _need(corpus, kind)
+    need(corpus, kind)
 
     def rm():
         out.unlink(missing_ok=True)
-    _side_by_side(benchmark, QCOW2 + ["convert", "-t", "writeback", "-O", "raw",
+    side_by_side(benchmark, QCOW2 + ["convert", "-t", "writeback", "-O", "raw",
                                       str(corpus[kind]), str(out)],
                   ["qemu-img", "convert", "-t", "writeback", "-O", "raw", str(corpus[kind]),
                    str(out)], rm)
@@ -102,7 +94,7 @@ def test_raw_to_qcow2(benchmark, corpus, scratch, mode):
 
     def rm():
         out.unlink(missing_ok=True)
-    _side_by_side(benchmark,
+    side_by_side(benchmark,
                   QCOW2 + ["convert", "-t", "writeback", "-O", "qcow2", *extra,
                            str(corpus["raw"]), str(out)],
                   ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", *extra,
@@ -114,7 +106,7 @@ def test_raw_sparse_copy(benchmark, corpus, scratch):
 
     def rm():
         out.unlink(missing_ok=True)
-    _side_by_side(benchmark,
+    side_by_side(benchmark,
                   QCOW2 + ["convert", "-f", "raw", "-O", "raw", str(corpus["raw"]), str(out)],
                   ["sh", "-c", f"cp --sparse=always {corpus['raw']} {out} && sync {out}"], rm)
 
@@ -124,7 +116,7 @@ def test_empty_1t_to_raw(benchmark, corpus, scratch):
 
     def rm():
         out.unlink(missing_ok=True)
-    _side_by_side(benchmark, QCOW2 + ["convert", "-t", "writeback", "-O", "raw",
+    side_by_side(benchmark, QCOW2 + ["convert", "-t", "writeback", "-O", "raw",
                                       str(corpus["empty1t"]), str(out)],
                   ["qemu-img", "convert", "-t", "writeback", "-O", "raw",
                    str(corpus["empty1t"]), str(out)], rm)
@@ -138,13 +130,13 @@ def test_overlay_create_and_resize(benchmark, corpus, scratch):
     theirs = (f"qemu-img create -q -f qcow2 -o backing_file={corpus['raw']},backing_fmt=raw,"
               f"cluster_size=65536 {out} 21474836480 && "
               f"qemu-img resize -q -f qcow2 {out} 42949672960")
-    _side_by_side(benchmark, ["sh", "-c", script], ["sh", "-c", theirs])
+    side_by_side(benchmark, ["sh", "-c", script], ["sh", "-c", theirs])
 
 
 @pytest.mark.parametrize("which", ["small", "large"])
 def test_info_process(benchmark, corpus, which):
     path = corpus["empty1t"] if which == "small" else corpus["zlib"]
-    _side_by_side(benchmark, QCOW2 + ["info", "--output=json", str(path)],
+    side_by_side(benchmark, QCOW2 + ["info", "--output=json", str(path)],
                   [sys.executable, "-c", "pass"])
 
 
@@ -196,81 +188,5 @@ def test_reads_process(benchmark, corpus, kind, tmp_path):
     theirs = ["qemu-io", "-r", "-f", "qcow2"]
     for o, n in reqs:
         theirs += ["-c", f"read -q {o} {n}"]
-    _side_by_side(benchmark, [sys.executable, "-P", "-c", prog, path, str(plan)], theirs + [path])
+    side_by_side(benchmark, [sys.executable, "-P", "-c", prog, path, str(plan)], theirs + [path])
     benchmark.extra_info["what"] = "256 x 1 MiB sequential + 2000 x 4 KiB random preads"
-
-# ---------------------------------------------------------------------------
-# Into Ceph RBD (issue 12): a single-node cluster (scripts/ceph.sh, bluestore on a
-# sparse file) is started for these cases.  The zstd
-# qcow2 of the corpus goes into a new RBD image: ours (``qcow2 convert -O raw SRC
-# rbd:...``, streamed, only data written) against ``qemu-img convert -O raw SRC rbd:...``
-# (qemu-block-extra), and against nova's way without Ceph-backed glance (``qemu-img
-# convert -t none -O raw`` to a file, then ``rbd import``).  The image is removed
-# before every run, so each run creates it.
-# ---------------------------------------------------------------------------
-
-ROOT = Path(__file__).resolve().parent.parent
-CEPH_SH = ROOT / "scripts" / "ceph.sh"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    missing = [t for t in ("ceph-mon", "ceph-osd", "ceph-mgr", "rbd") if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"Ceph unavailable: {', '.join(missing)} not installed")
-    d = tmp_path_factory.mktemp("ceph")
-    # bluestore on a sparse file: memstore's space accounting was seen to wrap after
-    # images of this size were removed (16 EiB "used", the OSD full, writes hanging)
-    env = dict(os.environ, CEPH_OBJECTSTORE=os.environ.get("CEPH_OBJECTSTORE", "bluestore"))
-    r = subprocess.run(["bash", str(CEPH_SH), "start", str(d)], capture_output=True,
-                       text=True, timeout=180, stdin=subprocess.DEVNULL, env=env)
-    if r.returncode != 0:
-        pytest.skip(f"Ceph unavailable: {(r.stderr or r.stdout).strip()}")
-    try:
-        yield d / "ceph.conf"
-    finally:
-        subprocess.run(["bash", str(CEPH_SH), "stop", str(d)], timeout=60,
-                       stdin=subprocess.DEVNULL, check=False)
-
-
-def _rbd(conf, *args, check=True):
-    env = dict(os.environ, CEPH_CONF=str(conf))
-    return subprocess.run(["rbd", *args], env=env, capture_output=True, text=True,
-                          timeout=600, check=check)
-
-
-def _remover(conf, name):
-    def rm():
-        _rbd(conf, "rm", "--no-progress", f"rbd/{name}", check=False)
-    return rm
-
-
-@pytest.mark.parametrize("kind", ["zstd"])
-def test_qcow2_to_rbd_vs_qemu_img(benchmark, corpus, cluster, kind):
-    _need(corpus, kind)
-    name = "bench-qemu"
-    target = f"rbd:rbd/{name}:conf={cluster}"
-    _side_by_side(benchmark,
-                  QCOW2 + ["convert", "-O", "raw", str(corpus[kind]), target],
-                  ["qemu-img", "convert", "-O", "raw", str(corpus[kind]), target],
-                  _remover(cluster, name), env=dict(os.environ, CEPH_CONF=str(cluster)))
-    used = _rbd(cluster, "du", "--exact", f"rbd/{name}").stdout.split("\n")[-2]
-    benchmark.extra_info["rbd_du_exact"] = " ".join(used.split())
-    _remover(cluster, name)()
-
-
-@pytest.mark.parametrize("kind", ["zstd"])
-def test_qcow2_to_rbd_vs_nova(benchmark, corpus, cluster, scratch, kind):
-    """nova's libvirt driver without Ceph-backed glance: convert to a raw file in the
-    base cache, then ``rbd import`` it into the pool."""
-    _need(corpus, kind)
-    name = "bench-nova"
-    raw = scratch / "base.raw"
-    theirs = ("qemu-img convert -t none -O raw {src} {raw} && "
-              "CEPH_CONF={conf} rbd import --no-progress --image-format=2 {raw} rbd/{name} "
-              "&& rm -f {raw}").format(src=corpus[kind], raw=raw, conf=cluster, name=name)
-    _side_by_side(benchmark,
-                  QCOW2 + ["convert", "-O", "raw", str(corpus[kind]),
-                           f"rbd:rbd/{name}:conf={cluster}"],
-                  ["sh", "-c", theirs], _remover(cluster, name))
-    _remover(cluster, name)()

@@ -38,8 +38,6 @@ import contextlib
 import hashlib
 import os
 import re
-import urllib.error
-import urllib.request
 
 from .. import constants as C
 from ..atomic import AtomicOutput, fsync_dir
@@ -204,6 +202,8 @@ def _fetch_local(opts, source, dst, declared, want, progress) -> str:
 # -- http ------------------------------------------------------------------------------
 
 def open_url(url: str, timeout: float):
+    import urllib.error                 # (only for downloads: ~55 ms of every start)
+    import urllib.request
     try:
         resp = urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
