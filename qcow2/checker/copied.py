@@ -14,19 +14,10 @@ from .result import FIX_ERRORS, FIX_LEAKS, Abort, CheckResult
 from .state import OL_ACTIVE_L1, OL_ACTIVE_L2, U64, State
 
 
-def _refcounts_of(st: State, clusters: np.ndarray, stored, stored_bad):
-    """Stored refcounts (and unreadable flags) of arbitrary clusters."""
-    vals = np.zeros(clusters.size, dtype=U64)
-    bad = np.zeros(clusters.size, dtype=bool)
-    inside = clusters < stored.size
-    ci = clusters[inside]
-    vals[inside] = stored[ci]
-    bad[inside] = stored_bad[ci]
-    if not inside.all():
-        v, b = st.stored_lookup(clusters[~inside])
-        vals[~inside] = v
-        bad[~inside] = b
-    return vals, bad
+def _refcounts_of(st: State, clusters: np.ndarray):
+    """Stored refcounts (and unreadable flags) of arbitrary clusters (a batch's worth:
+    the refcount blocks are read as needed, never the whole table at once)."""
+    return st.stored_lookup(clusters)
 
 
 class _Pass:
@@ -101,10 +92,8 @@ def check_oflag_copied(st: State, res: CheckResult, fix: int) -> None:
     if not l1_idx.size:
         return
     p = _Pass(st, res, repair)
-    stored, stored_bad = st.stored_range(st.nb)
     l2s = l1[l1_idx] & U64(C.L1E_OFFSET_MASK)
-    l2_rc, l2_bad = _refcounts_of(st, (l2s >> U64(st.cbits)).astype(np.int64), stored,
-                                  stored_bad)
+    l2_rc, l2_bad = _refcounts_of(st, (l2s >> U64(st.cbits)).astype(np.int64))
     l1_copied = (l1[l1_idx] & U64(C.OFLAG_COPIED)) != 0
     l1_wrong = ~l2_bad & ((l2_rc == 1) != l1_copied)
     width = st.l2_entries
@@ -118,8 +107,7 @@ def check_oflag_copied(st: State, res: CheckResult, fix: int) -> None:
             rcs = np.ones(idx.size, dtype=U64)
             bad = np.zeros(idx.size, dtype=bool)
         else:
-            rcs, bad = _refcounts_of(st, (batch.offset[idx] >> U64(st.cbits)).astype(np.int64),
-                                     stored, stored_bad)
+            rcs, bad = _refcounts_of(st, (batch.offset[idx] >> U64(st.cbits)).astype(np.int64))
         copied = (e[idx] & U64(C.OFLAG_COPIED)) != 0
         wrong = np.flatnonzero(~bad & ((rcs == 1) != copied))
         wrong_rows = idx[wrong] // width

@@ -99,7 +99,12 @@ class State:
     """One check pass: the image's structures as read, and the computed refcounts."""
 
     #: bytes of L2 tables read at once
-    BATCH_BYTES = 8 << 20
+    BATCH_BYTES = 2 << 20
+    #: decoded refcount blocks kept (by their size on disk; decoded they take up to
+    #: 64 / refcount_bits times as much): memory must not grow with the image
+    BLOCK_CACHE_BYTES = 8 << 20
+    #: references queued before they are applied to the IMRT (8 bytes each)
+    PENDING_REFS = 1 << 18
 
     def __init__(self, f: CheckedFile, fix: int, log):
         self.f = f
@@ -166,7 +171,7 @@ class State:
         self.grow(int(idx.max()) + 1)
         self.pending.append(idx)
         self.pending_n += idx.size
-        if self.pending_n > (1 << 22):
+        if self.pending_n > self.PENDING_REFS:
             self.flush_pending()
 
     def overflow(self, res: CheckResult, cluster: int) -> None:
@@ -183,10 +188,13 @@ class State:
         idx = np.concatenate(self.pending)
         self.pending = []
         self.pending_n = 0
-        if idx.size * 4 >= self.nb:     # dense: one pass over the table
-            counts = np.bincount(idx, minlength=len(self.imrt))
+        lo = int(idx.min())
+        span = int(idx.max()) + 1 - lo
+        if span <= 4 * idx.size:        # dense: one pass over the span they cover
+            counts = np.bincount(idx - lo, minlength=span)
             where = np.flatnonzero(counts)
             counts = counts[where]
+            where += lo
         else:                           # sparse: memory proportional to the references
             where, counts = np.unique(idx, return_counts=True)
         if self.bits == 64:
@@ -246,7 +254,7 @@ class State:
                                    f"{hex_alt(bi)})")
             return BAD
         blk = decode_block(self.f.read(self.cs, off), self.bits)
-        if len(self.blocks) > 4096:
+        if len(self.blocks) * self.cs >= self.BLOCK_CACHE_BYTES:
             self.blocks.clear()
         self.blocks[bi] = blk
         return blk
@@ -271,11 +279,28 @@ class State:
         return vals, bad
 
     def stored_lookup(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Stored refcounts of arbitrary clusters and a mask of the unreadable ones."""
+        """Stored refcounts of arbitrary clusters and a mask of the unreadable ones
+        (grouped by refcount block: one decode per block, whatever the order)."""
         vals = np.zeros(clusters.size, dtype=U64)
         bad = np.zeros(clusters.size, dtype=bool)
         if not clusters.size:
             return vals, bad
+        bis = clusters >> self.rb_bits
+        order = np.argsort(bis, kind="stable")
+        sorted_bis = bis[order]
+        cuts = np.flatnonzero(sorted_bis[1:] != sorted_bis[:-1]) + 1
+        starts = np.concatenate(([0], cuts)).tolist()
+        ends = np.concatenate((cuts, [clusters.size])).tolist()
+        for a, b in zip(starts, ends, strict=True):
+            sel = order[a:b]
+            blk = self.block(int(sorted_bis[a]))
+            if blk is None:
+                continue
+            if blk is BAD:
+                bad[sel] = True
+                continue
+            vals[sel] = blk[clusters[sel] & (self.per - 1)]
+        return vals, bad
         bis = clusters >> self.rb_bits
         for bi in np.unique(bis).tolist():
             sel = bis == bi
