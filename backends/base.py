@@ -46,6 +46,12 @@ class Backend(abc.ABC):
         """``truncate`` works (a block device has the size it has)."""
         return False
 
+    @property
+    def preallocation_modes(self) -> tuple[str, ...]:
+        """What growing the store may preallocate (qemu-img resize --preallocation):
+        "off", "falloc" (``allocate``), "full" (``write_zeros``)."""
+        return ("off", "falloc", "full")
+
     def identity(self) -> Hashable:
         """Which store this is: two backends on the same store (a file opened twice)
         have equal identities (backing chains use it to refuse loops)."""

@@ -379,6 +379,11 @@ class RbdBackend(ResizableWhenWritable, Backend):
             return not (self.features & _rbd.lib.RBD_FEATURE_STRIPINGV2 or self.has_parent)
         return True
 
+    @property
+    def preallocation_modes(self) -> tuple[str, ...]:
+        """Only "off", as QEMU's rbd driver: RBD allocates as it is written."""
+        return ("off",)
+
     def identity(self) -> Hashable:
         ffi = _rbd.ffi
         buf = ffi.new("char[]", 128)

@@ -301,6 +301,8 @@ class RawImage(Image):
             raise InvalidOptionError("Unsupported preallocation mode: metadata")
         be = self.be
         old = be.size()
+        if new_size > old and preallocation not in be.preallocation_modes:
+            raise InvalidOptionError(f"Unsupported preallocation mode '{preallocation}'")
         if new_size < old:
             self._check_resize(new_size, shrink=shrink, preallocation=preallocation)
             be.truncate(new_size)

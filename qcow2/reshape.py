@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 
 from . import constants as C
-from .errors import Qcow2Error, UnsupportedFeatureError
+from .errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from .header import pack_header
 from .paths import check_file_name, combine_path
 
@@ -39,6 +39,10 @@ class Reshape:
             raise Qcow2Error("The new size must be a multiple of 512")
         if new_size == self.size:
             return
+        if new_size > self.size and preallocation in ("falloc", "full") \
+                and preallocation not in self.data_be.preallocation_modes:
+            raise InvalidOptionError(f"Failed to resize underlying file: Unsupported "
+                                     f"preallocation mode '{preallocation}'")
         if self.snapshots_list and self.header.version < 3:
             raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots",
                                           feature="resize v2 with snapshots")

@@ -516,6 +516,25 @@ def test_cli_create_qcow2_in_rbd(cluster, pool, tmp_path, prealloc):
     assert got[5 * MiB + 123:5 * MiB + 123 + len(data)] == data and len(got) == 16 * MiB
 
 
+def test_resize_preallocation_as_qemu(cluster, pool, tmp_path):
+    """RBD allocates as it is written: resize --preallocation falloc/full is refused
+    on a raw and on a qcow2 image in RBD, as qemu-img's rbd driver refuses it."""
+    raw, qc = pool.fresh("r"), pool.fresh("q")
+    assert _cli("create", "-f", "raw", pool.name(raw), "4M").returncode == 0
+    assert _cli("create", "-f", "qcow2", pool.name(qc), "4M").returncode == 0
+    for name, fmt in ((pool.name(raw), "raw"), (pool.name(qc), "qcow2")):
+        for mode in ("falloc", "full"):
+            ours = _cli("resize", "-f", fmt, f"--preallocation={mode}", name, "+1M")
+            theirs = _qemu(cluster, "resize", "-f", fmt, f"--preallocation={mode}", name,
+                           "+1M", check=False)
+            assert ours.returncode == theirs.returncode == 1
+            assert ours.stderr.split(": ", 1)[1] == theirs.stderr.split(": ", 1)[1]
+        assert _cli("resize", "-f", fmt, name, "+1M").returncode == 0
+    with qcow2.open(pool.name(qc)) as img:
+        assert img.size == 5 * MiB
+    assert "No errors were found" in _qemu(cluster, "check", pool.name(qc)).stdout
+
+
 def test_snapshot_is_read_only(cluster, pool, tmp_path):
     data = random.Random(9).randbytes(2 * MiB)
     image = pool.image(data)
