@@ -63,7 +63,7 @@ setup(
     package_dir={"qcow2.backends": "backends"},
     setup_requires=["cffi>=1.16"],
     cffi_modules=["native/build_native.py:ffibuilder", "native/build_rbd.py:ffibuilder"],
-    install_requires=["cffi>=1.16", "numpy>=1.24", "zstandard>=0.21"],
+    install_requires=["cffi>=1.16", "numpy>=1.24", "zstandard>=0.21", "cryptography>=41"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
     },

@@ -12,16 +12,16 @@ the native core) load only when a command needs them.
 from __future__ import annotations
 
 from . import errors
-from .errors import (CorruptImageError, DecompressionError, FormatError, NativeUnavailableError,
-                     NotQcow2Error, Qcow2Error, ReadOnlyError, UnsafeImageError,
-                     UnsupportedFeatureError)
+from .errors import (CorruptImageError, DecompressionError, FormatError, InvalidKeyError,
+                     NativeUnavailableError, NotQcow2Error, Qcow2Error, ReadOnlyError,
+                     UnsafeImageError, UnsupportedFeatureError)
 
 __version__ = "0.1.0"
 
 
 def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
          snapshot: str | int | None = None, force_share: bool = False, backing: bool = True,
-         limits=None, **limit_overrides):
+         limits=None, key=None, keys=None, **limit_overrides):
     """Open a qcow2 or raw image: ``path`` names a file or, in qemu-img's syntax, an
     RBD image (``rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER]``, see ``qcow2.rbdname``),
     or is a store (a ``qcow2.backends.Backend``, e.g. ``MemoryBackend(data)``) that the
@@ -34,14 +34,17 @@ def open(path, mode: str = "r", *, format: str | None = None, untrusted: bool = 
     read-only, after checking its format and scanning all its metadata (see
     ``qcow2.untrusted``).  ``limits`` (a ``qcow2.Limits``) or keyword overrides of its
     fields (``max_virtual_size=``, ``max_metadata=``, ``max_scan_cpu=``,
-    ``max_backing_depth=``) set the caps.
+    ``max_backing_depth=``) set the caps.  ``key``: the passphrase (str or bytes) of a
+    LUKS-encrypted image; ``keys``: passphrases of the images of its backing chain, by
+    file name as the chain names them (``{"base.qcow2": "..."}``).
     """
     from .opener import open_image
     if limits is not None or limit_overrides:
         from .untrusted import resolve
         limits = resolve(limits, **limit_overrides)
     return open_image(path, mode, format=format, untrusted=untrusted, snapshot=snapshot,
-                      force_share=force_share, backing=backing, limits=limits)
+                      force_share=force_share, backing=backing, limits=limits, key=key,
+                      keys=keys)
 
 
 def create(path, size=None, *, format: str = "qcow2", backing_file=None, backing_format=None,
@@ -113,4 +116,5 @@ def __getattr__(name):
 __all__ = ["open", "Limits", "create", "convert", "check", "compare", "measure", "sparse_copy",
            "resize", "rebase", "commit", "errors", "Qcow2Error", "FormatError", "NotQcow2Error",
            "CorruptImageError", "DecompressionError", "UnsupportedFeatureError",
-           "UnsafeImageError", "ReadOnlyError", "NativeUnavailableError", "__version__"]
+           "UnsafeImageError", "ReadOnlyError", "NativeUnavailableError", "InvalidKeyError",
+           "__version__"]

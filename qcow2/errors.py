@@ -75,6 +75,11 @@ class UnsafeImageError(Qcow2Error):
     """Opening or reading the image would break a safety rule or a limit."""
 
 
+class InvalidKeyError(Qcow2Error, PermissionError):
+    """An encrypted image cannot be unlocked: no key given, or no key slot opens with
+    the one given."""
+
+
 class ReadOnlyError(Qcow2Error, PermissionError):
     """A write was attempted on an image opened read-only."""
 
@@ -86,5 +91,5 @@ class NativeUnavailableError(Qcow2Error, ImportError):
 __all__ = [
     "Qcow2Error", "FormatError", "NotQcow2Error", "CorruptImageError", "DecompressionError",
     "InvalidOptionError", "ImageTooLargeError", "UnsupportedFeatureError", "UnsafeImageError",
-    "ReadOnlyError", "NativeUnavailableError",
+    "ReadOnlyError", "NativeUnavailableError", "InvalidKeyError",
 ]

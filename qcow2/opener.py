@@ -41,18 +41,18 @@ _FORMATS = (None, "qcow2", "raw")
 def open_image(target, mode: str = "r", *, format: str | None = None, untrusted: bool = False,
                snapshot: str | int | None = None, force_share: bool = False,
                backing: bool = True, max_backing_depth: int | None = None,
-               limits=None) -> Image:
+               limits=None, key=None, keys=None) -> Image:
     """Open an image file, or an image in a store (see ``qcow2.open``)."""
     if max_backing_depth is None:
         max_backing_depth = (limits.max_backing_depth if limits is not None
                              else C.MAX_BACKING_DEPTH)
     return _open(target, mode, format=format, untrusted=untrusted, snapshot=snapshot,
                  force_share=force_share, backing=backing, max_depth=max_backing_depth,
-                 limits=limits, chain=(), depth=0)
+                 limits=limits, chain=(), depth=0, key=key, keys=keys)
 
 
 def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backing, max_depth,
-          limits, chain: tuple, depth: int) -> Image:
+          limits, chain: tuple, depth: int, key=None, keys=None) -> Image:
     if mode not in _MODES:
         raise ValueError(f"invalid mode {mode!r} (use 'r' or 'r+')")
     writable = "+" in mode
@@ -81,7 +81,7 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
             cls = Qcow2Image
             if writable:
                 from .writer import WritableQcow2Image as cls
-            companions = _Companions(backing, force_share, max_depth, chain, depth)
+            companions = _Companions(backing, force_share, max_depth, chain, depth, key, keys)
             return cls(be, filename, untrusted=untrusted, snapshot=snapshot,
                        companions=companions, owns_backend=owned, limits=limits)
         if snapshot is not None:
@@ -150,12 +150,18 @@ class _Companions:
     shared as the image's own are."""
 
     def __init__(self, open_backing: bool, force_share: bool, max_depth: int, chain: tuple,
-                 depth: int):
+                 depth: int, key=None, keys=None):
+        self.key = key                  # the passphrase of this image (encrypted)
+        self.keys = keys or {}          # ... of the images of its chain, by name
         self.open_backing = open_backing
         self.force_share = force_share
         self.max_depth = max_depth
         self.chain = chain
         self.depth = depth
+
+    def key_for(self, img: Qcow2Image):
+        """The passphrase given for ``img`` (None: none)."""
+        return self.key
 
     def backing_file(self, img: Qcow2Image) -> Image:
         name = img.header.backing_file
@@ -171,9 +177,12 @@ class _Companions:
             raise UnsupportedFeatureError(f"backing file format {fmt!r} of "
                                           f"'{img.filename}' is not supported",
                                           feature=f"format {fmt}")
-        return _open(img.full_backing_filename, "r", format=fmt, untrusted=False, snapshot=None,
+        full = img.full_backing_filename
+        key = self.keys.get(name, self.keys.get(full))
+        return _open(full, "r", format=fmt, untrusted=False, snapshot=None,
                      force_share=self.force_share, backing=True, max_depth=self.max_depth,
-                     limits=None, chain=self.chain, depth=self.depth + 1)
+                     limits=None, chain=self.chain, depth=self.depth + 1, key=key,
+                     keys=self.keys)
 
     def data_file(self, img: Qcow2Image) -> tuple[Backend, str]:
         """(backend, path) of the external data file, opened and locked like the image."""

@@ -21,7 +21,7 @@ import threading
 from . import constants as C
 from .cache import TableCache
 from .errors import CorruptImageError, DecompressionError, Qcow2Error, ReadOnlyError, \
-    UnsafeImageError, UnsupportedFeatureError
+    UnsafeImageError
 from .header import Header
 from .image import ST_DATA, ST_OFFSET_VALID, ST_ZERO, Image, zero_fill
 from .paths import combine_path
@@ -126,11 +126,12 @@ class Qcow2Image(Image):
         self.cluster_bits = h.cluster_bits
         self.size = h.size
         self.encrypted = h.crypt_method != C.CRYPT_NONE
+        self._crypto = None                    # (encrypted images) the data cipher
         self._l2_entries = 1 << h.l2_bits
         self._l2_span_bits = h.cluster_bits + h.l2_bits
         self._unit_shift = h.cluster_bits - (5 if h.extended_l2 else 0)
         # reads within one cluster of a plain L2 entry skip the run decoder
-        self._fast_reads = not h.extended_l2 and not h.has_data_file
+        self._fast_reads = not h.extended_l2 and not h.has_data_file and not self.encrypted
         # compressed clusters per batch: 4 MiB of output (2 clusters of 2 MiB), which
         # bounds the read buffer to ~8 MiB whatever the cluster size
         self._batch_max = max(2, (4 << 20) >> h.cluster_bits)
@@ -155,6 +156,10 @@ class Qcow2Image(Image):
         self.full_backing_filename = (combine_path(filename, h.backing_file)
                                       if h.backing_file else None)
         try:
+            if self.encrypted:
+                from .encrypted import DataCrypto
+                key = companions.key_for(self) if companions is not None else None
+                self._crypto = DataCrypto(h, self._read_meta, self.file_size, filename, key)
             if snapshot is not None:
                 self._select_snapshot(snapshot)
             if h.has_data_file and companions is not None and (
@@ -316,10 +321,7 @@ class Qcow2Image(Image):
             err.offset, err.size, err.what = at, 8, "header"  # type: ignore[attr-defined]
             raise err
         if self.encrypted:
-            raise UnsupportedFeatureError(
-                f"reading encrypted images is not supported ('{self.filename}' uses "
-                f"{'LUKS' if self.header.crypt_method == C.CRYPT_LUKS else 'AES'} encryption)",
-                feature="encryption")
+            self._crypto.ready()
 
     def _one_cluster(self, offset: int):
         """Fast path for reads inside one cluster (random 4 KiB reads): the host offset
@@ -367,10 +369,18 @@ class Qcow2Image(Image):
             dst = mv[a - offset:a - offset + n]
             if kind == C.KIND_DATA:
                 # (compressed clusters keep collecting: each run has its own part of mv)
+                if self._crypto is not None:
+                    self._crypto.read_into(self.data_be, dst, host)
+                    continue
                 got = self.data_be.readinto(dst, host)
                 if got < n:
                     zero_fill(dst[got:])
             elif kind == C.KIND_COMPRESSED:
+                if self._crypto is not None:
+                    raise CorruptImageError(
+                        f"compressed cluster in the encrypted image '{self.filename}' "
+                        f"(QEMU never writes one)", offset=host, size=csize,
+                        what="L2 entry")
                 batch.append((a, n, host, csize))
                 if len(batch) >= self._batch_max:
                     self._read_compressed(mv, offset, batch)
@@ -607,6 +617,8 @@ class Qcow2Image(Image):
 
     def close(self) -> None:
         super().close()
+        if self._crypto is not None:
+            self._crypto.wipe()
         if self.data_be is not None and self.data_be is not self.be:
             self.data_be.close()
         self._close_backend()

@@ -66,7 +66,8 @@ class Case:
     ``options`` are the ``-o`` options the top image was created with (informative);
     ``features`` are tags tests select on ("v2", "v3", "compressed", "zstd", "backing",
     "snapshots", "data_file", "encrypted", ...).  ``readable`` is False when reading
-    the guest data must raise ``UnsupportedFeatureError`` (encrypted images).
+    the guest data without a key must raise (encrypted images: ``InvalidKeyError`` for
+    LUKS, ``UnsupportedFeatureError`` for the old AES method).
     ``big`` marks images whose virtual size is too large to hold in memory.
     """
 

@@ -246,10 +246,19 @@ def test_encrypted_info_but_no_read(case, built, engine, errors):
         assert img.info() == oracle.info_json(built.path)
         assert img.info()["encrypted"] is True
         assert img.size == oracle.info_json(built.path)["virtual-size"]
-        with pytest.raises(errors.UnsupportedFeatureError):
+        # LUKS: no key, no data (InvalidKeyError); the old AES method is not read at all
+        expected = errors.InvalidKeyError if case.param("encrypt") == "luks" else \
+            errors.UnsupportedFeatureError
+        with pytest.raises(expected):
             img.pread(512, 0)
-        with pytest.raises(errors.UnsupportedFeatureError):
+        with pytest.raises(expected):
             img.readinto(bytearray(512), 0)
+    if case.param("encrypt") == "luks":
+        from corpus import LUKS_SECRET
+        with engine.open(built.path, key=LUKS_SECRET) as img:
+            data = img.pread(img.size, 0)
+        assert data[:65536] == b"\x11" * 65536 and data[100000:105000] == b"\x22" * 5000
+        assert data.count(0) == len(data) - 65536 - 5000
 
 
 # --------------------------------------------------------------------- process

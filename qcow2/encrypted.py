@@ -1,0 +1,87 @@
+"""Reading the data of LUKS-encrypted qcow2 images (``encrypt.format=luks``).
+
+The LUKS header lives in the qcow2 file at the place the header's encryption
+extension gives; its key slots are unlocked with the passphrase (``qcow2.luks``) the
+first time guest data is read, not at open (``info`` needs no key, as with qemu-img).
+Data clusters are whole 512-byte sectors encrypted with the LUKS cipher, the IV taken
+from the *host* offset (QEMU's ``crypt_physical_offset``, always on for LUKS).  Reads
+that do not cover whole sectors read and decrypt the sectors around them.  The old
+AES-CBC method (crypt_method 1), which QEMU itself no longer opens, is refused.
+
+The passphrase is kept in a bytearray that is zeroed once the key is unlocked (or the
+image closed); the master key then lives only in the cipher objects.
+"""
+
+from __future__ import annotations
+
+from . import constants as C
+from .ciphers import SECTOR
+from .errors import CorruptImageError, InvalidKeyError, UnsupportedFeatureError
+
+
+def _as_bytes(key) -> bytearray:
+    if isinstance(key, str):
+        return bytearray(key.encode("utf-8"))
+    return bytearray(key)
+
+
+class DataCrypto:
+    """The data cipher of one encrypted image, unlocked on first use."""
+
+    def __init__(self, header, read, file_size: int, filename: str, key):
+        self.header, self.read, self.file_size = header, read, file_size
+        self.filename = filename
+        self._key = None if key is None else _as_bytes(key)
+        self.cipher = None
+
+    def wipe(self) -> None:
+        if self._key is not None:
+            self._key[:] = bytes(len(self._key))
+            self._key = None
+
+    def ready(self):
+        """The unlocked sector cipher (unlocking now if needed)."""
+        if self.cipher is not None:
+            return self.cipher
+        h = self.header
+        if h.crypt_method == C.CRYPT_AES:
+            raise UnsupportedFeatureError(
+                f"'{self.filename}' uses the old AES-CBC qcow2 encryption, which QEMU no "
+                f"longer opens either; decrypt it with an old qemu-img", feature="encryption")
+        if self._key is None:
+            raise InvalidKeyError(f"'{self.filename}' is encrypted: a key is needed to read "
+                                  f"its data (key=... / --object secret,... with "
+                                  f"encrypt.key-secret)")
+        if h.crypto_header is None:
+            raise CorruptImageError(f"'{self.filename}' is LUKS-encrypted but has no "
+                                    f"encryption header extension", offset=0, size=0,
+                                    what="header")
+        from .luks import read_luks_header
+        off, length = h.crypto_header
+        luks = read_luks_header(self.read, off, length, self.file_size)
+        try:
+            master = luks.unlock(lambda n, o: self.read(n, off + o), bytes(self._key))
+        finally:
+            self.wipe()
+        self.cipher = luks.sector_cipher(master)
+        return self.cipher
+
+    def read_into(self, be, dst, host: int) -> None:
+        """Guest data of ``len(dst)`` bytes stored at ``host``: read and decrypted."""
+        cipher = self.ready()
+        n = len(dst)
+        lo = host - host % SECTOR
+        hi = -(-(host + n) // SECTOR) * SECTOR
+        if lo == host and hi == host + n:
+            buf = dst
+        else:
+            buf = memoryview(bytearray(hi - lo))
+        got = be.readinto(buf, lo)
+        if got < len(buf):
+            buf[got:] = bytes(len(buf) - got)
+        cipher.decrypt(buf, lo // SECTOR)
+        if buf is not dst:
+            dst[:] = buf[host - lo:host - lo + n]
+
+
+__all__ = ["DataCrypto"]
