@@ -171,6 +171,10 @@ class NBDServer:
             return
         peer = addr if isinstance(addr, str) and addr else (
             f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix client")
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        except OSError:
+            pass
         ch = P.Channel(conn)
         with self.lock:
             self.served += 1

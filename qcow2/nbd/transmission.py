@@ -28,7 +28,7 @@ from .handshake import META_CONTEXT_ID
 
 log = logging.getLogger("qcow2.nbd")
 
-_PLAN_MIN = 64 << 10         # reads from this size look for holes to skip
+_PLAN_MIN = 64 << 10         # reads from this size send their zero blocks as holes
 _SCRATCH_KEEP = 4 << 20      # read buffers up to this size are kept per worker thread
 _ALLOWED_FLAGS = {
     P.CMD_READ: P.CMD_FLAG_DF,
@@ -276,19 +276,20 @@ class Transmission:
         if req.length == 0:
             self.ch.send(P.chunk_done(req.cookie))
             return
+        buf = self._buffer(req.length)
+        exp.readinto(buf, req.offset)
         if req.flags & P.CMD_FLAG_DF or req.length < _PLAN_MIN:
-            plan = [(req.offset, req.length, False)]
+            runs = [(0, req.length, False)]
         else:
-            plan = exp.read_plan(req.offset, req.length)
-        last = len(plan) - 1
-        for i, (start, n, hole) in enumerate(plan):
+            runs = exp.zero_runs(buf)
+        last = len(runs) - 1
+        for i, (start, n, hole) in enumerate(runs):
+            off = req.offset + start
             if hole:
-                self.ch.send(P.chunk_hole(req.cookie, start, n, i == last))
-                continue
-            buf = self._buffer(n)
-            exp.readinto(buf, start)
-            self.ch.send(P.chunk(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + n, i == last),
-                         P.U64.pack(start), buf)
+                self.ch.send(P.chunk_hole(req.cookie, off, n, i == last))
+            else:
+                self.ch.send(P.chunk(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + n, i == last),
+                             P.U64.pack(off), buf[start:start + n])
 
     def _reply_error(self, req: _Request, err: int, message: str) -> None:
         if self.session.structured:
