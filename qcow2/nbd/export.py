@@ -11,6 +11,9 @@ acknowledged on any connection durable, which is what NBD's multi-conn asks for.
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
+
 from ..kernels import is_zero, zero_blocks
 from . import protocol as P
 
@@ -52,6 +55,9 @@ class Export:
         self.detect_zeroes = detect_zeroes
         self.writethrough = cache in ("writethrough", "directsync")
         self.multi_conn = True          # the server clears it when it takes one client
+        # block status walks the tables outside the image's lock: on a writable image
+        # it must not run while a write changes them (writes serialise anyway)
+        self.meta_lock = threading.Lock() if not self.readonly else nullcontext()
 
     @property
     def size(self) -> int:
@@ -108,31 +114,36 @@ class Export:
         merged; at most ``limit`` (one with ``one``), covering at most ``length``."""
         out: list[list[int]] = []
         cap = 1 if one else limit
-        for e in self.image.extents(offset, offset + length):
-            flags = (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0)
-            if out and out[-1][1] == flags:
-                out[-1][0] += e.length
-                continue
-            if len(out) >= cap:
-                break
-            out.append([e.length, flags])
+        with self.meta_lock:
+            for e in self.image.extents(offset, offset + length):
+                flags = (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0)
+                if out and out[-1][1] == flags:
+                    out[-1][0] += e.length
+                    continue
+                if len(out) >= cap:
+                    break
+                out.append([e.length, flags])
         return [(n, f) for n, f in out] or [(length, 0)]
 
     # -- writes ------------------------------------------------------------------------
     def write(self, data, offset: int, fua: bool) -> None:
-        if self.detect_zeroes != "off" and is_zero(data):
-            self.image.write_zeroes(offset, len(data))
-        else:
-            self.image.pwrite(data, offset)
+        zero = self.detect_zeroes != "off" and is_zero(data)
+        with self.meta_lock:
+            if zero:
+                self.image.write_zeroes(offset, len(data))
+            else:
+                self.image.pwrite(data, offset)
         self._settle(fua)
 
     def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
-        self.image.write_zeroes(offset, length)
+        with self.meta_lock:
+            self.image.write_zeroes(offset, length)
         self._settle(fua)
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         if self.unmap:
-            self.image.discard(offset, length)
+            with self.meta_lock:
+                self.image.discard(offset, length)
         self._settle(fua)
 
     def flush(self) -> None:

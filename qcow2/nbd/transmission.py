@@ -30,6 +30,8 @@ log = logging.getLogger("qcow2.nbd")
 
 _PLAN_MIN = 64 << 10         # reads from this size send their zero blocks as holes
 _SCRATCH_KEEP = 4 << 20      # read buffers up to this size are kept per worker thread
+_MIN_COST = 16 << 10         # budget charged for a request without data
+_BLOCK_STATUS_COST = 8 * P.MAX_EXTENTS + 64
 _ALLOWED_FLAGS = {
     P.CMD_READ: P.CMD_FLAG_DF,
     P.CMD_WRITE: P.CMD_FLAG_FUA,
@@ -132,12 +134,15 @@ class Transmission:
                 log.debug("%s: disconnect requested", self.peer)
                 return
             payload = None
-            cost = 0
+            # every request counts against the budget (replies may wait in memory for a
+            # client that does not read them): at least 16 KiB, a block status reply's
+            # largest size, or the payload / data read
+            cost = _BLOCK_STATUS_COST if kind == P.CMD_BLOCK_STATUS else _MIN_COST
             if kind == P.CMD_WRITE:
                 if length > P.MAX_REQUEST:
                     raise P.ProtocolError(f"write of {length} bytes at {offset} exceeds the "
                                           f"{P.MAX_REQUEST}-byte request limit")
-                cost = length
+                cost = max(cost, length)
                 self._reserve(cost)
                 payload = bytearray(length)
                 try:
@@ -145,8 +150,9 @@ class Transmission:
                 except BaseException:
                     self._release(cost)
                     raise
-            elif kind == P.CMD_READ and length <= P.MAX_REQUEST:
-                cost = length
+            else:
+                if kind == P.CMD_READ and length <= P.MAX_REQUEST:
+                    cost = max(cost, length)
                 self._reserve(cost)
             self.queue.put(_Request(flags, kind, cookie, offset, length, payload, cost))
 
