@@ -320,3 +320,14 @@ def test_library_serves_several_exports(image, tmp_path):
             run("qemu-io", "-f", "raw", "-c", "write -P 0x43 0 4k", f"nbd+unix:///b?socket={sock}")
             run("qemu-img", "compare", "-F", "raw", image, f"nbd+unix:///a?socket={sock}")
     assert other.read_bytes()[:4097] == b"\x43" * 4096 + b"\x42"
+
+
+def test_tcp_listener(image, tmp_path):
+    import qcow2
+    from qcow2.nbd import NBDServer
+    with qcow2.open(image) as img:
+        with NBDServer(img, host="127.0.0.1", port=0, shared=0, persistent=True) as srv:
+            host, port = srv.address
+            uri = f"nbd://{host}:{port}/"
+            assert int(run("nbdinfo", "--size", uri).stdout) == 8 * MiB
+            run("qemu-img", "compare", "-F", "raw", image, uri)
