@@ -267,10 +267,15 @@ class Channel:
         except OSError as exc:
             raise Disconnected(exc.strerror or str(exc)) from None
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """End both directions (a thread blocked in recv returns); the descriptor stays
+        open until ``close()``, so no other thread's call can land on a reused one."""
         import socket
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.shutdown()
         self.sock.close()

@@ -222,10 +222,7 @@ class NBDServer:
         with self.lock:
             self.stopping = True
             for ch in self.clients.values():
-                try:
-                    ch.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                ch.shutdown()
             while self.clients:
                 self.lock.wait()
 

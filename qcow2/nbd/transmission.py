@@ -196,7 +196,7 @@ class Transmission:
         if not self.dead:
             self.dead = True
             log.info("%s: client vanished while a reply was sent", self.peer)
-            self.ch.close()
+            self.ch.shutdown()
 
     def _serve(self, req: _Request) -> None:
         try:
