@@ -21,7 +21,7 @@ from ..errors import InvalidOptionError
 
 
 def add_parser(sub):
-    from .common import add_file, add_format, add_untrusted
+    from .common import add_file, add_untrusted
     p = sub.add_parser("nbd", help="serve an image over NBD (like qemu-nbd)")
     p.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket")
     p.add_argument("-b", "--bind", metavar="ADDR", default=None,
@@ -30,7 +30,8 @@ def add_parser(sub):
     p.add_argument("-x", "--export-name", dest="export_name", default="", metavar="NAME",
                    help='the export\'s name (default "")')
     p.add_argument("-D", "--description", default="", help="the export's description")
-    add_format(p)
+    p.add_argument("-f", "--format", dest="format", choices=("qcow2", "raw"), default=None,
+                   help="image format (probed when omitted)")
     p.add_argument("-r", "--read-only", dest="read_only", action="store_true",
                    help="export read-only")
     p.add_argument("-s", "--snapshot", action="store_true",
