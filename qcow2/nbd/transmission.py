@@ -1,9 +1,9 @@
 """The transmission phase of one connection: requests in, replies out.
 
-One reader thread per connection parses requests and reads WRITE payloads; a few
-worker threads per connection serve them (the engine's C kernels release the GIL, so
-reads of compressed clusters decode in parallel), replies go out whole under the
-channel's send lock.  Memory is bounded per connection: a request carries at most 32
+A few worker threads per connection take turns reading a request (and a WRITE's
+payload) and serve what they read while the next one reads (the engine's C kernels
+release the GIL, so reads of compressed clusters decode in parallel); replies go out
+whole under the channel's send lock.  Memory is bounded per connection: a request carries at most 32
 MiB (as qemu-nbd), and the reader stops taking requests while the payloads and read
 buffers of requests in flight would pass ``budget`` bytes.
 
@@ -18,7 +18,6 @@ finished and a writable export is flushed before the socket is closed.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 
 from ..atomic import io_buffer
@@ -99,62 +98,84 @@ class Transmission:
         self.budget = max(budget, P.MAX_REQUEST)
         self.in_flight = 0
         self.cond = threading.Condition()
-        self.queue: queue.Queue = queue.Queue()
-        self.dead = False
+        self.read_lock = threading.Lock()
+        self.done = False                 # no more requests: DISC, EOF or a protocol error
+        self.dead = False                 # the client is gone: replies are not sent
         self.scratch = threading.local()
 
-    # -- the reader ----------------------------------------------------------------
+    # -- the loop: each worker in turn reads one request, then serves it -----------
     def run(self) -> None:
         threads = [threading.Thread(target=self._work, name=f"nbd-worker-{i}", daemon=True)
                    for i in range(self.workers)]
         for t in threads:
             t.start()
-        try:
-            self._read_requests()
-        except P.Disconnected as exc:
-            if not self.dead:
-                log.info("%s: connection closed (%s)", self.peer, exc)
-        except P.ProtocolError as exc:
-            log.warning("%s: protocol error, dropping the connection: %s", self.peer, exc)
-        finally:
-            for _ in threads:
-                self.queue.put(None)
-            for t in threads:
-                t.join()
-            self._flush_on_close()
+        for t in threads:
+            t.join()
+        self._flush_on_close()
 
-    def _read_requests(self) -> None:
-        ch = self.ch
-        size = P.REQUEST.size
-        while not self.dead:
-            magic, flags, kind, cookie, offset, length = P.REQUEST.unpack(ch.recv_exact(size))
-            if magic != P.REQUEST_MAGIC:
-                raise P.ProtocolError(f"bad request magic {magic:#x}")
-            if kind == P.CMD_DISC:
-                log.debug("%s: disconnect requested", self.peer)
-                return
-            payload = None
-            # every request counts against the budget (replies may wait in memory for a
-            # client that does not read them): at least 16 KiB, a block status reply's
-            # largest size, or the payload / data read
-            cost = _BLOCK_STATUS_COST if kind == P.CMD_BLOCK_STATUS else _MIN_COST
-            if kind == P.CMD_WRITE:
-                if length > P.MAX_REQUEST:
-                    raise P.ProtocolError(f"write of {length} bytes at {offset} exceeds the "
-                                          f"{P.MAX_REQUEST}-byte request limit")
-                cost = max(cost, length)
-                self._reserve(cost)
-                payload = bytearray(length)
+    def _work(self) -> None:
+        """Leader/followers: the thread holding ``read_lock`` reads the next request
+        (and a WRITE's payload), lets the next thread read, and serves what it read:
+        no queue and no hand-off between threads per request; at most ``workers``
+        requests of a connection in flight."""
+        while True:
+            with self.read_lock:
+                if self.done:
+                    return
                 try:
-                    ch.recv_into(memoryview(payload))
-                except BaseException:
-                    self._release(cost)
-                    raise
-            else:
-                if kind == P.CMD_READ and length <= P.MAX_REQUEST:
-                    cost = max(cost, length)
-                self._reserve(cost)
-            self.queue.put(_Request(flags, kind, cookie, offset, length, payload, cost))
+                    req = self._next_request()
+                except P.Disconnected as exc:
+                    if not self.dead:
+                        log.info("%s: connection closed (%s)", self.peer, exc)
+                    req = None
+                except P.ProtocolError as exc:
+                    log.warning("%s: protocol error, dropping the connection: %s", self.peer,
+                                exc)
+                    req = None
+                if req is None:
+                    self.done = True
+                    return
+            try:
+                if not self.dead:
+                    self._serve(req)
+            except P.Disconnected:
+                self._die()
+            finally:
+                req.payload = None
+                self._release(req.cost)
+
+    def _next_request(self) -> _Request | None:
+        """The next request off the socket, its budget reserved; None for DISC."""
+        ch = self.ch
+        magic, flags, kind, cookie, offset, length = P.REQUEST.unpack(
+            ch.recv_exact(P.REQUEST.size))
+        if magic != P.REQUEST_MAGIC:
+            raise P.ProtocolError(f"bad request magic {magic:#x}")
+        if kind == P.CMD_DISC:
+            log.debug("%s: disconnect requested", self.peer)
+            return None
+        payload = None
+        # every request counts against the budget (replies may wait in memory for a
+        # client that does not read them): at least 16 KiB, a block status reply's
+        # largest size, or the payload / data read
+        cost = _BLOCK_STATUS_COST if kind == P.CMD_BLOCK_STATUS else _MIN_COST
+        if kind == P.CMD_WRITE:
+            if length > P.MAX_REQUEST:
+                raise P.ProtocolError(f"write of {length} bytes at {offset} exceeds the "
+                                      f"{P.MAX_REQUEST}-byte request limit")
+            cost = max(cost, length)
+            self._reserve(cost)
+            payload = bytearray(length)
+            try:
+                ch.recv_into(memoryview(payload))
+            except BaseException:
+                self._release(cost)
+                raise
+        else:
+            if kind == P.CMD_READ and length <= P.MAX_REQUEST:
+                cost = max(cost, length)
+            self._reserve(cost)
+        return _Request(flags, kind, cookie, offset, length, payload, cost)
 
     def _reserve(self, cost: int) -> None:
         with self.cond:
@@ -176,23 +197,9 @@ class Transmission:
         except Exception as exc:  # noqa: BLE001 - logged; the server goes on
             log.error("%s: flush on disconnect failed: %s", self.peer, exc)
 
-    # -- the workers -------------------------------------------------------------------
-    def _work(self) -> None:
-        while True:
-            req = self.queue.get()
-            if req is None:
-                return
-            try:
-                if not self.dead:
-                    self._serve(req)
-            except P.Disconnected:
-                self._die()
-            finally:
-                req.payload = None
-                self._release(req.cost)
-
+    # -- serving ----------------------------------------------------------------------
     def _die(self) -> None:
-        """The client went away mid-reply: stop reading (the reader's recv fails)."""
+        """The client went away mid-reply: stop reading (the recv in progress fails)."""
         if not self.dead:
             self.dead = True
             log.info("%s: client vanished while a reply was sent", self.peer)
