@@ -120,11 +120,12 @@ def test_qemu_img_as_client(images, kind, tmp_path):
     assert qemu_map_as_nbd(conv) == qemu_map_as_nbd(path), "convert through NBD lost sparseness"
 
 
-# inside every image (16 MiB at least): unaligned, zeroes, over compressed clusters and
-# backing data, asynchronous
+# inside every image (16 MiB at least): unaligned, zeroes (keeping or dropping the
+# allocation), FUA, over compressed clusters and backing data, asynchronous
 QEMU_IO_WRITES = ["write -P 0x61 0 4k", "write -P 0x62 65000 70000", "write -z 256k 128k",
                   "write -P 0x63 1000k 2M", "write -z 3M 64k", "aio_write -P 0x64 9M 1M",
-                  "aio_write -P 0x66 10M 1M", "aio_flush", "write -P 0x65 15M 1M", "flush"]
+                  "aio_write -P 0x66 10M 1M", "aio_flush", "write -P 0x65 15M 1M",
+                  "write -f -P 0x67 5M 64k", "write -z -u 6M 128k", "write -z 7M 4k", "flush"]
 
 
 @pytest.mark.parametrize("kind", ["mixed", "backing", "compressed-zstd", "raw"])
@@ -162,7 +163,8 @@ def test_trim_and_detect_zeroes(tmp_path):
     path = tmp_path / "t.qcow2"
     run("qemu-img", "create", "-f", "qcow2", path, "8M")
     qemu_io(path, "write -P 0x7 0 4M")
-    with Server(path, tmp_path, "--discard=unmap", "--detect-zeroes=unmap") as srv:
+    with Server(path, tmp_path, "--discard=unmap", "--detect-zeroes=unmap",
+                "--cache=writethrough") as srv:
         qemu_io(srv.uri, "discard 0 1M", "write -P 0 2M 1M", "flush", fmt="raw")
         srv.wait()
     assert qemu_map_as_nbd(path)[:3] == [(0, MiB, 3), (MiB, MiB, 0), (2 * MiB, MiB, 3)]
