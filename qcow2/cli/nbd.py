@@ -88,7 +88,9 @@ def _open(args, stack):
         stack.append(img.close)
         return img, readonly
     import tempfile
-    base = os.path.abspath(args.filename)
+
+    from ..rbdname import is_rbd_name
+    base = args.filename if is_rbd_name(args.filename) else os.path.abspath(args.filename)
     with qcow2.open(base, format=args.format, backing=False, force_share=True) as b:
         fmt = b.format
     fd, overlay = tempfile.mkstemp(prefix="qcow2-nbd-", suffix=".qcow2",
