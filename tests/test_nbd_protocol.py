@@ -331,3 +331,34 @@ def test_tcp_listener(image, tmp_path):
             uri = f"nbd://{host}:{port}/"
             assert int(run("nbdinfo", "--size", uri).stdout) == 8 * MiB
             run("qemu-img", "compare", "-F", "raw", image, uri)
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_memory_of_a_connection_is_bounded(tmp_path):
+    """24 reads of 32 MiB sent at once (768 MiB of replies): the server holds at most
+    its 64 MiB budget of them at a time."""
+    p = tmp_path / "big.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", p, "64M")
+    with Server(p, tmp_path, "-r", "-t") as srv:
+        c = Client(srv.socket)
+        c.hello()
+        c.go()
+        c.request(READ, 0, 4 * MiB, flags=DF)                # warm: a worker's kept buffer
+        c.chunks()
+        base = _peak_rss_mib(srv.proc.pid)
+        for i in range(24):
+            c.request(READ, (i % 2) * 32 * MiB, 32 * MiB, cookie=i, flags=DF)
+        for _ in range(24):
+            (kind, body), = c.chunks()
+            assert kind == T_DATA and len(body) == 8 + 32 * MiB
+        peak = _peak_rss_mib(srv.proc.pid)
+        c.close()
+    # the 64 MiB budget (two 32 MiB reads in flight), not the four workers' 128 MiB
+    assert peak - base < 64 + 16, f"server peak RSS grew from {base:.0f} to {peak:.0f} MiB"
