@@ -131,6 +131,8 @@ class Transmission:
                 except P.ProtocolError as exc:
                     log.warning("%s: protocol error, dropping the connection: %s", self.peer,
                                 exc)
+                    self.dead = True            # replies still in flight are not sent
+                    self.ch.shutdown()
                     req = None
                 if req is None:
                     self.done = True
