@@ -31,9 +31,9 @@ HANDSHAKE_TIMEOUT = 60.0            # seconds a client may take to choose an exp
 
 
 class NBDServer:
-    """Serve ``exports`` (``Export`` objects, or open images served read-only/writable as
-    opened, under the name "" for the first) on a Unix socket ``socket_path`` or on TCP
-    ``host``:``port`` (port 0: any free port, see ``address``)."""
+    """Serve ``exports`` (``Export`` objects, or open images: each is then the export
+    named "", read-only or writable as opened) on a Unix socket ``socket_path`` or on
+    TCP ``host``:``port`` (port 0: any free port, see ``address``)."""
 
     def __init__(self, exports, *, socket_path: str | None = None, host: str | None = None,
                  port: int = DEFAULT_PORT, shared: int = 1, persistent: bool = False,
