@@ -59,7 +59,7 @@ setup(
     description="A Python engine for QEMU's qcow2 disk-image format with a small C core",
     python_requires=">=3.11",
     packages=["qcow2", "qcow2.cli", "qcow2.ops", "qcow2.compute", "qcow2.backends",
-              "qcow2.checker", "qcow2.kernels", "qcow2.untrusted"],
+              "qcow2.checker", "qcow2.kernels", "qcow2.untrusted", "qcow2.nbd"],
     package_dir={"qcow2.backends": "backends"},
     setup_requires=["cffi>=1.16"],
     cffi_modules=["native/build_native.py:ffibuilder", "native/build_rbd.py:ffibuilder"],

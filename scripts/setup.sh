@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS="qemu-utils qemu-block-extra zlib1g-dev libzstd-dev libdeflate-dev gcc python3-venv python3-dev e2fsprogs lvm2 util-linux"
+PKGS="qemu-utils qemu-block-extra libnbd-bin qemu-system-x86 busybox-static zlib1g-dev libzstd-dev libdeflate-dev gcc python3-venv python3-dev e2fsprogs lvm2 util-linux"
 # a single-node Ceph cluster for the RBD tests (scripts/ceph.sh) and librbd's headers;
 # qemu-block-extra (above) gives qemu-img its rbd driver, the tests' oracle.  Without
 # their recommends: the mgr's dashboard and disk-prediction modules pull in hundreds of

@@ -1,7 +1,8 @@
 """The tree's own rules, checked on the source (README "Design"):
 
 - layers point one way: ``backends`` <- engine (``qcow2/*.py``, ``qcow2/kernels``,
-  ``qcow2/checker``) <- operations (``qcow2/ops``) <- the CLI and the compute flow;
+  ``qcow2/checker``) <- operations (``qcow2/ops``) <- the CLI, the compute flow and
+  the NBD server (``qcow2/nbd``);
   the package root ``qcow2/__init__.py`` is the public facade over the operations;
 - no import cycle among the modules, counting imports inside functions;
 - no module imports another module's private (``_name``) names, and the operations,
@@ -132,7 +133,7 @@ def _layer(name: str) -> float:
         return 0
     if name.startswith("qcow2.ops"):
         return 2
-    if name.startswith(("qcow2.cli", "qcow2.compute")):
+    if name.startswith(("qcow2.cli", "qcow2.compute", "qcow2.nbd")):
         return 3
     return 1                              # the engine
 

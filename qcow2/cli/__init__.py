@@ -16,6 +16,7 @@ import sys
 
 COMMANDS = ("create", "info", "map", "convert", "check", "compare", "measure", "resize",
             "rebase", "commit", "snapshot", "amend", "compute")
+COMMANDS += ("nbd",)
 
 
 _WIDTH: int | None = None

@@ -1,0 +1,313 @@
+"""The transmission phase of one connection: requests in, replies out.
+
+A few worker threads per connection take turns reading a request (and a WRITE's
+payload) and serve what they read while the next one reads (the engine's C kernels
+release the GIL, so reads of compressed clusters decode in parallel); replies go out
+whole under the channel's send lock.  Memory is bounded per connection: a request carries at most 32
+MiB (as qemu-nbd), and the reader stops taking requests while the payloads and read
+buffers of requests in flight would pass ``budget`` bytes.
+
+A request that breaks the framing (bad magic, a WRITE longer than 32 MiB, whose
+payload cannot be skipped safely) ends the connection with a log line; a request
+that is well framed but wrong (out of range, unknown command or flag, a write to a
+read-only export) gets an error reply and the connection goes on.  However the
+connection ends (DISC, a vanished client, a protocol error), requests in flight are
+finished and a writable export is flushed before the socket is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..atomic import io_buffer
+from ..errors import Qcow2Error, UnsupportedFeatureError
+from . import protocol as P
+from .handshake import META_CONTEXT_ID
+
+log = logging.getLogger("qcow2.nbd")
+
+_PLAN_MIN = 64 << 10         # reads from this size send their zero blocks as holes
+_SCRATCH_KEEP = 4 << 20      # read buffers up to this size are kept per worker thread
+_MIN_COST = 16 << 10         # budget charged for a request without data
+_BLOCK_STATUS_COST = 8 * P.MAX_EXTENTS + 64
+_ALLOWED_FLAGS = {
+    P.CMD_READ: P.CMD_FLAG_DF,
+    P.CMD_WRITE: P.CMD_FLAG_FUA,
+    P.CMD_FLUSH: P.CMD_FLAG_FUA,
+    P.CMD_TRIM: P.CMD_FLAG_FUA,
+    P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE,
+    P.CMD_BLOCK_STATUS: P.CMD_FLAG_REQ_ONE,
+}
+
+
+class RequestError(Exception):
+    """A request refused with an NBD error value (the connection goes on)."""
+
+    def __init__(self, error: int, message: str):
+        super().__init__(message)
+        self.error = error
+
+
+def error_value(exc: BaseException) -> int:
+    """The NBD error value for an exception raised by the image."""
+    if isinstance(exc, RequestError):
+        return exc.error
+    if isinstance(exc, PermissionError):
+        return P.EPERM
+    if isinstance(exc, UnsupportedFeatureError):
+        return P.ENOTSUP
+    if isinstance(exc, Qcow2Error):
+        return P.EIO
+    if isinstance(exc, OSError):
+        return P.wire_errno(exc.errno)
+    if isinstance(exc, ValueError):
+        return P.EINVAL
+    if isinstance(exc, MemoryError):
+        return P.ENOMEM
+    return P.EIO
+
+
+class _Request:
+    __slots__ = ("flags", "kind", "cookie", "offset", "length", "payload", "cost")
+
+    def __init__(self, flags, kind, cookie, offset, length, payload, cost):
+        self.flags = flags
+        self.kind = kind
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.payload = payload
+        self.cost = cost
+
+
+class Transmission:
+    """Serve ``session`` (a ``handshake.Session``) on channel ``ch`` until the end.
+
+    ``workers``: threads serving this connection's requests; ``budget``: bytes of
+    payloads and read buffers in flight at most (a single request may use up to 32
+    MiB whatever the budget)."""
+
+    def __init__(self, ch: P.Channel, session, *, peer: str = "client", workers: int = 4,
+                 budget: int = 64 << 20):
+        self.ch = ch
+        self.session = session
+        self.export = session.export
+        self.peer = peer
+        self.workers = max(1, workers)
+        self.budget = max(budget, P.MAX_REQUEST)
+        self.in_flight = 0
+        self.cond = threading.Condition()
+        self.read_lock = threading.Lock()
+        self.done = False                 # no more requests: DISC, EOF or a protocol error
+        self.dead = False                 # the client is gone: replies are not sent
+        self.scratch = threading.local()
+
+    # -- the loop: each worker in turn reads one request, then serves it -----------
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._work, name=f"nbd-worker-{i}", daemon=True)
+                   for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._flush_on_close()
+
+    def _work(self) -> None:
+        """Leader/followers: the thread holding ``read_lock`` reads the next request
+        (and a WRITE's payload), lets the next thread read, and serves what it read:
+        no queue and no hand-off between threads per request; at most ``workers``
+        requests of a connection in flight."""
+        while True:
+            with self.read_lock:
+                if self.done:
+                    return
+                try:
+                    req = self._next_request()
+                except P.Disconnected as exc:
+                    if not self.dead:
+                        log.info("%s: connection closed (%s)", self.peer, exc)
+                    req = None
+                except P.ProtocolError as exc:
+                    log.warning("%s: protocol error, dropping the connection: %s", self.peer,
+                                exc)
+                    self.dead = True            # replies still in flight are not sent
+                    self.ch.shutdown()
+                    req = None
+                if req is None:
+                    self.done = True
+                    return
+            try:
+                if not self.dead:
+                    self._serve(req)
+            except P.Disconnected:
+                self._die()
+            finally:
+                req.payload = None
+                self._release(req.cost)
+
+    def _next_request(self) -> _Request | None:
+        """The next request off the socket, its budget reserved; None for DISC."""
+        ch = self.ch
+        magic, flags, kind, cookie, offset, length = P.REQUEST.unpack(
+            ch.recv_exact(P.REQUEST.size))
+        if magic != P.REQUEST_MAGIC:
+            raise P.ProtocolError(f"bad request magic {magic:#x}")
+        if kind == P.CMD_DISC:
+            log.debug("%s: disconnect requested", self.peer)
+            return None
+        payload = None
+        # every request counts against the budget (replies may wait in memory for a
+        # client that does not read them): at least 16 KiB, a block status reply's
+        # largest size, or the payload / data read
+        cost = _BLOCK_STATUS_COST if kind == P.CMD_BLOCK_STATUS else _MIN_COST
+        if kind == P.CMD_WRITE:
+            if length > P.MAX_REQUEST:
+                raise P.ProtocolError(f"write of {length} bytes at {offset} exceeds the "
+                                      f"{P.MAX_REQUEST}-byte request limit")
+            cost = max(cost, length)
+            self._reserve(cost)
+            payload = bytearray(length)
+            try:
+                ch.recv_into(memoryview(payload))
+            except BaseException:
+                self._release(cost)
+                raise
+        else:
+            if kind == P.CMD_READ and length <= P.MAX_REQUEST:
+                cost = max(cost, length)
+            self._reserve(cost)
+        return _Request(flags, kind, cookie, offset, length, payload, cost)
+
+    def _reserve(self, cost: int) -> None:
+        with self.cond:
+            while self.in_flight and self.in_flight + cost > self.budget:
+                self.cond.wait()
+            self.in_flight += cost
+
+    def _release(self, cost: int) -> None:
+        if cost:
+            with self.cond:
+                self.in_flight -= cost
+                self.cond.notify_all()
+
+    def _flush_on_close(self) -> None:
+        if self.export.readonly:
+            return
+        try:
+            self.export.flush()
+        except Exception as exc:  # noqa: BLE001 - logged; the server goes on
+            log.error("%s: flush on disconnect failed: %s", self.peer, exc)
+
+    # -- serving ----------------------------------------------------------------------
+    def _die(self) -> None:
+        """The client went away mid-reply: stop reading (the recv in progress fails)."""
+        if not self.dead:
+            self.dead = True
+            log.info("%s: client vanished while a reply was sent", self.peer)
+            self.ch.shutdown()
+
+    def _serve(self, req: _Request) -> None:
+        try:
+            self._check(req)
+            self._dispatch(req)
+        except P.Disconnected:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            err = error_value(exc)
+            if err == P.EIO and not isinstance(exc, (OSError, Qcow2Error)):
+                log.exception("%s: %s failed", self.peer, P.COMMAND_NAMES.get(req.kind, req.kind))
+            else:
+                log.debug("%s: %s refused: %s", self.peer, P.COMMAND_NAMES.get(req.kind), exc)
+            self._reply_error(req, err, str(exc))
+
+    def _check(self, req: _Request) -> None:
+        exp = self.export
+        name = P.COMMAND_NAMES.get(req.kind)
+        if req.kind not in _ALLOWED_FLAGS:
+            raise RequestError(P.EINVAL, f"unknown or unsupported command {req.kind}")
+        if req.flags & ~_ALLOWED_FLAGS[req.kind]:
+            raise RequestError(P.EINVAL, f"flags {req.flags:#x} not allowed with {name}")
+        if req.flags & P.CMD_FLAG_DF and not self.session.structured:
+            raise RequestError(P.EINVAL, "NBD_CMD_FLAG_DF needs structured replies")
+        if req.kind == P.CMD_FLUSH:
+            return
+        if req.kind in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES) and exp.readonly:
+            raise RequestError(P.EPERM, "the export is read-only")
+        if req.kind == P.CMD_READ and req.length > P.MAX_REQUEST:
+            raise RequestError(P.EINVAL, f"read of {req.length} bytes exceeds the "
+                                         f"{P.MAX_REQUEST}-byte request limit")
+        if req.kind == P.CMD_BLOCK_STATUS:
+            if not self.session.base_allocation:
+                raise RequestError(P.EINVAL, "no metadata context was negotiated")
+            if not req.length:
+                raise RequestError(P.EINVAL, "block status of an empty range")
+        if req.offset + req.length > exp.size:
+            raise RequestError(P.EINVAL, f"{name} of {req.length} bytes at {req.offset} is "
+                                         f"past the end of the export ({exp.size})")
+
+    def _dispatch(self, req: _Request) -> None:
+        exp = self.export
+        fua = bool(req.flags & P.CMD_FLAG_FUA)
+        kind = req.kind
+        if kind == P.CMD_READ:
+            self._read(req)
+            return
+        if kind == P.CMD_BLOCK_STATUS:
+            extents = exp.block_status(req.offset, req.length,
+                                       one=bool(req.flags & P.CMD_FLAG_REQ_ONE))
+            self.ch.send(P.chunk_block_status(req.cookie, META_CONTEXT_ID, extents, True))
+            return
+        if kind == P.CMD_WRITE:
+            if req.length:
+                exp.write(req.payload, req.offset, fua)
+        elif kind == P.CMD_WRITE_ZEROES:
+            if req.length:
+                exp.write_zeroes(req.offset, req.length, fua)
+        elif kind == P.CMD_TRIM:
+            if req.length:
+                exp.trim(req.offset, req.length, fua)
+        elif kind == P.CMD_FLUSH:
+            exp.flush()
+        self.ch.send(P.simple_reply(req.cookie))
+
+    # -- reads ---------------------------------------------------------------------------
+    def _buffer(self, n: int) -> memoryview:
+        buf = getattr(self.scratch, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = io_buffer(max(n, 1 << 20))
+            if n > _SCRATCH_KEEP:
+                return memoryview(buf)[:n]
+            self.scratch.buf = buf
+        return memoryview(buf)[:n]
+
+    def _read(self, req: _Request) -> None:
+        exp = self.export
+        if not self.session.structured:
+            buf = self._buffer(req.length)
+            exp.readinto(buf, req.offset)
+            self.ch.send(P.simple_reply(req.cookie), buf)
+            return
+        if req.length == 0:
+            self.ch.send(P.chunk_done(req.cookie))
+            return
+        buf = self._buffer(req.length)
+        exp.readinto(buf, req.offset)
+        if req.flags & P.CMD_FLAG_DF or req.length < _PLAN_MIN:
+            runs = [(0, req.length, False)]
+        else:
+            runs = exp.zero_runs(buf)
+        last = len(runs) - 1
+        for i, (start, n, hole) in enumerate(runs):
+            off = req.offset + start
+            if hole:
+                self.ch.send(P.chunk_hole(req.cookie, off, n, i == last))
+            else:
+                self.ch.send(P.chunk(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + n, i == last),
+                             P.U64.pack(off), buf[start:start + n])
+
+    def _reply_error(self, req: _Request, err: int, message: str) -> None:
+        if self.session.structured:
+            self.ch.send(P.chunk_error(req.cookie, err, message))
+        else:
+            self.ch.send(P.simple_reply(req.cookie, err))
