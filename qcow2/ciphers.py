@@ -27,6 +27,7 @@ SECTOR = 512
 _BLOCKS = SECTOR // 16                # AES blocks per sector
 _CHUNK = 1 << 20                      # bytes per numpy pass (bounds the temporaries)
 _U64 = np.dtype("<u8")
+_SHIFTS = np.arange(_BLOCKS, dtype=np.uint64)[None, :]
 
 
 def _aes():
@@ -104,17 +105,15 @@ class SectorCipher:
         enc = self._tweak.encryptor()
         t0 = np.frombuffer(enc.update(self._sector_ivs(sector, count).tobytes())
                            + enc.finalize(), dtype=_U64).reshape(count, 2)
-        lo, hi = t0[:, 0], t0[:, 1]
+        lo, hi = t0[:, :1], t0[:, 1:]              # (count, 1) each
+        s = _SHIFTS                                # 0..31, one per block of a sector
+        carry = np.where(s == 0, np.uint64(0), hi >> (np.uint64(64) - s))
+        # x^128 = x^7 + x^2 + x + 1: fold the bits shifted out of the top back in (no
+        # further overflow: j < 32)
+        red = (carry << np.uint64(7)) ^ (carry << np.uint64(2)) ^ (carry << np.uint64(1)) ^ carry
         masks = np.empty((count, _BLOCKS, 2), dtype=_U64)
-        masks[:, 0, 0], masks[:, 0, 1] = lo, hi
-        for j in range(1, _BLOCKS):
-            s, r = np.uint64(j), np.uint64(64 - j)
-            carry = hi >> r                     # the bits shifted out of the top
-            # x^128 = x^7 + x^2 + x + 1: fold them back in (no further overflow: j < 32)
-            red = (carry << np.uint64(7)) ^ (carry << np.uint64(2)) ^ \
-                (carry << np.uint64(1)) ^ carry
-            masks[:, j, 0] = (lo << s) ^ red
-            masks[:, j, 1] = (hi << s) | (lo >> r)
+        masks[:, :, 0] = (lo << s) ^ red
+        masks[:, :, 1] = (hi << s) | np.where(s == 0, np.uint64(0), lo >> (np.uint64(64) - s))
         return masks
 
     # -- the two directions ------------------------------------------------------------
