@@ -69,6 +69,12 @@ def images(tmp_path_factory):
     return {"raw": str(raw), "qcow2": str(qc), "dir": d}
 
 
+def nova_disk_info(inst_dir, formats: dict) -> None:
+    """disk.info as nova writes it beside the disks it made: {absolute path: format}."""
+    with open(os.path.join(inst_dir, "disk.info"), "w") as f:
+        json.dump({os.path.join(os.path.abspath(inst_dir), n): v for n, v in formats.items()}, f)
+
+
 def make_opts(compute, tmp_path, **kw):
     return compute.Options(instances_path=str(tmp_path / "instances"), **kw)
 
@@ -718,6 +724,7 @@ def test_manager_in_use_through_backing_files(compute, tmp_path, images):
     os.makedirs(nd)
     qemu("create", "-f", "qcow2", "-o", f"backing_file={other},backing_fmt=raw,cluster_size=65536",
          os.path.join(nd, "disk"), str(128 * MiB))
+    nova_disk_info(nd, {"disk": "qcow2"})
     unused = os.path.join(o.base_dir, compute.base_name("unused"))
     open(unused, "wb").close()
     far = time.time() + 10 ** 7
@@ -852,6 +859,7 @@ def test_manager_reports_missing_bases_and_busy_swap(compute, tmp_path):
     gone = os.path.join(o.base_dir, compute.swap_name(8 * MiB))
     qemu("create", "-f", "qcow2", "-u", "-o", f"backing_file={gone},backing_fmt=raw",
          os.path.join(d, "disk.swap"), str(8 * MiB))
+    nova_disk_info(d, {"disk.swap": "qcow2"})
     rep = compute.clean(o, now=time.time())
     assert rep["missing"] == [gone] and rep["in_use"] == []
     swap = os.path.join(o.base_dir, compute.swap_name(4 * MiB))

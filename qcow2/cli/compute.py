@@ -6,6 +6,7 @@
     qcow2 compute destroy --config FILE --instance UUID
     qcow2 compute clean --config FILE [--dry-run] [--now EPOCH_SECONDS] [--output=json]
     qcow2 compute usage --config FILE [--output=json]
+    qcow2 compute audit --config FILE [--quarantine] [--output=json]
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def add_parser(sub):
     c.add_argument("--now", type=float, default=None, help="the time, in epoch seconds")
     c.add_argument("--output", choices=("human", "json"), default="human")
     c.set_defaults(func=run_clean)
+
+    a = cs.add_parser("audit", help="check every cached base and instance disk against "
+                                    "its recorded format")
+    common(a)
+    a.add_argument("--quarantine", action="store_true",
+                   help="move bad bases no instance uses into <instances_path>/_quarantine")
+    a.add_argument("--output", choices=("human", "json"), default="human")
+    a.set_defaults(func=run_audit)
 
     u = cs.add_parser("usage", help="disk usage of the image cache")
     common(u)
@@ -107,6 +116,8 @@ def run_clean(args) -> int:
                        ("missing", "in use by an instance but missing from the cache"),
                        ("unreadable_disks", "instance disk with an unreadable qcow2 header "
                                             "(every base kept)"),
+                       ("unrecorded_disks", "instance disk not recorded in its disk.info "
+                                            "(every base kept)"),
                        ("stale_temporaries", stale)):
         for p in rep[key]:
             print(f"{label}: {p}")
@@ -122,6 +133,26 @@ def run_clean(args) -> int:
                 print(f"{label}: {name}")
     _print_usage(rep["usage"])
     return 0
+
+
+def run_audit(args) -> int:
+    """Exit status 0: nothing found; 2: something bad was found (as check's corruptions)."""
+    from ..compute import audit
+    rep = audit(_opts(args), quarantine=args.quarantine)
+    if args.output == "json":
+        print(json.dumps(rep, indent=4))
+    else:
+        for what, key in (("base", "bases"), ("disk", "disks")):
+            for e in rep[key]:
+                if e["status"] == "bad":
+                    print(f"bad {what}: {e['path']}: {e['reason']}")
+        for q in rep["quarantined"]:
+            print(f"quarantined: {q['path']} -> {q['to']}")
+        for p in rep["left_in_use"]:
+            print(f"left in place (in use): {p}")
+        print(f"audited {len(rep['bases'])} bases and {len(rep['disks'])} instance disks: "
+              f"{rep['problems']} problem{'s' if rep['problems'] != 1 else ''}")
+    return 2 if rep["problems"] else 0
 
 
 def run_usage(args) -> int:

@@ -9,11 +9,14 @@
 
 Modules: ``config`` (options), ``locks`` (names, per-image locks), ``fetch`` (the base
 cache), ``disks`` (instance disks), ``growfs`` (growing the file system of a qcow2 disk),
-``manager`` (the cache manager).
+``manager`` (the cache manager), ``cacheaudit`` (the cache audit: not ``audit``, which
+would shadow the function); with images_type=rbd ``rbdcache``, ``rbddisks``,
+``rbdmanager``.
 """
 
 from __future__ import annotations
 
+from .cacheaudit import audit
 from .config import Options
 from .disks import destroy, spawn
 from .errors import (ChecksumError, ComputeError, DownloadError, ImageFormatMismatchError,
@@ -22,6 +25,6 @@ from .fetch import fetch_base
 from .locks import base_name, ephemeral_name, swap_name
 from .manager import bases_in_use, clean, usage
 
-__all__ = ["Options", "spawn", "destroy", "fetch_base", "clean", "usage", "bases_in_use",
+__all__ = ["Options", "spawn", "destroy", "fetch_base", "clean", "usage", "audit", "bases_in_use",
            "base_name", "ephemeral_name", "swap_name", "ComputeError", "DownloadError",
            "ChecksumError", "ImageFormatMismatchError", "InsufficientSpaceError", "ToolError"]

@@ -24,15 +24,27 @@ their base keep it too.  Bases in use are touched.  Age is ``now - mtime``; nova
 ``age < maxage`` is too young (at exactly the limit the file goes).  Each removal happens
 under the file's lock (not waited for: a held lock means the file is being written, and
 it is left alone) after a re-check that it is still unused and old enough.
+
+A guest writes its disks, so their content is never trusted for their format
+(CVE-2026-24708: nova once probed a raw disk, found a qcow2 header a guest had written
+and followed its backing file).  The format of each disk is what the instance's
+``disk.info`` records (a host file, written when the disk was made, here and by nova):
+only a disk recorded as qcow2 has its header read, and only for its backing file's
+name, which is never opened.  A disk recorded as raw is never parsed; files that are
+not disks (``console.log``, ...) are never read.  A disk nova would have recorded that
+``disk.info`` does not list (or an unreadable ``disk.info``) could use any base: while
+one exists nothing is removed (``unrecorded_disks``), as for a qcow2 disk whose header
+cannot be read (``unreadable_disks``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 
-from ..errors import NotQcow2Error, Qcow2Error
+from ..errors import Qcow2Error
 from ..header import Header
 from ..paths import temp_owner
 from .locks import try_image_lock
@@ -40,6 +52,8 @@ from .locks import try_image_lock
 _SWAP = re.compile(r"^swap_([0-9]+)(b?)$")
 _EPHEMERAL = re.compile(r"^ephemeral_([0-9]+)(b?)_([0-9a-f]{7})$")
 _SKIP_DIRS = {"locks", "snapshots"}
+#: file names of image-backed disks in nova's instance layout
+_DISK_NAME = re.compile(r"^disk(\.local|\.swap|\.eph[0-9]+|\.rescue)?$")
 _DIGEST = 40                      # hex digits of a sha1: nova's cache names
 
 
@@ -82,24 +96,23 @@ def _resolve_backing(disk: str, name: str) -> str:
 UNREADABLE = "<unreadable>"
 
 
-def describe_disk(path: str) -> tuple[str | None, int | None]:
-    """(backing file, guest size) of a file in an instance directory, as the engine's
-    header parser reads it: the absolute backing file (None: none or not a qcow2;
-    :data:`UNREADABLE`: a qcow2 whose header the engine refuses, so its backing file
-    cannot be known) and the guest size (a qcow2's virtual size, another file's size;
-    None: not readable).  Only the first cluster is read: no backing file
-    is opened and no lock is taken (the instance may be running), and a scan of many
-    disks stays cheap (``qcow2.open`` would also read the snapshot table and set up
-    the image's caches, at three times the cost)."""
+def describe_disk(path: str, fmt: str = "qcow2") -> tuple[str | None, int | None]:
+    """(backing file, guest size) of an instance disk recorded as ``fmt``: for a qcow2
+    disk, as the engine's header parser reads it -- the absolute backing file (None:
+    none; :data:`UNREADABLE`: not a qcow2 after all, or a header the engine refuses, so
+    its backing file cannot be known) and the virtual size; for any other format the
+    file is not read at all (no backing file, its size).  Only the first cluster of a
+    qcow2 disk is read: no backing file is opened and no lock is taken (the instance
+    may be running), and a scan of many disks stays cheap."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None, None
     try:
         size = os.fstat(fd).st_size
+        if fmt != "qcow2":
+            return None, size
         header = Header.parse(lambda n, offset: os.pread(fd, n, offset), size)
-    except NotQcow2Error:
-        return None, size
     except Qcow2Error:
         return UNREADABLE, None
     except OSError:
@@ -110,8 +123,34 @@ def describe_disk(path: str) -> tuple[str | None, int | None]:
     return (_resolve_backing(path, name) if name else None), header.size
 
 
-def _instance_files(opts):
-    """(instance dir entry, file name, path) of every file in the instance directories."""
+def recorded_formats(inst_dir: str) -> dict[str, str] | None:
+    """{file name: format} from the instance's ``disk.info`` ({} when there is none;
+    None when it cannot be read or parsed)."""
+    path = os.path.join(inst_dir, "disk.info")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+    try:
+        info = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return None
+    if not isinstance(info, dict):
+        return None
+    here = {os.path.normpath(inst_dir), os.path.normpath(os.path.abspath(inst_dir))}
+    out = {}
+    for key, fmt in info.items():
+        if isinstance(key, str) and isinstance(fmt, str) and \
+                os.path.dirname(os.path.normpath(os.path.abspath(key))) in here:
+            out[os.path.basename(key)] = fmt
+    return out
+
+
+def _instance_dirs(opts):
+    """(instance dir entry, its path) of every instance directory."""
     try:
         entries = os.listdir(opts.instances_path)
     except FileNotFoundError:
@@ -121,14 +160,27 @@ def _instance_files(opts):
         if entry == opts.subdirectory_name or entry in _SKIP_DIRS or entry.startswith(".") \
                 or not os.path.isdir(d) or os.path.islink(d):
             continue
+        yield entry, d
+
+
+def instance_disks(opts):
+    """(path, recorded format or None, file name) of every disk of every instance: the
+    files ``disk.info`` lists, and files with a disk's name that it does not (format
+    None: unknown, never probed).  An unreadable ``disk.info`` makes every disk-named
+    file unknown."""
+    for _entry, d in _instance_dirs(opts):
         try:
-            files = os.listdir(d)
+            files = sorted(os.listdir(d))
         except OSError:
             continue
+        recorded = recorded_formats(d)
         for fname in files:
             p = os.path.join(d, fname)
-            if os.path.isfile(p):
-                yield entry, fname, p
+            if not os.path.isfile(p) or os.path.islink(p):
+                continue
+            fmt = recorded.get(fname) if recorded is not None else None
+            if fmt is not None or _DISK_NAME.match(fname):
+                yield p, fmt, fname
 
 
 def bases_in_use(opts) -> dict[str, list[str]]:
@@ -139,14 +191,19 @@ def bases_in_use(opts) -> dict[str, list[str]]:
     return _scan_instances(opts)[0]
 
 
-def _scan_instances(opts) -> tuple[dict[str, list[str]], list[str]]:
-    """:func:`bases_in_use`, and the instance disks whose qcow2 header is unreadable."""
+def _scan_instances(opts) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """:func:`bases_in_use`, the qcow2 disks whose header is unreadable, and the disks
+    whose format ``disk.info`` does not record."""
     base_dir = os.path.normpath(os.path.abspath(opts.base_dir))
     used: dict[str, list[str]] = {}
     unreadable: list[str] = []
+    unrecorded: list[str] = []
     sized: dict[tuple[str, int], list[str]] = {}
-    for _, fname, p in _instance_files(opts):
-        b, size = describe_disk(p)
+    for p, fmt, fname in instance_disks(opts):
+        if fmt is None:
+            unrecorded.append(p)
+            continue
+        b, size = describe_disk(p, fmt)
         if b is UNREADABLE:
             unreadable.append(p)
         elif b is not None and os.path.dirname(b) == base_dir:
@@ -161,7 +218,7 @@ def _scan_instances(opts) -> tuple[dict[str, list[str]], list[str]]:
             if users:
                 lst = used.setdefault(os.path.normpath(os.path.abspath(p)), [])
                 lst.extend(u for u in users if u not in lst)
-    return used, unreadable
+    return used, unreadable, unrecorded
 
 
 def cached_files(opts) -> list[str]:
@@ -214,17 +271,19 @@ def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
     are not cache files), ``missing`` (bases named by instance disks but absent),
     ``kinds`` ({path: original|resized|swap|ephemeral}), ``unreadable_disks`` (qcow2
     instance disks whose header the engine refuses: while there is one, every base is
-    kept), ``stale_temporaries``, ``usage``; with images_type=rbd also ``pool``, the
+    kept), ``unrecorded_disks`` (disks ``disk.info`` does not record: the same),
+    ``stale_temporaries``, ``usage``; with images_type=rbd also ``pool``, the
     pass over the pool bases (``rbdmanager.clean_pool``).
     """
     now = time.time() if now is None else now
-    used, unreadable = _scan_instances(opts)
+    used, unreadable, unrecorded = _scan_instances(opts)
     files = cached_files(opts)
     present = set(files)
     report = {"in_use": sorted(p for p in used if p in present), "removed": [],
               "would_remove": [], "too_young": [], "busy": [], "kept": [], "ignored": [],
               "missing": sorted(p for p in used if p not in present and not os.path.exists(p)),
-              "kinds": {}, "unreadable_disks": sorted(unreadable)}
+              "kinds": {}, "unreadable_disks": sorted(unreadable),
+              "unrecorded_disks": sorted(unrecorded)}
     for b in report["in_use"]:
         if not dry_run:
             try:
@@ -239,7 +298,7 @@ def clean(opts, *, dry_run: bool = False, now: float | None = None) -> dict:
         report["kinds"][p] = kind_of(os.path.basename(p))
         if p in used:
             continue
-        if not opts.remove_unused_base_images or unreadable:
+        if not opts.remove_unused_base_images or unreadable or unrecorded:
             report["kept"].append(p)
             continue
         young = _too_young(p, now, limit)
@@ -280,8 +339,8 @@ def _remove_unused(opts, path: str, now: float, limit: int) -> str | None:
         young = _too_young(path, now, limit)
         if young is None:
             return None
-        used, unreadable = _scan_instances(opts)
-        if young or path in used or unreadable:
+        used, unreadable, unrecorded = _scan_instances(opts)
+        if young or path in used or unreadable or unrecorded:
             return "kept"
         os.unlink(path)
         return "removed"
