@@ -99,7 +99,7 @@ def _rbd_error(exc: OSError) -> RbdError:
 def touch(cl: Cluster, name: str, now: float | None = None) -> None:
     """Record that the base ``name`` was used (its age restarts)."""
     with Image(cl, name) as im:
-        im.metadata_set(KEY_LAST_USED, f"{time.time() if now is None else now:.0f}")
+        im.metadata_set(KEY_LAST_USED, f"{time.time() if now is None else now:.3f}")
 
 
 def last_used(im: Image) -> float:
@@ -201,7 +201,7 @@ def _finish(cl: Cluster, tmp: str, name: str, image_id: str) -> None:
     try:
         with Image(cl, tmp) as im:
             im.metadata_set(KEY_IMAGE_ID, image_id)
-            im.metadata_set(KEY_LAST_USED, f"{time.time():.0f}")
+            im.metadata_set(KEY_LAST_USED, f"{time.time():.3f}")
             im.snap_create(SNAP)
             im.snap_protect(SNAP)
         with publish_lock(cl, name):
