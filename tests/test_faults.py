@@ -236,3 +236,36 @@ def test_fault_sweep_compute_spawn(shim, tmp_path):
         else:
             assert out.returncode == 0 and left == done, what
         shutil.rmtree(w, ignore_errors=True)
+
+
+# -- the library: the first failed write poisons a writable image ----------------------
+
+def test_failed_flush_poisons_the_image(tmp_path):
+    import errno
+
+    import qcow2
+    from qcow2.backends import MemoryBackend
+
+    image(tmp_path, "img.qcow2", "4M", "", "write -P 1 0 1M")
+
+    class Failing(MemoryBackend):
+        fail = False
+
+        def flush(self):
+            if self.fail:
+                self.fail = False                    # once: a retry would "succeed"
+                raise OSError(errno.EIO, "injected")
+
+    store = Failing(bytearray((tmp_path / "img.qcow2").read_bytes()))
+    img = qcow2.open(store, "r+")
+    img.pwrite(b"x" * 70000, 3 << 20)
+    store.fail = True
+    with pytest.raises(OSError):
+        img.flush()
+    snapshot = bytes(store.pread(store.size(), 0))
+    with pytest.raises(OSError, match="earlier write"):
+        img.flush()                                  # never a success after a failure
+    with pytest.raises(OSError, match="earlier write"):
+        img.pwrite(b"y", 0)
+    img.close()                                      # writes nothing more
+    assert bytes(store.pread(store.size(), 0)) == snapshot
