@@ -131,15 +131,18 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
     def _io(self, call, *args):
         """One write-side call on a store of the image; the first that fails poisons
         the image (see the module's docstring)."""
-        if self._failed is not None:
-            raise OSError(errno.EIO, f"an earlier write to the image failed "
-                                     f"({self._failed.strerror or self._failed}); "
-                                     f"reopen it", self.filename)
+        self._refuse_if_failed()
         try:
             return call(*args)
         except OSError as exc:
             self._failed = exc
             raise
+
+    def _refuse_if_failed(self) -> None:
+        if self._failed is not None:
+            raise OSError(errno.EIO, f"an earlier write to the image failed "
+                                     f"({self._failed.strerror or self._failed}); "
+                                     f"reopen it", self.filename)
 
     # -- overlap protection (QEMU's qcow2_pre_write_overlap_check) ----------------
     def _claim(self, offset: int, length: int, kind: str) -> None:
@@ -235,7 +238,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
     def _mark_modified(self) -> None:
         if self._closed:
             raise ValueError("I/O operation on closed image")
-        self._io(int)                 # raises if an earlier write failed
+        self._refuse_if_failed()
         if self.header.lazy_refcounts and not self._marked_dirty and self.header.version >= 3:
             # Refcounts stay exact here, but mark the image dirty while it is open
             # for writing with lazy refcounts, as QEMU does.
@@ -379,7 +382,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         """Make every write so far durable, in the order that keeps the image consistent."""
         with self._lock:
             refs = self.refs
-            self._io(int)                                       # poisoned: raise
+            self._refuse_if_failed()
             self._stage_sync()                                  # data before anything points at it
             if self._rc_cache.dirty_count:
                 self._rc_cache.write_dirty()

@@ -147,7 +147,8 @@ def _lib_model(ops, upto: int, cs: int, base: bytearray) -> bytearray:
 
 @pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=4096,refcount_bits=1",
                                   "cluster_size=65536,extended_l2=on",
-                                  "compat=0.10,cluster_size=1024"])
+                                  "compat=0.10,cluster_size=1024",
+                                  "cluster_size=65536,lazy_refcounts=on"])
 def test_fault_sweep_library_writes(opts, shim, tmp_path):
     import numpy as np
     pristine = tmp_path / "pristine"

@@ -99,6 +99,11 @@ def _src(w):
     image(w, "src.qcow2", "4M", "", *DATA)
 
 
+def _big_src(w):
+    # scattered data: many L2 tables and refcount blocks in a 4 KiB-cluster output
+    image(w, "big.qcow2", "64M", "", *(f"write -P {k + 1} {k * 2 + 1}M 12k" for k in range(30)))
+
+
 def _snap_img(w):
     image(w, "img.qcow2", "4M", "", *DATA)
     sh("qemu-img", "snapshot", "-c", "s1", "img.qcow2", cwd=w)
@@ -138,6 +143,9 @@ SCENARIOS = [
              new=["dst.qcow2"]),
     Scenario("convert-qcow2-c", _src,
              ["convert", "-O", "qcow2", "-c", "src.qcow2", "dst.qcow2"], new=["dst.qcow2"]),
+    Scenario("convert-qcow2-many", _big_src,
+             ["convert", "-O", "qcow2", "-o", "cluster_size=4096", "big.qcow2", "dst.qcow2"],
+             new=["dst.qcow2"]),
     Scenario("create-backing", _src,
              ["create", "-f", "qcow2", "-b", "src.qcow2", "-F", "qcow2", "ov.qcow2"],
              new=["ov.qcow2"]),
