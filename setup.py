@@ -66,6 +66,7 @@ setup(
     install_requires=["cffi>=1.16", "numpy>=1.24", "zstandard>=0.21", "cryptography>=41"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
+        "fuzz": ["atheris>=2.3"],
     },
     entry_points={"console_scripts": ["qcow2=qcow2.cli:main"]},
     cmdclass={"build_ext": optional_build_ext},

@@ -6,7 +6,6 @@ operations and the compute flow all come here rather than to ctypes."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -20,7 +19,9 @@ _libc = None
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # the process's own symbol (dlopen(NULL)): an LD_PRELOAD shim (the fault tests')
+        # sees the call as it sees every other libc call
+        _libc = ctypes.CDLL(None, use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         _libc.fallocate.restype = ctypes.c_int
     if _libc.fallocate(fd, mode, offset, length) != 0:

@@ -70,7 +70,7 @@ class AtomicOutput:
         self.tmp_path = None
         self._committed = True
         if sync:
-            fsync_dir(self.dir)
+            sync_new_name(self.dst)
 
     def abort(self) -> None:
         if self.tmp_path is not None:
@@ -88,15 +88,39 @@ class AtomicOutput:
             self.fd = -1
 
 
+def replace(tmp: str, dst: str, *, sync: bool = True) -> None:
+    """Rename the complete output ``tmp`` over ``dst`` and (``sync``) make the new name
+    durable.  When the directory cannot be synced the new name may not survive a
+    crash: ``dst`` is removed again and the error raised, so that a failed operation
+    never leaves its output behind (an ``dst`` that existed before is gone too: it
+    was replaced already, and the caller reports the failure)."""
+    os.replace(tmp, dst)
+    if sync:
+        sync_new_name(dst)
+
+
+def sync_new_name(dst: str) -> None:
+    """Sync the directory that just gained the name ``dst``; on failure ``dst`` is
+    removed and the error raised."""
+    try:
+        fsync_dir(os.path.dirname(os.path.abspath(dst)) or ".")
+    except OSError:
+        try:
+            os.unlink(dst)
+        except OSError:
+            pass
+        raise
+
+
 def fsync_dir(path: str) -> None:
+    """Make the names in directory ``path`` durable; an error of the sync is raised (a
+    directory we may not open for reading cannot be synced at all, and is skipped)."""
     try:
         dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
         os.fsync(dfd)
-    except OSError:
-        pass
     finally:
         os.close(dfd)
 

@@ -7,6 +7,17 @@ is chosen so that a crash leaves leaks, never a reference to a cluster with too 
 a refcount: references are counted before they are published and uncounted only
 after they are gone from the disk.
 
+One thing no order can fix: sharing a cluster (or ending its sharing) changes its
+refcount and the COPIED flag of the entry pointing at it, which live in different
+clusters, and ``qemu-img check`` calls every state in between corrupt (COPIED with
+refcount 2, or no COPIED with refcount 1), harmless as those states are (an unneeded
+copy on write, or an in-place write into a cluster no published snapshot uses).  So
+on version 3 images each of the three operations runs under the dirty bit
+(incompatible feature bit 0), set and synced before the first change and cleared
+after the last flush: a crash or I/O error in between leaves the bit set, and the
+next writable open (ours or QEMU's) rebuilds refcounts and COPIED flags.  Version 2
+has no dirty bit; there the window stays, as in QEMU.
+
 :class:`InternalSnapshots` is mixed into :class:`qcow2.writer.WritableQcow2Image`;
 the snapshot table itself is read and packed by ``qcow2.snapshot``.
 """
@@ -15,6 +26,7 @@ from __future__ import annotations
 
 import struct
 import time
+from contextlib import contextmanager
 
 from . import constants as C
 from .cluster import compressed_extent
@@ -41,9 +53,7 @@ class InternalSnapshots:
 
     def create_snapshot(self, name: str) -> Snapshot:
         """Take a snapshot of the active layer named ``name`` (the next free numeric id)."""
-        with self._lock:
-            self._mark_modified()
-            self.flush()
+        with self._lock, self._dirty_while():
             cs = self.cluster_size
             l1 = list(self._l1)
             ids = [int(s.id) for s in self.snapshots_list if s.id.isdigit()]
@@ -72,8 +82,7 @@ class InternalSnapshots:
 
     def delete_snapshot(self, sn: Snapshot) -> None:
         """Delete ``sn`` (from :meth:`lookup_snapshot`) and free what only it used."""
-        with self._lock:
-            self._mark_modified()
+        with self._lock, self._dirty_while():
             sl1 = self._snapshot_l1(sn)
             # 1. unpublish it (a crash after this leaks its clusters, nothing worse)
             self._write_snapshot_table([s for s in self.snapshots_list if s is not sn])
@@ -90,8 +99,7 @@ class InternalSnapshots:
     def apply_snapshot(self, sn: Snapshot) -> None:
         """Make the active layer what ``sn`` (from :meth:`lookup_snapshot`) holds,
         its size included."""
-        with self._lock:
-            self._mark_modified()
+        with self._lock, self._dirty_while():
             if sn.disk_size is not None and sn.disk_size != self.size:
                 self.resize(sn.disk_size, shrink=True)
             if sn.l1_size > len(self._l1):
@@ -114,6 +122,25 @@ class InternalSnapshots:
             self.flush()
             self._fix_copied()
             self.flush()
+
+    @contextmanager
+    def _dirty_while(self):
+        """Run the body with the dirty bit set (version 3; see the module's docstring);
+        an exception leaves it set."""
+        self._mark_modified()
+        self.flush()
+        h = self.header
+        mark = h.version >= 3 and not h.incompatible_features & C.INCOMPAT_DIRTY
+        if mark:
+            h.incompatible_features |= C.INCOMPAT_DIRTY
+            self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q", h.incompatible_features)
+            self._sync()
+        yield
+        self.flush()
+        if mark:
+            h.incompatible_features &= ~C.INCOMPAT_DIRTY
+            self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q", h.incompatible_features)
+            self._sync()
 
     # -- the reference walk ----------------------------------------------------------
     def _snapshot_l1(self, sn: Snapshot) -> list[int]:

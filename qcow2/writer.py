@@ -19,10 +19,17 @@ nothing on disk ever points at something that is not durable yet.
 
 A crash between any two steps leaves at worst leaked clusters (refcount > 0 with no
 reference), which ``qemu-img check`` reports as leaks, never as corruption.
+
+An I/O error is final: the first write-side call on the image's stores that fails
+(write, sync, truncate, allocation) poisons the open image.  Every later write,
+flush or close writes nothing more and raises, so the file keeps the state the
+ordered stages left when the error struck (leaks at worst), and a sync that failed
+is never followed by one that "succeeds" over pages the kernel may have dropped.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -87,6 +94,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         self._offload = [True]         # copy_file_range works for this output (so far)
         self._dtls = threading.local()  # per-thread deferred data writes (defer_data)
         self._copy_lock = threading.Lock()
+        self._failed: OSError | None = None    # the I/O error that poisoned the image
         self._l1_table()
         self._rebuild_overlap_map()
         if h.autoclear_features & ~C.AUTOCLEAR_MASK or (
@@ -111,14 +119,30 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
             why = self._overlap.conflict(offset, len(data), kind)
             if why is not None:
                 self._mark_corrupt(why)
-        self.be.pwrite(data, offset)
+        self._io(self.be.pwrite, data, offset)
         end = offset + len(data)
         if end > self.file_size:
             self.file_size = end
 
     def _write_header_field(self, offset: int, fmt: str, *values) -> None:
         """Write header fields at ``offset`` (a ``C.HDR_*``) in place; not synced."""
-        self.be.pwrite(struct.pack(fmt, *values), offset)
+        self._io(self.be.pwrite, struct.pack(fmt, *values), offset)
+
+    def _io(self, call, *args):
+        """One write-side call on a store of the image; the first that fails poisons
+        the image (see the module's docstring)."""
+        self._refuse_if_failed()
+        try:
+            return call(*args)
+        except OSError as exc:
+            self._failed = exc
+            raise
+
+    def _refuse_if_failed(self) -> None:
+        if self._failed is not None:
+            raise OSError(errno.EIO, f"an earlier write to the image failed "
+                                     f"({self._failed.strerror or self._failed}); "
+                                     f"reopen it", self.filename)
 
     # -- overlap protection (QEMU's qcow2_pre_write_overlap_check) ----------------
     def _claim(self, offset: int, length: int, kind: str) -> None:
@@ -137,7 +161,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         h.incompatible_features |= C.INCOMPAT_CORRUPT
         try:
             self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q", h.incompatible_features)
-            self.be.flush()
+            self._io(self.be.flush)
         finally:
             raise CorruptImageError(f"qcow2: Marking image as corrupt: {why}; further "
                                     f"writes are refused", what="metadata overlap")
@@ -177,8 +201,8 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         if not self._durable:
             return
         if self.data_be is not self.be:
-            self.data_be.flush()
-        self.be.flush()
+            self._io(self.data_be.flush)
+        self._io(self.be.flush)
 
     def _write_data(self, data, host: int, src=None) -> None:
         """Write guest data at ``host``; ``src`` (fd, offset, state): the same bytes lie
@@ -199,35 +223,36 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
     def _put_data(self, data, host: int, src=None) -> None:
         if src is not None and src[2][0]:
             fd = getattr(self.data_be, "fd", None)
-            got = copy_range(src[0], src[1], fd, host, len(data)) if isinstance(fd, int) \
-                else -1
+            got = self._io(copy_range, src[0], src[1], fd, host, len(data)) \
+                if isinstance(fd, int) else -1
             if got < 0:
                 src[2][0] = False                # the kernel cannot: stop trying
             if got == len(data):
                 if host + len(data) > self.file_size and self.data_be is self.be:
                     self.file_size = host + len(data)
                 return
-        self.data_be.pwrite(data, host)
+        self._io(self.data_be.pwrite, data, host)
         if self.data_be is self.be and host + len(data) > self.file_size:
             self.file_size = host + len(data)
 
     def _mark_modified(self) -> None:
         if self._closed:
             raise ValueError("I/O operation on closed image")
+        self._refuse_if_failed()
         if self.header.lazy_refcounts and not self._marked_dirty and self.header.version >= 3:
             # Refcounts stay exact here, but mark the image dirty while it is open
             # for writing with lazy refcounts, as QEMU does.
             self.header.incompatible_features |= C.INCOMPAT_DIRTY
             self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q",
                                      self.header.incompatible_features)
-            self.be.flush()
+            self._sync()
             self._marked_dirty = True
 
     def _clear_autoclear(self) -> None:
         h = self.header
         h.autoclear_features &= C.AUTOCLEAR_DATA_FILE_RAW
         self._write_header_field(C.HDR_AUTOCLEAR_FEATURES, ">Q", h.autoclear_features)
-        self.be.flush()
+        self._sync()
 
     def _cache_pressure(self) -> None:
         self.flush(sync_only_metadata=True)
@@ -357,6 +382,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         """Make every write so far durable, in the order that keeps the image consistent."""
         with self._lock:
             refs = self.refs
+            self._refuse_if_failed()
             self._stage_sync()                                  # data before anything points at it
             if self._rc_cache.dirty_count:
                 self._rc_cache.write_dirty()
@@ -389,12 +415,13 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         if getattr(self, "_closed", True):
             return super().close()
         try:
-            self.flush()
-            if self._marked_dirty:
+            if self._failed is None:       # poisoned: nothing more is written
+                self.flush()
+            if self._marked_dirty and self._failed is None:
                 self.header.incompatible_features &= ~C.INCOMPAT_DIRTY
                 self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q",
                                          self.header.incompatible_features)
-                self.be.flush()
+                self._sync()
         finally:
             self._closed = True
             super().close()

@@ -44,4 +44,8 @@ fi
 echo "== installing qcow2 (native core required: ${QCOW2_REQUIRE_NATIVE:-0})"
 rm -rf build
 .venv/bin/python -m pip install -q ".[test]"
+# the coverage-guided fuzzer of tests/test_faults_fuzz.py (setup.py's "fuzz" extra): a
+# prebuilt wheel; where none installs, those tests skip and say why
+.venv/bin/python -m pip install -q "atheris>=2.3" >/dev/null 2>&1 || \
+    echo "WARNING: atheris did not install: the fuzz tests will be skipped" >&2
 .venv/bin/python -P -c 'import qcow2; print("qcow2", qcow2.__version__, "implementation:", qcow2.implementation, "features:", ",".join(sorted(qcow2.features)) or "-")'

@@ -142,3 +142,159 @@ def test_sigkill_at_random_points(tmp_path, opts):
         if chk.returncode == 3:
             subprocess.run(["qemu-img", "check", "-q", "-r", "leaks", str(path)], check=True)
         backing = got
+
+
+# -- crash states: every write and flush recorded, every power cut replayed -------------
+
+def _sweep_full() -> bool:
+    return os.environ.get("QCOW2_FAULT_SWEEP", "") == "full"
+
+
+def _bounds():
+    """(flush cuts, random power cuts per cut) per operation."""
+    return (10**6, 8) if _sweep_full() else (12, 2)
+
+
+STATES_EXPLORED: dict[str, int] = {}
+
+
+def _write_state(pristine, w, state) -> None:
+    if w.exists():
+        shutil.rmtree(w)
+    shutil.copytree(pristine, w)
+    for name, data in state.files.items():
+        (w / name).write_bytes(bytes(data))
+
+
+def _inplace_scenarios():
+    from faults.scenarios import SCENARIOS
+    return [sc for sc in SCENARIOS if sc.inplace]
+
+
+@pytest.mark.parametrize("sc", _inplace_scenarios(), ids=lambda s: s.name)
+def test_crash_states(sc, tmp_path, monkeypatch):
+    from faults.recording import Log, crash_states, recording_files, replay
+    from faults.scenarios import check_image, check_views, views
+    from qcow2.cli import main
+
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    sc.setup(pristine)
+    before = views(sc, pristine)
+    initial = {p.name: p.read_bytes() for p in pristine.iterdir()}
+    w = tmp_path / "w"
+    shutil.copytree(pristine, w)
+    root = os.path.realpath(w)
+
+    def key(path):
+        real = os.path.realpath(path)
+        return os.path.relpath(real, root) if real.startswith(root + os.sep) else None
+
+    log = Log()
+    monkeypatch.chdir(w)
+    with recording_files(log, key):
+        assert main(list(sc.argv)) == 0
+    monkeypatch.chdir(tmp_path)
+    after = views(sc, w)
+    # the log holds every change: replayed, it gives the files the operation left
+    for name, data in replay(initial, log.events).items():
+        assert bytes(data) == (w / name).read_bytes(), f"{name}: a write was not recorded"
+    cuts, subsets = _bounds()
+    states = crash_states(initial, log, sc.name, max_cuts=cuts, subsets=subsets)
+    for st in states:
+        what = f"{sc.name}: crash {st.label}"
+        _write_state(pristine, w, st)
+        for name in sc.inplace:
+            check_image(w, name, what)
+        check_views(sc, w, before, after, what)
+    STATES_EXPLORED[sc.name] = len(states)
+    print(f"{sc.name}: {len(states)} crash states from {len(log.events)} events")
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=4096,refcount_bits=1",
+                                  "cluster_size=65536,extended_l2=on",
+                                  "compat=0.10,cluster_size=1024",
+                                  "cluster_size=65536,lazy_refcounts=on"])
+def test_crash_states_library_writes(opts, tmp_path):
+    import numpy as np
+    from faults.recording import (Log, RecordingBackend, crash_states, marker_before,
+                                  Event)
+    from faults.scenarios import check_image, image, info, raw
+    from qcow2.backends import FileBackend
+
+    size = 4 << 20
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    image(pristine, "img.qcow2", "4M", opts, "write -P 17 0 4M")
+    cs = info(pristine, "img.qcow2")["cluster-size"]
+    base = raw(pristine, "img.qcow2")
+    initial = {"img.qcow2": (pristine / "img.qcow2").read_bytes()}
+    w = tmp_path / "w"
+    shutil.copytree(pristine, w)
+    rng = random.Random(opts)
+    log = Log()
+    ops = []
+    checkpoints = {0: bytes(base)}      # op count -> guest content, at each library flush
+    model = bytearray(base)
+    store = RecordingBackend(FileBackend(w / "img.qcow2", writable=True), log, "img.qcow2")
+    with qcow2.open(store, "r+") as img:
+        for _ in range(40):
+            op = rng.choice("wwwzdcf")
+            off = rng.randrange(size)
+            n = min(rng.randrange(1, 200000), size - off)
+            if op == "c":
+                off = off // cs * cs
+                n = min(cs, size - off)
+            o = (op, off, n, rng.randrange(1, 256))
+            if op == "f":
+                img.flush()
+                checkpoints[len(ops)] = bytes(model)
+                log.add(Event("img.qcow2", "m", len(ops)))
+                continue
+            _lib_op(img, o)
+            _lib_apply(model, o, cs, size)
+            ops.append(o)
+    cuts, subsets = _bounds()
+    states = crash_states(initial, log, opts, max_cuts=cuts * 3, subsets=subsets)
+    for st in states:
+        what = f"writes {opts}: crash {st.label}"
+        _write_state(pristine, w, st)
+        check_image(w, "img.qcow2", what)
+        m = marker_before(log, st.cut)
+        durable = m.offset if m is not None else 0
+        got = np.frombuffer(raw(w, "img.qcow2"), np.uint8)
+        cur = bytearray(checkpoints[durable])
+        flushed = np.frombuffer(bytes(cur), np.uint8)
+        ok = got == flushed
+        # bytes of later ops: the flushed value or any value written since
+        for o in ops[durable:]:
+            _lib_apply(cur, o, cs, size)
+            ok |= got == np.frombuffer(bytes(cur), np.uint8)
+        bad = np.flatnonzero(~ok)
+        assert bad.size == 0, f"{what}: byte {int(bad[0])} lost (got {got[bad[0]]}, " \
+                              f"flushed {flushed[bad[0]]})"
+    print(f"writes {opts}: {len(states)} crash states from {len(log.events)} events")
+
+
+def _lib_op(img, o) -> None:
+    op, off, n, b = o
+    if op == "w":
+        img.pwrite(bytes([b]) * n, off)
+    elif op == "z":
+        img.write_zeroes(off, n)
+    elif op == "d":
+        img.discard(off, n)
+    else:
+        img.write_compressed(bytes([b]) * n, off)
+
+
+def _lib_apply(model: bytearray, o, cs: int, size: int) -> None:
+    op, off, n, b = o
+    if op == "d":               # whole clusters only; no backing file: they read zeros
+        a, e = (off + cs - 1) // cs * cs, (off + n) // cs * cs
+        if off + n == size:
+            e = size
+        if a < e:
+            model[a:e] = bytes(e - a)
+    else:
+        model[off:off + n] = bytes(n) if op == "z" else bytes([b]) * n

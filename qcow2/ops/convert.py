@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 import threading
 
-from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, pwrite_all, start_writeback
+from ..atomic import (AtomicOutput, copy_range, io_buffer, pwrite_all, start_writeback,
+                      sync_new_name)
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import temp_name
 from ..pool import run
@@ -543,7 +544,7 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             os.replace(tmp, dst)
             tmp = None
             if sync:
-                fsync_dir(os.path.dirname(os.path.abspath(dst)))
+                sync_new_name(dst)          # removes dst if the name is not durable
     finally:
         _discard(out, tmp)
     if progress is not None:
