@@ -151,8 +151,6 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         raise InvalidOptionError("Compression not supported for this file format")
     if target_is_zero and not no_create:
         raise InvalidOptionError("--target-is-zero requires use of -n flag")
-    if backing_file is not None and out_format != "qcow2":
-        raise InvalidOptionError("Backing file not supported for file format 'raw'")
     if no_create and (options or backing_file is not None):
         raise InvalidOptionError("-n and -o/-B are mutually exclusive" if options else
                                  "-n and -B are mutually exclusive")
@@ -161,6 +159,17 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         opts = option_dict(options)
     else:
         opts = {}
+    if out_format == "raw" and opts:
+        from ..options import RAW_OPTIONS, create_option_error, parse_options
+        parse_options(opts, RAW_OPTIONS, create_option_error("raw"))
+    # -o backing_file=/backing_fmt= are -B/-F spelled as creation options (the -o
+    # value wins, as in qemu-img)
+    if opts.get("backing_file") is not None:
+        backing_file = opts.pop("backing_file")
+    if opts.get("backing_fmt") is not None:
+        backing_format = opts.pop("backing_fmt")
+    if backing_file is not None and out_format != "qcow2":
+        raise InvalidOptionError("Backing file not supported for file format 'raw'")
     if workers is not None and not 1 <= workers <= 16:
         raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines "
                                  "is between 1 and 16")
@@ -177,6 +186,13 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         for s in srcs:
             images.append(open_image(s, format=src_format, untrusted=untrusted,
                                      snapshot=snapshot, force_share=force_share))
+        if backing_file is not None:
+            if len(images) > 1:
+                raise InvalidOptionError("Having a backing file for the target makes no sense "
+                                         "when concatenating multiple input images")
+            if backing_format is None:
+                raise InvalidOptionError("Use of backing file requires explicit backing "
+                                         "format")
         size = sum(img.size for img in images)
         if max_output is not None and size > max_output:
             from ..errors import UnsafeImageError
