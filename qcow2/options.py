@@ -126,11 +126,14 @@ def option_dict(options) -> dict:
 
 # -- value syntax (the checks of QEMU's QemuOpts) --------------------------------------
 
+SIZE_HINT = ("Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+             "and exabytes, respectively.")
+
+
 def _bad_size(name: str, value) -> InvalidOptionError:
-    return InvalidOptionError(
-        f"Parameter '{name}' expects a non-negative number below 2^64. Optional suffix k, "
-        f"M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes, "
-        f"respectively. (got {value!r})")
+    err = InvalidOptionError(f"Parameter '{name}' expects a non-negative number below 2^64")
+    err.hint = SIZE_HINT  # type: ignore[attr-defined]   # the CLI prints it as qemu-img
+    return err
 
 
 def parse_size_option(name: str, value) -> int:
@@ -157,7 +160,7 @@ def parse_number_option(name: str, value) -> int:
             return int(value.strip(), 0)
         except ValueError:
             pass
-    raise InvalidOptionError(f"Parameter '{name}' expects a number (got {value!r})")
+    raise InvalidOptionError(f"Parameter '{name}' expects a number")
 
 
 def parse_bool_option(name: str, value) -> bool:
@@ -166,7 +169,7 @@ def parse_bool_option(name: str, value) -> bool:
         return value
     if isinstance(value, str) and value in _BOOL_WORDS:
         return _BOOL_WORDS[value]
-    raise InvalidOptionError(f"Parameter '{name}' expects 'on' or 'off' (got {value!r})")
+    raise InvalidOptionError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def parse_string_option(name: str, value) -> str:
@@ -200,11 +203,13 @@ def parse_size_arg(size) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, str)):
         raise InvalidOptionError(f"Invalid image size specified: {size!r}")
     if isinstance(size, str):
-        from .units import parse_size
+        from .units import size_error, strtosz
         try:
-            size = parse_size(size)
-        except Qcow2Error as exc:
-            raise InvalidOptionError(str(exc)) from None
+            size = strtosz(size)
+        except ValueError:
+            raise size_error("image size") from None
+        except OverflowError:
+            size = 1 << 64
     if not 0 <= size <= C.MAX_IMAGE_SIZE:
         raise InvalidOptionError(f"Invalid image size specified. Must be between 0 and "
                                  f"{C.MAX_IMAGE_SIZE}.")
@@ -285,8 +290,8 @@ def compat_version(value, levels=COMPAT_LEVELS, *, qapi: bool = True) -> int:
     if version is not None:
         return version
     if qapi:
-        raise InvalidOptionError(f"Parameter 'compat' does not accept value '{value}' "
-                                 f"(use 0.10, 1.1, v2 or v3)")
+        # (QEMU's QAPI member behind compat is named version)
+        raise InvalidOptionError(f"Parameter 'version' does not accept value '{value}'")
     raise InvalidOptionError(f"Invalid compatibility level: '{value}'")
 
 
@@ -297,8 +302,7 @@ def check_preallocation(mode, modes=QCOW2_PREALLOC, *, qapi: bool = True) -> Non
         return
     if not qapi:
         raise InvalidOptionError(f"invalid parameter value: {mode}")
-    raise InvalidOptionError(f"Parameter 'preallocation' does not accept value '{mode}' "
-                             f"(use {', '.join(modes[:-1])} or {modes[-1]})")
+    raise InvalidOptionError(f"Parameter 'preallocation' does not accept value '{mode}'")
 
 
 def check_compression_type(name) -> int:
@@ -306,8 +310,8 @@ def check_compression_type(name) -> int:
     if name is None:
         return C.COMPRESSION_ZLIB
     if name not in COMPRESSION_TYPES:
-        raise InvalidOptionError(f"Parameter 'compression_type' does not accept value "
-                                 f"'{name}' (use zlib or zstd)")
+        raise InvalidOptionError(f"Parameter 'compression-type' does not accept value "
+                                 f"'{name}'")
     return COMPRESSION_TYPES[name]
 
 

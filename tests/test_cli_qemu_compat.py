@@ -107,3 +107,33 @@ def test_convert_B_refused_with_several_sources(ours, tmp_path):
                         "o.qcow2", cwd=tmp_path)
     assert_same(theirs, mine)
     assert not (tmp_path / "o.qcow2").exists()
+
+
+# -- sizes and option values: qemu's syntax and messages ------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["x.qcow2", "1024.0"], ["x.qcow2", "1024.0b"], ["x.qcow2", "1.5k"], ["x.qcow2", "1.0005k"],
+    ["x.qcow2", "--", "-1024"], ["x.qcow2", "1.5"], ["x.qcow2", "foobar"], ["x.qcow2", "16E"],
+    ["x.qcow2", "1kilobyte"], ["-o", "size=-1k", "x.qcow2"], ["-o", "size=1024.0", "x.qcow2"],
+    ["-o", "cluster_size=1024.0", "x.qcow2", "64M"], ["-o", "cluster_size=1.5", "x.qcow2", "1M"],
+    ["-o", "compat=0.42", "x.qcow2", "1M"], ["-o", "preallocation=1234", "x.qcow2", "1M"],
+    ["-o", "compression_type=foo", "x.qcow2", "1M"],
+    ["-o", "lazy_refcounts=maybe", "x.qcow2", "1M"],
+    ["-o", "refcount_bits=abc", "x.qcow2", "1M"], ["-b", "", "x.qcow2", "1M"],
+])
+def test_create_sizes_and_values(ours, tmp_path, args):
+    theirs, mine = both(ours, "create", "-f", "qcow2", *args, cwd=tmp_path,
+                        setup=lambda: (tmp_path / "x.qcow2").unlink(missing_ok=True))
+    assert_same(theirs, mine)           # the Formatting line shows the size parsed
+
+
+def test_strtosz():
+    from qcow2.units import strtosz
+    assert strtosz("1024.0") == strtosz("1024.0b") == strtosz("1k") == 1024
+    assert strtosz("1.0005k") == 1025 and strtosz("0.5k") == 512 and strtosz("0x10") == 16
+    assert strtosz("1.5G") == 3 << 29
+    for bad in ("1.5", "1.5b", "-1", "1kb", "0x1.5", "", "k", "1 k"):
+        with pytest.raises(ValueError):
+            strtosz(bad)
+    with pytest.raises(OverflowError):
+        strtosz("16E")

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
         return 1
     except Qcow2Error as exc:
         _debug()
-        _err(str(exc))
+        from .common import report_error
+        report_error(exc)
         return getattr(exc, "exit_code", 1)
     except OSError as exc:
         _debug()

@@ -22,6 +22,23 @@ def error_line(msg: str) -> None:
     sys.stderr.flush()
 
 
+def report_error(exc: BaseException) -> None:
+    """An error as qemu-img reports it: its line (prefixed with the program's name), or
+    the prefixed lines of a message qemu-img spreads over several (``exc.lines``), then
+    its hint lines, unprefixed (``exc.hint``, QEMU's error hints), then the prefixed
+    lines qemu-img reports after it (``exc.after``).  Every
+    line has its whitespace collapsed: a name read from an image cannot start a line."""
+    for line in getattr(exc, "lines", None) or [str(exc)]:
+        error_line(line)
+    hint = getattr(exc, "hint", None)
+    if hint:
+        for line in str(hint).splitlines():
+            sys.stderr.write(" ".join(line.split()) + "\n")
+        sys.stderr.flush()
+    for line in getattr(exc, "after", None) or ():
+        error_line(line)
+
+
 def add_output(p) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="output format")

@@ -35,7 +35,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..creator import prepare
-    from ..options import help_text, parse_size_arg
+    from ..options import help_text, parse_size_arg, parse_size_option
 
     options: dict[str, str] = {}
     joined = ",".join(args.options)
@@ -54,6 +54,11 @@ def run(args) -> int:
         if size is not None:
             raise Qcow2Error(f"{args.filename}: The image size must be specified only once")
         size = options.pop("size")
+        try:
+            size = parse_size_option("size", size)        # QemuOpts' syntax and message
+        except Qcow2Error as exc:
+            exc.args = (f"{args.filename}: {exc}",)
+            raise
     backing_file = options.pop("backing_file", None)
     if args.backing_file is not None:
         backing_file = args.backing_file
@@ -61,6 +66,8 @@ def run(args) -> int:
     if args.backing_format is not None:
         backing_format = args.backing_format
     try:
+        if backing_file == "":
+            raise Qcow2Error("Expected backing file name, got empty string")
         req = prepare(args.filename, size, format=args.format, backing_file=backing_file,
                       backing_format=backing_format, unsafe=args.unsafe, **options)
         if not args.quiet:

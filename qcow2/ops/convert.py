@@ -116,6 +116,28 @@ class _Progress:
         self.cb(pct)
 
 
+def _output_options(out_format: str, options, no_create: bool, backing_file,
+                    backing_format) -> tuple[dict, str | None, str | None]:
+    """The output's -o options checked, and its backing file and format: -o
+    backing_file=/backing_fmt= are -B/-F spelled as creation options (the -o value
+    wins, as in qemu-img)."""
+    if no_create and (options or backing_file is not None):
+        raise InvalidOptionError("-n and -o/-B are mutually exclusive" if options else
+                                 "-n and -B are mutually exclusive")
+    from ..options import option_dict
+    opts = option_dict(options)
+    if out_format == "raw" and opts:
+        from ..options import RAW_OPTIONS, create_option_error, parse_options
+        parse_options(opts, RAW_OPTIONS, create_option_error("raw"))
+    if opts.get("backing_file") is not None:
+        backing_file = opts.pop("backing_file")
+    if opts.get("backing_fmt") is not None:
+        backing_format = opts.pop("backing_fmt")
+    if backing_file is not None and out_format != "qcow2":
+        raise InvalidOptionError("Backing file not supported for file format 'raw'")
+    return opts, backing_file, backing_format
+
+
 def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             compress: bool = False, options=None, sparse_size: int = 4096,
             cache: str = "writeback", workers: int | None = None, out_of_order: bool = False,
@@ -151,25 +173,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         raise InvalidOptionError("Compression not supported for this file format")
     if target_is_zero and not no_create:
         raise InvalidOptionError("--target-is-zero requires use of -n flag")
-    if no_create and (options or backing_file is not None):
-        raise InvalidOptionError("-n and -o/-B are mutually exclusive" if options else
-                                 "-n and -B are mutually exclusive")
-    if options is not None:
-        from ..options import option_dict
-        opts = option_dict(options)
-    else:
-        opts = {}
-    if out_format == "raw" and opts:
-        from ..options import RAW_OPTIONS, create_option_error, parse_options
-        parse_options(opts, RAW_OPTIONS, create_option_error("raw"))
-    # -o backing_file=/backing_fmt= are -B/-F spelled as creation options (the -o
-    # value wins, as in qemu-img)
-    if opts.get("backing_file") is not None:
-        backing_file = opts.pop("backing_file")
-    if opts.get("backing_fmt") is not None:
-        backing_format = opts.pop("backing_fmt")
-    if backing_file is not None and out_format != "qcow2":
-        raise InvalidOptionError("Backing file not supported for file format 'raw'")
+    opts, backing_file, backing_format = _output_options(out_format, options, no_create,
+                                                         backing_file, backing_format)
     if workers is not None and not 1 <= workers <= 16:
         raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines "
                                  "is between 1 and 16")
