@@ -144,8 +144,12 @@ def _check_backing(path: str, backing_file: str, backing_format, size, unsafe: b
         return size
     detected = _open_backing(full, backing_format)
     if backing_format is None:
-        raise InvalidOptionError(f"Backing file specified without backing format. "
+        err = InvalidOptionError(f"Backing file specified without backing format. "
                                  f"Detected format of {detected[0]}.")
+        # qemu-img's CLI: the error line, then its hint line
+        err.lines = ["Backing file specified without backing format"]  # type: ignore[attr-defined]
+        err.hint = f"Detected format of {detected[0]}."  # type: ignore[attr-defined]
+        raise err
     return detected[1] if size is None else size
 
 
@@ -196,6 +200,8 @@ def _open_backing(full: str, fmt: str | None) -> tuple[str, int]:
         with open_image(full, format=fmt, backing=False) as img:
             return img.format, img.size
     except Qcow2Error as exc:
+        exc.lines = [str(exc)]  # type: ignore[attr-defined]  # qemu-img's CLI: then the hint
+        exc.hint = "Could not open backing image.\n"  # type: ignore[attr-defined]
         exc.args = (f"{exc}. Could not open backing image.",)
         raise
 
