@@ -127,7 +127,7 @@ def option_dict(options) -> dict:
 # -- value syntax (the checks of QEMU's QemuOpts) --------------------------------------
 
 SIZE_HINT = ("Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-             "and exabytes, respectively.")
+             "and exabytes, respectively.\n")
 
 
 def _bad_size(name: str, value) -> InvalidOptionError:

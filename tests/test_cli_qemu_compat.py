@@ -137,3 +137,36 @@ def test_strtosz():
             strtosz(bad)
     with pytest.raises(OverflowError):
         strtosz("16E")
+
+
+# -- create: hint lines; info --backing-chain loops ----------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["-b", "b.qcow2", "x.qcow2"],                   # format detected: a hint line
+    ["-b", "missing.qcow2", "-F", "qcow2", "x.qcow2"],   # "Could not open backing image."
+])
+def test_create_backing_hints(ours, tmp_path, args):
+    mkimg(tmp_path / "b.qcow2")
+    theirs, mine = both(ours, "create", "-f", "qcow2", *args, cwd=tmp_path)
+    assert_same(theirs, mine)
+    assert len(mine.stderr.splitlines()) == 2
+
+
+def test_info_backing_chain_loop(ours, tmp_path):
+    for n in ("a", "b", "c"):
+        mkimg(tmp_path / f"{n}.qcow2")
+    for img, back in (("a", "b"), ("b", "c"), ("c", "b")):      # c points back at b
+        subprocess.run(["qemu-img", "rebase", "-u", "-b", f"{back}.qcow2", "-F", "qcow2",
+                        f"{img}.qcow2"], cwd=tmp_path, check=True)
+    for args in (["info", "--backing-chain", "a.qcow2"], ["info", "a.qcow2"],
+                 ["info", "--backing-chain", "--output=json", "c.qcow2"]):
+        assert_same(*both(ours, *args, cwd=tmp_path))
+
+
+def test_info_backing_chain_layers(ours, tmp_path):
+    mkimg(tmp_path / "b.qcow2")
+    os.mkdir(tmp_path / "sub")
+    mkimg(tmp_path / "sub" / "t.qcow2", "1M", "-b", "../b.qcow2", "-F", "qcow2")
+    for out in ("human", "json"):
+        assert_same(*both(ours, "info", f"--output={out}", "--backing-chain", "sub/t.qcow2",
+                          cwd=tmp_path))

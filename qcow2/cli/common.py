@@ -32,8 +32,9 @@ def report_error(exc: BaseException) -> None:
         error_line(line)
     hint = getattr(exc, "hint", None)
     if hint:
-        for line in str(hint).splitlines():
-            sys.stderr.write(" ".join(line.split()) + "\n")
+        # as QEMU prints a hint: verbatim, a final newline only where the hint has one
+        hint = str(hint)
+        sys.stderr.write("\n".join(" ".join(line.split()) for line in hint.split("\n")))
         sys.stderr.flush()
     for line in getattr(exc, "after", None) or ():
         error_line(line)

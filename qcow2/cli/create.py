@@ -77,5 +77,8 @@ def run(args) -> int:
     except Qcow2Error as exc:
         # qemu-img names the file first: "qemu-img: FILE: message"
         exc.args = (f"{args.filename}: {exc}",) + tuple(exc.args[1:])
+        lines = getattr(exc, "lines", None)
+        if lines:
+            exc.lines = [f"{args.filename}: {lines[0]}", *lines[1:]]
         raise
     return 0
