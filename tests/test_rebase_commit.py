@@ -120,3 +120,39 @@ def test_commit_without_backing_fails(tmp_path):
     run("qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1M")
     r = cli("commit", str(tmp_path / "a.qcow2"))
     assert r.returncode == 1 and "backing file" in r.stderr
+
+
+def _three(d):
+    """sub/base <- sub/mid <- sub/top (relative names), each layer with data."""
+    s = d / "sub"
+    s.mkdir()
+    run("qemu-img", "create", "-q", "-f", "qcow2", s / "base.qcow2", "2M")
+    run("qemu-io", "-c", "write -P 0x11 0 2M", s / "base.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+        s / "mid.qcow2")
+    run("qemu-io", "-c", "write -P 0x22 0 1M", s / "mid.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+        s / "top.qcow2")
+    run("qemu-io", "-c", "write -P 0x33 512k 64k", s / "top.qcow2")
+
+
+def _maps(d):
+    return [run("qemu-img", "map", "--output=json", d / "sub" / n).stdout
+            for n in ("base.qcow2", "mid.qcow2", "top.qcow2")]
+
+
+@pytest.mark.parametrize("base", ["mid.qcow2", "sub/mid.qcow2", "{abs}/sub/mid.qcow2",
+                                  "base.qcow2", "{abs}/sub/base.qcow2", None])
+def test_commit_b_like_qemu_img(tmp_path, base):
+    """-b implies -d (the top keeps its clusters, even onto its immediate backing
+    file); a relative -b is looked up as each overlay resolves it."""
+    results = []
+    for who in ("theirs", "ours"):
+        d = tmp_path / who
+        d.mkdir()
+        _three(d)
+        args = ["commit"] + (["-b", base.format(abs=d)] if base else []) + ["sub/top.qcow2"]
+        r = run("qemu-img", *args, cwd=d, check=False) if who == "theirs" else cli(*args, cwd=d)
+        results.append((r.returncode, r.stdout, r.stderr.replace(str(d), "D")
+                        .replace("qcow2: ", "qemu-img: ", 1), _maps(d)))
+    assert results[1] == results[0]
