@@ -170,3 +170,46 @@ def test_info_backing_chain_layers(ours, tmp_path):
     for out in ("human", "json"):
         assert_same(*both(ours, "info", f"--output={out}", "--backing-chain", "sub/t.qcow2",
                           cwd=tmp_path))
+
+
+def _map(path):
+    m = json.loads(run("qemu-img", "map", "--output=json", path).stdout)
+    for e in m:
+        e.pop("offset", None)
+    return m
+
+
+@pytest.mark.parametrize("args", [
+    ["-S", "0"], ["-c", "-S", "0"], ["-S", "0", "-B", "{base}", "-F", "qcow2"],
+    ["-S", "4k", "-o", "cluster_size=1k"], ["-S", "8k", "-o", "cluster_size=1k"],
+    ["-c", "-S", "8k", "-o", "cluster_size=1k"], ["-S", "64k", "-o", "cluster_size=4k"],
+    ["-S", "4k"],
+])
+def test_convert_sparse_size_like_qemu_img(ours, tmp_path, args):
+    """-S 0 writes every cluster as data (zeros and what the backing file holds
+    included); a -S larger than a cluster writes short zero runs with the data."""
+    base, src = tmp_path / "base.qcow2", tmp_path / "src.qcow2"
+    mkimg(base, "8M", "-o", "cluster_size=1k")
+    qemu_io(base, "write -P 7 0 2M")
+    mkimg(src, "8M", "-o", "cluster_size=1k", "-b", str(base), "-F", "qcow2")
+    qemu_io(src, "write -P 0 2M 64k", "write 2M 1k", "write 2056k 1k", "write 2065k 1k",
+            "write -P 0 2113k 1k", "write -z 3M 64k", "write -P 9 5M 3k")
+    args = [a.format(base=base) for a in args]
+    outs = []
+    for prog, name in (("qemu-img", "theirs.qcow2"), (ours, "mine.qcow2")):
+        r = run(prog, "convert", "-O", "qcow2", *args, src, tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        outs.append(_map(tmp_path / name))
+    assert outs[1] == outs[0]
+    assert run("qemu-img", "compare", tmp_path / "theirs.qcow2", tmp_path / "mine.qcow2"
+               ).returncode == 0
+
+
+def test_convert_n_with_B_and_o(ours, tmp_path):
+    mkimg(tmp_path / "b.qcow2", "4M")
+    mkimg(tmp_path / "s.qcow2", "4M")
+    qemu_io(tmp_path / "s.qcow2", "write -P 3 1M 64k")
+    for args in (["-B", "b.qcow2", "-n"], ["-o", "preallocation=metadata", "-n"]):
+        theirs, mine = both(ours, "convert", "-O", "qcow2", *args, "s.qcow2", "o.qcow2",
+                            cwd=tmp_path, setup=lambda: mkimg(tmp_path / "o.qcow2", "4M"))
+        assert_same(theirs, mine)

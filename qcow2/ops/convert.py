@@ -25,6 +25,7 @@ import threading
 from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, pwrite_all, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import temp_name
+from .sparse_runs import sparse_data_runs
 from ..pool import run
 from ..reader import serial_reads
 from ..rbdname import is_rbd_name
@@ -120,10 +121,10 @@ def _output_options(out_format: str, options, no_create: bool, backing_file,
                     backing_format) -> tuple[dict, str | None, str | None]:
     """The output's -o options checked, and its backing file and format: -o
     backing_file=/backing_fmt= are -B/-F spelled as creation options (the -o value
-    wins, as in qemu-img)."""
-    if no_create and (options or backing_file is not None):
-        raise InvalidOptionError("-n and -o/-B are mutually exclusive" if options else
-                                 "-n and -B are mutually exclusive")
+    wins, as in qemu-img).  With ``no_create`` (-n) a backing file only means that
+    what the source's backing chain holds is not copied."""
+    if no_create and options:
+        raise InvalidOptionError("-o has no effect when skipping image creation")
     from ..options import option_dict
     opts = option_dict(options)
     if out_format == "raw" and opts:
@@ -195,7 +196,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             if len(images) > 1:
                 raise InvalidOptionError("Having a backing file for the target makes no sense "
                                          "when concatenating multiple input images")
-            if backing_format is None:
+            if backing_format is None and not no_create:
                 raise InvalidOptionError("Use of backing file requires explicit backing "
                                          "format")
         size = sum(img.size for img in images)
@@ -530,16 +531,17 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             out = open_image(tmp, "r+", format="qcow2")
             # invisible until renamed: one sync at the end (none with -t unsafe)
             out.set_unordered(durable=sync)
+        top_only = backing_file is not None
         fill = _Qcow2Fill(out, size, compress=compress, sparse_size=sparse_size,
                           zero_writes=(no_create and not target_is_zero)
                           or backing_file is not None,
                           deferred=tmp is not None,
-                          prog=_Progress(_data_total(images, backing_file is not None,
+                          prog=_Progress(_data_total(images, top_only,
                                                      progress), progress))
         if progress is not None:
             progress(0.0)
         # jobs generated as the work goes (bounded memory whatever the map's size)
-        run(fill.jobs(images, top_only=backing_file is not None), fill.compute, workers,
+        run(fill.jobs(images, top_only=top_only), fill.compute, workers,
             apply=fill.apply, finish=fill.finish, ordered=not out_of_order,
             context=serial_reads, name="qcow2-convert")
         if sync:
@@ -624,9 +626,11 @@ class _Qcow2Fill(_Work):
     def jobs(self, images, *, top_only: bool):
         """(window offset, segments) of the windows holding anything to write."""
         zero_writes = self.zero_writes
+        full = not self.sparse_size   # -S 0: every cluster written as data (but what
+        #                               the output's backing file holds, with -B)
         return ((w, segs) for w, segs in _windows(_plan(images, top_only=top_only),
                                                   self.window)
-                if any(p.kind == DATA or (p.kind == ZERO and zero_writes)
+                if any(p.kind == DATA or (p.kind == ZERO and (zero_writes or full))
                        for p, *_ in segs))
 
     def _compressor(self):
@@ -651,11 +655,28 @@ class _Qcow2Fill(_Work):
         write, keep, known_zero, hosted, ndata = self._read(w, segs, mv, ncl)
         if self.sparse_size:
             zero = self.kernels.zero_blocks(mv, self.cs).tolist()
+            if self.sparse_size > self.cs and not self.compress:
+                self._absorb_short_zeros(w, segs, mv, zero)
             for ka, kb in known_zero:
                 zero[ka:kb] = [True] * (kb - ka)
         else:
             zero = [False] * ncl
         return buf, self._writes(w, end, mv, write, keep, zero, hosted), ndata, []
+
+    def _absorb_short_zeros(self, w: int, segs, mv: memoryview, zero: list) -> None:
+        """With -S larger than a cluster, qemu-img decides per 512-byte sector: zero
+        runs shorter than -S after data are written as data, and data runs end on a
+        multiple of -S (rounded down to a power of two).  The clusters such runs touch
+        are written, zero or not."""
+        cs = self.cs
+        for p, d, _o, n in segs:
+            if p.kind != DATA:
+                continue
+            a = d - w
+            flags = self.kernels.zero_blocks(mv[a:a + n], 512).tolist()
+            for ra, rb in sparse_data_runs(flags, d // 512, self.sparse_size // 512):
+                for k in range((a + ra * 512) // cs, (a + min(rb * 512, n) - 1) // cs + 1):
+                    zero[k] = False
 
     def _read(self, w: int, segs, mv: memoryview, ncl: int):
         """Fill the window's buffer; per cluster whether this convert must set it
@@ -693,7 +714,7 @@ class _Qcow2Fill(_Work):
                 _zero(seg)                     # -S 0 writes zero clusters from the buffer
             if p.kind == BACKING:
                 marks = keep
-            elif p.kind == DATA or self.zero_writes:
+            elif p.kind == DATA or self.zero_writes or not self.sparse_size:
                 marks = write
             else:
                 continue
