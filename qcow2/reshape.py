@@ -46,10 +46,88 @@ class Reshape:
             self._mark_modified()
             if new_size < self.size:
                 self._check_resize(new_size, shrink=shrink, preallocation=preallocation)
-                self._shrink(new_size)
+                freed = self._collect_freed()
+                try:
+                    self._shrink(new_size)
+                    self.flush()
+                finally:
+                    self.refs.on_zero = freed.previous
+                self._release_space(freed.clusters)
             else:
                 self._grow(new_size, preallocation)
             self.flush()
+
+    def _collect_freed(self):
+        """Note the clusters whose refcount drops to 0 from now on (chained to the
+        existing hook)."""
+        from types import SimpleNamespace
+
+        previous = self.refs.on_zero
+        freed = SimpleNamespace(previous=previous, clusters=[])
+
+        def hook(cluster: int) -> None:
+            freed.clusters.append(cluster)
+            if previous is not None:
+                previous(cluster)
+
+        self.refs.on_zero = hook
+        return freed
+
+    def _release_space(self, clusters: list) -> None:
+        """After a shrink (durable, the freed clusters unreferenced): drop the refcount
+        blocks left all zero from the table, give the freed clusters' space back to the
+        file system, and cut the file after its last used cluster (as QEMU's shrink)."""
+        self._drop_unused_refcount_blocks()
+        self.flush()
+        if self.data_be is not self.be:
+            return
+        cs = self.cluster_size
+        for a, n in _runs(sorted(set(clusters))):
+            if self.refs.get(a) == 0:
+                try:
+                    self.be.punch_hole(a * cs, n * cs)
+                except OSError:
+                    pass                      # space not returned: still a valid image
+        counts = self._all_refcounts()
+        used = counts.nonzero()[0]
+        end = (int(used[-1]) + 1) * cs if len(used) else cs
+        if end < self.be.size():
+            self.be.truncate(end)
+            self._sync()
+            self.file_size = end
+            self.refs.end_cluster = min(self.refs.end_cluster, end // cs)
+
+    def _drop_unused_refcount_blocks(self) -> None:
+        """Unhook refcount blocks that count nothing but (maybe) themselves: the table
+        entry goes first (durably), then the block's own cluster is freed."""
+        from .refcount import decode_block
+
+        refs = self.refs
+        cs = self.cluster_size
+        per = refs.block_entries
+        dropped = []
+        for bi in range(len(refs.table)):
+            off = refs.block_offset(bi)
+            if not off:
+                continue
+            vals = decode_block(bytes(refs.cache.get(off)), self.header.refcount_bits)
+            own = off // cs - bi * per
+            if 0 <= own < per:
+                vals[own] = 0
+            if vals.any():
+                continue
+            refs.table[bi] = 0
+            refs.table_dirty.add(bi)
+            dropped.append((off, 0 <= own < per))
+        if not dropped:
+            return
+        refs.write_table_entries()
+        self._sync()
+        for off, counts_itself in dropped:
+            refs.cache.drop(off)
+            if not counts_itself:
+                refs.free(off, cs)
+                refs.block_freed(off, cs)
 
     def _set_size(self, new_size: int) -> None:
         h = self.header
@@ -348,6 +426,20 @@ class Reshape:
         self.file_size = max(self.file_size, base + (nb + tc) * cs)
         self._open_refcounts()
         self._rebuild_overlap_map()
+
+
+def _runs(sorted_ints):
+    """(start, count) of each run of consecutive integers."""
+    start = prev = None
+    for c in sorted_ints:
+        if start is not None and c == prev + 1:
+            prev = c
+            continue
+        if start is not None:
+            yield start, prev - start + 1
+        start = prev = c
+    if start is not None:
+        yield start, prev - start + 1
 
 
 def _round_up(n: int, unit: int) -> int:
