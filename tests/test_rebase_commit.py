@@ -156,3 +156,30 @@ def test_commit_b_like_qemu_img(tmp_path, base):
         results.append((r.returncode, r.stdout, r.stderr.replace(str(d), "D")
                         .replace("qcow2: ", "qemu-img: ", 1), _maps(d)))
     assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("old_size", [None, "128k", "384k"])
+def test_rebase_writes_like_qemu_img(tmp_path, old_size):
+    """Differences are copied per sector; past the old backing file's end (or with no
+    old backing file) they are written as zeros: zero clusters, as qemu-img leaves."""
+    maps = []
+    for who in ("theirs", "ours"):
+        d = tmp_path / who
+        d.mkdir()
+        run("qemu-img", "create", "-q", "-f", "qcow2", d / "t.qcow2", "384k")
+        if old_size:
+            run("qemu-img", "create", "-q", "-f", "qcow2", d / "old.qcow2", old_size)
+            run("qemu-io", "-c", "write -P 0x33 0 64k", d / "old.qcow2")
+            run("qemu-img", "rebase", "-u", "-b", "old.qcow2", "-F", "qcow2", d / "t.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", d / "new.qcow2", "384k")
+        run("qemu-io", "-c", "write -P 0x22 0 128k", "-c", "write -P 0x11 128k 64k",
+            "-c", "write -P 0x11 256k 1k", "-c", "write -P 0x11 320k 64k", d / "new.qcow2")
+        run("qemu-io", "-c", "write -P 0x22 0 64k", d / "t.qcow2")
+        args = ["rebase", "-b", "new.qcow2", "-F", "qcow2", "t.qcow2"]
+        r = run("qemu-img", *args, cwd=d) if who == "theirs" else cli(*args, cwd=d)
+        assert r.returncode == 0, r.stderr
+        clean(d / "t.qcow2")
+        m = json.loads(run("qemu-img", "map", "--output=json", d / "t.qcow2").stdout)
+        maps.append([{k: v for k, v in e.items() if k != "offset"} for e in m])
+    assert maps[1] == maps[0]
+    run("qemu-img", "compare", tmp_path / "theirs" / "t.qcow2", tmp_path / "ours" / "t.qcow2")
