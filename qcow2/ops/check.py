@@ -68,6 +68,21 @@ def _open_companions(f: CheckedFile, filename: str, force_share: bool,
     return opened
 
 
+def _clear_unknown_autoclear(f: CheckedFile) -> None:
+    """An image opened for writing loses the autoclear bits this engine does not know
+    (their meaning cannot be maintained), as QEMU's open clears them."""
+    import struct
+
+    from .. import constants as C
+
+    h = read_header(f)
+    if h.version < 3 or not h.autoclear_features & ~C.AUTOCLEAR_MASK:
+        return
+    f.be.pwrite(struct.pack(">Q", h.autoclear_features & C.AUTOCLEAR_MASK),
+                C.HDR_AUTOCLEAR_FEATURES)
+    f.be.flush()
+
+
 def check(path, *, format: str | None = None, repair: str | None = None,
           force_share: bool = False, log=None, untrusted: bool = False,
           limits=None) -> dict:
@@ -101,6 +116,8 @@ def check(path, *, format: str | None = None, repair: str | None = None,
                                          feature="check")
         f = CheckedFile(be)
         companions = _open_companions(f, filename, force_share, bool(fix))
+        if fix:
+            _clear_unknown_autoclear(f)
         return check_file(f, fix, log).as_dict(filename, fmt)
     finally:
         for c in companions:
