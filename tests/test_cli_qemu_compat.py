@@ -269,3 +269,17 @@ def test_check_repair_clears_unknown_autoclear_bits(ours, tmp_path):
         r = run(prog, "check", "-r", "all", img)
         assert r.returncode == 0, r.stderr
         assert struct.unpack_from(">Q", img.read_bytes(), 88)[0] == 0
+
+
+@pytest.mark.parametrize("args", [["-O", "raw"], ["-O", "qcow2"], ["-O", "qcow2", "-c"]])
+@pytest.mark.parametrize("writes", [["write 0 1M", "write 2M 1M", "write 4M 1M", "write 32M 1M"],
+                                    ["write 0 24M"], []])
+def test_convert_progress_lines(ours, tmp_path, args, writes):
+    """-p prints qemu-img's lines: a step per request (2 MiB, a cluster when
+    compressing), a line when it moved by more than 1 %, 100 twice at the end."""
+    src = tmp_path / "s.qcow2"
+    mkimg(src, "64M")
+    if writes:
+        qemu_io(src, *writes)
+    theirs, mine = both(ours, "convert", "-p", *args, src, tmp_path / "o")
+    assert_same(theirs, mine)

@@ -86,15 +86,16 @@ def snapshot_arg(text: str | None) -> str | None:
 
 
 class ProgressPrinter:
-    """qemu-img's progress line: "    (NN.NN/100%)" rewritten in place, printed only
-    when it moved by at least one percent (and at 100)."""
+    """qemu-img's progress line: "    (NN.NN/100%)" rewritten in place, printed when it
+    moved by more than one percent since last printed, and whenever it is 0 or 100
+    (qemu's rule: a command that reports 100 twice prints it twice)."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
-        self.last = -100.0
+        self.last = 0.0
 
     def __call__(self, pct: float) -> None:
-        if pct - self.last < 1.0 and not (pct >= 100.0 > self.last):
+        if not (pct > self.last + 1.0 or pct >= 100.0 or pct == 0.0):
             return
         self.last = pct
         self.stream.write("    (%.2f/100%%)\r" % pct)

@@ -25,6 +25,7 @@ import threading
 from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, pwrite_all, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import temp_name
+from .progress import PROGRESS_STEP, Progress
 from .sparse_runs import sparse_data_runs
 from ..pool import run
 from ..reader import serial_reads
@@ -99,22 +100,6 @@ def _chunks(piece: _Piece, align: int):
         stop = min(end, ((pos + delta) // align + 1) * align - delta)
         yield pos + delta, pos, stop - pos
         pos = stop
-
-
-class _Progress:
-    def __init__(self, total: int, callback):
-        self.total = max(total, 1)
-        self.done = 0
-        self.cb = callback
-        self.lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        if self.cb is None:
-            return
-        with self.lock:
-            self.done += n
-            pct = min(100.0, 100.0 * self.done / self.total)
-        self.cb(pct)
 
 
 def _output_options(out_format: str, options, no_create: bool, backing_file,
@@ -303,7 +288,7 @@ class _RawCopy(_Work):
             pwrite_all(fd, mv, d)
         if self.sync:
             start_writeback(fd, d, n)
-        self.prog.add(n)
+        self.prog.add_split(d, n)
 
 
 def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
@@ -324,7 +309,7 @@ def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
 
 def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
             target_is_zero) -> None:
-    prog = _Progress(_data_total(images, False, progress), progress)
+    prog = Progress(_data_total(images, False, progress), progress)
     zero_writes = no_create and not target_is_zero
 
     def copy(fd: int) -> None:
@@ -461,7 +446,7 @@ def _to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
             progress(0.0)
         work = _RbdCopy(be, sparse_size=sparse_size,
                         zero_writes=no_create and not target_is_zero,
-                        prog=_Progress(_data_total(images, False, progress), progress))
+                        prog=Progress(_data_total(images, False, progress), progress))
         run(_raw_jobs(images, work.zero_writes), work, workers, context=serial_reads,
             name="qcow2-convert")
         if sync:
@@ -501,7 +486,7 @@ class _RbdCopy(_Work):
                     be.pwrite(mv[a:b], d + a)
                 elif self.zero_writes:
                     be.punch_hole(d + a, b - a)
-        self.prog.add(n)
+        self.prog.add_split(d, n)
 
 
 # ---------------------------------------------------------------------------
@@ -536,7 +521,7 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
                           zero_writes=(no_create and not target_is_zero)
                           or backing_file is not None,
                           deferred=tmp is not None,
-                          prog=_Progress(_data_total(images, top_only,
+                          prog=Progress(_data_total(images, top_only,
                                                      progress), progress))
         if progress is not None:
             progress(0.0)
@@ -687,13 +672,13 @@ class _Qcow2Fill(_Work):
         keep = [False] * ncl
         known_zero = []
         hosted = []
-        ndata = 0
+        ndata = []                             # the (offset, length) of the data read
         for p, d, o, n in segs:
             a, b = d - w, d - w + n
             seg = mv[a:b]
             if p.kind == DATA:
                 p.src.readinto(seg, o)
-                ndata += n
+                ndata.append((d, n))
                 if p.host is not None and not self.compress:
                     hosted.append((a, b, p.host[0], p.host[1] + (o - p.off)))
             elif p.kind == BACKING:
@@ -789,10 +774,11 @@ class _Qcow2Fill(_Work):
             pending.clear()
             with self.bufs_lock:
                 self.free_bufs.append(buf)
-                self.applied += n or ndata
+                self.applied += n or sum(k for _d, k in ndata)
                 kick = self.applied >= 64 << 20
                 if kick:
                     self.applied = 0
         if kick:                               # let the disk work while we go on
             start_writeback(self.out.be.fd)
-        self.prog.add(ndata)
+        for d, k in ndata:
+            self.prog.add_split(d, k, self.cs if self.compress else PROGRESS_STEP)
