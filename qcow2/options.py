@@ -58,21 +58,45 @@ _KIND = {"size": "size", "cluster_size": "size", "extent_size_hint": "size",
          "nocow": "bool", "encryption": "bool"}
 _FILE_NAMES = {"backing_file", "data_file"}
 
+# qemu-img's help line of each option: (type shown, description).
 _HELP = {
-    "backing_file": "<str>     - File name of a base image",
-    "backing_fmt": "<str>      - Image format of the base image",
-    "cluster_size": "<size>    - qcow2 cluster size",
-    "compat": "<str>           - Compatibility level (v2 [0.10] or v3 [1.1])",
-    "compression_type": "<str> - Compression method used for image cluster compression",
-    "data_file": "<str>        - File name of an external data file",
-    "data_file_raw": "<bool (on/off)> - The external data file must stay valid as a raw image",
-    "extended_l2": "<bool (on/off)> - Extended L2 tables",
-    "lazy_refcounts": "<bool (on/off)> - Postpone refcount updates",
-    "preallocation": "<str>    - Preallocation mode (allowed values: off, metadata, falloc, "
-                     "full)",
-    "refcount_bits": "<num>    - Width of a reference count entry in bits",
-    "size": "<size>            - Virtual disk size",
+    "backing_file": ("<str>", "File name of a base image"),
+    "backing_fmt": ("<str>", "Image format of the base image"),
+    "cluster_size": ("<size>", "qcow2 cluster size"),
+    "compat": ("<str>", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    "compression_type": ("<str>", "Compression method used for image cluster compression"),
+    "data_file": ("<str>", "File name of an external data file"),
+    "data_file_raw": ("<bool (on/off)>", "The external data file must stay valid as a raw "
+                                         "image"),
+    "encrypt.cipher-alg": ("<str>", "Name of encryption cipher algorithm"),
+    "encrypt.cipher-mode": ("<str>", "Name of encryption cipher mode"),
+    "encrypt.format": ("<str>", "Encrypt the image, format choices: 'aes', 'luks'"),
+    "encrypt.hash-alg": ("<str>", "Name of encryption hash algorithm"),
+    "encrypt.iter-time": ("<num>", "Time to spend in PBKDF in milliseconds"),
+    "encrypt.ivgen-alg": ("<str>", "Name of IV generator algorithm"),
+    "encrypt.ivgen-hash-alg": ("<str>", "Name of IV generator hash algorithm"),
+    "encrypt.key-secret": ("<str>", "ID of secret providing qcow AES key or LUKS passphrase"),
+    "encrypt.keyslot": ("<num>", "Select a single keyslot to modify explicitly"),
+    "encrypt.new-secret": ("<str>", "New secret to set in the matching keyslots. Empty "
+                                    "string to erase"),
+    "encrypt.old-secret": ("<str>", "Select all keyslots that match this password"),
+    "encrypt.state": ("<str>", "Select new state of affected keyslots (active/inactive)"),
+    "encryption": ("<bool (on/off)>", "Encrypt the image with format 'aes'. (Deprecated in "
+                                      "favor of encrypt.format=aes)"),
+    "extended_l2": ("<bool (on/off)>", "Extended L2 tables"),
+    "extent_size_hint": ("<size>", "Extent size hint for the image file, 0 to disable"),
+    "lazy_refcounts": ("<bool (on/off)>", "Postpone refcount updates"),
+    "nocow": ("<bool (on/off)>", "Turn off copy-on-write (valid only on btrfs)"),
+    "preallocation": ("<str>", "Preallocation mode (allowed values: off, metadata, falloc, "
+                               "full)"),
+    "refcount_bits": ("<num>", "Width of a reference count entry in bits"),
+    "size": ("<size>", "Virtual disk size"),
 }
+_RAW_PREALLOC_HELP = ("<str>", "Preallocation mode (allowed values: off, falloc, full)")
+# What amend -o help lists for qcow2 (QEMU's amend option list, encryption included).
+AMEND_HELP = ("backing_file", "backing_fmt", "compat", "data_file", "data_file_raw",
+              "encrypt.iter-time", "encrypt.keyslot", "encrypt.new-secret",
+              "encrypt.old-secret", "encrypt.state", "lazy_refcounts", "refcount_bits", "size")
 
 # Options qemu-img knows for these formats that this engine does not implement, with
 # the feature they belong to (encryption only for qcow2).
@@ -102,16 +126,49 @@ _V3_ONLY = {
 }
 
 
-def help_text(fmt: str = "qcow2") -> str:
-    """What ``qemu-img create -f FMT -o help`` lists (the options this engine takes)."""
-    names = sorted(QCOW2_OPTIONS) if fmt == "qcow2" else list(RAW_OPTIONS)
-    lines = [f"Supported {fmt} options:"]
+def _help_line(name: str, entry) -> str:
+    kind, text = entry
+    return f"  {name + '=' + kind:<22} - {text}"
+
+
+def help_text(fmt: str = "qcow2", *, protocol: bool = False) -> str:
+    """What ``qemu-img create -f FMT -o help`` lists: the format's options (and with
+    ``protocol``, when a file name was given, the file protocol's too).  Listed as
+    qemu-img lists them: the encryption options of qcow2 appear although this engine
+    refuses them (see the README)."""
+    entries = {}
+    if protocol:
+        for n in FILE_OPTIONS:
+            entries[n] = _RAW_PREALLOC_HELP if n == "preallocation" else _HELP[n]
+    names = QCOW2_OPTIONS + CRYPT_OPTIONS if fmt == "qcow2" else ("size",)
     for n in names:
-        text = _HELP[n]
-        if fmt == "raw" and n == "preallocation":
-            text = "<str>    - Preallocation mode (allowed values: off, falloc, full)"
-        lines.append(f"  {n}={text}")
+        entries[n] = _HELP[n]
+    lines = ["Supported options:" if protocol else f"Supported {fmt} options:"]
+    lines += [_help_line(n, entries[n]) for n in sorted(entries)]
+    if not protocol:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
     return "\n".join(lines) + "\n"
+
+
+def amend_help_text(fmt: str = "qcow2") -> str:
+    """What ``qemu-img amend -f qcow2 -o help`` lists."""
+    return "\n".join([f"Amend options for '{fmt}':"] +
+                     [_help_line(n, _HELP[n]) for n in AMEND_HELP]) + "\n"
+
+
+def valid_option_list(text: str) -> bool:
+    """qemu-img's check of one ``-o`` argument: not empty, not starting with a comma,
+    not ending in an unescaped (odd) run of commas."""
+    if not text or text[0] == ",":
+        return False
+    trailing = len(text) - len(text.rstrip(","))
+    return trailing % 2 == 0
+
+
+def wants_help(options: dict) -> bool:
+    """Whether parsed ``-o`` options ask for the list of options (help or ?)."""
+    return any(k in ("help", "?") for k in options)
 
 
 def option_dict(options) -> dict:
@@ -412,7 +469,8 @@ def check_compression_version(compression_type: int, version: int) -> None:
 
 __all__ = ["QCOW2_OPTIONS", "RAW_OPTIONS", "FILE_OPTIONS", "CRYPT_OPTIONS", "AMEND_OPTIONS",
            "AMEND_REFUSED", "QCOW2_PREALLOC", "RAW_PREALLOC", "COMPAT_LEVELS",
-           "MEASURE_COMPAT_LEVELS", "help_text", "option_dict", "parse_options",
+           "MEASURE_COMPAT_LEVELS", "help_text", "amend_help_text", "valid_option_list",
+           "wants_help", "option_dict", "parse_options",
            "parse_value", "parse_size_option", "parse_number_option", "parse_bool_option",
            "parse_string_option", "parse_size_arg", "shown_value", "create_option_error",
            "check_amend_names", "needs_v3", "compat_version", "check_preallocation",

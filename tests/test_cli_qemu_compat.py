@@ -283,3 +283,48 @@ def test_convert_progress_lines(ours, tmp_path, args, writes):
         qemu_io(src, *writes)
     theirs, mine = both(ours, "convert", "-p", *args, src, tmp_path / "o")
     assert_same(theirs, mine)
+
+
+# -- -o help, repeated options, option lists, -C --------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["create", "-f", "qcow2", "-o", "help", "t.qcow2", "1M"],
+    ["create", "-f", "qcow2", "-o", "cluster_size=4k,?"],
+    ["create", "-f", "raw", "-o", "help", "t.raw"],
+    ["create", "-o", "help"],
+    ["create", "-f", "bochs", "-o", "help"],
+    ["create", "-f", "foo", "-o", "help"],
+    ["create", "-f", "qcow2", "-o", "backing_file=t.qcow2,", "-o", "help", "t.qcow2", "1M"],
+    ["create", "-f", "qcow2", "-o", "backing_file=t.qcow2", "-o", ",help", "t.qcow2", "1M"],
+    ["create", "-f", "qcow2", "-o", ",,", "-o", "help", "t.qcow2", "1M"],
+    ["convert", "-O", "qcow2", "-o", "help", "s.qcow2", "o.qcow2"],
+    ["convert", "-O", "qcow2", "-o", "help"],
+    ["convert", "-o", "help"],
+    ["convert", "-O", "bochs", "-o", "help"],
+    ["convert", "-C", "-S", "4k", "-O", "qcow2", "s.qcow2", "o.qcow2"],
+    ["convert", "-C", "-c", "-O", "qcow2", "s.qcow2", "o.qcow2"],
+    ["convert", "-C", "--salvage", "-O", "qcow2", "s.qcow2", "o.qcow2"],
+    ["convert", "-O", "foo", "-O", "qcow2", "s.qcow2", "o.qcow2"],
+    ["convert", "-f", "foo", "-f", "qcow2", "s.qcow2", "o.raw"],
+    ["convert", "-O", "qcow2", "-o", "backing_fmt=qcow2,backing_file=s.qcow2,,help",
+     "s.qcow2", "o.qcow2"],
+    ["amend", "-f", "qcow2", "-o", "help", "s.qcow2"],
+    ["amend", "-o", "help", "s.qcow2"],
+    ["amend", "-f", "qcow2", "-o", "help"],
+    ["amend", "-o", "help"],
+    ["amend", "-f", "raw", "-o", "help", "s.qcow2"],
+    ["amend", "-f", "bochs", "-o", "help"],
+    ["amend", "-f", "foo", "-f", "qcow2", "-o", "size=2M,size=3M", "s.qcow2"],
+    ["amend", "-f", "qcow2", "-o", "backing_file=s.qcow2,,help", "s.qcow2"],
+    ["measure", "-O", "qcow2", "-o", "help", "--size", "1M"],
+])
+def test_option_help_and_lists_like_qemu_img(ours, tmp_path, args):
+    def setup():
+        for n in os.listdir(tmp_path):
+            if n != "bin":
+                os.unlink(tmp_path / n)
+        mkimg(tmp_path / "s.qcow2")
+    theirs, mine = both(ours, *args, cwd=tmp_path, setup=setup)
+    assert_same(theirs, mine)
+    if theirs.returncode == 0 and "size=2M,size=3M" in args:
+        assert info(tmp_path / "s.qcow2")["virtual-size"] == 3 << 20

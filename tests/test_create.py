@@ -644,7 +644,7 @@ def test_formatting_line(tmp_path, args):
 
 
 def test_option_list_parsing():
-    from qcow2.cli.create import parse_option_list
+    from qcow2.units import parse_option_list
     assert parse_option_list("a=b,,c,d=1") == {"a": "b,c", "d": "1"}
     assert parse_option_list("lazy_refcounts") == {"lazy_refcounts": "on"}
     assert parse_option_list("x=1,x=2") == {"x": "2"}

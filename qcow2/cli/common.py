@@ -46,8 +46,37 @@ def add_output(p) -> None:
 
 
 def add_format(p, flag: str = "-f", dest: str = "format") -> None:
-    p.add_argument(flag, dest=dest, choices=("qcow2", "raw"), default=None,
-                   help="image format (probed when omitted)")
+    # (no choices: qemu-img takes the last of repeated options, "-f foo -f qcow2"; the
+    # format is checked when used)
+    p.add_argument(flag, dest=dest, default=None, metavar="FMT",
+                   help="image format: qcow2 or raw (probed when omitted)")
+
+
+# QEMU's format drivers that read images but cannot create them.
+READ_ONLY_DRIVERS = ("bochs", "cloop", "dmg", "vvfat")
+
+
+def creatable_format(fmt: str) -> str:
+    """``fmt`` if images of that format can be created here; else qemu-img's refusal."""
+    from ..errors import UnsupportedFeatureError
+    if fmt in ("qcow2", "raw"):
+        return fmt
+    if fmt in READ_ONLY_DRIVERS:
+        raise UnsupportedFeatureError(f"Format driver '{fmt}' does not support image "
+                                      f"creation", feature=f"create -f {fmt}")
+    raise UnsupportedFeatureError(f"Unknown file format '{fmt}'", feature=f"format {fmt}")
+
+
+def gather_options(texts) -> dict:
+    """The ``-o`` arguments (each checked as qemu-img checks it, then joined, later
+    keys winning) as one dict."""
+    from ..errors import InvalidOptionError
+    from ..options import valid_option_list
+    from ..units import parse_option_list
+    for text in texts:
+        if not valid_option_list(text):
+            raise InvalidOptionError(f"Invalid option list: {text}")
+    return parse_option_list(",".join(texts)) if texts else {}
 
 
 def add_share(p) -> None:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from ..units import parse_option_list
-from .common import add_quiet
+from .common import add_quiet, creatable_format, gather_options
 
 
 def add_parser(sub):
@@ -35,16 +34,13 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..creator import prepare
-    from ..options import help_text, parse_size_arg, parse_size_option
+    from ..options import help_text, parse_size_arg, parse_size_option, wants_help
 
-    options: dict[str, str] = {}
-    joined = ",".join(args.options)
-    if args.options:
-        if any(o in ("help", "?") for o in joined.split(",")):
-            fmt = args.format if args.format in ("qcow2", "raw") else "qcow2"
-            sys.stdout.write(help_text(fmt))
-            return 0
-        options = parse_option_list(joined)
+    options = gather_options(args.options)
+    if wants_help(options):
+        fmt = creatable_format(args.format)
+        sys.stdout.write(help_text(fmt, protocol=args.filename is not None))
+        return 0
     if not args.filename:
         raise Qcow2Error("Expecting image file name")
     size = args.size

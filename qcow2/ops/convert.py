@@ -24,7 +24,7 @@ import threading
 
 from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, pwrite_all, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
-from ..paths import temp_name
+from ..paths import combine_path, temp_name
 from .progress import PROGRESS_STEP, Progress
 from .sparse_runs import sparse_data_runs
 from ..pool import run
@@ -511,8 +511,19 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             tmp = temp_name(dst)
             # not synced here: the output's final flush syncs everything before the
             # rename makes it visible
-            prepare(tmp, size, format="qcow2", backing_file=backing_file,
-                    backing_format=backing_format, **opts).run(durable=False)
+            try:
+                prepare(tmp, size, format="qcow2", backing_file=backing_file,
+                        backing_format=backing_format, **opts).run(durable=False)
+            except Qcow2Error as exc:
+                if getattr(exc, "hint", None) != "Could not open backing image.\n":
+                    raise
+                # qemu-img creates the output, then fails to open it with its backing file
+                inner = exc.lines[0]
+                if inner.startswith("Could not open '") and "': " in inner:
+                    inner = (f"Could not open '{combine_path(dst, backing_file)}': "
+                             f"{inner.split(chr(39) + ': ', 1)[1]}")
+                raise Qcow2Error(f"Could not open '{dst}': Could not open backing file: "
+                                 f"{inner}") from None
             out = open_image(tmp, "r+", format="qcow2")
             # invisible until renamed: one sync at the end (none with -t unsafe)
             out.set_unordered(durable=sync)
