@@ -356,7 +356,7 @@ def _create_qcow2(spec: Qcow2Spec, durable: bool = True) -> None:
                            preallocation=spec.preallocation,
                            external_data=spec.data_file is not None)
     except ImageTooLargeError as exc:
-        raise O.too_large("qcow2", spec.cluster_size_given, str(exc)) from None
+        raise O.too_large("qcow2", True, str(exc)) from None
     header = qcow2_header_bytes(spec, lay)       # fail early if the header cannot fit
     data_out = _write_data_file(spec) if spec.data_file is not None else None
     try:
