@@ -35,16 +35,14 @@ CRYPT_OPTIONS = ("encryption", "encrypt.format", "encrypt.key-secret", "encrypt.
 AMEND_OPTIONS = ("compat", "lazy_refcounts", "refcount_bits", "backing_file", "backing_fmt",
                  "size")
 AMEND_REFUSED = {
-    "cluster_size": "Changing the cluster size is not supported",
-    "extended_l2": "Toggling extended L2 entries is not supported",
-    "compression_type": "Changing the compression type is not supported",
-    "encrypt.format": "Changing the encryption format is not supported",
-    "encryption": "Changing the encryption flag is not supported",
-    "preallocation": "Cannot change preallocation mode",
     "data_file": "data-file can only be set for images that use an external data file",
-    "data_file_raw": "data-file-raw can only be set for images that use an external "
-                     "data file",
+    "data_file_raw": "data-file-raw cannot be set on existing images",
 }
+# Creation options amend does not know (qemu-img: "Invalid parameter" and a hint).
+AMEND_CREATE_ONLY = ("cluster_size", "extended_l2", "compression_type", "preallocation",
+                     "encryption", "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg",
+                     "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",
+                     "encrypt.hash-alg")
 
 # Options printed on the Formatting line even when not given, with qemu-img's default.
 QCOW2_SHOWN_DEFAULTS = {"cluster_size": str(C.DEFAULT_CLUSTER_SIZE), "extended_l2": "off",
@@ -325,6 +323,10 @@ def create_option_error(fmt: str):
 def check_amend_names(options) -> None:
     """The option names ``amend`` takes (qcow2_amend_options: refused ones first)."""
     for name in options:
+        if name in AMEND_CREATE_ONLY:
+            err = InvalidOptionError(f"Invalid parameter '{name}'")
+            err.hint = "This option is only supported for image creation\n"  # type: ignore[attr-defined]
+            raise err
         if name in AMEND_REFUSED:
             raise UnsupportedFeatureError(AMEND_REFUSED[name], feature=f"amend {name}")
         if name not in AMEND_OPTIONS:
@@ -397,10 +399,11 @@ def check_refcount_bits(bits: int, version: int, hint: str = "version=v3") -> No
 def too_large(fmt: str | None, hint: bool, detail: str = "") -> ImageTooLargeError:
     """qemu-img's EFBIG message: create names the format (``fmt``), measure does not;
     the hint only when a cluster size can help."""
-    return ImageTooLargeError("The image size is too large"
-                              + (f" for file format '{fmt}'" if fmt else "")
-                              + (" (try using a larger cluster size)" if hint else "")
-                              + (f": {detail}" if detail else ""))
+    words = ("The image size is too large" + (f" for file format '{fmt}'" if fmt else "")
+             + (" (try using a larger cluster size)" if hint else ""))
+    err = ImageTooLargeError(words + (f": {detail}" if detail else ""))
+    err.lines = [words]  # type: ignore[attr-defined]   # the CLI: qemu-img's line, no detail
+    return err
 
 
 class Qcow2Options(namedtuple("Qcow2Options", (

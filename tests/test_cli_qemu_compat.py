@@ -328,3 +328,22 @@ def test_option_help_and_lists_like_qemu_img(ours, tmp_path, args):
     assert_same(theirs, mine)
     if theirs.returncode == 0 and "size=2M,size=3M" in args:
         assert info(tmp_path / "s.qcow2")["virtual-size"] == 3 << 20
+
+
+@pytest.mark.parametrize("opt", ["cluster_size=4k", "extended_l2=on", "compression_type=zstd",
+                                 "preallocation=full", "encryption=on", "nonsense=1",
+                                 "data_file_raw=on"])
+def test_amend_refusals_like_qemu_img(ours, tmp_path, opt):
+    theirs, mine = both(ours, "amend", "-o", opt, "s.qcow2", cwd=tmp_path,
+                        setup=lambda: mkimg(tmp_path / "s.qcow2"))
+    assert_same(theirs, mine)
+
+
+def test_check_names_an_image_refused_at_open(ours, tmp_path):
+    img = tmp_path / "s.qcow2"
+    mkimg(img)
+    _set_u64(img, 72, 1 << 60)                 # an unknown incompatible feature
+    theirs, mine = both(ours, "check", img)
+    assert mine.returncode == 1
+    assert mine.stderr.startswith(f"qemu-img: Could not open '{img}': ")
+    assert_same(theirs, mine)

@@ -88,8 +88,12 @@ def test_measure_and_create_share_the_messages(tmp_path):
 
 def test_amend_names_and_too_large():
     O.check_amend_names({"compat": "1.1", "size": "1G"})
-    with pytest.raises(UnsupportedFeatureError, match="Changing the cluster size"):
+    # qemu-img 7.2: a creation-only option is an unknown parameter, with a hint
+    with pytest.raises(InvalidOptionError, match="^Invalid parameter 'cluster_size'$") as e:
         O.check_amend_names({"cluster_size": "4k"})
+    assert e.value.hint == "This option is only supported for image creation\n"
+    with pytest.raises(UnsupportedFeatureError, match="data-file-raw cannot be set"):
+        O.check_amend_names({"data_file_raw": "on"})
     with pytest.raises(InvalidOptionError, match="Invalid parameter 'foo'"):
         O.check_amend_names({"foo": 1})
     assert str(O.too_large(None, True)) == ("The image size is too large (try using a larger "

@@ -15,7 +15,8 @@ import os
 from ..checker import REPAIR_MODES, CheckNotSupportedError, open_locked
 from ..checker.run import check_file
 from ..checker.state import CheckedFile, read_header
-from ..errors import InvalidOptionError, Qcow2Error, UnsafeImageError, UnsupportedFeatureError
+from ..errors import (FormatError, InvalidOptionError, Qcow2Error, UnsafeImageError,
+                      UnsupportedFeatureError)
 from ..opener import open_image
 from ..probe import probe_format
 from ..paths import check_file_name, combine_path
@@ -47,7 +48,12 @@ def _open_companions(f: CheckedFile, filename: str, force_share: bool,
                      writable: bool) -> list:
     """Open the backing chain and the external data file as qemu-img check does;
     returns what to close."""
-    h = read_header(f)
+    try:
+        h = read_header(f)
+    except (FormatError, UnsupportedFeatureError) as exc:
+        if not str(exc).startswith("Could not open "):     # qemu-img names the image
+            exc.args = (f"Could not open '{filename}': {exc}",) + tuple(exc.args[1:])
+        raise
     opened = []
     try:
         if h.has_data_file:
