@@ -347,3 +347,55 @@ def test_check_names_an_image_refused_at_open(ours, tmp_path):
     assert mine.returncode == 1
     assert mine.stderr.startswith(f"qemu-img: Could not open '{img}': ")
     assert_same(theirs, mine)
+
+
+# -- json: names and --image-opts ----------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    'json:{"driver":"qcow2","file.filename":"IMG"}',
+    "json:{'driver':'qcow2','file':{'driver':'file','filename':'IMG'}}",
+    "json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', 'image': {'driver': 'file', "
+    "'filename': 'IMG'}, 'set-state': [{'event': 'read_aio', 'new_state': 42}]}}",
+])
+def test_json_names_like_qemu_img(ours, tmp_path, name):
+    mkimg(tmp_path / "b.qcow2")
+    img = tmp_path / "t.qcow2"
+    mkimg(img, "1M", "-b", "b.qcow2", "-F", "qcow2")
+    qemu_io(img, "write -P 5 64k 64k")
+    name = name.replace("IMG", str(img))
+    for args in (["info", name], ["map", "--output=json", name], ["check", name]):
+        theirs, mine = both(ours, *args)
+        assert mine.returncode == theirs.returncode == 0, mine.stderr
+        if "blkdebug" not in name or args[0] == "map":
+            assert mine.stdout == theirs.stdout
+
+
+@pytest.mark.parametrize("opts", ["driver=qcow2,file.driver=file,file.filename=IMG",
+                                  "driver=blkdebug,image.driver=qcow2,image.file.driver=file,"
+                                  "image.file.filename=IMG,align=4k"])
+def test_image_opts_like_qemu_img(ours, tmp_path, opts):
+    mkimg(tmp_path / "b.qcow2")
+    img = tmp_path / "t.qcow2"
+    mkimg(img, "1M", "-b", "b.qcow2", "-F", "qcow2")
+    qemu_io(img, "write -P 5 64k 64k")
+    opts = opts.replace("IMG", str(img))
+    cmds = [["map", "--image-opts", opts], ["compare", "--image-opts", opts, opts]]
+    if not opts.startswith("driver=blkdebug"):    # (qemu-img shows the filter node there)
+        cmds.append(["info", "--backing-chain", "--image-opts", opts])
+    for args in cmds:
+        assert_same(*both(ours, *args))
+    r = run(ours, "convert", "--image-opts", opts, tmp_path / "o.raw")
+    assert r.returncode == 0, r.stderr
+    assert run("qemu-img", "compare", img, tmp_path / "o.raw").returncode == 0
+
+
+@pytest.mark.parametrize("name", [
+    "json:{'driver':'qcow2','file':{'driver':'quorum','children':[]}}",
+    "json:{'driver':'vmdk','file':{'driver':'file','filename':'x'}}",
+    "json:{'driver':'qcow2','file':{'driver':'blkdebug','inject-error':[{'event':'read_aio'}],"
+    "'image':{'driver':'file','filename':'x'}}}",
+    "json:{'driver':'qcow2'",
+])
+def test_json_names_refused(ours, name):
+    r = run(ours, "info", name)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

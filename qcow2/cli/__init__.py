@@ -104,6 +104,8 @@ def main(argv=None) -> int:
         if not args.command:
             parser.print_help()
             return 1
+        from .common import apply_image_opts
+        apply_image_opts(args)
         return int(args.func(args) or 0)
     except UsageError as exc:
         _err(str(exc))

@@ -82,6 +82,49 @@ def gather_options(texts) -> dict:
 def add_share(p) -> None:
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
                    help="open the image with shared permissions")
+    p.add_argument("--image-opts", dest="image_opts", action="store_true",
+                   help="the image names are block options (driver=qcow2,file.filename=PATH)")
+
+
+# the arguments naming input images, per the subcommands' parsers
+_IMAGE_ARGS = ("filename", "filenames", "image_a", "image_b")
+
+
+def apply_image_opts(args) -> None:
+    """With --image-opts, the image arguments are block options: each becomes the
+    equivalent ``json:{...}`` name, which the engine opens (convert: the sources, not
+    the output).  -f cannot be given as well, as in qemu-img."""
+    if not getattr(args, "image_opts", False):
+        return
+    from ..errors import InvalidOptionError
+    if getattr(args, "format", None) is not None:
+        raise InvalidOptionError("--image-opts and --format are mutually exclusive")
+    for attr in _IMAGE_ARGS:
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            setattr(args, attr, _opts_name(value))
+        elif isinstance(value, list):
+            setattr(args, attr, [_opts_name(v) for v in value])
+    files = getattr(args, "files", None)
+    if files:
+        args.files = [_opts_name(v) for v in files[:-1]] + files[-1:]
+
+
+def _opts_name(text: str) -> str:
+    import json
+
+    from ..imageopts import parse_image_opts
+    tree: dict = {}
+    for key, value in parse_image_opts(text).items():
+        node = tree
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                from ..errors import InvalidOptionError
+                raise InvalidOptionError(f"Option '{key}' conflicts with another option")
+        node[last] = value
+    return "json:" + json.dumps(tree)
 
 
 def add_untrusted(p) -> None:
