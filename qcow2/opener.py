@@ -30,7 +30,7 @@ from .backends import Backend, FileBackend
 from .errors import (FormatError, Qcow2Error, ReadOnlyError, UnsafeImageError,
                      UnsupportedFeatureError)
 from .image import Image, RawImage
-from .imageopts import is_json_name, resolve_name
+from .imageopts import is_option_name, resolve_name
 from .paths import check_file_name, combine_path
 from .probe import probe_format
 from .rbdname import is_rbd_name, open_rbd
@@ -61,7 +61,7 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
     if untrusted and writable:
         raise UnsafeImageError("an untrusted image is opened read-only (it is never "
                                "written or repaired in place)")
-    if is_json_name(target):                   # json:{...}: block options naming a file
+    if is_option_name(target):                 # json:{...}, file:PATH: naming a file
         target, named = resolve_name(target)
         format = format or named
     if format not in _FORMATS:
