@@ -1,5 +1,6 @@
 """Images named by QEMU's block options rather than by a path: ``json:{...}`` file
-names and qemu-img's ``--image-opts`` (``driver=qcow2,file.filename=PATH``).
+names, qemu-img's ``--image-opts`` (``driver=qcow2,file.filename=PATH``) and the
+explicit ``file:`` protocol prefix (``file:a:b.qcow2``).
 
 Both describe a tree of block nodes; this engine opens the trees that come down to one
 image file: a ``qcow2`` or ``raw`` node over a ``file`` node (or a ``file.filename``
@@ -21,6 +22,20 @@ _BLKDEBUG_HARMLESS = ("driver", "align", "set-state", "image")
 
 def is_json_name(name) -> bool:
     return isinstance(name, str) and name.startswith("json:")
+
+
+def is_option_name(name) -> bool:
+    """A name that is block options rather than a path: ``json:{...}``, or a path
+    behind the explicit ``file:`` protocol prefix."""
+    return isinstance(name, str) and (name.startswith("json:") or name.startswith("file:"))
+
+
+def file_path(name: str) -> str:
+    """The path of a ``file:PATH`` name, as QEMU shows it: with ``./`` in front when a
+    colon before any slash could read as a protocol prefix (``file:a:b`` is ``./a:b``)."""
+    path = name[len("file:"):]
+    head = path.split("/", 1)[0]
+    return f"./{path}" if ":" in head else path
 
 
 class _Parser:
@@ -220,9 +235,12 @@ def resolve(flat: dict) -> tuple[str, str | None]:
 
 
 def resolve_name(name: str) -> tuple[str, str | None]:
-    """``(path, format)`` of a ``json:{...}`` name."""
+    """``(path, format)`` of a ``json:{...}`` or ``file:PATH`` name (format None:
+    probe it)."""
+    if name.startswith("file:"):
+        return file_path(name), None
     return resolve(parse_json_name(name))
 
 
-__all__ = ["is_json_name", "parse_json_name", "parse_image_opts", "flatten", "resolve",
-           "resolve_name"]
+__all__ = ["is_json_name", "is_option_name", "file_path", "parse_json_name",
+           "parse_image_opts", "flatten", "resolve", "resolve_name"]

@@ -399,3 +399,22 @@ def test_image_opts_like_qemu_img(ours, tmp_path, opts):
 def test_json_names_refused(ours, name):
     r = run(ours, "info", name)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_file_protocol_prefix_like_qemu_img(ours, tmp_path):
+    """file:PATH names a file whose name has colons (shown as ./a:b when the colon
+    comes before any slash)."""
+    res = []
+    for prog in ("qemu-img", ours):
+        d = tmp_path / ("t" if prog == "qemu-img" else "o")
+        d.mkdir()
+        out = [run(prog, "create", "-f", "qcow2", "base.qcow2", "1M", cwd=d),
+               run(prog, "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                   "file:image:top.qcow2", cwd=d),
+               run(prog, "info", "file:image:top.qcow2", cwd=d),
+               run(prog, "create", "-f", "qcow2", f"file:{d}/a:b.qcow2", "1M", cwd=d)]
+        res.append([(r.returncode, "".join(ln for ln in r.stdout.replace(str(d), "D")
+                                           .splitlines(True) if "disk size" not in ln),
+                     r.stderr) for r in out])
+        assert (d / "a:b.qcow2").exists() and (d / "image:top.qcow2").exists()
+    assert res[1] == res[0]

@@ -61,13 +61,20 @@ def run(args) -> int:
     backing_format = options.pop("backing_fmt", None)
     if args.backing_format is not None:
         backing_format = args.backing_format
+    path = args.filename
+    if path.startswith("file:"):                  # the explicit file protocol prefix
+        from ..imageopts import file_path
+        path = file_path(path)
     try:
         if backing_file == "":
             raise Qcow2Error("Expected backing file name, got empty string")
-        req = prepare(args.filename, size, format=args.format, backing_file=backing_file,
+        req = prepare(path, size, format=args.format, backing_file=backing_file,
                       backing_format=backing_format, unsafe=args.unsafe, **options)
         if not args.quiet:
-            sys.stdout.write(req.formatting_line() + "\n")
+            line = req.formatting_line()
+            if path != args.filename:             # named as the user named it
+                line = line.replace(f"Formatting '{path}'", f"Formatting '{args.filename}'", 1)
+            sys.stdout.write(line + "\n")
             sys.stdout.flush()
         req.run()
     except Qcow2Error as exc:

@@ -17,7 +17,7 @@ from ..checker.run import check_file
 from ..checker.state import CheckedFile, read_header
 from ..errors import (FormatError, InvalidOptionError, Qcow2Error, UnsafeImageError,
                       UnsupportedFeatureError)
-from ..imageopts import is_json_name, resolve_name
+from ..imageopts import is_option_name, resolve_name
 from ..opener import open_image
 from ..probe import probe_format
 from ..paths import check_file_name, combine_path
@@ -113,7 +113,7 @@ def check(path, *, format: str | None = None, repair: str | None = None,
     filename = os.fspath(path)
     if isinstance(filename, bytes):
         filename = os.fsdecode(filename)
-    if is_json_name(filename):              # block options naming one image file
+    if is_option_name(filename):            # block options naming one image file
         filename, named = resolve_name(filename)
         format = format or named
     if untrusted:
