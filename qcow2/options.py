@@ -21,10 +21,12 @@ from .errors import ImageTooLargeError, InvalidOptionError, Qcow2Error, Unsuppor
 
 # Option names per format, in the order qemu-img 7.2 prints them on its "Formatting"
 # line (the order of the format driver's option list).
+# The file protocol's hints, taken by create for either format (printed last).
+PROTOCOL_HINTS = ("nocow", "extent_size_hint")
 QCOW2_OPTIONS = ("cluster_size", "extended_l2", "preallocation", "compression_type", "size",
                  "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",
-                 "lazy_refcounts", "refcount_bits")
-RAW_OPTIONS = ("size", "preallocation")
+                 "lazy_refcounts", "refcount_bits") + PROTOCOL_HINTS
+RAW_OPTIONS = ("size", "preallocation") + PROTOCOL_HINTS
 # The file protocol driver's options (qemu-img measure accepts them on top of the format's).
 FILE_OPTIONS = ("size", "preallocation", "nocow", "extent_size_hint")
 # qcow2's encryption options: qemu knows them, this engine does not implement them.
@@ -98,7 +100,7 @@ AMEND_HELP = ("backing_file", "backing_fmt", "compat", "data_file", "data_file_r
 
 # Options qemu-img knows for these formats that this engine does not implement, with
 # the feature they belong to (encryption only for qcow2).
-_UNSUPPORTED = {"nocow": "nocow", "extent_size_hint": "extent_size_hint"}
+_UNSUPPORTED: dict = {}
 _UNSUPPORTED_QCOW2 = {name: "encryption" for name in CRYPT_OPTIONS}
 
 _BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
@@ -140,6 +142,8 @@ def help_text(fmt: str = "qcow2", *, protocol: bool = False) -> str:
             entries[n] = _RAW_PREALLOC_HELP if n == "preallocation" else _HELP[n]
     names = QCOW2_OPTIONS + CRYPT_OPTIONS if fmt == "qcow2" else ("size",)
     for n in names:
+        if n in PROTOCOL_HINTS and not protocol:
+            continue
         entries[n] = _HELP[n]
     lines = ["Supported options:" if protocol else f"Supported {fmt} options:"]
     lines += [_help_line(n, entries[n]) for n in sorted(entries)]
@@ -470,7 +474,8 @@ def check_compression_version(compression_type: int, version: int) -> None:
         raise needs_v3("compression_type")
 
 
-__all__ = ["QCOW2_OPTIONS", "RAW_OPTIONS", "FILE_OPTIONS", "CRYPT_OPTIONS", "AMEND_OPTIONS",
+__all__ = ["PROTOCOL_HINTS", "QCOW2_OPTIONS", "RAW_OPTIONS", "FILE_OPTIONS", "CRYPT_OPTIONS",
+           "AMEND_OPTIONS",
            "AMEND_REFUSED", "QCOW2_PREALLOC", "RAW_PREALLOC", "COMPAT_LEVELS",
            "MEASURE_COMPAT_LEVELS", "help_text", "amend_help_text", "valid_option_list",
            "wants_help", "option_dict", "parse_options",

@@ -418,3 +418,18 @@ def test_file_protocol_prefix_like_qemu_img(ours, tmp_path):
                      r.stderr) for r in out])
         assert (d / "a:b.qcow2").exists() and (d / "image:top.qcow2").exists()
     assert res[1] == res[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["-f", "qcow2", "-o", "preallocation=off,extent_size_hint=0", "x.img", "64M"],
+    ["-f", "qcow2", "-o", "preallocation=metadata,extent_size_hint=0", "x.img", "64M"],
+    ["-f", "raw", "-o", "extent_size_hint=1M", "x.img", "1M"],
+    ["-f", "qcow2", "-o", "nocow=on", "x.img", "1M"],
+    ["-f", "qcow2", "-o", "extent_size_hint=foo", "x.img", "1M"],
+])
+def test_create_protocol_hints_like_qemu_img(ours, tmp_path, args):
+    theirs, mine = both(ours, "create", *args, cwd=tmp_path,
+                        setup=lambda: (tmp_path / "x.img").unlink(missing_ok=True))
+    assert_same(theirs, mine)
+    if theirs.returncode == 0:
+        assert os.path.getsize(tmp_path / "x.img") > 0

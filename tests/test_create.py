@@ -659,6 +659,10 @@ def test_help_lists_options():
     r = cli("create", "-f", "qcow2", "-o", "help")
     assert r.returncode == 0
     for name in QCOW2_OPTIONS:
+        # the file protocol's options only when a file name is given, as qemu-img
+        assert (f"  {name}=" in r.stdout) == (name not in ("nocow", "extent_size_hint"))
+    r = cli("create", "-f", "qcow2", "-o", "help", "x.qcow2")
+    for name in QCOW2_OPTIONS:
         assert f"  {name}=" in r.stdout
 
 

@@ -77,6 +77,7 @@ def run(args) -> int:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
         req.run()
+        _file_hints(path, req.options)
     except Qcow2Error as exc:
         # qemu-img names the file first: "qemu-img: FILE: message"
         exc.args = (f"{args.filename}: {exc}",) + tuple(exc.args[1:])
@@ -85,3 +86,15 @@ def run(args) -> int:
             exc.lines = [f"{args.filename}: {lines[0]}", *lines[1:]]
         raise
     return 0
+
+
+def _file_hints(path: str, options: dict) -> None:
+    """The file protocol's hints on the new file (best effort, as QEMU's file driver)."""
+    if not options.get("nocow") and not options.get("extent_size_hint"):
+        return
+    from ..ops.filehints import apply_file_hints
+    from .common import error_line
+    warning = apply_file_hints(path, nocow=bool(options.get("nocow")),
+                               extent_size_hint=options.get("extent_size_hint"))
+    if warning:
+        error_line(f"warning: {warning}")
