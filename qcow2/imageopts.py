@@ -5,7 +5,8 @@ explicit ``file:`` protocol prefix (``file:a:b.qcow2``).
 Both describe a tree of block nodes; this engine opens the trees that come down to one
 image file: a ``qcow2`` or ``raw`` node over a ``file`` node (or a ``file.filename``
 key), optionally through a ``blkdebug`` node that injects nothing (its ``align`` and
-``set-state`` rules change no data).  :func:`resolve` turns such a name into
+``set-state`` rules change no data), and the ``null-co`` driver (zeros of a
+size).  :func:`resolve` turns such a name into
 ``(path, format)``; anything else (error injection, quorum, other drivers and
 protocols) is refused with :class:`~qcow2.errors.UnsupportedFeatureError`.  The JSON is
 QEMU's dialect: strings may be single-quoted.
@@ -13,6 +14,7 @@ QEMU's dialect: strings may be single-quoted.
 
 from __future__ import annotations
 
+from .backends import Backend
 from .errors import InvalidOptionError, UnsupportedFeatureError
 
 _FORMATS = ("qcow2", "raw")
@@ -209,9 +211,48 @@ def _blkdebug(flat: dict, below):
     return below(image)
 
 
-def _node(flat: dict) -> tuple[str, str | None]:
-    """(path, format) of a format node's options (format None: probe it)."""
+class NullBackend(Backend):
+    """QEMU's ``null-co`` block driver: a store of ``size`` bytes that reads as zeros
+    (``read-zeroes``; without it QEMU leaves read buffers untouched, here they read as
+    zeros too), holds no data and takes no writes."""
+
+    can_seek_data = True
+
+    def __init__(self, size: int, name: str = "null-co"):
+        self._size = size
+        self.name = name
+
+    def size(self) -> int:
+        return self._size
+
+    def readinto(self, buf, offset: int) -> int:
+        mv = memoryview(buf).cast("B")
+        n = max(0, min(len(mv), self._size - offset))
+        mv[:n] = bytes(n)
+        return n
+
+    def data_regions(self, start: int = 0, end: int | None = None):
+        return iter(())
+
+
+def _null(flat: dict, name: str) -> NullBackend:
+    extra = set(flat) - {"driver", "size", "read-zeroes", "latency-ns", "node-name"}
+    if extra:
+        raise _unsupported(f"Option '{sorted(extra)[0]}' of the null driver")
+    size = flat.get("size", 1 << 30)
+    if isinstance(size, str):
+        from .units import parse_size
+        size = parse_size(size)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidOptionError("Parameter 'size' expects a non-negative number below 2^64")
+    return NullBackend(size, name)
+
+
+def _node(flat: dict, name: str = "null-co"):
+    """(path or store, format) of a format node's options (format None: probe it)."""
     driver = flat.get("driver")
+    if driver in ("null-co", "null-aio"):
+        return _null(flat, name), "raw"
     if driver == "blkdebug":
         return _blkdebug(flat, _node)
     if driver == "file" or (driver is None and "filename" in flat):
@@ -229,18 +270,19 @@ def _node(flat: dict) -> tuple[str, str | None]:
     return _protocol(child), driver
 
 
-def resolve(flat: dict) -> tuple[str, str | None]:
-    """``(path, format)`` of flattened block options (format None: probe it)."""
-    return _node(flat)
+def resolve(flat: dict, name: str = "null-co"):
+    """``(path, format)`` of flattened block options (format None: probe it); a
+    ``null-co`` node gives a :class:`NullBackend` (named ``name``) in place of a path."""
+    return _node(flat, name)
 
 
-def resolve_name(name: str) -> tuple[str, str | None]:
-    """``(path, format)`` of a ``json:{...}`` or ``file:PATH`` name (format None:
-    probe it)."""
+def resolve_name(name: str):
+    """``(path or store, format)`` of a ``json:{...}`` or ``file:PATH`` name (format
+    None: probe it)."""
     if name.startswith("file:"):
         return file_path(name), None
-    return resolve(parse_json_name(name))
+    return resolve(parse_json_name(name), name)
 
 
 __all__ = ["is_json_name", "is_option_name", "file_path", "parse_json_name",
-           "parse_image_opts", "flatten", "resolve", "resolve_name"]
+           "parse_image_opts", "flatten", "resolve", "resolve_name", "NullBackend"]

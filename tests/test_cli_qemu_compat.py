@@ -433,3 +433,14 @@ def test_create_protocol_hints_like_qemu_img(ours, tmp_path, args):
     assert_same(theirs, mine)
     if theirs.returncode == 0:
         assert os.path.getsize(tmp_path / "x.img") > 0
+
+
+@pytest.mark.parametrize("sparse", ["512", "0"])
+def test_convert_from_null_co_like_qemu_img(ours, tmp_path, sparse):
+    src = "json:{ 'driver': 'null-co', 'size': 1048576, 'read-zeroes': true }"
+    maps = []
+    for prog, name in (("qemu-img", "t.qcow2"), (ours, "o.qcow2")):
+        r = run(prog, "convert", "-O", "qcow2", "-S", sparse, src, tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        maps.append(_map(tmp_path / name))
+    assert maps[1] == maps[0]

@@ -116,6 +116,9 @@ def check(path, *, format: str | None = None, repair: str | None = None,
     if is_option_name(filename):            # block options naming one image file
         filename, named = resolve_name(filename)
         format = format or named
+        if not isinstance(filename, str):
+            raise CheckNotSupportedError("This image format does not support checks",
+                                         feature="check")
     if untrusted:
         return _check_untrusted(filename, format, fix, force_share, log, limits)
     be, fmt = _open(filename, format, bool(fix), force_share)
