@@ -444,3 +444,24 @@ def test_convert_from_null_co_like_qemu_img(ours, tmp_path, sparse):
         assert r.returncode == 0, r.stderr
         maps.append(_map(tmp_path / name))
     assert maps[1] == maps[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["--start-offset=64k", "--max-length=128k", "--output=json"],
+    ["--start-offset=100", "--max-length=1000", "--output=json"],
+    ["--start-offset=2M", "--output=json"], ["--start-offset=2M"],
+    ["--start-offset=32k", "--max-length=100k"],
+    ["--start-offset=foo"], ["--max-length=-1"],
+])
+def test_map_range_like_qemu_img(ours, tmp_path, args):
+    mkimg(tmp_path / "b.qcow2")
+    img = tmp_path / "t.qcow2"
+    mkimg(img, "1M", "-b", "b.qcow2", "-F", "qcow2")
+    qemu_io(tmp_path / "b.qcow2", "write -P 1 0 64k")
+    qemu_io(img, "write -P 5 64k 64k", "write -z 192k 64k")
+    assert_same(*both(ours, "map", *args, img))
+
+
+def test_snapshot_list_empty_like_qemu_img(ours, tmp_path):
+    mkimg(tmp_path / "t.qcow2")
+    assert_same(*both(ours, "snapshot", "-l", tmp_path / "t.qcow2"))
