@@ -73,6 +73,10 @@ def test_qemu_iotests_do_not_regress(tmp_path):
     results = tmp_path / "results"
     env = dict(os.environ, RESULTS=str(results), TMPDIR=str(tmp_path),
                JOBS=os.environ.get("QCOW2_IOTESTS_JOBS", "2"))
+    # the suite's ./check imports modules beside it: this test run's Python settings
+    # (-P, PYTHONSAFEPATH) must not reach it
+    for var in ("PYTHONSAFEPATH", "PYTHONPATH", "PYTHONHOME"):
+        env.pop(var, None)
     names = _expected()
     r = subprocess.run(["bash", str(_conformance_dir() / "run-iotests.sh"), str(link), *names],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
