@@ -238,6 +238,89 @@ class Reshape:
         self.file_size = max(self.file_size, host + length)
 
     # -- the active layer ------------------------------------------------------------
+    # -- persistent bitmaps -------------------------------------------------------
+    def load_bitmaps(self) -> list:
+        """The image's persistent bitmaps (:class:`Bitmap`), tables read."""
+        from .bitmap import read_directory
+
+        h = self.header
+        if h.bitmaps_ext is None:
+            return []
+        nb, dsize, doff = h.bitmaps_ext
+        out = []
+        for e in read_directory(self._read_meta(dsize, doff), doff, nb):
+            raw = self._read_meta(e.table_size * 8, e.table_offset) if e.table_size else b""
+            table = list(struct.unpack(f">{e.table_size}Q", raw))
+            extra = self._read_meta(e.extra_data_size, e.offset + C.BME_ENTRY_SIZE
+                                    + e.name_size) if e.extra_data_size else b""
+            out.append(Bitmap(e.name, e.flags, e.granularity_bits, table, extra))
+        return out
+
+    def store_bitmaps(self, bitmaps: list) -> None:
+        """Make ``bitmaps`` the image's persistent bitmaps, as QEMU stores them: every
+        table written anew, then the directory, then the header (its extension and
+        the autoclear bit that says they are valid); the old tables and directory are
+        freed last.  The data clusters the tables point at stay as they are (a caller
+        that drops a bitmap frees them itself, :meth:`free_bitmap_data`)."""
+        h = self.header
+        cs = self.cluster_size
+        old_tables = self._bitmap_table_places()
+        old_dir = h.bitmaps_ext
+        with self._lock:
+            self.flush()
+            entries = []
+            for bm in bitmaps:
+                n = len(bm.table)
+                toff = 0
+                if n:
+                    clusters = _round_up(n * 8, cs) // cs
+                    toff = self.refs.alloc(clusters)
+                    self._claim(toff, clusters * cs, "a bitmap table")
+                    # (unpadded, as QEMU writes it: the rest of the cluster reads as zeros)
+                    self._write_meta(struct.pack(f">{n}Q", *bm.table), toff, "a bitmap table")
+                entries.append(_pack_bitmap_entry(toff, n, bm))
+            directory = b"".join(entries)
+            if bitmaps:
+                dclusters = _round_up(len(directory), cs) // cs
+                doff = self.refs.alloc(dclusters)
+                self._claim(doff, dclusters * cs, "the bitmap directory")
+                self._write_meta(directory, doff, "the bitmap directory")
+                h.bitmaps_ext = (len(bitmaps), len(directory), doff)
+                h.autoclear_features |= C.AUTOCLEAR_BITMAPS
+            else:
+                h.bitmaps_ext = None
+                h.autoclear_features &= ~C.AUTOCLEAR_BITMAPS
+            self._rewrite_header()                 # flushes what it points at first
+            for off, n in old_tables:
+                self.refs.free(off, _round_up(n * 8, cs))
+                self.refs.block_freed(off, _round_up(n * 8, cs))
+            if old_dir is not None:
+                self.refs.free(old_dir[2], _round_up(old_dir[1], cs))
+                self.refs.block_freed(old_dir[2], _round_up(old_dir[1], cs))
+            self.flush()
+
+    def _bitmap_table_places(self) -> list:
+        from .bitmap import read_directory
+
+        h = self.header
+        if h.bitmaps_ext is None:
+            return []
+        nb, dsize, doff = h.bitmaps_ext
+        return [(e.table_offset, e.table_size)
+                for e in read_directory(self._read_meta(dsize, doff), doff, nb)
+                if e.table_size]
+
+    def free_bitmap_data(self, table: list) -> None:
+        """Free the data clusters a dropped bitmap table pointed at (after the table is
+        gone from the disk: call after :meth:`store_bitmaps`)."""
+        cs = self.cluster_size
+        for e in table:
+            off = e & C.BME_TABLE_OFFSET_MASK
+            if off:
+                self.refs.free(off, cs)
+                self.refs.block_freed(off, cs)
+        self.flush()
+
     def discard_all(self) -> None:
         """Drop every cluster of the active layer (QEMU's make_empty): it then reads
         its backing file, or zeros."""
@@ -426,6 +509,31 @@ class Reshape:
         self.file_size = max(self.file_size, base + (nb + tc) * cs)
         self._open_refcounts()
         self._rebuild_overlap_map()
+
+
+class Bitmap:
+    """A persistent dirty bitmap as :meth:`Reshape.store_bitmaps` writes it: ``name``
+    (bytes), ``flags`` (``BME_FLAG_*``), ``granularity_bits``, ``table`` (the bitmap
+    table's entries: data cluster offsets, 0 for all-zero, 1 for all-one clusters) and
+    the directory entry's ``extra`` data."""
+
+    __slots__ = ("name", "flags", "granularity_bits", "table", "extra")
+
+    def __init__(self, name: bytes, flags: int, granularity_bits: int, table: list,
+                 extra: bytes = b""):
+        self.name = name
+        self.flags = flags
+        self.granularity_bits = granularity_bits
+        self.table = table
+        self.extra = extra
+
+
+def _pack_bitmap_entry(table_offset: int, table_size: int, bm: Bitmap) -> bytes:
+    """A bitmap directory entry (spec: "Bitmap directory"), padded to 8 bytes."""
+    raw = struct.pack(">QIIBBHI", table_offset, table_size, bm.flags,
+                      C.BME_TYPE_DIRTY_TRACKING, bm.granularity_bits, len(bm.name),
+                      len(bm.extra)) + bm.name + bm.extra
+    return raw + bytes(-len(raw) % 8)
 
 
 def _runs(sorted_ints):

@@ -15,7 +15,7 @@ import os
 import sys
 
 COMMANDS = ("create", "info", "map", "convert", "check", "compare", "measure", "resize",
-            "rebase", "commit", "snapshot", "amend", "dd", "compute")
+            "rebase", "commit", "snapshot", "amend", "dd", "bitmap", "compute")
 
 
 _WIDTH: int | None = None
