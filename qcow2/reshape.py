@@ -259,17 +259,21 @@ class Reshape:
     def store_bitmaps(self, bitmaps: list) -> None:
         """Make ``bitmaps`` the image's persistent bitmaps, as QEMU stores them: every
         table written anew, then the directory, then the header (its extension and
-        the autoclear bit that says they are valid); the old tables and directory are
-        freed last.  The data clusters the tables point at stay as they are (a caller
-        that drops a bitmap frees them itself, :meth:`free_bitmap_data`)."""
+        the autoclear bit that says they are valid); the old tables, their data clusters
+        and the old directory are freed last.  Each kept bitmap's data is copied to new
+        clusters (QEMU stores a bitmap whole, data then table: the same layout)."""
         h = self.header
         cs = self.cluster_size
         old_tables = self._bitmap_table_places()
+        old_data = [e & C.BME_TABLE_OFFSET_MASK for b in self.load_bitmaps() for e in b.table
+                    if e & C.BME_TABLE_OFFSET_MASK]
         old_dir = h.bitmaps_ext
         with self._lock:
             self.flush()
             entries = []
             for bm in bitmaps:
+                # each bitmap's data moves to fresh clusters, then its table (QEMU's order)
+                bm.table = [self._copy_bitmap_cluster(e) for e in bm.table]
                 n = len(bm.table)
                 toff = 0
                 if n:
@@ -297,7 +301,21 @@ class Reshape:
             if old_dir is not None:
                 self.refs.free(old_dir[2], _round_up(old_dir[1], cs))
                 self.refs.block_freed(old_dir[2], _round_up(old_dir[1], cs))
+            for off in old_data:
+                self.refs.free(off, cs)
+                self.refs.block_freed(off, cs)
             self.flush()
+
+    def _copy_bitmap_cluster(self, entry: int) -> int:
+        """A bitmap table entry whose data cluster (if any) was copied to a new one."""
+        off = entry & C.BME_TABLE_OFFSET_MASK
+        if not off:
+            return entry
+        cs = self.cluster_size
+        new = self.refs.alloc(1)
+        self._claim(new, cs, "bitmap data")
+        self._write_meta(self._read_meta(cs, off), new, "bitmap data")
+        return (entry & ~C.BME_TABLE_OFFSET_MASK) | new
 
     def _bitmap_table_places(self) -> list:
         from .bitmap import read_directory
@@ -309,17 +327,6 @@ class Reshape:
         return [(e.table_offset, e.table_size)
                 for e in read_directory(self._read_meta(dsize, doff), doff, nb)
                 if e.table_size]
-
-    def free_bitmap_data(self, table: list) -> None:
-        """Free the data clusters a dropped bitmap table pointed at (after the table is
-        gone from the disk: call after :meth:`store_bitmaps`)."""
-        cs = self.cluster_size
-        for e in table:
-            off = e & C.BME_TABLE_OFFSET_MASK
-            if off:
-                self.refs.free(off, cs)
-                self.refs.block_freed(off, cs)
-        self.flush()
 
     def discard_all(self) -> None:
         """Drop every cluster of the active layer (QEMU's make_empty): it then reads

@@ -86,7 +86,6 @@ def _apply(path, name: str, actions: list, granularity) -> None:
 
     with open_image(path, "r+", format="qcow2", backing=False) as img:
         bitmaps = img.load_bitmaps()
-        dropped = []
         key = name.encode("utf-8", "surrogateescape")
         for action in actions:
             found = next((b for b in bitmaps if b.name == key), None)
@@ -98,17 +97,13 @@ def _apply(path, name: str, actions: list, granularity) -> None:
                                       [0] * entries))
             elif action == "remove":
                 bitmaps.remove(found)
-                dropped.append(found.table)
             elif action == "clear":
-                dropped.append(found.table)
                 found.table = [0] * len(found.table)
             elif action == "enable":
                 found.flags |= C.BME_FLAG_AUTO
             elif action == "disable":
                 found.flags &= ~C.BME_FLAG_AUTO
-        img.store_bitmaps(bitmaps)
-        for table in dropped:
-            img.free_bitmap_data(table)
+        img.store_bitmaps(bitmaps)            # (frees the data of dropped and cleared ones)
 
 
 __all__ = ["bitmap", "ACTIONS", "default_granularity"]
