@@ -25,6 +25,7 @@ import threading
 from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, pwrite_all, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import combine_path, temp_name
+from .outputopts import output_options
 from .progress import PROGRESS_STEP, Progress
 from .sparse_runs import sparse_data_runs
 from ..pool import run
@@ -102,28 +103,6 @@ def _chunks(piece: _Piece, align: int):
         pos = stop
 
 
-def _output_options(out_format: str, options, no_create: bool, backing_file,
-                    backing_format) -> tuple[dict, str | None, str | None]:
-    """The output's -o options checked, and its backing file and format: -o
-    backing_file=/backing_fmt= are -B/-F spelled as creation options (the -o value
-    wins, as in qemu-img).  With ``no_create`` (-n) a backing file only means that
-    what the source's backing chain holds is not copied."""
-    if no_create and options:
-        raise InvalidOptionError("-o has no effect when skipping image creation")
-    from ..options import option_dict
-    opts = option_dict(options)
-    if out_format == "raw" and opts:
-        from ..options import RAW_OPTIONS, create_option_error, parse_options
-        parse_options(opts, RAW_OPTIONS, create_option_error("raw"))
-    if opts.get("backing_file") is not None:
-        backing_file = opts.pop("backing_file")
-    if opts.get("backing_fmt") is not None:
-        backing_format = opts.pop("backing_fmt")
-    if backing_file is not None and out_format != "qcow2":
-        raise InvalidOptionError("Backing file not supported for file format 'raw'")
-    return opts, backing_file, backing_format
-
-
 def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             compress: bool = False, options=None, sparse_size: int = 4096,
             cache: str = "writeback", workers: int | None = None, out_of_order: bool = False,
@@ -159,7 +138,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         raise InvalidOptionError("Compression not supported for this file format")
     if target_is_zero and not no_create:
         raise InvalidOptionError("--target-is-zero requires use of -n flag")
-    opts, backing_file, backing_format = _output_options(out_format, options, no_create,
+    opts, backing_file, backing_format = output_options(out_format, options, no_create,
                                                          backing_file, backing_format)
     if workers is not None and not 1 <= workers <= 16:
         raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines "
@@ -532,6 +511,9 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
                           zero_writes=(no_create and not target_is_zero)
                           or backing_file is not None,
                           deferred=tmp is not None,
+                          # -B: what the new backing file shows already is not written
+                          dedupe=tmp is not None and backing_file is not None
+                          and sparse_size != 0,
                           prog=Progress(_data_total(images, top_only,
                                                      progress), progress))
         if progress is not None:
@@ -605,9 +587,10 @@ class _Qcow2Fill(_Work):
     windows are in flight, so the pool of buffers stays that small."""
 
     def __init__(self, out, size: int, *, compress: bool, sparse_size: int,
-                 zero_writes: bool, deferred: bool, prog):
+                 zero_writes: bool, deferred: bool, prog, dedupe: bool = False):
         super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
         self.out = out
+        self.dedupe = dedupe
         self.size = size
         self.cs = out.cluster_size
         self.window = max(self.cs, CHUNK // self.cs * self.cs)
@@ -657,7 +640,28 @@ class _Qcow2Fill(_Work):
                 zero[ka:kb] = [True] * (kb - ka)
         else:
             zero = [False] * ncl
+        if self.dedupe and any(write):
+            self._drop_what_backing_shows(w, mv, write, zero)
         return buf, self._writes(w, end, mv, write, keep, zero, hosted), ndata, []
+
+    def _drop_what_backing_shows(self, w: int, mv: memoryview, write: list,
+                                 zero: list) -> None:
+        """-B: clusters that read the same through the new backing file are left to it
+        (the output holds only what differs from its backing file).  A cluster known
+        to be zero (``zero``; the buffer may hold stale bytes there) is compared with
+        zeros."""
+        cs = self.cs
+        view = bytearray(len(mv))
+        self.out.readinto(view, w)            # (nothing of this window is written yet)
+        vv = memoryview(view)
+        zeros = bytes(cs)
+        for k, todo in enumerate(write):
+            if not todo:
+                continue
+            theirs = vv[k * cs:(k + 1) * cs]
+            ours = zeros[:len(theirs)] if zero[k] else mv[k * cs:(k + 1) * cs]
+            if theirs == ours:
+                write[k] = False
 
     def _absorb_short_zeros(self, w: int, segs, mv: memoryview, zero: list) -> None:
         """With -S larger than a cluster, qemu-img decides per 512-byte sector: zero
