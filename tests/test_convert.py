@@ -314,3 +314,11 @@ def test_convert_B_writes_only_what_differs(tmp_path, compress):
                                   capture_output=True, text=True).stdout)
     top = [(e["start"], e["length"]) for e in m if e["depth"] == 0]
     assert top == [(1 << 20, 65536), (2 << 20, 131072), (7 << 20, 65536)]
+
+
+def test_convert_errors_name_the_destination(tmp_path, images):
+    """Never our temporary name: the file the user asked for."""
+    dst = tmp_path / "nodir" / "x.qcow2"
+    r = cli("convert", "-O", "qcow2", str(images["raw"]), str(dst))
+    assert r.returncode == 1
+    assert r.stderr == f"qcow2: Could not create '{dst}': No such file or directory\n"

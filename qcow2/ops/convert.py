@@ -25,7 +25,7 @@ import threading
 from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, pwrite_all, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import combine_path, temp_name
-from .outputopts import output_options
+from .outputopts import discard_output, name_the_output, output_options
 from .progress import PROGRESS_STEP, Progress
 from .sparse_runs import sparse_data_runs
 from ..pool import run
@@ -495,6 +495,7 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
                         backing_format=backing_format, **opts).run(durable=False)
             except Qcow2Error as exc:
                 if getattr(exc, "hint", None) != "Could not open backing image.\n":
+                    name_the_output(exc, tmp, dst)
                     raise
                 # qemu-img creates the output, then fails to open it with its backing file
                 inner = exc.lines[0]
@@ -532,23 +533,9 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             if sync:
                 fsync_dir(os.path.dirname(os.path.abspath(dst)))
     finally:
-        _discard(out, tmp)
+        discard_output(out, tmp)
     if progress is not None:
         progress(100.0)
-
-
-def _discard(out, tmp) -> None:
-    """After a failure: close the output, remove the temporary file."""
-    if out is not None:
-        try:
-            out.close()
-        except Exception:  # noqa: BLE001 - the original error matters more
-            pass
-    if tmp is not None:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
 
 
 def _windows(pieces, window: int):

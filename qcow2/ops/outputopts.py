@@ -1,7 +1,10 @@
-"""convert's output options: ``-o`` checked for the output format, and ``-B``/``-F``
-given as ``-o backing_file=/backing_fmt=``."""
+"""convert's qcow2 output: its ``-o`` options checked for the output format (``-B``/``-F``
+given as ``-o backing_file=/backing_fmt=``), and its temporary file (errors name the
+user's file; removed after a failure)."""
 
 from __future__ import annotations
+
+import os
 
 from ..errors import InvalidOptionError
 
@@ -28,4 +31,27 @@ def output_options(out_format: str, options, no_create: bool, backing_file,
     return opts, backing_file, backing_format
 
 
-__all__ = ["output_options"]
+def name_the_output(exc: Exception, tmp: str, dst: str) -> None:
+    """An error about the temporary output names the user's file instead."""
+    if exc.args and isinstance(exc.args[0], str) and tmp in exc.args[0]:
+        exc.args = (exc.args[0].replace(tmp, dst),) + tuple(exc.args[1:])
+    lines = getattr(exc, "lines", None)
+    if lines:
+        exc.lines = [ln.replace(tmp, dst) for ln in lines]
+
+
+def discard_output(out, tmp) -> None:
+    """After a failure: close the output, remove the temporary file."""
+    if out is not None:
+        try:
+            out.close()
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+    if tmp is not None:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+__all__ = ["output_options", "name_the_output", "discard_output"]
