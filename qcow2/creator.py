@@ -143,8 +143,12 @@ def _check_backing(path: str, backing_file: str, backing_format, size, unsafe: b
         return size
     detected = _open_backing(full, backing_format)
     if backing_format is None:
-        raise InvalidOptionError(f"Backing file specified without backing format. "
+        err = InvalidOptionError(f"Backing file specified without backing format. "
                                  f"Detected format of {detected[0]}.")
+        # qemu-img's CLI: the error line, then its hint line
+        err.lines = ["Backing file specified without backing format"]  # type: ignore[attr-defined]
+        err.hint = f"Detected format of {detected[0]}."  # type: ignore[attr-defined]
+        raise err
     return detected[1] if size is None else size
 
 
@@ -195,6 +199,8 @@ def _open_backing(full: str, fmt: str | None) -> tuple[str, int]:
         with open_image(full, format=fmt, backing=False) as img:
             return img.format, img.size
     except Qcow2Error as exc:
+        exc.lines = [str(exc)]  # type: ignore[attr-defined]  # qemu-img's CLI: then the hint
+        exc.hint = "Could not open backing image.\n"  # type: ignore[attr-defined]
         exc.args = (f"{exc}. Could not open backing image.",)
         raise
 
@@ -349,7 +355,7 @@ def _create_qcow2(spec: Qcow2Spec, durable: bool = True) -> None:
                            preallocation=spec.preallocation,
                            external_data=spec.data_file is not None)
     except ImageTooLargeError as exc:
-        raise O.too_large("qcow2", spec.cluster_size_given, str(exc)) from None
+        raise O.too_large("qcow2", True, str(exc)) from None
     header = qcow2_header_bytes(spec, lay)       # fail early if the header cannot fit
     data_out = _write_data_file(spec) if spec.data_file is not None else None
     try:

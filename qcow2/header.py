@@ -421,7 +421,9 @@ def _ext_corrupt(msg: str, offset: int, size: int) -> CorruptImageError:
 
 
 def _feature_table(data: bytes) -> list[tuple[int, int, str]]:
-    """The feature name table: (type, bit, name) per 48-byte entry."""
+    """The feature name table: (type, bit, name) per 48-byte entry (a short last entry
+    read as zero-padded, as QEMU reads it)."""
+    data = bytes(data) + bytes(-len(data) % _FEATURE.size)
     return [(t, b, _c_string(n)) for t, b, n in
             (_FEATURE.unpack_from(data, i)
              for i in range(0, len(data) - _FEATURE.size + 1, _FEATURE.size))]

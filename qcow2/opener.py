@@ -27,8 +27,10 @@ import os
 
 from . import constants as C
 from .backends import Backend, FileBackend
-from .errors import Qcow2Error, ReadOnlyError, UnsafeImageError, UnsupportedFeatureError
+from .errors import (FormatError, Qcow2Error, ReadOnlyError, UnsafeImageError,
+                     UnsupportedFeatureError)
 from .image import Image, RawImage
+from .imageopts import is_option_name, resolve_name
 from .paths import check_file_name, combine_path
 from .probe import probe_format
 from .rbdname import is_rbd_name, open_rbd
@@ -59,6 +61,9 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
     if untrusted and writable:
         raise UnsafeImageError("an untrusted image is opened read-only (it is never "
                                "written or repaired in place)")
+    if is_option_name(target):                 # json:{...}, file:PATH: naming a file
+        target, named = resolve_name(target)
+        format = format or named
     if format not in _FORMATS:
         raise UnsupportedFeatureError(f"Unknown or unsupported image format {format!r} "
                                       f"(supported: qcow2, raw)", feature=f"format {format}")
@@ -82,8 +87,12 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
             if writable:
                 from .writer import WritableQcow2Image as cls
             companions = _Companions(backing, force_share, max_depth, chain, depth, key, keys)
-            return cls(be, filename, untrusted=untrusted, snapshot=snapshot,
-                       companions=companions, owns_backend=owned, limits=limits)
+            try:
+                return cls(be, filename, untrusted=untrusted, snapshot=snapshot,
+                           companions=companions, owns_backend=owned, limits=limits)
+            except (FormatError, UnsupportedFeatureError) as exc:
+                _name_the_image(exc, filename)
+                raise
         if snapshot is not None:
             raise UnsupportedFeatureError("raw images have no snapshots", feature="snapshot")
         img = RawImage(be, filename, writable=writable, owns_backend=owned)
@@ -95,6 +104,14 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
         if owned:
             be.close()
         raise
+
+
+def _name_the_image(exc: Exception, filename: str) -> None:
+    """An image refused at open names it first, as qemu-img's "Could not open 'NAME':
+    REASON" (in place: the exception keeps its type and attributes)."""
+    msg = str(exc)
+    if exc.args and not msg.startswith("Could not open "):
+        exc.args = (f"Could not open '{filename}': {msg}",) + tuple(exc.args[1:])
 
 
 def _store(target, writable: bool, format: str | None) -> tuple[Backend, str, bool]:

@@ -21,10 +21,12 @@ from .errors import ImageTooLargeError, InvalidOptionError, Qcow2Error, Unsuppor
 
 # Option names per format, in the order qemu-img 7.2 prints them on its "Formatting"
 # line (the order of the format driver's option list).
+# The file protocol's hints, taken by create for either format (printed last).
+PROTOCOL_HINTS = ("nocow", "extent_size_hint")
 QCOW2_OPTIONS = ("cluster_size", "extended_l2", "preallocation", "compression_type", "size",
                  "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",
-                 "lazy_refcounts", "refcount_bits")
-RAW_OPTIONS = ("size", "preallocation")
+                 "lazy_refcounts", "refcount_bits") + PROTOCOL_HINTS
+RAW_OPTIONS = ("size", "preallocation") + PROTOCOL_HINTS
 # The file protocol driver's options (qemu-img measure accepts them on top of the format's).
 FILE_OPTIONS = ("size", "preallocation", "nocow", "extent_size_hint")
 # qcow2's encryption options: qemu knows them, this engine does not implement them.
@@ -35,16 +37,14 @@ CRYPT_OPTIONS = ("encryption", "encrypt.format", "encrypt.key-secret", "encrypt.
 AMEND_OPTIONS = ("compat", "lazy_refcounts", "refcount_bits", "backing_file", "backing_fmt",
                  "size")
 AMEND_REFUSED = {
-    "cluster_size": "Changing the cluster size is not supported",
-    "extended_l2": "Toggling extended L2 entries is not supported",
-    "compression_type": "Changing the compression type is not supported",
-    "encrypt.format": "Changing the encryption format is not supported",
-    "encryption": "Changing the encryption flag is not supported",
-    "preallocation": "Cannot change preallocation mode",
     "data_file": "data-file can only be set for images that use an external data file",
-    "data_file_raw": "data-file-raw can only be set for images that use an external "
-                     "data file",
+    "data_file_raw": "data-file-raw cannot be set on existing images",
 }
+# Creation options amend does not know (qemu-img: "Invalid parameter" and a hint).
+AMEND_CREATE_ONLY = ("cluster_size", "extended_l2", "compression_type", "preallocation",
+                     "encryption", "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg",
+                     "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",
+                     "encrypt.hash-alg")
 
 # Options printed on the Formatting line even when not given, with qemu-img's default.
 QCOW2_SHOWN_DEFAULTS = {"cluster_size": str(C.DEFAULT_CLUSTER_SIZE), "extended_l2": "off",
@@ -58,25 +58,49 @@ _KIND = {"size": "size", "cluster_size": "size", "extent_size_hint": "size",
          "nocow": "bool", "encryption": "bool"}
 _FILE_NAMES = {"backing_file", "data_file"}
 
+# qemu-img's help line of each option: (type shown, description).
 _HELP = {
-    "backing_file": "<str>     - File name of a base image",
-    "backing_fmt": "<str>      - Image format of the base image",
-    "cluster_size": "<size>    - qcow2 cluster size",
-    "compat": "<str>           - Compatibility level (v2 [0.10] or v3 [1.1])",
-    "compression_type": "<str> - Compression method used for image cluster compression",
-    "data_file": "<str>        - File name of an external data file",
-    "data_file_raw": "<bool (on/off)> - The external data file must stay valid as a raw image",
-    "extended_l2": "<bool (on/off)> - Extended L2 tables",
-    "lazy_refcounts": "<bool (on/off)> - Postpone refcount updates",
-    "preallocation": "<str>    - Preallocation mode (allowed values: off, metadata, falloc, "
-                     "full)",
-    "refcount_bits": "<num>    - Width of a reference count entry in bits",
-    "size": "<size>            - Virtual disk size",
+    "backing_file": ("<str>", "File name of a base image"),
+    "backing_fmt": ("<str>", "Image format of the base image"),
+    "cluster_size": ("<size>", "qcow2 cluster size"),
+    "compat": ("<str>", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    "compression_type": ("<str>", "Compression method used for image cluster compression"),
+    "data_file": ("<str>", "File name of an external data file"),
+    "data_file_raw": ("<bool (on/off)>", "The external data file must stay valid as a raw "
+                                         "image"),
+    "encrypt.cipher-alg": ("<str>", "Name of encryption cipher algorithm"),
+    "encrypt.cipher-mode": ("<str>", "Name of encryption cipher mode"),
+    "encrypt.format": ("<str>", "Encrypt the image, format choices: 'aes', 'luks'"),
+    "encrypt.hash-alg": ("<str>", "Name of encryption hash algorithm"),
+    "encrypt.iter-time": ("<num>", "Time to spend in PBKDF in milliseconds"),
+    "encrypt.ivgen-alg": ("<str>", "Name of IV generator algorithm"),
+    "encrypt.ivgen-hash-alg": ("<str>", "Name of IV generator hash algorithm"),
+    "encrypt.key-secret": ("<str>", "ID of secret providing qcow AES key or LUKS passphrase"),
+    "encrypt.keyslot": ("<num>", "Select a single keyslot to modify explicitly"),
+    "encrypt.new-secret": ("<str>", "New secret to set in the matching keyslots. Empty "
+                                    "string to erase"),
+    "encrypt.old-secret": ("<str>", "Select all keyslots that match this password"),
+    "encrypt.state": ("<str>", "Select new state of affected keyslots (active/inactive)"),
+    "encryption": ("<bool (on/off)>", "Encrypt the image with format 'aes'. (Deprecated in "
+                                      "favor of encrypt.format=aes)"),
+    "extended_l2": ("<bool (on/off)>", "Extended L2 tables"),
+    "extent_size_hint": ("<size>", "Extent size hint for the image file, 0 to disable"),
+    "lazy_refcounts": ("<bool (on/off)>", "Postpone refcount updates"),
+    "nocow": ("<bool (on/off)>", "Turn off copy-on-write (valid only on btrfs)"),
+    "preallocation": ("<str>", "Preallocation mode (allowed values: off, metadata, falloc, "
+                               "full)"),
+    "refcount_bits": ("<num>", "Width of a reference count entry in bits"),
+    "size": ("<size>", "Virtual disk size"),
 }
+_RAW_PREALLOC_HELP = ("<str>", "Preallocation mode (allowed values: off, falloc, full)")
+# What amend -o help lists for qcow2 (QEMU's amend option list, encryption included).
+AMEND_HELP = ("backing_file", "backing_fmt", "compat", "data_file", "data_file_raw",
+              "encrypt.iter-time", "encrypt.keyslot", "encrypt.new-secret",
+              "encrypt.old-secret", "encrypt.state", "lazy_refcounts", "refcount_bits", "size")
 
 # Options qemu-img knows for these formats that this engine does not implement, with
 # the feature they belong to (encryption only for qcow2).
-_UNSUPPORTED = {"nocow": "nocow", "extent_size_hint": "extent_size_hint"}
+_UNSUPPORTED: dict = {}
 _UNSUPPORTED_QCOW2 = {name: "encryption" for name in CRYPT_OPTIONS}
 
 _BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
@@ -102,16 +126,51 @@ _V3_ONLY = {
 }
 
 
-def help_text(fmt: str = "qcow2") -> str:
-    """What ``qemu-img create -f FMT -o help`` lists (the options this engine takes)."""
-    names = sorted(QCOW2_OPTIONS) if fmt == "qcow2" else list(RAW_OPTIONS)
-    lines = [f"Supported {fmt} options:"]
+def _help_line(name: str, entry) -> str:
+    kind, text = entry
+    return f"  {name + '=' + kind:<22} - {text}"
+
+
+def help_text(fmt: str = "qcow2", *, protocol: bool = False) -> str:
+    """What ``qemu-img create -f FMT -o help`` lists: the format's options (and with
+    ``protocol``, when a file name was given, the file protocol's too).  Listed as
+    qemu-img lists them: the encryption options of qcow2 appear although this engine
+    refuses them (see the README)."""
+    entries = {}
+    if protocol:
+        for n in FILE_OPTIONS:
+            entries[n] = _RAW_PREALLOC_HELP if n == "preallocation" else _HELP[n]
+    names = QCOW2_OPTIONS + CRYPT_OPTIONS if fmt == "qcow2" else ("size",)
     for n in names:
-        text = _HELP[n]
-        if fmt == "raw" and n == "preallocation":
-            text = "<str>    - Preallocation mode (allowed values: off, falloc, full)"
-        lines.append(f"  {n}={text}")
+        if n in PROTOCOL_HINTS and not protocol:
+            continue
+        entries[n] = _HELP[n]
+    lines = ["Supported options:" if protocol else f"Supported {fmt} options:"]
+    lines += [_help_line(n, entries[n]) for n in sorted(entries)]
+    if not protocol:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
     return "\n".join(lines) + "\n"
+
+
+def amend_help_text(fmt: str = "qcow2") -> str:
+    """What ``qemu-img amend -f qcow2 -o help`` lists."""
+    return "\n".join([f"Amend options for '{fmt}':"] +
+                     [_help_line(n, _HELP[n]) for n in AMEND_HELP]) + "\n"
+
+
+def valid_option_list(text: str) -> bool:
+    """qemu-img's check of one ``-o`` argument: not empty, not starting with a comma,
+    not ending in an unescaped (odd) run of commas."""
+    if not text or text[0] == ",":
+        return False
+    trailing = len(text) - len(text.rstrip(","))
+    return trailing % 2 == 0
+
+
+def wants_help(options: dict) -> bool:
+    """Whether parsed ``-o`` options ask for the list of options (help or ?)."""
+    return any(k in ("help", "?") for k in options)
 
 
 def option_dict(options) -> dict:
@@ -126,11 +185,14 @@ def option_dict(options) -> dict:
 
 # -- value syntax (the checks of QEMU's QemuOpts) --------------------------------------
 
+SIZE_HINT = ("Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+             "and exabytes, respectively.\n")
+
+
 def _bad_size(name: str, value) -> InvalidOptionError:
-    return InvalidOptionError(
-        f"Parameter '{name}' expects a non-negative number below 2^64. Optional suffix k, "
-        f"M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes, "
-        f"respectively. (got {value!r})")
+    err = InvalidOptionError(f"Parameter '{name}' expects a non-negative number below 2^64")
+    err.hint = SIZE_HINT  # type: ignore[attr-defined]   # the CLI prints it as qemu-img
+    return err
 
 
 def parse_size_option(name: str, value) -> int:
@@ -157,7 +219,7 @@ def parse_number_option(name: str, value) -> int:
             return int(value.strip(), 0)
         except ValueError:
             pass
-    raise InvalidOptionError(f"Parameter '{name}' expects a number (got {value!r})")
+    raise InvalidOptionError(f"Parameter '{name}' expects a number")
 
 
 def parse_bool_option(name: str, value) -> bool:
@@ -166,7 +228,7 @@ def parse_bool_option(name: str, value) -> bool:
         return value
     if isinstance(value, str) and value in _BOOL_WORDS:
         return _BOOL_WORDS[value]
-    raise InvalidOptionError(f"Parameter '{name}' expects 'on' or 'off' (got {value!r})")
+    raise InvalidOptionError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def parse_string_option(name: str, value) -> str:
@@ -200,11 +262,13 @@ def parse_size_arg(size) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, str)):
         raise InvalidOptionError(f"Invalid image size specified: {size!r}")
     if isinstance(size, str):
-        from .units import parse_size
+        from .units import size_error, strtosz
         try:
-            size = parse_size(size)
-        except Qcow2Error as exc:
-            raise InvalidOptionError(str(exc)) from None
+            size = strtosz(size)
+        except ValueError:
+            raise size_error("image size") from None
+        except OverflowError:
+            size = 1 << 64
     if not 0 <= size <= C.MAX_IMAGE_SIZE:
         raise InvalidOptionError(f"Invalid image size specified. Must be between 0 and "
                                  f"{C.MAX_IMAGE_SIZE}.")
@@ -263,6 +327,10 @@ def create_option_error(fmt: str):
 def check_amend_names(options) -> None:
     """The option names ``amend`` takes (qcow2_amend_options: refused ones first)."""
     for name in options:
+        if name in AMEND_CREATE_ONLY:
+            err = InvalidOptionError(f"Invalid parameter '{name}'")
+            err.hint = "This option is only supported for image creation\n"  # type: ignore[attr-defined]
+            raise err
         if name in AMEND_REFUSED:
             raise UnsupportedFeatureError(AMEND_REFUSED[name], feature=f"amend {name}")
         if name not in AMEND_OPTIONS:
@@ -285,8 +353,8 @@ def compat_version(value, levels=COMPAT_LEVELS, *, qapi: bool = True) -> int:
     if version is not None:
         return version
     if qapi:
-        raise InvalidOptionError(f"Parameter 'compat' does not accept value '{value}' "
-                                 f"(use 0.10, 1.1, v2 or v3)")
+        # (QEMU's QAPI member behind compat is named version)
+        raise InvalidOptionError(f"Parameter 'version' does not accept value '{value}'")
     raise InvalidOptionError(f"Invalid compatibility level: '{value}'")
 
 
@@ -297,8 +365,7 @@ def check_preallocation(mode, modes=QCOW2_PREALLOC, *, qapi: bool = True) -> Non
         return
     if not qapi:
         raise InvalidOptionError(f"invalid parameter value: {mode}")
-    raise InvalidOptionError(f"Parameter 'preallocation' does not accept value '{mode}' "
-                             f"(use {', '.join(modes[:-1])} or {modes[-1]})")
+    raise InvalidOptionError(f"Parameter 'preallocation' does not accept value '{mode}'")
 
 
 def check_compression_type(name) -> int:
@@ -306,8 +373,8 @@ def check_compression_type(name) -> int:
     if name is None:
         return C.COMPRESSION_ZLIB
     if name not in COMPRESSION_TYPES:
-        raise InvalidOptionError(f"Parameter 'compression_type' does not accept value "
-                                 f"'{name}' (use zlib or zstd)")
+        raise InvalidOptionError(f"Parameter 'compression-type' does not accept value "
+                                 f"'{name}'")
     return COMPRESSION_TYPES[name]
 
 
@@ -336,10 +403,11 @@ def check_refcount_bits(bits: int, version: int, hint: str = "version=v3") -> No
 def too_large(fmt: str | None, hint: bool, detail: str = "") -> ImageTooLargeError:
     """qemu-img's EFBIG message: create names the format (``fmt``), measure does not;
     the hint only when a cluster size can help."""
-    return ImageTooLargeError("The image size is too large"
-                              + (f" for file format '{fmt}'" if fmt else "")
-                              + (" (try using a larger cluster size)" if hint else "")
-                              + (f": {detail}" if detail else ""))
+    words = ("The image size is too large" + (f" for file format '{fmt}'" if fmt else "")
+             + (" (try using a larger cluster size)" if hint else ""))
+    err = ImageTooLargeError(words + (f": {detail}" if detail else ""))
+    err.lines = [words]  # type: ignore[attr-defined]   # the CLI: qemu-img's line, no detail
+    return err
 
 
 class Qcow2Options(namedtuple("Qcow2Options", (
@@ -406,9 +474,11 @@ def check_compression_version(compression_type: int, version: int) -> None:
         raise needs_v3("compression_type")
 
 
-__all__ = ["QCOW2_OPTIONS", "RAW_OPTIONS", "FILE_OPTIONS", "CRYPT_OPTIONS", "AMEND_OPTIONS",
+__all__ = ["PROTOCOL_HINTS", "QCOW2_OPTIONS", "RAW_OPTIONS", "FILE_OPTIONS", "CRYPT_OPTIONS",
+           "AMEND_OPTIONS",
            "AMEND_REFUSED", "QCOW2_PREALLOC", "RAW_PREALLOC", "COMPAT_LEVELS",
-           "MEASURE_COMPAT_LEVELS", "help_text", "option_dict", "parse_options",
+           "MEASURE_COMPAT_LEVELS", "help_text", "amend_help_text", "valid_option_list",
+           "wants_help", "option_dict", "parse_options",
            "parse_value", "parse_size_option", "parse_number_option", "parse_bool_option",
            "parse_string_option", "parse_size_arg", "shown_value", "create_option_error",
            "check_amend_names", "needs_v3", "compat_version", "check_preallocation",

@@ -50,10 +50,88 @@ class Reshape:
             self._mark_modified()
             if new_size < self.size:
                 self._check_resize(new_size, shrink=shrink, preallocation=preallocation)
-                self._shrink(new_size)
+                freed = self._collect_freed()
+                try:
+                    self._shrink(new_size)
+                    self.flush()
+                finally:
+                    self.refs.on_zero = freed.previous
+                self._release_space(freed.clusters)
             else:
                 self._grow(new_size, preallocation)
             self.flush()
+
+    def _collect_freed(self):
+        """Note the clusters whose refcount drops to 0 from now on (chained to the
+        existing hook)."""
+        from types import SimpleNamespace
+
+        previous = self.refs.on_zero
+        freed = SimpleNamespace(previous=previous, clusters=[])
+
+        def hook(cluster: int) -> None:
+            freed.clusters.append(cluster)
+            if previous is not None:
+                previous(cluster)
+
+        self.refs.on_zero = hook
+        return freed
+
+    def _release_space(self, clusters: list) -> None:
+        """After a shrink (durable, the freed clusters unreferenced): drop the refcount
+        blocks left all zero from the table, give the freed clusters' space back to the
+        file system, and cut the file after its last used cluster (as QEMU's shrink)."""
+        self._drop_unused_refcount_blocks()
+        self.flush()
+        if self.data_be is not self.be:
+            return
+        cs = self.cluster_size
+        for a, n in _runs(sorted(set(clusters))):
+            if self.refs.get(a) == 0:
+                try:
+                    self.be.punch_hole(a * cs, n * cs)
+                except OSError:
+                    pass                      # space not returned: still a valid image
+        counts = self._all_refcounts()
+        used = counts.nonzero()[0]
+        end = (int(used[-1]) + 1) * cs if len(used) else cs
+        if end < self.be.size():
+            self.be.truncate(end)
+            self._sync()
+            self.file_size = end
+            self.refs.end_cluster = min(self.refs.end_cluster, end // cs)
+
+    def _drop_unused_refcount_blocks(self) -> None:
+        """Unhook refcount blocks that count nothing but (maybe) themselves: the table
+        entry goes first (durably), then the block's own cluster is freed."""
+        from .refcount import decode_block
+
+        refs = self.refs
+        cs = self.cluster_size
+        per = refs.block_entries
+        dropped = []
+        for bi in range(len(refs.table)):
+            off = refs.block_offset(bi)
+            if not off:
+                continue
+            vals = decode_block(bytes(refs.cache.get(off)), self.header.refcount_bits)
+            own = off // cs - bi * per
+            if 0 <= own < per:
+                vals[own] = 0
+            if vals.any():
+                continue
+            refs.table[bi] = 0
+            refs.table_dirty.add(bi)
+            dropped.append((off, 0 <= own < per))
+        if not dropped:
+            return
+        refs.write_table_entries()
+        self._sync()
+        for off, counts_itself in dropped:
+            refs.cache.drop(off)
+            if not counts_itself:
+                refs.free(off, cs)
+                refs.block_freed(off, cs)
 
     def _set_size(self, new_size: int) -> None:
         h = self.header
@@ -164,6 +242,96 @@ class Reshape:
         self.file_size = max(self.file_size, host + length)
 
     # -- the active layer ------------------------------------------------------------
+    # -- persistent bitmaps -------------------------------------------------------
+    def load_bitmaps(self) -> list:
+        """The image's persistent bitmaps (:class:`Bitmap`), tables read."""
+        from .bitmap import read_directory
+
+        h = self.header
+        if h.bitmaps_ext is None:
+            return []
+        nb, dsize, doff = h.bitmaps_ext
+        out = []
+        for e in read_directory(self._read_meta(dsize, doff), doff, nb):
+            raw = self._read_meta(e.table_size * 8, e.table_offset) if e.table_size else b""
+            table = list(struct.unpack(f">{e.table_size}Q", raw))
+            extra = self._read_meta(e.extra_data_size, e.offset + C.BME_ENTRY_SIZE
+                                    + e.name_size) if e.extra_data_size else b""
+            out.append(Bitmap(e.name, e.flags, e.granularity_bits, table, extra))
+        return out
+
+    def store_bitmaps(self, bitmaps: list) -> None:
+        """Make ``bitmaps`` the image's persistent bitmaps, as QEMU stores them: every
+        table written anew, then the directory, then the header (its extension and
+        the autoclear bit that says they are valid); the old tables, their data clusters
+        and the old directory are freed last.  Each kept bitmap's data is copied to new
+        clusters (QEMU stores a bitmap whole, data then table: the same layout)."""
+        h = self.header
+        cs = self.cluster_size
+        old_tables = self._bitmap_table_places()
+        old_data = [e & C.BME_TABLE_OFFSET_MASK for b in self.load_bitmaps() for e in b.table
+                    if e & C.BME_TABLE_OFFSET_MASK]
+        old_dir = h.bitmaps_ext
+        with self._lock:
+            self.flush()
+            entries = []
+            for bm in bitmaps:
+                # each bitmap's data moves to fresh clusters, then its table (QEMU's order)
+                bm.table = [self._copy_bitmap_cluster(e) for e in bm.table]
+                n = len(bm.table)
+                toff = 0
+                if n:
+                    clusters = _round_up(n * 8, cs) // cs
+                    toff = self.refs.alloc(clusters)
+                    self._claim(toff, clusters * cs, "a bitmap table")
+                    # (unpadded, as QEMU writes it: the rest of the cluster reads as zeros)
+                    self._write_meta(struct.pack(f">{n}Q", *bm.table), toff, "a bitmap table")
+                entries.append(_pack_bitmap_entry(toff, n, bm))
+            directory = b"".join(entries)
+            if bitmaps:
+                dclusters = _round_up(len(directory), cs) // cs
+                doff = self.refs.alloc(dclusters)
+                self._claim(doff, dclusters * cs, "the bitmap directory")
+                self._write_meta(directory, doff, "the bitmap directory")
+                h.bitmaps_ext = (len(bitmaps), len(directory), doff)
+                h.autoclear_features |= C.AUTOCLEAR_BITMAPS
+            else:
+                h.bitmaps_ext = None
+                h.autoclear_features &= ~C.AUTOCLEAR_BITMAPS
+            self._rewrite_header()                 # flushes what it points at first
+            for off, n in old_tables:
+                self.refs.free(off, _round_up(n * 8, cs))
+                self.refs.block_freed(off, _round_up(n * 8, cs))
+            if old_dir is not None:
+                self.refs.free(old_dir[2], _round_up(old_dir[1], cs))
+                self.refs.block_freed(old_dir[2], _round_up(old_dir[1], cs))
+            for off in old_data:
+                self.refs.free(off, cs)
+                self.refs.block_freed(off, cs)
+            self.flush()
+
+    def _copy_bitmap_cluster(self, entry: int) -> int:
+        """A bitmap table entry whose data cluster (if any) was copied to a new one."""
+        off = entry & C.BME_TABLE_OFFSET_MASK
+        if not off:
+            return entry
+        cs = self.cluster_size
+        new = self.refs.alloc(1)
+        self._claim(new, cs, "bitmap data")
+        self._write_meta(self._read_meta(cs, off), new, "bitmap data")
+        return (entry & ~C.BME_TABLE_OFFSET_MASK) | new
+
+    def _bitmap_table_places(self) -> list:
+        from .bitmap import read_directory
+
+        h = self.header
+        if h.bitmaps_ext is None:
+            return []
+        nb, dsize, doff = h.bitmaps_ext
+        return [(e.table_offset, e.table_size)
+                for e in read_directory(self._read_meta(dsize, doff), doff, nb)
+                if e.table_size]
+
     def discard_all(self) -> None:
         """Drop every cluster of the active layer (QEMU's make_empty): it then reads
         its backing file, or zeros."""
@@ -352,6 +520,45 @@ class Reshape:
         self.file_size = max(self.file_size, base + (nb + tc) * cs)
         self._open_refcounts()
         self._rebuild_overlap_map()
+
+
+class Bitmap:
+    """A persistent dirty bitmap as :meth:`Reshape.store_bitmaps` writes it: ``name``
+    (bytes), ``flags`` (``BME_FLAG_*``), ``granularity_bits``, ``table`` (the bitmap
+    table's entries: data cluster offsets, 0 for all-zero, 1 for all-one clusters) and
+    the directory entry's ``extra`` data."""
+
+    __slots__ = ("name", "flags", "granularity_bits", "table", "extra")
+
+    def __init__(self, name: bytes, flags: int, granularity_bits: int, table: list,
+                 extra: bytes = b""):
+        self.name = name
+        self.flags = flags
+        self.granularity_bits = granularity_bits
+        self.table = table
+        self.extra = extra
+
+
+def _pack_bitmap_entry(table_offset: int, table_size: int, bm: Bitmap) -> bytes:
+    """A bitmap directory entry (spec: "Bitmap directory"), padded to 8 bytes."""
+    raw = struct.pack(">QIIBBHI", table_offset, table_size, bm.flags,
+                      C.BME_TYPE_DIRTY_TRACKING, bm.granularity_bits, len(bm.name),
+                      len(bm.extra)) + bm.name + bm.extra
+    return raw + bytes(-len(raw) % 8)
+
+
+def _runs(sorted_ints):
+    """(start, count) of each run of consecutive integers."""
+    start = prev = None
+    for c in sorted_ints:
+        if start is not None and c == prev + 1:
+            prev = c
+            continue
+        if start is not None:
+            yield start, prev - start + 1
+        start = prev = c
+    if start is not None:
+        yield start, prev - start + 1
 
 
 def _round_up(n: int, unit: int) -> int:

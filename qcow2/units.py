@@ -7,11 +7,14 @@ import re
 
 from .errors import InvalidOptionError, Qcow2Error
 
-_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+_SUFFIX = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
            "p": 1 << 50, "e": 1 << 60}
-# (compiled on first use, by re's cache: importing this module stays cheap for the
-# operations that only round)
-_SIZE_PATTERN = r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)\s*([bkmgtpe]?)\s*$"
+# QEMU's qemu_strtosz: decimal with an optional fraction, or 0x hex without one; then
+# an optional suffix (b, k, M, G, T, P, E; any case).  (compiled on first use, by re's
+# cache: importing this module stays cheap for the operations that only round)
+_SIZE_PATTERN = r"\s*\+?(?:(0[xX][0-9a-fA-F]+)|(\d+)(\.\d*)?)([bkmgtpe]?)"
+SUFFIX_WORDS = ("You may use k, M, G, T, P or E suffixes for",
+                "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 
 
 def ceil_div(n: int, unit: int) -> int:
@@ -24,28 +27,53 @@ def round_up(n: int, unit: int) -> int:
     return ceil_div(n, unit) * unit
 
 
+def strtosz(text: str) -> int:
+    """qemu's size syntax (qemu_strtosz): bytes in decimal or 0x hex, or a number with
+    a suffix (binary multiples); a fraction needs a suffix other than b and is rounded
+    half up to bytes ("1.0005k" is 1025).  ValueError when ``text`` is not one,
+    OverflowError when it is 2^64 or more."""
+    from fractions import Fraction
+
+    m = re.fullmatch(_SIZE_PATTERN, text, re.I)
+    if not m:
+        raise ValueError(text)
+    hexa, whole, frac, suf = m.groups()
+    mult = _SUFFIX.get(suf.lower(), 1)
+    if hexa is not None:
+        val = int(hexa, 16) * mult
+    else:
+        exact = int(whole) + (Fraction(frac[1:] or "0") / 10 ** len(frac[1:]) if frac else 0)
+        if mult == 1 and exact != int(whole):
+            raise ValueError(text)
+        val = int(exact * mult + Fraction(1, 2))
+    if val >= 1 << 64:
+        raise OverflowError(text)
+    return val
+
+
+def size_error(what: str) -> InvalidOptionError:
+    """qemu-img's refusal of a size argument that is not one: "Invalid WHAT specified.
+    You may use k, M, G, ... suffixes" (printed by the CLI on two lines, as qemu-img
+    does: ``.lines``)."""
+    first = f"Invalid {what} specified. {SUFFIX_WORDS[0]}"
+    err = InvalidOptionError(f"{first} {SUFFIX_WORDS[1]}")
+    err.lines = [first, SUFFIX_WORDS[1]]  # type: ignore[attr-defined]
+    return err
+
+
 def parse_size(text, *, what: str = "size") -> int:
-    """qemu-img's size syntax: bytes (decimal or 0x hex), or a number with a k, M, G,
-    T, P or E suffix (binary multiples); fractions only with a suffix."""
+    """qemu-img's size syntax (see :func:`strtosz`), below 2^63."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise InvalidOptionError(f"Invalid {what} specified: {text}")
         return text
-    m = re.match(_SIZE_PATTERN, str(text), re.I)
-    if not m:
-        raise InvalidOptionError(f"Invalid {what} specified: {text!r}. You may use k, M, G, "
-                                 f"T, P or E suffixes for kilobytes, megabytes, gigabytes, "
-                                 f"terabytes, petabytes and exabytes.")
-    num, suf = m.groups()
-    mult = _SUFFIX[suf.lower()]
-    if num[:2].lower() == "0x":
-        val = int(num, 16) * mult
-    elif "." in num:
-        if mult == 1:
-            raise InvalidOptionError(f"Invalid {what} specified: {text!r}")
-        val = int(float(num) * mult)
-    else:
-        val = int(num) * mult
+    try:
+        val = strtosz(str(text))
+    except ValueError:
+        raise InvalidOptionError(f"Invalid {what} specified: {text!r}. {SUFFIX_WORDS[0]} "
+                                 f"{SUFFIX_WORDS[1]}") from None
+    except OverflowError:
+        val = 1 << 64
     if val >= 1 << 63:
         raise InvalidOptionError(f"Invalid {what} specified: {text!r} is too large")
     return val

@@ -290,3 +290,35 @@ def test_convert_to_qcow2_reused_buffers(images, tmp_path, extra):
     assert r.returncode == 0, r.stderr
     check_clean(tgt)
     same(images["raw"], tgt)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_convert_B_writes_only_what_differs(tmp_path, compress):
+    """-B BACKING: the output holds only the clusters that do not read the same through
+    its new backing file (qemu-img writes every cluster of a source that does not
+    share that backing chain)."""
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "8M")
+    run("qemu-io", "-c", "write -P 0x11 0 4M", "-c", "write -P 0x12 6M 1M", str(base))
+    src = tmp_path / "flat.raw"
+    run("qemu-img", "convert", "-O", "raw", str(base), str(src))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x33 1M 64k", "-c", "write -z 2M 128k",
+        "-c", "write -P 0x44 7M 64k", str(src))
+    out = tmp_path / "out.qcow2"
+    r = cli("convert", "-O", "qcow2", *(["-c"] if compress else []), "-B", "base.qcow2",
+            "-F", "qcow2", str(src), str(out))
+    assert r.returncode == 0, r.stderr
+    check_clean(out)
+    assert subprocess.run(["qemu-img", "compare", str(src), str(out)]).returncode == 0
+    m = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(out)],
+                                  capture_output=True, text=True).stdout)
+    top = [(e["start"], e["length"]) for e in m if e["depth"] == 0]
+    assert top == [(1 << 20, 65536), (2 << 20, 131072), (7 << 20, 65536)]
+
+
+def test_convert_errors_name_the_destination(tmp_path, images):
+    """Never our temporary name: the file the user asked for."""
+    dst = tmp_path / "nodir" / "x.qcow2"
+    r = cli("convert", "-O", "qcow2", str(images["raw"]), str(dst))
+    assert r.returncode == 1
+    assert r.stderr == f"qcow2: Could not create '{dst}': No such file or directory\n"

@@ -120,3 +120,66 @@ def test_commit_without_backing_fails(tmp_path):
     run("qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1M")
     r = cli("commit", str(tmp_path / "a.qcow2"))
     assert r.returncode == 1 and "backing file" in r.stderr
+
+
+def _three(d):
+    """sub/base <- sub/mid <- sub/top (relative names), each layer with data."""
+    s = d / "sub"
+    s.mkdir()
+    run("qemu-img", "create", "-q", "-f", "qcow2", s / "base.qcow2", "2M")
+    run("qemu-io", "-c", "write -P 0x11 0 2M", s / "base.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+        s / "mid.qcow2")
+    run("qemu-io", "-c", "write -P 0x22 0 1M", s / "mid.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+        s / "top.qcow2")
+    run("qemu-io", "-c", "write -P 0x33 512k 64k", s / "top.qcow2")
+
+
+def _maps(d):
+    return [run("qemu-img", "map", "--output=json", d / "sub" / n).stdout
+            for n in ("base.qcow2", "mid.qcow2", "top.qcow2")]
+
+
+@pytest.mark.parametrize("base", ["mid.qcow2", "sub/mid.qcow2", "{abs}/sub/mid.qcow2",
+                                  "base.qcow2", "{abs}/sub/base.qcow2", None])
+def test_commit_b_like_qemu_img(tmp_path, base):
+    """-b implies -d (the top keeps its clusters, even onto its immediate backing
+    file); a relative -b is looked up as each overlay resolves it."""
+    results = []
+    for who in ("theirs", "ours"):
+        d = tmp_path / who
+        d.mkdir()
+        _three(d)
+        args = ["commit"] + (["-b", base.format(abs=d)] if base else []) + ["sub/top.qcow2"]
+        r = run("qemu-img", *args, cwd=d, check=False) if who == "theirs" else cli(*args, cwd=d)
+        results.append((r.returncode, r.stdout, r.stderr.replace(str(d), "D")
+                        .replace("qcow2: ", "qemu-img: ", 1), _maps(d)))
+    assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("old_size", [None, "128k", "384k"])
+def test_rebase_writes_like_qemu_img(tmp_path, old_size):
+    """Differences are copied per sector; past the old backing file's end (or with no
+    old backing file) they are written as zeros: zero clusters, as qemu-img leaves."""
+    maps = []
+    for who in ("theirs", "ours"):
+        d = tmp_path / who
+        d.mkdir()
+        run("qemu-img", "create", "-q", "-f", "qcow2", d / "t.qcow2", "384k")
+        if old_size:
+            run("qemu-img", "create", "-q", "-f", "qcow2", d / "old.qcow2", old_size)
+            run("qemu-io", "-c", "write -P 0x33 0 64k", d / "old.qcow2")
+            run("qemu-img", "rebase", "-u", "-b", "old.qcow2", "-F", "qcow2", d / "t.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", d / "new.qcow2", "384k")
+        run("qemu-io", "-c", "write -P 0x22 0 128k", "-c", "write -P 0x11 128k 64k",
+            "-c", "write -P 0x11 256k 1k", "-c", "write -P 0x11 320k 64k", d / "new.qcow2")
+        run("qemu-io", "-c", "write -P 0x22 0 64k", d / "t.qcow2")
+        args = ["rebase", "-b", "new.qcow2", "-F", "qcow2", "t.qcow2"]
+        r = run("qemu-img", *args, cwd=d) if who == "theirs" else cli(*args, cwd=d)
+        assert r.returncode == 0, r.stderr
+        clean(d / "t.qcow2")
+        m = json.loads(run("qemu-img", "map", "--output=json", d / "t.qcow2").stdout)
+        maps.append([{k: v for k, v in e.items() if k != "offset"} for e in m])
+    assert maps[1] == maps[0]
+    run("qemu-img", "compare", tmp_path / "theirs" / "t.qcow2", tmp_path / "ours" / "t.qcow2")

@@ -129,3 +129,55 @@ def test_nova_resize_line(tmp_path):
     assert r.returncode == 0, r.stderr
     assert info(disk)["virtual-size"] == 21474836480
     clean(disk)
+
+
+def _reftable_blocks(path):
+    """The refcount blocks the table lists: (index, all zero?)."""
+    import struct
+    data = path.read_bytes()
+    cs = 1 << struct.unpack_from(">I", data, 20)[0]
+    table_off, table_clusters = struct.unpack_from(">QI", data, 48)
+    n = table_clusters * cs // 8
+    out = []
+    for i, e in enumerate(struct.unpack_from(f">{n}Q", data, table_off)):
+        if e:
+            blk = data[e: e + cs]
+            out.append((i, not any(blk)))
+    return out
+
+
+@pytest.mark.parametrize("prealloc", ["off", "metadata"])
+def test_shrink_gives_space_back_like_qemu(tmp_path, prealloc):
+    """A shrink drops refcount blocks left counting nothing, punches the freed clusters
+    and cuts the file after its last used cluster (qemu-img does all three)."""
+    sizes = []
+    for who in ("theirs", "ours"):
+        p = tmp_path / f"{who}.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o",
+            f"cluster_size=512,preallocation={prealloc}", str(p), "64M")
+        run("qemu-io", "-c", "write -P 1 0 1M", "-c", "write -P 2 40M 8M",
+            "-c", "write -P 3 60M 1M", str(p))
+        before = os.stat(p).st_blocks
+        r = (run("qemu-img", "resize", "-q", "--shrink", str(p), "2M") if who == "theirs"
+             else cli("resize", "-q", "--shrink", str(p), "2M"))
+        assert r.returncode == 0, r.stderr
+        clean(p)
+        assert [i for i, zero in _reftable_blocks(p) if zero] == []
+        assert os.stat(p).st_blocks < before
+        sizes.append(os.path.getsize(p))
+    run("qemu-img", "compare", str(tmp_path / "theirs.qcow2"), str(tmp_path / "ours.qcow2"))
+    assert sizes[1] <= sizes[0]
+
+
+@pytest.mark.parametrize("size", ["0", "-1M", "-2M", "foo", "1.5"])
+def test_resize_to_nothing_refused_like_qemu(tmp_path, size):
+    for fmt in ("qcow2", "raw"):
+        res = []
+        for who in ("theirs", "ours"):
+            p = tmp_path / f"{who}.{fmt}"
+            run("qemu-img", "create", "-q", "-f", fmt, str(p), "1M")
+            args = ["resize", "--shrink", "-f", fmt, str(p), "--", size]
+            r = run("qemu-img", *args, check=False) if who == "theirs" else cli(*args)
+            res.append((r.returncode, r.stdout, r.stderr.split(": ", 1)[1]))
+        assert res[1] == res[0] and res[0][0] == 1
+        assert info(tmp_path / f"ours.{fmt}")["virtual-size"] == 1 << 20

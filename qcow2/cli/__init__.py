@@ -15,7 +15,7 @@ import os
 import sys
 
 COMMANDS = ("create", "info", "map", "convert", "check", "compare", "measure", "resize",
-            "rebase", "commit", "snapshot", "amend", "compute")
+            "rebase", "commit", "snapshot", "amend", "dd", "bitmap", "compute")
 COMMANDS += ("nbd",)
 
 
@@ -105,6 +105,8 @@ def main(argv=None) -> int:
         if not args.command:
             parser.print_help()
             return 1
+        from .common import apply_image_opts
+        apply_image_opts(args)
         return int(args.func(args) or 0)
     except UsageError as exc:
         _err(str(exc))
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
         return 1
     except Qcow2Error as exc:
         _debug()
-        _err(str(exc))
+        from .common import report_error
+        report_error(exc)
         return getattr(exc, "exit_code", 1)
     except OSError as exc:
         _debug()

@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
-from ..errors import InvalidOptionError
-from .common import add_file, add_format, add_progress, add_quiet
+import sys
+
+from ..errors import InvalidOptionError, UnsupportedFeatureError
+from .common import READ_ONLY_DRIVERS, add_format, add_progress, add_quiet, gather_options
 
 
 def add_parser(sub):
     p = sub.add_parser("amend", help="change image options (like qemu-img amend)")
     add_format(p)
     p.add_argument("-o", dest="options", action="append", default=[],
-                   help="options to change (key=value,...)")
+                   help="options to change (key=value,...; 'help' lists them)")
     p.add_argument("--force", action="store_true", help="accepted for compatibility")
     add_progress(p, help="accepted")
     add_quiet(p)
-    add_file(p, run)
+    p.add_argument("filename", nargs="?")
+    p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..ops.amend import amend
-    from ..units import parse_option_list
+    from ..options import amend_help_text, wants_help
 
+    opts = gather_options(args.options)
+    if wants_help(opts):
+        fmt = args.format
+        if fmt is None:
+            if not args.filename:
+                raise InvalidOptionError("Expecting one image file name")
+            fmt = _probe(args.filename)
+        if fmt != "qcow2":
+            if fmt == "raw" or fmt in READ_ONLY_DRIVERS:
+                raise UnsupportedFeatureError(f"Format driver '{fmt}' does not support option "
+                                              f"amendment", feature=f"amend {fmt}")
+            raise UnsupportedFeatureError(f"Unknown file format '{fmt}'",
+                                          feature=f"format {fmt}")
+        sys.stdout.write(amend_help_text(fmt))
+        return 0
+    if not args.filename:
+        raise InvalidOptionError("Expecting one image file name")
     if not args.options:
         raise InvalidOptionError("Must specify options (-o)")
-    opts = {}
-    for text in args.options:
-        opts.update(parse_option_list(text))
     amend(args.filename, opts, format=args.format, force=args.force)
     return 0
+
+
+def _probe(filename: str) -> str:
+    import qcow2
+    with qcow2.open(filename, backing=False, force_share=True) as img:
+        return img.format

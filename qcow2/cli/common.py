@@ -22,19 +22,109 @@ def error_line(msg: str) -> None:
     sys.stderr.flush()
 
 
+def report_error(exc: BaseException) -> None:
+    """An error as qemu-img reports it: its line (prefixed with the program's name), or
+    the prefixed lines of a message qemu-img spreads over several (``exc.lines``), then
+    its hint lines, unprefixed (``exc.hint``, QEMU's error hints), then the prefixed
+    lines qemu-img reports after it (``exc.after``).  Every
+    line has its whitespace collapsed: a name read from an image cannot start a line."""
+    for line in getattr(exc, "lines", None) or [str(exc)]:
+        error_line(line)
+    hint = getattr(exc, "hint", None)
+    if hint:
+        # as QEMU prints a hint: verbatim, a final newline only where the hint has one
+        hint = str(hint)
+        sys.stderr.write("\n".join(" ".join(line.split()) for line in hint.split("\n")))
+        sys.stderr.flush()
+    for line in getattr(exc, "after", None) or ():
+        error_line(line)
+
+
 def add_output(p) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="output format")
 
 
 def add_format(p, flag: str = "-f", dest: str = "format") -> None:
-    p.add_argument(flag, dest=dest, choices=("qcow2", "raw"), default=None,
-                   help="image format (probed when omitted)")
+    # (no choices: qemu-img takes the last of repeated options, "-f foo -f qcow2"; the
+    # format is checked when used)
+    p.add_argument(flag, dest=dest, default=None, metavar="FMT",
+                   help="image format: qcow2 or raw (probed when omitted)")
+
+
+# QEMU's format drivers that read images but cannot create them.
+READ_ONLY_DRIVERS = ("bochs", "cloop", "dmg", "vvfat")
+
+
+def creatable_format(fmt: str) -> str:
+    """``fmt`` if images of that format can be created here; else qemu-img's refusal."""
+    from ..errors import UnsupportedFeatureError
+    if fmt in ("qcow2", "raw"):
+        return fmt
+    if fmt in READ_ONLY_DRIVERS:
+        raise UnsupportedFeatureError(f"Format driver '{fmt}' does not support image "
+                                      f"creation", feature=f"create -f {fmt}")
+    raise UnsupportedFeatureError(f"Unknown file format '{fmt}'", feature=f"format {fmt}")
+
+
+def gather_options(texts) -> dict:
+    """The ``-o`` arguments (each checked as qemu-img checks it, then joined, later
+    keys winning) as one dict."""
+    from ..errors import InvalidOptionError
+    from ..options import valid_option_list
+    from ..units import parse_option_list
+    for text in texts:
+        if not valid_option_list(text):
+            raise InvalidOptionError(f"Invalid option list: {text}")
+    return parse_option_list(",".join(texts)) if texts else {}
 
 
 def add_share(p) -> None:
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
                    help="open the image with shared permissions")
+    p.add_argument("--image-opts", dest="image_opts", action="store_true",
+                   help="the image names are block options (driver=qcow2,file.filename=PATH)")
+
+
+# the arguments naming input images, per the subcommands' parsers
+_IMAGE_ARGS = ("filename", "filenames", "image_a", "image_b")
+
+
+def apply_image_opts(args) -> None:
+    """With --image-opts, the image arguments are block options: each becomes the
+    equivalent ``json:{...}`` name, which the engine opens (convert: the sources, not
+    the output).  -f cannot be given as well, as in qemu-img."""
+    if not getattr(args, "image_opts", False):
+        return
+    from ..errors import InvalidOptionError
+    if getattr(args, "format", None) is not None:
+        raise InvalidOptionError("--image-opts and --format are mutually exclusive")
+    for attr in _IMAGE_ARGS:
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            setattr(args, attr, _opts_name(value))
+        elif isinstance(value, list):
+            setattr(args, attr, [_opts_name(v) for v in value])
+    files = getattr(args, "files", None)
+    if files:
+        args.files = [_opts_name(v) for v in files[:-1]] + files[-1:]
+
+
+def _opts_name(text: str) -> str:
+    import json
+
+    from ..imageopts import parse_image_opts
+    tree: dict = {}
+    for key, value in parse_image_opts(text).items():
+        node = tree
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                from ..errors import InvalidOptionError
+                raise InvalidOptionError(f"Option '{key}' conflicts with another option")
+        node[last] = value
+    return "json:" + json.dumps(tree)
 
 
 def add_untrusted(p) -> None:
@@ -68,15 +158,16 @@ def snapshot_arg(text: str | None) -> str | None:
 
 
 class ProgressPrinter:
-    """qemu-img's progress line: "    (NN.NN/100%)" rewritten in place, printed only
-    when it moved by at least one percent (and at 100)."""
+    """qemu-img's progress line: "    (NN.NN/100%)" rewritten in place, printed when it
+    moved by more than one percent since last printed, and whenever it is 0 or 100
+    (qemu's rule: a command that reports 100 twice prints it twice)."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
-        self.last = -100.0
+        self.last = 0.0
 
     def __call__(self, pct: float) -> None:
-        if pct - self.last < 1.0 and not (pct >= 100.0 > self.last):
+        if not (pct > self.last + 1.0 or pct >= 100.0 or pct == 0.0):
             return
         self.last = pct
         self.stream.write("    (%.2f/100%%)\r" % pct)

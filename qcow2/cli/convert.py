@@ -4,21 +4,24 @@ SRC... DST"""
 
 from __future__ import annotations
 
-from ..errors import InvalidOptionError
+import sys
+
+from ..errors import InvalidOptionError, UnsupportedFeatureError
 from ..units import parse_size
 from .common import (add_format, add_progress, add_quiet, add_share, add_untrusted,
-                     end_progress, progress_for, snapshot_arg)
+                     creatable_format, end_progress, gather_options, progress_for,
+                     snapshot_arg)
 
 
 def add_parser(sub):
     p = sub.add_parser("convert", help="convert an image (like qemu-img convert)")
     add_format(p)
-    p.add_argument("-O", dest="out_format", default="raw", choices=("raw", "qcow2"),
-                   help="output format")
+    p.add_argument("-O", dest="out_format", default="raw", metavar="FMT",
+                   help="output format: raw or qcow2")
     p.add_argument("-c", dest="compress", action="store_true", help="compress the output")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="output creation options (key=value,...)")
-    p.add_argument("-S", dest="sparse_size", default="4k",
+    p.add_argument("-S", dest="sparse_size", default=None,
                    help="minimum run of zeros to leave unwritten (0: write everything)")
     p.add_argument("-n", dest="no_create", action="store_true",
                    help="do not create the output: write into an existing image")
@@ -31,6 +34,11 @@ def add_parser(sub):
     p.add_argument("-m", dest="workers", type=int, default=None, help="parallel workers")
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="allow out-of-order writes")
+    p.add_argument("-C", dest="copy_offload", action="store_true",
+                   help="copy offloading (copy_file_range): used whenever possible anyway; "
+                        "refused with -S, -c and --salvage as in qemu-img")
+    p.add_argument("--salvage", action="store_true",
+                   help="(qemu-img's: go on past read errors; not supported here)")
     add_progress(p)
     add_quiet(p)
     p.add_argument("-l", dest="snapshot", default=None, help="read an internal snapshot")
@@ -38,24 +46,31 @@ def add_parser(sub):
     add_untrusted(p)
     p.add_argument("--max-output", default=None, metavar="SIZE",
                    help="refuse to produce more than SIZE bytes of output")
-    p.add_argument("files", nargs="+", metavar="SRC... DST")
+    p.add_argument("files", nargs="*", metavar="SRC... DST")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..ops.convert import convert
-    from ..units import parse_option_list
+    from ..options import help_text, wants_help
 
+    options = gather_options(args.options)
+    _check_flags(args)
+    if wants_help(options):
+        fmt = creatable_format(args.out_format)
+        sys.stdout.write(help_text(fmt, protocol=len(args.files) >= 2))
+        return 0
+    if args.salvage:
+        raise UnsupportedFeatureError("--salvage (going on past read errors) is not "
+                                      "supported by this engine", feature="convert --salvage")
     if len(args.files) < 2:
-        raise InvalidOptionError("Expecting image file name")
+        raise InvalidOptionError("Expecting image file name" if args.files else
+                                 "Must specify image file name")
     *srcs, dst = args.files
-    options = {}
-    for text in args.options:
-        options.update(parse_option_list(text))
     progress = progress_for(args)
     convert(srcs if len(srcs) > 1 else srcs[0], dst, src_format=args.format,
             out_format=args.out_format, compress=args.compress, options=options or None,
-            sparse_size=parse_size(args.sparse_size, what="sparse size"), cache=args.cache,
+            sparse_size=_sparse_size(args.sparse_size), cache=args.cache,
             workers=args.workers, out_of_order=args.out_of_order, no_create=args.no_create,
             target_is_zero=args.target_is_zero, backing_file=args.backing_file,
             backing_format=args.backing_format, progress=progress, untrusted=args.untrusted,
@@ -64,3 +79,25 @@ def run(args) -> int:
                         if args.max_output is not None else None))
     end_progress(progress)
     return 0
+
+
+def _check_flags(args) -> None:
+    """qemu-img's refusals of -C with what it cannot combine with."""
+    if args.copy_offload:
+        if args.compress:
+            raise InvalidOptionError("Cannot enable copy offloading when -c is used")
+        if args.sparse_size is not None:
+            raise InvalidOptionError("Cannot enable copy offloading when -S is used")
+        if args.salvage:
+            raise InvalidOptionError("Cannot use copy offloading in salvaging mode")
+
+
+def _sparse_size(text) -> int:
+    """-S in bytes (4 KiB when not given): qemu-img's syntax and message."""
+    from ..units import size_error, strtosz
+    if text is None:
+        return 4096
+    try:
+        return strtosz(text)
+    except (ValueError, OverflowError):
+        raise size_error("buffer size for sparse output") from None

@@ -13,8 +13,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from ..units import parse_option_list
-from .common import add_quiet
+from .common import add_quiet, creatable_format, gather_options
 
 
 def add_parser(sub):
@@ -35,16 +34,13 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..creator import prepare
-    from ..options import help_text, parse_size_arg
+    from ..options import help_text, parse_size_arg, parse_size_option, wants_help
 
-    options: dict[str, str] = {}
-    joined = ",".join(args.options)
-    if args.options:
-        if any(o in ("help", "?") for o in joined.split(",")):
-            fmt = args.format if args.format in ("qcow2", "raw") else "qcow2"
-            sys.stdout.write(help_text(fmt))
-            return 0
-        options = parse_option_list(joined)
+    options = gather_options(args.options)
+    if wants_help(options):
+        fmt = creatable_format(args.format)
+        sys.stdout.write(help_text(fmt, protocol=args.filename is not None))
+        return 0
     if not args.filename:
         raise Qcow2Error("Expecting image file name")
     size = args.size
@@ -54,21 +50,51 @@ def run(args) -> int:
         if size is not None:
             raise Qcow2Error(f"{args.filename}: The image size must be specified only once")
         size = options.pop("size")
+        try:
+            size = parse_size_option("size", size)        # QemuOpts' syntax and message
+        except Qcow2Error as exc:
+            exc.args = (f"{args.filename}: {exc}",)
+            raise
     backing_file = options.pop("backing_file", None)
     if args.backing_file is not None:
         backing_file = args.backing_file
     backing_format = options.pop("backing_fmt", None)
     if args.backing_format is not None:
         backing_format = args.backing_format
+    path = args.filename
+    if path.startswith("file:"):                  # the explicit file protocol prefix
+        from ..imageopts import file_path
+        path = file_path(path)
     try:
-        req = prepare(args.filename, size, format=args.format, backing_file=backing_file,
+        if backing_file == "":
+            raise Qcow2Error("Expected backing file name, got empty string")
+        req = prepare(path, size, format=args.format, backing_file=backing_file,
                       backing_format=backing_format, unsafe=args.unsafe, **options)
         if not args.quiet:
-            sys.stdout.write(req.formatting_line() + "\n")
+            line = req.formatting_line()
+            if path != args.filename:             # named as the user named it
+                line = line.replace(f"Formatting '{path}'", f"Formatting '{args.filename}'", 1)
+            sys.stdout.write(line + "\n")
             sys.stdout.flush()
         req.run()
+        _file_hints(path, req.options)
     except Qcow2Error as exc:
         # qemu-img names the file first: "qemu-img: FILE: message"
         exc.args = (f"{args.filename}: {exc}",) + tuple(exc.args[1:])
+        lines = getattr(exc, "lines", None)
+        if lines:
+            exc.lines = [f"{args.filename}: {lines[0]}", *lines[1:]]
         raise
     return 0
+
+
+def _file_hints(path: str, options: dict) -> None:
+    """The file protocol's hints on the new file (best effort, as QEMU's file driver)."""
+    if not options.get("nocow") and not options.get("extent_size_hint"):
+        return
+    from ..ops.filehints import apply_file_hints
+    from .common import error_line
+    warning = apply_file_hints(path, nocow=bool(options.get("nocow")),
+                               extent_size_hint=options.get("extent_size_hint"))
+    if warning:
+        error_line(f"warning: {warning}")

@@ -65,6 +65,10 @@ def permute(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
         if takes and i < len(args):
             opts.extend(_join(token, args[i]))
             i += 1
+        elif takes:
+            # (as qemu-img words it; argparse would take an operand as its value)
+            name = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+            parser.error(f"missing argument for option '{name}'")
         else:
             opts.append(token)
     if any(op[:1] == "-" and op != "-" for op in operands):

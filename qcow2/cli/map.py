@@ -1,4 +1,5 @@
-"""qcow2 map [-f FMT] [--output=human|json] [-U] FILE"""
+"""qcow2 map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U]
+FILE"""
 
 from __future__ import annotations
 
@@ -15,7 +16,22 @@ def add_parser(sub):
     add_output(p)
     add_share(p)
     add_untrusted(p)
+    p.add_argument("--start-offset", dest="start_offset", default=None, metavar="OFFSET",
+                   help="map from this guest offset")
+    p.add_argument("--max-length", dest="max_length", default=None, metavar="LENGTH",
+                   help="map at most this many bytes")
     add_file(p, run)
+
+
+def _size_arg(text, what: str) -> int | None:
+    """--start-offset/--max-length: qemu-img's size syntax and message."""
+    from ..units import size_error, strtosz
+    if text is None:
+        return None
+    try:
+        return strtosz(text)
+    except (ValueError, OverflowError):
+        raise size_error(what) from None
 
 
 def _hex(v: int) -> str:
@@ -26,12 +42,19 @@ def run(args) -> int:
     import qcow2
 
     out = sys.stdout
+    start = _size_arg(args.start_offset, "start offset") or 0
+    length = _size_arg(args.max_length, "max length")
     with qcow2.open(args.filename, format=args.format, untrusted=args.untrusted,
                     force_share=args.force_share) as img:
+        end = img.size if length is None else min(img.size, start + length)
         if args.output == "json":
+            if start >= end:                    # (qemu-img's one empty entry)
+                out.write('[{ "start": %d, "length": 0, "depth": 0, "present": false, '
+                          '"zero": false, "data": false}]\n' % start)
+                return 0
             first = True
             out.write("[")
-            for e in img.extents():
+            for e in img.extents(start, end):
                 d = e.as_dict()
                 line = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, '
                         '"zero": %s, "data": %s' % (
@@ -48,7 +71,7 @@ def run(args) -> int:
         # Human output ignores the difference between zero and unallocated runs and
         # merges them; data runs print with the file that holds them.
         cur = None
-        for e in img.extents():
+        for e in (img.extents(start, end) if start < end else ()):
             if e.data and e.offset is None:
                 raise Qcow2Error("File contains external, encrypted or compressed clusters.")
             rec = [e.start, e.length, e.data and not e.zero, e.depth, e.offset]

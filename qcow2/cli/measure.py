@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_format, add_output, add_share, add_untrusted, snapshot_arg
+from .common import add_format, add_output, add_share, add_untrusted, gather_options, snapshot_arg
 
 
 def add_parser(sub):
@@ -37,16 +37,12 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..ops.measure import measure
-    from ..units import parse_option_list
     from .output import qemu_json
 
-    if args.options and any(o in ("help", "?") for o in ",".join(args.options).split(",")):
-        from ..options import help_text
-        sys.stdout.write(help_text(args.out_format if args.out_format == "raw" else "qcow2"))
-        return 0
     if len(args.filenames) > 1:
         raise Qcow2Error("At most one filename argument is allowed.")
-    options = parse_option_list(",".join(args.options)) if args.options else {}
+    # (qemu-img measure has no -o help: "help" is refused as an unknown option)
+    options = gather_options(args.options)
     info = measure(args.filenames[0] if args.filenames else None, size=args.size,
                    fmt=args.format, out_format=args.out_format, options=options,
                    snapshot=snapshot_arg(args.snapshot), force_share=args.force_share,

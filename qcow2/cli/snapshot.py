@@ -33,8 +33,9 @@ def run(args) -> int:
     elif args.list:
         snaps = ops.list_snapshots(args.filename, format=args.format,
                                    force_share=args.force_share)
-        for line in snapshot_table(snaps):
-            print(line)
+        if snaps:                       # (qemu-img prints nothing for no snapshots)
+            for line in snapshot_table(snaps):
+                print(line)
     else:
         raise InvalidOptionError("Expecting one of -l, -c, -a or -d")
     return 0

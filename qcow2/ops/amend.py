@@ -1,8 +1,9 @@
 """amend: change the options of an existing qcow2 image (qemu-img amend -o ...).
 
 Supported: ``compat`` (0.10 <-> 1.1), ``lazy_refcounts``, ``refcount_bits`` (the
-refcount structure is rewritten with the new width), ``backing_file``/``backing_fmt``
-(the header only, as ``rebase -u``), ``size`` (as ``resize``).  Options that would
+refcount structure is rewritten with the new width), ``size`` (as ``resize``);
+``backing_file``/``backing_fmt`` only as the image already has them (qemu-img 7.2
+refuses a change: use ``rebase``).  Options that would
 rewrite every cluster (cluster_size, extended_l2, compression_type, data_file,
 encryption, preallocation) are refused as qemu-img refuses them.
 
@@ -31,6 +32,14 @@ def amend(path, options, *, format: str | None = None, force: bool = False) -> N
             raise UnsupportedFeatureError("Format driver 'raw' does not support option "
                                           "amendment", feature="amend raw")
         h = img.header
+        if "backing_file" in opts or "backing_fmt" in opts:
+            # qemu-img amend only accepts the backing file and format the image has
+            if (opts.get("backing_file") != h.backing_file
+                    or opts.get("backing_fmt") != h.backing_format):
+                err = UnsupportedFeatureError("Cannot amend the backing file",
+                                              feature="amend backing_file")
+                err.hint = "You can use 'qemu-img rebase' instead.\n"  # type: ignore[attr-defined]
+                raise err
         version = None
         if "compat" in opts:
             version = compat_version(str(opts["compat"]), qapi=False)
@@ -43,12 +52,6 @@ def amend(path, options, *, format: str | None = None, force: bool = False) -> N
             img.set_lazy_refcounts(on)
         if "refcount_bits" in opts:
             _refcount_bits(img, opts["refcount_bits"], version)
-        if "backing_file" in opts or "backing_fmt" in opts:
-            name = opts.get("backing_file", h.backing_file)
-            fmt = opts.get("backing_fmt", h.backing_format)
-            if name and fmt is None:
-                raise InvalidOptionError("backing format must be specified")
-            img.set_backing(name or None, fmt)
         if "size" in opts:
             img.resize(parse_size(opts["size"]), shrink=True)
         if version == 2:

@@ -15,7 +15,9 @@ import os
 from ..checker import REPAIR_MODES, CheckNotSupportedError, open_locked
 from ..checker.run import check_file
 from ..checker.state import CheckedFile, read_header
-from ..errors import InvalidOptionError, Qcow2Error, UnsafeImageError, UnsupportedFeatureError
+from ..errors import (FormatError, InvalidOptionError, Qcow2Error, UnsafeImageError,
+                      UnsupportedFeatureError)
+from ..imageopts import is_option_name, resolve_name
 from ..opener import open_image
 from ..probe import probe_format
 from ..paths import check_file_name, combine_path
@@ -47,7 +49,12 @@ def _open_companions(f: CheckedFile, filename: str, force_share: bool,
                      writable: bool) -> list:
     """Open the backing chain and the external data file as qemu-img check does;
     returns what to close."""
-    h = read_header(f)
+    try:
+        h = read_header(f)
+    except (FormatError, UnsupportedFeatureError) as exc:
+        if not str(exc).startswith("Could not open "):     # qemu-img names the image
+            exc.args = (f"Could not open '{filename}': {exc}",) + tuple(exc.args[1:])
+        raise
     opened = []
     try:
         if h.has_data_file:
@@ -66,6 +73,21 @@ def _open_companions(f: CheckedFile, filename: str, force_share: bool,
             o.close()
         raise
     return opened
+
+
+def _clear_unknown_autoclear(f: CheckedFile) -> None:
+    """An image opened for writing loses the autoclear bits this engine does not know
+    (their meaning cannot be maintained), as QEMU's open clears them."""
+    import struct
+
+    from .. import constants as C
+
+    h = read_header(f)
+    if h.version < 3 or not h.autoclear_features & ~C.AUTOCLEAR_MASK:
+        return
+    f.be.pwrite(struct.pack(">Q", h.autoclear_features & C.AUTOCLEAR_MASK),
+                C.HDR_AUTOCLEAR_FEATURES)
+    f.be.flush()
 
 
 def check(path, *, format: str | None = None, repair: str | None = None,
@@ -91,6 +113,12 @@ def check(path, *, format: str | None = None, repair: str | None = None,
     filename = os.fspath(path)
     if isinstance(filename, bytes):
         filename = os.fsdecode(filename)
+    if is_option_name(filename):            # block options naming one image file
+        filename, named = resolve_name(filename)
+        format = format or named
+        if not isinstance(filename, str):
+            raise CheckNotSupportedError("This image format does not support checks",
+                                         feature="check")
     if untrusted:
         return _check_untrusted(filename, format, fix, force_share, log, limits)
     be, fmt = _open(filename, format, bool(fix), force_share)
@@ -101,6 +129,8 @@ def check(path, *, format: str | None = None, repair: str | None = None,
                                          feature="check")
         f = CheckedFile(be)
         companions = _open_companions(f, filename, force_share, bool(fix))
+        if fix:
+            _clear_unknown_autoclear(f)
         return check_file(f, fix, log).as_dict(filename, fmt)
     finally:
         for c in companions:

@@ -2,7 +2,8 @@
 
 Every range held by a layer above the base (data or zero clusters) is read through
 the top image and written into the base, which grows if it is smaller; then the top
-is emptied (all its clusters dropped), unless ``keep`` (qemu-img's ``-d``).  The base
+is emptied (all its clusters dropped), unless ``keep`` (qemu-img's ``-d``, implied by
+a base named with ``-b``).  The base
 is flushed before the top is touched, so a crash in between leaves both readable,
 with the data in both places.
 """
@@ -14,29 +15,52 @@ import os
 from ..errors import Qcow2Error
 from ..image import ST_DATA, ST_ZERO
 from ..opener import open_image
+from ..paths import combine_path
 from ..writer import WritableQcow2Image
 
 CHUNK = 4 * 1024 * 1024
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _find_base(chain, base: str, path) -> int:
+    """The index in ``chain`` of the image ``base`` names (QEMU's
+    bdrv_find_backing_image): an absolute name is compared with each backing file, a
+    relative one as each overlay would resolve it (against the overlay's folder), or
+    as the overlay stores it."""
+    for k in range(1, len(chain)):
+        parent, layer = chain[k - 1], chain[k]
+        if os.path.isabs(base):
+            if _same_file(base, layer.filename):
+                return k
+            continue
+        stored = getattr(parent, "header", None)
+        if stored is not None and stored.backing_file == base:
+            return k
+        if _same_file(combine_path(parent.filename, base), layer.filename):
+            return k
+    raise Qcow2Error(f"Did not find '{base}' in the backing chain of '{path}'")
+
+
 def commit(path, *, format: str | None = None, base: str | None = None, keep: bool = False,
            progress=None) -> None:
     """Commit ``path`` into its backing file (or into ``base``, further down the chain).
-    ``keep`` (qemu-img's ``-d``): leave the top image as it is."""
+    ``keep`` (qemu-img's ``-d``): leave the top image as it is.  A ``base`` implies
+    ``keep``, as in qemu-img: the images between the top and the base no longer read as
+    they did, the top (still on its old backing file) does."""
+    if base is not None:
+        keep = True
     top = open_image(path, "r+" if not keep else "r", format=format)
     try:
         chain = top.backing_chain()
         if len(chain) < 2:
             raise Qcow2Error(f"Image '{path}' does not have a backing file")
-        idx = 1
-        if base is not None:
-            want = os.path.realpath(base)
-            for k, layer in enumerate(chain[1:], 1):
-                if os.path.realpath(layer.filename) == want:
-                    idx = k
-                    break
-            else:
-                raise Qcow2Error(f"Did not find '{base}' in the backing chain of '{path}'")
+        idx = 1 if base is None else _find_base(chain, base, path)
         # reopen the base for writing in place of its read-only self
         above = chain[idx - 1]
         old_base = chain[idx]

@@ -25,7 +25,10 @@ import threading
 from ..atomic import (AtomicOutput, copy_range, io_buffer, pwrite_all, start_writeback,
                       sync_new_name)
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
-from ..paths import temp_name
+from ..paths import combine_path, temp_name
+from .outputopts import discard_output, name_the_output, output_options
+from .progress import PROGRESS_STEP, Progress
+from .sparse_runs import sparse_data_runs
 from ..pool import run
 from ..reader import serial_reads
 from ..rbdname import is_rbd_name
@@ -101,22 +104,6 @@ def _chunks(piece: _Piece, align: int):
         pos = stop
 
 
-class _Progress:
-    def __init__(self, total: int, callback):
-        self.total = max(total, 1)
-        self.done = 0
-        self.cb = callback
-        self.lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        if self.cb is None:
-            return
-        with self.lock:
-            self.done += n
-            pct = min(100.0, 100.0 * self.done / self.total)
-        self.cb(pct)
-
-
 def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             compress: bool = False, options=None, sparse_size: int = 4096,
             cache: str = "writeback", workers: int | None = None, out_of_order: bool = False,
@@ -152,16 +139,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         raise InvalidOptionError("Compression not supported for this file format")
     if target_is_zero and not no_create:
         raise InvalidOptionError("--target-is-zero requires use of -n flag")
-    if backing_file is not None and out_format != "qcow2":
-        raise InvalidOptionError("Backing file not supported for file format 'raw'")
-    if no_create and (options or backing_file is not None):
-        raise InvalidOptionError("-n and -o/-B are mutually exclusive" if options else
-                                 "-n and -B are mutually exclusive")
-    if options is not None:
-        from ..options import option_dict
-        opts = option_dict(options)
-    else:
-        opts = {}
+    opts, backing_file, backing_format = output_options(out_format, options, no_create,
+                                                         backing_file, backing_format)
     if workers is not None and not 1 <= workers <= 16:
         raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines "
                                  "is between 1 and 16")
@@ -183,6 +162,13 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         for s in srcs:
             images.append(open_image(s, format=src_format, untrusted=untrusted,
                                      snapshot=snapshot, force_share=force_share))
+        if backing_file is not None:
+            if len(images) > 1:
+                raise InvalidOptionError("Having a backing file for the target makes no sense "
+                                         "when concatenating multiple input images")
+            if backing_format is None and not no_create:
+                raise InvalidOptionError("Use of backing file requires explicit backing "
+                                         "format")
         size = sum(img.size for img in images)
         if max_output is not None and size > max_output:
             from ..errors import UnsafeImageError
@@ -287,7 +273,7 @@ class _RawCopy(_Work):
             pwrite_all(fd, mv, d)
         if self.sync:
             start_writeback(fd, d, n)
-        self.prog.add(n)
+        self.prog.add_split(d, n)
 
 
 def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
@@ -308,7 +294,7 @@ def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
 
 def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
             target_is_zero) -> None:
-    prog = _Progress(_data_total(images, False, progress), progress)
+    prog = Progress(_data_total(images, False, progress), progress)
     zero_writes = no_create and not target_is_zero
 
     def copy(fd: int) -> None:
@@ -444,7 +430,7 @@ def _to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
             progress(0.0)
         work = _RbdCopy(be, sparse_size=sparse_size,
                         zero_writes=no_create and not target_is_zero,
-                        prog=_Progress(_data_total(images, False, progress), progress))
+                        prog=Progress(_data_total(images, False, progress), progress))
         run(_raw_jobs(images, work.zero_writes), work, workers, context=serial_reads,
             name="qcow2-convert")
         if sync:
@@ -494,7 +480,7 @@ class _RbdCopy(_Work):
                     be.pwrite(mv[a:b], d + a)
                 elif self.zero_writes:
                     be.punch_hole(d + a, b - a)
-        self.prog.add(n)
+        self.prog.add_split(d, n)
 
 
 # ---------------------------------------------------------------------------
@@ -519,21 +505,37 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             tmp = temp_name(dst)
             # not synced here: the output's final flush syncs everything before the
             # rename makes it visible
-            prepare(tmp, size, format="qcow2", backing_file=backing_file,
-                    backing_format=backing_format, **opts).run(durable=False)
+            try:
+                prepare(tmp, size, format="qcow2", backing_file=backing_file,
+                        backing_format=backing_format, **opts).run(durable=False)
+            except Qcow2Error as exc:
+                if getattr(exc, "hint", None) != "Could not open backing image.\n":
+                    name_the_output(exc, tmp, dst)
+                    raise
+                # qemu-img creates the output, then fails to open it with its backing file
+                inner = exc.lines[0]
+                if inner.startswith("Could not open '") and "': " in inner:
+                    inner = (f"Could not open '{combine_path(dst, backing_file)}': "
+                             f"{inner.split(chr(39) + ': ', 1)[1]}")
+                raise Qcow2Error(f"Could not open '{dst}': Could not open backing file: "
+                                 f"{inner}") from None
             out = open_image(tmp, "r+", format="qcow2")
             # invisible until renamed: one sync at the end (none with -t unsafe)
             out.set_unordered(durable=sync)
+        top_only = backing_file is not None
         fill = _Qcow2Fill(out, size, compress=compress, sparse_size=sparse_size,
                           zero_writes=(no_create and not target_is_zero)
                           or backing_file is not None,
                           deferred=tmp is not None,
-                          prog=_Progress(_data_total(images, backing_file is not None,
+                          # -B: what the new backing file shows already is not written
+                          dedupe=tmp is not None and backing_file is not None
+                          and sparse_size != 0,
+                          prog=Progress(_data_total(images, top_only,
                                                      progress), progress))
         if progress is not None:
             progress(0.0)
         # jobs generated as the work goes (bounded memory whatever the map's size)
-        run(fill.jobs(images, top_only=backing_file is not None), fill.compute, workers,
+        run(fill.jobs(images, top_only=top_only), fill.compute, workers,
             apply=fill.apply, finish=fill.finish, ordered=not out_of_order,
             context=serial_reads, name="qcow2-convert")
         if sync:
@@ -546,23 +548,9 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
             if sync:
                 sync_new_name(dst)          # removes dst if the name is not durable
     finally:
-        _discard(out, tmp)
+        discard_output(out, tmp)
     if progress is not None:
         progress(100.0)
-
-
-def _discard(out, tmp) -> None:
-    """After a failure: close the output, remove the temporary file."""
-    if out is not None:
-        try:
-            out.close()
-        except Exception:  # noqa: BLE001 - the original error matters more
-            pass
-    if tmp is not None:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
 
 
 def _windows(pieces, window: int):
@@ -601,9 +589,10 @@ class _Qcow2Fill(_Work):
     windows are in flight, so the pool of buffers stays that small."""
 
     def __init__(self, out, size: int, *, compress: bool, sparse_size: int,
-                 zero_writes: bool, deferred: bool, prog):
+                 zero_writes: bool, deferred: bool, prog, dedupe: bool = False):
         super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
         self.out = out
+        self.dedupe = dedupe
         self.size = size
         self.cs = out.cluster_size
         self.window = max(self.cs, CHUNK // self.cs * self.cs)
@@ -618,9 +607,11 @@ class _Qcow2Fill(_Work):
     def jobs(self, images, *, top_only: bool):
         """(window offset, segments) of the windows holding anything to write."""
         zero_writes = self.zero_writes
+        full = not self.sparse_size   # -S 0: every cluster written as data (but what
+        #                               the output's backing file holds, with -B)
         return ((w, segs) for w, segs in _windows(_plan(images, top_only=top_only),
                                                   self.window)
-                if any(p.kind == DATA or (p.kind == ZERO and zero_writes)
+                if any(p.kind == DATA or (p.kind == ZERO and (zero_writes or full))
                        for p, *_ in segs))
 
     def _compressor(self):
@@ -645,11 +636,49 @@ class _Qcow2Fill(_Work):
         write, keep, known_zero, hosted, ndata = self._read(w, segs, mv, ncl)
         if self.sparse_size:
             zero = self.kernels.zero_blocks(mv, self.cs).tolist()
+            if self.sparse_size > self.cs and not self.compress:
+                self._absorb_short_zeros(w, segs, mv, zero)
             for ka, kb in known_zero:
                 zero[ka:kb] = [True] * (kb - ka)
         else:
             zero = [False] * ncl
+        if self.dedupe and any(write):
+            self._drop_what_backing_shows(w, mv, write, zero)
         return buf, self._writes(w, end, mv, write, keep, zero, hosted), ndata, []
+
+    def _drop_what_backing_shows(self, w: int, mv: memoryview, write: list,
+                                 zero: list) -> None:
+        """-B: clusters that read the same through the new backing file are left to it
+        (the output holds only what differs from its backing file).  A cluster known
+        to be zero (``zero``; the buffer may hold stale bytes there) is compared with
+        zeros."""
+        cs = self.cs
+        view = bytearray(len(mv))
+        self.out.readinto(view, w)            # (nothing of this window is written yet)
+        vv = memoryview(view)
+        zeros = bytes(cs)
+        for k, todo in enumerate(write):
+            if not todo:
+                continue
+            theirs = vv[k * cs:(k + 1) * cs]
+            ours = zeros[:len(theirs)] if zero[k] else mv[k * cs:(k + 1) * cs]
+            if theirs == ours:
+                write[k] = False
+
+    def _absorb_short_zeros(self, w: int, segs, mv: memoryview, zero: list) -> None:
+        """With -S larger than a cluster, qemu-img decides per 512-byte sector: zero
+        runs shorter than -S after data are written as data, and data runs end on a
+        multiple of -S (rounded down to a power of two).  The clusters such runs touch
+        are written, zero or not."""
+        cs = self.cs
+        for p, d, _o, n in segs:
+            if p.kind != DATA:
+                continue
+            a = d - w
+            flags = self.kernels.zero_blocks(mv[a:a + n], 512).tolist()
+            for ra, rb in sparse_data_runs(flags, d // 512, self.sparse_size // 512):
+                for k in range((a + ra * 512) // cs, (a + min(rb * 512, n) - 1) // cs + 1):
+                    zero[k] = False
 
     def _read(self, w: int, segs, mv: memoryview, ncl: int):
         """Fill the window's buffer; per cluster whether this convert must set it
@@ -660,13 +689,13 @@ class _Qcow2Fill(_Work):
         keep = [False] * ncl
         known_zero = []
         hosted = []
-        ndata = 0
+        ndata = []                             # the (offset, length) of the data read
         for p, d, o, n in segs:
             a, b = d - w, d - w + n
             seg = mv[a:b]
             if p.kind == DATA:
                 p.src.readinto(seg, o)
-                ndata += n
+                ndata.append((d, n))
                 if p.host is not None and not self.compress:
                     hosted.append((a, b, p.host[0], p.host[1] + (o - p.off)))
             elif p.kind == BACKING:
@@ -687,7 +716,7 @@ class _Qcow2Fill(_Work):
                 _zero(seg)                     # -S 0 writes zero clusters from the buffer
             if p.kind == BACKING:
                 marks = keep
-            elif p.kind == DATA or self.zero_writes:
+            elif p.kind == DATA or self.zero_writes or not self.sparse_size:
                 marks = write
             else:
                 continue
@@ -762,10 +791,11 @@ class _Qcow2Fill(_Work):
             pending.clear()
             with self.bufs_lock:
                 self.free_bufs.append(buf)
-                self.applied += n or ndata
+                self.applied += n or sum(k for _d, k in ndata)
                 kick = self.applied >= 64 << 20
                 if kick:
                     self.applied = 0
         if kick:                               # let the disk work while we go on
             start_writeback(self.out.be.fd)
-        self.prog.add(ndata)
+        for d, k in ndata:
+            self.prog.add_split(d, k, self.cs if self.compress else PROGRESS_STEP)

@@ -89,8 +89,12 @@ def _parse_options(out_format: str, options: dict) -> dict:
     try:
         return parse_options(options, known, strict_strings=False)
     except InvalidOptionError as exc:
-        raise InvalidOptionError(f"{exc}. Invalid options for file format "
-                                 f"'{out_format}'") from None
+        err = InvalidOptionError(f"{exc}. Invalid options for file format '{out_format}'")
+        # qemu-img: the error, its hint, then a line of its own for the format
+        err.hint = getattr(exc, "hint", None)  # type: ignore[attr-defined]
+        err.lines = [str(exc)]  # type: ignore[attr-defined]
+        err.after = [f"Invalid options for file format '{out_format}'"]  # type: ignore[attr-defined]
+        raise err from None
 
 
 # -- raw ------------------------------------------------------------------------------------

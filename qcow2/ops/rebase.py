@@ -55,10 +55,13 @@ def _copy_differences(img, new, progress) -> None:
     done = 0
     if progress is not None:
         progress(0.0)
+    old_size = old.size if old is not None else 0
     for a, n in holes:
         pos = a
         while pos < a + n:
             k = min(CHUNK, a + n - pos)
+            if pos < old_size < pos + k:
+                k = old_size - pos            # past the old backing's end: zeros written
             ob = bytearray(k)                  # (what lies past an image's end: zeros)
             nb = bytearray(k)
             if old is not None:
@@ -66,19 +69,48 @@ def _copy_differences(img, new, progress) -> None:
             if new is not None:
                 new.readinto(nb, pos)
             if ob != nb:
-                _write_diffs(img, memoryview(ob), memoryview(nb), pos)
+                _write_diffs(img, memoryview(ob), memoryview(nb), pos,
+                             zeros=pos >= old_size)
             pos += k
             done += k
             if progress is not None:
                 progress(min(99.9, 100.0 * done / total))
 
 
-def _write_diffs(img, ob, nb, base: int, block: int = 65536) -> None:
-    """Copy the blocks of the old view that differ from the new one."""
-    i = 0
+def _write_diffs(img, ob, nb, base: int, *, zeros: bool, sector: int = 512) -> None:
+    """Copy the runs of sectors where the old view differs from the new one (qemu-img's
+    granularity); where the old view lies past the old backing file's end (``zeros``)
+    the runs are written as zeros, which a qcow2 v3 image records as zero clusters."""
     n = len(ob)
+    i = 0
     while i < n:
-        j = min(n, i + block)
-        if ob[i:j] != nb[i:j]:
-            img.pwrite(ob[i:j], base + i)
+        differ = ob[i:i + sector] != nb[i:i + sector]
+        j = i + sector
+        while j < n and (ob[j:j + sector] != nb[j:j + sector]) == differ:
+            j += sector
+        j = min(j, n)
+        if differ:
+            if zeros:
+                _zero_run(img, base + i, base + j)
+            else:
+                img.pwrite(ob[i:j], base + i)
         i = j
+
+
+def _zero_run(img, a: int, b: int) -> None:
+    """Zeros over [a, b), the partial clusters at its edges widened to whole ones where
+    the rest already reads as zeros (QEMU's zero write), so a v3 image records zero
+    clusters there as qemu-img's does."""
+    cs = img.cluster_size
+    ca, cb = a // cs * cs, min(img.size, -(-b // cs) * cs)
+    if ca < a and not any(_read(img, ca, a - ca)):
+        a = ca
+    if b < cb and not any(_read(img, b, cb - b)):
+        b = cb
+    img.write_zeroes(a, b - a)
+
+
+def _read(img, offset: int, n: int) -> bytearray:
+    buf = bytearray(n)
+    img.readinto(buf, offset)
+    return buf
