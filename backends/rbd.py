@@ -279,9 +279,11 @@ class RbdBackend(ResizableWhenWritable, Backend):
         self.cluster = Cluster(pool, namespace=namespace, conf=conf, user=user,
                                options=options, connect_timeout=connect_timeout,
                                op_timeout=op_timeout)
+        created = False
         try:
             if create is not None:
                 self.cluster.create_image(image, create)
+                created = True
             self.image = self._open(ffi, lib, spec)
             info = ffi.new("rbd_image_info_t *")
             r = lib.rbd_stat(self.image, info, ffi.sizeof("rbd_image_info_t"))
@@ -292,6 +294,11 @@ class RbdBackend(ResizableWhenWritable, Backend):
             self.features = self._u64(lib.rbd_get_features)
             self.has_parent = self._has_parent(ffi, lib)
         except BaseException:
+            if created:                 # an image we made and cannot use: not left behind
+                try:
+                    self.remove()
+                except OSError:
+                    pass                # (the original error matters more)
             self.close()
             raise
 

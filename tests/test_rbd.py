@@ -639,7 +639,8 @@ def test_cluster_stalls_mid_convert(cluster, pool, tmp_path):
             os.kill(osd, signal.SIGCONT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 1, (out, err)
-    assert err.count("\n") == 1 and "timed out" in err, err
+    # (the stop may come while the image is being opened, or written)
+    assert err.count("\n") == 1 and re.search(r"timed out|did not answer", err), err
     deadline = time.monotonic() + 60
     with Cluster(**pool.kwargs()) as c:
         while image in list_images(c):

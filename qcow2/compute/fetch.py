@@ -40,7 +40,7 @@ import os
 import re
 
 from .. import constants as C
-from ..atomic import AtomicOutput, fsync_dir
+from ..atomic import AtomicOutput, replace
 from ..errors import Qcow2Error
 from ..paths import is_temp_for, make_temp
 from .errors import (ChecksumError, ComputeError, DownloadError, ImageFormatMismatchError,
@@ -357,8 +357,7 @@ def _fetch_url(opts, url, dst, declared, want, progress, timeout) -> str:
             os.chmod(tmp, 0o644)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.rename(tmp, dst)
-            fsync_dir(base_dir)
+            replace(tmp, dst)           # (a failed directory sync removes dst again)
             return "qcow2"
         finally:
             try:

@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 
-from ..atomic import fsync_dir
+from ..atomic import replace
 from ..paths import make_temp
 from .errors import ComputeError, ToolError
 from .fetch import check_space, locked_base
@@ -90,8 +90,7 @@ def _make_base(opts, name: str, size: int, fill) -> str:
             fill(tmp)
             os.fsync(fd)
             os.chmod(tmp, 0o644)
-            os.rename(tmp, path)
-            fsync_dir(base_dir)
+            replace(tmp, path)          # (a failed directory sync removes it again)
         finally:
             os.close(fd)
             if os.path.exists(tmp):

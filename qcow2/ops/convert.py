@@ -27,6 +27,7 @@ from ..atomic import (AtomicOutput, copy_range, io_buffer, pwrite_all, start_wri
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import combine_path, temp_name
 from .outputopts import discard_output, name_the_output, output_options
+from .windows import chunks, windows
 from .progress import PROGRESS_STEP, Progress
 from .sparse_runs import sparse_data_runs
 from ..pool import run
@@ -93,15 +94,6 @@ def _data_total(images, top_only: bool, progress) -> int:
     if progress is None:
         return 0
     return sum(p.n for p in _plan(images, top_only=top_only) if p.kind == DATA)
-
-
-def _chunks(piece: _Piece, align: int):
-    pos, end = piece.off, piece.off + piece.n
-    delta = piece.dst - piece.off
-    while pos < end:
-        stop = min(end, ((pos + delta) // align + 1) * align - delta)
-        yield pos + delta, pos, stop - pos
-        pos = stop
 
 
 def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
@@ -214,10 +206,10 @@ def _raw_jobs(images, zero_writes: bool):
     not grow with the image (a map can have millions of extents)."""
     for p in _plan(images, top_only=False):
         if p.kind == DATA:
-            for d, o, n in _chunks(p, CHUNK):
+            for d, o, n in chunks(p, CHUNK):
                 yield p, d, o, n
         elif zero_writes:
-            for d, o, n in _chunks(p, CHUNK):
+            for d, o, n in chunks(p, CHUNK):
                 yield p, d, o, -n
 
 
@@ -553,23 +545,6 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
         progress(100.0)
 
 
-def _windows(pieces, window: int):
-    """Group the pieces into disjoint, ``window``-aligned output windows: one job per
-    window that holds anything to write, so no two jobs ever share an output cluster."""
-    cur = None
-    segs: list = []
-    for p in pieces:
-        for d, o, n in _chunks(p, window):
-            w = d // window
-            if cur is not None and w != cur:
-                yield cur * window, segs
-                segs = []
-            cur = w
-            segs.append((p, d, o, n))
-    if segs:
-        yield cur * window, segs
-
-
 def _hosted_source(hosted, ra: int, rb: int):
     """(fd, offset) of the file range holding all of [ra, rb) of the window, or None."""
     for ha, hb, fd, hoff in hosted:
@@ -609,10 +584,11 @@ class _Qcow2Fill(_Work):
         zero_writes = self.zero_writes
         full = not self.sparse_size   # -S 0: every cluster written as data (but what
         #                               the output's backing file holds, with -B)
-        return ((w, segs) for w, segs in _windows(_plan(images, top_only=top_only),
-                                                  self.window)
-                if any(p.kind == DATA or (p.kind == ZERO and (zero_writes or full))
-                       for p, *_ in segs))
+        def wanted(p) -> bool:
+            return p.kind == DATA or (p.kind == ZERO and (zero_writes or full))
+        return ((w, segs) for w, segs in windows(_plan(images, top_only=top_only),
+                                                  self.window, wanted)
+                if any(wanted(p) for p, *_ in segs))
 
     def _compressor(self):
         c = getattr(self.tls, "c", None)
