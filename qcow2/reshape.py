@@ -227,18 +227,18 @@ class Reshape:
     def _allocate_space(self, host: int, length: int, mode: str) -> None:
         be = self.data_be
         if mode == "full":
-            be.write_zeros(host, length)
+            self._io(be.write_zeros, host, length)
         else:
             # reused clusters may hold old bytes: make them read zeros
             if host < be.size():
                 try:
                     be.punch_hole(host, length)
                 except OSError:
-                    be.write_zeros(host, min(length, be.size() - host))
+                    self._io(be.write_zeros, host, min(length, be.size() - host))
             if mode == "falloc":
-                be.allocate(host, length)
+                self._io(be.allocate, host, length)
             elif be.size() < host + length:
-                be.truncate(host + length)
+                self._io(be.truncate, host + length)
         self.file_size = max(self.file_size, host + length)
 
     # -- the active layer ------------------------------------------------------------
@@ -351,7 +351,7 @@ class Reshape:
         self.flush()
         packed = pack_header(self.header)
         pad = max(0, max(at_least, self._header_extent()) - len(packed))
-        self.be.pwrite(packed + bytes(pad), 0)
+        self._io(self.be.pwrite, packed + bytes(pad), 0)
         self._sync()
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
