@@ -37,6 +37,10 @@ def add_parser(sub):
     p.add_argument("-C", dest="copy_offload", action="store_true",
                    help="copy offloading (copy_file_range): used whenever possible anyway; "
                         "refused with -S, -c and --salvage as in qemu-img")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="copy the source's persistent bitmaps (qcow2 to qcow2)")
+    p.add_argument("--skip-broken-bitmaps", dest="skip_broken_bitmaps", action="store_true",
+                   help="with --bitmaps: leave out the bitmaps in use")
     p.add_argument("--salvage", action="store_true",
                    help="(qemu-img's: go on past read errors; not supported here)")
     add_progress(p)
@@ -75,6 +79,7 @@ def run(args) -> int:
             target_is_zero=args.target_is_zero, backing_file=args.backing_file,
             backing_format=args.backing_format, progress=progress, untrusted=args.untrusted,
             force_share=args.force_share, snapshot=snapshot_arg(args.snapshot),
+            bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps,
             max_output=(parse_size(args.max_output, what="max output")
                         if args.max_output is not None else None))
     end_progress(progress)

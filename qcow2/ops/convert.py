@@ -25,7 +25,7 @@ import threading
 from ..atomic import AtomicOutput, copy_range, fsync_dir, io_buffer, pwrite_all, start_writeback
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import combine_path, temp_name
-from .outputopts import discard_output, name_the_output, output_options
+from .outputopts import bitmaps_to_copy, discard_output, name_the_output, output_options
 from .progress import PROGRESS_STEP, Progress
 from .sparse_runs import sparse_data_runs
 from ..pool import run
@@ -109,7 +109,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             no_create: bool = False, target_is_zero: bool = False,
             backing_file: str | None = None, backing_format: str | None = None,
             progress=None, untrusted: bool = False, force_share: bool = False,
-            snapshot=None, max_output: int | None = None) -> None:
+            snapshot=None, max_output: int | None = None, bitmaps: bool = False,
+            skip_broken_bitmaps: bool = False) -> None:
     """Convert image(s) ``src`` (a path or a list of paths, concatenated) to ``dst``.
 
     ``out_format`` "raw" (sparse) or "qcow2"; ``compress`` (-c) writes compressed
@@ -121,7 +122,9 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     an existing DST; ``target_is_zero``: with -n, skip writing zeros; ``cache`` (-t)
     "none"/"writeback" flush the output before returning, "unsafe" does not;
     ``workers`` (-m) threads; ``progress``: a callable taking a percentage;
-    ``max_output``: refuse (UnsafeImageError) when the output would exceed that many bytes.
+    ``max_output``: refuse (UnsafeImageError) when the output would exceed that many bytes;
+    ``bitmaps`` (--bitmaps): copy the source's persistent bitmaps (qcow2 to qcow2), those
+    in use refused unless ``skip_broken_bitmaps``.
     """
     from ..opener import open_image
 
@@ -163,6 +166,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             if backing_format is None and not no_create:
                 raise InvalidOptionError("Use of backing file requires explicit backing "
                                          "format")
+        copied = bitmaps_to_copy(images, out_format, opts, skip_broken_bitmaps) if bitmaps \
+            else None
         size = sum(img.size for img in images)
         if max_output is not None and size > max_output:
             from ..errors import UnsafeImageError
@@ -192,7 +197,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             _to_qcow2(images, dst, size, opts=opts, compress=compress, sparse_size=sparse_size,
                       sync=sync, workers=workers, progress=progress, no_create=no_create,
                       target_is_zero=target_is_zero, backing_file=backing_file,
-                      backing_format=backing_format, out_of_order=out_of_order)
+                      backing_format=backing_format, out_of_order=out_of_order,
+                      bitmaps=copied)
     finally:
         for img in images:
             img.close()
@@ -474,7 +480,7 @@ class _RbdCopy(_Work):
 
 def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, progress,
               no_create, target_is_zero, backing_file, backing_format,
-              out_of_order=False) -> None:
+              out_of_order=False, bitmaps=None) -> None:
     from ..creator import prepare
     from ..opener import open_image
 
@@ -523,6 +529,8 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
         run(fill.jobs(images, top_only=top_only), fill.compute, workers,
             apply=fill.apply, finish=fill.finish, ordered=not out_of_order,
             context=serial_reads, name="qcow2-convert")
+        if bitmaps:
+            out.store_bitmaps(bitmaps)
         if sync:
             out.flush()
         out.close()
