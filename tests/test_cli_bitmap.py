@@ -131,7 +131,8 @@ def _bitmap_data(path):
                 toff, tsize, _flags, _t, gbits, nsize, esize = struct.unpack_from(
                     ">QIIBBHI", data, p)
                 name = data[p + 24:p + 24 + nsize].decode()
-                total = -(-(-(-size // (1 << gbits))) // 8)
+                bits = (size + (1 << gbits) - 1) >> gbits
+                total = (bits + 7) // 8
                 blob = b""
                 for e in struct.unpack_from(f">{tsize}Q", data, toff):
                     off = e & 0x00FFFFFFFFFFFE00
