@@ -110,7 +110,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             backing_file: str | None = None, backing_format: str | None = None,
             progress=None, untrusted: bool = False, force_share: bool = False,
             snapshot=None, max_output: int | None = None, bitmaps: bool = False,
-            skip_broken_bitmaps: bool = False) -> None:
+            skip_broken_bitmaps: bool = False, salvage=None) -> None:
     """Convert image(s) ``src`` (a path or a list of paths, concatenated) to ``dst``.
 
     ``out_format`` "raw" (sparse) or "qcow2"; ``compress`` (-c) writes compressed
@@ -124,7 +124,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     ``workers`` (-m) threads; ``progress``: a callable taking a percentage;
     ``max_output``: refuse (UnsafeImageError) when the output would exceed that many bytes;
     ``bitmaps`` (--bitmaps): copy the source's persistent bitmaps (qcow2 to qcow2), those
-    in use refused unless ``skip_broken_bitmaps``.
+    in use refused unless ``skip_broken_bitmaps``; ``salvage`` (--salvage): called with a
+    warning per unreadable source sector, written as zeros (one worker: warnings in order).
     """
     from ..opener import open_image
 
@@ -168,13 +169,18 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                                          "format")
         copied = bitmaps_to_copy(images, out_format, opts, skip_broken_bitmaps) if bitmaps \
             else None
+        if salvage is not None:
+            from .salvage import SalvagingImage
+            images[:] = [SalvagingImage(img, salvage) for img in images]
+            workers = 1
         size = sum(img.size for img in images)
         if max_output is not None and size > max_output:
             from ..errors import UnsafeImageError
             raise UnsafeImageError(f"output of {size} bytes exceeds the limit of "
                                    f"{max_output} bytes (max_output)")
         sync = cache != "unsafe"
-        if (out_format == "raw" and len(images) == 1 and images[0].format == "raw"
+        if (salvage is None and out_format == "raw" and len(images) == 1
+                and images[0].format == "raw"
                 and images[0].file_size % 512 == 0 and not no_create and sparse_size
                 and isinstance(srcs[0], (str, bytes, os.PathLike))
                 and not is_rbd_name(os.fspath(srcs[0])) and not is_rbd_name(dst)):
