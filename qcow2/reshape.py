@@ -450,8 +450,10 @@ class Reshape:
             self.flush()
             counts = self._all_refcounts()
             if counts.size and int(counts.max()) > (1 << bits) - 1:
-                raise Qcow2Error(f"Cannot decrease refcount entry width to {bits} bits: a "
-                                 f"cluster has refcount {int(counts.max())}")
+                first = int(np.argmax(counts > (1 << bits) - 1))     # qemu-img names it
+                raise Qcow2Error(f"Cannot decrease refcount entry width to {bits} bits: "
+                                 f"Cluster at offset {first * cs:#x} has a refcount of "
+                                 f"{int(counts[first])}")
             refs = self.refs
             end = refs.end_cluster
             old_blocks = [refs.block_offset(bi) for bi in range(len(refs.table))]
