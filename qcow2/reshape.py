@@ -245,20 +245,7 @@ class Reshape:
     # -- persistent bitmaps -------------------------------------------------------
     def load_bitmaps(self) -> list:
         """The image's persistent bitmaps (:class:`Bitmap`), tables read."""
-        from .bitmap import read_directory
-
-        h = self.header
-        if h.bitmaps_ext is None:
-            return []
-        nb, dsize, doff = h.bitmaps_ext
-        out = []
-        for e in read_directory(self._read_meta(dsize, doff), doff, nb):
-            raw = self._read_meta(e.table_size * 8, e.table_offset) if e.table_size else b""
-            table = list(struct.unpack(f">{e.table_size}Q", raw))
-            extra = self._read_meta(e.extra_data_size, e.offset + C.BME_ENTRY_SIZE
-                                    + e.name_size) if e.extra_data_size else b""
-            out.append(Bitmap(e.name, e.flags, e.granularity_bits, table, extra))
-        return out
+        return read_bitmaps(self)
 
     def store_bitmaps(self, bitmaps: list) -> None:
         """Make ``bitmaps`` the image's persistent bitmaps, as QEMU stores them: every
@@ -276,8 +263,8 @@ class Reshape:
             self.flush()
             entries = []
             for bm in bitmaps:
-                # each bitmap's data moves to fresh clusters, then its table (QEMU's order)
-                bm.table = [self._copy_bitmap_cluster(e) for e in bm.table]
+                # each bitmap's data goes to fresh clusters, then its table (QEMU's order)
+                bm.table = self._store_bitmap_data(bm)
                 n = len(bm.table)
                 toff = 0
                 if n:
@@ -310,16 +297,26 @@ class Reshape:
                 self.refs.block_freed(off, cs)
             self.flush()
 
-    def _copy_bitmap_cluster(self, entry: int) -> int:
-        """A bitmap table entry whose data cluster (if any) was copied to a new one."""
-        off = entry & C.BME_TABLE_OFFSET_MASK
-        if not off:
-            return entry
+    def _store_bitmap_data(self, bm: "Bitmap") -> list:
+        """Write ``bm``'s data (read from ``bm.source``, by default this image) into
+        fresh clusters of this image, one per cluster that has a set bit; returns the
+        new table."""
         cs = self.cluster_size
-        new = self.refs.alloc(1)
-        self._claim(new, cs, "bitmap data")
-        self._write_meta(self._read_meta(cs, off), new, "bitmap data")
-        return (entry & ~C.BME_TABLE_OFFSET_MASK) | new
+        src = bm.source if bm.source is not None else self
+        src_cs = src.cluster_size
+        bits = -(-self.size // (1 << bm.granularity_bits))
+        total = -(-bits // 8)                      # bytes of bitmap data
+        table = []
+        for start in range(0, total, cs):
+            data = _bitmap_bytes(src, bm.table, src_cs, start, min(cs, total - start))
+            if not any(data):
+                table.append(0)
+                continue
+            off = self.refs.alloc(1)
+            self._claim(off, cs, "bitmap data")
+            self._write_meta(data, off, "bitmap data")
+            table.append(off)
+        return table
 
     def _bitmap_table_places(self) -> list:
         from .bitmap import read_directory
@@ -457,8 +454,10 @@ class Reshape:
             self.flush()
             counts = self._all_refcounts()
             if counts.size and int(counts.max()) > (1 << bits) - 1:
-                raise Qcow2Error(f"Cannot decrease refcount entry width to {bits} bits: a "
-                                 f"cluster has refcount {int(counts.max())}")
+                first = int(np.argmax(counts > (1 << bits) - 1))     # qemu-img names it
+                raise Qcow2Error(f"Cannot decrease refcount entry width to {bits} bits: "
+                                 f"Cluster at offset {first * cs:#x} has a refcount of "
+                                 f"{int(counts[first])}")
             refs = self.refs
             end = refs.end_cluster
             old_blocks = [refs.block_offset(bi) for bi in range(len(refs.table))]
@@ -528,15 +527,57 @@ class Bitmap:
     table's entries: data cluster offsets, 0 for all-zero, 1 for all-one clusters) and
     the directory entry's ``extra`` data."""
 
-    __slots__ = ("name", "flags", "granularity_bits", "table", "extra")
+    __slots__ = ("name", "flags", "granularity_bits", "table", "extra", "source")
 
     def __init__(self, name: bytes, flags: int, granularity_bits: int, table: list,
-                 extra: bytes = b""):
+                 extra: bytes = b"", source=None):
+        self.source = source          # the image the table's clusters are in (None: new)
         self.name = name
         self.flags = flags
         self.granularity_bits = granularity_bits
         self.table = table
         self.extra = extra
+
+
+def read_bitmaps(img) -> list:
+    """The persistent bitmaps of a qcow2 image (reader or writer), tables read; each
+    :class:`Bitmap` reads its data from ``img``."""
+    from .bitmap import read_directory
+
+    h = img.header
+    if h.bitmaps_ext is None or not h.bitmaps_consistent and not img.writable:
+        return []
+    nb, dsize, doff = h.bitmaps_ext
+    out = []
+    for e in read_directory(img._read_meta(dsize, doff), doff, nb):
+        raw = img._read_meta(e.table_size * 8, e.table_offset) if e.table_size else b""
+        table = list(struct.unpack(f">{e.table_size}Q", raw))
+        extra = img._read_meta(e.extra_data_size, e.offset + C.BME_ENTRY_SIZE
+                               + e.name_size) if e.extra_data_size else b""
+        bm = Bitmap(e.name, e.flags, e.granularity_bits, table, extra)
+        bm.source = img
+        out.append(bm)
+    return out
+
+
+def _bitmap_bytes(src, table: list, src_cs: int, start: int, n: int) -> bytes:
+    """Bytes [start, start+n) of a bitmap's serialized data, ``table`` being its table
+    in ``src`` (clusters of ``src_cs`` bytes; entry 0: zeros, 1: all ones)."""
+    out = bytearray()
+    pos = start
+    while pos < start + n:
+        j, within = divmod(pos, src_cs)
+        k = min(src_cs - within, start + n - pos)
+        e = table[j] if j < len(table) else 0
+        off = e & C.BME_TABLE_OFFSET_MASK
+        if off:
+            out += src._read_meta(k, off + within)
+        elif e & C.BME_TABLE_ALL_ONES:
+            out += b"\xff" * k
+        else:
+            out += bytes(k)
+        pos += k
+    return bytes(out)
 
 
 def _pack_bitmap_entry(table_offset: int, table_size: int, bm: Bitmap) -> bytes:

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from helpers import cli, info, run
+from helpers import clean, cli, info, run
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 
@@ -121,3 +121,29 @@ def test_upgrade_completes_old_snapshot_entries(tmp_path):
         assert (sn.extra_data_size, sn.disk_size, sn.name) == (24, 8 << 20, "old")
     with qcow2.open(str(p), snapshot="old") as im:
         assert im.pread(4, 0) == b"\x21" * 4
+
+
+@pytest.mark.parametrize("steps", [
+    [["-o", "compat=0.10"]],
+    [["-o", "refcount_bits=32,compat=0.10"]],
+    [["-o", "compat=0.10,refcount_bits=16"]],
+    [["-o", "refcount_bits=1"]],
+])
+def test_amend_refcount_width_like_qemu_img(tmp_path, steps):
+    """Refusals come before any change (the image keeps its width), worded as qemu-img."""
+    res = []
+    for who in ("theirs", "ours"):
+        p = tmp_path / f"{who}.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "refcount_bits=64", str(p), "64M")
+        if "-o" in steps[0] and steps[0][1] == "refcount_bits=1":
+            run("qemu-img", "snapshot", "-c", "s", str(p))    # refcounts of 2
+        run("qemu-io", "-c", "write 0 1M", str(p))
+        out = []
+        for args in steps:
+            r = (run("qemu-img", "amend", *args, str(p), check=False) if who == "theirs"
+                 else cli("amend", *args, str(p)))
+            out.append((r.returncode, r.stderr.split(": ", 1)[-1]))
+        clean(p)
+        d = info(p)["format-specific"]["data"]
+        res.append((out, d["refcount-bits"], d["compat"]))
+    assert res[1] == res[0]

@@ -110,3 +110,72 @@ def test_bitmap_data_kept_like_qemu_img(tmp_path):
         assert _run("qemu-img", "check", img).returncode == 0
         dumps.append((_bitmaps(img), os.path.getsize(img)))
     assert dumps[1] == dumps[0]
+
+
+def _bitmap_data(path):
+    """{name: the bitmap's serialized bytes} read from the file (the spec's layout)."""
+    import struct
+    data = path.read_bytes()
+    cs = 1 << struct.unpack_from(">I", data, 20)[0]
+    size = struct.unpack_from(">Q", data, 24)[0]
+    hdr_len = struct.unpack_from(">I", data, 100)[0]
+    pos, out = hdr_len, {}
+    while True:
+        magic, length = struct.unpack_from(">II", data, pos)
+        if magic == 0:
+            return out
+        if magic == 0x23852875:
+            nb, _r, _dsize, doff = struct.unpack_from(">IIQQ", data, pos + 8)
+            p = doff
+            for _ in range(nb):
+                toff, tsize, _flags, _t, gbits, nsize, esize = struct.unpack_from(
+                    ">QIIBBHI", data, p)
+                name = data[p + 24:p + 24 + nsize].decode()
+                bits = (size + (1 << gbits) - 1) >> gbits
+                total = (bits + 7) // 8
+                blob = b""
+                for e in struct.unpack_from(f">{tsize}Q", data, toff):
+                    off = e & 0x00FFFFFFFFFFFE00
+                    blob += data[off:off + cs] if off else (b"\xff" if e & 1 else b"\0") * cs
+                out[name] = blob[:total].ljust(total, b"\0")
+                p += (24 + nsize + esize + 7) // 8 * 8
+        pos += 8 + (length + 7) // 8 * 8
+
+
+@pytest.mark.parametrize("opts", [[], ["-o", "cluster_size=4k"], ["-c"]])
+def test_convert_bitmaps_like_qemu_img(tmp_path, opts):
+    ours = _ours(tmp_path)
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "10M"], check=True)
+    for args in (["--add", "-g", "32k", "b1"], ["--add", "-g", "64k", "--disable", "b2"]):
+        subprocess.run(["qemu-img", "bitmap", *args[:-1], str(src), args[-1]], check=True)
+        subprocess.run(["qemu-io", "-c", "write 1M 3M", "-c", "write 7M 64k", str(src)],
+                       check=True, capture_output=True)
+    got = []
+    for prog, name in (("qemu-img", "theirs.qcow2"), (ours, "mine.qcow2")):
+        out = tmp_path / name
+        r = _run(prog, "convert", "--bitmaps", "-O", "qcow2", *opts, src, out)
+        assert r.returncode == 0, r.stderr
+        assert _run("qemu-img", "check", out).returncode == 0
+        got.append((_bitmaps(out), _bitmap_data(out)))
+    assert got[1] == got[0]
+    assert got[0][1] == _bitmap_data(src) and any(any(v) for v in got[0][1].values())
+
+
+@pytest.mark.parametrize("args", [
+    ["-O", "raw", "SRC", "OUT"], ["-O", "qcow2", "SRC", "SRC", "OUT"],
+    ["-O", "qcow2", "RAW", "OUT"], ["-O", "qcow2", "-o", "compat=0.10", "SRC", "OUT"],
+])
+def test_convert_bitmaps_refusals_like_qemu_img(tmp_path, args):
+    ours = _ours(tmp_path)
+    src, raw = tmp_path / "s.qcow2", tmp_path / "r.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "1M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(src), "b"], check=True)
+    res = []
+    for prog in ("qemu-img", ours):
+        a = [str(src) if x == "SRC" else str(raw) if x == "RAW" else
+             str(tmp_path / "o") if x == "OUT" else x for x in args]
+        r = _run(prog, "convert", "--bitmaps", *a)
+        res.append((r.returncode, r.stderr))
+    assert res[1] == res[0] and res[0][0] == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import InvalidOptionError, UnsupportedFeatureError
+from ..errors import InvalidOptionError
 from ..units import parse_size
 from .common import (add_format, add_progress, add_quiet, add_share, add_untrusted,
                      creatable_format, end_progress, gather_options, progress_for,
@@ -37,8 +37,12 @@ def add_parser(sub):
     p.add_argument("-C", dest="copy_offload", action="store_true",
                    help="copy offloading (copy_file_range): used whenever possible anyway; "
                         "refused with -S, -c and --salvage as in qemu-img")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="copy the source's persistent bitmaps (qcow2 to qcow2)")
+    p.add_argument("--skip-broken-bitmaps", dest="skip_broken_bitmaps", action="store_true",
+                   help="with --bitmaps: leave out the bitmaps in use")
     p.add_argument("--salvage", action="store_true",
-                   help="(qemu-img's: go on past read errors; not supported here)")
+                   help="go on past read errors: unreadable sectors are written as zeros")
     add_progress(p)
     add_quiet(p)
     p.add_argument("-l", dest="snapshot", default=None, help="read an internal snapshot")
@@ -60,9 +64,6 @@ def run(args) -> int:
         fmt = creatable_format(args.out_format)
         sys.stdout.write(help_text(fmt, protocol=len(args.files) >= 2))
         return 0
-    if args.salvage:
-        raise UnsupportedFeatureError("--salvage (going on past read errors) is not "
-                                      "supported by this engine", feature="convert --salvage")
     if len(args.files) < 2:
         raise InvalidOptionError("Expecting image file name" if args.files else
                                  "Must specify image file name")
@@ -75,6 +76,8 @@ def run(args) -> int:
             target_is_zero=args.target_is_zero, backing_file=args.backing_file,
             backing_format=args.backing_format, progress=progress, untrusted=args.untrusted,
             force_share=args.force_share, snapshot=snapshot_arg(args.snapshot),
+            bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps,
+            salvage=_warn if args.salvage else None,
             max_output=(parse_size(args.max_output, what="max output")
                         if args.max_output is not None else None))
     end_progress(progress)
@@ -101,3 +104,8 @@ def _sparse_size(text) -> int:
         return strtosz(text)
     except (ValueError, OverflowError):
         raise size_error("buffer size for sparse output") from None
+
+
+def _warn(message: str) -> None:
+    from .common import error_line
+    error_line(f"warning: {message}")

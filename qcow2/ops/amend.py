@@ -43,8 +43,10 @@ def amend(path, options, *, format: str | None = None, force: bool = False) -> N
         version = None
         if "compat" in opts:
             version = compat_version(str(opts["compat"]), qapi=False)
-            if version == 3:
-                img.set_version(3)              # first: the options below may need it
+        if "refcount_bits" in opts:                # checked before anything changes
+            _check_refcount_bits(opts["refcount_bits"], version or h.version)
+        if version == 3:
+            img.set_version(3)                  # first: the options below may need it
         if "lazy_refcounts" in opts:
             on = parse_bool_option("lazy_refcounts", opts["lazy_refcounts"])
             if on and h.version < 3:
@@ -57,6 +59,15 @@ def amend(path, options, *, format: str | None = None, force: bool = False) -> N
         if version == 2:
             img.set_version(2)                  # last: the options above may need v3
         img.flush()
+
+
+def _check_refcount_bits(value, version: int) -> None:
+    """qemu-img amend's checks of refcount_bits for the version the image will have."""
+    bits = int(parse_size(value, what="refcount_bits"))
+    check_refcount_bits(bits, 3, hint="compat=1.1")
+    if version < 3 and bits != 16:
+        raise InvalidOptionError("Refcount widths other than 16 bits require compatibility "
+                                 "level 1.1 or above (use compat=1.1 or greater)")
 
 
 def _refcount_bits(img: WritableQcow2Image, value, version: int | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from .. import constants as C
 from ..errors import InvalidOptionError
 
 
@@ -54,4 +55,33 @@ def discard_output(out, tmp) -> None:
             pass
 
 
-__all__ = ["output_options", "name_the_output", "discard_output"]
+def bitmaps_to_copy(images, out_format: str, opts: dict, skip_broken: bool) -> list:
+    """convert --bitmaps: the source's persistent bitmaps (qemu-img's refusals: one
+    qcow2 source, a qcow2 v3 output; a bitmap in use is refused, or skipped with
+    --skip-broken-bitmaps)."""
+    from ..errors import Qcow2Error, UnsupportedFeatureError
+    from ..reshape import read_bitmaps
+
+    if len(images) != 1:
+        raise InvalidOptionError("Copying bitmaps only possible with single source")
+    if out_format != "qcow2" or str(opts.get("compat", "")) in ("0.10", "v2"):
+        raise UnsupportedFeatureError(f"Format driver '{out_format}' does not support "
+                                      f"bitmaps", feature="convert --bitmaps")
+    if images[0].format != "qcow2" or images[0].header.version < 3:
+        raise UnsupportedFeatureError("Source lacks bitmap support",
+                                      feature="convert --bitmaps")
+    out = []
+    for bm in read_bitmaps(images[0]):
+        if bm.flags & C.BME_FLAG_IN_USE:
+            if skip_broken:
+                continue
+            name = bm.name.decode("utf-8", "replace")
+            err = Qcow2Error(f"Cannot copy inconsistent bitmap '{name}'")
+            err.hint = ("Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to "  # type: ignore[attr-defined]
+                        "delete it\n")
+            raise err
+        out.append(bm)
+    return out
+
+
+__all__ = ["output_options", "name_the_output", "discard_output", "bitmaps_to_copy"]
