@@ -114,6 +114,24 @@ def test_backing_chain_keys(tmp_path):
         q.pread(10, 0)
 
 
+def test_convert_and_compare_with_keys(tmp_path):
+    """Decrypting to a plain image: convert and compare take the passphrases by file
+    name (the source's and its chain's)."""
+    img = tmp_path / "enc.qcow2"
+    make_encrypted(img, writes=WRITES)
+    ref = oracle_raw(img, tmp_path)
+    keys = {str(img): SECRET}
+    for fmt in ("raw", "qcow2"):
+        out = tmp_path / f"plain.{fmt}"
+        qcow2.convert(str(img), str(out), out_format=fmt, keys=keys)
+        with qcow2.open(str(out)) as q:
+            assert q.pread(q.size, 0) == ref
+        assert qcow2.compare(str(img), str(out), keys=keys) is None
+    with pytest.raises(qcow2.InvalidKeyError):
+        qcow2.convert(str(img), str(tmp_path / "nokey.raw"), out_format="raw")
+    assert not (tmp_path / "nokey.raw").exists()
+
+
 def test_writes_refused(tmp_path):
     img = tmp_path / "enc.qcow2"
     make_encrypted(img)

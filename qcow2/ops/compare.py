@@ -75,7 +75,8 @@ class Comparison(NamedTuple):
 
 def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
             strict: bool = False, progress: Callable[[float], None] | None = None,
-            force_share: bool = False, workers: int = 2, untrusted: bool = False) -> int | None:
+            force_share: bool = False, workers: int = 2, untrusted: bool = False,
+            keys=None) -> int | None:
     """Compare the guest content of images ``a`` and ``b`` like ``qemu-img compare``.
 
     Returns None when they are identical, else the offset qemu-img reports (the first
@@ -84,14 +85,15 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
     Raises Qcow2Error (with ``exit_code`` 2, 3 or 4 as qemu-img exits) on errors.
     """
     res = compare_images(a, b, fmt_a=fmt_a, fmt_b=fmt_b, strict=strict, progress=progress,
-                         force_share=force_share, workers=workers, untrusted=untrusted)
+                         force_share=force_share, workers=workers, untrusted=untrusted,
+                         keys=keys)
     return None if res.mismatch is None else res.mismatch.offset
 
 
 def compare_images(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
                    strict: bool = False, progress: Callable[[float], None] | None = None,
                    force_share: bool = False, workers: int = 2,
-                   untrusted: bool = False) -> Comparison:
+                   untrusted: bool = False, keys=None) -> Comparison:
     """:func:`compare` with the details the CLI prints: both sizes and the mismatch."""
     names = (os.fspath(a), os.fspath(b))
     imgs = []
@@ -99,7 +101,8 @@ def compare_images(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
         for name, fmt in zip(names, (fmt_a, fmt_b), strict=True):
             try:
                 imgs.append(open_image(name, format=fmt, force_share=force_share,
-                                       untrusted=untrusted))
+                                       untrusted=untrusted, key=(keys or {}).get(name),
+                                       keys=keys))
             except Qcow2Error as exc:
                 exc.exit_code = EXIT_OPEN  # type: ignore[attr-defined]
                 raise

@@ -113,7 +113,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             backing_file: str | None = None, backing_format: str | None = None,
             progress=None, untrusted: bool = False, force_share: bool = False,
             snapshot=None, max_output: int | None = None, bitmaps: bool = False,
-            skip_broken_bitmaps: bool = False, salvage=None) -> None:
+            skip_broken_bitmaps: bool = False, salvage=None, keys=None) -> None:
     """Convert image(s) ``src`` (a path or a list of paths, concatenated) to ``dst``.
 
     ``out_format`` "raw" (sparse) or "qcow2"; ``compress`` (-c) writes compressed
@@ -128,7 +128,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     ``max_output``: refuse (UnsafeImageError) when the output would exceed that many bytes;
     ``bitmaps`` (--bitmaps): copy the source's persistent bitmaps (qcow2 to qcow2), those
     in use refused unless ``skip_broken_bitmaps``; ``salvage`` (--salvage): called with a
-    warning per unreadable source sector, written as zeros (one worker: warnings in order).
+    warning per unreadable source sector, written as zeros (one worker: warnings in order);
+    ``keys``: passphrases of encrypted sources (and of their backing files) by file name.
     """
     from ..opener import open_image
 
@@ -162,7 +163,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     try:
         for s in srcs:
             images.append(open_image(s, format=src_format, untrusted=untrusted,
-                                     snapshot=snapshot, force_share=force_share))
+                                     snapshot=snapshot, force_share=force_share,
+                                     key=(keys or {}).get(os.fspath(s)), keys=keys))
         if backing_file is not None:
             if len(images) > 1:
                 raise InvalidOptionError("Having a backing file for the target makes no sense "
