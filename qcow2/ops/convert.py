@@ -26,7 +26,8 @@ from ..atomic import (AtomicOutput, copy_range, io_buffer, pwrite_all, start_wri
                       sync_new_name)
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import combine_path, temp_name
-from .outputopts import bitmaps_to_copy, discard_output, name_the_output, output_options
+from .outputopts import (bitmaps_to_copy, default_workers, discard_output, name_the_output,
+                         output_options)
 from .windows import chunks, windows
 from .progress import PROGRESS_STEP, Progress
 from .sparse_runs import sparse_data_runs
@@ -96,14 +97,12 @@ def _data_total(images, top_only: bool, progress) -> int:
     return sum(p.n for p in _plan(images, top_only=top_only) if p.kind == DATA)
 
 
-def _default_workers(dst) -> int:
-    """One worker per core (up to 4); into RBD two per core (up to 8): its writes wait
-    on the network and the OSDs, and more in flight keep decoding going meanwhile
-    (measured on 2 cores: 4 workers take 0.8x the time of 2, for ~25 MiB more)."""
-    cores = os.cpu_count() or 1
-    if is_rbd_name(dst):
-        return min(8, max(4, 2 * cores))
-    return min(4, cores)
+def _key_for(keys, src):
+    """The passphrase ``keys`` holds for a source named by path (None: none given, or a
+    store handed in)."""
+    if not keys or not isinstance(src, (str, bytes, os.PathLike)):
+        return None
+    return keys.get(os.fsdecode(src))
 
 
 def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
@@ -151,7 +150,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     if workers is not None and not 1 <= workers <= 16:
         raise InvalidOptionError("Invalid number of coroutines. Allowed number of coroutines "
                                  "is between 1 and 16")
-    workers = workers or _default_workers(dst)
+    workers = workers or default_workers(dst)
     srcs = [src] if isinstance(src, (str, bytes, os.PathLike)) else list(src)
     if not srcs:
         raise InvalidOptionError("Must specify image file name")
@@ -164,7 +163,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         for s in srcs:
             images.append(open_image(s, format=src_format, untrusted=untrusted,
                                      snapshot=snapshot, force_share=force_share,
-                                     key=(keys or {}).get(os.fspath(s)), keys=keys))
+                                     key=_key_for(keys, s), keys=keys))
         if backing_file is not None:
             if len(images) > 1:
                 raise InvalidOptionError("Having a backing file for the target makes no sense "
