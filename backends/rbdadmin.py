@@ -26,24 +26,32 @@ def _err(r: int, what: str) -> OSError:
     return OSError(-r, f"{what}: {os.strerror(-r)}")
 
 
+def _listing(ctype: str, count_type: str, call):
+    """librbd's list calls: ``call(array, count)`` fills an array of ``ctype`` and
+    returns its result; -ERANGE (too small) is retried with the size librbd asked for.
+    Returns (result, array, count)."""
+    ffi = binding()[0]
+    n = _LIST_START
+    while True:
+        items = ffi.new(f"{ctype}[]", n)
+        count = ffi.new(f"{count_type} *", n)
+        r = call(items, count)
+        if r != -errno.ERANGE:
+            return r, items, int(count[0])
+        n = max(n * 2, int(count[0]))
+
+
 def list_images(cluster: Cluster) -> list[str]:
     """The names of the images in the cluster's pool (namespace), sorted."""
     ffi, lib = binding()
-    n = _LIST_START
-    while True:
-        specs = ffi.new("rbd_image_spec_t[]", n)
-        count = ffi.new("size_t *", n)
-        r = lib.rbd_list2(cluster.ioctx, specs, count)
-        if r == -errno.ERANGE:
-            n = max(n * 2, int(count[0]))
-            continue
-        if r < 0:
-            raise _err(r, f"cannot list the images of pool '{cluster.pool}'")
-        try:
-            return sorted(ffi.string(specs[i].name).decode(errors="replace")
-                          for i in range(int(count[0])))
-        finally:
-            lib.rbd_image_spec_list_cleanup(specs, count[0])
+    r, specs, count = _listing("rbd_image_spec_t", "size_t",
+                               lambda a, c: lib.rbd_list2(cluster.ioctx, a, c))
+    if r < 0:
+        raise _err(r, f"cannot list the images of pool '{cluster.pool}'")
+    try:
+        return sorted(ffi.string(specs[i].name).decode(errors="replace") for i in range(count))
+    finally:
+        lib.rbd_image_spec_list_cleanup(specs, count)
 
 
 def rename(cluster: Cluster, src: str, dst: str) -> None:
@@ -208,19 +216,13 @@ class Image:
     # -- snapshots -----------------------------------------------------------------------
     def snapshots(self) -> list[str]:
         ffi, lib = binding()
-        n = _LIST_START
-        while True:
-            snaps = ffi.new("rbd_snap_info_t[]", n)
-            count = ffi.new("int *", n)
-            r = lib.rbd_snap_list(self.handle, snaps, count)
-            if r == -errno.ERANGE:
-                n = max(n * 2, int(count[0]))
-                continue
-            self._check(r, "cannot list the snapshots")
-            try:
-                return [ffi.string(snaps[i].name).decode(errors="replace") for i in range(r)]
-            finally:
-                lib.rbd_snap_list_end(snaps)
+        r, snaps, _n = _listing("rbd_snap_info_t", "int",
+                                lambda a, c: lib.rbd_snap_list(self.handle, a, c))
+        self._check(r, "cannot list the snapshots")
+        try:
+            return [ffi.string(snaps[i].name).decode(errors="replace") for i in range(r)]
+        finally:
+            lib.rbd_snap_list_end(snaps)
 
     def snap_create(self, snap: str) -> None:
         self._check(binding()[1].rbd_snap_create(self.handle, snap.encode()),
@@ -250,21 +252,15 @@ class Image:
         """(pool, image, in trash) of the clones of the snapshot this handle was opened
         at (the image must be opened with ``snapshot``)."""
         ffi, lib = binding()
-        n = _LIST_START
-        while True:
-            specs = ffi.new("rbd_linked_image_spec_t[]", n)
-            count = ffi.new("size_t *", n)
-            r = lib.rbd_list_children3(self.handle, specs, count)
-            if r == -errno.ERANGE:
-                n = max(n * 2, int(count[0]))
-                continue
-            self._check(r, "cannot list the clones")
-            try:
-                return [(ffi.string(specs[i].pool_name).decode(errors="replace"),
-                         ffi.string(specs[i].image_name).decode(errors="replace"),
-                         bool(specs[i].trash)) for i in range(int(count[0]))]
-            finally:
-                lib.rbd_linked_image_spec_list_cleanup(specs, count[0])
+        r, specs, count = _listing("rbd_linked_image_spec_t", "size_t",
+                                   lambda a, c: lib.rbd_list_children3(self.handle, a, c))
+        self._check(r, "cannot list the clones")
+        try:
+            return [(ffi.string(specs[i].pool_name).decode(errors="replace"),
+                     ffi.string(specs[i].image_name).decode(errors="replace"),
+                     bool(specs[i].trash)) for i in range(count)]
+        finally:
+            lib.rbd_linked_image_spec_list_cleanup(specs, count)
 
     def parent(self) -> tuple[str, str, str] | None:
         """(pool, image, snapshot) this image was cloned from, or None."""
