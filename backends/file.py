@@ -42,6 +42,12 @@ class FileBackend(Backend):
         self.name = name or (self.path if self.path is not None else f"<fd {fd}>")
         self.writable = writable
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            # opening a directory read-only succeeds; refuse here, not at the first read
+            if self._owns_fd:
+                os.close(fd)
+            self.fd = -1
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.name)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._seek_data_ok: bool | None = None
 

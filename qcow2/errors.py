@@ -12,6 +12,8 @@ Every error inherits from a builtin too, so generic handlers (``except ValueErro
     +-- UnsupportedFeatureError(NotImplementedError)   .feature
     +-- UnsafeImageError             backing/data file not allowed, limits exceeded
     +-- ReadOnlyError(PermissionError)
+    +-- ClosedImageError(ValueError)    an operation on a closed image
+    +-- ImageOpenError(OSError)         the file cannot be opened: .errno, .filename
     +-- NativeUnavailableError(ImportError)
 """
 
@@ -56,7 +58,8 @@ class DecompressionError(CorruptImageError):
 
 
 class InvalidOptionError(Qcow2Error, ValueError):
-    """An option, or a combination of options, is invalid (qemu-img: EINVAL)."""
+    """An option, an argument, or a combination of them is invalid (qemu-img: EINVAL):
+    also a negative offset or length, or a range outside the disk."""
 
 
 class ImageTooLargeError(InvalidOptionError):
@@ -84,6 +87,23 @@ class ReadOnlyError(Qcow2Error, PermissionError):
     """A write was attempted on an image opened read-only."""
 
 
+class ClosedImageError(Qcow2Error, ValueError):
+    """An operation on an image (or its file object) after ``close()``."""
+
+
+class ImageOpenError(Qcow2Error, OSError):
+    """The file (or device, or RBD image) cannot be opened; ``errno`` and ``filename``
+    say which and why.  ``str()`` is the one-line message qemu-img prints."""
+
+    def __init__(self, message: str, *, errno: int | None = None,
+                 filename: str | None = None):
+        super().__init__(errno, message, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class NativeUnavailableError(Qcow2Error, ImportError):
     """The native core was required (QCOW2_IMPL=native / QCOW2_REQUIRE_NATIVE=1) but is missing."""
 
@@ -91,5 +111,6 @@ class NativeUnavailableError(Qcow2Error, ImportError):
 __all__ = [
     "Qcow2Error", "FormatError", "NotQcow2Error", "CorruptImageError", "DecompressionError",
     "InvalidOptionError", "ImageTooLargeError", "UnsupportedFeatureError", "UnsafeImageError",
-    "ReadOnlyError", "NativeUnavailableError", "InvalidKeyError",
+    "ReadOnlyError", "NativeUnavailableError", "InvalidKeyError", "ClosedImageError",
+    "ImageOpenError",
 ]

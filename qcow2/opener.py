@@ -27,8 +27,8 @@ import os
 
 from . import constants as C
 from .backends import Backend, FileBackend
-from .errors import (FormatError, Qcow2Error, ReadOnlyError, UnsafeImageError,
-                     UnsupportedFeatureError)
+from .errors import (FormatError, ImageOpenError, InvalidOptionError, ReadOnlyError,
+                     UnsafeImageError, UnsupportedFeatureError)
 from .image import Image, RawImage
 from .imageopts import is_option_name, resolve_name
 from .paths import check_file_name, combine_path
@@ -56,7 +56,7 @@ def open_image(target, mode: str = "r", *, format: str | None = None, untrusted:
 def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backing, max_depth,
           limits, chain: tuple, depth: int, key=None, keys=None) -> Image:
     if mode not in _MODES:
-        raise ValueError(f"invalid mode {mode!r} (use 'r' or 'r+')")
+        raise InvalidOptionError(f"invalid mode {mode!r} (use 'r' or 'r+')")
     writable = "+" in mode
     if untrusted and writable:
         raise UnsafeImageError("an untrusted image is opened read-only (it is never "
@@ -72,7 +72,7 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
         try:
             be.lock(write=writable, force_share=force_share and not writable)
         except OSError as exc:
-            raise Qcow2Error(f"Could not open '{filename}': {exc.strerror or exc}") from None
+            raise _open_error(filename, exc) from None
         ident = be.identity()
         if ident in chain:
             raise UnsafeImageError(f"backing chain loop: {filename!r} is already in the chain")
@@ -155,10 +155,9 @@ def _open_file(filename: str, writable: bool) -> Backend:
         raise _open_error(filename, exc) from None
 
 
-def _open_error(filename: str, exc: OSError) -> Qcow2Error:
-    err = Qcow2Error(f"Could not open '{filename}': {exc.strerror or exc}")
-    err.errno = exc.errno  # type: ignore[attr-defined]
-    return err
+def _open_error(filename: str, exc: OSError) -> ImageOpenError:
+    return ImageOpenError(f"Could not open '{filename}': {exc.strerror or exc}",
+                          errno=exc.errno, filename=filename)
 
 
 class _Companions:
@@ -215,7 +214,7 @@ class _Companions:
             be.lock(write=writable, force_share=self.force_share)
         except OSError as exc:
             be.close()
-            raise Qcow2Error(f"Could not open '{path}': {exc.strerror or exc}") from None
+            raise _open_error(path, exc) from None
         return be, path
 
 

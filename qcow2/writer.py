@@ -38,7 +38,8 @@ from . import constants as C
 from .cluster import compressed_entry, compressed_extent
 from .atomic import copy_range
 from .cache import TableCache
-from .errors import CorruptImageError, Qcow2Error, ReadOnlyError, UnsupportedFeatureError
+from .errors import (ClosedImageError, CorruptImageError, InvalidOptionError, Qcow2Error,
+                     ReadOnlyError, UnsupportedFeatureError)
 from .image import zero_fill
 from .internal_snapshots import InternalSnapshots
 from .overlap import GUEST_DATA, HEADER_FIELD, MetadataMap
@@ -237,7 +238,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
 
     def _mark_modified(self) -> None:
         if self._closed:
-            raise ValueError("I/O operation on closed image")
+            raise ClosedImageError("I/O operation on closed image")
         self._refuse_if_failed()
         if self.header.lazy_refcounts and not self._marked_dirty and self.header.version >= 3:
             # Refcounts stay exact here, but mark the image dirty while it is open
@@ -318,8 +319,8 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         mv = memoryview(data).cast("B")
         n = len(mv)
         if offset < 0 or offset + n > self.size:
-            raise ValueError(f"write of {n} bytes at {offset} is outside the disk "
-                             f"(size {self.size})")
+            raise InvalidOptionError(f"write of {n} bytes at {offset} is outside the disk "
+                                     f"(size {self.size})")
         if not n:
             return 0
         src = None
@@ -334,7 +335,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         """Make [offset, offset+n) read as zeros: zero clusters/subclusters where the
         format allows (whole units, v3), explicit zeros for the unaligned rest."""
         if offset < 0 or n < 0 or offset + n > self.size:
-            raise ValueError("range outside the disk")
+            raise InvalidOptionError("range outside the disk")
         if not n:
             return
         with self._lock:
@@ -366,7 +367,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         zeros there, v2 images read the backing file (or zeros); partial clusters at
         either end are left alone (discard is a hint)."""
         if offset < 0 or n < 0 or offset + n > self.size:
-            raise ValueError("range outside the disk")
+            raise InvalidOptionError("range outside the disk")
         cs = self.cluster_size
         a = (offset + cs - 1) // cs * cs
         b = (offset + n) // cs * cs
@@ -381,6 +382,8 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
     def flush(self, *, sync_only_metadata: bool = False) -> None:
         """Make every write so far durable, in the order that keeps the image consistent."""
         with self._lock:
+            if self._closed:
+                raise ClosedImageError("I/O operation on closed image")
             refs = self.refs
             self._refuse_if_failed()
             self._stage_sync()                                  # data before anything points at it
@@ -440,7 +443,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         mv = memoryview(data).cast("B")
         cs = self.cluster_size
         if offset % cs or (len(mv) != cs and offset + len(mv) != self.size) or len(mv) > cs:
-            raise ValueError("compressed writes take whole, aligned clusters")
+            raise InvalidOptionError("compressed writes take whole, aligned clusters")
         self._refuse_compressed_with_data_file()
         if self._compressor is None:
             self._compressor = self.kernels.Compressor(self.header.compression_type, cs)
@@ -477,7 +480,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         cs = self.cluster_size
         raw = memoryview(raw).cast("B")
         if offset % cs or offset + len(raw) > self.size or len(raw) > len(comps) * cs:
-            raise ValueError("compressed writes take whole, aligned clusters")
+            raise InvalidOptionError("compressed writes take whole, aligned clusters")
         self._refuse_compressed_with_data_file()
         mask = self._l2_entries - 1
         written = 0

@@ -175,12 +175,12 @@ def test_one_byte_differs(imgs, off):
         assert rc == 1 and out.startswith("Content mismatch")
         assert_like_qemu("-s", imgs[a], imgs[b])
     got = qcow2.compare(imgs[f"poke{off}.raw"], imgs["full.qcow2"])
-    assert got == off - off % 512
+    assert got and got.offset == off - off % 512 and got.reason == "content"
 
 
 def test_first_of_two_differences(imgs):
     assert_like_qemu(imgs["two.raw"], imgs["full.qcow2"])
-    assert qcow2.compare(imgs["full.raw"], imgs["two.raw"]) == 5 * MiB + 10 - 10
+    assert qcow2.compare(imgs["full.raw"], imgs["two.raw"]).offset == 5 * MiB + 10 - 10
 
 
 @pytest.mark.parametrize("a,b", [
@@ -198,12 +198,15 @@ def test_sizes_differ(imgs, a, b, strict):
 def test_library_api(imgs):
     assert qcow2.compare(imgs["full.qcow2"], imgs["full.raw"]) is None
     assert qcow2.compare(imgs["bigzero.qcow2"], imgs["full.raw"]) is None
-    assert qcow2.compare(imgs["bigdata.qcow2"], imgs["full.raw"]) == 30 * MiB + 512
-    assert qcow2.compare(imgs["bigzero.qcow2"], imgs["full.raw"], strict=True) == SIZE
+    assert qcow2.compare(imgs["bigdata.qcow2"], imgs["full.raw"]).offset == 30 * MiB + 512
+    got = qcow2.compare(imgs["bigzero.qcow2"], imgs["full.raw"], strict=True)
+    assert got.offset == SIZE and got.reason in ("size", "block status")
     assert qcow2.compare(imgs["full.raw"], imgs["full.qcow2"], fmt_a="raw", fmt_b="qcow2",
                          workers=1) is None
     # a qcow2 file read as raw is a different disk
-    assert qcow2.compare(imgs["full.qcow2"], imgs["full.raw"], fmt_a="raw") == 0
+    got = qcow2.compare(imgs["full.qcow2"], imgs["full.raw"], fmt_a="raw")
+    assert got.offset == 0
+    assert got, "a difference at offset 0 must not read as identical"
     seen = []
     assert qcow2.compare(imgs["comp.qcow2"], imgs["full.raw"], progress=seen.append) is None
     assert seen[0] == 0.0 and seen[-1] == 100.0 and seen == sorted(seen)

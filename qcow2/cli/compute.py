@@ -28,21 +28,27 @@ def add_parser(sub):
 
     s = cs.add_parser("spawn", help="fetch the image and build an instance's disks")
     common(s)
-    s.add_argument("--instance", required=True)
+    s.add_argument("--instance", required=True, metavar="UUID",
+                   help="the instance's UUID (names its folder and disks)")
     s.add_argument("--image", required=True, help="image id (names the cache file)")
     s.add_argument("--source", required=True, help="local path, http(s) URL, or (images_type=rbd) "
                                           "rbd://FSID/POOL/IMAGE/SNAP")
-    s.add_argument("--root-size", required=True, type=_size)
+    s.add_argument("--root-size", required=True, type=_size, metavar="SIZE",
+                   help="root disk size: bytes, or with a k, M, G, T suffix (1024-based: "
+                        "20G); at least the image's virtual size")
     s.add_argument("--disk-format", choices=("qcow2", "raw"), default=None)
     s.add_argument("--checksum", default=None, help="sha256:HEX")
-    s.add_argument("--ephemeral-size", type=_size, default=None)
-    s.add_argument("--swap-size", type=_size, default=None)
+    s.add_argument("--ephemeral-size", type=_size, default=None, metavar="SIZE",
+                   help="an ephemeral disk (disk.local) of SIZE, formatted as "
+                        "default_ephemeral_format says")
+    s.add_argument("--swap-size", type=_size, default=None, metavar="SIZE",
+                   help="a swap disk (disk.swap) of SIZE")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=run_spawn)
 
     d = cs.add_parser("destroy", help="remove an instance's disks")
     common(d)
-    d.add_argument("--instance", required=True)
+    d.add_argument("--instance", required=True, metavar="UUID", help="the instance's UUID")
     d.set_defaults(func=run_destroy)
 
     c = cs.add_parser("clean", help="one pass of the image cache manager")
@@ -71,8 +77,17 @@ def _size(text: str) -> int:
 
 
 def _opts(args):
-    from ..compute import Options
-    return Options.from_file(args.config)
+    """The options of ``--config``; nova's default instances_path is used when the file
+    sets none, and a note on stderr says so (the flow writes there)."""
+    import sys
+
+    from ..compute import Options, read_options
+    values = read_options(args.config)
+    opts = Options(**values)
+    if "instances_path" not in values:
+        print(f"qcow2 compute: note: {args.config} sets no [DEFAULT] instances_path; "
+              f"using nova's default {opts.instances_path}", file=sys.stderr)
+    return opts
 
 
 def run_spawn(args) -> int:

@@ -17,7 +17,7 @@ would shadow the function); with images_type=rbd ``rbdcache``, ``rbddisks``,
 from __future__ import annotations
 
 from .cacheaudit import audit
-from .config import Options
+from .config import Options, read_options
 from .disks import destroy, spawn
 from .errors import (ChecksumError, ComputeError, DownloadError, ImageFormatMismatchError,
                      InsufficientSpaceError, ToolError)
@@ -25,6 +25,7 @@ from .fetch import fetch_base
 from .locks import base_name, ephemeral_name, swap_name
 from .manager import bases_in_use, clean, usage
 
-__all__ = ["Options", "spawn", "destroy", "fetch_base", "clean", "usage", "audit", "bases_in_use",
-           "base_name", "ephemeral_name", "swap_name", "ComputeError", "DownloadError",
-           "ChecksumError", "ImageFormatMismatchError", "InsufficientSpaceError", "ToolError"]
+__all__ = ["Options", "read_options", "spawn", "destroy", "fetch_base", "clean", "usage", "audit",
+           "bases_in_use", "base_name", "ephemeral_name", "swap_name", "ComputeError",
+           "DownloadError", "ChecksumError", "ImageFormatMismatchError", "InsufficientSpaceError",
+           "ToolError"]

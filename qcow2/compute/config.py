@@ -140,26 +140,33 @@ class Options:
     @classmethod
     def from_file(cls, path, **overrides) -> "Options":
         """Options from a nova.conf-style INI file; ``overrides`` win."""
-        cp = configparser.ConfigParser(interpolation=None, strict=False)
-        try:
-            with open(path, encoding="utf-8") as f:
-                cp.read_file(f)
-        except configparser.Error as exc:
-            raise InvalidOptionError(f"cannot parse {path}: {exc}".splitlines()[0]) from None
-        values = {}
-        for attr, section, name, kind in _SCHEMA:
-            if section == "DEFAULT":
-                raw = cp.defaults().get(name)
-            else:
-                raw = cp.get(section, name, fallback=None) if cp.has_section(section) else None
-                if raw is not None and cp.defaults().get(name) == raw \
-                        and not cp.has_option(section, name):
-                    raw = None
-            if raw is None:
-                continue
-            values[attr] = _convert(section, name, kind, raw.strip())
+        values = read_options(path)
         values.update(overrides)
         return cls(**values)
+
+
+def read_options(path) -> dict:
+    """The options a nova.conf-style INI file sets, by attribute name, converted (those
+    it leaves out are absent: nova's defaults apply)."""
+    cp = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cp.read_file(f)
+    except configparser.Error as exc:
+        raise InvalidOptionError(f"cannot parse {path}: {exc}".splitlines()[0]) from None
+    values = {}
+    for attr, section, name, kind in _SCHEMA:
+        if section == "DEFAULT":
+            raw = cp.defaults().get(name)
+        else:
+            raw = cp.get(section, name, fallback=None) if cp.has_section(section) else None
+            if raw is not None and cp.defaults().get(name) == raw \
+                    and not cp.has_option(section, name):
+                raw = None
+        if raw is None:
+            continue
+        values[attr] = _convert(section, name, kind, raw.strip())
+    return values
 
 
 def _convert(section: str, name: str, kind: str, raw: str):

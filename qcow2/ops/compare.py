@@ -76,18 +76,20 @@ class Comparison(NamedTuple):
 def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
             strict: bool = False, progress: Callable[[float], None] | None = None,
             force_share: bool = False, workers: int = 2, untrusted: bool = False,
-            keys=None) -> int | None:
+            keys=None) -> Mismatch | None:
     """Compare the guest content of images ``a`` and ``b`` like ``qemu-img compare``.
 
-    Returns None when they are identical, else the offset qemu-img reports (the first
-    differing sector; in strict mode also the first block-status difference, or the
-    smaller size when the sizes differ).  ``progress`` is called with a percentage.
-    Raises Qcow2Error (with ``exit_code`` 2, 3 or 4 as qemu-img exits) on errors.
+    Returns None when they are identical, else a :class:`Mismatch` (always true, even
+    at offset 0: ``if compare(a, b):`` reads "they differ") whose ``offset`` is the one
+    qemu-img reports (the first differing sector; in strict mode also the first
+    block-status difference, or the smaller size when the sizes differ) and ``reason``
+    says which.  ``progress`` is called with a percentage.  Raises Qcow2Error (with
+    ``exit_code`` 2, 3 or 4 as qemu-img exits) on errors.
     """
     res = compare_images(a, b, fmt_a=fmt_a, fmt_b=fmt_b, strict=strict, progress=progress,
                          force_share=force_share, workers=workers, untrusted=untrusted,
                          keys=keys)
-    return None if res.mismatch is None else res.mismatch.offset
+    return res.mismatch
 
 
 def compare_images(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None,
