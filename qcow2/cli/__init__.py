@@ -88,7 +88,49 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind (temporary outputs are removed on the way),
+    then die of the signal."""
+
+
+def _on_signal(signum, frame):
+    import signal
+    signal.signal(signum, signal.SIG_IGN)       # a second one must not cut the clean-up
+    raise _Terminated(signum)
+
+
+def _catch_termination():
+    """Turn SIGTERM/SIGHUP into an exception while a command runs (the previous
+    handlers, to restore after), so that they clean up as Ctrl-C does."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            old[sig] = signal.signal(sig, _on_signal)
+    return old
+
+
 def main(argv=None) -> int:
+    import signal
+    old = _catch_termination()
+    try:
+        return _main(argv)
+    except _Terminated as exc:
+        signum = exc.args[0]
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        old = {}
+        os.kill(os.getpid(), signum)            # the exit status says which signal
+        return 128 + signum
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv) -> int:
     from ..errors import Qcow2Error
 
     argv = sys.argv[1:] if argv is None else list(argv)
