@@ -14,7 +14,7 @@ import io
 import threading
 from collections import namedtuple
 
-from .errors import InvalidOptionError, Qcow2Error, ReadOnlyError
+from .errors import ClosedImageError, InvalidOptionError, Qcow2Error, ReadOnlyError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
@@ -73,12 +73,15 @@ class Image:
     backing: "Image | None" = None
     be: "Backend"
     owns_backend: bool = True
+    closed: bool = False
 
     # -- reading -------------------------------------------------------------
     def readinto(self, buf, offset: int) -> int:
         """Read into ``buf`` from guest ``offset``; short only at the end of the disk."""
         if offset < 0:
-            raise ValueError("negative offset")
+            raise InvalidOptionError(f"negative offset {offset}")
+        if self.closed:
+            raise ClosedImageError("I/O operation on closed image")
         mv = memoryview(buf).cast("B")
         n = max(0, min(len(mv), self.size - offset))
         if n:
@@ -87,7 +90,7 @@ class Image:
 
     def pread(self, n: int, offset: int) -> bytes:
         if n < 0:
-            raise ValueError("negative length")
+            raise InvalidOptionError(f"negative length {n}")
         n = max(0, min(n, self.size - offset)) if offset >= 0 else n
         if n >= _SCRATCH_MIN:
             # Large reads go through a page-aligned buffer, reused per thread up to
@@ -141,6 +144,10 @@ class Image:
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         """Allocation runs over the whole chain, merged exactly as ``qemu-img map`` does."""
+        if start < 0:
+            raise InvalidOptionError(f"negative start offset {start}")
+        if self.closed:
+            raise ClosedImageError("I/O operation on closed image")
         if end is None or end > self.size:
             end = self.size
         cur: list | None = None
@@ -217,6 +224,7 @@ class Image:
 
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:
+        self.closed = True
         if self.backing is not None:
             self.backing.close()
 
@@ -267,7 +275,7 @@ class RawImage(Image):
         if not self.writable:
             raise ReadOnlyError(f"image '{self.filename}' is open read-only")
         if offset < 0 or n < 0 or offset + n > self.size:
-            raise ValueError(f"range {offset}+{n} is outside the disk (size {self.size})")
+            raise InvalidOptionError(f"range {offset}+{n} is outside the disk (size {self.size})")
 
     def pwrite(self, data, offset: int) -> int:
         mv = memoryview(data).cast("B")
@@ -321,6 +329,7 @@ class RawImage(Image):
                 "actual-size": self._actual_size(), "dirty-flag": False}
 
     def close(self):
+        self.closed = True
         self._close_backend()
 
 
@@ -344,7 +353,7 @@ class ImageFile(io.RawIOBase):
 
     def readinto(self, b) -> int:
         if self.closed:
-            raise ValueError("I/O operation on closed file")
+            raise ClosedImageError("I/O operation on closed file")
         n = self._img.readinto(b, self._pos)
         self._pos += n
         return n
@@ -353,7 +362,7 @@ class ImageFile(io.RawIOBase):
         if size is None or size < 0:
             return self.readall()
         if self.closed:
-            raise ValueError("I/O operation on closed file")
+            raise ClosedImageError("I/O operation on closed file")
         data = self._img.pread(size, self._pos)    # (RawIOBase's read zeroes a new
         self._pos += len(data)                      # bytearray per call, then copies)
         return data
@@ -366,9 +375,9 @@ class ImageFile(io.RawIOBase):
         elif whence == io.SEEK_END:
             pos = self._img.size + offset
         else:
-            raise ValueError(f"invalid whence {whence}")
+            raise InvalidOptionError(f"invalid whence {whence}")
         if pos < 0:
-            raise ValueError("negative seek position")
+            raise InvalidOptionError("negative seek position")
         self._pos = pos
         return pos
 

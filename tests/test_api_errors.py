@@ -91,3 +91,20 @@ def test_unset_instances_path_is_announced(tmp_path):
     conf.write_text(f"[DEFAULT]\ninstances_path = {tmp_path / 'inst'}\n")
     res = _cli("compute", "usage", "--config", str(conf))
     assert res.returncode == 0 and res.stderr == ""
+
+
+def test_reads_and_extents_checked(image):
+    img = qcow2.open(image)
+    for call in (lambda: img.pread(10, -5), lambda: img.pread(-1, 0),
+                 lambda: list(img.extents(-5000, 10)), lambda: img.file().seek(-1)):
+        with pytest.raises(InvalidOptionError):
+            call()
+    f = img.file()
+    img.close()
+    for call in (lambda: img.pread(10, 0), lambda: list(img.extents()),
+                 lambda: img.readinto(bytearray(4), 0)):
+        with pytest.raises(ClosedImageError):
+            call()
+    f.close()
+    with pytest.raises(ClosedImageError):
+        f.read(1)
