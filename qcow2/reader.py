@@ -23,7 +23,8 @@ from .cache import TableCache
 from .errors import CorruptImageError, DecompressionError, Qcow2Error, ReadOnlyError, \
     UnsafeImageError
 from .header import Header
-from .image import ST_DATA, ST_OFFSET_VALID, ST_ZERO, Image, zero_fill
+from .image import READ_COPY, READ_FILE, READ_ZEROS, ST_DATA, ST_OFFSET_VALID, ST_ZERO, Image, \
+    add_piece, zero_fill
 from .paths import combine_path
 from .refcount import RefcountReader
 from .snapshot import Snapshot, find_snapshot, read_snapshot_table
@@ -94,6 +95,36 @@ def _decode_into(dec, mv, src, full, offset: int) -> None:
         dec = dec()
     dec.decompress_into(mv, src, [so for _c, so in full], [c[3] for c, _so in full],
                         dest_offsets=[c[0] - offset for c, _so in full])
+
+
+class _CompressedPieces:
+    """Reads a copy piece of a read plan made of compressed clusters only (in guest
+    order) straight from the clusters found by the walk that made the plan; anything
+    else (a piece that also holds backing-file bytes) is left to ``readinto``."""
+
+    def __init__(self, img, clusters):
+        self.img = img
+        self.clusters = clusters
+        self.i = 0
+
+    def __call__(self, view, a: int) -> bool:
+        cl = self.clusters
+        i = self.i
+        end = a + len(view)
+        while i < len(cl) and cl[i][0] < a:
+            i += 1
+        j = i
+        covered = 0
+        while j < len(cl) and cl[j][0] < end:
+            covered += cl[j][1]
+            j += 1
+        self.i = j
+        if covered != len(view):
+            return False
+        step = self.img._batch_max
+        for k in range(i, j, step):
+            self.img._read_compressed(view, a, cl[k:min(j, k + step)])
+        return True
 
 
 class serial_reads:
@@ -469,6 +500,36 @@ class Qcow2Image(Image):
                     self.backing._read_clipped(dst, a)
         if batch:
             self._read_compressed(mv, offset, batch)
+
+    def read_plan(self, offset, n, buffer=None):
+        """See ``Image.read_plan``: data clusters are file pieces of the data file,
+        zero clusters (and unallocated ones without a backing file) zeros, unallocated
+        ones the backing file's plan, compressed clusters copies, decoded into
+        ``buffer`` from the same walk (one kernel call per L2 table for the range)."""
+        fd = getattr(self.data_be, "fd", None)
+        if self.writable or self._crypto is not None or not isinstance(fd, int) or n <= 0:
+            return super().read_plan(offset, n, buffer)
+        self._require_readable()
+        out: list = []
+        compressed: list = []                   # (guest, length, host, csize)
+        for a, ln, kind, host, csize in self._runs(offset, offset + n):
+            if kind == C.KIND_DATA:
+                add_piece(out, a, ln, READ_FILE, fd, host)
+            elif kind == C.KIND_COMPRESSED:
+                add_piece(out, a, ln, READ_COPY)
+                compressed.append((a, ln, host, csize))
+            elif kind in (C.KIND_ZERO, C.KIND_ZERO_ALLOC) or self.backing is None:
+                add_piece(out, a, ln, READ_ZEROS)
+            else:
+                mid = max(a, min(a + ln, self.backing.size))
+                if mid > a:
+                    for piece in self.backing.read_plan(a, mid - a):
+                        add_piece(out, *piece)
+                if mid < a + ln:
+                    add_piece(out, mid, a + ln - mid, READ_ZEROS)
+        if buffer is not None:
+            self._fill_copies(out, buffer, _CompressedPieces(self, compressed))
+        return out
 
     def _src_buffer(self, n: int) -> memoryview:
         """A per-thread buffer for compressed data, reused (a fresh one per batch

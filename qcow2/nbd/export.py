@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from contextlib import nullcontext
 
+from ..image import READ_COPY
 from ..kernels import is_zero, zero_blocks
 from . import protocol as P
 
@@ -83,6 +84,23 @@ class Export:
         got = self.image.readinto(buf, offset)
         if got != len(buf):
             raise OSError(5, f"short read at {offset}: {got} of {len(buf)} bytes")
+
+    def read_plan(self, offset: int, length: int, buffer) -> list[tuple[int, int, int, int, int]]:
+        """How to produce [offset, offset + length): the image's ``read_plan`` (file
+        pieces only from images that do not change: read-only ones; copy pieces read
+        into ``buffer(n)``), checked to cover the range exactly (a reply's framing
+        depends on it)."""
+        plan = self.image.read_plan(offset, length, buffer)
+        pos = offset
+        for a, n, _kind, _fd, _host in plan:
+            if a != pos or n <= 0:
+                break
+            pos += n
+        else:
+            if pos == offset + length:
+                return plan
+        self.readinto(buffer(length), offset)            # pragma: no cover - a bad plan
+        return [(offset, length, READ_COPY, 0, 0)]
 
     @staticmethod
     def zero_runs(buf) -> list[tuple[int, int, bool]]:

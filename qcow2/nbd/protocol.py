@@ -8,6 +8,7 @@ the ``NBD_`` prefix dropped; sections of proto.md are named in the comments.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 
 # -- handshake ("Newstyle negotiation") -------------------------------------------------
@@ -205,6 +206,16 @@ def chunk_block_status(cookie: int, context_id: int, extents, done: bool) -> byt
 
 
 # -- the socket ----------------------------------------------------------------------------
+_ZEROS = memoryview(bytes(1 << 20))
+_SENDFILE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE)
+
+
+def zero_views(n: int) -> list[memoryview]:
+    """``n`` zero bytes as views of one shared block (nothing allocated)."""
+    full, rest = divmod(n, len(_ZEROS))
+    return [_ZEROS] * full + ([_ZEROS[:rest]] if rest else [])
+
+
 class Disconnected(Exception):
     """The peer closed the connection (or it broke) where a message was expected."""
 
@@ -253,6 +264,59 @@ class Channel:
         """Send every part (bytes-like) in order, as one message."""
         with self.send_lock:
             self._send_locked(parts)
+
+    def send_mixed(self, parts) -> None:
+        """Send ``parts`` in order, as one message: bytes-like objects, and
+        ``(fd, offset, count)`` tuples whose bytes the kernel copies from that file
+        (``sendfile``: no copy through this process; zeros past the file's end)."""
+        with self.send_lock:
+            pending = []
+            for p in parts:
+                if type(p) is tuple:
+                    if pending:
+                        self._send_locked(pending)
+                        pending = []
+                    self._sendfile_locked(*p)
+                else:
+                    pending.append(p)
+            if pending:
+                self._send_locked(pending)
+
+    def _sendfile_locked(self, fd: int, offset: int, count: int) -> None:
+        sock = self.sock.fileno()
+        while count > 0:
+            try:
+                k = os.sendfile(sock, fd, offset, count)
+            except BlockingIOError:             # (a socket with a timeout)
+                import select
+                select.select([], [sock], [])
+                continue
+            except OSError as exc:
+                if exc.errno in _SENDFILE_UNSUPPORTED:
+                    self._send_copy_locked(fd, offset, count)
+                    return
+                # the reply's header is out: nothing but the end of the connection
+                # can tell the client (a socket error, or the file's read error)
+                raise Disconnected(exc.strerror or str(exc)) from None
+            if k == 0:                          # the file ends here: zeros
+                self._send_locked(zero_views(count))
+                return
+            offset += k
+            count -= k
+
+    def _send_copy_locked(self, fd: int, offset: int, count: int) -> None:
+        """``sendfile`` refused (a file system without it): read and send."""
+        while count > 0:
+            try:
+                data = os.pread(fd, min(count, 1 << 20), offset)
+            except OSError as exc:
+                raise Disconnected(exc.strerror or str(exc)) from None
+            if not data:
+                self._send_locked(zero_views(count))
+                return
+            self._send_locked([data])
+            offset += len(data)
+            count -= len(data)
 
     def _send_locked(self, parts) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
