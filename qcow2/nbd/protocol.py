@@ -207,6 +207,7 @@ def chunk_block_status(cookie: int, context_id: int, extents, done: bool) -> byt
 
 # -- the socket ----------------------------------------------------------------------------
 _ZEROS = memoryview(bytes(1 << 20))
+_RECV_BUFFER = 64 << 10
 _SENDFILE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE)
 
 
@@ -226,31 +227,55 @@ class ProtocolError(Exception):
 
 class Channel:
     """A connected socket with exact reads and complete writes.  Sends are serialised
-    by ``send_lock`` so that replies of concurrent requests never interleave."""
+    by ``send_lock`` so that replies of concurrent requests never interleave.  Reads
+    are buffered (one ``recv`` takes every request header a client has queued) and
+    must come from one thread at a time."""
 
     def __init__(self, sock):
         import threading
         self.sock = sock
         self.send_lock = threading.Lock()
+        self._rbuf = bytearray(_RECV_BUFFER)
+        self._rmv = memoryview(self._rbuf)
+        self._rpos = 0                  # buffered bytes: _rbuf[_rpos:_rend]
+        self._rend = 0
 
     def recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        self.recv_into(memoryview(buf))
-        return bytes(buf)
+        p = self._rpos
+        if self._rend - p >= n:
+            self._rpos = p + n
+            return bytes(self._rmv[p:p + n])
+        if n > _RECV_BUFFER // 2:
+            buf = bytearray(n)
+            self.recv_into(memoryview(buf))
+            return bytes(buf)
+        have = self._rend - p
+        self._rbuf[:have] = self._rmv[p:self._rend]          # (same size: no resize)
+        self._rpos, self._rend = 0, have
+        while self._rend < n:
+            self._rend += self._recv_some(self._rmv[self._rend:])
+        self._rpos = n
+        return bytes(self._rmv[:n])
 
     def recv_into(self, mv: memoryview) -> None:
-        got = 0
         n = len(mv)
+        got = min(n, self._rend - self._rpos)
+        if got:
+            mv[:got] = self._rmv[self._rpos:self._rpos + got]
+            self._rpos += got
         while got < n:
-            try:
-                k = self.sock.recv_into(mv[got:], n - got)
-            except (ConnectionError, TimeoutError) as exc:
-                raise Disconnected(str(exc)) from None
-            except OSError as exc:
-                raise Disconnected(exc.strerror or str(exc)) from None
-            if k == 0:
-                raise Disconnected("end of stream")
-            got += k
+            got += self._recv_some(mv[got:])
+
+    def _recv_some(self, mv: memoryview) -> int:
+        try:
+            k = self.sock.recv_into(mv)
+        except (ConnectionError, TimeoutError) as exc:
+            raise Disconnected(str(exc)) from None
+        except OSError as exc:
+            raise Disconnected(exc.strerror or str(exc)) from None
+        if k == 0:
+            raise Disconnected("end of stream")
+        return k
 
     def discard(self, n: int) -> None:
         """Read and drop ``n`` bytes (a payload we refuse), 64 KiB at a time."""

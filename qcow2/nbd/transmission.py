@@ -98,7 +98,8 @@ class Transmission:
         self.workers = max(1, workers)
         self.budget = max(budget, P.MAX_REQUEST)
         self.in_flight = 0
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(threading.Lock())
+        self.waiting = 0                  # threads waiting in _reserve
         self.read_lock = threading.Lock()
         self.done = False                 # no more requests: DISC, EOF or a protocol error
         self.dead = False                 # the client is gone: replies are not sent
@@ -183,14 +184,19 @@ class Transmission:
     def _reserve(self, cost: int) -> None:
         with self.cond:
             while self.in_flight and self.in_flight + cost > self.budget:
-                self.cond.wait()
+                self.waiting += 1
+                try:
+                    self.cond.wait()
+                finally:
+                    self.waiting -= 1
             self.in_flight += cost
 
     def _release(self, cost: int) -> None:
         if cost:
             with self.cond:
                 self.in_flight -= cost
-                self.cond.notify_all()
+                if self.waiting:
+                    self.cond.notify_all()
 
     def _flush_on_close(self) -> None:
         if self.export.readonly:
