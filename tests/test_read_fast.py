@@ -100,3 +100,39 @@ def test_writable_images_and_closed_images(single, engine):
     img.close()
     with pytest.raises((OSError, ValueError)):
         img.pread(4096, CS)
+
+
+def test_read_plan_pieces(tmp_path, engine):
+    """The plan a server sends from: file pieces of each layer's file, zeros, copies
+    read into the buffer asked for; writable images hand out copies only."""
+    from qcow2.image import READ_COPY, READ_FILE, READ_ZEROS
+    base, top = tmp_path / "b.qcow2", tmp_path / "t.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 {4 * CS}", base)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "2M")
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x22 {CS} {CS}",
+        "-c", f"write -c -P 0x33 {2 * CS} {CS}", "-c", f"write -z {5 * CS} {CS}", top)
+    want = oracle.raw_bytes(top, "qcow2")
+    bufs = []
+
+    def buffer(n):
+        bufs.append(bytearray(n))
+        return bufs[-1]
+
+    with engine.open(top) as img:
+        for first in (False, True):                 # general path, then known tables
+            bufs.clear()
+            plan = img.read_plan(0, 8 * CS, buffer)
+            kinds = [(a // CS, n // CS, k) for a, n, k, _fd, _h in plan]
+            assert kinds == [(0, 1, READ_FILE), (1, 1, READ_FILE), (2, 1, READ_COPY),
+                             (3, 1, READ_FILE), (4, 4, READ_ZEROS)], first
+            assert plan[0][3] == img.backing.be.fd and plan[1][3] == img.be.fd
+            for a, n, kind, fd, host in plan:
+                if kind == READ_FILE:
+                    assert os.pread(fd, n, host) == want[a:a + n]
+                elif kind == READ_COPY:
+                    assert bytes(bufs[-1][fd:fd + n]) == want[a:a + n]
+                else:
+                    assert want[a:a + n] == bytes(n)
+    with engine.open(top, "r+") as img:
+        assert [p[2] for p in img.read_plan(0, 8 * CS)] == [READ_COPY]
