@@ -508,15 +508,27 @@ class Qcow2Image(PlannedReads, Image):
         return self._meta_prealloc
 
     def block_status(self, start, end):
+        """This layer's allocation; consecutive compressed clusters (one run each from
+        the kernel) come out as one run, so that a compressed image's status costs
+        per L2 table, not per cluster, above this."""
         self._require_readable()
         crypto = self.encrypted
         recurse = None
+        comp_a = comp_n = 0                     # compressed clusters not yet yielded
         for a, n, kind, host, _csize in self._runs(start, end):
+            if kind == C.KIND_COMPRESSED:
+                if comp_n and comp_a + comp_n == a:
+                    comp_n += n
+                    continue
+                if comp_n:
+                    yield comp_a, comp_n, ST_DATA, 0
+                comp_a, comp_n = a, n
+                continue
+            if comp_n:
+                yield comp_a, comp_n, ST_DATA, 0
+                comp_n = 0
             if kind == C.KIND_DATA:
                 flags = ST_DATA
-            elif kind == C.KIND_COMPRESSED:
-                yield a, n, ST_DATA, 0
-                continue
             elif kind == C.KIND_ZERO:
                 yield a, n, ST_ZERO, 0
                 continue
@@ -538,6 +550,8 @@ class Qcow2Image(PlannedReads, Image):
                     yield from self._recurse_file(a, n, host)
                     continue
             yield a, n, flags, host
+        if comp_n:
+            yield comp_a, comp_n, ST_DATA, 0
 
     def _recurse_file(self, a: int, n: int, host: int):
         """Data clusters of a metadata-preallocated image: the file's holes read as zeros."""
