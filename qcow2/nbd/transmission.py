@@ -299,12 +299,23 @@ class Transmission:
             self.ch.send(P.chunk_done(req.cookie))
             return
         bufs = []
+        slots = self.export.decode_slots
+        held = []
 
         def buffer(n: int) -> memoryview:
+            # asked for only when something must be read (decoded) here: that work
+            # takes one of the export's slots (one per CPU), released below
+            if not held:
+                slots.acquire()
+                held.append(True)
             bufs.append(self._buffer(n))
             return bufs[-1]
 
-        plan = self.export.read_plan(req.offset, req.length, buffer)
+        try:
+            plan = self.export.read_plan(req.offset, req.length, buffer)
+        finally:
+            if held:
+                slots.release()
         buf = bufs[-1] if bufs else None
         if not self.session.structured or req.flags & P.CMD_FLAG_DF:
             head = (P.simple_reply(req.cookie) if not self.session.structured else
