@@ -21,7 +21,9 @@ _NOT_PLAIN_DATA = ~(C.L2E_OFFSET_MASK | C.OFLAG_COPIED) & 0xFFFFFFFFFFFFFFFF
 _L2_MASK = C.L2E_OFFSET_MASK
 _unpack_u64 = struct.Struct(">Q").unpack_from
 _ZERO_4K = bytes(4096)
+_ZERO_VIEW = memoryview(_ZERO_4K)
 _pread = os.pread
+_preadv = os.preadv
 
 
 _EMPTY: dict[int, bytes] = {}
@@ -119,6 +121,32 @@ class PlannedReads:
                         if zeros:
                             return _ZERO_4K if n == 4096 else bytes(n)
         return super().pread(n, offset)
+
+    def readinto(self, buf, offset: int) -> int:
+        """``pread``'s fast path for a caller's buffer (file objects, buffered readers):
+        one ``preadv`` into it, or zeros; anything else goes the general way."""
+        fast = self._fast
+        if fast is not None and offset >= 0:
+            cbits, span_bits, l2_mask, cmask, not_plain, size, tables, be, zeros = fast
+            mv = memoryview(buf).cast("B")
+            n = len(mv)
+            end = offset + n
+            if n and offset >> cbits == (end - 1) >> cbits and end <= size:
+                table = tables(offset >> span_bits)
+                if table is not None:
+                    entry = _unpack_u64(table, ((offset >> cbits) & l2_mask) << 3)[0]
+                    if not entry & not_plain:
+                        host = entry & _L2_MASK
+                        if host:
+                            if _preadv(be.fd, [mv], host + (offset & cmask)) == n:
+                                return n
+                        elif zeros:
+                            if n <= 4096:
+                                mv[:] = _ZERO_VIEW[:n]
+                            else:
+                                mv[:] = bytes(n)
+                            return n
+        return super().readinto(buf, offset)       # (a short read: the general way)
 
     def read_plan(self, offset, n, buffer=None):
         """See ``Image.read_plan``: data clusters are file pieces of the data file,

@@ -39,8 +39,11 @@ def single(tmp_path):
 
 def _warm_then_read_all(img, want, offsets, n):
     img.pread(n, offsets[0])                  # the table is seen (general path)
+    buf = bytearray(n)
     for off in offsets:
         assert img.pread(n, off) == want[off:off + n], off
+        k = img.readinto(buf, off)
+        assert bytes(buf[:k]) == want[off:off + n], off
 
 
 @pytest.mark.parametrize("n", [4096, 512, 1000])
@@ -76,6 +79,8 @@ def test_fast_path_data_past_the_end_of_the_file_reads_zeros(tmp_path, engine):
         general = bytearray(2 * 4096)
         img.readinto(general, 0)
         assert bytes(general[:4096]) == img.pread(4096, 0)
+        small = bytearray(b"\xff" * 4096)
+        assert img.readinto(small, 0) == 4096 and bytes(small) == img.pread(4096, 0)
 
 
 def test_backing_chain_holes_read_the_backing(tmp_path, engine):
@@ -95,11 +100,29 @@ def test_writable_images_and_closed_images(single, engine):
         assert img.pread(4096, CS) == b"\x22" * 4096
         img.pwrite(b"\x77" * 4096, CS)
         assert img.pread(4096, CS) == b"\x77" * 4096          # no stale fast path
+        buf = bytearray(4096)
+        assert img.readinto(buf, CS) == 4096 and buf == b"\x77" * 4096
     img = engine.open(single)
     assert img.pread(4096, CS) == b"\x77" * 4096
     img.close()
     with pytest.raises((OSError, ValueError)):
         img.pread(4096, CS)
+    with pytest.raises((OSError, ValueError)):
+        img.readinto(bytearray(4096), CS)
+
+
+def test_readinto_of_other_buffer_types(single, engine):
+    """Typed buffers (``array('I')``, a ``memoryview`` slice) are filled byte for byte."""
+    import array
+    want = oracle.raw_bytes(single, "qcow2")
+    with engine.open(single) as img:
+        img.pread(512, 0)
+        a = array.array("I", bytes(4096))
+        assert img.readinto(a, CS) == 4096 and a.tobytes() == want[CS:CS + 4096]
+        big = bytearray(8192)
+        assert img.readinto(memoryview(big)[100:100 + 4096], 3 * CS) == 4096
+        assert bytes(big[100:100 + 4096]) == want[3 * CS:3 * CS + 4096]
+        assert img.readinto(bytearray(4096), (1 << 30) - 100) == 100
 
 
 def test_read_plan_pieces(tmp_path, engine):
