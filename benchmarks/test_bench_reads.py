@@ -5,9 +5,10 @@ bytes), both files read once before timing so that both are cached.  In one proc
 alternating ours and theirs round by round (QCOW2_BENCH_ROUNDS rounds, 5 by default
 here), median of the rounds:
 
-- random 4 KiB reads (``Image.pread`` against ``os.pread`` at the same offsets), over
-  the whole disk (mostly holes on the Debian corpus: 633 MiB of 4 GiB hold data) and
-  over the data extents only;
+- random 4 KiB reads (``Image.pread`` against ``os.pread`` at the same offsets, and
+  ``Image.readinto`` against ``os.preadv`` into one buffer), over the whole disk
+  (mostly holes on the Debian corpus: 633 MiB of 4 GiB hold data) and over the data
+  extents only;
 - sequential 1 MiB reads over the whole disk: ``Image.pread`` against ``os.pread``
   (both return new ``bytes``) and ``Image.readinto`` against ``os.preadv`` into one
   reused buffer.
@@ -95,8 +96,9 @@ def _data_offsets(img, rng, count: int) -> list[int]:
     return out
 
 
+@pytest.mark.parametrize("call", ["pread", "readinto"])
 @pytest.mark.parametrize("where", ["anywhere", "data"])
-def test_random_4k_pread(benchmark, plain_and_raw, where):
+def test_random_4k(benchmark, plain_and_raw, where, call):
     import qcow2
 
     plain, raw = plain_and_raw
@@ -108,22 +110,35 @@ def test_random_4k_pread(benchmark, plain_and_raw, where):
         else:
             offsets = [rng.randrange(size // 4096) * 4096 for _ in range(RANDOM_READS)]
         fd = os.open(raw, os.O_RDONLY)
-        pread = os.pread
+        buf = bytearray(4096)
         try:
-            def ours():
-                r = img.pread
-                for off in offsets:
-                    r(4096, off)
+            if call == "pread":
+                def ours():
+                    r = img.pread
+                    for off in offsets:
+                        r(4096, off)
 
-            def theirs():
-                for off in offsets:
-                    pread(fd, 4096, off)
+                def theirs():
+                    p = os.pread
+                    for off in offsets:
+                        p(fd, 4096, off)
+            else:
+                def ours():
+                    r = img.readinto
+                    for off in offsets:
+                        r(buf, off)
+
+                def theirs():
+                    p = os.preadv
+                    for off in offsets:
+                        p(fd, [buf], off)
 
             _side_by_side(benchmark, ours, theirs, len(offsets), "us")
         finally:
             os.close(fd)
-    benchmark.extra_info["what"] = (f"{RANDOM_READS} random 4 KiB preads ({where}), "
-                                    f"plain qcow2 vs os.pread of the raw disk")
+    benchmark.extra_info["what"] = (f"{RANDOM_READS} random 4 KiB {call}s ({where}), plain "
+                                    f"qcow2 vs os.{'pread' if call == 'pread' else 'preadv'} "
+                                    f"of the raw disk")
 
 
 @pytest.mark.parametrize("call", ["pread", "readinto"])

@@ -128,7 +128,7 @@ class PlannedReads:
         fast = self._fast
         if fast is not None and offset >= 0:
             cbits, span_bits, l2_mask, cmask, not_plain, size, tables, be, zeros = fast
-            mv = memoryview(buf).cast("B")
+            mv = buf if type(buf) is bytearray else memoryview(buf).cast("B")
             n = len(mv)
             end = offset + n
             if n and offset >> cbits == (end - 1) >> cbits and end <= size:
