@@ -28,6 +28,11 @@ ST_ZERO = 2
 ST_OFFSET_VALID = 4
 ST_ALLOCATED = 8
 
+# Kinds of the pieces of a read plan (Image.read_plan).
+READ_ZEROS = 0          # reads as zeros
+READ_FILE = 1           # the bytes lie verbatim in a file: (fd, host offset); zeros past its end
+READ_COPY = 2           # read through readinto (compressed, encrypted, any other store)
+
 _ZEROS = memoryview(bytes(1 << 20))
 _scratch = threading.local()            # pread's reused buffer, one per thread
 _SCRATCH_MIN = 64 << 10                 # reads from this size use it
@@ -42,6 +47,17 @@ def zero_fill(mv: memoryview) -> None:
         k = min(n - i, len(_ZEROS))
         mv[i:i + k] = _ZEROS[:k]
         i += k
+
+
+def add_piece(plan: list, a: int, n: int, kind: int, fd: int = -1, host: int = 0) -> None:
+    """Append a piece to a read plan, merged with the last one when it continues it
+    (the same kind and, for file pieces, the same file and the next host byte)."""
+    if plan:
+        pa, pn, pk, pfd, ph = plan[-1]
+        if pk == kind and pa + pn == a and (kind != READ_FILE or (pfd == fd and ph + pn == host)):
+            plan[-1] = (pa, pn + n, kind, pfd, ph)
+            return
+    plan.append((a, n, kind, fd, host))
 
 
 class Extent(namedtuple("Extent", "start length depth present zero data offset")):
@@ -111,6 +127,41 @@ class Image:
 
     def _read(self, mv: memoryview, offset: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def read_plan(self, offset: int, n: int, buffer=None) -> list[tuple[int, int, int, int, int]]:
+        """How to produce guest bytes [offset, offset + n) without copying what lies
+        verbatim in a file: (guest offset, length, kind, fd, host offset) pieces in
+        order, ``kind`` one of READ_ZEROS, READ_FILE (the bytes are those of file
+        descriptor ``fd`` from ``host``, zeros past its end: a server may send them
+        with ``sendfile``) or READ_COPY (bytes that must be read); adjacent pieces of
+        a kind merged.  With ``buffer`` (a callable returning a writable buffer of at
+        least the bytes asked for), copy pieces are read here, packed into the one
+        buffer it returns, and their ``fd`` says where each starts in it.  Only
+        images that never change under the caller (read-only ones) hand out file
+        pieces; the range must lie inside the disk."""
+        plan = [(offset, n, READ_COPY, -1, 0)] if n > 0 else []
+        if buffer is not None:
+            self._fill_copies(plan, buffer)
+        return plan
+
+    def _fill_copies(self, plan: list, buffer, read=None) -> None:
+        """Read the copy pieces of ``plan`` into ``buffer(total)``, packed (``read``:
+        how to read one piece, default ``readinto``)."""
+        total = sum(p[1] for p in plan if p[2] == READ_COPY)
+        if not total:
+            return
+        buf = memoryview(buffer(total)).cast("B")
+        pos = 0
+        for i, (a, ln, kind, _fd, _host) in enumerate(plan):
+            if kind != READ_COPY:
+                continue
+            view = buf[pos:pos + ln]
+            if read is None or not read(view, a):
+                got = self.readinto(view, a)
+                if got != ln:
+                    raise OSError(5, f"short read at {a}: {got} of {ln} bytes")
+            plan[i] = (a, ln, READ_COPY, pos, 0)
+            pos += ln
 
     def _read_clipped(self, mv: memoryview, offset: int) -> None:
         """Read a range that may extend past this image's end (zeros there)."""
@@ -259,6 +310,15 @@ class RawImage(Image):
         if got < len(mv):
             zero_fill(mv[got:])
 
+    def read_plan(self, offset, n, buffer=None):
+        fd = getattr(self.be, "fd", None)
+        if self.writable or not isinstance(fd, int) or n <= 0:
+            return super().read_plan(offset, n, buffer)
+        out: list = []
+        for a, ln, flags, host in self.block_status(offset, offset + n):
+            add_piece(out, a, ln, READ_FILE if flags & ST_DATA else READ_ZEROS, fd, host)
+        return out
+
     def block_status(self, start, end):
         pos = start
         for off, n in self.be.data_regions(start, min(end, self.file_size)):
@@ -389,5 +449,5 @@ class ImageFile(io.RawIOBase):
         return self._img.size
 
 
-__all__ = ["Image", "RawImage", "Extent", "ImageFile", "zero_fill", "ST_DATA", "ST_ZERO",
-           "ST_OFFSET_VALID", "ST_ALLOCATED"]
+__all__ = ["Image", "RawImage", "Extent", "ImageFile", "zero_fill", "add_piece", "ST_DATA",
+           "ST_ZERO", "ST_OFFSET_VALID", "ST_ALLOCATED", "READ_ZEROS", "READ_FILE", "READ_COPY"]

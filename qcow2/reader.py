@@ -25,6 +25,7 @@ from .errors import CorruptImageError, DecompressionError, Qcow2Error, ReadOnlyE
 from .header import Header
 from .image import ST_DATA, ST_OFFSET_VALID, ST_ZERO, Image, zero_fill
 from .paths import combine_path
+from .readplan import PlannedReads, empty_table
 from .refcount import RefcountReader
 from .snapshot import Snapshot, find_snapshot, read_snapshot_table
 
@@ -94,7 +95,7 @@ class serial_reads:
         _serial.on = self._prev
 
 
-class Qcow2Image(Image):
+class Qcow2Image(PlannedReads, Image):
     """A qcow2 image opened for reading (``qcow2.writer`` adds writing).
 
     ``companions`` opens the backing file and the external data file (the opener
@@ -178,6 +179,7 @@ class Qcow2Image(Image):
         except BaseException:
             self.close()
             raise
+        self._fast = self._fast_state()
 
     # -- helpers ---------------------------------------------------------------
     def _read_meta(self, n: int, offset: int) -> bytes:
@@ -235,7 +237,10 @@ class Qcow2Image(Image):
     def _l2_table(self, l1_index: int, l2_offset: int):
         with self._lock:
             if l2_offset in self._l2c:
-                return self._l2c.get(l2_offset)
+                t = self._l2c.get(l2_offset)
+                if self._fast is not None:
+                    self._remember(l1_index, t)
+                return t
         if l2_offset & (self.cluster_size - 1):
             raise CorruptImageError(
                 f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x})",
@@ -246,7 +251,10 @@ class Qcow2Image(Image):
                 f"of the file (size {self.file_size:#x})", offset=l2_offset,
                 size=self.cluster_size, what="L2 table")
         with self._lock:
-            return self._l2c.get(l2_offset)
+            t = self._l2c.get(l2_offset)
+            if self._fast is not None:
+                self._remember(l1_index, t)
+            return t
 
     def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
         """Decode the mapping of [start, end) into runs (guest, length, kind, host, csize).
@@ -336,6 +344,8 @@ class Qcow2Image(Image):
             return None
         l2_off = l1[idx] & C.L1E_OFFSET_MASK
         if not l2_off:
+            if self._fast is not None:          # (a table of unallocated entries)
+                self._remember(idx, empty_table(self.cluster_size))
             return -1
         table = self._l2_table(idx, l2_off)
         index = (offset >> self.cluster_bits) & (self._l2_entries - 1)
@@ -498,15 +508,27 @@ class Qcow2Image(Image):
         return self._meta_prealloc
 
     def block_status(self, start, end):
+        """This layer's allocation; consecutive compressed clusters (one run each from
+        the kernel) come out as one run, so that a compressed image's status costs
+        per L2 table, not per cluster, above this."""
         self._require_readable()
         crypto = self.encrypted
         recurse = None
+        comp_a = comp_n = 0                     # compressed clusters not yet yielded
         for a, n, kind, host, _csize in self._runs(start, end):
+            if kind == C.KIND_COMPRESSED:
+                if comp_n and comp_a + comp_n == a:
+                    comp_n += n
+                    continue
+                if comp_n:
+                    yield comp_a, comp_n, ST_DATA, 0
+                comp_a, comp_n = a, n
+                continue
+            if comp_n:
+                yield comp_a, comp_n, ST_DATA, 0
+                comp_n = 0
             if kind == C.KIND_DATA:
                 flags = ST_DATA
-            elif kind == C.KIND_COMPRESSED:
-                yield a, n, ST_DATA, 0
-                continue
             elif kind == C.KIND_ZERO:
                 yield a, n, ST_ZERO, 0
                 continue
@@ -528,6 +550,8 @@ class Qcow2Image(Image):
                     yield from self._recurse_file(a, n, host)
                     continue
             yield a, n, flags, host
+        if comp_n:
+            yield comp_a, comp_n, ST_DATA, 0
 
     def _recurse_file(self, a: int, n: int, host: int):
         """Data clusters of a metadata-preallocated image: the file's holes read as zeros."""

@@ -9,6 +9,7 @@ other clients go on; a client that vanishes mid-request leaves the image clean.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import struct
@@ -362,3 +363,79 @@ def test_memory_of_a_connection_is_bounded(tmp_path):
         c.close()
     # the 64 MiB budget (two 32 MiB reads in flight), not the four workers' 128 MiB
     assert peak - base < 64 + 16, f"server peak RSS grew from {base:.0f} to {peak:.0f} MiB"
+
+
+@pytest.fixture
+def layered(tmp_path):
+    """A read-only export's every read path: data clusters (sent by sendfile from the
+    file), compressed clusters (decoded into a buffer), zero clusters, unallocated ones
+    over a backing file (the backing's own pieces), and a data cluster cut short by the
+    end of the file (zeros past it)."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", base, "4M")
+    run("qemu-io", "-c", "write -P 0x11 0 3M", "-c", "write -c -P 0x12 3M 64k", base)
+    run("qemu-img", "create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "6M")
+    run("qemu-io", "-c", "write -P 0x21 64k 200k", "-c", "write -c -P 0x22 1M 128k",
+        "-c", "write -z 1536k 64k", "-c", "write -P 0x23 2M 64k",
+        "-c", "write -P 0x24 5M 64k", top)
+    want = bytearray(open(_raw(tmp_path, top), "rb").read())
+    # the last data cluster (5M) lies at the end of the file: cut it short
+    m = json.loads(run("qemu-img", "map", "--output=json", top).stdout)
+    host = [e["offset"] for e in m if e["start"] == 5 * MiB and e["depth"] == 0][0]
+    assert host + 65536 == top.stat().st_size
+    os.truncate(top, host + 5000)
+    want[5 * MiB + 5000:5 * MiB + 65536] = bytes(65536 - 5000)
+    return top, bytes(want)
+
+
+def _raw(tmp_path, path):
+    out = tmp_path / "ref.raw"
+    run("qemu-img", "convert", "-O", "raw", path, out)
+    return out
+
+
+def _read_all(c, size, step, flags=0, structured=True):
+    got = bytearray(size)
+    for off in range(0, size, step):
+        n = min(step, size - off)
+        c.request(READ, off, n, flags=flags, cookie=off)
+        if not structured:
+            err, cookie = c.simple()
+            assert (err, cookie) == (0, off)
+            got[off:off + n] = c.recv(n)
+            continue
+        seen = 0
+        for kind, body in c.chunks():
+            if kind == T_DATA:
+                at = struct.unpack(">Q", body[:8])[0]
+                got[at:at + len(body) - 8] = body[8:]
+                seen += len(body) - 8
+            else:
+                assert kind == T_HOLE and not flags & DF, kind
+                at, k = struct.unpack(">QI", body)
+                got[at:at + k] = bytes(k)
+                seen += k
+        assert seen == n, (off, seen, n)
+    return bytes(got)
+
+
+@pytest.mark.parametrize("mode", ["structured", "df", "simple"])
+def test_read_only_reads_every_piece_kind(layered, tmp_path, mode):
+    path, want = layered
+    assert os.path.getsize(path) % 65536 != 0
+    with Server(path, tmp_path, "-r", "-t", "-e", "0") as srv:
+        c = Client(srv.socket)
+        if mode == "simple":
+            c.hello(flags=1)
+            c.option(OPT_EXPORT_NAME, b"disk")
+            size, _flags = struct.unpack(">QH", c.recv(10))
+            c.recv(124)
+        else:
+            c.hello()
+            size, _flags = c.go()
+        assert size == len(want)
+        for step in (4096, 100_000, 256 << 10, 6 * MiB):
+            got = _read_all(c, size, step, DF if mode == "df" else 0, mode != "simple")
+            assert got == want, step
+        c.close()
+        assert srv.alive(), srv.log()

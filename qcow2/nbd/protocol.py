@@ -8,6 +8,7 @@ the ``NBD_`` prefix dropped; sections of proto.md are named in the comments.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 
 # -- handshake ("Newstyle negotiation") -------------------------------------------------
@@ -205,6 +206,17 @@ def chunk_block_status(cookie: int, context_id: int, extents, done: bool) -> byt
 
 
 # -- the socket ----------------------------------------------------------------------------
+_ZEROS = memoryview(bytes(1 << 20))
+_RECV_BUFFER = 64 << 10
+_SENDFILE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE)
+
+
+def zero_views(n: int) -> list[memoryview]:
+    """``n`` zero bytes as views of one shared block (nothing allocated)."""
+    full, rest = divmod(n, len(_ZEROS))
+    return [_ZEROS] * full + ([_ZEROS[:rest]] if rest else [])
+
+
 class Disconnected(Exception):
     """The peer closed the connection (or it broke) where a message was expected."""
 
@@ -215,31 +227,55 @@ class ProtocolError(Exception):
 
 class Channel:
     """A connected socket with exact reads and complete writes.  Sends are serialised
-    by ``send_lock`` so that replies of concurrent requests never interleave."""
+    by ``send_lock`` so that replies of concurrent requests never interleave.  Reads
+    are buffered (one ``recv`` takes every request header a client has queued) and
+    must come from one thread at a time."""
 
     def __init__(self, sock):
         import threading
         self.sock = sock
         self.send_lock = threading.Lock()
+        self._rbuf = bytearray(_RECV_BUFFER)
+        self._rmv = memoryview(self._rbuf)
+        self._rpos = 0                  # buffered bytes: _rbuf[_rpos:_rend]
+        self._rend = 0
 
     def recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        self.recv_into(memoryview(buf))
-        return bytes(buf)
+        p = self._rpos
+        if self._rend - p >= n:
+            self._rpos = p + n
+            return bytes(self._rmv[p:p + n])
+        if n > _RECV_BUFFER // 2:
+            buf = bytearray(n)
+            self.recv_into(memoryview(buf))
+            return bytes(buf)
+        have = self._rend - p
+        self._rbuf[:have] = self._rmv[p:self._rend]          # (same size: no resize)
+        self._rpos, self._rend = 0, have
+        while self._rend < n:
+            self._rend += self._recv_some(self._rmv[self._rend:])
+        self._rpos = n
+        return bytes(self._rmv[:n])
 
     def recv_into(self, mv: memoryview) -> None:
-        got = 0
         n = len(mv)
+        got = min(n, self._rend - self._rpos)
+        if got:
+            mv[:got] = self._rmv[self._rpos:self._rpos + got]
+            self._rpos += got
         while got < n:
-            try:
-                k = self.sock.recv_into(mv[got:], n - got)
-            except (ConnectionError, TimeoutError) as exc:
-                raise Disconnected(str(exc)) from None
-            except OSError as exc:
-                raise Disconnected(exc.strerror or str(exc)) from None
-            if k == 0:
-                raise Disconnected("end of stream")
-            got += k
+            got += self._recv_some(mv[got:])
+
+    def _recv_some(self, mv: memoryview) -> int:
+        try:
+            k = self.sock.recv_into(mv)
+        except (ConnectionError, TimeoutError) as exc:
+            raise Disconnected(str(exc)) from None
+        except OSError as exc:
+            raise Disconnected(exc.strerror or str(exc)) from None
+        if k == 0:
+            raise Disconnected("end of stream")
+        return k
 
     def discard(self, n: int) -> None:
         """Read and drop ``n`` bytes (a payload we refuse), 64 KiB at a time."""
@@ -253,6 +289,59 @@ class Channel:
         """Send every part (bytes-like) in order, as one message."""
         with self.send_lock:
             self._send_locked(parts)
+
+    def send_mixed(self, parts) -> None:
+        """Send ``parts`` in order, as one message: bytes-like objects, and
+        ``(fd, offset, count)`` tuples whose bytes the kernel copies from that file
+        (``sendfile``: no copy through this process; zeros past the file's end)."""
+        with self.send_lock:
+            pending = []
+            for p in parts:
+                if type(p) is tuple:
+                    if pending:
+                        self._send_locked(pending)
+                        pending = []
+                    self._sendfile_locked(*p)
+                else:
+                    pending.append(p)
+            if pending:
+                self._send_locked(pending)
+
+    def _sendfile_locked(self, fd: int, offset: int, count: int) -> None:
+        sock = self.sock.fileno()
+        while count > 0:
+            try:
+                k = os.sendfile(sock, fd, offset, count)
+            except BlockingIOError:             # (a socket with a timeout)
+                import select
+                select.select([], [sock], [])
+                continue
+            except OSError as exc:
+                if exc.errno in _SENDFILE_UNSUPPORTED:
+                    self._send_copy_locked(fd, offset, count)
+                    return
+                # the reply's header is out: nothing but the end of the connection
+                # can tell the client (a socket error, or the file's read error)
+                raise Disconnected(exc.strerror or str(exc)) from None
+            if k == 0:                          # the file ends here: zeros
+                self._send_locked(zero_views(count))
+                return
+            offset += k
+            count -= k
+
+    def _send_copy_locked(self, fd: int, offset: int, count: int) -> None:
+        """``sendfile`` refused (a file system without it): read and send."""
+        while count > 0:
+            try:
+                data = os.pread(fd, min(count, 1 << 20), offset)
+            except OSError as exc:
+                raise Disconnected(exc.strerror or str(exc)) from None
+            if not data:
+                self._send_locked(zero_views(count))
+                return
+            self._send_locked([data])
+            offset += len(data)
+            count -= len(data)
 
     def _send_locked(self, parts) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]

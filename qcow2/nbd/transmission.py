@@ -22,6 +22,7 @@ import threading
 
 from ..atomic import io_buffer
 from ..errors import Qcow2Error, UnsupportedFeatureError
+from ..image import READ_COPY, READ_FILE, READ_ZEROS
 from . import protocol as P
 from .handshake import META_CONTEXT_ID
 
@@ -97,7 +98,8 @@ class Transmission:
         self.workers = max(1, workers)
         self.budget = max(budget, P.MAX_REQUEST)
         self.in_flight = 0
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(threading.Lock())
+        self.waiting = 0                  # threads waiting in _reserve
         self.read_lock = threading.Lock()
         self.done = False                 # no more requests: DISC, EOF or a protocol error
         self.dead = False                 # the client is gone: replies are not sent
@@ -182,14 +184,19 @@ class Transmission:
     def _reserve(self, cost: int) -> None:
         with self.cond:
             while self.in_flight and self.in_flight + cost > self.budget:
-                self.cond.wait()
+                self.waiting += 1
+                try:
+                    self.cond.wait()
+                finally:
+                    self.waiting -= 1
             self.in_flight += cost
 
     def _release(self, cost: int) -> None:
         if cost:
             with self.cond:
                 self.in_flight -= cost
-                self.cond.notify_all()
+                if self.waiting:
+                    self.cond.notify_all()
 
     def _flush_on_close(self) -> None:
         if self.export.readonly:
@@ -282,29 +289,74 @@ class Transmission:
         return memoryview(buf)[:n]
 
     def _read(self, req: _Request) -> None:
-        exp = self.export
-        if not self.session.structured:
-            buf = self._buffer(req.length)
-            exp.readinto(buf, req.offset)
-            self.ch.send(P.simple_reply(req.cookie), buf)
-            return
-        if req.length == 0:
+        """A READ from the export's read plan: zeros become hole chunks (or zero bytes
+        where the reply is one piece), data lying in a file is sent from it by the
+        kernel (``sendfile``), and only the rest (compressed clusters, writable or
+        encrypted images) is read into a buffer here, before the send lock is taken
+        (decoding never holds up the connection's other replies); from 64 KiB such
+        data is scanned for zero blocks, which become holes."""
+        if req.length == 0 and self.session.structured:
             self.ch.send(P.chunk_done(req.cookie))
             return
-        buf = self._buffer(req.length)
-        exp.readinto(buf, req.offset)
-        if req.flags & P.CMD_FLAG_DF or req.length < _PLAN_MIN:
-            runs = [(0, req.length, False)]
-        else:
-            runs = exp.zero_runs(buf)
-        last = len(runs) - 1
-        for i, (start, n, hole) in enumerate(runs):
-            off = req.offset + start
-            if hole:
-                self.ch.send(P.chunk_hole(req.cookie, off, n, i == last))
+        bufs = []
+        slots = self.export.decode_slots
+        held = []
+
+        def buffer(n: int) -> memoryview:
+            # asked for only when something must be read (decoded) here: that work
+            # takes one of the export's slots (one per CPU), released below
+            if not held:
+                slots.acquire()
+                held.append(True)
+            bufs.append(self._buffer(n))
+            return bufs[-1]
+
+        try:
+            plan = self.export.read_plan(req.offset, req.length, buffer)
+        finally:
+            if held:
+                slots.release()
+        buf = bufs[-1] if bufs else None
+        if not self.session.structured or req.flags & P.CMD_FLAG_DF:
+            head = (P.simple_reply(req.cookie) if not self.session.structured else
+                    P.chunk(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + req.length, True)
+                    + P.U64.pack(req.offset))
+            parts = [head]
+            for _a, n, kind, fd, host in plan:
+                if kind == READ_FILE:
+                    parts.append((fd, host, n))
+                elif kind == READ_ZEROS:
+                    parts.extend(P.zero_views(n))
+                else:
+                    parts.append(buf[fd:fd + n])
+            self.ch.send_mixed(parts)
+            return
+        self.ch.send_mixed(self._chunks(req, plan, buf))
+
+    def _chunks(self, req: _Request, plan, buf) -> list:
+        """The structured reply's chunks for ``plan`` (the last one marked done)."""
+        pieces = []                             # (offset, length, kind, payload)
+        scan = req.length >= _PLAN_MIN
+        for a, n, kind, fd, host in plan:
+            if kind != READ_COPY:
+                pieces.append((a, n, kind, (fd, host, n) if kind == READ_FILE else None))
+                continue
+            mv = buf[fd:fd + n]
+            runs = self.export.zero_runs(mv) if scan else [(0, n, False)]
+            for start, k, zero in runs:
+                pieces.append((a + start, k, READ_ZEROS if zero else READ_COPY,
+                               None if zero else mv[start:start + k]))
+        parts = []
+        last = len(pieces) - 1
+        cookie = req.cookie
+        for i, (a, n, kind, payload) in enumerate(pieces):
+            if kind == READ_ZEROS:
+                parts.append(P.chunk_hole(cookie, a, n, i == last))
             else:
-                self.ch.send(P.chunk(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + n, i == last),
-                             P.U64.pack(off), buf[start:start + n])
+                parts.append(P.chunk(cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + n, i == last)
+                             + P.U64.pack(a))
+                parts.append(payload)
+        return parts
 
     def _reply_error(self, req: _Request, err: int, message: str) -> None:
         if self.session.structured:

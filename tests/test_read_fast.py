@@ -1,0 +1,161 @@
+"""``pread`` of a read-only plain image answers reads inside one cluster from L2 tables
+it has seen, without a lock (plain data: one ``os.pread``; unallocated without a
+backing file: zeros).  Everything else must still go the general way, with its checks:
+these tests read each entry kind after its table is known."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from helpers import CS, poke64, run, u64
+
+import oracle
+
+pytestmark = pytest.mark.skipif(not shutil.which("qemu-img") or not shutil.which("qemu-io"),
+                                reason="qemu-img/qemu-io not installed")
+
+
+def l2_off(path):
+    return u64(path, u64(path, 40)) & 0x00FFFFFFFFFFFE00
+
+
+@pytest.fixture
+def single(tmp_path):
+    """No backing file: data, compressed, zero-flagged, unallocated clusters; an
+    unallocated L1 entry past the first L2 table's span (64 KiB clusters: 512 MiB)."""
+    p = tmp_path / "single.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", p, "1G")
+    run("qemu-io", "-f", "qcow2",
+        "-c", f"write -P 0x22 {CS} {CS}",
+        "-c", f"write -c -P 0x33 {3 * CS} {CS}",
+        "-c", f"write -P 0x44 {5 * CS} {CS}",
+        "-c", f"write -z {5 * CS} {CS}",
+        "-c", f"write -z -u {7 * CS} {CS}",
+        p)
+    return p
+
+
+def _warm_then_read_all(img, want, offsets, n):
+    img.pread(n, offsets[0])                  # the table is seen (general path)
+    buf = bytearray(n)
+    for off in offsets:
+        assert img.pread(n, off) == want[off:off + n], off
+        k = img.readinto(buf, off)
+        assert bytes(buf[:k]) == want[off:off + n], off
+
+
+@pytest.mark.parametrize("n", [4096, 512, 1000])
+def test_fast_reads_match_qemu(single, engine, n):
+    want = oracle.raw_bytes(single, "qcow2")
+    offsets = [c * CS + k for c in range(10) for k in (0, CS - n, 7)] + \
+              [600 << 20, (1 << 30) - n]         # unallocated L1 entry, the last bytes
+    with engine.open(single) as img:
+        _warm_then_read_all(img, want, offsets, n)
+        _warm_then_read_all(img, want, offsets, n)     # every table known now
+        assert img.pread(n, (1 << 30) - 10) == want[-10:]    # past the end: short
+
+
+def test_fast_path_refuses_unaligned_entry_of_a_known_table(single, engine):
+    l2 = l2_off(single)
+    poke64(single, l2 + 8, u64(single, l2 + 8) + 0x200)       # cluster 1: unaligned
+    with engine.open(single) as img:
+        assert img.pread(4096, 0) == bytes(4096)              # table known from here
+        with pytest.raises(engine.CorruptImageError) as exc:
+            img.pread(4096, CS)
+        assert exc.value.offset == l2 + 8
+
+
+def test_fast_path_data_past_the_end_of_the_file_reads_zeros(tmp_path, engine):
+    p = tmp_path / "t.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", p, "1M")
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {CS}", p)
+    host = u64(p, l2_off(p)) & 0x00FFFFFFFFFFFE00
+    os.truncate(p, host + 100)                                # the cluster is cut short
+    with engine.open(p) as img:
+        assert img.pread(4096, CS) == bytes(4096)             # table known
+        assert img.pread(4096, 0) == b"\x5a" * 100 + bytes(3996)
+        general = bytearray(2 * 4096)
+        img.readinto(general, 0)
+        assert bytes(general[:4096]) == img.pread(4096, 0)
+        small = bytearray(b"\xff" * 4096)
+        assert img.readinto(small, 0) == 4096 and bytes(small) == img.pread(4096, 0)
+
+
+def test_backing_chain_holes_read_the_backing(tmp_path, engine):
+    base, top = tmp_path / "b.qcow2", tmp_path / "t.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", base)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "1M")
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x22 0 {CS}", top)
+    with engine.open(top) as img:
+        assert img.pread(4096, 0) == b"\x22" * 4096
+        assert img.pread(4096, CS) == b"\x11" * 4096
+        assert img.pread(4096, 2 * CS + 5) == b"\x11" * 4096
+
+
+def test_writable_images_and_closed_images(single, engine):
+    with engine.open(single, "r+") as img:
+        assert img.pread(4096, CS) == b"\x22" * 4096
+        img.pwrite(b"\x77" * 4096, CS)
+        assert img.pread(4096, CS) == b"\x77" * 4096          # no stale fast path
+        buf = bytearray(4096)
+        assert img.readinto(buf, CS) == 4096 and buf == b"\x77" * 4096
+    img = engine.open(single)
+    assert img.pread(4096, CS) == b"\x77" * 4096
+    img.close()
+    with pytest.raises((OSError, ValueError)):
+        img.pread(4096, CS)
+    with pytest.raises((OSError, ValueError)):
+        img.readinto(bytearray(4096), CS)
+
+
+def test_readinto_of_other_buffer_types(single, engine):
+    """Typed buffers (``array('I')``, a ``memoryview`` slice) are filled byte for byte."""
+    import array
+    want = oracle.raw_bytes(single, "qcow2")
+    with engine.open(single) as img:
+        img.pread(512, 0)
+        a = array.array("I", bytes(4096))
+        assert img.readinto(a, CS) == 4096 and a.tobytes() == want[CS:CS + 4096]
+        big = bytearray(8192)
+        assert img.readinto(memoryview(big)[100:100 + 4096], 3 * CS) == 4096
+        assert bytes(big[100:100 + 4096]) == want[3 * CS:3 * CS + 4096]
+        assert img.readinto(bytearray(4096), (1 << 30) - 100) == 100
+
+
+def test_read_plan_pieces(tmp_path, engine):
+    """The plan a server sends from: file pieces of each layer's file, zeros, copies
+    read into the buffer asked for; writable images hand out copies only."""
+    from qcow2.image import READ_COPY, READ_FILE, READ_ZEROS
+    base, top = tmp_path / "b.qcow2", tmp_path / "t.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 {4 * CS}", base)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "2M")
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x22 {CS} {CS}",
+        "-c", f"write -c -P 0x33 {2 * CS} {CS}", "-c", f"write -z {5 * CS} {CS}", top)
+    want = oracle.raw_bytes(top, "qcow2")
+    bufs = []
+
+    def buffer(n):
+        bufs.append(bytearray(n))
+        return bufs[-1]
+
+    with engine.open(top) as img:
+        for first in (False, True):                 # general path, then known tables
+            bufs.clear()
+            plan = img.read_plan(0, 8 * CS, buffer)
+            kinds = [(a // CS, n // CS, k) for a, n, k, _fd, _h in plan]
+            assert kinds == [(0, 1, READ_FILE), (1, 1, READ_FILE), (2, 1, READ_COPY),
+                             (3, 1, READ_FILE), (4, 4, READ_ZEROS)], first
+            assert plan[0][3] == img.backing.be.fd and plan[1][3] == img.be.fd
+            for a, n, kind, fd, host in plan:
+                if kind == READ_FILE:
+                    assert os.pread(fd, n, host) == want[a:a + n]
+                elif kind == READ_COPY:
+                    assert bytes(bufs[-1][fd:fd + n]) == want[a:a + n]
+                else:
+                    assert want[a:a + n] == bytes(n)
+    with engine.open(top, "r+") as img:
+        assert [p[2] for p in img.read_plan(0, 8 * CS)] == [READ_COPY]
