@@ -108,3 +108,19 @@ def test_reads_and_extents_checked(image):
     f.close()
     with pytest.raises(ClosedImageError):
         f.read(1)
+
+
+def test_fast_reads_after_close(tmp_path):
+    """The lock-free read path of a read-only image stops at close too (it must never
+    read through a descriptor number the process may have reused)."""
+    path = str(tmp_path / "d.qcow2")
+    qcow2.create(path, 1 << 20)
+    with qcow2.open(path, "r+") as img:
+        img.pwrite(b"\x07" * 65536, 0)
+    img = qcow2.open(path)
+    assert img.pread(4096, 0) == b"\x07" * 4096       # the table is now cached
+    img.close()
+    with pytest.raises(ClosedImageError):
+        img.pread(4096, 0)
+    with pytest.raises(ClosedImageError):
+        img.readinto(bytearray(4096), 0)
