@@ -5,7 +5,8 @@ extension gives; its key slots are unlocked with the passphrase (``qcow2.luks``)
 first time guest data is read, not at open (``info`` needs no key, as with qemu-img).
 Data clusters are whole 512-byte sectors encrypted with the LUKS cipher, the IV taken
 from the *host* offset (QEMU's ``crypt_physical_offset``, always on for LUKS).  Reads
-that do not cover whole sectors read and decrypt the sectors around them.  The old
+that do not cover whole sectors read and decrypt the sectors around them; writes
+encrypt a copy of the data, completing partial sectors from what they hold.  The old
 AES-CBC method (crypt_method 1), which QEMU itself no longer opens, is refused.
 
 The passphrase is kept in a bytearray that is zeroed once the key is unlocked (or the
@@ -31,6 +32,9 @@ class DataCrypto:
     def __init__(self, header, read, file_size: int, filename: str, key):
         self.header, self.read, self.file_size = header, read, file_size
         self.filename = filename
+        if key is None:
+            from .secrets import key_for
+            key = key_for(filename)            # named by the command line's secrets
         self._key = None if key is None else _as_bytes(key)
         self.cipher = None
 
@@ -66,6 +70,15 @@ class DataCrypto:
         self.cipher = luks.sector_cipher(master)
         return self.cipher
 
+    def check_writable(self) -> None:
+        """Opened for writing: unlocked now (a wrong or missing key is refused before
+        anything is written), LUKS only, data in the image file."""
+        if self.header.has_data_file:
+            raise UnsupportedFeatureError(f"'{self.filename}': writing encrypted images "
+                                          f"with an external data file is not supported",
+                                          feature="encryption with data file")
+        self.ready()
+
     def read_into(self, be, dst, host: int) -> None:
         """Guest data of ``len(dst)`` bytes stored at ``host``: read and decrypted."""
         cipher = self.ready()
@@ -83,5 +96,54 @@ class DataCrypto:
         if buf is not dst:
             dst[:] = buf[host - lo:host - lo + n]
 
+    def write(self, be, data, host: int) -> None:
+        """Encrypt guest ``data`` and write it at ``host``: a copy is encrypted (the
+        caller's buffer is left as it is); partial sectors at either end are read,
+        decrypted and completed first."""
+        cipher = self.ready()
+        src = memoryview(data).cast("B")
+        n = len(src)
+        lo = host - host % SECTOR
+        hi = -(-(host + n) // SECTOR) * SECTOR
+        buf = bytearray(hi - lo)
+        bv = memoryview(buf)
+        if lo < host:
+            self.read_into(be, bv[:SECTOR], lo)
+        if hi > host + n and (hi - SECTOR >= lo + SECTOR or lo == host):
+            self.read_into(be, bv[-SECTOR:], hi - SECTOR)
+        bv[host - lo:host - lo + n] = src
+        cipher.encrypt(bv, lo // SECTOR)
+        be.pwrite(bv, lo)
 
-__all__ = ["DataCrypto"]
+
+def install_encryption(fd: int, name: str, enc) -> None:
+    """Make the new, empty qcow2 image open as ``fd`` an encrypted one (``enc``: a
+    ``qcow2.encryptopts.CreateEncryption``), as QEMU's create does: LUKS gets its header
+    and key slots in clusters allocated after the image's tables, named by the header's
+    encryption extension; the legacy AES method only sets ``crypt_method``."""
+    from .backends.file import FileBackend
+    from .opener import open_image
+    img = open_image(FileBackend(fd=fd, writable=True, name=name), "r+", format="qcow2",
+                     backing=False)
+    try:
+        h = img.header
+        if enc.format == "luks":
+            from .luks import new_area
+            area = new_area(enc.params, bytes(enc.passphrase))
+            length = len(area)
+            cs = img.cluster_size
+            n = -(-length // cs)
+            off = img.refs.alloc(n)
+            area += bytes(n * cs - length)
+            img.be.pwrite(area, off)
+            img.file_size = max(img.file_size, off + n * cs)
+            h.crypto_header = (off, length)
+            h.crypt_method = C.CRYPT_LUKS
+        else:
+            h.crypt_method = C.CRYPT_AES
+        img._rewrite_header()
+    finally:
+        img.close()
+
+
+__all__ = ["DataCrypto", "install_encryption"]
