@@ -36,7 +36,7 @@ from .rbdname import is_rbd_name, open_rbd
 
 # Image formats qemu-img can create that this engine cannot (so the error says
 # "not supported" rather than "unknown").
-_OTHER_QEMU_FORMATS = {"qcow", "qed", "vdi", "vhdx", "vmdk", "vpc", "luks", "parallels",
+_OTHER_QEMU_FORMATS = {"qcow", "qed", "vdi", "vhdx", "vmdk", "vpc", "parallels",
                        "cloop", "dmg", "bochs", "vvfat", "file", "host_device"}
 
 
@@ -73,7 +73,7 @@ class CreateRequest:
 
     def formatting_line(self) -> str:
         """The line qemu-img 7.2 prints before creating the image (same keys, same order)."""
-        order = O.CRYPT_OPTIONS + O.QCOW2_OPTIONS if self.format == "qcow2" else O.RAW_OPTIONS
+        order = _option_order(self.format)
         parts = [f"Formatting '{self.path}', fmt={self.format}"]
         for name in order:
             if name == "size":
@@ -87,7 +87,9 @@ class CreateRequest:
     def run(self, *, durable: bool = True) -> None:
         """Validate the options as the format driver does, then write the image
         (``durable=False``: without syncing it, for a caller that syncs it later)."""
-        if self.format == "raw":
+        if self.format == "luks":
+            _create_luks(self, durable)
+        elif self.format == "raw":
             _create_raw(self, durable)
         else:
             spec = Qcow2Spec.from_request(self)
@@ -97,10 +99,20 @@ class CreateRequest:
                 _create_qcow2(spec, durable)
 
 
+def _option_order(format: str) -> tuple:
+    """The options of ``format`` in the order qemu-img lists them."""
+    if format == "qcow2":
+        return O.CRYPT_OPTIONS + O.QCOW2_OPTIONS
+    if format == "luks":
+        from .encryptopts import LUKS_FORMAT_OPTIONS
+        return LUKS_FORMAT_OPTIONS
+    return O.RAW_OPTIONS
+
+
 def _check_format(format) -> None:
     if not isinstance(format, str):
         raise InvalidOptionError(f"Unknown file format {format!r}")
-    if format not in ("qcow2", "raw"):
+    if format not in ("qcow2", "raw", "luks"):
         if format in _OTHER_QEMU_FORMATS:
             raise UnsupportedFeatureError(
                 f"Image creation in format '{format}' is not supported (supported: qcow2, "
@@ -177,7 +189,7 @@ def prepare(path, size=None, *, format: str = "qcow2", backing_file=None, backin
                                  f"and backing_format={backing_format!r}")
     if backing_format is None:
         backing_format = fmt_backing
-    allowed = O.CRYPT_OPTIONS + O.QCOW2_OPTIONS if format == "qcow2" else O.RAW_OPTIONS
+    allowed = _option_order(format)
     parsed = O.parse_options(options, allowed, O.create_option_error(format))
     shown = {name: O.shown_value(name, options[name], value) for name, value in parsed.items()}
     backing_file = _add_backing(format, parsed, shown, "backing_file", backing_file,
@@ -251,7 +263,8 @@ class Qcow2Spec(namedtuple("Qcow2Spec", (
                 raise InvalidOptionError("The external data file cannot be the image itself")
         O.check_compression_version(o.compression_type, o.version)
         enc = _encryption(req, o)
-        return cls(encryption=enc, path=req.path, size=(req.size + 511) & ~511,  # QEMU rounds up to sectors
+        return cls(encryption=enc,
+                   path=req.path, size=(req.size + 511) & ~511,  # QEMU rounds up to sectors
                    requested_size=req.size, version=o.version,
                    cluster_bits=o.cluster_size.bit_length() - 1,
                    refcount_order=o.refcount_bits.bit_length() - 1,
@@ -444,6 +457,26 @@ def _create_qcow2_rbd(spec: Qcow2Spec, durable: bool = True) -> None:
                 be.remove()
             except OSError:
                 be.close()
+
+
+# -- luks -----------------------------------------------------------------------------------
+
+def _create_luks(req: CreateRequest, durable: bool = True) -> None:
+    """QEMU's ``luks`` format: a LUKS header and key slots, then the encrypted data."""
+    from .encryptopts import luks_format_encryption
+    from .luks import new_area
+    enc = luks_format_encryption(req.options, req.key)
+    try:
+        area = new_area(enc.params, bytes(enc.passphrase))
+        with _output(req.path) as out:
+            try:
+                pwrite_all(out.fd, area, 0)
+                os.ftruncate(out.fd, len(area) + ((req.size + 511) & ~511))
+            except OSError as exc:
+                raise _write_error(exc, req.path, "luks", False) from None
+            out.commit(sync=durable)
+    finally:
+        enc.wipe()
 
 
 # -- raw ----------------------------------------------------------------------------------

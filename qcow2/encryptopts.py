@@ -132,6 +132,26 @@ def luks_params(opts: dict):
                       iter_time=iter_time)
 
 
+# QEMU's luks format: its create options, in qemu-img's order
+LUKS_FORMAT_OPTIONS = ("size", "key-secret", "cipher-alg", "cipher-mode", "ivgen-alg",
+                       "ivgen-hash-alg", "hash-alg", "iter-time", "preallocation")
+
+
+def luks_format_encryption(opts: dict, key=None) -> CreateEncryption:
+    """The encryption of a new ``luks`` format image (its options have no prefix)."""
+    prealloc = opts.get("preallocation", "off")
+    if prealloc != "off":
+        raise UnsupportedFeatureError(f"Preallocation mode '{prealloc}' of luks images is "
+                                      f"not supported by this engine",
+                                      feature="luks preallocation")
+    prefixed = {f"encrypt.{k}": v for k, v in opts.items() if k not in ("size",
+                                                                        "preallocation")}
+    params = luks_params(prefixed)
+    if key is None and "encrypt.key-secret" not in prefixed:
+        raise InvalidOptionError("Parameter 'key-secret' is required for cipher")
+    return CreateEncryption("luks", _passphrase(prefixed, key), params)
+
+
 class AmendKeyslots:
     """A key slot change asked of ``amend``."""
 
@@ -176,5 +196,5 @@ def amend_keyslots(opts: dict) -> AmendKeyslots | None:
     return AmendKeyslots(state == "active", slot, new, old, _iter_time(opts))
 
 
-__all__ = ["CREATE_NAMES", "AMEND_NAMES", "CreateEncryption", "create_encryption",
+__all__ = ["LUKS_FORMAT_OPTIONS", "luks_format_encryption", "CREATE_NAMES", "AMEND_NAMES", "CreateEncryption", "create_encryption",
            "luks_params", "AmendKeyslots", "amend_keyslots"]

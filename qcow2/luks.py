@@ -144,26 +144,35 @@ class LuksHeader:
     def unlock(self, read, passphrase: bytes) -> bytes:
         """The master key, from the first key slot ``passphrase`` opens (its digest
         checked); ``read(n, offset)`` reads the LUKS area (offsets from its start)."""
-        import hashlib
-        import hmac
         if not self.slots:
             raise InvalidKeyError("the LUKS header has no active key slot")
-        material_len = self.key_bytes * _STRIPES
         probe = self.sector_cipher(bytes(self.key_bytes))     # refuses unknown ciphers
         del probe
-        for _i, iters, salt, start in self.slots:
-            slot_key = hashlib.pbkdf2_hmac(self.hash, passphrase, salt, iters,
-                                           self.key_bytes)
-            material = bytearray(read(material_len, start))
-            pad = -len(material) % 512
-            material += bytes(pad)
-            self.sector_cipher(slot_key).decrypt(material, 0)
-            candidate = af_merge(bytes(material), self.key_bytes, _STRIPES, self.hash)
-            check = hashlib.pbkdf2_hmac(self.hash, candidate, self.salt, self.iterations,
-                                        _DIGEST_LEN)
-            if hmac.compare_digest(check, self.digest):
+        for slot in self.slots:
+            candidate = self.open_slot(read, slot, passphrase)
+            if candidate is not None:
                 return candidate
         raise InvalidKeyError("Invalid password, cannot unlock any keyslot")
+
+    def open_slot(self, read, slot, passphrase: bytes) -> bytes | None:
+        """The master key if ``passphrase`` opens key slot ``slot`` (an entry of
+        ``self.slots``), else None."""
+        import hashlib
+        import hmac
+        _i, iters, salt, start = slot
+        slot_key = bytearray(hashlib.pbkdf2_hmac(self.hash, passphrase, salt, iters,
+                                                 self.key_bytes))
+        material = bytearray(read(self.key_bytes * _STRIPES, start))
+        material += bytes(-len(material) % 512)
+        try:
+            self.sector_cipher(bytes(slot_key)).decrypt(material, 0)
+            candidate = af_merge(bytes(material), self.key_bytes, _STRIPES, self.hash)
+        finally:
+            slot_key[:] = bytes(len(slot_key))
+            material[:] = bytes(len(material))
+        check = hashlib.pbkdf2_hmac(self.hash, candidate, self.salt, self.iterations,
+                                    _DIGEST_LEN)
+        return candidate if hmac.compare_digest(check, self.digest) else None
 
 
 def read_luks_header(read, offset: int, length: int, file_size: int) -> LuksHeader:
@@ -292,3 +301,34 @@ def new_area(params: LuksParams, passphrase: bytes) -> bytearray:
     finally:
         master[:] = bytes(kb)
     return area
+
+
+def add_key(area: bytearray, header: LuksHeader, slot: int, passphrase: bytes, master: bytes,
+            iter_time: int) -> None:
+    """Key slot ``slot`` of ``area`` (a whole LUKS area, header included) opens
+    ``master`` with ``passphrase`` from now on."""
+    _store_key(area, header, slot, passphrase, master, iter_time)
+
+
+def erase_key(area: bytearray, header: LuksHeader, slot: int) -> None:
+    """Key slot ``slot`` of ``area`` disabled and its key material overwritten with
+    random bytes (the master key can no longer be recovered from it)."""
+    kb = header.key_bytes
+    start = _SLOT_ALIGN + slot * slot_stride(kb)
+    n = kb * _STRIPES
+    area[start:start + n] = os.urandom(n)
+    _pack_slot(area, slot, False, 0, bytes(32), kb)
+
+
+def active_slots(area: bytes) -> list:
+    """Indices of the active key slots of a LUKS area."""
+    return [i for i in range(8)
+            if _SLOT.unpack_from(area, _HDR.size + i * _SLOT.size)[0] == _SLOT_ENABLED]
+
+
+def slot_range(key_bytes: int, slot: int) -> tuple[int, int]:
+    """(start, length) of key slot ``slot``'s material in the LUKS area."""
+    return _SLOT_ALIGN + slot * slot_stride(key_bytes), key_bytes * _STRIPES
+
+
+HEADER_SIZE = _SIZE
