@@ -196,5 +196,6 @@ def amend_keyslots(opts: dict) -> AmendKeyslots | None:
     return AmendKeyslots(state == "active", slot, new, old, _iter_time(opts))
 
 
-__all__ = ["LUKS_FORMAT_OPTIONS", "luks_format_encryption", "CREATE_NAMES", "AMEND_NAMES", "CreateEncryption", "create_encryption",
+__all__ = ["LUKS_FORMAT_OPTIONS", "luks_format_encryption", "CREATE_NAMES", "AMEND_NAMES",
+           "CreateEncryption", "create_encryption",
            "luks_params", "AmendKeyslots", "amend_keyslots"]
