@@ -399,7 +399,7 @@ def _create_qcow2(spec: Qcow2Spec, durable: bool = True) -> None:
             try:
                 _write_qcow2(out.fd, spec, lay, header)
                 if spec.encryption is not None:
-                    from .encrypted import install_encryption
+                    from .luks_image import install_encryption
                     install_encryption(out.fd, spec.path, spec.encryption)
             except OSError as exc:
                 raise _write_error(exc, spec.path, "qcow2", spec.cluster_size_given) from None

@@ -1,4 +1,10 @@
-"""Describing (not decrypting) the LUKS header of an encrypted qcow2 image."""
+"""The LUKS1 header of an encrypted qcow2 image (and of QEMU's ``luks`` format): what
+``info`` prints, unlocking a key slot (PBKDF2, anti-forensic merge, master key digest),
+and writing new headers and key slots (random master key, AF split, PBKDF2 iterations
+timed to ``iter-time`` as QEMU and cryptsetup do).  Layout as QEMU writes it: the
+592-byte header, then 8 key slots of ``key_bytes * 4000`` bytes each starting on 4 KiB
+boundaries, then the payload.  All cryptography is hashlib's PBKDF2 and the sector
+ciphers of ``qcow2.ciphers``."""
 
 from __future__ import annotations
 

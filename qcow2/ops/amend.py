@@ -69,7 +69,7 @@ def amend(path, options, *, format: str | None = None, force: bool = False,
             img.set_version(2)                  # last: the options above may need v3
         img.flush()
         if slots is not None:
-            from ..encrypted import amend_keyslots as change_keyslots
+            from ..luks_image import amend_keyslots as change_keyslots
             from ..secrets import key_for
             change_keyslots(img, slots, key if key is not None else key_for(img.filename),
                             force=force)
