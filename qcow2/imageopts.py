@@ -292,6 +292,23 @@ def _bind_key(flat: dict, path: str, driver) -> None:
     bind_secret(path, str(ident))
 
 
+def options_name(text: str) -> tuple[str, str | None]:
+    """``--image-opts`` text as the equivalent ``json:{...}`` name, and the format its
+    ``driver`` names (None: none)."""
+    import json
+    tree: dict = {}
+    flat = parse_image_opts(text)
+    for key, value in flat.items():
+        node = tree
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InvalidOptionError(f"Option '{key}' conflicts with another option")
+        node[last] = value
+    return "json:" + json.dumps(tree), flat.get("driver")
+
+
 def resolve(flat: dict, name: str = "null-co"):
     """``(path, format)`` of flattened block options (format None: probe it); a
     ``null-co`` node gives a :class:`NullBackend` (named ``name``) in place of a path."""
@@ -306,5 +323,5 @@ def resolve_name(name: str):
     return resolve(parse_json_name(name), name)
 
 
-__all__ = ["is_json_name", "is_option_name", "file_path", "parse_json_name",
+__all__ = ["is_json_name", "is_option_name", "file_path", "parse_json_name", "options_name",
            "parse_image_opts", "flatten", "resolve", "resolve_name", "NullBackend"]

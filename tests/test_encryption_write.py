@@ -382,3 +382,26 @@ def test_secrets_registry_wipes():
     secrets.clear()
     with pytest.raises(InvalidOptionError, match="No secret with id 't-wipe'"):
         secrets.secret("t-wipe")
+
+
+def test_target_image_opts_and_resize(tmp_path):
+    """convert -n --target-image-opts into an encrypted image; resize --image-opts."""
+    src = tmp_path / "s.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(src), "4M"], check=True,
+                   capture_output=True)
+    subprocess.run(["qemu-io", "-c", "write -P 9 100k 2M", str(src)], check=True,
+                   capture_output=True)
+    dst = tmp_path / "t.qcow2"
+    qemu_create(dst, 4 * MiB)
+    p = ours("convert", *OBJ, "--target-image-opts", src, _spec(dst))
+    assert p.returncode == 1 and "--target-image-opts requires use of -n flag" in p.stderr
+    p = ours("convert", *OBJ, "-n", "--target-image-opts", src, _spec(dst))
+    assert p.returncode == 0, p.stderr
+    p = _run(["qemu-img", "compare", *OBJ, "--image-opts",
+              f"driver=qcow2,file.filename={src}", _spec(dst)])
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = ours("resize", *OBJ, "--image-opts", _spec(dst), "8M")
+    assert p.returncode == 0, p.stderr
+    assert qemu_io(dst, "read -P 9 100k 2M", "write -P 3 7M 4k",
+                   "read -P 3 7M 4k").returncode == 0
+    qemu_check(dst)
