@@ -20,6 +20,8 @@ image's tables, as QEMU does, and changing key slots live in ``qcow2.luks_image`
 
 from __future__ import annotations
 
+import threading
+
 from . import constants as C
 from .ciphers import SECTOR
 from .errors import CorruptImageError, InvalidKeyError, UnsupportedFeatureError
@@ -43,6 +45,8 @@ class DataCrypto:
             key = key_for(filename)            # named by the command line's secrets
         self._key = None if key is None else passphrase_bytes(key)
         self.cipher = None
+        self._unlock = threading.Lock()       # one unlock, whichever thread reads first
+        self._failed: InvalidKeyError | None = None
 
     def wipe(self) -> None:
         if self._key is not None:
@@ -53,6 +57,18 @@ class DataCrypto:
         """The unlocked sector cipher (unlocking now if needed)."""
         if self.cipher is not None:
             return self.cipher
+        with self._unlock:
+            if self._failed is not None:       # (the passphrase is wiped: same answer)
+                raise self._failed
+            if self.cipher is None:
+                try:
+                    self.cipher = self._unlocked()
+                except InvalidKeyError as exc:
+                    self._failed = exc
+                    raise
+        return self.cipher
+
+    def _unlocked(self):
         h = self.header
         if h.crypt_method == C.CRYPT_AES:
             raise UnsupportedFeatureError(
@@ -75,8 +91,7 @@ class DataCrypto:
             master = luks.unlock(lambda n, o: self.read(n, off + o), bytes(self._key))
         finally:
             self.wipe()
-        self.cipher = luks.sector_cipher(master)
-        return self.cipher
+        return luks.sector_cipher(master)
 
     def check_writable(self) -> None:
         """Opened for writing: unlocked now (a wrong or missing key is refused before
