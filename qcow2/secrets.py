@@ -97,6 +97,8 @@ def take_objects(argv: list) -> list:
     """``argv`` without its ``--object VALUE`` / ``--object=VALUE`` arguments, each
     registered (in order, as qemu-img creates them before anything else).  Stops at a
     ``--`` that ends the options."""
+    import atexit
+    atexit.register(clear)                 # zeroed when the command ends
     out: list = []
     i = 0
     while i < len(argv):
