@@ -9,7 +9,8 @@ from the *host* offset (QEMU's ``crypt_physical_offset``, always on for LUKS).  
 that do not cover whole sectors read and decrypt the sectors around them; writes
 encrypt a copy of the data, completing partial sectors from what they hold.  The old
 AES-CBC method (crypt_method 1) can be created (``encryption=on``, as qemu-img 7.2
-does) but its data is neither read nor written here.
+does) and its data read (AES-128-CBC, the passphrase as the key, IVs from the guest
+offset), not written.
 
 The passphrase is kept in a bytearray that is zeroed once the key is unlocked (or the
 image closed); the master key then lives only in the cipher objects.  An image opened
@@ -70,16 +71,22 @@ class DataCrypto:
 
     def _unlocked(self):
         h = self.header
-        if h.crypt_method == C.CRYPT_AES:
-            raise UnsupportedFeatureError(
-                f"'{self.filename}' uses the legacy AES-CBC qcow2 encryption (encrypt.format="
-                f"aes), whose data this engine does not read or write (QEMU's system "
-                f"emulator refuses it too); convert it with qemu-img to LUKS",
-                feature="encryption")
         if self._key is None:
             raise InvalidKeyError(f"'{self.filename}' is encrypted: a key is needed to read "
                                   f"its data (key=... / --object secret,... with "
                                   f"encrypt.key-secret)")
+        if h.crypt_method == C.CRYPT_AES:
+            # the legacy method: the passphrase itself (up to 16 bytes, zero-padded) is
+            # the AES-128 key, CBC with plain64 IVs from the *guest* offset
+            from .ciphers import SectorCipher
+            key = bytearray(16)
+            n = min(16, len(self._key))
+            key[:n] = self._key[:n]
+            self.wipe()
+            try:
+                return SectorCipher(bytes(key), "cbc", "plain64")
+            finally:
+                key[:] = bytes(16)
         if h.crypto_header is None:
             raise CorruptImageError(f"'{self.filename}' is LUKS-encrypted but has no "
                                     f"encryption header extension", offset=0, size=0,
@@ -100,11 +107,31 @@ class DataCrypto:
             raise UnsupportedFeatureError(f"'{self.filename}': writing encrypted images "
                                           f"with an external data file is not supported",
                                           feature="encryption with data file")
+        if self.legacy:
+            raise UnsupportedFeatureError(f"'{self.filename}' uses the legacy AES-CBC qcow2 "
+                                          f"encryption (encrypt.format=aes): this engine "
+                                          f"reads it but does not write it; convert it to "
+                                          f"LUKS", feature="legacy encryption")
         self.ready()
 
-    def read_into(self, be, dst, host: int) -> None:
-        """Guest data of ``len(dst)`` bytes stored at ``host``: read and decrypted."""
+    @property
+    def legacy(self) -> bool:
+        """The legacy AES method (IVs from guest offsets, read only here)."""
+        return self.header.crypt_method == C.CRYPT_AES
+
+    def read_into(self, be, dst, host: int, guest: int | None = None) -> None:
+        """Guest data of ``len(dst)`` bytes stored at ``host`` (guest offset ``guest``:
+        the legacy method's IVs count from it): read and decrypted."""
         cipher = self.ready()
+        if self.legacy:
+            if guest is None:
+                raise UnsupportedFeatureError("legacy AES-encrypted data is read only "
+                                              "through guest reads",
+                                              feature="legacy encryption")
+            if (host - guest) % SECTOR:
+                raise CorruptImageError(f"'{self.filename}': data at {host:#x} is not "
+                                        f"sector-aligned with its guest offset", offset=host,
+                                        size=len(dst), what="L2 entry")
         n = len(dst)
         lo = host - host % SECTOR
         hi = -(-(host + n) // SECTOR) * SECTOR
@@ -115,7 +142,8 @@ class DataCrypto:
         got = be.readinto(buf, lo)
         if got < len(buf):
             buf[got:] = bytes(len(buf) - got)
-        cipher.decrypt(buf, lo // SECTOR)
+        cipher.decrypt(buf, (lo if guest is None or not self.legacy else lo - host + guest)
+                       // SECTOR)
         if buf is not dst:
             dst[:] = buf[host - lo:host - lo + n]
 

@@ -405,3 +405,24 @@ def test_target_image_opts_and_resize(tmp_path):
     assert qemu_io(dst, "read -P 9 100k 2M", "write -P 3 7M 4k",
                    "read -P 3 7M 4k").returncode == 0
     qemu_check(dst)
+
+
+def test_legacy_aes_created_like_qemu_and_read(tmp_path):
+    """encryption=on: the same file as qemu-img's; its data (written by qemu-io) reads
+    as qemu-img reads it; writing it is refused, nothing written."""
+    ours_img, theirs = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    o = "encryption=on,encrypt.key-secret=sec0"
+    assert ours("create", *OBJ, "-f", "qcow2", "-o", o, ours_img, "8M").returncode == 0
+    subprocess.run(["qemu-img", "create", "-q", *OBJ, "-f", "qcow2", "-o", o, str(theirs),
+                    "8M"], check=True)
+    assert ours_img.read_bytes() == theirs.read_bytes()
+    assert qemu_io(ours_img, "write -P 0x61 1000 300000", "write -P 0x62 5M 70000"
+                   ).returncode == 0
+    ref = qemu_raw(ours_img, tmp_path)
+    with qcow2.open(str(ours_img), key=SECRET) as q:
+        assert q.pread(q.size, 0) == ref
+        assert q.pread(777, 1001) == ref[1001:1778]
+    before = _digest(ours_img)
+    with pytest.raises(qcow2.UnsupportedFeatureError, match="does not write it"):
+        qcow2.open(str(ours_img), "r+", key=SECRET)
+    assert _digest(ours_img) == before
