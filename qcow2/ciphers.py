@@ -18,6 +18,7 @@ first sector (for qcow2: the host offset / 512, QEMU's "physical" IVs).
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import numpy as np
 
@@ -27,7 +28,34 @@ SECTOR = 512
 _BLOCKS = SECTOR // 16                # AES blocks per sector
 _CHUNK = 1 << 20                      # bytes per numpy pass (bounds the temporaries)
 _U64 = np.dtype("<u8")
-_SHIFTS = np.arange(_BLOCKS, dtype=np.uint64)[None, :]
+_LSHIFTS = np.arange(1, _BLOCKS, dtype=np.uint64)[None, :]     # blocks 1..31 of a sector
+_RSHIFTS = np.uint64(64) - _LSHIFTS
+_ONE, _TWO, _SEVEN = np.uint64(1), np.uint64(2), np.uint64(7)
+_tls = threading.local()
+
+
+class _Scratch:
+    """One thread's buffers for a chunk of ``size`` bytes: the masks (low and high
+    halves), their temporaries, the masked data and the cipher's output."""
+
+    def __init__(self, size: int):
+        n = size // 16                       # AES blocks
+        self.size = size
+        self.lo, self.hi = np.empty(n, dtype=_U64), np.empty(n, dtype=_U64)
+        self.carry, self.tmp = np.empty(n, dtype=_U64), np.empty(n, dtype=_U64)
+        self.mixed = np.empty(2 * n, dtype=_U64)
+        self.out = memoryview(bytearray(size + 16))
+
+    @staticmethod
+    def plane(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        return buf[:rows * cols].reshape(rows, cols)
+
+
+def _scratch(size: int) -> _Scratch:
+    s = getattr(_tls, "scratch", None)
+    if s is None or s.size < size:
+        s = _tls.scratch = _Scratch(max(size, _CHUNK))
+    return s
 
 
 def _aes():
@@ -100,21 +128,31 @@ class SectorCipher:
                                dtype=_U64).reshape(count, 2)
         return iv
 
-    def _xts_masks(self, sector: int, count: int) -> np.ndarray:
-        """(count, 32, 2): the mask of each AES block, E_k2(IV) * alpha^j."""
+    def _xts_masks(self, sector: int, count: int, sc: "_Scratch | None" = None):
+        """The mask of each AES block of ``count`` sectors, E_k2(IV) * alpha^j, as two
+        (count, 32) planes: the low and the high 64 bits (in ``sc``'s buffers)."""
+        sc = sc or _Scratch(count * SECTOR)
         enc = self._tweak.encryptor()
         t0 = np.frombuffer(enc.update(self._sector_ivs(sector, count).tobytes())
                            + enc.finalize(), dtype=_U64).reshape(count, 2)
+        plo, phi = sc.plane(sc.lo, count, _BLOCKS), sc.plane(sc.hi, count, _BLOCKS)
+        carry, tmp = sc.plane(sc.carry, count, _BLOCKS - 1), sc.plane(sc.tmp, count, _BLOCKS - 1)
+        plo[:, 0] = t0[:, 0]
+        phi[:, 0] = t0[:, 1]
         lo, hi = t0[:, :1], t0[:, 1:]              # (count, 1) each
-        s = _SHIFTS                                # 0..31, one per block of a sector
-        carry = np.where(s == 0, np.uint64(0), hi >> (np.uint64(64) - s))
-        # x^128 = x^7 + x^2 + x + 1: fold the bits shifted out of the top back in (no
-        # further overflow: j < 32)
-        red = (carry << np.uint64(7)) ^ (carry << np.uint64(2)) ^ (carry << np.uint64(1)) ^ carry
-        masks = np.empty((count, _BLOCKS, 2), dtype=_U64)
-        masks[:, :, 0] = (lo << s) ^ red
-        masks[:, :, 1] = (hi << s) | np.where(s == 0, np.uint64(0), lo >> (np.uint64(64) - s))
-        return masks
+        mlo, mhi = plo[:, 1:], phi[:, 1:]
+        # block j (1..31): the 128-bit tweak shifted left by j; the j bits shifted out
+        # of the top fold back in as x^128 = x^7 + x^2 + x + 1 (no further overflow)
+        np.right_shift(hi, _RSHIFTS, out=carry)
+        np.left_shift(lo, _LSHIFTS, out=mlo)
+        mlo ^= carry
+        for k in (_ONE, _TWO, _SEVEN):
+            np.left_shift(carry, k, out=tmp)
+            mlo ^= tmp
+        np.left_shift(hi, _LSHIFTS, out=mhi)
+        np.right_shift(lo, _RSHIFTS, out=tmp)
+        mhi |= tmp
+        return plo, phi
 
     # -- the two directions ------------------------------------------------------------
     def decrypt(self, buf, sector: int) -> None:
@@ -140,11 +178,17 @@ class SectorCipher:
     def _xts(self, part: memoryview, sector: int, decrypt: bool) -> None:
         count = len(part) // SECTOR
         data = np.frombuffer(part, dtype=_U64).reshape(count, _BLOCKS, 2)
-        masks = self._xts_masks(sector, count)
+        sc = _scratch(len(part))
+        plo, phi = self._xts_masks(sector, count, sc)
+        mixed = sc.plane(sc.mixed, count, _BLOCKS * 2).reshape(count, _BLOCKS, 2)
+        np.bitwise_xor(data[:, :, 0], plo, out=mixed[:, :, 0])
+        np.bitwise_xor(data[:, :, 1], phi, out=mixed[:, :, 1])
         op = self._data.decryptor() if decrypt else self._data.encryptor()
-        mixed = np.frombuffer(op.update((data ^ masks).tobytes()) + op.finalize(),
-                              dtype=_U64).reshape(count, _BLOCKS, 2)
-        np.bitwise_xor(mixed, masks, out=data)
+        n = op.update_into(mixed.data.cast("B"), sc.out[:len(part) + 16])
+        op.finalize()
+        done = np.frombuffer(sc.out, dtype=_U64, count=n // 8).reshape(count, _BLOCKS, 2)
+        np.bitwise_xor(done[:, :, 0], plo, out=data[:, :, 0])
+        np.bitwise_xor(done[:, :, 1], phi, out=data[:, :, 1])
 
     def _cbc_decrypt(self, part: memoryview, sector: int) -> None:
         count = len(part) // SECTOR

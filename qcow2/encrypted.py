@@ -1,25 +1,35 @@
-"""Reading the data of LUKS-encrypted qcow2 images (``encrypt.format=luks``).
+"""The data of LUKS-encrypted qcow2 images (``encrypt.format=luks``): reading, writing,
+creating them and changing their key slots.
 
 The LUKS header lives in the qcow2 file at the place the header's encryption
 extension gives; its key slots are unlocked with the passphrase (``qcow2.luks``) the
 first time guest data is read, not at open (``info`` needs no key, as with qemu-img).
 Data clusters are whole 512-byte sectors encrypted with the LUKS cipher, the IV taken
 from the *host* offset (QEMU's ``crypt_physical_offset``, always on for LUKS).  Reads
-that do not cover whole sectors read and decrypt the sectors around them.  The old
-AES-CBC method (crypt_method 1), which QEMU itself no longer opens, is refused.
+that do not cover whole sectors read and decrypt the sectors around them; writes
+encrypt a copy of the data, completing partial sectors from what they hold.  The old
+AES-CBC method (crypt_method 1) can be created (``encryption=on``, as qemu-img 7.2
+does) and its data read (AES-128-CBC, the passphrase as the key, IVs from the guest
+offset), not written.
 
 The passphrase is kept in a bytearray that is zeroed once the key is unlocked (or the
-image closed); the master key then lives only in the cipher objects.
+image closed); the master key then lives only in the cipher objects.  An image opened
+for writing is unlocked at open, so a wrong key writes nothing.  Creating
+(which puts the LUKS area in clusters allocated after the new
+image's tables, as QEMU does, and changing key slots live in ``qcow2.luks_image``.
 """
 
 from __future__ import annotations
+
+import threading
 
 from . import constants as C
 from .ciphers import SECTOR
 from .errors import CorruptImageError, InvalidKeyError, UnsupportedFeatureError
 
 
-def _as_bytes(key) -> bytearray:
+def passphrase_bytes(key) -> bytearray:
+    """A passphrase (str: UTF-8, or bytes) as a bytearray that can be wiped."""
     if isinstance(key, str):
         return bytearray(key.encode("utf-8"))
     return bytearray(key)
@@ -31,8 +41,13 @@ class DataCrypto:
     def __init__(self, header, read, file_size: int, filename: str, key):
         self.header, self.read, self.file_size = header, read, file_size
         self.filename = filename
-        self._key = None if key is None else _as_bytes(key)
+        if key is None:
+            from .secrets import key_for
+            key = key_for(filename)            # named by the command line's secrets
+        self._key = None if key is None else passphrase_bytes(key)
         self.cipher = None
+        self._unlock = threading.Lock()       # one unlock, whichever thread reads first
+        self._failed: InvalidKeyError | None = None
 
     def wipe(self) -> None:
         if self._key is not None:
@@ -43,15 +58,35 @@ class DataCrypto:
         """The unlocked sector cipher (unlocking now if needed)."""
         if self.cipher is not None:
             return self.cipher
+        with self._unlock:
+            if self._failed is not None:       # (the passphrase is wiped: same answer)
+                raise self._failed
+            if self.cipher is None:
+                try:
+                    self.cipher = self._unlocked()
+                except InvalidKeyError as exc:
+                    self._failed = exc
+                    raise
+        return self.cipher
+
+    def _unlocked(self):
         h = self.header
-        if h.crypt_method == C.CRYPT_AES:
-            raise UnsupportedFeatureError(
-                f"'{self.filename}' uses the old AES-CBC qcow2 encryption, which QEMU no "
-                f"longer opens either; decrypt it with an old qemu-img", feature="encryption")
         if self._key is None:
             raise InvalidKeyError(f"'{self.filename}' is encrypted: a key is needed to read "
                                   f"its data (key=... / --object secret,... with "
                                   f"encrypt.key-secret)")
+        if h.crypt_method == C.CRYPT_AES:
+            # the legacy method: the passphrase itself (up to 16 bytes, zero-padded) is
+            # the AES-128 key, CBC with plain64 IVs from the *guest* offset
+            from .ciphers import SectorCipher
+            key = bytearray(16)
+            n = min(16, len(self._key))
+            key[:n] = self._key[:n]
+            self.wipe()
+            try:
+                return SectorCipher(bytes(key), "cbc", "plain64")
+            finally:
+                key[:] = bytes(16)
         if h.crypto_header is None:
             raise CorruptImageError(f"'{self.filename}' is LUKS-encrypted but has no "
                                     f"encryption header extension", offset=0, size=0,
@@ -63,12 +98,40 @@ class DataCrypto:
             master = luks.unlock(lambda n, o: self.read(n, off + o), bytes(self._key))
         finally:
             self.wipe()
-        self.cipher = luks.sector_cipher(master)
-        return self.cipher
+        return luks.sector_cipher(master)
 
-    def read_into(self, be, dst, host: int) -> None:
-        """Guest data of ``len(dst)`` bytes stored at ``host``: read and decrypted."""
+    def check_writable(self) -> None:
+        """Opened for writing: unlocked now (a wrong or missing key is refused before
+        anything is written), LUKS only, data in the image file."""
+        if self.header.has_data_file:
+            raise UnsupportedFeatureError(f"'{self.filename}': writing encrypted images "
+                                          f"with an external data file is not supported",
+                                          feature="encryption with data file")
+        if self.legacy:
+            raise UnsupportedFeatureError(f"'{self.filename}' uses the legacy AES-CBC qcow2 "
+                                          f"encryption (encrypt.format=aes): this engine "
+                                          f"reads it but does not write it; convert it to "
+                                          f"LUKS", feature="legacy encryption")
+        self.ready()
+
+    @property
+    def legacy(self) -> bool:
+        """The legacy AES method (IVs from guest offsets, read only here)."""
+        return self.header.crypt_method == C.CRYPT_AES
+
+    def read_into(self, be, dst, host: int, guest: int | None = None) -> None:
+        """Guest data of ``len(dst)`` bytes stored at ``host`` (guest offset ``guest``:
+        the legacy method's IVs count from it): read and decrypted."""
         cipher = self.ready()
+        if self.legacy:
+            if guest is None:
+                raise UnsupportedFeatureError("legacy AES-encrypted data is read only "
+                                              "through guest reads",
+                                              feature="legacy encryption")
+            if (host - guest) % SECTOR:
+                raise CorruptImageError(f"'{self.filename}': data at {host:#x} is not "
+                                        f"sector-aligned with its guest offset", offset=host,
+                                        size=len(dst), what="L2 entry")
         n = len(dst)
         lo = host - host % SECTOR
         hi = -(-(host + n) // SECTOR) * SECTOR
@@ -79,9 +142,29 @@ class DataCrypto:
         got = be.readinto(buf, lo)
         if got < len(buf):
             buf[got:] = bytes(len(buf) - got)
-        cipher.decrypt(buf, lo // SECTOR)
+        cipher.decrypt(buf, (lo if guest is None or not self.legacy else lo - host + guest)
+                       // SECTOR)
         if buf is not dst:
             dst[:] = buf[host - lo:host - lo + n]
 
+    def write(self, be, data, host: int) -> None:
+        """Encrypt guest ``data`` and write it at ``host``: a copy is encrypted (the
+        caller's buffer is left as it is); partial sectors at either end are read,
+        decrypted and completed first."""
+        cipher = self.ready()
+        src = memoryview(data).cast("B")
+        n = len(src)
+        lo = host - host % SECTOR
+        hi = -(-(host + n) // SECTOR) * SECTOR
+        buf = bytearray(hi - lo)
+        bv = memoryview(buf)
+        if lo < host:
+            self.read_into(be, bv[:SECTOR], lo)
+        if hi > host + n and (hi - SECTOR >= lo + SECTOR or lo == host):
+            self.read_into(be, bv[-SECTOR:], hi - SECTOR)
+        bv[host - lo:host - lo + n] = src
+        cipher.encrypt(bv, lo // SECTOR)
+        be.pwrite(bv, lo)
 
-__all__ = ["DataCrypto"]
+
+__all__ = ["DataCrypto", "passphrase_bytes"]

@@ -264,10 +264,49 @@ def _node(flat: dict, name: str = "null-co"):
         child = {"filename": flat["file"]}
     if not child:
         raise InvalidOptionError("A block device must be specified for \"file\"")
-    extra = {k for k in flat if not k.startswith("file.")} - {"driver", "file", "node-name"}
+    extra = {k for k in flat if not k.startswith("file.")} - {"driver", "file", "node-name",
+                                                              *_ENCRYPT_KEYS}
     if extra:
         raise _unsupported(f"Option '{sorted(extra)[0]}' of the {driver or 'image'} driver")
-    return _protocol(child), driver
+    path = _protocol(child)
+    _bind_key(flat, path, driver)
+    return path, driver
+
+
+# the encryption options of a format node: the secret that unlocks the image
+_ENCRYPT_KEYS = ("encrypt.key-secret", "encrypt.format")
+
+
+def _bind_key(flat: dict, path: str, driver) -> None:
+    """``encrypt.key-secret=ID``: the image at ``path`` is unlocked with secret ID
+    (``qcow2.secrets``); ``encrypt.format`` may only say what the image holds."""
+    fmt = flat.get("encrypt.format")
+    if fmt is not None and fmt not in ("luks", "aes"):
+        raise InvalidOptionError(f"Parameter 'encrypt.format' does not accept value '{fmt}'")
+    ident = flat.get("encrypt.key-secret")
+    if ident is None:
+        return
+    if driver == "raw":
+        raise _unsupported("Option 'encrypt.key-secret' of the raw driver")
+    from .secrets import bind_secret
+    bind_secret(path, str(ident))
+
+
+def options_name(text: str) -> tuple[str, str | None]:
+    """``--image-opts`` text as the equivalent ``json:{...}`` name, and the format its
+    ``driver`` names (None: none)."""
+    import json
+    tree: dict = {}
+    flat = parse_image_opts(text)
+    for key, value in flat.items():
+        node = tree
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InvalidOptionError(f"Option '{key}' conflicts with another option")
+        node[last] = value
+    return "json:" + json.dumps(tree), flat.get("driver")
 
 
 def resolve(flat: dict, name: str = "null-co"):
@@ -284,5 +323,5 @@ def resolve_name(name: str):
     return resolve(parse_json_name(name), name)
 
 
-__all__ = ["is_json_name", "is_option_name", "file_path", "parse_json_name",
+__all__ = ["is_json_name", "is_option_name", "file_path", "parse_json_name", "options_name",
            "parse_image_opts", "flatten", "resolve", "resolve_name", "NullBackend"]

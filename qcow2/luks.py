@@ -1,7 +1,14 @@
-"""Describing (not decrypting) the LUKS header of an encrypted qcow2 image."""
+"""The LUKS1 header of an encrypted qcow2 image (and of QEMU's ``luks`` format): what
+``info`` prints, unlocking a key slot (PBKDF2, anti-forensic merge, master key digest),
+and writing new headers and key slots (random master key, AF split, PBKDF2 iterations
+timed to ``iter-time`` as QEMU and cryptsetup do).  Layout as QEMU writes it: the
+592-byte header, then 8 key slots of ``key_bytes * 4000`` bytes each starting on 4 KiB
+boundaries, then the payload.  All cryptography is hashlib's PBKDF2 and the sector
+ciphers of ``qcow2.ciphers``."""
 
 from __future__ import annotations
 
+import os
 import struct
 
 from .errors import CorruptImageError, InvalidKeyError
@@ -143,26 +150,35 @@ class LuksHeader:
     def unlock(self, read, passphrase: bytes) -> bytes:
         """The master key, from the first key slot ``passphrase`` opens (its digest
         checked); ``read(n, offset)`` reads the LUKS area (offsets from its start)."""
-        import hashlib
-        import hmac
         if not self.slots:
             raise InvalidKeyError("the LUKS header has no active key slot")
-        material_len = self.key_bytes * _STRIPES
         probe = self.sector_cipher(bytes(self.key_bytes))     # refuses unknown ciphers
         del probe
-        for _i, iters, salt, start in self.slots:
-            slot_key = hashlib.pbkdf2_hmac(self.hash, passphrase, salt, iters,
-                                           self.key_bytes)
-            material = bytearray(read(material_len, start))
-            pad = -len(material) % 512
-            material += bytes(pad)
-            self.sector_cipher(slot_key).decrypt(material, 0)
-            candidate = af_merge(bytes(material), self.key_bytes, _STRIPES, self.hash)
-            check = hashlib.pbkdf2_hmac(self.hash, candidate, self.salt, self.iterations,
-                                        _DIGEST_LEN)
-            if hmac.compare_digest(check, self.digest):
+        for slot in self.slots:
+            candidate = self.open_slot(read, slot, passphrase)
+            if candidate is not None:
                 return candidate
         raise InvalidKeyError("Invalid password, cannot unlock any keyslot")
+
+    def open_slot(self, read, slot, passphrase: bytes) -> bytes | None:
+        """The master key if ``passphrase`` opens key slot ``slot`` (an entry of
+        ``self.slots``), else None."""
+        import hashlib
+        import hmac
+        _i, iters, salt, start = slot
+        slot_key = bytearray(hashlib.pbkdf2_hmac(self.hash, passphrase, salt, iters,
+                                                 self.key_bytes))
+        material = bytearray(read(self.key_bytes * _STRIPES, start))
+        material += bytes(-len(material) % 512)
+        try:
+            self.sector_cipher(bytes(slot_key)).decrypt(material, 0)
+            candidate = af_merge(bytes(material), self.key_bytes, _STRIPES, self.hash)
+        finally:
+            slot_key[:] = bytes(len(slot_key))
+            material[:] = bytes(len(material))
+        check = hashlib.pbkdf2_hmac(self.hash, candidate, self.salt, self.iterations,
+                                    _DIGEST_LEN)
+        return candidate if hmac.compare_digest(check, self.digest) else None
 
 
 def read_luks_header(read, offset: int, length: int, file_size: int) -> LuksHeader:
@@ -171,3 +187,154 @@ def read_luks_header(read, offset: int, length: int, file_size: int) -> LuksHead
         raise CorruptImageError(f"LUKS header at {offset:#x} is truncated", offset=offset,
                                 size=length, what="LUKS header")
     return LuksHeader(read(_SIZE, offset), offset, length)
+
+
+# -- writing (create, amend) --------------------------------------------------------------
+
+_SLOT_DISABLED = 0x0000DEAD
+_SLOT_ALIGN = 4096              # key material of each slot starts on a 4 KiB boundary
+_MIN_SLOT_ITERS = 1000          # floors QEMU and cryptsetup apply to timed counts
+_MIN_DIGEST_ITERS = 1000
+
+
+def af_split(key: bytes, stripes: int, hash_name: str) -> bytearray:
+    """LUKS's anti-forensic split of ``key`` into ``stripes`` blocks (the inverse of
+    :func:`af_merge`): random blocks but the last, which makes the merge give ``key``."""
+    n = len(key)
+    out = bytearray(os.urandom(n * (stripes - 1))) + bytearray(n)
+    d = bytes(n)
+    for i in range(stripes - 1):
+        d = _diffuse(_xor(d, bytes(out[i * n:(i + 1) * n])), hash_name)
+    out[(stripes - 1) * n:] = _xor(d, key)
+    return out
+
+
+def pbkdf2_iterations(hash_name: str, key_bytes: int, iter_time_ms: int) -> int:
+    """PBKDF2 iterations that take about ``iter_time_ms`` here (QEMU's and cryptsetup's
+    way of choosing them): a timed run, scaled."""
+    import hashlib
+    import time
+    n = 1 << 12
+    while True:
+        t0 = time.thread_time()
+        hashlib.pbkdf2_hmac(hash_name, b"qcow2 pbkdf2 benchmark", bytes(32), n, key_bytes)
+        spent = time.thread_time() - t0
+        if spent >= 0.05 or n >= 1 << 24:
+            break
+        n <<= 2
+    per_ms = n / max(spent * 1000, 1e-3)
+    return min(MAX_PBKDF2_ITERATIONS, int(per_ms * iter_time_ms))
+
+
+def slot_stride(key_bytes: int) -> int:
+    """Bytes between the key material of two slots."""
+    return -(-(key_bytes * _STRIPES) // _SLOT_ALIGN) * _SLOT_ALIGN
+
+
+def area_length(key_bytes: int) -> int:
+    """The LUKS area (header and the 8 slots' material): the payload offset."""
+    return _SLOT_ALIGN + 8 * slot_stride(key_bytes)
+
+
+class LuksParams:
+    """What a new LUKS header says: cipher ("aes"), key bytes, mode ("xts", "cbc"),
+    IV generator ("plain", "plain64", "essiv" with ``ivgen_hash``), PBKDF2 hash, and
+    the milliseconds to spend in PBKDF2 per key slot."""
+
+    def __init__(self, key_bytes: int = 64, mode: str = "xts", ivgen: str = "plain64",
+                 ivgen_hash: str | None = None, hash: str = "sha256",
+                 iter_time: int = 2000):
+        self.cipher, self.key_bytes, self.mode = "aes", key_bytes, mode
+        self.ivgen, self.ivgen_hash, self.hash = ivgen, ivgen_hash, hash
+        self.iter_time = iter_time
+
+    @property
+    def mode_spec(self) -> str:
+        spec = f"{self.mode}-{self.ivgen}"
+        return f"{spec}:{self.ivgen_hash}" if self.ivgen == "essiv" else spec
+
+
+def _pack_slot(buf: bytearray, i: int, active: bool, iters: int, salt: bytes,
+               key_bytes: int) -> None:
+    off = (_SLOT_ALIGN + i * slot_stride(key_bytes)) // 512
+    _SLOT.pack_into(buf, _HDR.size + i * _SLOT.size, _SLOT_ENABLED if active else
+                    _SLOT_DISABLED, iters, salt, off, _STRIPES)
+
+
+def _store_key(area: bytearray, header: "LuksHeader", slot: int, passphrase: bytes,
+               master: bytes, iter_time: int) -> None:
+    """Key slot ``slot`` of ``area`` (the whole LUKS area) opens ``master`` with
+    ``passphrase`` from now on."""
+    import hashlib
+    kb = header.key_bytes
+    iters = max(_MIN_SLOT_ITERS, pbkdf2_iterations(header.hash, kb, iter_time))
+    salt = os.urandom(32)
+    slot_key = bytearray(hashlib.pbkdf2_hmac(header.hash, passphrase, salt, iters, kb))
+    material = af_split(master, _STRIPES, header.hash)
+    n = len(material)
+    material += bytes(-n % 512)
+    try:
+        header.sector_cipher(bytes(slot_key)).encrypt(material, 0)
+        start = _SLOT_ALIGN + slot * slot_stride(kb)
+        area[start:start + n] = material[:n]
+        _pack_slot(area, slot, True, iters, salt, kb)
+    finally:
+        slot_key[:] = bytes(len(slot_key))
+        material[:] = bytes(len(material))
+
+
+def new_area(params: LuksParams, passphrase: bytes) -> bytearray:
+    """A LUKS area for a new image: a random master key, its digest, key slot 0
+    opened by ``passphrase``; the master key itself is not kept."""
+    import hashlib
+    import uuid
+    kb = params.key_bytes
+    length = area_length(kb)
+    area = bytearray(length)
+    master = bytearray(os.urandom(kb))
+    try:
+        iters = max(_MIN_DIGEST_ITERS,
+                    pbkdf2_iterations(params.hash, kb, params.iter_time) // 8)
+        salt = os.urandom(32)
+        digest = hashlib.pbkdf2_hmac(params.hash, bytes(master), salt, iters, _DIGEST_LEN)
+        _HDR.pack_into(area, 0, _MAGIC, 1, params.cipher.encode(), params.mode_spec.encode(),
+                       params.hash.encode(), length // 512, kb, digest, salt, iters,
+                       str(uuid.uuid4()).encode())
+        for i in range(8):
+            _pack_slot(area, i, False, 0, bytes(32), kb)
+        header = LuksHeader(bytes(area[:_SIZE]), 0, length)
+        _store_key(area, header, 0, passphrase, bytes(master), params.iter_time)
+    finally:
+        master[:] = bytes(kb)
+    return area
+
+
+def add_key(area: bytearray, header: LuksHeader, slot: int, passphrase: bytes, master: bytes,
+            iter_time: int) -> None:
+    """Key slot ``slot`` of ``area`` (a whole LUKS area, header included) opens
+    ``master`` with ``passphrase`` from now on."""
+    _store_key(area, header, slot, passphrase, master, iter_time)
+
+
+def erase_key(area: bytearray, header: LuksHeader, slot: int) -> None:
+    """Key slot ``slot`` of ``area`` disabled and its key material overwritten with
+    random bytes (the master key can no longer be recovered from it)."""
+    kb = header.key_bytes
+    start = _SLOT_ALIGN + slot * slot_stride(kb)
+    n = kb * _STRIPES
+    area[start:start + n] = os.urandom(n)
+    _pack_slot(area, slot, False, 0, bytes(32), kb)
+
+
+def active_slots(area: bytes) -> list:
+    """Indices of the active key slots of a LUKS area."""
+    return [i for i in range(8)
+            if _SLOT.unpack_from(area, _HDR.size + i * _SLOT.size)[0] == _SLOT_ENABLED]
+
+
+def slot_range(key_bytes: int, slot: int) -> tuple[int, int]:
+    """(start, length) of key slot ``slot``'s material in the LUKS area."""
+    return _SLOT_ALIGN + slot * slot_stride(key_bytes), key_bytes * _STRIPES
+
+
+HEADER_SIZE = _SIZE

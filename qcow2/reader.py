@@ -380,7 +380,7 @@ class Qcow2Image(PlannedReads, Image):
             if kind == C.KIND_DATA:
                 # (compressed clusters keep collecting: each run has its own part of mv)
                 if self._crypto is not None:
-                    self._crypto.read_into(self.data_be, dst, host)
+                    self._crypto.read_into(self.data_be, dst, host, a)
                     continue
                 got = self.data_be.readinto(dst, host)
                 if got < n:

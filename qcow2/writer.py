@@ -69,8 +69,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
             raise Qcow2Error(f"qcow2: Image is corrupt; cannot be opened read/write "
                              f"('{self.filename}')")
         if self.encrypted:
-            raise UnsupportedFeatureError("writing encrypted images is not supported",
-                                          feature="encryption")
+            self._crypto.check_writable()     # unlocked now: a wrong key writes nothing
         if self.snapshot is not None:
             raise ReadOnlyError("a snapshot is read-only; open the active layer to write")
         if h.dirty:
@@ -222,6 +221,11 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
         self._put_data(data, host, src)
 
     def _put_data(self, data, host: int, src=None) -> None:
+        if self._crypto is not None:              # encrypted: a ciphertext copy goes out
+            self._io(self._crypto.write, self.data_be, data, host)
+            if self.data_be is self.be and host + len(data) > self.file_size:
+                self.file_size = host + len(data)
+            return
         if src is not None and src[2][0]:
             fd = getattr(self.data_be, "fd", None)
             got = self._io(copy_range, src[0], src[1], fd, host, len(data)) \
@@ -431,6 +435,9 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
 
     # -- compressed clusters --------------------------------------------------------
     def _refuse_compressed_with_data_file(self) -> None:
+        if self._crypto is not None:
+            raise UnsupportedFeatureError("Compression and encryption not supported at the "
+                                          "same time", feature="compression with encryption")
         if self.data_be is not self.be:
             raise UnsupportedFeatureError("compressed clusters cannot be written to images "
                                           "with an external data file",
@@ -457,6 +464,8 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
     def write_compressed_prepared(self, offset: int, comp: bytes | None, raw) -> None:
         """Store a cluster already compressed by the caller (``comp``, or None to store
         ``raw`` uncompressed): lets converters compress in parallel threads."""
+        if comp is not None and self._crypto is not None:
+            self._refuse_compressed_with_data_file()
         with self._lock:
             self._mark_modified()
             if comp is None:
@@ -689,8 +698,11 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
                     else:
                         zero_fill(part)
                 elif s in (first, last):
-                    g = cstart + s * sc
-                    self.data_be.readinto(bv[(s - first) * sc:(s - first + 1) * sc], host + s * sc)
+                    part = bv[(s - first) * sc:(s - first + 1) * sc]
+                    if self._crypto is not None:
+                        self._crypto.read_into(self.data_be, part, host + s * sc)
+                    else:
+                        self.data_be.readinto(part, host + s * sc)
             bv[pos - a0:cend - a0] = mv[pos - offset:cend - offset]
             self._write_data(bv, host + first * sc)
         else:

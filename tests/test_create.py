@@ -528,8 +528,8 @@ def test_library_errors_are_typed(tmp_path):
         qcow2.create(p, "1M", format="foo")
     with pytest.raises(qcow2.UnsupportedFeatureError):
         qcow2.create(p, "1M", format="vmdk")
-    with pytest.raises(qcow2.UnsupportedFeatureError):
-        qcow2.create(p, "1M", encryption=True)
+    with pytest.raises(InvalidOptionError, match="'encrypt.key-secret' is required"):
+        qcow2.create(p, "1M", encryption=True)        # (as qemu-img: the key is missing)
     with pytest.raises(InvalidOptionError, match="Unsupported preallocation mode: metadata"):
         qcow2.create(p, "1M", format="raw", preallocation="metadata")
     with pytest.raises(InvalidOptionError, match="Backing file not supported"):

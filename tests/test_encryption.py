@@ -132,11 +132,12 @@ def test_convert_and_compare_with_keys(tmp_path):
     assert not (tmp_path / "nokey.raw").exists()
 
 
-def test_writes_refused(tmp_path):
+def test_writes_need_the_key(tmp_path):
+    """(Writing is covered by test_encryption_write.py; opening for writing unlocks.)"""
     img = tmp_path / "enc.qcow2"
     make_encrypted(img)
-    with pytest.raises(qcow2.UnsupportedFeatureError, match="encrypted"):
-        qcow2.open(str(img), "r+", key=SECRET)
+    with pytest.raises(qcow2.InvalidKeyError):
+        qcow2.open(str(img), "r+")
 
 
 # -- hostile LUKS headers --------------------------------------------------------------------

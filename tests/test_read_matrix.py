@@ -246,9 +246,9 @@ def test_encrypted_info_but_no_read(case, built, engine, errors):
         assert img.info() == oracle.info_json(built.path)
         assert img.info()["encrypted"] is True
         assert img.size == oracle.info_json(built.path)["virtual-size"]
-        # LUKS: no key, no data (InvalidKeyError); the old AES method is not read at all
-        expected = errors.InvalidKeyError if case.param("encrypt") == "luks" else \
-            errors.UnsupportedFeatureError
+        # no key, no data (InvalidKeyError), LUKS and the old AES method alike (the
+        # latter is read with its key: tests/test_encryption_write.py)
+        expected = errors.InvalidKeyError
         with pytest.raises(expected):
             img.pread(512, 0)
         with pytest.raises(expected):

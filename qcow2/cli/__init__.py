@@ -135,6 +135,9 @@ def _main(argv) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if "--object" in argv or any(str(a).startswith("--object=") for a in argv):
+            from ..secrets import take_objects
+            argv = take_objects(argv)            # qemu-img's secrets (qcow2.secrets)
         parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
         if argv and argv[0] in COMMANDS and argv[0] != "compute":
             from .getopt import reorder

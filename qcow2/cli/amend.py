@@ -13,7 +13,10 @@ def add_parser(sub):
     add_format(p)
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="options to change (key=value,...; 'help' lists them)")
-    p.add_argument("--force", action="store_true", help="accepted for compatibility")
+    p.add_argument("--force", action="store_true",
+                   help="allow unsafe key slot changes (encrypt.*)")
+    p.add_argument("--image-opts", dest="image_opts", action="store_true",
+                   help="the image name is block options (driver=qcow2,file.filename=PATH)")
     add_progress(p, help="accepted")
     add_quiet(p)
     p.add_argument("filename", nargs="?")

@@ -50,6 +50,9 @@ def add_parser(sub):
     add_untrusted(p)
     p.add_argument("--max-output", default=None, metavar="SIZE",
                    help="refuse to produce more than SIZE bytes of output")
+    p.add_argument("--target-image-opts", dest="target_image_opts", action="store_true",
+                   help="with -n: DST is block options (driver=qcow2,file.filename=PATH"
+                        "[,encrypt.key-secret=ID])")
     p.add_argument("files", nargs="*", metavar="SRC... DST")
     p.set_defaults(func=run)
 
@@ -68,6 +71,12 @@ def run(args) -> int:
         raise InvalidOptionError("Expecting image file name" if args.files else
                                  "Must specify image file name")
     *srcs, dst = args.files
+    if args.target_image_opts:
+        if not args.no_create:
+            raise InvalidOptionError("--target-image-opts requires use of -n flag")
+        from ..imageopts import options_name
+        dst, driver = options_name(dst)
+        args.out_format = driver or args.out_format
     progress = progress_for(args)
     convert(srcs if len(srcs) > 1 else srcs[0], dst, src_format=args.format,
             out_format=args.out_format, compress=args.compress, options=options or None,

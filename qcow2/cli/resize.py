@@ -13,6 +13,8 @@ def add_parser(sub):
     p.add_argument("--preallocation", default="off",
                    choices=("off", "metadata", "falloc", "full"))
     add_quiet(p)
+    p.add_argument("--image-opts", dest="image_opts", action="store_true",
+                   help="the image name is block options (driver=qcow2,file.filename=PATH)")
     p.add_argument("filename")
     p.add_argument("size", help="new size, or +SIZE / -SIZE relative to the current one")
     p.set_defaults(func=run)

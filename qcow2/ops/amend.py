@@ -5,7 +5,10 @@ refcount structure is rewritten with the new width), ``size`` (as ``resize``);
 ``backing_file``/``backing_fmt`` only as the image already has them (qemu-img 7.2
 refuses a change: use ``rebase``).  Options that would
 rewrite every cluster (cluster_size, extended_l2, compression_type, data_file,
-encryption, preallocation) are refused as qemu-img refuses them.
+encryption, preallocation) are refused as qemu-img refuses them.  LUKS key slots:
+``encrypt.state=active`` with ``encrypt.new-secret`` (and ``encrypt.keyslot``,
+``encrypt.iter-time``), ``encrypt.state=inactive`` with ``encrypt.keyslot`` or
+``encrypt.old-secret`` (``qcow2.encrypted.amend_keyslots``).
 
 The engine makes each change (``qcow2.reshape``): new structures are written first,
 made durable, and only then the header fields that point at them are switched.  This
@@ -14,6 +17,7 @@ module checks the options as qemu-img does and applies them in qemu-img's order.
 
 from __future__ import annotations
 
+from ..encryptopts import AMEND_NAMES, amend_keyslots
 from ..errors import InvalidOptionError, UnsupportedFeatureError
 from ..opener import open_image
 from ..options import (check_amend_names, check_refcount_bits, compat_version, needs_v3,
@@ -21,13 +25,18 @@ from ..options import (check_amend_names, check_refcount_bits, compat_version, n
 from ..units import parse_size
 from ..writer import WritableQcow2Image
 
-def amend(path, options, *, format: str | None = None, force: bool = False) -> None:
-    """Apply ``options`` (dict, or qemu-img's "k=v,k=v" text) to the image at ``path``."""
+def amend(path, options, *, format: str | None = None, force: bool = False,
+          key=None) -> None:
+    """Apply ``options`` (dict, or qemu-img's "k=v,k=v" text) to the image at ``path``.
+    ``key``: the passphrase of an encrypted image (needed to open it for writing, and
+    to change its LUKS key slots with ``encrypt.*``)."""
     opts = option_dict(options)
     if not opts:
         raise InvalidOptionError("No options given")
+    crypt = {k: opts.pop(k) for k in AMEND_NAMES if k in opts}
     check_amend_names(opts)
-    with open_image(path, "r+", format=format, backing=False) as img:
+    slots = amend_keyslots(crypt)
+    with open_image(path, "r+", format=format, backing=False, key=key) as img:
         if not isinstance(img, WritableQcow2Image):
             raise UnsupportedFeatureError("Format driver 'raw' does not support option "
                                           "amendment", feature="amend raw")
@@ -59,6 +68,11 @@ def amend(path, options, *, format: str | None = None, force: bool = False) -> N
         if version == 2:
             img.set_version(2)                  # last: the options above may need v3
         img.flush()
+        if slots is not None:
+            from ..luks_image import amend_keyslots as change_keyslots
+            from ..secrets import key_for
+            change_keyslots(img, slots, key if key is not None else key_for(img.filename),
+                            force=force)
 
 
 def _check_refcount_bits(value, version: int) -> None:

@@ -124,9 +124,7 @@ def _measure_qcow2(img, opts: dict) -> dict:
     prealloc = opts.get("preallocation", "off")
     check_preallocation(prealloc, QCOW2_PREALLOC, qapi=False)
     has_backing_file = "backing_file" in opts
-    if opts.get("encrypt.format") == "luks":
-        raise UnsupportedFeatureError("measuring LUKS-encrypted qcow2 output is not "
-                                      "supported", feature="encryption")
+    luks = _luks_header_size(opts, cs)
 
     virtual_size = round_up(opts.get("size", 0), cs)
     if l1_entries(virtual_size, cs, extended_l2) * C.L1E_SIZE > C.MAX_L1_SIZE:
@@ -152,9 +150,21 @@ def _measure_qcow2(img, opts: dict) -> dict:
         out["bitmaps"] = required_size(
             img.header.size, [(b["granularity"], b["name"]) for b in img.bitmaps()], cs)
     # Metadata is counted as for the fully allocated image: an over-estimate, as QEMU's.
-    out["required"] = fully - virtual_size + required
-    out["fully-allocated"] = fully
+    out["required"] = fully - virtual_size + required + luks
+    out["fully-allocated"] = fully + luks
     return out
+
+
+def _luks_header_size(opts: dict, cs: int) -> int:
+    """The clusters a LUKS header of ``encrypt.*`` options takes (0: no LUKS); the
+    secret must be named, as for qemu-img, which builds the header to measure it."""
+    if opts.get("encrypt.format") != "luks":
+        return 0
+    from ..encryptopts import create_encryption
+    from ..luks import area_length
+    enc = create_encryption(opts)
+    enc.wipe()
+    return round_up(area_length(enc.params.key_bytes), cs)
 
 
 def _data_clusters(img, cs: int) -> int:
