@@ -177,7 +177,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
 
     def write_pending(self, pending: list) -> None:
         """Perform writes queued by :meth:`defer_data` (any thread, no lock held)."""
-        with self._copy_lock:     # (one copy at a time: see ops.convert._COPY_LOCK)
+        with self._copy_lock:     # (one copy at a time: see ops.sparse_write._COPY_LOCK)
             for data, host, src in pending:
                 self._put_data(data, host, src)
         pending.clear()

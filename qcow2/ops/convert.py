@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 
-from ..atomic import (AtomicOutput, copy_range, io_buffer, pwrite_all, start_writeback,
+from ..atomic import (AtomicOutput, io_buffer, pwrite_all, start_writeback,
                       sync_new_name)
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import combine_path, temp_name
@@ -31,6 +31,8 @@ from .outputopts import (bitmaps_to_copy, default_workers, discard_output, name_
 from .windows import chunks, windows
 from .progress import PROGRESS_STEP, Progress
 from .sparse_runs import sparse_data_runs
+from .sparse_write import (copy_run, is_blockdev, punch_or_zero, sparse_runs, write_sparse,
+                           zero_fill)
 from ..pool import run
 from ..reader import serial_reads
 from ..rbdname import is_rbd_name
@@ -191,7 +193,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             # raw -> raw is a sparse copy: data regions only, copy offload
             from .sparse import sparse_copy
             images[0].close()
-            sparse_copy(srcs[0], dst, progress=progress)
+            sparse_copy(srcs[0], dst, progress=progress, sync=sync)
             return
         if is_rbd_name(dst):
             if out_format != "raw":
@@ -267,7 +269,7 @@ class _RawCopy(_Work):
         p, d, o, n = job
         fd = self.fd
         if n < 0:
-            _punch_or_zero(fd, d, -n)
+            punch_or_zero(fd, d, -n)
             return
         mv = self.read_chunk(p, o, n)
         # plain data lying in a file: the kernel copies it (copy_file_range), the
@@ -276,9 +278,9 @@ class _RawCopy(_Work):
         if p.host is not None and self.offload[0]:
             src = (p.host[0], p.host[1] + (o - p.off), self.offload)
         if self.sparse_size:
-            _write_sparse(fd, mv, d, self.sparse_size, self.kernels, self.zero_writes, src)
+            write_sparse(fd, mv, d, self.sparse_size, self.kernels, self.zero_writes, src)
         elif src is not None:
-            _copy_run(fd, mv, d, src)
+            copy_run(fd, mv, d, src)
         else:
             pwrite_all(fd, mv, d)
         if self.sync:
@@ -293,7 +295,7 @@ def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
     except OSError as exc:
         raise Qcow2Error(f"Could not open '{dst}': {exc.strerror}") from None
     try:
-        if os.fstat(fd).st_size < size and not _is_blockdev(fd):
+        if os.fstat(fd).st_size < size and not is_blockdev(fd):
             raise Qcow2Error(f"Target image '{dst}' is smaller than the source")
         copy(fd)
         if sync:
@@ -324,94 +326,6 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
             out.commit(sync=sync)
     if progress is not None:
         progress(100.0)
-
-
-_ZEROS = memoryview(bytes(1 << 20))
-
-
-def _zero(mv: memoryview) -> None:
-    n = len(mv)
-    for i in range(0, n, len(_ZEROS)):
-        k = min(n - i, len(_ZEROS))
-        mv[i:i + k] = _ZEROS[:k]
-
-
-def _is_blockdev(fd: int) -> bool:
-    import stat
-    return stat.S_ISBLK(os.fstat(fd).st_mode)
-
-
-def _punch_or_zero(fd: int, off: int, n: int) -> None:
-    from ..backends import fallocate
-    try:
-        fallocate.punch_hole(fd, off, n)
-        return
-    except OSError:
-        pass
-    z = memoryview(bytes(min(n, 1 << 20)))
-    pos = off
-    while pos < off + n:
-        k = min(len(z), off + n - pos)
-        pwrite_all(fd, z[:k], pos)
-        pos += k
-
-
-# In-kernel copies into one output file serialize on its inode lock anyway; taking
-# turns here makes the waiting thread sleep instead of spinning in the kernel
-# (perf: rwsem_spin_on_owner was 13 % of the CPU; 25 % less CPU, same wall time).
-_COPY_LOCK = threading.Lock()
-
-
-def _copy_run(fd: int, mv: memoryview, off: int, src) -> None:
-    """Write ``mv`` (the bytes at ``src``) at ``off``: by copy_file_range from
-    ``src = (fd, offset, state)`` when the kernel can, else from the buffer.  A
-    refusal turns offload off for the rest of the convert (``state[0]``)."""
-    done = 0
-    if src is not None and src[2][0]:
-        with _COPY_LOCK:
-            done = copy_range(src[0], src[1], fd, off, len(mv))
-        if done < 0:
-            src[2][0] = False
-            done = 0
-        if done >= len(mv):
-            return
-    # the rest from the buffer (past the source's end it holds zeros)
-    pwrite_all(fd, mv[done:], off + done)
-
-
-def _sparse_runs(mv: memoryview, off: int, block: int, kernels):
-    """(start, end, zero) of the runs of ``mv`` (which lands at output offset ``off``):
-    the piece before the first ``block`` boundary, then runs of whole blocks (the last
-    maybe short), all zero or holding data."""
-    n = len(mv)
-    head = min((-off) % block, n)
-    if head:
-        yield 0, head, kernels.is_zero(mv[:head])
-    if head >= n:
-        return
-    flags = kernels.zero_blocks(mv[head:], block).tobytes()     # 1: an all-zero block
-    nb = len(flags)
-    i = 0
-    while i < nb:
-        zero = flags[i]
-        j = flags.find(0 if zero else 1, i)
-        if j < 0:
-            j = nb
-        yield head + i * block, min(head + j * block, n), bool(zero)
-        i = j
-
-
-def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
-                  explicit_zeros: bool = False, src=None) -> None:
-    """Write the non-zero blocks of ``mv`` (aligned to ``block`` in output terms);
-    ``src`` (fd, offset, state): where ``mv``'s bytes lie in a file, to copy them
-    with copy_file_range."""
-    for a, b, zero in _sparse_runs(mv, off, block, kernels):
-        if not zero:
-            _copy_run(fd, mv[a:b], off + a,
-                      None if src is None else (src[0], src[1] + a, src[2]))
-        elif explicit_zeros:
-            _punch_or_zero(fd, off + a, b - a)
 
 
 # ---------------------------------------------------------------------------
@@ -485,7 +399,7 @@ class _RbdCopy(_Work):
         if not self.sparse_size:
             be.pwrite(mv, d)
         else:
-            for a, b, zero in _sparse_runs(mv, d, self.sparse_size, self.kernels):
+            for a, b, zero in sparse_runs(mv, d, self.sparse_size, self.kernels):
                 if not zero:
                     be.pwrite(mv[a:b], d + a)
                 elif self.zero_writes:
@@ -536,7 +450,7 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
         fill = _Qcow2Fill(out, size, compress=compress, sparse_size=sparse_size,
                           zero_writes=(no_create and not target_is_zero)
                           or backing_file is not None,
-                          deferred=tmp is not None,
+                          deferred=tmp is not None, sync=sync,
                           # -B: what the new backing file shows already is not written
                           dedupe=tmp is not None and backing_file is not None
                           and sparse_size != 0,
@@ -584,8 +498,10 @@ class _Qcow2Fill(_Work):
     windows are in flight, so the pool of buffers stays that small."""
 
     def __init__(self, out, size: int, *, compress: bool, sparse_size: int,
-                 zero_writes: bool, deferred: bool, prog, dedupe: bool = False):
+                 zero_writes: bool, deferred: bool, prog, dedupe: bool = False,
+                 sync: bool = True):
         super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
+        self.sync = sync                   # -t unsafe: no flush, no early writeback
         self.out = out
         self.dedupe = dedupe
         self.size = size
@@ -703,13 +619,13 @@ class _Qcow2Fill(_Work):
                 ka = ceil_div(a, cs)
                 kb = ncl if b == len(mv) else b // cs
                 if ka < kb:
-                    _zero(mv[a:ka * cs])
-                    _zero(mv[kb * cs:b])
+                    zero_fill(mv[a:ka * cs])
+                    zero_fill(mv[kb * cs:b])
                     known_zero.append((ka, kb))
                 else:
-                    _zero(seg)
+                    zero_fill(seg)
             else:
-                _zero(seg)                     # -S 0 writes zero clusters from the buffer
+                zero_fill(seg)                     # -S 0 writes zero clusters from the buffer
             if p.kind == BACKING:
                 marks = keep
             elif p.kind == DATA or self.zero_writes or not self.sparse_size:
@@ -788,7 +704,7 @@ class _Qcow2Fill(_Work):
             with self.bufs_lock:
                 self.free_bufs.append(buf)
                 self.applied += n or sum(k for _d, k in ndata)
-                kick = self.applied >= 64 << 20
+                kick = self.sync and self.applied >= 64 << 20
                 if kick:
                     self.applied = 0
         if kick:                               # let the disk work while we go on

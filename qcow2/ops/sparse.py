@@ -53,7 +53,8 @@ CHUNK = 4 << 20             # bytes read and scanned at a time
 
 
 def sparse_copy(src, dst, preallocate: bool = False, *,
-                progress: Callable[[float], None] | None = None, workers: int = 2) -> None:
+                progress: Callable[[float], None] | None = None, workers: int = 2,
+                sync: bool = True) -> None:
     """Copy the raw file (or block device) ``src`` to the file ``dst``.
 
     The destination has the source's size and content; the source's holes and its
@@ -62,7 +63,8 @@ def sparse_copy(src, dst, preallocate: bool = False, *,
     lack of space; its content is the same.  ``progress`` is called with a percentage
     of the data regions copied (from the worker threads).  ``workers`` threads read,
     scan and copy chunks in parallel.  ``dst`` (a regular file, or a symlink to one)
-    is replaced only when the copy is complete and durable.
+    is replaced only when the copy is complete and durable; ``sync=False`` (convert's
+    ``-t unsafe``) leaves the flush to the kernel: complete, not durable.
     """
     src = os.fspath(src)
     dst = _target(os.fspath(dst))
@@ -73,8 +75,8 @@ def sparse_copy(src, dst, preallocate: bool = False, *,
     try:
         size = be.size()
         with AtomicOutput(dst) as out:
-            _copy(be, out.fd, size, preallocate, progress, workers)
-            out.commit(sync=True)
+            _copy(be, out.fd, size, preallocate, progress, workers, sync)
+            out.commit(sync=sync)
     finally:
         be.close()
     if progress is not None:
@@ -95,7 +97,7 @@ def _target(dst: str) -> str:
 
 
 def _copy(be: FileBackend, fd: int, size: int, preallocate: bool, progress,
-          workers: int) -> None:
+          workers: int, sync: bool = True) -> None:
     from .. import kernels
 
     os.ftruncate(fd, size)
@@ -126,7 +128,8 @@ def _copy(be: FileBackend, fd: int, size: int, preallocate: bool, progress,
                     continue
                 state["offload"] = False
             pwrite_all(fd, chunk[a:b], pos + a)
-        start_writeback(fd, pos, n)
+        if sync:                                # the disk works while we go on
+            start_writeback(fd, pos, n)
         if progress is not None:
             with lock:
                 state["done"] += n
