@@ -99,6 +99,33 @@ def _data_total(images, top_only: bool, progress) -> int:
     return sum(p.n for p in _plan(images, top_only=top_only) if p.kind == DATA)
 
 
+def _check_modes(cache, sparse_size, compress, out_format, no_create, target_is_zero,
+                 extra_outputs, dst) -> None:
+    """convert's option checks that need no image."""
+    if cache not in _CACHE_MODES:
+        raise InvalidOptionError(f"Invalid cache option: {cache}")
+    if sparse_size < 0 or (sparse_size and sparse_size % 512):
+        raise InvalidOptionError("Invalid buffer size for sparse output specified: "
+                                 f"{sparse_size} (must be a multiple of 512)")
+    if compress and out_format != "qcow2":
+        raise InvalidOptionError("Compression not supported for this file format")
+    if target_is_zero and not no_create:
+        raise InvalidOptionError("--target-is-zero requires use of -n flag")
+    if extra_outputs and (
+            out_format != "raw" or no_create or is_rbd_name(os.fspath(dst))):
+        raise InvalidOptionError("copies and before_commit need a new raw file output")
+
+
+def _sparse_copy_will_do(images, srcs, dst, out_format, no_create, sparse_size,
+                         special) -> bool:
+    """Whether the convert is a plain sparse copy of one raw file into a new one."""
+    return bool(not special and out_format == "raw" and len(images) == 1
+                and images[0].format == "raw"
+                and images[0].file_size % 512 == 0 and not no_create and sparse_size
+                and isinstance(srcs[0], (str, bytes, os.PathLike))
+                and not is_rbd_name(os.fspath(srcs[0])) and not is_rbd_name(dst))
+
+
 def _key_for(keys, src):
     """The passphrase ``keys`` holds for a source named by path (None: none given, or a
     store handed in)."""
@@ -114,7 +141,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             backing_file: str | None = None, backing_format: str | None = None,
             progress=None, untrusted: bool = False, force_share: bool = False,
             snapshot=None, max_output: int | None = None, bitmaps: bool = False,
-            skip_broken_bitmaps: bool = False, salvage=None, keys=None) -> None:
+            skip_broken_bitmaps: bool = False, salvage=None, keys=None, copies=(),
+            before_commit=None) -> None:
     """Convert image(s) ``src`` (a path or a list of paths, concatenated) to ``dst``.
 
     ``out_format`` "raw" (sparse) or "qcow2"; ``compress`` (-c) writes compressed
@@ -130,7 +158,11 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     ``bitmaps`` (--bitmaps): copy the source's persistent bitmaps (qcow2 to qcow2), those
     in use refused unless ``skip_broken_bitmaps``; ``salvage`` (--salvage): called with a
     warning per unreadable source sector, written as zeros (one worker: warnings in order);
-    ``keys``: passphrases of encrypted sources (and of their backing files) by file name.
+    ``keys``: passphrases of encrypted sources (and of their backing files) by file name;
+    ``copies``: more paths that get the same raw output in the same pass (new files,
+    each under a temporary name until the end, like DST); ``before_commit``: called
+    once every byte is written, before DST (and the copies) appear: an exception
+    there discards everything.
     """
     from ..opener import open_image
 
@@ -138,15 +170,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         raise UnsupportedFeatureError(f"output format {out_format!r} is not supported "
                                       f"(supported: raw, qcow2)",
                                       feature=f"convert -O {out_format}")
-    if cache not in _CACHE_MODES:
-        raise InvalidOptionError(f"Invalid cache option: {cache}")
-    if sparse_size < 0 or (sparse_size and sparse_size % 512):
-        raise InvalidOptionError("Invalid buffer size for sparse output specified: "
-                                 f"{sparse_size} (must be a multiple of 512)")
-    if compress and out_format != "qcow2":
-        raise InvalidOptionError("Compression not supported for this file format")
-    if target_is_zero and not no_create:
-        raise InvalidOptionError("--target-is-zero requires use of -n flag")
+    _check_modes(cache, sparse_size, compress, out_format, no_create, target_is_zero,
+                 bool(copies) or before_commit is not None, dst)
     opts, backing_file, backing_format = output_options(out_format, options, no_create,
                                                          backing_file, backing_format)
     if workers is not None and not 1 <= workers <= 16:
@@ -185,11 +210,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             raise UnsafeImageError(f"output of {size} bytes exceeds the limit of "
                                    f"{max_output} bytes (max_output)")
         sync = cache != "unsafe"
-        if (salvage is None and out_format == "raw" and len(images) == 1
-                and images[0].format == "raw"
-                and images[0].file_size % 512 == 0 and not no_create and sparse_size
-                and isinstance(srcs[0], (str, bytes, os.PathLike))
-                and not is_rbd_name(os.fspath(srcs[0])) and not is_rbd_name(dst)):
+        if _sparse_copy_will_do(images, srcs, dst, out_format, no_create, sparse_size,
+                                salvage is not None or copies or before_commit is not None):
             # raw -> raw is a sparse copy: data regions only, copy offload
             from .sparse import sparse_copy
             images[0].close()
@@ -204,7 +226,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                     progress=progress, no_create=no_create, target_is_zero=target_is_zero)
         elif out_format == "raw":
             _to_raw(images, dst, size, sparse_size=sparse_size, sync=sync, workers=workers,
-                    progress=progress, no_create=no_create, target_is_zero=target_is_zero)
+                    progress=progress, no_create=no_create, target_is_zero=target_is_zero,
+                    copies=copies, before_commit=before_commit)
         else:
             _to_qcow2(images, dst, size, opts=opts, compress=compress, sparse_size=sparse_size,
                       sync=sync, workers=workers, progress=progress, no_create=no_create,
@@ -259,9 +282,11 @@ class _Work:
 class _RawCopy(_Work):
     """Copies one job of :func:`_raw_jobs` into the raw output ``fd`` (any thread)."""
 
-    def __init__(self, fd: int, *, sparse_size: int, zero_writes: bool, sync: bool, prog):
+    def __init__(self, fd: int, *, sparse_size: int, zero_writes: bool, sync: bool, prog,
+                 tees=()):
         super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
         self.fd = fd
+        self.tees = tees                  # more outputs getting the same bytes
         self.sync = sync
         self.offload = [hasattr(os, "copy_file_range")]
 
@@ -278,13 +303,15 @@ class _RawCopy(_Work):
         if p.host is not None and self.offload[0]:
             src = (p.host[0], p.host[1] + (o - p.off), self.offload)
         if self.sparse_size:
-            write_sparse(fd, mv, d, self.sparse_size, self.kernels, self.zero_writes, src)
-        elif src is not None:
-            copy_run(fd, mv, d, src)
+            write_sparse(fd, mv, d, self.sparse_size, self.kernels, self.zero_writes, src,
+                         self.tees)
+        elif src is not None or self.tees:
+            copy_run(fd, mv, d, src, self.tees)
         else:
             pwrite_all(fd, mv, d)
         if self.sync:
-            start_writeback(fd, d, n)
+            for f in (fd, *self.tees):
+                start_writeback(f, d, n)
         self.prog.add_split(d, n)
 
 
@@ -305,25 +332,37 @@ def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
 
 
 def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
-            target_is_zero) -> None:
+            target_is_zero, copies=(), before_commit=None) -> None:
     prog = Progress(_data_total(images, False, progress), progress)
     zero_writes = no_create and not target_is_zero
+    tees: list = []
 
     def copy(fd: int) -> None:
         if progress is not None:
             progress(0.0)
         work = _RawCopy(fd, sparse_size=sparse_size, zero_writes=zero_writes, sync=sync,
-                        prog=prog)
+                        prog=prog, tees=tuple(t.fd for t in tees))
         run(_raw_jobs(images, zero_writes), work, workers, context=serial_reads,
             name="qcow2-convert")
 
     if no_create:
         _into_existing(dst, size, sync, copy)
-    else:
+        return
+    try:
         with AtomicOutput(dst) as out:
-            os.ftruncate(out.fd, size)
+            for path in copies:
+                tees.append(AtomicOutput(path))
+            for o in (out, *tees):
+                os.ftruncate(o.fd, size)
             copy(out.fd)
+            if before_commit is not None:
+                before_commit()
             out.commit(sync=sync)
+            for t in tees:
+                t.commit(sync=sync)
+    finally:
+        for t in tees:
+            t.close()
     if progress is not None:
         progress(100.0)
 

@@ -46,10 +46,21 @@ def punch_or_zero(fd: int, off: int, n: int) -> None:
 _COPY_LOCK = threading.Lock()
 
 
-def copy_run(fd: int, mv: memoryview, off: int, src) -> None:
+def copy_run(fd: int, mv: memoryview, off: int, src, tees=()) -> None:
     """Write ``mv`` (the bytes at ``src``) at ``off``: by copy_file_range from
     ``src = (fd, offset, state)`` when the kernel can, else from the buffer.  A
-    refusal turns offload off for the rest of the convert (``state[0]``)."""
+    refusal turns offload off for the rest of the convert (``state[0]``).  ``tees``:
+    more outputs getting the same bytes, copied in the kernel from ``fd`` (its pages
+    were just written: no second read of the source, no second pass later)."""
+    _copy_once(fd, mv, off, src)
+    for tee in tees:
+        _copy_once(tee, mv, off, (fd, off, _TEE_OFFLOAD))
+
+
+_TEE_OFFLOAD = [True]
+
+
+def _copy_once(fd: int, mv: memoryview, off: int, src) -> None:
     done = 0
     if src is not None and src[2][0]:
         with _COPY_LOCK:
@@ -86,14 +97,14 @@ def sparse_runs(mv: memoryview, off: int, block: int, kernels):
 
 
 def write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
-                  explicit_zeros: bool = False, src=None) -> None:
+                 explicit_zeros: bool = False, src=None, tees=()) -> None:
     """Write the non-zero blocks of ``mv`` (aligned to ``block`` in output terms);
     ``src`` (fd, offset, state): where ``mv``'s bytes lie in a file, to copy them
-    with copy_file_range."""
+    with copy_file_range; ``tees``: see :func:`copy_run`."""
     for a, b, zero in sparse_runs(mv, off, block, kernels):
         if not zero:
             copy_run(fd, mv[a:b], off + a,
-                      None if src is None else (src[0], src[1] + a, src[2]))
+                     None if src is None else (src[0], src[1] + a, src[2]), tees)
         elif explicit_zeros:
             punch_or_zero(fd, off + a, b - a)
 
