@@ -44,6 +44,7 @@ from ..atomic import AtomicOutput, copy_range, io_buffer, pwrite_all, start_writ
 from ..backends import FileBackend
 from ..errors import Qcow2Error
 from ..pool import run
+from .sparse_write import COPY_LOCK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
@@ -184,7 +185,8 @@ def _data_runs(kernels, chunk: memoryview, pos: int, block: int):
 def _offload(src_fd: int, dst_fd: int, offset: int, length: int) -> bool:
     """Copy with copy_file_range; False (nothing or part copied, the caller rewrites
     the whole run) when the kernel cannot do it for these files."""
-    return copy_range(src_fd, offset, dst_fd, offset, length) == length
+    with COPY_LOCK:        # (the copies serialize on the output's inode lock anyway)
+        return copy_range(src_fd, offset, dst_fd, offset, length) == length
 
 
 __all__ = ["sparse_copy", "CHUNK"]

@@ -43,7 +43,7 @@ def punch_or_zero(fd: int, off: int, n: int) -> None:
 # In-kernel copies into one output file serialize on its inode lock anyway; taking
 # turns here makes the waiting thread sleep instead of spinning in the kernel
 # (perf: rwsem_spin_on_owner was 13 % of the CPU; 25 % less CPU, same wall time).
-_COPY_LOCK = threading.Lock()
+COPY_LOCK = threading.Lock()
 
 
 def copy_run(fd: int, mv: memoryview, off: int, src, tees=()) -> None:
@@ -63,7 +63,7 @@ _TEE_OFFLOAD = [True]
 def _copy_once(fd: int, mv: memoryview, off: int, src) -> None:
     done = 0
     if src is not None and src[2][0]:
-        with _COPY_LOCK:
+        with COPY_LOCK:
             done = copy_range(src[0], src[1], fd, off, len(mv))
         if done < 0:
             src[2][0] = False
@@ -109,5 +109,5 @@ def write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
             punch_or_zero(fd, off + a, b - a)
 
 
-__all__ = ["zero_fill", "is_blockdev", "punch_or_zero", "copy_run", "sparse_runs",
+__all__ = ["COPY_LOCK", "zero_fill", "is_blockdev", "punch_or_zero", "copy_run", "sparse_runs",
            "write_sparse"]
