@@ -540,6 +540,37 @@ def test_http_not_streamed_when_the_header_names_other_files(compute, tmp_path, 
         s.close()
 
 
+@needs_qemu
+@pytest.mark.parametrize("bad", [False, True])
+def test_http_streamed_output_bounded_until_the_scan_accepts(compute, tmp_path, images,
+                                                             monkeypatch, bad):
+    """With no speculative budget at all the conversion waits for the untrusted scan's
+    verdict before writing data: an accepted image still converts, a refused one
+    leaves nothing."""
+    from qcow2.compute import stream
+    from qcow2.errors import Qcow2Error
+    from helpers import ImageServer
+    data = open(images["qcow2"], "rb").read()
+    s = ImageServer({"i.qcow2": _refcounts_wiped(data) if bad else data})
+    monkeypatch.setattr(stream, "SPECULATIVE_FACTOR", 0)
+    monkeypatch.setattr(stream, "SPECULATIVE_BASE", 0)
+    try:
+        calls = _streamed(monkeypatch)
+        o = make_opts(compute, tmp_path)
+        url = f"{s.base}/plain/i.qcow2"
+        if bad:
+            with pytest.raises(Qcow2Error):
+                compute.fetch_base(o, "i", url, disk_format="qcow2")
+            assert leftovers(o.base_dir) == []
+        else:
+            path, fmt = compute.fetch_base(o, "i", url, disk_format="qcow2")
+            assert fmt == "raw"
+            qemu("compare", "-f", "raw", "-F", "raw", images["raw"], path)
+        assert calls == [url]
+    finally:
+        s.close()
+
+
 def test_growing_file_reads_wait_and_failures_wake_them(tmp_path):
     from qcow2.compute.stream import Arrival, GrowingFile
     path = tmp_path / "part"

@@ -14,11 +14,15 @@ Passes:
   * raw over http: one pass -- streamed straight into the (anonymous, ``O_TMPFILE``)
     output, zero blocks left as holes, hashed on the way; linked in place after the
     checksum matched and the data is fsynced.
-  * qcow2 over http: the body is first written to a temporary ``.<name>.<rand>.part``
-    next to the base (a qcow2 cannot be decoded from a stream: its tables point anywhere
-    in the file), then checked, converted (force_raw) or renamed into place; the
-    temporary file is removed on every path, and stale ones left by a killed process
-    are removed under the lock before the next attempt.
+  * qcow2 over http: the body is written to a temporary ``.<name>.<rand>.part`` next
+    to the base (a qcow2 cannot be decoded from the stream alone: its tables point
+    anywhere in the file).  With force_raw and a header that names no other file, it is
+    converted while it arrives (:mod:`qcow2.compute.stream`: one pass, the untrusted
+    open of the complete file before anything is placed; a flat root disk can be
+    written in the same pass, ``copy_to``); otherwise it is checked, then converted
+    (force_raw) or renamed into place.  The temporary file is removed on every path,
+    and stale ones left by a killed process are removed under the lock before the
+    next attempt.
   * a local source: read in place (untrusted), converted or sparse-copied straight into
     the base: no temporary copy.
 Free space is checked first against what the result needs (``qcow2.measure`` for a

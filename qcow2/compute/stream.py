@@ -26,7 +26,11 @@ The untrusted guarantees are kept by ordering, not weakened:
 
 A hostile image meanwhile meets the ordinary reader, which answers malformed tables
 with :mod:`qcow2.errors` (bounded memory, no hang: a read past the declared length
-returns short, a failed download wakes every waiting read with its error).
+returns short, a failed download wakes every waiting read with its error).  What the
+scan would refuse (tables pointing many times at the same clusters) could make the
+output far larger than the body: before the scan's verdict the data written is
+bounded (``SPECULATIVE_FACTOR`` x the body + ``SPECULATIVE_BASE``), past that the
+conversion waits for the verdict.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ from ..backends import Backend
 from .errors import DownloadError
 
 _SAFE_INCOMPAT = C.INCOMPAT_COMPRESSION | C.INCOMPAT_EXTL2
+#: data written before the untrusted scan has accepted the image: at most this many
+#: times the body's length, plus SPECULATIVE_BASE (a real image's data is a few times
+#: its compressed size; past the bound the conversion waits for the scan)
+SPECULATIVE_FACTOR = 16
+SPECULATIVE_BASE = 256 << 20
 
 
 def _u(head: bytes, off: int, n: int) -> int:
@@ -173,6 +182,23 @@ def convert_streaming(resp, url: str, length: int, head: bytes, part_fd: int,
     t = threading.Thread(target=download, name="qcow2-download", daemon=True)
     t.start()
 
+    budget = [SPECULATIVE_FACTOR * length + SPECULATIVE_BASE]
+    budget_lock = threading.Lock()
+
+    def on_data(n: int) -> None:
+        """Before the untrusted scan has accepted the image, the data written is
+        bounded (a hostile image's tables could point many times at the same bytes);
+        past the bound the conversion waits for the scan's verdict."""
+        with budget_lock:
+            budget[0] -= n
+            if budget[0] >= 0:
+                return
+        t.join()
+        if arrival.error is not None:
+            raise DownloadError(f"the download stopped: {arrival.error}")
+        if not checked or checked[0] is not None:
+            raise DownloadError("the image was refused")   # (before_commit says why)
+
     def before_commit() -> None:
         t.join()
         if arrival.error is not None:
@@ -184,7 +210,8 @@ def convert_streaming(resp, url: str, length: int, head: bytes, part_fd: int,
 
     try:
         qcow2.convert([GrowingFile(part_fd, part_path, arrival)], dst, src_format="qcow2",
-                      out_format="raw", copies=copies, before_commit=before_commit)
+                      out_format="raw", copies=copies, before_commit=before_commit,
+                      on_data=on_data)
     except BaseException:
         arrival.cancel()
         t.join()

@@ -113,7 +113,8 @@ def _check_modes(cache, sparse_size, compress, out_format, no_create, target_is_
         raise InvalidOptionError("--target-is-zero requires use of -n flag")
     if extra_outputs and (
             out_format != "raw" or no_create or is_rbd_name(os.fspath(dst))):
-        raise InvalidOptionError("copies and before_commit need a new raw file output")
+        raise InvalidOptionError("copies, before_commit and on_data need a new raw file "
+                                 "output")
 
 
 def _sparse_copy_will_do(images, srcs, dst, out_format, no_create, sparse_size,
@@ -142,7 +143,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             progress=None, untrusted: bool = False, force_share: bool = False,
             snapshot=None, max_output: int | None = None, bitmaps: bool = False,
             skip_broken_bitmaps: bool = False, salvage=None, keys=None, copies=(),
-            before_commit=None) -> None:
+            before_commit=None, on_data=None) -> None:
     """Convert image(s) ``src`` (a path or a list of paths, concatenated) to ``dst``.
 
     ``out_format`` "raw" (sparse) or "qcow2"; ``compress`` (-c) writes compressed
@@ -162,7 +163,9 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     ``copies``: more paths that get the same raw output in the same pass (new files,
     each under a temporary name until the end, like DST); ``before_commit``: called
     once every byte is written, before DST (and the copies) appear: an exception
-    there discards everything.
+    there discards everything; ``on_data(n)``: called (from any worker) before each
+    chunk of ``n`` bytes of data is read and written, may wait or raise (raw file
+    output only).
     """
     from ..opener import open_image
 
@@ -171,7 +174,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                                       f"(supported: raw, qcow2)",
                                       feature=f"convert -O {out_format}")
     _check_modes(cache, sparse_size, compress, out_format, no_create, target_is_zero,
-                 bool(copies) or before_commit is not None, dst)
+                 bool(copies) or before_commit is not None or on_data is not None, dst)
     opts, backing_file, backing_format = output_options(out_format, options, no_create,
                                                          backing_file, backing_format)
     if workers is not None and not 1 <= workers <= 16:
@@ -211,7 +214,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                                    f"{max_output} bytes (max_output)")
         sync = cache != "unsafe"
         if _sparse_copy_will_do(images, srcs, dst, out_format, no_create, sparse_size,
-                                salvage is not None or copies or before_commit is not None):
+                                salvage is not None or copies or before_commit is not None
+                                or on_data is not None):
             # raw -> raw is a sparse copy: data regions only, copy offload
             from .sparse import sparse_copy
             images[0].close()
@@ -227,7 +231,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         elif out_format == "raw":
             _to_raw(images, dst, size, sparse_size=sparse_size, sync=sync, workers=workers,
                     progress=progress, no_create=no_create, target_is_zero=target_is_zero,
-                    copies=copies, before_commit=before_commit)
+                    copies=copies, before_commit=before_commit, on_data=on_data)
         else:
             _to_qcow2(images, dst, size, opts=opts, compress=compress, sparse_size=sparse_size,
                       sync=sync, workers=workers, progress=progress, no_create=no_create,
@@ -283,9 +287,10 @@ class _RawCopy(_Work):
     """Copies one job of :func:`_raw_jobs` into the raw output ``fd`` (any thread)."""
 
     def __init__(self, fd: int, *, sparse_size: int, zero_writes: bool, sync: bool, prog,
-                 tees=()):
+                 tees=(), on_data=None):
         super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
         self.fd = fd
+        self.on_data = on_data
         self.tees = tees                  # more outputs getting the same bytes
         self.sync = sync
         self.offload = [hasattr(os, "copy_file_range")]
@@ -296,6 +301,8 @@ class _RawCopy(_Work):
         if n < 0:
             punch_or_zero(fd, d, -n)
             return
+        if self.on_data is not None:
+            self.on_data(n)
         mv = self.read_chunk(p, o, n)
         # plain data lying in a file: the kernel copies it (copy_file_range), the
         # buffer only serves the zero scan (and the fallback)
@@ -332,7 +339,7 @@ def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
 
 
 def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
-            target_is_zero, copies=(), before_commit=None) -> None:
+            target_is_zero, copies=(), before_commit=None, on_data=None) -> None:
     prog = Progress(_data_total(images, False, progress), progress)
     zero_writes = no_create and not target_is_zero
     tees: list = []
@@ -341,7 +348,7 @@ def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_creat
         if progress is not None:
             progress(0.0)
         work = _RawCopy(fd, sparse_size=sparse_size, zero_writes=zero_writes, sync=sync,
-                        prog=prog, tees=tuple(t.fd for t in tees))
+                        prog=prog, tees=tuple(t.fd for t in tees), on_data=on_data)
         run(_raw_jobs(images, zero_writes), work, workers, context=serial_reads,
             name="qcow2-convert")
 
