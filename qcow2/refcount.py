@@ -245,11 +245,18 @@ class Refcounts:
                 c = stop
                 continue
             blk = self.cache.get(off)
-            for i in range(idx, idx + stop - c):
-                v = _get_entry(blk, i, bits) + 1
-                if v > top:
-                    self.add(c + i - idx, 1)      # (raises, naming the cluster)
-                _set_entry(blk, i, bits, v)
+            m = stop - c
+            if bits == 16:                        # (the default width: one struct call)
+                vals = [v + 1 for v in struct.unpack_from(f">{m}H", blk, idx * 2)]
+                if max(vals) > top:
+                    self.add(c + vals.index(top + 1), 1)    # (raises, naming it)
+                struct.pack_into(f">{m}H", blk, idx * 2, *vals)
+            else:
+                for i in range(idx, idx + m):
+                    v = _get_entry(blk, i, bits) + 1
+                    if v > top:
+                        self.add(c + i - idx, 1)  # (raises, naming the cluster)
+                    _set_entry(blk, i, bits, v)
             self.cache.mark_dirty(off)
             c = stop
         if end > self.end_cluster:
