@@ -585,7 +585,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
                     most = min((tend - cstart) // cs, mask + 1 - i)
                     olds = struct.unpack_from(f">{most}Q", table, i * 8)
                     n = 1
-                    while n < most and not self._in_place(olds[n]):
+                    while n < most and (not olds[n] or not self._in_place(olds[n])):
                         n += 1
                     stop = cstart + n * cs
                     host = self._alloc_data(n, cstart)
