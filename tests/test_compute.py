@@ -571,6 +571,30 @@ def test_http_streamed_output_bounded_until_the_scan_accepts(compute, tmp_path, 
         s.close()
 
 
+@needs_qemu
+def test_http_streamed_conversion_checks_room_for_the_raw_data(compute, tmp_path, server,
+                                                               monkeypatch):
+    """The raw size of a qcow2 converted as it downloads is unknown up front: free space
+    is looked at again every ROOM_EVERY bytes of data; running short stops with
+    InsufficientSpaceError and leaves nothing."""
+    from qcow2.compute import fetch, stream
+    monkeypatch.setattr(stream, "ROOM_EVERY", 1 * MiB)
+    real = fetch.free_space
+
+    def short_for_the_raw_data(path):
+        if sys._getframe(1).f_code.co_name == "_room_for_raw":
+            return 1 * MiB
+        return real(path)
+    monkeypatch.setattr(fetch, "free_space", short_for_the_raw_data)
+    calls = _streamed(monkeypatch)
+    o = make_opts(compute, tmp_path)
+    url = f"{server.base}/plain/img.qcow2"
+    with pytest.raises(compute.InsufficientSpaceError, match="for the raw base"):
+        compute.fetch_base(o, "img", url, disk_format="qcow2")
+    assert calls == [url] and leftovers(o.base_dir) == []
+    assert _lock_is_free(o, compute.base_name("img"))
+
+
 def test_growing_file_reads_wait_and_failures_wake_them(tmp_path):
     from qcow2.compute.stream import Arrival, GrowingFile
     path = tmp_path / "part"

@@ -33,7 +33,9 @@ download streams, free space is looked at again every ``STREAM_CHECK_EVERY`` byt
 base to come); without one (chunked transfer encoding) it must hold the next stretch plus
 ``STREAM_RESERVE`` and, for a qcow2 that becomes raw, as much raw data as has arrived (up
 to the virtual size the header gave).  Otherwise the download stops with
-:class:`InsufficientSpaceError`, leaving nothing behind.
+:class:`InsufficientSpaceError`, leaving nothing behind.  A qcow2 converted while it
+downloads has its raw size unknown until its tables arrive: free space is looked at
+again every ``stream.ROOM_EVERY`` bytes of raw data written, the same way.
 """
 
 from __future__ import annotations
@@ -329,6 +331,18 @@ def _pwrite_all(fd: int, mv, offset: int) -> None:
         done += os.pwrite(fd, mv[done:], offset + done)
 
 
+def _room_for_raw(base_dir: str, url: str, written: int, outputs: int) -> None:
+    """While a qcow2 is converted as it downloads (its raw size unknown until its
+    tables have arrived): room for the next stretch of raw data in every output."""
+    from .stream import ROOM_EVERY
+    need = outputs * ROOM_EVERY + STREAM_RESERVE
+    have = free_space(base_dir)
+    if have < need:
+        raise InsufficientSpaceError(
+            f"not enough space in {base_dir} for the raw base of {url} after {written} bytes "
+            f"of data: {have} bytes available, {need} needed")
+
+
 def _fetch_url(opts, url, dst, declared, want, progress, timeout, copies=()) -> str:
     resp, length = open_url(url, timeout)
     base_dir = os.path.dirname(dst)
@@ -368,7 +382,9 @@ def _fetch_url(opts, url, dst, declared, want, progress, timeout, copies=()) -> 
                                       stream_body=lambda write: stream_body(
                                           resp, url, length, head, write, hasher, progress,
                                           watch),
-                                      after_body=after_body)
+                                      after_body=after_body,
+                                      room=lambda n: _room_for_raw(base_dir, url, n,
+                                                                   1 + len(copies)))
                 finally:
                     os.close(fd)
                 return "raw"

@@ -48,6 +48,7 @@ _SAFE_INCOMPAT = C.INCOMPAT_COMPRESSION | C.INCOMPAT_EXTL2
 #: its compressed size; past the bound the conversion waits for the scan)
 SPECULATIVE_FACTOR = 16
 SPECULATIVE_BASE = 256 << 20
+ROOM_EVERY = 64 << 20           # bytes of data written between two free-space checks
 
 
 def _u(head: bytes, off: int, n: int) -> int:
@@ -145,13 +146,14 @@ class GrowingFile(Backend):
 
 def convert_streaming(resp, url: str, length: int, head: bytes, part_fd: int,
                       part_path: str, dst: str, *, stream_body, after_body,
-                      copies=()) -> None:
+                      copies=(), room=None) -> None:
     """Download the rest of the body (``stream_body(write)``, in a thread) into
     ``part_fd`` while converting it into the raw file ``dst`` (and ``copies``).
     ``after_body()`` runs once the body is complete (in the download thread, while the
     conversion finishes), and must succeed before anything is linked in place: the
     checksum and the untrusted open of the whole file; an exception there discards
-    the outputs."""
+    the outputs.  ``room(written)`` is called every ``ROOM_EVERY`` bytes of data
+    written (the free-space check: a stream of unknown raw size)."""
     import qcow2
     arrival = Arrival(length)
 
@@ -184,6 +186,7 @@ def convert_streaming(resp, url: str, length: int, head: bytes, part_fd: int,
 
     budget = [SPECULATIVE_FACTOR * length + SPECULATIVE_BASE]
     budget_lock = threading.Lock()
+    written = [0, ROOM_EVERY]                   # data so far, next free-space check
 
     def on_data(n: int) -> None:
         """Before the untrusted scan has accepted the image, the data written is
@@ -191,8 +194,15 @@ def convert_streaming(resp, url: str, length: int, head: bytes, part_fd: int,
         past the bound the conversion waits for the scan's verdict."""
         with budget_lock:
             budget[0] -= n
-            if budget[0] >= 0:
-                return
+            written[0] += n
+            check = room is not None and written[0] >= written[1]
+            if check:
+                written[1] = written[0] + ROOM_EVERY
+            ok = budget[0] >= 0
+        if check:
+            room(written[0])
+        if ok:
+            return
         t.join()
         if arrival.error is not None:
             raise DownloadError(f"the download stopped: {arrival.error}")
