@@ -4,7 +4,8 @@ Each benchmark times our command (a whole process, as a user runs it) with
 pytest-benchmark and qemu-img (or cp) on the same input, and stores in extra_info:
 (conversions run both tools with ``-t writeback``: both flush the output before they
 exit, which is our default and what nova asks for with ``-t none``; qemu-img's own
-default for convert is ``unsafe``, no flush at all)
+default for convert is ``unsafe``, no flush at all; ``QCOW2_BENCH_CACHE=unsafe|none|
+default`` runs them with another mode, "default" meaning no ``-t`` on either side)
 ``theirs_s`` (best of the same number of rounds), ``ratio`` (ours / theirs, lower is
 better), ``peak_rss_mib`` of our process, ``corpus`` (its kind: "debian-minbase" or
 "synthetic", see conftest.py).  ``python benchmarks/report.py`` prints the table.
@@ -22,6 +23,18 @@ import time
 import pytest
 
 ROUNDS = int(os.environ.get("QCOW2_BENCH_ROUNDS", "3"))
+# -t of both tools in the conversions: writeback (default here), unsafe, none, or
+# "default" (no -t: ours flushes, qemu-img's convert does not)
+CACHE = os.environ.get("QCOW2_BENCH_CACHE", "writeback")
+
+
+def cache_args() -> list[str]:
+    return [] if CACHE == "default" else ["-t", CACHE]
+
+
+def cp_sync() -> str:
+    """What follows ``cp`` where the mode flushes (cp itself never does)."""
+    return "" if CACHE in ("unsafe", "default") else " && sync {out}"
 # The installed console script, as users run it (``qcow2 info ...``); ``python -m qcow2``
 # where the package is not installed (runpy adds ~5 ms to every process).
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "qcow2")
@@ -71,6 +84,7 @@ def side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
         "theirs_s": round(best, 4), "ours_s": round(ours_best, 4),
         "ratio": round(ours_best / best, 3) if best else None,
         "peak_rss_mib": round(max(rss), 1), "impl": os.environ.get("QCOW2_IMPL", "auto"),
+        "cache": CACHE,
     })
 
 
@@ -81,9 +95,9 @@ def test_qcow2_to_raw(benchmark, corpus, scratch, kind):
 
     def rm():
         out.unlink(missing_ok=True)
-    side_by_side(benchmark, QCOW2 + ["convert", "-t", "writeback", "-O", "raw",
+    side_by_side(benchmark, QCOW2 + ["convert", *cache_args(), "-O", "raw",
                                       str(corpus[kind]), str(out)],
-                  ["qemu-img", "convert", "-t", "writeback", "-O", "raw", str(corpus[kind]),
+                  ["qemu-img", "convert", *cache_args(), "-O", "raw", str(corpus[kind]),
                    str(out)], rm)
 
 
@@ -95,9 +109,9 @@ def test_raw_to_qcow2(benchmark, corpus, scratch, mode):
     def rm():
         out.unlink(missing_ok=True)
     side_by_side(benchmark,
-                  QCOW2 + ["convert", "-t", "writeback", "-O", "qcow2", *extra,
+                  QCOW2 + ["convert", *cache_args(), "-O", "qcow2", *extra,
                            str(corpus["raw"]), str(out)],
-                  ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", *extra,
+                  ["qemu-img", "convert", *cache_args(), "-O", "qcow2", *extra,
                    str(corpus["raw"]), str(out)], rm)
 
 
@@ -107,8 +121,10 @@ def test_raw_sparse_copy(benchmark, corpus, scratch):
     def rm():
         out.unlink(missing_ok=True)
     side_by_side(benchmark,
-                  QCOW2 + ["convert", "-f", "raw", "-O", "raw", str(corpus["raw"]), str(out)],
-                  ["sh", "-c", f"cp --sparse=always {corpus['raw']} {out} && sync {out}"], rm)
+                  QCOW2 + ["convert", *cache_args(), "-f", "raw", "-O", "raw", str(corpus["raw"]),
+                           str(out)],
+                  ["sh", "-c", f"cp --sparse=always {corpus['raw']} {out}"
+                   + cp_sync().format(out=out)], rm)
 
 
 def test_empty_1t_to_raw(benchmark, corpus, scratch):
@@ -116,9 +132,9 @@ def test_empty_1t_to_raw(benchmark, corpus, scratch):
 
     def rm():
         out.unlink(missing_ok=True)
-    side_by_side(benchmark, QCOW2 + ["convert", "-t", "writeback", "-O", "raw",
+    side_by_side(benchmark, QCOW2 + ["convert", *cache_args(), "-O", "raw",
                                       str(corpus["empty1t"]), str(out)],
-                  ["qemu-img", "convert", "-t", "writeback", "-O", "raw",
+                  ["qemu-img", "convert", *cache_args(), "-O", "raw",
                    str(corpus["empty1t"]), str(out)], rm)
 
 

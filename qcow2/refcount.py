@@ -229,6 +229,39 @@ class Refcounts:
         if delta > 0 and cluster >= self.end_cluster:
             self.end_cluster = cluster + 1
 
+    def _add_run(self, cluster: int, n: int) -> None:
+        """+1 for clusters [cluster, cluster+n), whose refcount blocks exist (as
+        ``add`` per cluster, one block lookup and one dirty mark per block)."""
+        per, bits, top = self.block_entries, self.bits, self.max_ref
+        end = cluster + n
+        c = cluster
+        while c < end:
+            bi, idx = divmod(c, per)
+            stop = min(end, (bi + 1) * per)
+            off = self.block_offset(bi)
+            if not off:
+                for k in range(c, stop):          # (no block: add() makes it)
+                    self.add(k, 1)
+                c = stop
+                continue
+            blk = self.cache.get(off)
+            m = stop - c
+            if bits == 16:                        # (the default width: one struct call)
+                vals = [v + 1 for v in struct.unpack_from(f">{m}H", blk, idx * 2)]
+                if max(vals) > top:
+                    self.add(c + vals.index(top + 1), 1)    # (raises, naming it)
+                struct.pack_into(f">{m}H", blk, idx * 2, *vals)
+            else:
+                for i in range(idx, idx + m):
+                    v = _get_entry(blk, i, bits) + 1
+                    if v > top:
+                        self.add(c + i - idx, 1)  # (raises, naming the cluster)
+                    _set_entry(blk, i, bits, v)
+            self.cache.mark_dirty(off)
+            c = stop
+        if end > self.end_cluster:
+            self.end_cluster = end
+
     def increment(self, offset: int, length: int) -> None:
         """+1 for every cluster touched by [offset, offset+length)."""
         first = offset >> self.cbits
@@ -300,8 +333,7 @@ class Refcounts:
     def alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset."""
         c = self.take_free(n)
-        for i in range(n):
-            self.add(c + i, 1)
+        self._add_run(c, n)
         # like QEMU's free_cluster_index: continue after this run (a hole skipped on the
         # way is found again once something below it is freed); never rescan the used
         # area from a small hole on every allocation

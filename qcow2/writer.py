@@ -177,7 +177,7 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
 
     def write_pending(self, pending: list) -> None:
         """Perform writes queued by :meth:`defer_data` (any thread, no lock held)."""
-        with self._copy_lock:     # (one copy at a time: see ops.convert._COPY_LOCK)
+        with self._copy_lock:     # (one copy at a time: see ops.sparse_write.COPY_LOCK)
             for data, host, src in pending:
                 self._put_data(data, host, src)
         pending.clear()
@@ -592,24 +592,26 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
                     continue
                 if full and not self.header.extended_l2:
                     # a run of whole clusters needing new space: one allocation, one pwrite
-                    j = i
-                    stop = cend
-                    while stop + cs <= tend and j + 1 <= mask:
-                        e2, _ = self._entry(table, j + 1)
-                        if self._in_place(e2):
-                            break
-                        j += 1
-                        stop += cs
-                    n = j - i + 1
+                    # (the run's entries read and set at once: per-cluster calls were
+                    # most of a plain convert's Python time)
+                    most = min((tend - cstart) // cs, mask + 1 - i)
+                    olds = struct.unpack_from(f">{most}Q", table, i * 8)
+                    n = 1
+                    while n < most and (not olds[n] or not self._in_place(olds[n])):
+                        n += 1
+                    stop = cstart + n * cs
                     host = self._alloc_data(n, cstart)
                     self._write_data(mv[pos - offset:stop - offset], host,
                                      src and (src[0], src[1] + pos, src[2]))
-                    for k in range(n):
-                        old, oldb = self._entry(table, i + k)
-                        self._set_entry(table, toff, i + k, (host + k * cs) | C.OFLAG_COPIED)
-                        self._free_entry(old, oldb)
+                    struct.pack_into(f">{n}Q", table, i * 8,
+                                     *range(host | C.OFLAG_COPIED,
+                                            host + n * cs | C.OFLAG_COPIED, cs))
+                    self._l2c.mark_dirty(toff)
+                    for old in olds[:n]:
+                        if old:
+                            self._free_entry(old)
                     pos = stop
-                    i = j + 1
+                    i += n
                     continue
                 self._write_cow(table, toff, i, e, bm, mv, offset, pos, cend, cstart)
                 pos = cend

@@ -432,6 +432,208 @@ def test_concurrent_processes_download_once(compute, tmp_path, images, server):
     assert server.hits == {"/slow/img.raw": 1}
 
 
+# -- decoding a qcow2 download while it streams (qcow2.compute.stream) ---------------------------
+
+def _streamed(monkeypatch):
+    """Record the downloads converted while they streamed."""
+    from qcow2.compute import fetch
+    calls = []
+    real = fetch.convert_streaming
+
+    def spy(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+    monkeypatch.setattr(fetch, "convert_streaming", spy)
+    return calls
+
+
+def _no_second_pass(monkeypatch):
+    """A flat disk made by copying the base afterwards fails the test."""
+    import qcow2
+    from qcow2.compute import disks
+
+    def boom(*a, **k):
+        raise AssertionError("second pass over the data")
+    monkeypatch.setattr(qcow2, "sparse_copy", boom)
+    monkeypatch.setattr(disks, "_lvm_disk", boom)
+
+
+@needs_qemu
+@needs_mkfs
+@pytest.mark.parametrize("route", ["plain", "slow"])
+def test_http_spawn_flat_streams_in_one_pass(compute, tmp_path, images, server, monkeypatch,
+                                             route):
+    calls = _streamed(monkeypatch)
+    _no_second_pass(monkeypatch)
+    o = make_opts(compute, tmp_path, images_type="flat")
+    url = f"{server.base}/{route}/img.qcow2"
+    res = compute.spawn(o, UUID1, "img", url, 128 * MiB, disk_format="qcow2")
+    assert calls == [url]
+    assert res["base_format"] == "raw"
+    qemu("compare", "-f", "raw", "-F", "raw", images["raw"], res["base"])
+    disk = os.path.join(o.instances_path, UUID1, "disk")
+    assert qinfo(disk)["virtual-size"] == 128 * MiB
+    subprocess.run(["e2fsck", "-fn", disk], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    got = subprocess.run(["debugfs", "-R", "cat /hello", disk], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL).stdout
+    assert got == (images["dir"] / "content" / "hello").read_bytes()
+    assert os.stat(disk).st_blocks * 512 < 64 * MiB                # holes kept
+    assert leftovers(o.base_dir) == [os.path.basename(res["base"])]
+    # the next spawn finds the base: the disk is a copy of it
+    monkeypatch.undo()
+    res2 = compute.spawn(o, UUID2, "img", url, 128 * MiB, disk_format="qcow2")
+    assert res2["base"] == res["base"]
+    assert server.hits == {f"/{route}/img.qcow2": 1}
+
+
+def _refcounts_wiped(data: bytes) -> bytes:
+    """The image with its first refcount block zeroed: the plain reader still reads it,
+    the untrusted scan refuses it (clusters in use with refcount 0)."""
+    buf = bytearray(data)
+    rt = int.from_bytes(buf[0x30:0x38], "big")
+    rb = int.from_bytes(buf[rt:rt + 8], "big") & ~0x1FF
+    cs = 1 << int.from_bytes(buf[0x14:0x18], "big")
+    assert rb and buf[rb:rb + cs] != bytes(cs)
+    buf[rb:rb + cs] = bytes(cs)
+    return bytes(buf)
+
+
+@needs_qemu
+@pytest.mark.parametrize("images_type", ["flat", "qcow2"])
+def test_http_streamed_image_refused_by_the_untrusted_scan_leaves_nothing(
+        compute, tmp_path, images, monkeypatch, images_type):
+    from qcow2.errors import Qcow2Error
+    from helpers import ImageServer
+    bad = _refcounts_wiped(open(images["qcow2"], "rb").read())
+    s = ImageServer({"bad.qcow2": bad})
+    try:
+        calls = _streamed(monkeypatch)
+        o = make_opts(compute, tmp_path, images_type=images_type)
+        with pytest.raises(Qcow2Error):
+            compute.spawn(o, UUID1, "img", f"{s.base}/plain/bad.qcow2", 128 * MiB,
+                          disk_format="qcow2")
+        assert calls                                  # (it was converted as it came)
+        assert leftovers(o.base_dir) == []
+        assert not os.path.exists(os.path.join(o.instances_path, UUID1))
+        assert _lock_is_free(o, compute.base_name("img"))
+    finally:
+        s.close()
+
+
+@needs_qemu
+def test_http_not_streamed_when_the_header_names_other_files(compute, tmp_path, images,
+                                                            monkeypatch):
+    """A backing file in the header: the untrusted open decides first, as before."""
+    from qcow2.errors import UnsafeImageError
+    from helpers import ImageServer
+    overlay = str(tmp_path / "overlay.qcow2")
+    qemu("create", "-f", "qcow2", "-b", images["raw"], "-F", "raw", overlay)
+    s = ImageServer({"o.qcow2": open(overlay, "rb").read()})
+    try:
+        calls = _streamed(monkeypatch)
+        o = make_opts(compute, tmp_path)
+        with pytest.raises(UnsafeImageError):
+            compute.fetch_base(o, "o", f"{s.base}/plain/o.qcow2", disk_format="qcow2")
+        assert calls == [] and leftovers(o.base_dir) == []
+    finally:
+        s.close()
+
+
+@needs_qemu
+@pytest.mark.parametrize("bad", [False, True])
+def test_http_streamed_output_bounded_until_the_scan_accepts(compute, tmp_path, images,
+                                                             monkeypatch, bad):
+    """With no speculative budget at all the conversion waits for the untrusted scan's
+    verdict before writing data: an accepted image still converts, a refused one
+    leaves nothing."""
+    from qcow2.compute import stream
+    from qcow2.errors import Qcow2Error
+    from helpers import ImageServer
+    data = open(images["qcow2"], "rb").read()
+    s = ImageServer({"i.qcow2": _refcounts_wiped(data) if bad else data})
+    monkeypatch.setattr(stream, "SPECULATIVE_FACTOR", 0)
+    monkeypatch.setattr(stream, "SPECULATIVE_BASE", 0)
+    try:
+        calls = _streamed(monkeypatch)
+        o = make_opts(compute, tmp_path)
+        url = f"{s.base}/plain/i.qcow2"
+        if bad:
+            with pytest.raises(Qcow2Error):
+                compute.fetch_base(o, "i", url, disk_format="qcow2")
+            assert leftovers(o.base_dir) == []
+        else:
+            path, fmt = compute.fetch_base(o, "i", url, disk_format="qcow2")
+            assert fmt == "raw"
+            qemu("compare", "-f", "raw", "-F", "raw", images["raw"], path)
+        assert calls == [url]
+    finally:
+        s.close()
+
+
+@needs_qemu
+def test_http_streamed_conversion_checks_room_for_the_raw_data(compute, tmp_path, server,
+                                                               monkeypatch):
+    """The raw size of a qcow2 converted as it downloads is unknown up front: free space
+    is looked at again every ROOM_EVERY bytes of data; running short stops with
+    InsufficientSpaceError and leaves nothing."""
+    from qcow2.compute import fetch, stream
+    monkeypatch.setattr(stream, "ROOM_EVERY", 1 * MiB)
+    real = fetch.free_space
+
+    def short_for_the_raw_data(path):
+        if sys._getframe(1).f_code.co_name == "_room_for_raw":
+            return 1 * MiB
+        return real(path)
+    monkeypatch.setattr(fetch, "free_space", short_for_the_raw_data)
+    calls = _streamed(monkeypatch)
+    o = make_opts(compute, tmp_path)
+    url = f"{server.base}/plain/img.qcow2"
+    with pytest.raises(compute.InsufficientSpaceError, match="for the raw base"):
+        compute.fetch_base(o, "img", url, disk_format="qcow2")
+    assert calls == [url] and leftovers(o.base_dir) == []
+    assert _lock_is_free(o, compute.base_name("img"))
+
+
+def test_growing_file_reads_wait_and_failures_wake_them(tmp_path):
+    from qcow2.compute.stream import Arrival, GrowingFile
+    path = tmp_path / "part"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        arrival = Arrival(8192)
+        gf = GrowingFile(fd, str(path), arrival)
+        assert gf.size() == 8192 and not hasattr(gf, "fd")
+        got = []
+        t = threading.Thread(target=lambda: got.append(gf.pread(4096, 4096)))
+        t.start()
+        os.pwrite(fd, b"a" * 4096, 0)
+        arrival.advance(4096)
+        t.join(0.2)
+        assert t.is_alive()                           # its range has not arrived
+        os.pwrite(fd, b"b" * 4096, 4096)
+        arrival.advance(8192)
+        t.join(10)
+        assert got == [b"b" * 4096]
+        assert gf.pread(100, 8150) == b"b" * 42         # short past the end
+        failed = Arrival(1 << 20)
+        gf2 = GrowingFile(fd, str(path), failed)
+        errs = []
+
+        def read():
+            try:
+                gf2.pread(4096, 65536)
+            except Exception as exc:  # noqa: BLE001
+                errs.append(exc)
+        t2 = threading.Thread(target=read)
+        t2.start()
+        failed.finish(OSError("connection reset"))
+        t2.join(10)
+        from qcow2.compute import DownloadError
+        assert not t2.is_alive() and isinstance(errs[0], DownloadError)
+    finally:
+        os.close(fd)
+
+
 # -- instance disks ------------------------------------------------------------------------------
 
 MATRIX = list(itertools.product(["default", "qcow2", "flat", "raw"], [True, False],

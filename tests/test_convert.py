@@ -119,7 +119,7 @@ def test_killed_convert_leaves_nothing(images, tmp_path):
     """SIGKILL in the middle: the destination never appears, no temporary name remains."""
     dst = tmp_path / "k.raw"
     slow = ("import qcow2, time\n"
-            "from qcow2.ops import convert as c\n"
+            "from qcow2.ops import sparse_write as c\n"
             "orig = c.pwrite_all\n"
             "def slow(*a):\n"
             "    time.sleep(0.05)\n"

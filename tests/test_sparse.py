@@ -116,6 +116,7 @@ def test_without_copy_file_range(tmp_path, monkeypatch):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(sparse, "shares_extents", lambda fd: True)   # (the offload path)
     qcow2.sparse_copy(src, tmp_path / "a.raw")
     assert 1 <= len(calls) <= 2                # refused once per worker at most, then pwrite
     assert same_bytes(src, tmp_path / "a.raw")
@@ -147,16 +148,52 @@ def test_failure_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kw)
 
+    for offload in (True, False):
+        monkeypatch.setattr(sparse, "shares_extents", lambda fd, v=offload: v)
+        if offload:
+            real = sparse._offload
+            monkeypatch.setattr(sparse, "_offload", fail)
+        else:
+            real = sparse.pwrite_all
+            monkeypatch.setattr(sparse, "pwrite_all", fail)
+        calls.clear()
+        dst.unlink(missing_ok=True)
+        with pytest.raises(OSError):
+            qcow2.sparse_copy(src, dst)
+        assert not dst.exists() and leftovers(tmp_path) == []
+        dst.write_bytes(b"old")                # an existing destination is kept as is
+        calls.clear()
+        with pytest.raises(OSError):
+            qcow2.sparse_copy(src, dst)
+        assert dst.read_bytes() == b"old" and leftovers(tmp_path) == []
+        monkeypatch.undo()
+
+
+def test_offload_where_the_file_system_shares_extents(tmp_path, monkeypatch):
+    """copy_file_range where it shares blocks (XFS, Btrfs, NFS...), pwrite elsewhere:
+    the same bytes and holes either way."""
+    src = tmp_path / "src.raw"
+    make(src, 20 * MiB, MIXED)
+    used = []
     real = sparse._offload
-    monkeypatch.setattr(sparse, "_offload", fail)
-    with pytest.raises(OSError):
-        qcow2.sparse_copy(src, dst)
-    assert not dst.exists() and leftovers(tmp_path) == []
-    dst.write_bytes(b"old")                    # an existing destination is kept as is
-    calls.clear()
-    with pytest.raises(OSError):
-        qcow2.sparse_copy(src, dst)
-    assert dst.read_bytes() == b"old" and leftovers(tmp_path) == []
+
+    def spy(*a):
+        used.append(1)
+        return real(*a)
+    monkeypatch.setattr(sparse, "_offload", spy)
+    for v in (True, False):
+        monkeypatch.setattr(sparse, "shares_extents", lambda fd, v=v: v)
+        used.clear()
+        out = tmp_path / f"{v}.raw"
+        qcow2.sparse_copy(src, out)
+        assert bool(used) == v
+        assert same_bytes(src, out)
+        assert blocks(out) <= cp_sparse_blocks(src, tmp_path) + SLACK
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert sparse.shares_extents(fd) in (True, False)
+    finally:
+        os.close(fd)
 
 
 def test_destinations(tmp_path):

@@ -44,9 +44,10 @@ def _fallocate_keep_size(path: str, size: int) -> None:
 
 
 def _file_disk(opts, base: str, base_fmt: str, path: str, size: int, grow: bool,
-               stats: dict | None = None) -> str:
+               stats: dict | None = None, premade: bool = False) -> str:
     """Make the file disk ``path``; returns its format.  ``stats`` receives what growing
-    the file system of a qcow2 disk did (``growfs.grow_qcow2_fs``)."""
+    the file system of a qcow2 disk did (``growfs.grow_qcow2_fs``).  ``premade``: a
+    flat disk whose copy of the base was written with the base (same pass)."""
     import qcow2
     space = opts.preallocate_images == "space"
     if opts.backend == "qcow2":
@@ -66,7 +67,11 @@ def _file_disk(opts, base: str, base_fmt: str, path: str, size: int, grow: bool,
         return "qcow2"
     # flat / raw: a sparse raw copy, extended to the root size
     check_space(os.path.dirname(path), size if space else 0, f"the disk {path}")
-    if base_fmt == "raw":
+    if premade:
+        if space:                    # (preallocation wants its own pwrite copy)
+            os.unlink(path)
+            qcow2.sparse_copy(base, path, preallocate=True)
+    elif base_fmt == "raw":
         qcow2.sparse_copy(base, path, preallocate=space)
     else:
         qcow2.convert(base, path, src_format=base_fmt, out_format="raw", untrusted=True)
@@ -158,16 +163,22 @@ def spawn(opts, instance: str, image_id: str, source: str, root_size: int, *,
     if backend == "lvm":
         if not shutil.which("lvcreate"):
             raise ComputeError("images_type lvm needs lvm2 (lvcreate) installed")
-    base, base_fmt = fetch_base(opts, image_id, source, disk_format=disk_format,
-                                checksum=checksum, progress=progress)
-    vsize = virtual_size(base)
-    if root_size < vsize:
-        raise ComputeError(f"root size {root_size} is smaller than the image "
-                           f"({vsize} bytes): refused")
-    wants = [("disk", base, base_fmt, root_size, True)]
     made_dir = not os.path.isdir(inst_dir)
-    os.makedirs(inst_dir, exist_ok=True)
     made: list[tuple[str, str]] = []
+    try:
+        base, base_fmt, premade = _fetch_for(opts, inst_dir, image_id, source, disk_format,
+                                             checksum, progress, made)
+        vsize = virtual_size(base)
+        if root_size < vsize:
+            raise ComputeError(f"root size {root_size} is smaller than the image "
+                               f"({vsize} bytes): refused")
+    except BaseException:
+        _undo(opts, made)
+        if made_dir:
+            shutil.rmtree(inst_dir, ignore_errors=True)
+        raise
+    wants = [("disk", base, base_fmt, root_size, True)]
+    os.makedirs(inst_dir, exist_ok=True)
     result = {"base": base, "base_format": base_fmt, "disks": {}}
     try:
         if ephemeral_size:
@@ -185,11 +196,13 @@ def spawn(opts, instance: str, image_id: str, source: str, root_size: int, *,
                 result["disks"][name] = {"path": dev, "format": "raw"}
             else:
                 path = os.path.join(inst_dir, name)
-                if os.path.exists(path):
+                pre = is_root and premade
+                if os.path.exists(path) and not pre:
                     raise ComputeError(f"{path} already exists")
-                made.append(("file", path))
+                if not pre:
+                    made.append(("file", path))
                 stats: dict = {}
-                fmt = _file_disk(opts, b, bfmt, path, size, grow, stats)
+                fmt = _file_disk(opts, b, bfmt, path, size, grow, stats, premade=pre)
                 info[path] = fmt
                 result["disks"][name] = {"path": path, "format": fmt}
                 if stats:
@@ -202,6 +215,25 @@ def spawn(opts, instance: str, image_id: str, source: str, root_size: int, *,
             shutil.rmtree(inst_dir, ignore_errors=True)
         raise
     return result
+
+
+def _fetch_for(opts, inst_dir: str, image_id: str, source: str, disk_format, checksum,
+               progress, made: list) -> tuple[str, str, bool]:
+    """fetch_base for a spawn: (base, format, whether the root disk was made with it).
+    A flat disk is written in the same pass as a raw base converted now (no second
+    pass over the data); ``made`` records it for the undo."""
+    copy_to = None
+    if opts.backend == "flat":
+        copy_to = os.path.join(inst_dir, "disk")
+        if os.path.exists(copy_to):
+            raise ComputeError(f"{copy_to} already exists")
+        os.makedirs(inst_dir, exist_ok=True)
+    base, base_fmt = fetch_base(opts, image_id, source, disk_format=disk_format,
+                                checksum=checksum, progress=progress, copy_to=copy_to)
+    premade = copy_to is not None and os.path.exists(copy_to)
+    if premade:
+        made.append(("file", copy_to))
+    return base, base_fmt, premade
 
 
 def _undo(opts, made) -> None:

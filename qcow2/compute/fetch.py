@@ -14,11 +14,15 @@ Passes:
   * raw over http: one pass -- streamed straight into the (anonymous, ``O_TMPFILE``)
     output, zero blocks left as holes, hashed on the way; linked in place after the
     checksum matched and the data is fsynced.
-  * qcow2 over http: the body is first written to a temporary ``.<name>.<rand>.part``
-    next to the base (a qcow2 cannot be decoded from a stream: its tables point anywhere
-    in the file), then checked, converted (force_raw) or renamed into place; the
-    temporary file is removed on every path, and stale ones left by a killed process
-    are removed under the lock before the next attempt.
+  * qcow2 over http: the body is written to a temporary ``.<name>.<rand>.part`` next
+    to the base (a qcow2 cannot be decoded from the stream alone: its tables point
+    anywhere in the file).  With force_raw and a header that names no other file, it is
+    converted while it arrives (:mod:`qcow2.compute.stream`: one pass, the untrusted
+    open of the complete file before anything is placed; a flat root disk can be
+    written in the same pass, ``copy_to``); otherwise it is checked, then converted
+    (force_raw) or renamed into place.  The temporary file is removed on every path,
+    and stale ones left by a killed process are removed under the lock before the
+    next attempt.
   * a local source: read in place (untrusted), converted or sparse-copied straight into
     the base: no temporary copy.
 Free space is checked first against what the result needs (``qcow2.measure`` for a
@@ -29,7 +33,9 @@ download streams, free space is looked at again every ``STREAM_CHECK_EVERY`` byt
 base to come); without one (chunked transfer encoding) it must hold the next stretch plus
 ``STREAM_RESERVE`` and, for a qcow2 that becomes raw, as much raw data as has arrived (up
 to the virtual size the header gave).  Otherwise the download stops with
-:class:`InsufficientSpaceError`, leaving nothing behind.
+:class:`InsufficientSpaceError`, leaving nothing behind.  A qcow2 converted while it
+downloads has its raw size unknown until its tables arrive: free space is looked at
+again every ``stream.ROOM_EVERY`` bytes of raw data written, the same way.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from ..paths import is_temp_for, make_temp
 from .errors import (ChecksumError, ComputeError, DownloadError, ImageFormatMismatchError,
                      InsufficientSpaceError)
 from .locks import base_name, image_lock
+from .stream import can_stream, convert_streaming
 
 CHUNK = 1 << 20
 BLOCK = 4096
@@ -114,11 +121,13 @@ def locked_base(opts, name: str):
 
 def fetch_base(opts, image_id: str, source: str, *, disk_format: str | None = None,
                checksum: str | None = None, progress=None, name: str | None = None,
-               timeout: float = TIMEOUT) -> tuple[str, str]:
+               timeout: float = TIMEOUT, copy_to: str | None = None) -> tuple[str, str]:
     """Make sure the base file of ``image_id`` is in the cache; (path, format).
 
     ``disk_format`` is the declared format ("qcow2" or "raw"; None accepts either);
-    ``checksum`` "sha256:HEX"; ``progress`` a callable taking a percentage.
+    ``checksum`` "sha256:HEX"; ``progress`` a callable taking a percentage;
+    ``copy_to``: a new file that gets a copy of a raw base converted now, in the same
+    pass (a flat instance disk); it is left alone (and not made) otherwise.
     """
     if disk_format not in (None, "raw", "qcow2"):
         raise ComputeError(f"unsupported disk format {disk_format!r} (raw or qcow2)")
@@ -130,10 +139,12 @@ def fetch_base(opts, image_id: str, source: str, *, disk_format: str | None = No
             except OSError:
                 pass
             return path, file_format(path)
+        copies = () if copy_to is None else (copy_to,)
         if is_url(source):
-            fmt = _fetch_url(opts, source, path, disk_format, want, progress, timeout)
+            fmt = _fetch_url(opts, source, path, disk_format, want, progress, timeout,
+                             copies)
         else:
-            fmt = _fetch_local(opts, source, path, disk_format, want, progress)
+            fmt = _fetch_local(opts, source, path, disk_format, want, progress, copies)
     return path, fmt
 
 
@@ -167,13 +178,13 @@ def sha256_file(path: str) -> str:
             h.update(b)
 
 
-def verify_checksum(got: str, want: str | None, source: str) -> None:
+def verify_checksum(got: str | None, want: str | None, source: str) -> None:
     if want is not None and got != want:
         raise ChecksumError(f"checksum mismatch for {source}: expected sha256:{want}, "
                             f"got sha256:{got}")
 
 
-def _place(opts, src: str, fmt: str, dst: str, progress) -> str:
+def _place(opts, src: str, fmt: str, dst: str, progress, copies=()) -> str:
     """Put the checked image ``src`` at ``dst`` (raw: sparse copy; qcow2: converted
     with force_raw_images, else sparse copy).  Returns the base's format."""
     import qcow2
@@ -184,7 +195,7 @@ def _place(opts, src: str, fmt: str, dst: str, progress) -> str:
         # writeback, then one fsync before the rename (convert's default): durable as
         # nova's -t none, and faster than O_DIRECT writes here (measured: 0.85x)
         qcow2.convert(src, dst, src_format="qcow2", out_format="raw", untrusted=True,
-                      progress=progress)
+                      progress=progress, copies=copies)
         return "raw"
     st = os.stat(src)
     check_space(base_dir, min(st.st_size, st.st_blocks * 512), f"a copy of {src}")
@@ -192,13 +203,13 @@ def _place(opts, src: str, fmt: str, dst: str, progress) -> str:
     return fmt
 
 
-def _fetch_local(opts, source, dst, declared, want, progress) -> str:
+def _fetch_local(opts, source, dst, declared, want, progress, copies=()) -> str:
     if not os.path.exists(source):
         raise ComputeError(f"image source {source} does not exist")
     fmt = inspect_source(source, declared, source)
     if want is not None:
         verify_checksum(sha256_file(source), want, source)
-    return _place(opts, source, fmt, dst, progress)
+    return _place(opts, source, fmt, dst, progress, copies)
 
 
 # -- http ------------------------------------------------------------------------------
@@ -278,7 +289,8 @@ def stream_body(resp, url, length, head: bytes, write, hasher, progress, watch=N
         if buf:
             if watch is not None:
                 watch(pos)
-            hasher.update(buf)
+            if hasher is not None:
+                hasher.update(buf)
             write(buf, pos)
             pos += len(buf)
             if progress is not None and length:
@@ -319,7 +331,19 @@ def _pwrite_all(fd: int, mv, offset: int) -> None:
         done += os.pwrite(fd, mv[done:], offset + done)
 
 
-def _fetch_url(opts, url, dst, declared, want, progress, timeout) -> str:
+def _room_for_raw(base_dir: str, url: str, written: int, outputs: int) -> None:
+    """While a qcow2 is converted as it downloads (its raw size unknown until its
+    tables have arrived): room for the next stretch of raw data in every output."""
+    from .stream import ROOM_EVERY
+    need = outputs * ROOM_EVERY + STREAM_RESERVE
+    have = free_space(base_dir)
+    if have < need:
+        raise InsufficientSpaceError(
+            f"not enough space in {base_dir} for the raw base of {url} after {written} bytes "
+            f"of data: {have} bytes available, {need} needed")
+
+
+def _fetch_url(opts, url, dst, declared, want, progress, timeout, copies=()) -> str:
     resp, length = open_url(url, timeout)
     base_dir = os.path.dirname(dst)
     try:
@@ -332,7 +356,10 @@ def _fetch_url(opts, url, dst, declared, want, progress, timeout) -> str:
         if fmt == "qcow2" and opts.force_raw_images:
             raw_cap = _qcow2_virtual_size(head)
         watch = SpaceWatch(base_dir, url, length, raw_cap)
-        hasher = hashlib.sha256()
+        hasher = hashlib.sha256() if want is not None else None
+
+        def digest() -> str | None:
+            return None if hasher is None else hasher.hexdigest()
         if fmt == "raw":
             # one pass: the body goes straight into the anonymous output file
             with AtomicOutput(dst, 0o644) as out:
@@ -340,20 +367,36 @@ def _fetch_url(opts, url, dst, declared, want, progress, timeout) -> str:
                     lambda v, o: _pwrite_all(out.fd, v, o), b, p),
                                hasher, progress, watch)
                 os.ftruncate(out.fd, size)
-                verify_checksum(hasher.hexdigest(), want, url)
+                verify_checksum(digest(), want, url)
                 out.commit(sync=True)
             return "raw"
         fd, tmp = make_temp(dst, base_dir)
         try:
+            if raw_cap is not None and can_stream(head, length):
+                # decoded while it downloads (see qcow2.compute.stream)
+                def after_body() -> None:
+                    verify_checksum(digest(), want, url)
+                    inspect_source(tmp, declared or "qcow2", url)
+                try:
+                    convert_streaming(resp, url, length, head, fd, tmp, dst, copies=copies,
+                                      stream_body=lambda write: stream_body(
+                                          resp, url, length, head, write, hasher, progress,
+                                          watch),
+                                      after_body=after_body,
+                                      room=lambda n: _room_for_raw(base_dir, url, n,
+                                                                   1 + len(copies)))
+                finally:
+                    os.close(fd)
+                return "raw"
             try:
                 stream_body(resp, url, length, head, lambda b, p: os.pwrite(fd, b, p) and None,
                         hasher, progress, watch)
             finally:
                 os.close(fd)
-            verify_checksum(hasher.hexdigest(), want, url)
+            verify_checksum(digest(), want, url)
             inspect_source(tmp, declared or "qcow2", url)
             if opts.force_raw_images:
-                return _place(opts, tmp, "qcow2", dst, None)
+                return _place(opts, tmp, "qcow2", dst, None, copies)
             os.chmod(tmp, 0o644)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

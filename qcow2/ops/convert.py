@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 
-from ..atomic import (AtomicOutput, copy_range, io_buffer, pwrite_all, start_writeback,
+from ..atomic import (AtomicOutput, io_buffer, pwrite_all, start_writeback,
                       sync_new_name)
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import combine_path, temp_name
@@ -31,6 +31,8 @@ from .outputopts import (bitmaps_to_copy, default_workers, discard_output, name_
 from .windows import chunks, windows
 from .progress import PROGRESS_STEP, Progress
 from .sparse_runs import sparse_data_runs
+from .sparse_write import (copy_run, is_blockdev, punch_or_zero, sparse_runs, write_sparse,
+                           zero_fill)
 from ..pool import run
 from ..reader import serial_reads
 from ..rbdname import is_rbd_name
@@ -97,6 +99,34 @@ def _data_total(images, top_only: bool, progress) -> int:
     return sum(p.n for p in _plan(images, top_only=top_only) if p.kind == DATA)
 
 
+def _check_modes(cache, sparse_size, compress, out_format, no_create, target_is_zero,
+                 extra_outputs, dst) -> None:
+    """convert's option checks that need no image."""
+    if cache not in _CACHE_MODES:
+        raise InvalidOptionError(f"Invalid cache option: {cache}")
+    if sparse_size < 0 or (sparse_size and sparse_size % 512):
+        raise InvalidOptionError("Invalid buffer size for sparse output specified: "
+                                 f"{sparse_size} (must be a multiple of 512)")
+    if compress and out_format != "qcow2":
+        raise InvalidOptionError("Compression not supported for this file format")
+    if target_is_zero and not no_create:
+        raise InvalidOptionError("--target-is-zero requires use of -n flag")
+    if extra_outputs and (
+            out_format != "raw" or no_create or is_rbd_name(os.fspath(dst))):
+        raise InvalidOptionError("copies, before_commit and on_data need a new raw file "
+                                 "output")
+
+
+def _sparse_copy_will_do(images, srcs, dst, out_format, no_create, sparse_size,
+                         special) -> bool:
+    """Whether the convert is a plain sparse copy of one raw file into a new one."""
+    return bool(not special and out_format == "raw" and len(images) == 1
+                and images[0].format == "raw"
+                and images[0].file_size % 512 == 0 and not no_create and sparse_size
+                and isinstance(srcs[0], (str, bytes, os.PathLike))
+                and not is_rbd_name(os.fspath(srcs[0])) and not is_rbd_name(dst))
+
+
 def _key_for(keys, src):
     """The passphrase ``keys`` holds for a source named by path (None: none given, or a
     store handed in)."""
@@ -112,7 +142,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             backing_file: str | None = None, backing_format: str | None = None,
             progress=None, untrusted: bool = False, force_share: bool = False,
             snapshot=None, max_output: int | None = None, bitmaps: bool = False,
-            skip_broken_bitmaps: bool = False, salvage=None, keys=None) -> None:
+            skip_broken_bitmaps: bool = False, salvage=None, keys=None, copies=(),
+            before_commit=None, on_data=None) -> None:
     """Convert image(s) ``src`` (a path or a list of paths, concatenated) to ``dst``.
 
     ``out_format`` "raw" (sparse) or "qcow2"; ``compress`` (-c) writes compressed
@@ -128,7 +159,13 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     ``bitmaps`` (--bitmaps): copy the source's persistent bitmaps (qcow2 to qcow2), those
     in use refused unless ``skip_broken_bitmaps``; ``salvage`` (--salvage): called with a
     warning per unreadable source sector, written as zeros (one worker: warnings in order);
-    ``keys``: passphrases of encrypted sources (and of their backing files) by file name.
+    ``keys``: passphrases of encrypted sources (and of their backing files) by file name;
+    ``copies``: more paths that get the same raw output in the same pass (new files,
+    each under a temporary name until the end, like DST); ``before_commit``: called
+    once every byte is written, before DST (and the copies) appear: an exception
+    there discards everything; ``on_data(n)``: called (from any worker) before each
+    chunk of ``n`` bytes of data is read and written, may wait or raise (raw file
+    output only).
     """
     from ..opener import open_image
 
@@ -136,15 +173,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
         raise UnsupportedFeatureError(f"output format {out_format!r} is not supported "
                                       f"(supported: raw, qcow2)",
                                       feature=f"convert -O {out_format}")
-    if cache not in _CACHE_MODES:
-        raise InvalidOptionError(f"Invalid cache option: {cache}")
-    if sparse_size < 0 or (sparse_size and sparse_size % 512):
-        raise InvalidOptionError("Invalid buffer size for sparse output specified: "
-                                 f"{sparse_size} (must be a multiple of 512)")
-    if compress and out_format != "qcow2":
-        raise InvalidOptionError("Compression not supported for this file format")
-    if target_is_zero and not no_create:
-        raise InvalidOptionError("--target-is-zero requires use of -n flag")
+    _check_modes(cache, sparse_size, compress, out_format, no_create, target_is_zero,
+                 bool(copies) or before_commit is not None or on_data is not None, dst)
     opts, backing_file, backing_format = output_options(out_format, options, no_create,
                                                          backing_file, backing_format)
     if workers is not None and not 1 <= workers <= 16:
@@ -183,15 +213,13 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             raise UnsafeImageError(f"output of {size} bytes exceeds the limit of "
                                    f"{max_output} bytes (max_output)")
         sync = cache != "unsafe"
-        if (salvage is None and out_format == "raw" and len(images) == 1
-                and images[0].format == "raw"
-                and images[0].file_size % 512 == 0 and not no_create and sparse_size
-                and isinstance(srcs[0], (str, bytes, os.PathLike))
-                and not is_rbd_name(os.fspath(srcs[0])) and not is_rbd_name(dst)):
+        if _sparse_copy_will_do(images, srcs, dst, out_format, no_create, sparse_size,
+                                salvage is not None or copies or before_commit is not None
+                                or on_data is not None):
             # raw -> raw is a sparse copy: data regions only, copy offload
             from .sparse import sparse_copy
             images[0].close()
-            sparse_copy(srcs[0], dst, progress=progress)
+            sparse_copy(srcs[0], dst, progress=progress, sync=sync)
             return
         if is_rbd_name(dst):
             if out_format != "raw":
@@ -202,7 +230,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                     progress=progress, no_create=no_create, target_is_zero=target_is_zero)
         elif out_format == "raw":
             _to_raw(images, dst, size, sparse_size=sparse_size, sync=sync, workers=workers,
-                    progress=progress, no_create=no_create, target_is_zero=target_is_zero)
+                    progress=progress, no_create=no_create, target_is_zero=target_is_zero,
+                    copies=copies, before_commit=before_commit, on_data=on_data)
         else:
             _to_qcow2(images, dst, size, opts=opts, compress=compress, sparse_size=sparse_size,
                       sync=sync, workers=workers, progress=progress, no_create=no_create,
@@ -257,9 +286,12 @@ class _Work:
 class _RawCopy(_Work):
     """Copies one job of :func:`_raw_jobs` into the raw output ``fd`` (any thread)."""
 
-    def __init__(self, fd: int, *, sparse_size: int, zero_writes: bool, sync: bool, prog):
+    def __init__(self, fd: int, *, sparse_size: int, zero_writes: bool, sync: bool, prog,
+                 tees=(), on_data=None):
         super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
         self.fd = fd
+        self.on_data = on_data
+        self.tees = tees                  # more outputs getting the same bytes
         self.sync = sync
         self.offload = [hasattr(os, "copy_file_range")]
 
@@ -267,8 +299,10 @@ class _RawCopy(_Work):
         p, d, o, n = job
         fd = self.fd
         if n < 0:
-            _punch_or_zero(fd, d, -n)
+            punch_or_zero(fd, d, -n)
             return
+        if self.on_data is not None:
+            self.on_data(n)
         mv = self.read_chunk(p, o, n)
         # plain data lying in a file: the kernel copies it (copy_file_range), the
         # buffer only serves the zero scan (and the fallback)
@@ -276,13 +310,15 @@ class _RawCopy(_Work):
         if p.host is not None and self.offload[0]:
             src = (p.host[0], p.host[1] + (o - p.off), self.offload)
         if self.sparse_size:
-            _write_sparse(fd, mv, d, self.sparse_size, self.kernels, self.zero_writes, src)
-        elif src is not None:
-            _copy_run(fd, mv, d, src)
+            write_sparse(fd, mv, d, self.sparse_size, self.kernels, self.zero_writes, src,
+                         self.tees)
+        elif src is not None or self.tees:
+            copy_run(fd, mv, d, src, self.tees)
         else:
             pwrite_all(fd, mv, d)
         if self.sync:
-            start_writeback(fd, d, n)
+            for f in (fd, *self.tees):
+                start_writeback(f, d, n)
         self.prog.add_split(d, n)
 
 
@@ -293,7 +329,7 @@ def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
     except OSError as exc:
         raise Qcow2Error(f"Could not open '{dst}': {exc.strerror}") from None
     try:
-        if os.fstat(fd).st_size < size and not _is_blockdev(fd):
+        if os.fstat(fd).st_size < size and not is_blockdev(fd):
             raise Qcow2Error(f"Target image '{dst}' is smaller than the source")
         copy(fd)
         if sync:
@@ -303,115 +339,39 @@ def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
 
 
 def _to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
-            target_is_zero) -> None:
+            target_is_zero, copies=(), before_commit=None, on_data=None) -> None:
     prog = Progress(_data_total(images, False, progress), progress)
     zero_writes = no_create and not target_is_zero
+    tees: list = []
 
     def copy(fd: int) -> None:
         if progress is not None:
             progress(0.0)
         work = _RawCopy(fd, sparse_size=sparse_size, zero_writes=zero_writes, sync=sync,
-                        prog=prog)
+                        prog=prog, tees=tuple(t.fd for t in tees), on_data=on_data)
         run(_raw_jobs(images, zero_writes), work, workers, context=serial_reads,
             name="qcow2-convert")
 
     if no_create:
         _into_existing(dst, size, sync, copy)
-    else:
+        return
+    try:
         with AtomicOutput(dst) as out:
-            os.ftruncate(out.fd, size)
+            for path in copies:
+                tees.append(AtomicOutput(path))
+            for o in (out, *tees):
+                os.ftruncate(o.fd, size)
             copy(out.fd)
+            if before_commit is not None:
+                before_commit()
             out.commit(sync=sync)
+            for t in tees:
+                t.commit(sync=sync)
+    finally:
+        for t in tees:
+            t.close()
     if progress is not None:
         progress(100.0)
-
-
-_ZEROS = memoryview(bytes(1 << 20))
-
-
-def _zero(mv: memoryview) -> None:
-    n = len(mv)
-    for i in range(0, n, len(_ZEROS)):
-        k = min(n - i, len(_ZEROS))
-        mv[i:i + k] = _ZEROS[:k]
-
-
-def _is_blockdev(fd: int) -> bool:
-    import stat
-    return stat.S_ISBLK(os.fstat(fd).st_mode)
-
-
-def _punch_or_zero(fd: int, off: int, n: int) -> None:
-    from ..backends import fallocate
-    try:
-        fallocate.punch_hole(fd, off, n)
-        return
-    except OSError:
-        pass
-    z = memoryview(bytes(min(n, 1 << 20)))
-    pos = off
-    while pos < off + n:
-        k = min(len(z), off + n - pos)
-        pwrite_all(fd, z[:k], pos)
-        pos += k
-
-
-# In-kernel copies into one output file serialize on its inode lock anyway; taking
-# turns here makes the waiting thread sleep instead of spinning in the kernel
-# (perf: rwsem_spin_on_owner was 13 % of the CPU; 25 % less CPU, same wall time).
-_COPY_LOCK = threading.Lock()
-
-
-def _copy_run(fd: int, mv: memoryview, off: int, src) -> None:
-    """Write ``mv`` (the bytes at ``src``) at ``off``: by copy_file_range from
-    ``src = (fd, offset, state)`` when the kernel can, else from the buffer.  A
-    refusal turns offload off for the rest of the convert (``state[0]``)."""
-    done = 0
-    if src is not None and src[2][0]:
-        with _COPY_LOCK:
-            done = copy_range(src[0], src[1], fd, off, len(mv))
-        if done < 0:
-            src[2][0] = False
-            done = 0
-        if done >= len(mv):
-            return
-    # the rest from the buffer (past the source's end it holds zeros)
-    pwrite_all(fd, mv[done:], off + done)
-
-
-def _sparse_runs(mv: memoryview, off: int, block: int, kernels):
-    """(start, end, zero) of the runs of ``mv`` (which lands at output offset ``off``):
-    the piece before the first ``block`` boundary, then runs of whole blocks (the last
-    maybe short), all zero or holding data."""
-    n = len(mv)
-    head = min((-off) % block, n)
-    if head:
-        yield 0, head, kernels.is_zero(mv[:head])
-    if head >= n:
-        return
-    flags = kernels.zero_blocks(mv[head:], block).tobytes()     # 1: an all-zero block
-    nb = len(flags)
-    i = 0
-    while i < nb:
-        zero = flags[i]
-        j = flags.find(0 if zero else 1, i)
-        if j < 0:
-            j = nb
-        yield head + i * block, min(head + j * block, n), bool(zero)
-        i = j
-
-
-def _write_sparse(fd: int, mv: memoryview, off: int, block: int, kernels,
-                  explicit_zeros: bool = False, src=None) -> None:
-    """Write the non-zero blocks of ``mv`` (aligned to ``block`` in output terms);
-    ``src`` (fd, offset, state): where ``mv``'s bytes lie in a file, to copy them
-    with copy_file_range."""
-    for a, b, zero in _sparse_runs(mv, off, block, kernels):
-        if not zero:
-            _copy_run(fd, mv[a:b], off + a,
-                      None if src is None else (src[0], src[1] + a, src[2]))
-        elif explicit_zeros:
-            _punch_or_zero(fd, off + a, b - a)
 
 
 # ---------------------------------------------------------------------------
@@ -485,7 +445,7 @@ class _RbdCopy(_Work):
         if not self.sparse_size:
             be.pwrite(mv, d)
         else:
-            for a, b, zero in _sparse_runs(mv, d, self.sparse_size, self.kernels):
+            for a, b, zero in sparse_runs(mv, d, self.sparse_size, self.kernels):
                 if not zero:
                     be.pwrite(mv[a:b], d + a)
                 elif self.zero_writes:
@@ -536,7 +496,7 @@ def _to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, 
         fill = _Qcow2Fill(out, size, compress=compress, sparse_size=sparse_size,
                           zero_writes=(no_create and not target_is_zero)
                           or backing_file is not None,
-                          deferred=tmp is not None,
+                          deferred=tmp is not None, sync=sync,
                           # -B: what the new backing file shows already is not written
                           dedupe=tmp is not None and backing_file is not None
                           and sparse_size != 0,
@@ -584,8 +544,10 @@ class _Qcow2Fill(_Work):
     windows are in flight, so the pool of buffers stays that small."""
 
     def __init__(self, out, size: int, *, compress: bool, sparse_size: int,
-                 zero_writes: bool, deferred: bool, prog, dedupe: bool = False):
+                 zero_writes: bool, deferred: bool, prog, dedupe: bool = False,
+                 sync: bool = True):
         super().__init__(sparse_size=sparse_size, zero_writes=zero_writes, prog=prog)
+        self.sync = sync                   # -t unsafe: no flush, no early writeback
         self.out = out
         self.dedupe = dedupe
         self.size = size
@@ -703,13 +665,13 @@ class _Qcow2Fill(_Work):
                 ka = ceil_div(a, cs)
                 kb = ncl if b == len(mv) else b // cs
                 if ka < kb:
-                    _zero(mv[a:ka * cs])
-                    _zero(mv[kb * cs:b])
+                    zero_fill(mv[a:ka * cs])
+                    zero_fill(mv[kb * cs:b])
                     known_zero.append((ka, kb))
                 else:
-                    _zero(seg)
+                    zero_fill(seg)
             else:
-                _zero(seg)                     # -S 0 writes zero clusters from the buffer
+                zero_fill(seg)                     # -S 0 writes zero clusters from the buffer
             if p.kind == BACKING:
                 marks = keep
             elif p.kind == DATA or self.zero_writes or not self.sparse_size:
@@ -788,7 +750,7 @@ class _Qcow2Fill(_Work):
             with self.bufs_lock:
                 self.free_bufs.append(buf)
                 self.applied += n or sum(k for _d, k in ndata)
-                kick = self.applied >= 64 << 20
+                kick = self.sync and self.applied >= 64 << 20
                 if kick:
                     self.applied = 0
         if kick:                               # let the disk work while we go on
