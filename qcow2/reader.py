@@ -149,6 +149,8 @@ class Qcow2Image(Image):
             self._read_meta, h.snapshots_offset, h.nb_snapshots, self.file_size, charge)
         self.snapshot: Snapshot | None = None
         self.data_be: Backend = backend
+        # error injection (backends.blkdebug): the engine's steps named, else None
+        self.debug_event = getattr(backend, "debug_event", None)
         self.data_filename: str | None = None
         self.data_display_name: str | None = None
         self.backing = None
@@ -356,6 +358,8 @@ class Qcow2Image(Image):
             host = self._one_cluster(offset)
             if host is not None:
                 if host >= 0:
+                    if self.debug_event is not None:
+                        self.debug_event("read_aio")
                     got = self.data_be.readinto(mv, host)
                     if got < n:
                         zero_fill(mv[got:])
@@ -372,6 +376,8 @@ class Qcow2Image(Image):
                 if self._crypto is not None:
                     self._crypto.read_into(self.data_be, dst, host)
                     continue
+                if self.debug_event is not None:
+                    self.debug_event("read_aio")
                 got = self.data_be.readinto(dst, host)
                 if got < n:
                     zero_fill(dst[got:])
