@@ -67,7 +67,14 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
     if format not in _FORMATS:
         raise UnsupportedFeatureError(f"Unknown or unsupported image format {format!r} "
                                       f"(supported: qcow2, raw)", feature=f"format {format}")
+    debug = None
+    if isinstance(target, str) and target.startswith("blkdebug:"):
+        debug, target = _blkdebug_rules(target)
     be, filename, owned = _store(target, writable, format)
+    if debug is not None:                      # error injection over the file
+        from .backends.blkdebug import BlkdebugBackend
+        be = BlkdebugBackend(be, debug[1], debug[0])
+        filename = debug[0]
     try:
         try:
             be.lock(write=writable, force_share=force_share and not writable)
@@ -104,6 +111,20 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
         if owned:
             be.close()
         raise
+
+
+def _blkdebug_rules(name: str):
+    """((name, rules), path) of a ``blkdebug:CONFIG:FILE`` name."""
+    from .backends.blkdebug import BlkdebugConfigError, read_config, split_name
+    try:
+        config, path = split_name(name)
+        rules = read_config(config) if config else []
+    except OSError as exc:
+        raise Qcow2Error(f"Could not open '{name}': Could not read blkdebug config file: "
+                         f"{exc.strerror or exc}") from None
+    except BlkdebugConfigError as exc:
+        raise Qcow2Error(f"Could not open '{name}': {exc}") from None
+    return (name, rules), path
 
 
 def _name_the_image(exc: Exception, filename: str) -> None:
@@ -195,6 +216,10 @@ class _Companions:
                                           f"'{img.filename}' is not supported",
                                           feature=f"format {fmt}")
         full = img.full_backing_filename
+        if img.filename.startswith("blkdebug:") and full is not None:
+            # names stored in the image resolve against its file, not the blkdebug name
+            from .backends.blkdebug import split_name
+            full = img.full_backing_filename = combine_path(split_name(img.filename)[1], name)
         key = self.keys.get(name, self.keys.get(full))
         return _open(full, "r", format=fmt, untrusted=False, snapshot=None,
                      force_share=self.force_share, backing=True, max_depth=self.max_depth,
