@@ -218,3 +218,38 @@ def test_snapshot_names_show_as_c_strings(prog, tmp_path):
     r = run(prog, "snapshot", "-l", img)
     row = r.stdout.splitlines()[2]
     assert ("a" * 255) in row and ("a" * 256) not in row
+
+
+# -- events announced by the engine ----------------------------------------------------
+
+def test_snapshot_delete_with_cluster_free_failing_leaks_only(prog, tmp_path):
+    img = tmp_path / "t.qcow2"
+    qcow2.create(str(img), 64 << 20)
+    with qcow2.open(str(img), "r+") as im:
+        im.pwrite(b"\x01" * 65536, 0)
+    assert run(prog, "snapshot", "-c", "foo", img).returncode == 0
+    conf = tmp_path / "blkdebug.conf"
+    conf.write_text('[inject-error]\nevent = "cluster_free"\nerrno = "5"\n')
+    r = run(prog, "snapshot", "-d", "foo", f"blkdebug:{conf}:{img}")
+    assert r.returncode == 1
+    assert r.stderr == ("qcow2_free_clusters failed: Input/output error\n"
+                        "qemu-img: Could not delete snapshot 'foo': Failed to free the "
+                        "cluster and L1 table: Input/output error\n")
+    assert run(prog, "snapshot", "-l", img).stdout == ""      # the snapshot is gone
+    r = run(prog, "check", img)
+    assert r.returncode == 3                                  # leaks, nothing worse
+    assert "4 leaked clusters were found on the image." in r.stdout
+    assert run(prog, "check", "-r", "all", img).returncode == 0
+    with qcow2.open(str(img)) as im:
+        assert im.pread(65536, 0) == b"\x01" * 65536
+
+
+def test_snapshot_delete_without_injection_is_unchanged(prog, tmp_path):
+    img = tmp_path / "t.qcow2"
+    qcow2.create(str(img), 64 << 20)
+    assert run(prog, "snapshot", "-c", "foo", img).returncode == 0
+    conf = tmp_path / "blkdebug.conf"
+    conf.write_text('[inject-error]\nevent = "l2_load"\n')
+    r = run(prog, "snapshot", "-d", "foo", f"blkdebug:{conf}:{img}")
+    assert r.returncode == 0 and r.stderr == ""
+    assert run(prog, "check", img).returncode == 0

@@ -47,11 +47,15 @@ def qemu_wording(message: str) -> str:
 
 
 def report_error(exc: BaseException) -> None:
-    """An error as qemu-img reports it: its line (prefixed with the program's name), or
+    """An error as qemu-img reports it: what it reported on the way (``exc.preface``,
+    verbatim), its line (prefixed with the program's name), or
     the prefixed lines of a message qemu-img spreads over several (``exc.lines``), then
     its hint lines, unprefixed (``exc.hint``, QEMU's error hints), then the prefixed
     lines qemu-img reports after it (``exc.after``).  Every
     line has its whitespace collapsed: a name read from an image cannot start a line."""
+    preface = getattr(exc, "preface", None)
+    if preface:                 # what qemu-img reported (unprefixed) before failing
+        sys.stderr.write(preface)
     lines = getattr(exc, "lines", None) or [str(exc)]
     if isinstance(exc, CorruptImageError):
         lines = [qemu_wording(line) for line in lines]

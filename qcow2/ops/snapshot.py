@@ -39,8 +39,14 @@ def create_snapshot(path, name: str, *, format=None) -> dict:
 
 
 def delete_snapshot(path, key, *, format=None) -> None:
+    failure = f"Could not delete snapshot '{key}'"
     with _open_rw(path, format) as img:
-        img.delete_snapshot(_lookup(img, key, f"Could not delete snapshot '{key}'"))
+        sn = _lookup(img, key, failure)
+        try:
+            img.delete_snapshot(sn)
+        except Qcow2Error as exc:
+            exc.args = (f"{failure}: {exc}",) + tuple(exc.args[1:])   # (attributes kept)
+            raise
 
 
 def apply_snapshot(path, key, *, format=None) -> None:
