@@ -253,3 +253,46 @@ def test_snapshot_delete_without_injection_is_unchanged(prog, tmp_path):
     r = run(prog, "snapshot", "-d", "foo", f"blkdebug:{conf}:{img}")
     assert r.returncode == 0 and r.stderr == ""
     assert run(prog, "check", img).returncode == 0
+
+
+def _overlay(tmp_path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qcow2.create(str(base), 64 << 20)
+    qcow2.create(str(top), 64 << 20, backing_file=str(base), backing_format="qcow2")
+    with qcow2.open(str(top), "r+") as im:
+        im.pwrite(b"\x07" * 65536, 0)
+    return base, top
+
+
+def test_commit_rebuilds_the_emptied_top(prog, tmp_path):
+    base, top = _overlay(tmp_path)
+    r = run(prog, "commit", top)
+    assert r.returncode == 0 and r.stdout == "Image committed.\n"
+    assert os.path.getsize(top) == 4 * 65536          # header, reftable, refblock, L1
+    assert run(prog, "check", top).returncode == 0
+    with qcow2.open(str(top)) as im:
+        assert im.pread(65536, 0) == b"\x07" * 65536  # now from the base
+    with qcow2.open(str(base)) as im:
+        assert im.pread(65536, 0) == b"\x07" * 65536
+
+
+@pytest.mark.parametrize("event", ["l1_update", "empty_image_prepare", "reftable_update",
+                                   "refblock_alloc"])
+def test_commit_failing_to_empty_leaves_a_dirty_image(prog, tmp_path, event):
+    base, top = _overlay(tmp_path)
+    conf = tmp_path / "blkdebug.conf"
+    conf.write_text(f'[inject-error]\nevent = "{event}"\n')
+    name = f"blkdebug:{conf}:{top}"
+    r = run(prog, "commit", name)
+    assert r.returncode == 1
+    assert r.stderr == f"qemu-img: Failed to empty {name}: Input/output error\n"
+    with open(top, "rb") as f:
+        f.seek(C_HDR_INCOMPATIBLE)
+        assert struct.unpack(">Q", f.read(8))[0] & 1          # dirty: rebuilt on open
+    assert run(prog, "check", "-r", "all", top).returncode == 0
+    assert run(prog, "check", top).returncode == 0
+    with qcow2.open(str(top)) as im:                          # the data: in the base
+        assert im.pread(65536, 0) == b"\x07" * 65536
+
+
+C_HDR_INCOMPATIBLE = 0x48

@@ -47,6 +47,20 @@ def _find_base(chain, base: str, path) -> int:
     raise Qcow2Error(f"Did not find '{base}' in the backing chain of '{path}'")
 
 
+def _empty(top: WritableQcow2Image, path) -> None:
+    """Drop every cluster of the committed top image (qemu-img's make_empty): rebuilt
+    from scratch where it can be (the file shrinks to a few clusters), else cluster
+    by cluster."""
+    try:
+        if top.can_empty_completely():
+            top.empty_and_close()
+        else:
+            top.discard_all()
+            top.flush()
+    except OSError as exc:
+        raise Qcow2Error(f"Failed to empty {path}: {exc.strerror or exc}") from None
+
+
 def commit(path, *, format: str | None = None, base: str | None = None, keep: bool = False,
            progress=None) -> None:
     """Commit ``path`` into its backing file (or into ``base``, further down the chain).
@@ -97,8 +111,7 @@ def commit(path, *, format: str | None = None, base: str | None = None, keep: bo
                 progress(min(99.9, 100.0 * done / total))
         wbase.flush()
         if not keep and isinstance(top, WritableQcow2Image):
-            top.discard_all()
-            top.flush()
+            _empty(top, path)
     finally:
         top.close()
     if progress is not None:
