@@ -4,10 +4,10 @@ explicit ``file:`` protocol prefix (``file:a:b.qcow2``).
 
 Both describe a tree of block nodes; this engine opens the trees that come down to one
 image file: a ``qcow2`` or ``raw`` node over a ``file`` node (or a ``file.filename``
-key), optionally through a ``blkdebug`` node that injects nothing (its ``align`` and
-``set-state`` rules change no data), and the ``null-co`` driver (zeros of a
-size).  :func:`resolve` turns such a name into
-``(path, format)``; anything else (error injection, quorum, other drivers and
+key), optionally through a ``blkdebug`` node (its rules given to
+``qcow2.backends.blkdebug``, which the opener puts over the file), and the ``null-co``
+driver (zeros of a size).  :func:`resolve` turns such a name into
+``(path, format)``; anything else (quorum, other drivers and
 protocols) is refused with :class:`~qcow2.errors.UnsupportedFeatureError`.  The JSON is
 QEMU's dialect: strings may be single-quoted.
 """
@@ -19,7 +19,7 @@ from .errors import InvalidOptionError, UnsupportedFeatureError
 
 _FORMATS = ("qcow2", "raw")
 # blkdebug keys that leave the data as it is
-_BLKDEBUG_HARMLESS = ("driver", "align", "set-state", "image")
+_BLKDEBUG_KEYS = ("driver", "align", "set-state", "inject-error", "image", "node-name")
 
 
 def is_json_name(name) -> bool:
@@ -202,13 +202,25 @@ def _protocol(flat: dict) -> str:
 
 
 def _blkdebug(flat: dict, below):
-    extra = {k.split(".", 1)[0] for k in flat} - set(_BLKDEBUG_HARMLESS)
+    """What the node below a blkdebug node gives, its path wrapped in a
+    :class:`~qcow2.backends.blkdebug.BlkdebugTarget` when the node injects errors."""
+    from .backends.blkdebug import BlkdebugConfigError, BlkdebugTarget, rules_from_options
+    extra = {k.split(".", 1)[0] for k in flat} - set(_BLKDEBUG_KEYS)
     if extra:
         raise _unsupported(f"blkdebug option '{sorted(extra)[0]}'")
     image = _sub(flat, "image.")
     if not image and isinstance(flat.get("image"), str):
         image = {"filename": flat["image"]}
-    return below(image)
+    result = below(image)
+    if not flat.get("inject-error"):
+        return result             # (states alone change no I/O)
+    try:
+        rules = rules_from_options(flat.get("inject-error") or [], flat.get("set-state") or [])
+    except BlkdebugConfigError as exc:
+        raise InvalidOptionError(str(exc)) from None
+    if isinstance(result, tuple):
+        return BlkdebugTarget(result[0], rules), result[1]
+    return BlkdebugTarget(result, rules)
 
 
 class NullBackend(Backend):
