@@ -170,6 +170,17 @@ def split_name(name: str) -> tuple[str, str]:
     return config, path
 
 
+class BlkdebugTarget:
+    """A file to open under blkdebug ``rules`` (what a ``json:`` name's blkdebug node
+    resolves to; the opener puts a :class:`BlkdebugBackend` over the file)."""
+
+    __slots__ = ("path", "rules")
+
+    def __init__(self, path, rules: list[Rule]):
+        self.path = path
+        self.rules = rules
+
+
 class BlkdebugBackend(Backend):
     """``inner`` with QEMU's blkdebug rules applied (see the module's docstring).
     ``name`` is what messages call the store (QEMU: the ``blkdebug:`` name)."""
@@ -213,11 +224,7 @@ class BlkdebugBackend(Backend):
         if rule.errno:
             raise OSError(rule.errno, os.strerror(rule.errno), self.name)
 
-    # -- the store ------------------------------------------------------------
-    def __getattr__(self, attr):
-        # what the store below offers beyond the interface (fileno, path ...)
-        return getattr(self.__dict__["inner"], attr)
-
+    # -- the store (its file descriptor is not offered: no I/O may bypass the rules)
     @property
     def can_seek_data(self) -> bool:
         return self.inner.can_seek_data
@@ -281,5 +288,5 @@ class BlkdebugBackend(Backend):
         self.inner.close()
 
 
-__all__ = ["BlkdebugBackend", "BlkdebugConfigError", "Rule", "EVENTS", "make_rule",
-           "parse_config", "read_config", "rules_from_options", "split_name"]
+__all__ = ["BlkdebugBackend", "BlkdebugTarget", "BlkdebugConfigError", "Rule", "EVENTS",
+           "make_rule", "parse_config", "read_config", "rules_from_options", "split_name"]

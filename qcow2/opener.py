@@ -27,6 +27,7 @@ import os
 
 from . import constants as C
 from .backends import Backend, FileBackend
+from .backends.blkdebug import BlkdebugBackend, BlkdebugTarget
 from .errors import (FormatError, Qcow2Error, ReadOnlyError, UnsafeImageError,
                      UnsupportedFeatureError)
 from .image import Image, RawImage
@@ -61,20 +62,21 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
     if untrusted and writable:
         raise UnsafeImageError("an untrusted image is opened read-only (it is never "
                                "written or repaired in place)")
+    debug = None
     if is_option_name(target):                 # json:{...}, file:PATH: naming a file
         target, named = resolve_name(target)
         format = format or named
+        if isinstance(target, BlkdebugTarget):  # through a blkdebug node with rules
+            debug, target = (None, target.rules), target.path    # (named by its path)
     if format not in _FORMATS:
         raise UnsupportedFeatureError(f"Unknown or unsupported image format {format!r} "
                                       f"(supported: qcow2, raw)", feature=f"format {format}")
-    debug = None
     if isinstance(target, str) and target.startswith("blkdebug:"):
         debug, target = _blkdebug_rules(target)
     be, filename, owned = _store(target, writable, format)
     if debug is not None:                      # error injection over the file
-        from .backends.blkdebug import BlkdebugBackend
         be = BlkdebugBackend(be, debug[1], debug[0])
-        filename = debug[0]
+        filename = debug[0] or filename
     try:
         try:
             be.lock(write=writable, force_share=force_share and not writable)

@@ -296,3 +296,31 @@ def test_commit_failing_to_empty_leaves_a_dirty_image(prog, tmp_path, event):
 
 
 C_HDR_INCOMPATIBLE = 0x48
+
+
+def test_commit_into_a_failing_backing_file(prog, tmp_path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qcow2.create(str(base), 1 << 20)
+    backing = (f"json:{{'driver': 'qcow2', 'file': {{'driver': 'blkdebug', 'inject-error': "
+               f"[{{'event': 'write_aio', 'errno': 28, 'once': true}}], 'image': "
+               f"{{'driver': 'file', 'filename': '{base}'}}}}}}")
+    r = run(prog, "create", "-f", "qcow2", "-b", backing, "-F", "qcow2", top)
+    assert r.returncode == 0, r.stderr
+    assert "backing_file=json:{'driver': 'qcow2',, 'file'" in r.stdout   # commas doubled
+    with qcow2.open(str(top), "r+") as im:
+        im.pwrite(b"\x09" * 65536, 0)
+    r = run(prog, "commit", top)
+    assert r.returncode == 1
+    assert r.stderr == "qemu-img: Block job failed: No space left on device\n"
+    with qcow2.open(str(top)) as im:                    # the top keeps its data
+        assert im.pread(65536, 0) == b"\x09" * 65536
+
+
+def test_json_backing_names_without_error_injection_stay_refused(tmp_path):
+    for name in (f"json:{{'driver': 'qcow2', 'file': {{'driver': 'file', "
+                 f"'filename': '{tmp_path}/b'}}}}",
+                 f"json:{{'driver': 'qcow2', 'file': {{'driver': 'blkdebug', 'image': "
+                 f"{{'driver': 'file', 'filename': '{tmp_path}/b'}}}}}}"):
+        with pytest.raises(qcow2.UnsafeImageError):
+            qcow2.create(tmp_path / "x.qcow2", "1M", backing_file=name, backing_format="raw",
+                         unsafe=True)
