@@ -324,3 +324,49 @@ def test_json_backing_names_without_error_injection_stay_refused(tmp_path):
         with pytest.raises(qcow2.UnsafeImageError):
             qcow2.create(tmp_path / "x.qcow2", "1M", backing_file=name, backing_format="raw",
                          unsafe=True)
+
+
+# -- quorum and names qemu-img cannot say as a file name ---------------------------------
+
+def test_quorum_votes():
+    from qcow2.backends.quorum import QuorumBackend
+    kids = [MemoryBackend(writable=True) for _ in range(3)]
+    for k in kids:
+        k.pwrite(b"same", 0)
+    kids[2].pwrite(b"diff", 0)
+    q = QuorumBackend(kids, 2)
+    assert q.pread(4, 0) == b"same"
+    q2 = QuorumBackend(kids, 3)
+    with pytest.raises(OSError) as info:
+        q2.pread(4, 0)
+    assert info.value.errno == errno.EIO
+    q.pwrite(b"new!", 0)
+    assert all(k.pread(4, 0) == b"new!" for k in kids)
+
+
+def test_info_through_quorum_and_set_state(prog, tmp_path):
+    base, top = _overlay(tmp_path)
+    copy = tmp_path / "copy.qcow2"
+    shutil.copy(top, copy)
+    quorum = (f"json:{{'driver': 'qcow2', 'file': {{'driver': 'quorum', 'vote-threshold': 1, "
+              f"'children': [{{'driver': 'file', 'filename': '{top}'}}, "
+              f"{{'driver': 'file', 'filename': '{copy}'}}]}}}}")
+    r = run(prog, "info", quorum)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"image: {quorum}"
+    assert f"backing file: {base}" in lines                   # absolute: found
+    relative = tmp_path / "rel.qcow2"
+    assert run(prog, "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", relative,
+               "64M").returncode == 0
+    r = run(prog, "info", quorum.replace(str(top), str(relative)).replace(str(copy),
+                                                                          str(relative)))
+    assert r.returncode == 0, r.stderr
+    assert "backing file: base.qcow2 (cannot determine actual path)" in r.stdout.splitlines()
+    state = (f"json:{{'driver': 'qcow2', 'file': {{'driver': 'blkdebug', 'image': "
+             f"{{'driver': 'file', 'filename': '{top}'}}, 'set-state': "
+             f"[{{'event': 'read_aio', 'new_state': 42}}]}}}}")
+    r = run(prog, "info", state)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == f"image: {state}"
+    assert f"backing file: {base}" in r.stdout
