@@ -370,3 +370,15 @@ def test_info_through_quorum_and_set_state(prog, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == f"image: {state}"
     assert f"backing file: {base}" in r.stdout
+
+
+def test_snapshot_create_failure_in_qemu_img_words(prog, tmp_path):
+    img = tmp_path / "t.qcow2"
+    assert run(prog, "create", "-f", "qcow2", "-o", "refcount_bits=1", img,
+               "64M").returncode == 0
+    with qcow2.open(str(img), "r+") as im:
+        im.pwrite(b"\x01" * 512, 0)
+    r = run(prog, "snapshot", "-c", "foo", img)
+    assert r.returncode == 1
+    assert r.stderr == "qemu-img: Could not create snapshot 'foo': -22 (Invalid argument)\n"
+    assert run(prog, "check", img).returncode == 0          # and nothing leaked (better)

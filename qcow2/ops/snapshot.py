@@ -7,6 +7,9 @@ Each operation opens the image, asks the engine (``WritableQcow2Image``'s
 
 from __future__ import annotations
 
+import errno
+import os
+
 from ..errors import Qcow2Error, UnsupportedFeatureError
 from ..opener import open_image
 from ..writer import WritableQcow2Image
@@ -34,8 +37,19 @@ def list_snapshots(path, *, format=None, force_share=False) -> list[dict]:
 
 
 def create_snapshot(path, name: str, *, format=None) -> dict:
+    """Take a snapshot; a failure reads as qemu-img words it, "Could not create snapshot
+    'NAME': -ERRNO (STRERROR)" (the engine's error is the ``__cause__`` and
+    ``.detail``): EINVAL for a refcount that would overflow, as QEMU returns."""
     with _open_rw(path, format) as img:
-        return img.create_snapshot(name).info()
+        try:
+            return img.create_snapshot(name).info()
+        except (Qcow2Error, OSError) as exc:
+            code = exc.errno if isinstance(getattr(exc, "errno", None), int) else errno.EINVAL
+            err = Qcow2Error(f"Could not create snapshot '{name}': -{code} "
+                             f"({os.strerror(code)})")
+            err.errno = code                # type: ignore[attr-defined]
+            err.detail = str(exc)           # type: ignore[attr-defined]
+            raise err from exc
 
 
 def delete_snapshot(path, key, *, format=None) -> None:
