@@ -309,7 +309,10 @@ class Reshape:
         total = -(-bits // 8)                      # bytes of bitmap data
         table = []
         for start in range(0, total, cs):
-            data = _bitmap_bytes(src, bm.table, src_cs, start, min(cs, total - start))
+            if bm.data is not None:
+                data = bm.data[start:start + cs]
+            else:
+                data = _bitmap_bytes(src, bm.table, src_cs, start, min(cs, total - start))
             if not any(data):
                 table.append(0)
                 continue
@@ -587,11 +590,12 @@ class Bitmap:
     table's entries: data cluster offsets, 0 for all-zero, 1 for all-one clusters) and
     the directory entry's ``extra`` data."""
 
-    __slots__ = ("name", "flags", "granularity_bits", "table", "extra", "source")
+    __slots__ = ("name", "flags", "granularity_bits", "table", "extra", "source", "data")
 
     def __init__(self, name: bytes, flags: int, granularity_bits: int, table: list,
                  extra: bytes = b"", source=None):
         self.source = source          # the image the table's clusters are in (None: new)
+        self.data: bytes | None = None    # the serialized bits, when set in memory
         self.name = name
         self.flags = flags
         self.granularity_bits = granularity_bits
@@ -618,6 +622,15 @@ def read_bitmaps(img) -> list:
         bm.source = img
         out.append(bm)
     return out
+
+
+def bitmap_data(bm: Bitmap, disk_size: int) -> bytes:
+    """All of ``bm``'s serialized bits (bit ``i`` of byte ``j``: granule ``8j + i``)."""
+    if bm.data is not None:
+        return bm.data
+    granules = -(-disk_size // (1 << bm.granularity_bits))
+    total = -(-granules // 8)
+    return _bitmap_bytes(bm.source, bm.table, bm.source.cluster_size, 0, total)
 
 
 def _bitmap_bytes(src, table: list, src_cs: int, start: int, n: int) -> bytes:
