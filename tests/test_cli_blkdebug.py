@@ -382,3 +382,44 @@ def test_snapshot_create_failure_in_qemu_img_words(prog, tmp_path):
     assert r.returncode == 1
     assert r.stderr == "qemu-img: Could not create snapshot 'foo': -22 (Invalid argument)\n"
     assert run(prog, "check", img).returncode == 0          # and nothing leaked (better)
+
+
+@pytest.mark.parametrize("field, fmt, value, reason, why", [
+    (0, ">Q", 0x400200, "Snapshot L1 table offset invalid", "Invalid argument"),
+    (8, ">I", 0x10000000, "Snapshot L1 table too large", "File too large"),
+])
+def test_snapshot_with_a_bad_l1_table_in_qemu_img_words(prog, tmp_path, field, fmt, value,
+                                                        reason, why):
+    img = tmp_path / "t.qcow2"
+    table = _with_snapshot(prog, img)
+    _poke(img, table + field, fmt, value)
+    r = run(prog, "snapshot", "-a", "sn1", img)
+    assert r.returncode == 1
+    assert r.stderr == (f"qemu-img: {reason}\nqemu-img: Could not apply snapshot 'sn1': "
+                        f"Failed to load snapshot: {why}\n")
+    r = run(prog, "snapshot", "-d", "sn1", img)
+    assert r.stderr == f"qemu-img: Could not delete snapshot 'sn1': {reason}\n"
+    with pytest.raises(qcow2.CorruptImageError) as info:       # the library: the details
+        with qcow2.open(str(img), "r+") as im:
+            im.lookup_snapshot("sn1")
+    assert "of snapshot 1" in str(info.value)
+
+
+def test_snapshot_of_a_reference_far_past_the_end_grows_nothing(prog, tmp_path):
+    """An L2 entry pointing 2^54 bytes out: snapshot -c fails (EFBIG) before the refcount
+    table is grown past the format's limit, so the image stays as it was and openable."""
+    img = tmp_path / "t.qcow2"
+    qcow2.create(str(img), 64 << 20)
+    with qcow2.open(str(img), "r+") as im:
+        im.pwrite(b"\x01" * 512, 0)
+    with open(img, "rb") as f:
+        f.seek(0x28)
+        f.seek(struct.unpack(">Q", f.read(8))[0])     # the L1 table
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+    size = os.path.getsize(img)
+    _poke(img, l2, ">Q", 0xBFFFFFFFFFFF0000)
+    r = run(prog, "snapshot", "-c", "test", img)
+    assert r.stderr == "qemu-img: Could not create snapshot 'test': -27 (File too large)\n"
+    assert os.path.getsize(img) == size
+    with qcow2.open(str(img)) as im:                 # still opens (read-only)
+        assert im.snapshots() == []

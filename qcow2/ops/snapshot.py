@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import Qcow2Error, UnsupportedFeatureError
+from ..errors import CorruptImageError, Qcow2Error, UnsupportedFeatureError
 from ..opener import open_image
 from ..writer import WritableQcow2Image
 
@@ -24,9 +24,19 @@ def _open_rw(path, format) -> WritableQcow2Image:
     return img
 
 
-def _lookup(img: WritableQcow2Image, key, failure: str):
+def _lookup(img: WritableQcow2Image, key, failure: str, *, load: bool = False):
+    """The snapshot ``key`` names; errors begin with ``failure``.  ``load`` (apply): a
+    snapshot whose L1 table is refused is reported as qemu-img reports a failed load,
+    the reason on its own line, then FAILURE: STRERROR."""
     try:
         return img.lookup_snapshot(key)
+    except CorruptImageError as exc:       # (kept: the CLI words it as qemu-img)
+        reason = str(exc)
+        exc.args = (f"{failure}: {reason}",) + tuple(exc.args[1:])
+        if load:
+            code = errno.EFBIG if "too large" in reason else errno.EINVAL
+            exc.lines = [reason, f"{failure}: {os.strerror(code)}"]  # type: ignore[attr-defined]
+        raise
     except Qcow2Error as exc:
         raise Qcow2Error(f"{failure}: {exc}") from None
 
@@ -66,4 +76,4 @@ def delete_snapshot(path, key, *, format=None) -> None:
 def apply_snapshot(path, key, *, format=None) -> None:
     with _open_rw(path, format) as img:
         img.apply_snapshot(_lookup(img, key, f"Could not apply snapshot '{key}': Failed to "
-                                             f"load snapshot"))
+                                             f"load snapshot", load=True))
