@@ -246,8 +246,9 @@ class _Companions:
     def resolve(self, name: str) -> str | None:
         """Where a name stored in the image points, when the image goes by a name other
         than its file's path (``base_path``: that path, "" for none: None)."""
-        if not self.base_path:
-            return name if os.path.isabs(name) else None
+        if not self.base_path:       # only names that stand for themselves
+            stands = os.path.isabs(name) or is_rbd_name(name) or name.startswith("json:")
+            return name if stands else None
         return combine_path(self.base_path, name)
 
     def key_for(self, img: Qcow2Image):
