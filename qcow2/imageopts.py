@@ -4,11 +4,12 @@ explicit ``file:`` protocol prefix (``file:a:b.qcow2``).
 
 Both describe a tree of block nodes; this engine opens the trees that come down to one
 image file: a ``qcow2`` or ``raw`` node over a ``file`` node (or a ``file.filename``
-key), optionally through a ``blkdebug`` node that injects nothing (its ``align`` and
-``set-state`` rules change no data), and the ``null-co`` driver (zeros of a
-size).  :func:`resolve` turns such a name into
-``(path, format)``; anything else (error injection, quorum, other drivers and
-protocols) is refused with :class:`~qcow2.errors.UnsupportedFeatureError`.  The JSON is
+key), optionally through a ``blkdebug`` node (its rules given to
+``qcow2.backends.blkdebug``, which the opener puts over the file) or a ``quorum`` node
+over files (``qcow2.backends.quorum``), and the ``null-co`` driver (zeros of a size).
+:func:`resolve` turns such a name into ``(path, format)`` (the path a
+``BlkdebugTarget`` or ``QuorumTarget`` for those nodes); anything else (other drivers
+and protocols) is refused with :class:`~qcow2.errors.UnsupportedFeatureError`.  The JSON is
 QEMU's dialect: strings may be single-quoted.
 """
 
@@ -19,7 +20,7 @@ from .errors import InvalidOptionError, UnsupportedFeatureError
 
 _FORMATS = ("qcow2", "raw")
 # blkdebug keys that leave the data as it is
-_BLKDEBUG_HARMLESS = ("driver", "align", "set-state", "image")
+_BLKDEBUG_KEYS = ("driver", "align", "set-state", "inject-error", "image", "node-name")
 
 
 def is_json_name(name) -> bool:
@@ -191,6 +192,8 @@ def _protocol(flat: dict) -> str:
     driver = flat.get("driver", "file")
     if driver == "blkdebug":
         return _blkdebug(flat, _protocol)
+    if driver == "quorum":
+        return _quorum(flat)
     if driver != "file":
         raise _unsupported(f"Block protocol '{driver}'")
     extra = set(flat) - {"driver", "filename", "locking", "aio", "node-name"}
@@ -201,14 +204,46 @@ def _protocol(flat: dict) -> str:
     return flat["filename"]
 
 
+def _quorum(flat: dict):
+    """A quorum node over files: a :class:`~qcow2.backends.quorum.QuorumTarget`."""
+    from .backends.quorum import QuorumTarget
+    extra = set(flat) - {"driver", "children", "vote-threshold", "node-name"}
+    if extra:
+        raise _unsupported(f"Option '{sorted(extra)[0]}' of the quorum driver")
+    children = flat.get("children")
+    if not isinstance(children, list) or not all(isinstance(c, dict) for c in children):
+        raise InvalidOptionError("Parameter 'children' expects a list of block nodes")
+    paths = [_protocol(flatten(c)) for c in children]
+    if not all(isinstance(p, str) for p in paths):
+        raise _unsupported("A quorum child other than a file")
+    threshold = flat.get("vote-threshold")
+    if not isinstance(threshold, int) or isinstance(threshold, bool):
+        raise InvalidOptionError("Parameter 'vote-threshold' is missing")
+    if not 1 <= threshold <= len(paths):
+        raise InvalidOptionError("threshold may not exceed children count")
+    return QuorumTarget(paths, threshold)
+
+
 def _blkdebug(flat: dict, below):
-    extra = {k.split(".", 1)[0] for k in flat} - set(_BLKDEBUG_HARMLESS)
+    """What the node below a blkdebug node gives, its path wrapped in a
+    :class:`~qcow2.backends.blkdebug.BlkdebugTarget` when the node injects errors."""
+    from .backends.blkdebug import BlkdebugConfigError, BlkdebugTarget, rules_from_options
+    extra = {k.split(".", 1)[0] for k in flat} - set(_BLKDEBUG_KEYS)
     if extra:
         raise _unsupported(f"blkdebug option '{sorted(extra)[0]}'")
     image = _sub(flat, "image.")
     if not image and isinstance(flat.get("image"), str):
         image = {"filename": flat["image"]}
-    return below(image)
+    result = below(image)
+    if not flat.get("inject-error"):
+        return result             # (states alone change no I/O)
+    try:
+        rules = rules_from_options(flat.get("inject-error") or [], flat.get("set-state") or [])
+    except BlkdebugConfigError as exc:
+        raise InvalidOptionError(str(exc)) from None
+    if isinstance(result, tuple):
+        return BlkdebugTarget(result[0], rules), result[1]
+    return BlkdebugTarget(result, rules)
 
 
 class NullBackend(Backend):

@@ -87,11 +87,14 @@ class InternalSnapshots:
             # 1. unpublish it (a crash after this leaks its clusters, nothing worse)
             self._write_snapshot_table([s for s in self.snapshots_list if s is not sn])
             # 2. drop its references, then its L1 table
-            self._add_tree(sl1, -1)
-            n = (sn.l1_size * C.L1E_SIZE + self.cluster_size - 1) // self.cluster_size
-            if n:
-                self._add_range(sn.l1_table_offset, n * self.cluster_size, -1)
-            self.flush()
+            try:
+                self._add_tree(sl1, -1)
+                n = (sn.l1_size * C.L1E_SIZE + self.cluster_size - 1) // self.cluster_size
+                if n:
+                    self._free_clusters(sn.l1_table_offset, n * self.cluster_size, sl1=True)
+                self.flush()
+            except OSError as exc:
+                raise self._free_failed(exc) from None
             # 3. clusters the active layer now owns alone get COPIED back
             self._fix_copied()
             self.flush()
@@ -141,6 +144,49 @@ class InternalSnapshots:
             h.incompatible_features &= ~C.INCOMPAT_DIRTY
             self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q", h.incompatible_features)
             self._sync()
+
+    # -- freeing -----------------------------------------------------------------------
+    def _free_clusters(self, offset: int, length: int, *, sl1: bool = False) -> None:
+        """Free a table's clusters once nothing points at them (``sl1``: a snapshot's
+        L1 table, counted down at once like its tree).  Under error injection
+        (``backends.blkdebug``) this is QEMU's ``cluster_free`` step, its refcounts
+        written at once: a failure there only leaks the clusters, and is noted
+        (qemu-img reports it and goes on; a later error carries the notes)."""
+        if sl1:
+            self._add_range(offset, length, -1)
+        else:
+            self.refs.free(offset, length)
+            self.refs.block_freed(offset, length)
+        if self.debug_event is None:
+            return
+        self.debug_event("cluster_free")
+        try:
+            self.flush()
+        except OSError as exc:
+            if sl1:
+                raise
+            self._free_failure_notes().append(f"qcow2_free_clusters failed: "
+                                              f"{self._first_failure(exc).strerror}")
+
+    def _free_failure_notes(self) -> list[str]:
+        return self.__dict__.setdefault("free_failures", [])
+
+    def _first_failure(self, exc: OSError) -> OSError:
+        failed = getattr(self, "_failed", None)
+        return failed if failed is not None and failed.strerror else exc
+
+    def _free_failed(self, exc: OSError) -> Qcow2Error:
+        """The error of a deletion whose refcounts could not be written: the image is
+        left as it is on disk (the snapshot gone, its clusters leaked)."""
+        first = self._first_failure(exc)
+        if getattr(self, "_failed", None) is None:
+            self._failed = first               # poisoned: close writes nothing more
+        err = Qcow2Error(f"Failed to free the cluster and L1 table: "
+                         f"{first.strerror or first}")
+        notes = self._free_failure_notes()
+        err.preface = "".join(line + "\n" for line in notes)     # printed before it
+        notes.clear()
+        return err
 
     # -- the reference walk ----------------------------------------------------------
     def _snapshot_l1(self, sn: Snapshot) -> list[int]:
@@ -221,8 +267,7 @@ class InternalSnapshots:
         self._sync()
         h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
         if old_off and old_len:
-            self.refs.free(old_off, old_len)
-            self.refs.block_freed(old_off, old_len)
+            self._free_clusters(old_off, old_len)
         self.snapshots_list = snaps
         pos = 0
         for k, s in enumerate(snaps):

@@ -27,10 +27,12 @@ import os
 
 from . import constants as C
 from .backends import Backend, FileBackend
-from .errors import (FormatError, ImageOpenError, InvalidOptionError, ReadOnlyError,
+from .backends.blkdebug import BlkdebugBackend, BlkdebugTarget
+from .backends.quorum import QuorumBackend, QuorumTarget
+from .errors import (FormatError, ImageOpenError, InvalidOptionError, Qcow2Error, ReadOnlyError,
                      UnsafeImageError, UnsupportedFeatureError)
 from .image import Image, RawImage
-from .imageopts import is_option_name, resolve_name
+from .imageopts import is_option_name, parse_json_name, resolve_name
 from .paths import check_file_name, combine_path
 from .probe import probe_format
 from .rbdname import is_rbd_name, open_rbd
@@ -61,13 +63,29 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
     if untrusted and writable:
         raise UnsafeImageError("an untrusted image is opened read-only (it is never "
                                "written or repaired in place)")
+    debug = shown = None
     if is_option_name(target):                 # json:{...}, file:PATH: naming a file
+        shown = _json_shown(target)
         target, named = resolve_name(target)
         format = format or named
+        if isinstance(target, BlkdebugTarget):  # through a blkdebug node with rules
+            debug, target = target.rules, target.path
     if format not in _FORMATS:
         raise UnsupportedFeatureError(f"Unknown or unsupported image format {format!r} "
                                       f"(supported: qcow2, raw)", feature=f"format {format}")
-    be, filename, owned = _store(target, writable, format)
+    if isinstance(target, str) and target.startswith("blkdebug:"):
+        shown = target
+        debug, target = _blkdebug_rules(target)
+    if isinstance(target, QuorumTarget):
+        shown = shown or "quorum"
+        be, filename, owned = _quorum_store(target, writable, shown), "", True
+    else:
+        be, filename, owned = _store(target, writable, format)
+    if debug is not None:                      # error injection over the file
+        be = BlkdebugBackend(be, debug, shown)
+    # names stored in the image resolve against its file ("": no one file to say)
+    base = filename if shown is not None else None
+    filename = shown or filename
     try:
         try:
             be.lock(write=writable, force_share=force_share and not writable)
@@ -87,12 +105,16 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
             if writable:
                 from .writer import WritableQcow2Image as cls
             companions = _Companions(backing, force_share, max_depth, chain, depth, key, keys)
+            companions.base_path = base
             try:
-                return cls(be, filename, untrusted=untrusted, snapshot=snapshot,
-                           companions=companions, owns_backend=owned, limits=limits)
+                img = cls(be, filename, untrusted=untrusted, snapshot=snapshot,
+                          companions=companions, owns_backend=owned, limits=limits)
             except (FormatError, UnsupportedFeatureError) as exc:
                 _name_the_image(exc, filename)
                 raise
+            if base is not None and img.backing_filename:
+                img.full_backing_filename = companions.resolve(img.backing_filename)
+            return img
         if snapshot is not None:
             raise UnsupportedFeatureError("raw images have no snapshots", feature="snapshot")
         img = RawImage(be, filename, writable=writable, owns_backend=owned)
@@ -104,6 +126,50 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
         if owned:
             be.close()
         raise
+
+
+def _json_shown(name: str) -> str | None:
+    """The name an image opened by a ``json:`` name goes by: None (its file's path)
+    when the options say no more than a file name would, else the json: name on one
+    line (QEMU: a filename it cannot reconstruct), as with blkdebug rules or a quorum."""
+    if not name.startswith("json:"):
+        return None
+    try:
+        flat = parse_json_name(name)
+    except Qcow2Error:
+        return None                            # (resolve_name reports it)
+    for key, value in flat.items():
+        last = key.rsplit(".", 1)[-1]
+        if last in ("set-state", "inject-error") or (
+                last == "driver" and value == "quorum"):
+            return " ".join(name.split())
+    return None
+
+
+def _quorum_store(target: QuorumTarget, writable: bool, name: str | None) -> Backend:
+    children: list[Backend] = []
+    try:
+        for path in target.paths:
+            children.append(_open_file(path, writable))
+        return QuorumBackend(children, target.threshold, name or "quorum")
+    except BaseException:
+        for c in children:
+            c.close()
+        raise
+
+
+def _blkdebug_rules(name: str):
+    """(rules, path) of a ``blkdebug:CONFIG:FILE`` name."""
+    from .backends.blkdebug import BlkdebugConfigError, read_config, split_name
+    try:
+        config, path = split_name(name)
+        rules = read_config(config) if config else []
+    except OSError as exc:
+        raise Qcow2Error(f"Could not open '{name}': Could not read blkdebug config file: "
+                         f"{exc.strerror or exc}") from None
+    except BlkdebugConfigError as exc:
+        raise Qcow2Error(f"Could not open '{name}': {exc}") from None
+    return rules, path
 
 
 def _name_the_image(exc: Exception, filename: str) -> None:
@@ -174,6 +240,15 @@ class _Companions:
         self.max_depth = max_depth
         self.chain = chain
         self.depth = depth
+        self.base_path: str | None = None    # (see resolve)
+
+    def resolve(self, name: str) -> str | None:
+        """Where a name stored in the image points, when the image goes by a name other
+        than its file's path (``base_path``: that path, "" for none: None)."""
+        if not self.base_path:       # only names that stand for themselves
+            stands = os.path.isabs(name) or is_rbd_name(name) or name.startswith("json:")
+            return name if stands else None
+        return combine_path(self.base_path, name)
 
     def key_for(self, img: Qcow2Image):
         """The passphrase given for ``img`` (None: none)."""
@@ -193,7 +268,10 @@ class _Companions:
             raise UnsupportedFeatureError(f"backing file format {fmt!r} of "
                                           f"'{img.filename}' is not supported",
                                           feature=f"format {fmt}")
-        full = img.full_backing_filename
+        full = self.resolve(name) if self.base_path is not None else img.full_backing_filename
+        if full is None:
+            raise UnsafeImageError(f"the backing file {name!r} of '{img.filename}' cannot be "
+                                   f"found: the image is not one file")
         key = self.keys.get(name, self.keys.get(full))
         return _open(full, "r", format=fmt, untrusted=False, snapshot=None,
                      force_share=self.force_share, backing=True, max_depth=self.max_depth,
@@ -207,7 +285,11 @@ class _Companions:
         if img.untrusted:
             raise UnsafeImageError(f"image '{img.filename}' uses an external data file "
                                    f"{name!r}; untrusted mode opens no other file")
-        path = combine_path(img.filename, name)
+        path = (self.resolve(name) if self.base_path is not None
+                else combine_path(img.filename, name))
+        if path is None:
+            raise UnsafeImageError(f"the external data file {name!r} of '{img.filename}' "
+                                   f"cannot be found: the image is not one file")
         writable = img.writable                    # (the writer's, before its __init__ ran)
         be = _open_file(path, writable)
         try:

@@ -26,7 +26,7 @@ def check_file_name(name: str, what: str) -> None:
     other file at all, whatever its name)."""
     if "\0" in name:
         raise UnsafeImageError(f"{what} {name!r} contains a NUL byte")
-    if is_rbd_name(name):
+    if is_rbd_name(name) or _injects_errors_into_one_file(name):
         return
     if name.startswith("json:") or _PROTOCOL_RE.match(name):
         raise UnsafeImageError(f"{what} {name!r} uses a protocol prefix or json: "
@@ -34,11 +34,27 @@ def check_file_name(name: str, what: str) -> None:
                                f"are allowed")
 
 
+def _injects_errors_into_one_file(name: str) -> bool:
+    """A ``json:`` name whose block options are one image file under a blkdebug node
+    with rules (QEMU's error injection, for tests): it opens nothing a plain file name
+    could not, and no plain name can say it.  Other ``json:`` names stay refused."""
+    if not name.startswith("json:"):
+        return False
+    from .backends.blkdebug import BlkdebugTarget
+    from .errors import Qcow2Error
+    from .imageopts import resolve_name
+    try:
+        target, _fmt = resolve_name(name)
+    except Qcow2Error:
+        return False
+    return isinstance(target, BlkdebugTarget) and isinstance(target.path, str)
+
+
 def combine_path(base_filename: str, name: str) -> str:
     """Resolve a name stored in an image against the image's own folder (QEMU's
     path_combine).  An ``rbd:`` name stands for itself; a relative name stored in an
     image in RBD names another image of its pool, reached the same way."""
-    if is_rbd_name(name) or os.path.isabs(name):
+    if is_rbd_name(name) or os.path.isabs(name) or name.startswith("json:"):
         return name
     if is_rbd_name(base_filename):
         return str(parse_rbd_name(base_filename).sibling(name))

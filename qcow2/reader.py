@@ -150,6 +150,8 @@ class Qcow2Image(PlannedReads, Image):
             self._read_meta, h.snapshots_offset, h.nb_snapshots, self.file_size, charge)
         self.snapshot: Snapshot | None = None
         self.data_be: Backend = backend
+        # error injection (backends.blkdebug): the engine's steps named, else None
+        self.debug_event = getattr(backend, "debug_event", None)
         self.data_filename: str | None = None
         self.data_display_name: str | None = None
         self.backing = None
@@ -366,6 +368,8 @@ class Qcow2Image(PlannedReads, Image):
             host = self._one_cluster(offset)
             if host is not None:
                 if host >= 0:
+                    if self.debug_event is not None:
+                        self.debug_event("read_aio")
                     got = self.data_be.readinto(mv, host)
                     if got < n:
                         zero_fill(mv[got:])
@@ -382,6 +386,8 @@ class Qcow2Image(PlannedReads, Image):
                 if self._crypto is not None:
                     self._crypto.read_into(self.data_be, dst, host, a)
                     continue
+                if self.debug_event is not None:
+                    self.debug_event("read_aio")
                 got = self.data_be.readinto(dst, host)
                 if got < n:
                     zero_fill(dst[got:])

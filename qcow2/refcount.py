@@ -8,6 +8,7 @@ the refcounts of a writable image: allocation, free-space search, growth.
 
 from __future__ import annotations
 
+import errno
 import struct
 
 from . import constants as C
@@ -405,6 +406,10 @@ class Refcounts:
             if (start + nb + tc + per - 1) // per <= new_entries:
                 break
             new_entries = (start + nb + tc + per - 1) // per + 1
+        if tc * cs > C.MAX_REFTABLE_SIZE:
+            # (refused before anything changes: no open would accept such a table)
+            raise OSError(errno.EFBIG, f"a refcount table of {tc} clusters would exceed "
+                                       f"the format's limit", img.filename)
         block_hosts = list(range(start, start + nb))
         table_host = start + nb
         self.table = self.table + [0] * (new_entries - len(self.table))

@@ -15,6 +15,7 @@ from . import constants as C
 from .errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from .header import pack_header
 from .paths import check_file_name, combine_path
+from .refcount import encode_block
 
 #: resize's preallocation modes for the new area (qemu-img resize --preallocation)
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -308,7 +309,10 @@ class Reshape:
         total = -(-bits // 8)                      # bytes of bitmap data
         table = []
         for start in range(0, total, cs):
-            data = _bitmap_bytes(src, bm.table, src_cs, start, min(cs, total - start))
+            if bm.data is not None:
+                data = bm.data[start:start + cs]
+            else:
+                data = _bitmap_bytes(src, bm.table, src_cs, start, min(cs, total - start))
             if not any(data):
                 table.append(0)
                 continue
@@ -336,6 +340,65 @@ class Reshape:
             self._mark_modified()
             end = min(len(self._l1) << self._l2_span_bits, _round_up(self.size, self.cluster_size))
             self._discard_clusters(0, end, full=True)
+
+    def can_empty_completely(self) -> bool:
+        """Whether :meth:`empty_and_close` can rebuild the image from scratch: version
+        3 (a dirty bit covers the steps), nothing but the active layer in the file (no
+        snapshots, bitmaps, encryption or external data file), and the new refcount
+        block covering the header, refcount table and block and the L1 table."""
+        h = self.header
+        cs = self.cluster_size
+        l1_clusters = _round_up(len(self._l1) * C.L1E_SIZE, cs) // cs
+        return (h.version >= 3 and not self.snapshots_list and h.bitmaps_ext is None
+                and h.crypt_method == C.CRYPT_NONE and not h.has_data_file
+                and 3 + l1_clusters <= cs * 8 // h.refcount_bits)
+
+    def empty_and_close(self) -> None:
+        """Empty the active layer by rebuilding the file (QEMU's way of emptying an
+        overlay after a commit; needs :meth:`can_empty_completely`): cluster 0 keeps
+        the header, cluster 1 becomes the refcount table, 2 its one block, 3... an
+        empty L1 table, and the file is cut after it.  The steps run under the dirty
+        bit, each announced to an error-injecting store as QEMU names them (l1_update,
+        empty_image_prepare, reftable_update, refblock_alloc): a failure or crash
+        leaves a dirty image whose refcounts the next writable open rebuilds, and its
+        data still in the backing file, where the commit flushed it.  The in-memory
+        tables are stale afterwards, so the image is closed."""
+        event = self.debug_event or (lambda _name: None)
+        h = self.header
+        cs = self.cluster_size
+        l1_len = len(self._l1) * C.L1E_SIZE
+        l1_clusters = _round_up(l1_len, cs) // cs
+        with self._lock:
+            self._mark_modified()
+            self.flush()
+            if not h.incompatible_features & C.INCOMPAT_DIRTY:
+                h.incompatible_features |= C.INCOMPAT_DIRTY
+                self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q",
+                                         h.incompatible_features)
+                self._sync()
+            self._marked_dirty = True               # close clears it, if all went well
+            event("l1_update")
+            self._io(self.be.write_zeros, self._l1_offset, l1_clusters * cs)
+            event("empty_image_prepare")
+            self._io(self.be.write_zeros, cs, (2 + l1_clusters) * cs)
+            event("reftable_update")
+            self._write_header_field(C.HDR_L1_TABLE_OFFSET, ">QQI", 3 * cs, cs, 1)
+            self._sync()
+            event("refblock_alloc")
+            self._io(self.be.pwrite, struct.pack(">Q", 2 * cs), cs)
+            self._sync()
+            used = 3 + l1_clusters
+            entries = cs * 8 // h.refcount_bits
+            block = encode_block([1] * used + [0] * (entries - used), h.refcount_bits)
+            self._io(self.be.pwrite, block, 2 * cs)
+            self._io(self.be.truncate, used * cs)
+            self._sync()
+            h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters = (
+                3 * cs, cs, 1)
+            self._l1_offset = 3 * cs
+            self._l1[:] = [0] * len(self._l1)
+            self._l1_dirty.clear()
+        self.close()
 
     # -- the header --------------------------------------------------------------------
     def _header_extent(self) -> int:
@@ -527,11 +590,12 @@ class Bitmap:
     table's entries: data cluster offsets, 0 for all-zero, 1 for all-one clusters) and
     the directory entry's ``extra`` data."""
 
-    __slots__ = ("name", "flags", "granularity_bits", "table", "extra", "source")
+    __slots__ = ("name", "flags", "granularity_bits", "table", "extra", "source", "data")
 
     def __init__(self, name: bytes, flags: int, granularity_bits: int, table: list,
                  extra: bytes = b"", source=None):
         self.source = source          # the image the table's clusters are in (None: new)
+        self.data: bytes | None = None    # the serialized bits, when set in memory
         self.name = name
         self.flags = flags
         self.granularity_bits = granularity_bits
@@ -558,6 +622,15 @@ def read_bitmaps(img) -> list:
         bm.source = img
         out.append(bm)
     return out
+
+
+def bitmap_data(bm: Bitmap, disk_size: int) -> bytes:
+    """All of ``bm``'s serialized bits (bit ``i`` of byte ``j``: granule ``8j + i``)."""
+    if bm.data is not None:
+        return bm.data
+    granules = -(-disk_size // (1 << bm.granularity_bits))
+    total = -(-granules // 8)
+    return _bitmap_bytes(bm.source, bm.table, bm.source.cluster_size, 0, total)
 
 
 def _bitmap_bytes(src, table: list, src_cs: int, start: int, n: int) -> bytes:

@@ -97,16 +97,21 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
         entry_off = offset + pos
         pos += ENTRY_HEADER.size
         if extra_size > C.MAX_SNAPSHOT_EXTRA_DATA:
-            raise CorruptImageError(
+            exc = CorruptImageError(
                 f"Too much extra metadata in snapshot table entry {i} "
                 f"({extra_size} bytes, at offset {entry_off:#x})",
                 offset=entry_off, size=ENTRY_HEADER.size, what="snapshot table entry")
+            exc.hint = "You can force-remove this extra metadata with qemu-img check -r all\n"
+            raise exc
         end = pos + extra_size + id_size + name_size
         if not need(end):
             if end > C.MAX_SNAPSHOTS_SIZE:
-                raise CorruptImageError(
-                    f"Snapshot table exceeds the maximum size (entry {i} at offset {entry_off:#x})",
+                exc = CorruptImageError(
+                    f"Snapshot table is too big (entry {i} at offset {entry_off:#x})",
                     offset=entry_off, what="snapshot table")
+                exc.hint = (f"You can force-remove all {count - i} overhanging snapshots "
+                            f"with qemu-img check -r all\n")
+                raise exc
             raise _trunc(i, entry_off, file_size)
         extra = buf[pos:pos + extra_size]
         pos += extra_size

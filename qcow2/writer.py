@@ -207,6 +207,8 @@ class WritableQcow2Image(Reshape, InternalSnapshots, Qcow2Image):
     def _write_data(self, data, host: int, src=None) -> None:
         """Write guest data at ``host``; ``src`` (fd, offset, state): the same bytes lie
         in that file, copy them in the kernel (copy_file_range) while ``state[0]``."""
+        if self.debug_event is not None:          # error injection (backends.blkdebug)
+            self.debug_event("write_aio")
         if self.data_be is self.be:
             why = self._overlap.conflict(host, len(data), GUEST_DATA)
             if why is not None:

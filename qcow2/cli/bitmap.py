@@ -25,10 +25,11 @@ def add_parser(sub):
         p.add_argument(f"--{act}", action=_Action, nargs=0, const=act, dest="actions",
                        help=f"{act} the bitmap")
     p.add_argument("--merge", action=_Action, dest="actions", metavar="SOURCE",
-                   help="(not supported by this engine)")
+                   help="merge the bitmap SOURCE into this one")
     p.add_argument("-g", "--granularity", default=None, help="granularity of a new bitmap")
-    p.add_argument("-b", dest="source_file", default=None, help="(--merge's source file)")
-    p.add_argument("-F", dest="source_format", default=None, help="(--merge's source format)")
+    p.add_argument("-b", dest="source_file", default=None,
+                   help="the image --merge's source bitmap is in")
+    p.add_argument("-F", dest="source_format", default=None, help="the format of -b's image")
     p.add_argument("operands", nargs="*", metavar="FILE BITMAP")
     p.set_defaults(func=run, actions=[])
 
@@ -37,12 +38,16 @@ def run(args) -> int:
     from ..ops.bitmap import bitmap
     from ..units import size_error, strtosz
 
-    actions = [a if isinstance(a, str) else a[0] for a in args.actions]
+    actions = list(args.actions)
     if not actions:
         raise InvalidOptionError("Need at least one of --add, --remove, --clear, --enable, "
                                  "--disable, or --merge")
     if args.granularity is not None and "add" not in actions:
         raise InvalidOptionError("granularity only supported with --add")
+    if args.source_format is not None and args.source_file is None:
+        raise InvalidOptionError("-F only supported with -b")
+    if args.source_file is not None and not any(isinstance(a, tuple) for a in actions):
+        raise InvalidOptionError("Merge bitmap source file only supported with --merge")
     if len(args.operands) != 2:
         raise InvalidOptionError("Expecting filename and bitmap name")
     gran = None
@@ -52,5 +57,6 @@ def run(args) -> int:
         except (ValueError, OverflowError):
             raise size_error("granularity") from None
     filename, name = args.operands
-    bitmap(filename, name, actions, granularity=gran, format=args.format)
+    bitmap(filename, name, actions, granularity=gran, format=args.format,
+           source_file=args.source_file, source_format=args.source_format)
     return 0

@@ -27,7 +27,14 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+#: Check messages qemu-img reports as errors (prefixed with the program's name); the
+#: other lines of a check go to stderr as they are.
+_REPORTED = ("ERROR failed to read the snapshot table:", "ERROR snapshot table too large")
+
+
 def _stderr_line(msg: str) -> None:
+    if msg.startswith(_REPORTED):
+        msg = f"{program_name()}: {msg}"
     sys.stderr.write(msg + "\n")
     sys.stderr.flush()
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+
+from ..errors import CorruptImageError
 
 
 def program_name() -> str:
@@ -22,13 +25,41 @@ def error_line(msg: str) -> None:
     sys.stderr.flush()
 
 
+#: What qemu-img says where the engine's message on a corrupt structure says more: the
+#: place (" (at offset 0x...)"), the values read, which snapshot.  The CLI prints
+#: qemu-img's words; the exception keeps the details (its message, .offset, .size).
+_BRIEF = (
+    (re.compile(r" \((?:[^()]*, )?(?:entry \d+ )?at offset 0x[0-9a-f]+\)$"), ""),
+    (re.compile(r"\b(Image is too big|L1 table is too small|Snapshot table too large): .*$"),
+     r"\1"),
+    (re.compile(r"\bSnapshot L1 table of snapshot \S+ (offset invalid|too large)\b.*$"),
+     r"Snapshot L1 table \1"),
+    (re.compile(r"\b((?:table|Table) (?:offset invalid|too large)): (?:0x[0-9a-f]+|\d+ entries)$"),
+     r"\1"),
+)
+
+
+def qemu_wording(message: str) -> str:
+    """An engine message on a corrupt image as qemu-img words it (see ``_BRIEF``)."""
+    for pattern, repl in _BRIEF:
+        message = pattern.sub(repl, message)
+    return message
+
+
 def report_error(exc: BaseException) -> None:
-    """An error as qemu-img reports it: its line (prefixed with the program's name), or
+    """An error as qemu-img reports it: what it reported on the way (``exc.preface``,
+    verbatim), its line (prefixed with the program's name), or
     the prefixed lines of a message qemu-img spreads over several (``exc.lines``), then
     its hint lines, unprefixed (``exc.hint``, QEMU's error hints), then the prefixed
     lines qemu-img reports after it (``exc.after``).  Every
     line has its whitespace collapsed: a name read from an image cannot start a line."""
-    for line in getattr(exc, "lines", None) or [str(exc)]:
+    preface = getattr(exc, "preface", None)
+    if preface:                 # what qemu-img reported (unprefixed) before failing
+        sys.stderr.write(preface)
+    lines = getattr(exc, "lines", None) or [str(exc)]
+    if isinstance(exc, CorruptImageError):
+        lines = [qemu_wording(line) for line in lines]
+    for line in lines:
         error_line(line)
     hint = getattr(exc, "hint", None)
     if hint:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_progress, add_quiet, add_share, add_untrusted, end_progress, progress_for
+from .common import (add_progress, add_quiet, add_share, add_untrusted, end_progress,
+                     progress_for, report_error)
 
 _CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
 
@@ -45,9 +46,20 @@ def run(args) -> int:
     progress = progress_for(args, out)
 
     # one open per image, scanned first when untrusted (no gap between check and use)
-    res = compare_images(args.image_a, args.image_b, fmt_a=args.fmt_a, fmt_b=args.fmt_b,
-                         strict=args.strict, progress=progress, force_share=args.force_share,
-                         untrusted=args.untrusted)
+    try:
+        res = compare_images(args.image_a, args.image_b, fmt_a=args.fmt_a, fmt_b=args.fmt_b,
+                             strict=args.strict, progress=progress,
+                             force_share=args.force_share, untrusted=args.untrusted)
+    except Qcow2Error as exc:
+        sizes = getattr(exc, "sizes", None)
+        if (sizes and sizes[0] != sizes[1] and not args.strict and not args.quiet
+                and getattr(exc, "offset", -1) >= min(sizes)):
+            # the common part compared equal, so qemu-img has warned (on stdout, which
+            # reaches a pipe at its exit: after the error line)
+            report_error(exc)
+            out.write("Warning: Image size mismatch!\n")
+            return getattr(exc, "exit_code", 1)
+        raise
     end_progress(progress)
     common = min(res.size_a, res.size_b)
     lines = []

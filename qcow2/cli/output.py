@@ -43,6 +43,12 @@ def _scalar(v) -> str:
     return str(v)
 
 
+def _c_string(text: str, limit: int) -> str:
+    """A snapshot's id or name as qemu-img shows it: up to the first NUL byte, at most
+    ``limit`` characters (QEMU copies them into fixed buffers)."""
+    return text.split("\0", 1)[0][:limit]
+
+
 def snapshot_line(sn: dict) -> str:
     """One row of qemu-img's snapshot table (``sn`` as ``Image.snapshots()`` lists it)."""
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
@@ -51,8 +57,8 @@ def snapshot_line(sn: dict) -> str:
     clock = "%02d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60,
                                     (nsec // 1_000_000) % 1000)
     icount = str(sn["icount"]) if "icount" in sn else ""
-    return _SNAPSHOT_ROW % (sn["id"], sn["name"], size_to_str(sn["vm-state-size"]), date,
-                            clock, icount)
+    return _SNAPSHOT_ROW % (_c_string(sn["id"], 127), _c_string(sn["name"], 255),
+                            size_to_str(sn["vm-state-size"]), date, clock, icount)
 
 
 def snapshot_table(snapshots) -> list[str]:

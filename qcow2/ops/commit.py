@@ -47,6 +47,20 @@ def _find_base(chain, base: str, path) -> int:
     raise Qcow2Error(f"Did not find '{base}' in the backing chain of '{path}'")
 
 
+def _empty(top: WritableQcow2Image, path) -> None:
+    """Drop every cluster of the committed top image (qemu-img's make_empty): rebuilt
+    from scratch where it can be (the file shrinks to a few clusters), else cluster
+    by cluster."""
+    try:
+        if top.can_empty_completely():
+            top.empty_and_close()
+        else:
+            top.discard_all()
+            top.flush()
+    except OSError as exc:
+        raise Qcow2Error(f"Failed to empty {path}: {exc.strerror or exc}") from None
+
+
 def commit(path, *, format: str | None = None, base: str | None = None, keep: bool = False,
            progress=None) -> None:
     """Commit ``path`` into its backing file (or into ``base``, further down the chain).
@@ -65,7 +79,8 @@ def commit(path, *, format: str | None = None, base: str | None = None, keep: bo
         above = chain[idx - 1]
         old_base = chain[idx]
         fmt = old_base.format
-        bname = old_base.filename
+        # the name it was opened by (a json: name keeps its blkdebug rules)
+        bname = getattr(above, "full_backing_filename", None) or old_base.filename
         below = old_base.backing
         old_base.backing = None
         old_base.close()
@@ -77,29 +92,36 @@ def commit(path, *, format: str | None = None, base: str | None = None, keep: bo
         # the ranges the layers above the base hold
         runs = [(a, n, flags) for a, n, depth, flags, _h in top.chain_status(0, top.size)
                 if depth < idx and flags & (ST_DATA | ST_ZERO)]
-        total = sum(n for _a, n, _f in runs) or 1
-        done = 0
-        if progress is not None:
-            progress(0.0)
-        for a, n, flags in runs:
-            if not flags & ST_DATA:
-                wbase.write_zeroes(a, n)
-            else:
-                pos = a
-                while pos < a + n:
-                    k = min(CHUNK, a + n - pos)
-                    buf = bytearray(k)
-                    top.readinto(buf, pos)
-                    wbase.pwrite(buf, pos)
-                    pos += k
-            done += n
-            if progress is not None:
-                progress(min(99.9, 100.0 * done / total))
-        wbase.flush()
+        try:
+            _copy(top, wbase, runs, progress)
+            wbase.flush()
+        except OSError as exc:
+            raise Qcow2Error(f"Block job failed: {exc.strerror or exc}") from None
         if not keep and isinstance(top, WritableQcow2Image):
-            top.discard_all()
-            top.flush()
+            _empty(top, path)
     finally:
         top.close()
     if progress is not None:
         progress(100.0)
+
+
+def _copy(top, wbase, runs, progress) -> None:
+    """Write the ranges ``runs`` of ``top`` into ``wbase``."""
+    total = sum(n for _a, n, _f in runs) or 1
+    done = 0
+    if progress is not None:
+        progress(0.0)
+    for a, n, flags in runs:
+        if not flags & ST_DATA:
+            wbase.write_zeroes(a, n)
+        else:
+            pos = a
+            while pos < a + n:
+                k = min(CHUNK, a + n - pos)
+                buf = bytearray(k)
+                top.readinto(buf, pos)
+                wbase.pwrite(buf, pos)
+                pos += k
+        done += n
+        if progress is not None:
+            progress(min(99.9, 100.0 * done / total))

@@ -256,6 +256,8 @@ class _Worker:
             err = Qcow2Error(f"Error while reading offset {start} of {self.names[which]}: "
                              f"{exc.strerror or exc}")
             err.exit_code = EXIT_READ  # type: ignore[attr-defined]
+            err.offset = start         # type: ignore[attr-defined]
+            err.sizes = tuple(img.size for img in self.imgs)  # type: ignore[attr-defined]
             raise err from None
 
     def __call__(self, task) -> tuple[int, int | None]:
