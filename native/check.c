@@ -53,32 +53,108 @@ static int bad_args(size_t entries, unsigned cluster_bits, unsigned width)
     return !(width == 1 || width == 2 || width == 4 || width == 8);
 }
 
-/* Whether every entry of one table is clean (see qcow2_check.h). */
-static int table_clean(const uint8_t *t, size_t entries, uint64_t cs_mask,
-                       uint64_t file_size, unsigned cluster_bits, uint64_t imrt_len)
+/* The clusters an entry references: [*first, *last]; 0 for none. */
+static inline int refs_of(uint64_t e, unsigned cluster_bits, uint64_t *first, uint64_t *last)
 {
-    uint64_t any = 0;
+    if (e & QCOW2N_OFLAG_COMPRESSED) {
+        unsigned shift = 62 - (cluster_bits - 8);
+        uint64_t coff = e & (((uint64_t)1 << shift) - 1);
+        uint64_t sectors = ((e >> shift) & (((uint64_t)1 << (cluster_bits - 8)) - 1)) + 1;
+        uint64_t end = (coff & ~(uint64_t)511) + sectors * 512;
+        *first = coff >> cluster_bits;
+        *last = (end - 1) >> cluster_bits;
+        return 1;
+    }
+    uint64_t off = e & QCOW2N_L2E_OFFSET_MASK;
+    *first = *last = off >> cluster_bits;
+    return off != 0;
+}
+
+/* Whether every entry of one table is clean (see qcow2_check.h). */
+static int table_clean(const uint8_t *t, size_t entries, unsigned cluster_bits,
+                       uint64_t file_size, uint64_t imrt_len)
+{
+    const uint64_t cs = (uint64_t)1 << cluster_bits;
     for (size_t i = 0; i < entries; i++) {
         uint64_t e = be64(t + i * 8);
+        uint64_t first, last;
+        if (e & QCOW2N_OFLAG_COMPRESSED) {
+            refs_of(e, cluster_bits, &first, &last);
+            /* the COPIED flag; a range ending a cluster or more past the file */
+            uint64_t shift = 62 - (cluster_bits - 8);
+            uint64_t coff = e & (((uint64_t)1 << shift) - 1);
+            uint64_t end = (coff & ~(uint64_t)511) +
+                (((e >> shift) & (((uint64_t)1 << (cluster_bits - 8)) - 1)) + 1) * 512;
+            if ((e & QCOW2N_OFLAG_COPIED) || end >= file_size + cs || last >= imrt_len) {
+                return 0;
+            }
+            continue;
+        }
         uint64_t off = e & QCOW2N_L2E_OFFSET_MASK;
-        any |= e & (QCOW2N_OFLAG_COMPRESSED | QCOW2N_L2E_STD_RESERVED_MASK);
-        if (off && ((off & cs_mask) || off >= file_size || (off >> cluster_bits) >= imrt_len)) {
+        if (e & QCOW2N_L2E_STD_RESERVED_MASK) {
+            return 0;
+        }
+        if (off && ((off & (cs - 1)) || off >= file_size || (off >> cluster_bits) >= imrt_len)) {
             return 0;
         }
     }
-    return any == 0;
+    return 1;
 }
 
-/* Undo the first n references of table t (an overflow part-way). */
+/* Undo the references of the first n entries of table t (an overflow part-way). */
 static void undo(const uint8_t *t, size_t n, unsigned cluster_bits, void *imrt,
                  unsigned width)
 {
     for (size_t i = 0; i < n; i++) {
-        uint64_t off = be64(t + i * 8) & QCOW2N_L2E_OFFSET_MASK;
-        if (off) {
-            add(imrt, width, off >> cluster_bits, -1);
+        uint64_t first, last;
+        if (refs_of(be64(t + i * 8), cluster_bits, &first, &last)) {
+            for (uint64_t c = first; c <= last; c++) {
+                add(imrt, width, c, -1);
+            }
         }
     }
+}
+
+/* Count one clean table; 0, or -1 (nothing changed) when a count would pass rmax. */
+static int count_table(const uint8_t *t, size_t entries, unsigned cluster_bits,
+                       void *imrt, unsigned width, int check_max, uint64_t rmax,
+                       uint64_t *stats)
+{
+    const uint64_t cs = (uint64_t)1 << cluster_bits;
+    uint64_t alloc = 0, frag = 0, prev = 0, comp = 0, comp_refs = 0;
+    for (size_t i = 0; i < entries; i++) {
+        uint64_t e = be64(t + i * 8);
+        uint64_t first, last;
+        if (!refs_of(e, cluster_bits, &first, &last)) {
+            continue;
+        }
+        for (uint64_t c = first; check_max && c <= last; c++) {
+            if (get(imrt, width, c) >= rmax) {
+                undo(t, i, cluster_bits, imrt, width);
+                return -1;
+            }
+        }
+        for (uint64_t c = first; c <= last; c++) {
+            add(imrt, width, c, 1);
+        }
+        if (e & QCOW2N_OFLAG_COMPRESSED) {
+            comp++;
+            comp_refs += last - first + 1;
+            continue;
+        }
+        uint64_t off = e & QCOW2N_L2E_OFFSET_MASK;
+        if (alloc && off != prev + cs) {
+            frag++;
+        }
+        prev = off;
+        alloc++;
+    }
+    stats[0] += alloc + comp;
+    stats[1] += frag + comp;
+    stats[2] += alloc;
+    stats[3] += comp;
+    stats[4] += comp_refs;
+    return 0;
 }
 
 int64_t qcow2c_l2_count(const uint8_t *tables, size_t ntables, size_t entries,
@@ -89,7 +165,6 @@ int64_t qcow2c_l2_count(const uint8_t *tables, size_t ntables, size_t entries,
     if (bad_args(entries, cluster_bits, width) || !flags || !stats) {
         return -1;
     }
-    const uint64_t cs = (uint64_t)1 << cluster_bits;
     const int check_max = width < 8 || rmax != UINT64_MAX;
     int64_t flagged = 0;
     for (size_t k = 0; k < ntables; k++) {
@@ -97,38 +172,11 @@ int64_t qcow2c_l2_count(const uint8_t *tables, size_t ntables, size_t entries,
         if (flags[k]) {
             continue;
         }
-        if (!table_clean(t, entries, cs - 1, file_size, cluster_bits, imrt_len)) {
+        if (!table_clean(t, entries, cluster_bits, file_size, imrt_len) ||
+            count_table(t, entries, cluster_bits, imrt, width, check_max, rmax, stats)) {
             flags[k] = QCOW2C_SLOW;
             flagged++;
-            continue;
         }
-        uint64_t alloc = 0, frag = 0, prev = 0;
-        size_t i;
-        for (i = 0; i < entries; i++) {
-            uint64_t off = be64(t + i * 8) & QCOW2N_L2E_OFFSET_MASK;
-            if (!off) {
-                continue;
-            }
-            uint64_t c = off >> cluster_bits;
-            if (check_max && get(imrt, width, c) >= rmax) {
-                break;
-            }
-            add(imrt, width, c, 1);
-            if (alloc && off != prev + cs) {
-                frag++;
-            }
-            prev = off;
-            alloc++;
-        }
-        if (i < entries) {
-            undo(t, i, cluster_bits, imrt, width);
-            flags[k] = QCOW2C_SLOW;
-            flagged++;
-            continue;
-        }
-        stats[0] += alloc;
-        stats[1] += frag;
-        stats[2] += alloc;
     }
     return flagged;
 }

@@ -19,13 +19,16 @@
 /*
  * qcow2c_l2_count: count the references of the clean tables into the
  * in-memory refcount table ``imrt`` (``width`` bytes per entry, 1, 2, 4 or
- * 8; ``imrt_len`` entries).  A table is clean when no entry is compressed,
- * has reserved bits set, or has an allocated host offset that is unaligned,
- * at or past ``file_size`` or past the IMRT.  With ``rmax`` below the
- * width's maximum, a table whose references would take a count past
- * ``rmax`` is left unchanged and flagged.  stats[0] += allocated clusters,
- * stats[1] += fragmented clusters, stats[2] += references counted.
- * Returns the number of tables flagged, or -1 on a bad argument.
+ * 8; ``imrt_len`` entries).  A table is clean when no standard entry has
+ * reserved bits set or an allocated host offset that is unaligned, at or past
+ * ``file_size`` or past the IMRT, and no compressed entry has the COPIED flag
+ * or data ending a cluster or more past ``file_size`` (or past the IMRT).
+ * With ``rmax`` below the width's maximum, a table whose references would
+ * take a count past ``rmax`` is left unchanged and flagged.  Adds to
+ * stats[0] allocated clusters (compressed included), stats[1] fragmented
+ * clusters (every compressed one too), stats[2] references of standard
+ * entries, stats[3] compressed clusters, stats[4] references of compressed
+ * entries.  Returns the number of tables flagged, or -1 on a bad argument.
  */
 int64_t qcow2c_l2_count(const uint8_t *tables, size_t ntables, size_t entries,
                         unsigned cluster_bits, uint64_t file_size,
