@@ -10,16 +10,21 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "qcow2_native.h"
 #include "qcow2_check.h"
 
 static inline uint64_t be64(const uint8_t *p)
 {
-    return ((uint64_t)p[0] << 56) | ((uint64_t)p[1] << 48) |
-           ((uint64_t)p[2] << 40) | ((uint64_t)p[3] << 32) |
-           ((uint64_t)p[4] << 24) | ((uint64_t)p[5] << 16) |
-           ((uint64_t)p[6] << 8) | (uint64_t)p[7];
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return v;
+#else
+    return __builtin_bswap64(v);
+#endif
 }
 
 static inline uint64_t get(const void *a, unsigned width, uint64_t i)
@@ -71,12 +76,12 @@ static inline int refs_of(uint64_t e, unsigned cluster_bits, uint64_t *first, ui
 }
 
 /* Whether every entry of one table is clean (see qcow2_check.h). */
-static int table_clean(const uint8_t *t, size_t entries, unsigned cluster_bits,
-                       uint64_t file_size, uint64_t imrt_len)
+static int table_clean(const uint8_t *t, const uint32_t *live, size_t n,
+                       unsigned cluster_bits, uint64_t file_size, uint64_t imrt_len)
 {
     const uint64_t cs = (uint64_t)1 << cluster_bits;
-    for (size_t i = 0; i < entries; i++) {
-        uint64_t e = be64(t + i * 8);
+    for (size_t j = 0; j < n; j++) {
+        uint64_t e = be64(t + (size_t)live[j] * 8);
         uint64_t first, last;
         if (e & QCOW2N_OFLAG_COMPRESSED) {
             refs_of(e, cluster_bits, &first, &last);
@@ -101,13 +106,14 @@ static int table_clean(const uint8_t *t, size_t entries, unsigned cluster_bits,
     return 1;
 }
 
-/* Undo the references of the first n entries of table t (an overflow part-way). */
-static void undo(const uint8_t *t, size_t n, unsigned cluster_bits, void *imrt,
-                 unsigned width)
+/* Undo the references of the first n live entries of table t (an overflow
+ * part-way). */
+static void undo(const uint8_t *t, const uint32_t *live, size_t n, unsigned cluster_bits,
+                 void *imrt, unsigned width)
 {
-    for (size_t i = 0; i < n; i++) {
+    for (size_t j = 0; j < n; j++) {
         uint64_t first, last;
-        if (refs_of(be64(t + i * 8), cluster_bits, &first, &last)) {
+        if (refs_of(be64(t + (size_t)live[j] * 8), cluster_bits, &first, &last)) {
             for (uint64_t c = first; c <= last; c++) {
                 add(imrt, width, c, -1);
             }
@@ -115,22 +121,24 @@ static void undo(const uint8_t *t, size_t n, unsigned cluster_bits, void *imrt,
     }
 }
 
-/* Count one clean table; 0, or -1 (nothing changed) when a count would pass rmax. */
-static int count_table(const uint8_t *t, size_t entries, unsigned cluster_bits,
-                       void *imrt, unsigned width, int check_max, uint64_t rmax,
-                       uint64_t *stats)
+/* Count one clean table; 0, or -1 (nothing changed) when a count would pass rmax.
+ * The allocated standard entries are recorded in rec (see qcow2_check.h). */
+static int count_table(const uint8_t *t, const uint32_t *live, size_t n,
+                       unsigned cluster_bits, void *imrt, unsigned width, int check_max,
+                       uint64_t rmax, uint64_t *stats, uint64_t *rec, uint64_t rec_cap)
 {
     const uint64_t cs = (uint64_t)1 << cluster_bits;
     uint64_t alloc = 0, frag = 0, prev = 0, comp = 0, comp_refs = 0;
-    for (size_t i = 0; i < entries; i++) {
-        uint64_t e = be64(t + i * 8);
+    uint64_t nrec = stats[5];
+    for (size_t j = 0; j < n; j++) {
+        uint64_t e = be64(t + (size_t)live[j] * 8);
         uint64_t first, last;
         if (!refs_of(e, cluster_bits, &first, &last)) {
             continue;
         }
         for (uint64_t c = first; check_max && c <= last; c++) {
             if (get(imrt, width, c) >= rmax) {
-                undo(t, i, cluster_bits, imrt, width);
+                undo(t, live, j, cluster_bits, imrt, width);
                 return -1;
             }
         }
@@ -148,36 +156,57 @@ static int count_table(const uint8_t *t, size_t entries, unsigned cluster_bits,
         }
         prev = off;
         alloc++;
+        if (nrec < rec_cap) {
+            rec[nrec++] = first | (e & QCOW2N_OFLAG_COPIED);
+        } else {
+            nrec = UINT64_MAX;
+        }
     }
     stats[0] += alloc + comp;
     stats[1] += frag + comp;
     stats[2] += alloc;
     stats[3] += comp;
     stats[4] += comp_refs;
+    stats[5] = nrec;
     return 0;
 }
 
 int64_t qcow2c_l2_count(const uint8_t *tables, size_t ntables, size_t entries,
                         unsigned cluster_bits, uint64_t file_size,
                         void *imrt, unsigned width, uint64_t imrt_len,
-                        uint64_t rmax, uint8_t *flags, uint64_t *stats)
+                        uint64_t rmax, uint8_t *flags, uint64_t *stats,
+                        uint64_t *rec, uint64_t rec_cap)
 {
-    if (bad_args(entries, cluster_bits, width) || !flags || !stats) {
+    if (bad_args(entries, cluster_bits, width) || !flags || !stats || (rec_cap && !rec)) {
         return -1;
     }
     const int check_max = width < 8 || rmax != UINT64_MAX;
+    uint32_t *live = malloc(entries * sizeof(uint32_t));
+    if (!live) {
+        return -1;
+    }
     int64_t flagged = 0;
     for (size_t k = 0; k < ntables; k++) {
         const uint8_t *t = tables + k * entries * 8;
         if (flags[k]) {
             continue;
         }
-        if (!table_clean(t, entries, cluster_bits, file_size, imrt_len) ||
-            count_table(t, entries, cluster_bits, imrt, width, check_max, rmax, stats)) {
+        /* one pass for the nonzero entries (most are zero in a sparse image) */
+        size_t n = 0;
+        for (size_t i = 0; i < entries; i++) {
+            uint64_t w;
+            memcpy(&w, t + i * 8, 8);
+            live[n] = (uint32_t)i;
+            n += w != 0;
+        }
+        if (!table_clean(t, live, n, cluster_bits, file_size, imrt_len) ||
+            count_table(t, live, n, cluster_bits, imrt, width, check_max, rmax, stats,
+                        rec, rec_cap)) {
             flags[k] = QCOW2C_SLOW;
             flagged++;
         }
     }
+    free(live);
     return flagged;
 }
 
@@ -240,4 +269,18 @@ int64_t qcow2c_compare(const uint8_t *block, unsigned bits, const void *imrt,
         }
     }
     return differ;
+}
+
+int64_t qcow2c_copied_list(const uint64_t *rec, size_t n, const void *refcounts,
+                           unsigned width, uint64_t len)
+{
+    if (!(width == 1 || width == 2 || width == 4 || width == 8)) {
+        return -1;
+    }
+    int64_t wrong = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t c = rec[i] & ~QCOW2N_OFLAG_COPIED;
+        wrong += c >= len || (get(refcounts, width, c) == 1) != ((rec[i] >> 63) != 0);
+    }
+    return wrong;
 }

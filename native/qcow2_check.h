@@ -28,12 +28,17 @@
  * stats[0] allocated clusters (compressed included), stats[1] fragmented
  * clusters (every compressed one too), stats[2] references of standard
  * entries, stats[3] compressed clusters, stats[4] references of compressed
- * entries.  Returns the number of tables flagged, or -1 on a bad argument.
+ * entries.  Each allocated standard entry of a counted table is recorded in
+ * ``rec`` as its host cluster index with bit 63 its COPIED flag, from
+ * rec[stats[5]] on; stats[5] is the count recorded, UINT64_MAX once more
+ * than ``rec_cap`` were met (``rec`` may be NULL with ``rec_cap`` 0).
+ * Returns the number of tables flagged, or -1 on a bad argument.
  */
 int64_t qcow2c_l2_count(const uint8_t *tables, size_t ntables, size_t entries,
                         unsigned cluster_bits, uint64_t file_size,
                         void *imrt, unsigned width, uint64_t imrt_len,
-                        uint64_t rmax, uint8_t *flags, uint64_t *stats);
+                        uint64_t rmax, uint8_t *flags, uint64_t *stats,
+                        uint64_t *rec, uint64_t rec_cap);
 
 /*
  * qcow2c_copied: flag the tables with an allocated entry whose COPIED flag
@@ -55,3 +60,11 @@ int64_t qcow2c_copied(const uint8_t *tables, size_t ntables, size_t entries,
  */
 int64_t qcow2c_compare(const uint8_t *block, unsigned bits, const void *imrt,
                        unsigned width, uint64_t first, size_t n, uint64_t *highest);
+
+/*
+ * qcow2c_copied_list: how many of the ``n`` entries recorded by
+ * qcow2c_l2_count have a COPIED flag that disagrees with refcount == 1 (or a
+ * cluster at or past ``len``); -1 on a bad argument.
+ */
+int64_t qcow2c_copied_list(const uint64_t *rec, size_t n, const void *refcounts,
+                           unsigned width, uint64_t len);
