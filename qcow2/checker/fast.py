@@ -57,16 +57,16 @@ def count_tables(st: State, raw: bytearray, skip: np.ndarray) -> Counted:
     the IMRT; rows set in ``skip`` are not looked at."""
     ffi, lib = _NATIVE
     flags = skip.astype(np.uint8)
-    stats = np.zeros(5, dtype=np.uint64)
+    stats = np.zeros(6, dtype=np.uint64)
     imrt = st.imrt
     got = lib.qcow2c_l2_count(
         ffi.from_buffer("uint8_t[]", raw), flags.size, st.l2_entries, st.cbits, st.f.size,
         ffi.from_buffer(imrt, require_writable=True), imrt.dtype.itemsize, imrt.size,
         st.rmax, ffi.from_buffer("uint8_t[]", flags, require_writable=True),
-        ffi.from_buffer("uint64_t[]", stats, require_writable=True))
+        ffi.from_buffer("uint64_t[]", stats, require_writable=True), ffi.NULL, 0)
     if got < 0:
         raise ValueError("qcow2c_l2_count: bad arguments")
-    return Counted(np.flatnonzero(flags), stats)
+    return Counted(np.flatnonzero(flags), stats[:5])
 
 
 def copied_tables(st: State, raw: bytearray, ntables: int) -> np.ndarray:

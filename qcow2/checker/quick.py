@@ -23,6 +23,9 @@ from .result import CheckResult, memory_budget
 
 #: bytes of L2 tables read at once
 BATCH_BYTES = 2 << 20
+#: allocated L2 entries recorded for the COPIED check (8 bytes each); with more, the
+#: tables are read a second time
+RECORD = 1 << 18
 
 
 class _Bail(Exception):
@@ -91,10 +94,14 @@ class _Quick:
             self.inc(h.l1_table_offset, h.l1_size * 8)
             l1 = struct.unpack(f">{h.l1_size}Q", f.read(h.l1_size * 8, h.l1_table_offset))
         tables = [(i, e & C.L1E_OFFSET_MASK) for i, e in enumerate(l1) if e]
-        for _i, t in tables:
-            if not t or t & (cs - 1) or t >= f.size or l1[_i] & C.L1E_RESERVED_MASK:
+        imrt, cbits, rmax = self.imrt, self.cbits, self.rmax
+        for i, t in tables:        # each L2 table: one cluster in the file
+            if not t or t & (cs - 1) or t >= f.size or l1[i] & C.L1E_RESERVED_MASK:
                 raise _Bail
-            self.inc(t, cs)
+            k = t >> cbits
+            if self.bits < 64 and imrt[k] >= rmax:
+                raise _Bail
+            imrt[k] += 1
         self.count_tables([t for _i, t in tables], res)
         self.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
         reftable = struct.unpack(f">{h.refcount_table_clusters * cs // 8}Q",
@@ -108,35 +115,42 @@ class _Quick:
         return res
 
     def batches(self, offsets: list[int]):
-        """(offsets, on-disk bytes) of a batch of L2 tables at a time."""
+        """(offsets, on-disk bytes) of a batch of L2 tables at a time (one buffer,
+        reused; zeros past the end of the file)."""
         cs = self.cs
         per = max(1, BATCH_BYTES // cs)
+        buf = bytearray(min(per, len(offsets)) * cs)
+        mv = memoryview(buf)
         for a in range(0, len(offsets), per):
             offs = offsets[a:a + per]
-            buf = bytearray(len(offs) * cs)
-            mv = memoryview(buf)
             t = 0
             while t < len(offs):
                 u = t + 1
                 while u < len(offs) and offs[u] == offs[u - 1] + cs:
                     u += 1
-                self.f.be.readinto(mv[t * cs:u * cs], offs[t])
+                got = self.f.be.readinto(mv[t * cs:u * cs], offs[t])
+                if got < (u - t) * cs:
+                    mv[t * cs + got:u * cs] = bytes((u - t) * cs - got)
                 t = u
-            yield offs, buf
+            yield offs, mv[:len(offs) * cs]
 
     def count_tables(self, offsets: list[int], res: CheckResult) -> None:
+        """Every L2 table counted in C; the allocated entries are recorded for the
+        COPIED check when there are not too many of them."""
         ffi, lib = self.ffi, self.lib
-        stats = ffi.new("uint64_t[5]")
+        stats = ffi.new("uint64_t[6]")
+        self.rec = ffi.new("uint64_t[]", RECORD)
         imrt = ffi.from_buffer("uint8_t[]", self.buf, require_writable=True)
         for offs, buf in self.batches(offsets):
             flags = ffi.new("uint8_t[]", len(offs))
             if lib.qcow2c_l2_count(ffi.from_buffer("uint8_t[]", buf), len(offs),
                                    self.cs // 8, self.cbits, self.f.size, imrt, self.width,
-                                   self.nb, self.rmax, flags, stats):
+                                   self.nb, self.rmax, flags, stats, self.rec, RECORD):
                 raise _Bail
         res.allocated_clusters = int(stats[0])
         res.fragmented_clusters = int(stats[1])
         res.compressed_clusters = int(stats[3])
+        self.recorded = int(stats[5])
 
     def count_blocks(self, reftable) -> None:
         """The refcount blocks, each counted once (QEMU's check_refblocks, when it has
@@ -175,8 +189,13 @@ class _Quick:
         return int(highest[0])
 
     def copied(self, offsets: list[int]) -> None:
+        """The COPIED flags of the L2 entries: from the record, or the tables again."""
         ffi, lib = self.ffi, self.lib
         imrt = ffi.from_buffer("uint8_t[]", self.buf)
+        if self.recorded <= RECORD:
+            if lib.qcow2c_copied_list(self.rec, self.recorded, imrt, self.width, self.nb):
+                raise _Bail
+            return
         for offs, buf in self.batches(offsets):
             flags = ffi.new("uint8_t[]", len(offs))
             if lib.qcow2c_copied(ffi.from_buffer("uint8_t[]", buf), len(offs), self.cs // 8,
