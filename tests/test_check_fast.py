@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import struct
+import subprocess
 
 import pytest
 from test_check import CORRUPT, Img, _base
@@ -94,3 +97,38 @@ def test_corruptions_same_answer(tmp_path, case, fix, monkeypatch):
     assert _general(a, fix, True, monkeypatch) == _general(b, fix, False, monkeypatch)
     if fix == 0:
         assert _quick(src) is None
+
+
+def test_compressed_extent_into_the_next_cluster(tmp_path, monkeypatch):
+    """A compressed cluster whose sectors run less than a cluster past the end of the
+    file references the cluster after the last: the general check grows its IMRT
+    there (QEMU does); the fast path must leave that table to it."""
+    path = str(tmp_path / "img.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
+                    path, "1M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -c -P 7 0 4k", path],
+                   check=True, capture_output=True)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate((size + 4095) // 4096 * 4096)
+        size = (size + 4095) // 4096 * 4096
+        f.seek(40)
+        l1_off = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1_off)
+        l2_off = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2_off)
+        e = struct.unpack(">Q", f.read(8))[0]
+        assert e & (1 << 62)
+        shift = 62 - (12 - 8)
+        coff = e & ((1 << shift) - 1)
+        start = coff & ~511
+        sectors = (size + 512 - start) // 512          # ends 512 bytes past the file
+        assert 1 <= sectors <= 16
+        e = (e & ~(15 << shift)) | ((sectors - 1) << shift)
+        f.seek(l2_off)
+        f.write(struct.pack(">Q", e))
+    a, b = str(tmp_path / "a.qcow2"), str(tmp_path / "b.qcow2")
+    shutil.copy(path, a)
+    shutil.copy(path, b)
+    assert _general(a, 0, True, monkeypatch) == _general(b, 0, False, monkeypatch)
+    assert _quick(path) is None

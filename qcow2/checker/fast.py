@@ -54,14 +54,16 @@ class Counted:
 
 def count_tables(st: State, raw: bytearray, skip: np.ndarray) -> Counted:
     """Count the clean tables of ``raw`` (on-disk bytes of ``skip.size`` tables) into
-    the IMRT; rows set in ``skip`` are not looked at."""
+    the IMRT; rows set in ``skip`` are not looked at.  A reference at or past ``st.nb``
+    (a compressed extent ending in the cluster after the file's last) flags its table:
+    the general path grows the IMRT, as QEMU does."""
     ffi, lib = _NATIVE
     flags = skip.astype(np.uint8)
     stats = np.zeros(6, dtype=np.uint64)
     imrt = st.imrt
     got = lib.qcow2c_l2_count(
         ffi.from_buffer("uint8_t[]", raw), flags.size, st.l2_entries, st.cbits, st.f.size,
-        ffi.from_buffer(imrt, require_writable=True), imrt.dtype.itemsize, imrt.size,
+        ffi.from_buffer(imrt, require_writable=True), imrt.dtype.itemsize, st.nb,
         st.rmax, ffi.from_buffer("uint8_t[]", flags, require_writable=True),
         ffi.from_buffer("uint64_t[]", stats, require_writable=True), ffi.NULL, 0)
     if got < 0:
