@@ -31,7 +31,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 FUZZ = HERE / "faults" / "fuzz.py"
 REGRESSIONS = HERE / "fuzz_regressions"
-TARGETS = ["open", "untrusted", "check"]
+TARGETS = ["open", "untrusted", "check", "check-paths"]
 
 try:
     import atheris  # noqa: F401
