@@ -31,6 +31,9 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "qcow2_native.h")
+#: declarations of other kernel groups, appended to HEADER for cdef() (their C
+#: files are picked up by the *.c glob below)
+EXTRA_HEADERS = [os.path.join(HERE, "qcow2_check.h")]
 REQUIRE_NATIVE = os.environ.get("QCOW2_REQUIRE_NATIVE", "") not in ("", "0")
 
 CFLAGS = ["-O3", "-Wall", "-Wextra", "-std=c99", "-fno-strict-aliasing"]
@@ -87,8 +90,11 @@ def _probe(name: str) -> bool:
 
 
 def _read_cdef() -> str:
-    with open(HEADER) as f:
-        return f.read()
+    parts = []
+    for path in (HEADER, *EXTRA_HEADERS):
+        with open(path) as f:
+            parts.append(f.read())
+    return "\n".join(parts)
 
 
 def _relative(path: str) -> str:
@@ -133,7 +139,8 @@ def make_builder() -> FFI:
     ffi.cdef(_read_cdef())
     ffi.set_source(
         "qcow2._native",
-        preamble + '#include <stddef.h>\n#include <stdint.h>\n#include "qcow2_native.h"\n',
+        preamble + '#include <stddef.h>\n#include <stdint.h>\n#include "qcow2_native.h"\n'
+        '#include "qcow2_check.h"\n',
         sources=[_relative(p) for p in sorted(glob.glob(os.path.join(HERE, "*.c")))
                  if not os.path.basename(p).startswith("_")],
         include_dirs=[_relative(HERE)],
