@@ -24,6 +24,7 @@ the snapshot table itself is read and packed by ``qcow2.snapshot``.
 
 from __future__ import annotations
 
+import errno
 import struct
 import time
 from contextlib import contextmanager
@@ -52,7 +53,14 @@ class InternalSnapshots:
         return sn
 
     def create_snapshot(self, name: str) -> Snapshot:
-        """Take a snapshot of the active layer named ``name`` (the next free numeric id)."""
+        """Take a snapshot of the active layer named ``name`` (the next free numeric id).
+        Refused before anything changes (OSError, QEMU's errno): a full table (EFBIG), or
+        a reference the refcount structure cannot count (see :meth:`_check_countable`)."""
+        with self._lock:
+            if len(self.snapshots_list) >= C.MAX_SNAPSHOTS:
+                raise OSError(errno.EFBIG, f"the snapshot table holds the most snapshots "
+                                           f"the format allows ({C.MAX_SNAPSHOTS})")
+            self._check_countable(list(self._l1))
         with self._lock, self._dirty_while():
             cs = self.cluster_size
             l1 = list(self._l1)
@@ -144,6 +152,38 @@ class InternalSnapshots:
             h.incompatible_features &= ~C.INCOMPAT_DIRTY
             self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q", h.incompatible_features)
             self._sync()
+
+    def _check_countable(self, l1: list[int]) -> None:
+        """Every cluster the tree of ``l1`` reaches must have a refcount block: one
+        without is a reference the refcount structure does not count (a corrupt entry,
+        e.g. pointing far past the end of the file).  QEMU fails there with EAGAIN
+        (it would have to allocate a refcount block in the middle of the update), or
+        EFBIG when the refcount table could not even grow that far; a snapshot never
+        grows the refcount structure for such a reference, and nothing has changed
+        when this raises."""
+        refs = self.refs
+        shift = refs.cbits
+        per = refs.block_entries
+        data_file = self.header.has_data_file
+        missing = set()
+        for _i, off, entries in self._tree(l1):
+            hosts = {off}
+            for e in entries:
+                if e & C.OFLAG_COMPRESSED:
+                    _coff, _csize, start, n = compressed_extent(e, self.cluster_bits)
+                    hosts.update((start, start + n - 1))
+                elif e & C.L2E_OFFSET_MASK and not data_file:
+                    hosts.add(e & C.L2E_OFFSET_MASK)
+            missing.update(b for b in {(h >> shift) // per for h in hosts}
+                           if not refs.block_offset(b))
+        if missing:
+            last = max(missing)
+            if (last + 1) * 8 > C.MAX_REFTABLE_SIZE:
+                raise OSError(errno.EFBIG, f"a cluster the active layer references would "
+                                           f"need refcount block {last}, beyond the largest "
+                                           f"refcount table the format allows")
+            raise OSError(errno.EAGAIN, f"a cluster the active layer references has no "
+                                        f"refcount block (block {last}): its entry is corrupt")
 
     # -- freeing -----------------------------------------------------------------------
     def _free_clusters(self, offset: int, length: int, *, sl1: bool = False) -> None:
@@ -266,6 +306,8 @@ class InternalSnapshots:
         self._write_header_field(C.HDR_NB_SNAPSHOTS, ">IQ", len(snaps), new_off)
         self._sync()
         h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
+        # (a table read past the end of the file, as zeros, has nothing there to free)
+        old_len = min(old_len, max(0, self.file_size - old_off))
         if old_off and old_len:
             self._free_clusters(old_off, old_len)
         self.snapshots_list = snaps
