@@ -25,13 +25,14 @@ the snapshot table itself is read and packed by ``qcow2.snapshot``.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import time
 from contextlib import contextmanager
 
 from . import constants as C
 from .cluster import compressed_extent
-from .errors import Qcow2Error
+from .errors import CorruptImageError, Qcow2Error
 from .snapshot import EXTRA_DATA_SIZE, Snapshot, pack_table
 
 # the extra data QEMU writes with a new snapshot: vm_state_size_large, disk_size, icount
@@ -184,6 +185,76 @@ class InternalSnapshots:
                                            f"refcount table the format allows")
             raise OSError(errno.EAGAIN, f"a cluster the active layer references has no "
                                         f"refcount block (block {last}): its entry is corrupt")
+
+    # -- downgrade to version 2 ---------------------------------------------------------
+    def check_snapshot_l1_tables(self) -> None:
+        """Every snapshot's L1 table where it may be (before a downgrade changes
+        anything); the error as qemu-img reports a failed expansion: the reason, then
+        "Failed to turn zero into data clusters: STRERROR"."""
+        for sn in self.snapshots_list:
+            try:
+                self.header.validate_snapshot_l1(sn)
+                if sn.l1_table_offset + sn.l1_size * C.L1E_SIZE > self.file_size:
+                    raise CorruptImageError(
+                        f"the L1 table of snapshot {sn.id} lies past the end of the file",
+                        offset=sn.l1_table_offset, what="L1 table")
+            except CorruptImageError as exc:
+                code = (errno.EFBIG if sn.l1_size > C.MAX_L1_SIZE // C.L1E_SIZE
+                        else errno.EINVAL)
+                exc.lines = [str(exc), f"Failed to turn zero into data clusters: "  # type: ignore[attr-defined]
+                                       f"{os.strerror(code)}"]
+                raise
+
+    def expand_snapshot_zero_clusters(self) -> None:
+        """Version 2 has no zero flag: in every snapshot's L2 tables (checked by
+        :meth:`check_snapshot_l1_tables`), an entry marked zero becomes unallocated
+        when there is no backing file, else a cluster of written zeros (its own
+        cluster, when only this entry uses it; a new one otherwise).  A table shared
+        by ``r`` users changes for all of them at once: a new cluster gets refcount
+        ``r``, a dropped one loses ``r``.  Order: new clusters and zeros durable, then
+        the tables, then the dropped references (a crash leaks at worst)."""
+        cs = self.cluster_size
+        cbits = self.cluster_bits
+        refs = self.refs
+        backing = self.header.backing_file is not None
+        seen: set[int] = set()
+        changes = []                     # (table offset, index, new entry, host dropped, r)
+        for sn in self.snapshots_list:
+            for _i, off, entries in list(self._tree(self._snapshot_l1(sn))):
+                if off in seen:
+                    continue
+                seen.add(off)
+                r = max(1, refs.get(off >> cbits))
+                for k, e in enumerate(entries):
+                    if e & C.OFLAG_COMPRESSED or not e & C.OFLAG_ZERO:
+                        continue
+                    host = e & C.L2E_OFFSET_MASK
+                    if not backing:
+                        changes.append((off, k, 0, host, r))
+                    elif host and refs.get(host >> cbits) == r:
+                        self._io(self.be.write_zeros, host, cs)
+                        changes.append((off, k, e & ~C.OFLAG_ZERO, 0, r))
+                    else:
+                        new = refs.alloc(1)
+                        self._claim(new, cs, "zero data of a snapshot")
+                        for _ in range(r - 1):
+                            refs.add(new >> cbits, 1)
+                        self._io(self.be.write_zeros, new, cs)
+                        self.file_size = max(self.file_size, new + cs)
+                        changes.append((off, k, new | (C.OFLAG_COPIED if r == 1 else 0),
+                                        host, r))
+        if not changes:
+            return
+        self.flush()
+        self._sync()
+        for off, k, entry, host, r in changes:
+            struct.pack_into(">Q", self._l2_table(0, off), k * 8, entry)
+            self._l2c.mark_dirty(off)
+            if host:
+                for _ in range(r):
+                    refs.free(host, cs)
+                refs.block_freed(host, cs)
+        self.flush()
 
     # -- freeing -----------------------------------------------------------------------
     def _free_clusters(self, offset: int, length: int, *, sl1: bool = False) -> None:

@@ -475,10 +475,9 @@ class Reshape:
                              "data file or a compression type other than zlib")
         if h.bitmaps_ext is not None:
             raise Qcow2Error("Cannot downgrade an image with bitmaps")
-        if self.snapshots_list:
-            raise UnsupportedFeatureError("Downgrading an image with internal snapshots is not "
-                                          "supported", feature="amend compat with snapshots")
+        self.check_snapshot_l1_tables()          # before anything changes
         self._expand_zero_clusters()
+        self.expand_snapshot_zero_clusters()
         if h.lazy_refcounts:
             h.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
         h.version = 2
