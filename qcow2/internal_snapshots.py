@@ -205,44 +205,37 @@ class InternalSnapshots:
                                        f"{os.strerror(code)}"]
                 raise
 
-    def expand_snapshot_zero_clusters(self) -> None:
+    def expand_snapshot_zero_clusters(self, step=None) -> None:
         """Version 2 has no zero flag: in every snapshot's L2 tables (checked by
         :meth:`check_snapshot_l1_tables`), an entry marked zero becomes unallocated
         when there is no backing file, else a cluster of written zeros (its own
         cluster, when only this entry uses it; a new one otherwise).  A table shared
         by ``r`` users changes for all of them at once: a new cluster gets refcount
         ``r``, a dropped one loses ``r``.  Order: new clusters and zeros durable, then
-        the tables, then the dropped references (a crash leaks at worst)."""
+        the tables, then the dropped references (a crash leaks at worst).
+        ``step(n)``: after each snapshot L1 entry, ``n`` of them (all snapshots) done."""
         cs = self.cluster_size
-        cbits = self.cluster_bits
         refs = self.refs
         backing = self.header.backing_file is not None
         seen: set[int] = set()
         changes = []                     # (table offset, index, new entry, host dropped, r)
+        step = step or (lambda _n: None)
+        base = 0
         for sn in self.snapshots_list:
-            for _i, off, entries in list(self._tree(self._snapshot_l1(sn))):
-                if off in seen:
-                    continue
-                seen.add(off)
-                r = max(1, refs.get(off >> cbits))
-                for k, e in enumerate(entries):
-                    if e & C.OFLAG_COMPRESSED or not e & C.OFLAG_ZERO:
-                        continue
-                    host = e & C.L2E_OFFSET_MASK
-                    if not backing:
-                        changes.append((off, k, 0, host, r))
-                    elif host and refs.get(host >> cbits) == r:
-                        self._io(self.be.write_zeros, host, cs)
-                        changes.append((off, k, e & ~C.OFLAG_ZERO, 0, r))
-                    else:
-                        new = refs.alloc(1)
-                        self._claim(new, cs, "zero data of a snapshot")
-                        for _ in range(r - 1):
-                            refs.add(new >> cbits, 1)
-                        self._io(self.be.write_zeros, new, cs)
-                        self.file_size = max(self.file_size, new + cs)
-                        changes.append((off, k, new | (C.OFLAG_COPIED if r == 1 else 0),
-                                        host, r))
+            done = 0
+            for i, off, entries in list(self._tree(self._snapshot_l1(sn))):
+                while done < i:                  # (the unallocated entries before it)
+                    done += 1
+                    step(base + done)
+                done = i + 1
+                if off not in seen:
+                    seen.add(off)
+                    changes += self._snapshot_zeros(off, entries, backing)
+                step(base + done)
+            while done < sn.l1_size:
+                done += 1
+                step(base + done)
+            base += sn.l1_size
         if not changes:
             return
         self.flush()
@@ -255,6 +248,35 @@ class InternalSnapshots:
                     refs.free(host, cs)
                 refs.block_freed(host, cs)
         self.flush()
+
+    def _snapshot_zeros(self, off: int, entries, backing: bool) -> list:
+        """The changes of the zero entries of the L2 table at ``off`` (see
+        :meth:`expand_snapshot_zero_clusters`); new clusters are allocated and zeros
+        written here."""
+        cs = self.cluster_size
+        cbits = self.cluster_bits
+        refs = self.refs
+        changes = []
+        r = max(1, refs.get(off >> cbits))
+        for k, e in enumerate(entries):
+            if e & C.OFLAG_COMPRESSED or not e & C.OFLAG_ZERO:
+                continue
+            host = e & C.L2E_OFFSET_MASK
+            if not backing:
+                changes.append((off, k, 0, host, r))
+            elif host and refs.get(host >> cbits) == r:
+                self._io(self.be.write_zeros, host, cs)
+                changes.append((off, k, e & ~C.OFLAG_ZERO, 0, r))
+            else:
+                new = refs.alloc(1)
+                self._claim(new, cs, "zero data of a snapshot")
+                for _ in range(r - 1):
+                    refs.add(new >> cbits, 1)
+                self._io(self.be.write_zeros, new, cs)
+                self.file_size = max(self.file_size, new + cs)
+                changes.append((off, k, new | (C.OFLAG_COPIED if r == 1 else 0),
+                                host, r))
+        return changes
 
     # -- freeing -----------------------------------------------------------------------
     def _free_clusters(self, offset: int, length: int, *, sl1: bool = False) -> None:
