@@ -64,13 +64,19 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
     """Parse ``count`` entries at ``offset`` (validated by the header already).
 
     The table is read incrementally, as far as its entries say it goes: it can be at
-    most MAX_SNAPSHOTS_SIZE bytes long and must lie inside the file.  ``charge(n)``,
-    when given, is called with the number of bytes about to be read before every read
-    (untrusted mode counts them against its metadata budget and refuses there).
+    most MAX_SNAPSHOTS_SIZE bytes long.  ``charge(n)``, when given, is called with the
+    number of bytes about to be read before every read (untrusted mode counts them
+    against its metadata budget and refuses there); then the table must also lie
+    inside the file.  Without it, bytes past the end of the file read as zeros, as
+    QEMU's file driver reads them (qemu-img opens such an image, lists the zeroed
+    entries, and ``snapshot -c`` writes the table anew inside the file; ``check``
+    reports the entries as incomplete).
     """
     if count == 0:
         return []
-    limit = min(C.MAX_SNAPSHOTS_SIZE, max(0, file_size - offset))
+    strict = charge is not None
+    limit = min(C.MAX_SNAPSHOTS_SIZE, max(0, file_size - offset)) if strict \
+        else C.MAX_SNAPSHOTS_SIZE
     buf = bytearray()
 
     def need(n: int) -> bool:
@@ -83,6 +89,8 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
         if charge is not None:
             charge(want - len(buf))
         got = read(want - len(buf), offset + len(buf))
+        if not strict and len(got) < want - len(buf):
+            got = bytes(got) + bytes(want - len(buf) - len(got))    # zeros past the end
         buf.extend(got)
         return n <= len(buf)
 
