@@ -109,7 +109,8 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
                 f"Too much extra metadata in snapshot table entry {i} "
                 f"({extra_size} bytes, at offset {entry_off:#x})",
                 offset=entry_off, size=ENTRY_HEADER.size, what="snapshot table entry")
-            exc.hint = "You can force-remove this extra metadata with qemu-img check -r all\n"
+            if not strict:      # (an untrusted image is never repaired in place)
+                exc.hint = "You can force-remove this extra metadata with qemu-img check -r all\n"
             raise exc
         end = pos + extra_size + id_size + name_size
         if not need(end):
@@ -117,8 +118,9 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
                 exc = CorruptImageError(
                     f"Snapshot table is too big (entry {i} at offset {entry_off:#x})",
                     offset=entry_off, what="snapshot table")
-                exc.hint = (f"You can force-remove all {count - i} overhanging snapshots "
-                            f"with qemu-img check -r all\n")
+                if not strict:
+                    exc.hint = (f"You can force-remove all {count - i} overhanging "
+                                f"snapshots with qemu-img check -r all\n")
                 raise exc
             raise _trunc(i, entry_off, file_size)
         extra = buf[pos:pos + extra_size]
