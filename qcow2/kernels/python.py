@@ -21,8 +21,8 @@ from ..constants import (
 from ..cluster import L2Batch
 from .contract import (
     ALGO_ZLIB, ALGO_ZSTD, EDATA, EDSTRANGE, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ELONG,
-    ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, CompressorBase, DecompressorBase,
-    byte_view, check_block_size, check_l2_args, empty_runs, l2_error, numpy,
+    ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, CompressorBase, DecompressorBase, as_index,
+    byte_view, check_block_size, check_l2_args, check_sectors, empty_runs, l2_error, numpy,
 )
 
 IMPLEMENTATION = "python"
@@ -431,3 +431,85 @@ def is_zero(buf) -> bool:
     if a.shape[0] % 8 == 0:
         a = a.view(np.uint64)
     return not a.any()
+
+
+# --------------------------------------------------------------------------
+# Sector ciphers: the arithmetic around AES (XTS masks, CBC chaining)
+
+def _xts_masks(np, tweaks, n: int, blocks: int):
+    """(n, blocks, 2) uint64: T_s * alpha^j for block j of sector s, T_s the s-th
+    little-endian 128-bit tweak.  Columns go by 32: within a group, column k is the
+    group's first column shifted left by k bits, the k bits shifted out of the top
+    folding back in as x^128 = x^7 + x^2 + x + 1 (no further overflow for k <= 32)."""
+    t = np.frombuffer(tweaks, dtype="<u8").reshape(n, 2)
+    out = np.empty((n, blocks, 2), dtype=np.uint64)
+    lo, hi = t[:, :1].astype(np.uint64), t[:, 1:].astype(np.uint64)
+    for g in range(0, blocks, 32):
+        m = min(32, blocks - g)
+        k = np.arange(1, 33, dtype=np.uint64)[None, :]
+        carry = hi >> (np.uint64(64) - k)
+        slo = (lo << k) ^ carry ^ (carry << np.uint64(1)) ^ (carry << np.uint64(2)) \
+            ^ (carry << np.uint64(7))
+        shi = (hi << k) | (lo >> (np.uint64(64) - k))
+        out[:, g, 0], out[:, g, 1] = lo[:, 0], hi[:, 0]
+        out[:, g + 1:g + m, 0] = slo[:, :m - 1]
+        out[:, g + 1:g + m, 1] = shi[:, :m - 1]
+        lo, hi = slo[:, 31:32], shi[:, 31:32]            # times alpha^32: the next group
+    return out
+
+
+def xts_xor(dest, src, tweaks, sector_size=512):
+    """XTS masking: block j of sector s of ``src`` XOR T_s * alpha^j into ``dest``
+    (may be ``src``); T_s the s-th 16 bytes of ``tweaks`` (see native/xts.h)."""
+    dmv = byte_view(dest, writable=True, what="dest")
+    smv, tmv = byte_view(src, what="src"), byte_view(tweaks, what="tweaks")
+    ss, n = check_sectors(sector_size, (smv, "src"), (dmv, "dest"),
+                          per_sector=((tmv, "tweaks"),))
+    if not n:
+        return
+    np = numpy()
+    masks = _xts_masks(np, tmv, n, ss // 16)
+    d = np.frombuffer(dmv, dtype=np.uint64).reshape(masks.shape)
+    np.bitwise_xor(np.frombuffer(smv, dtype=np.uint64).reshape(masks.shape), masks, out=d)
+
+
+def cbc_unchain(dest, plain, cipher, ivs, sector_size=512):
+    """CBC decryption after ECB: ``dest`` = ``plain`` XOR the previous ciphertext block
+    (the sector's IV for its first block); ``dest`` may be ``cipher``."""
+    dmv = byte_view(dest, writable=True, what="dest")
+    pmv, cmv = byte_view(plain, what="plain"), byte_view(cipher, what="cipher")
+    imv = byte_view(ivs, what="ivs")
+    ss, n = check_sectors(sector_size, (dmv, "dest"), (pmv, "plain"), (cmv, "cipher"),
+                          per_sector=((imv, "ivs"),))
+    if not n:
+        return
+    np = numpy()
+    shape = (n, ss // 16, 2)
+    out = np.frombuffer(pmv, dtype=np.uint64).reshape(shape).copy()
+    out[:, 1:] ^= np.frombuffer(cmv, dtype=np.uint64).reshape(shape)[:, :-1]
+    out[:, 0] ^= np.frombuffer(imv, dtype=np.uint64).reshape(n, 2)
+    np.frombuffer(dmv, dtype=np.uint64).reshape(shape)[...] = out
+
+
+def cbc_lane(data, lane, ivs, sector_size, j):
+    """Step ``j`` of CBC encryption across sectors: store the lane as block j-1 of
+    every sector (j > 0), then load it with block j XOR its chaining value (j < blocks
+    per sector); see native/xts.h."""
+    dmv, lmv = byte_view(data, writable=True, what="data"), byte_view(lane, writable=True,
+                                                                       what="lane")
+    imv = byte_view(ivs, what="ivs")
+    ss, n = check_sectors(sector_size, (dmv, "data"),
+                          per_sector=((lmv, "lane"), (imv, "ivs")))
+    j, blocks = as_index(j, "j"), ss // 16
+    if j > blocks:
+        raise ValueError(f"step {j} is past the {blocks} blocks of a sector")
+    if not n:
+        return
+    np = numpy()
+    d = np.frombuffer(dmv, dtype=np.uint64).reshape(n, blocks, 2)
+    v = np.frombuffer(lmv, dtype=np.uint64).reshape(n, 2)
+    if j > 0:
+        d[:, j - 1] = v
+    if j < blocks:
+        prev = d[:, j - 1] if j > 0 else np.frombuffer(imv, dtype=np.uint64).reshape(n, 2)
+        np.bitwise_xor(d[:, j], prev, out=v)
