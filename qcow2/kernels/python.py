@@ -11,6 +11,7 @@ numpy and zstandard are imported on first use only.
 from __future__ import annotations
 
 import array
+import threading
 import zlib
 
 from ..constants import (
@@ -437,30 +438,39 @@ def is_zero(buf) -> bool:
 # Sector ciphers: the arithmetic around AES (XTS masks, CBC chaining)
 
 def _xts_masks(np, tweaks, n: int, blocks: int):
-    """(n, blocks, 2) uint64: T_s * alpha^j for block j of sector s, T_s the s-th
-    little-endian 128-bit tweak.  Columns go by 32: within a group, column k is the
-    group's first column shifted left by k bits, the k bits shifted out of the top
-    folding back in as x^128 = x^7 + x^2 + x + 1 (no further overflow for k <= 32)."""
+    """Two (n, blocks) uint64 planes, the low and high halves of T_s * alpha^j for
+    block j of sector s, T_s the s-th little-endian 128-bit tweak.  Columns go by 32:
+    column k of a group is the group's first one shifted left by k bits, the k bits
+    shifted out of the top folding back in as x^128 = x^7 + x^2 + x + 1 (no further
+    overflow for k <= 32); column 32 starts the next group."""
     t = np.frombuffer(tweaks, dtype="<u8").reshape(n, 2)
-    out = np.empty((n, blocks, 2), dtype=np.uint64)
+    mlo, mhi = np.empty((n, blocks), np.uint64), np.empty((n, blocks), np.uint64)
     lo, hi = t[:, :1].astype(np.uint64), t[:, 1:].astype(np.uint64)
+    k = np.arange(33, dtype=np.uint64)[None, :]
+    right = np.uint64(63) - k                   # x >> (64 - k) as x >> (63 - k) >> 1
+    one = np.uint64(1)
     for g in range(0, blocks, 32):
         m = min(32, blocks - g)
-        k = np.arange(1, 33, dtype=np.uint64)[None, :]
-        carry = hi >> (np.uint64(64) - k)
-        slo = (lo << k) ^ carry ^ (carry << np.uint64(1)) ^ (carry << np.uint64(2)) \
-            ^ (carry << np.uint64(7))
-        shi = (hi << k) | (lo >> (np.uint64(64) - k))
-        out[:, g, 0], out[:, g, 1] = lo[:, 0], hi[:, 0]
-        out[:, g + 1:g + m, 0] = slo[:, :m - 1]
-        out[:, g + 1:g + m, 1] = shi[:, :m - 1]
-        lo, hi = slo[:, 31:32], shi[:, 31:32]            # times alpha^32: the next group
-    return out
+        carry = (hi >> right) >> one
+        slo = lo << k
+        slo ^= carry
+        for bit in (1, 2, 7):
+            slo ^= carry << np.uint64(bit)
+        shi = hi << k
+        shi |= (lo >> right) >> one
+        mlo[:, g:g + m], mhi[:, g:g + m] = slo[:, :m], shi[:, :m]
+        lo, hi = slo[:, 32:], shi[:, 32:]
+    return mlo, mhi
+
+
+_last_masks = threading.local()
 
 
 def xts_xor(dest, src, tweaks, sector_size=512):
     """XTS masking: block j of sector s of ``src`` XOR T_s * alpha^j into ``dest``
-    (may be ``src``); T_s the s-th 16 bytes of ``tweaks`` (see native/xts.h)."""
+    (may be ``src``); T_s the s-th 16 bytes of ``tweaks`` (see native/xts.h).  The
+    masks of the last ``bytes`` tweaks are kept (per thread) for the second call of
+    the usual mask / cipher / mask sequence."""
     dmv = byte_view(dest, writable=True, what="dest")
     smv, tmv = byte_view(src, what="src"), byte_view(tweaks, what="tweaks")
     ss, n = check_sectors(sector_size, (smv, "src"), (dmv, "dest"),
@@ -468,9 +478,18 @@ def xts_xor(dest, src, tweaks, sector_size=512):
     if not n:
         return
     np = numpy()
-    masks = _xts_masks(np, tmv, n, ss // 16)
-    d = np.frombuffer(dmv, dtype=np.uint64).reshape(masks.shape)
-    np.bitwise_xor(np.frombuffer(smv, dtype=np.uint64).reshape(masks.shape), masks, out=d)
+    last = getattr(_last_masks, "entry", None)
+    if last is not None and last[0] is tweaks and last[1] == ss:
+        mlo, mhi = last[2]
+    else:
+        mlo, mhi = _xts_masks(np, tmv, n, ss // 16)
+        # bytes cannot change: the same object has the same masks
+        _last_masks.entry = (tweaks, ss, (mlo, mhi)) if type(tweaks) is bytes else None
+    shape = (n, ss // 16, 2)
+    d = np.frombuffer(dmv, dtype=np.uint64).reshape(shape)
+    s = np.frombuffer(smv, dtype=np.uint64).reshape(shape)
+    np.bitwise_xor(s[:, :, 0], mlo, out=d[:, :, 0])
+    np.bitwise_xor(s[:, :, 1], mhi, out=d[:, :, 1])
 
 
 def cbc_unchain(dest, plain, cipher, ivs, sector_size=512):
