@@ -13,26 +13,26 @@
 #define MAX_SECTOR 4096
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-static uint64_t get_le64(const uint8_t *p)
+static inline uint64_t get_le64(const uint8_t *p)
 {
     uint64_t v;
     memcpy(&v, p, 8);
     return v;
 }
 
-static void put_le64(uint8_t *p, uint64_t v)
+static inline void put_le64(uint8_t *p, uint64_t v)
 {
     memcpy(p, &v, 8);
 }
 #else
-static uint64_t get_le64(const uint8_t *p)
+static inline uint64_t get_le64(const uint8_t *p)
 {
     return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16
         | (uint64_t)p[3] << 24 | (uint64_t)p[4] << 32 | (uint64_t)p[5] << 40
         | (uint64_t)p[6] << 48 | (uint64_t)p[7] << 56;
 }
 
-static void put_le64(uint8_t *p, uint64_t v)
+static inline void put_le64(uint8_t *p, uint64_t v)
 {
     int i;
 
@@ -196,6 +196,20 @@ int qcow2n_cbc_lane(uint8_t *data, size_t data_size,
             xor_words(lane + 16 * s, sec + 16 * j,
                       j > 0 ? sec + 16 * (j - 1) : ivs + 16 * s, 16);
         }
+    }
+    return 0;
+}
+
+int qcow2n_sector_ivs(uint8_t *dest, size_t dest_size, uint64_t first, uint64_t mask)
+{
+    size_t i;
+
+    if (dest_size % 16) {
+        return QCOW2N_EINVAL;
+    }
+    for (i = 0; i < dest_size / 16; i++) {
+        put_le64(dest + 16 * i, (first + i) & mask);
+        put_le64(dest + 16 * i + 8, 0);
     }
     return 0;
 }

@@ -47,3 +47,10 @@ int qcow2n_cbc_lane(uint8_t *data, size_t data_size,
                     uint8_t *lane, size_t lane_size,
                     const uint8_t *ivs, size_t ivs_size,
                     size_t sector_size, size_t j);
+
+/*
+ * qcow2n_sector_ivs - the plain IVs of dest_size / 16 sectors from @first:
+ * (first + i) & @mask (0xffffffff for "plain", all ones for "plain64") as a
+ * little-endian 128-bit number each.
+ */
+int qcow2n_sector_ivs(uint8_t *dest, size_t dest_size, uint64_t first, uint64_t mask);

@@ -3,12 +3,15 @@ IVs from the sector number (``plain``, ``plain64``) or ESSIV.
 
 The block cipher is pyca ``cryptography``'s AES (OpenSSL underneath, releasing the
 GIL); nothing cryptographic is written here.  What is ours is only the batching: a
-Python call per 512-byte sector would cost more than the AES itself, so a whole buffer
-goes through one ECB call and the per-block masks of XTS (the encrypted sector tweak
-times alpha^j in GF(2^128)) and the chaining of CBC are computed for every sector at
-once with numpy.  Both are the textbook definitions (IEEE 1619 for XTS), checked in the
-tests against ``cryptography``'s own XTS and CBC modes sector by sector, and against
-images qemu-img encrypted.
+Python call per 512-byte sector would cost more than the AES itself, so a whole chunk
+goes through one ECB call and the arithmetic around it is done for every sector at once
+by the sector-cipher kernels (``qcow2.kernels``: native/xts.c, or their numpy twins):
+the plain IVs; XTS's masks (the encrypted sector tweak times alpha^j in GF(2^128)),
+made on the fly and XORed before and after the ECB pass; CBC's chaining after the ECB
+pass when decrypting, and when encrypting the 32 blocks of every sector as 32 "lanes",
+one ECB call each.  Both modes are the textbook definitions (IEEE 1619 for XTS),
+checked in the tests against ``cryptography``'s own XTS and CBC modes sector by sector,
+and against images qemu-img encrypted.  numpy is not imported on the native path.
 
 ``SectorCipher.decrypt(buf, sector)`` / ``encrypt(buf, sector)`` work in place on a
 writable buffer whose length is a multiple of 512; ``sector`` is the number of its
@@ -20,14 +23,11 @@ from __future__ import annotations
 import hashlib
 import threading
 
-import numpy as np
-
 from . import kernels
 from .errors import UnsupportedFeatureError
 
 SECTOR = 512
 _CHUNK = 1 << 19                      # bytes per pass (the scratch stays in cache)
-_U64 = np.dtype("<u8")
 _tls = threading.local()
 
 
@@ -61,16 +61,6 @@ def _aes():
 def _ecb(key: bytes):
     Cipher, algorithms, modes = _aes()
     return Cipher(algorithms.AES(key), modes.ECB())
-
-
-def _ivs(sector: int, count: int, ivgen: str) -> np.ndarray:
-    """(count, 2) little-endian 128-bit IVs of the sectors from ``sector``."""
-    n = np.arange(sector, sector + count, dtype=np.uint64)
-    if ivgen == "plain":
-        n &= np.uint64(0xFFFFFFFF)
-    iv = np.zeros((count, 2), dtype=_U64)
-    iv[:, 0] = n
-    return iv
 
 
 class SectorCipher:
@@ -110,9 +100,10 @@ class SectorCipher:
             self._essiv = _ecb(digest)
 
     # -- IVs ---------------------------------------------------------------------------
-    def _sector_ivs(self, sector: int, count: int) -> bytes:
+    def _sector_ivs(self, sector: int, count: int):
         """The IVs of ``count`` sectors from ``sector``, 16 bytes each."""
-        iv = _ivs(sector, count, "plain64" if self.ivgen == "essiv" else self.ivgen).tobytes()
+        iv = bytearray(16 * count)
+        kernels.sector_ivs(iv, sector, 0xFFFFFFFF if self.ivgen == "plain" else (1 << 64) - 1)
         if self._essiv is not None:
             enc = self._essiv.encryptor()
             iv = enc.update(iv) + enc.finalize()

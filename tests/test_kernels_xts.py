@@ -169,3 +169,18 @@ def test_native_equals_python(pair, data):
             ns.cbc_lane(c, lane, tw, ss, j)
         outs.append((bytes(a), bytes(b), bytes(c), bytes(lane)))
     assert outs[0] == outs[1]
+
+
+def test_sector_ivs(impl):
+    for first, n, mask in ((0, 5, (1 << 64) - 1), ((1 << 32) - 2, 4, 0xFFFFFFFF),
+                           ((1 << 64) - 3, 3, (1 << 64) - 1), (1 << 40, 0, 0xFFFFFFFF)):
+        dest = bytearray(b"\xaa" * 16 * n)
+        impl.sector_ivs(dest, first, mask)
+        assert bytes(dest) == b"".join(((first + i) & mask).to_bytes(16, "little")
+                                       for i in range(n))
+    with pytest.raises(ValueError, match="16 per sector"):
+        impl.sector_ivs(bytearray(17), 0, 1)
+    with pytest.raises(ValueError, match="fit 64 bits"):
+        impl.sector_ivs(bytearray(32), (1 << 64) - 1, 1)
+    with pytest.raises(TypeError):
+        impl.sector_ivs(bytes(16), 0, 1)

@@ -36,6 +36,7 @@ API (identical in both implementations)::
     xts_xor(dest, src, tweaks, sector_size=512) -> None        # sector ciphers:
     cbc_unchain(dest, plain, cipher, ivs, sector_size=512) -> None  # the arithmetic
     cbc_lane(data, lane, ivs, sector_size, j) -> None          # around AES-ECB
+    sector_ivs(dest, first, mask) -> None                      # (native/xts.h)
 
 Native calls release the GIL; codec objects hold a reusable context and must
 be used by one thread at a time (one object per thread; concurrent use raises
@@ -65,7 +66,7 @@ from ..errors import NativeUnavailableError
 from .contract import ALGO_NAMES, ALGO_ZLIB, ALGO_ZSTD, KIND_NAMES, NATIVE_VERSION
 
 _API = ("l2_runs", "Decompressor", "Compressor", "zero_blocks", "is_zero", "xts_xor",
-        "cbc_unchain", "cbc_lane")
+        "cbc_unchain", "cbc_lane", "sector_ivs")
 _CONSTANTS = {
     "KIND_UNALLOC": KIND_UNALLOC, "KIND_UNALLOC_ALLOC": KIND_UNALLOC_ALLOC,
     "KIND_ZERO": KIND_ZERO, "KIND_ZERO_ALLOC": KIND_ZERO_ALLOC, "KIND_DATA": KIND_DATA,
@@ -142,5 +143,6 @@ is_zero = _active.is_zero
 xts_xor = _active.xts_xor
 cbc_unchain = _active.cbc_unchain
 cbc_lane = _active.cbc_lane
+sector_ivs = _active.sector_ivs
 
 __all__ = ["implementation", "features", "get", "NATIVE_VERSION", *_API, *_CONSTANTS]

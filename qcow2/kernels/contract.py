@@ -163,6 +163,17 @@ def check_sectors(sector_size, *buffers, per_sector=()):
     return ss, n
 
 
+def check_ivs(dest, first, mask):
+    """Validate sector_ivs()' arguments: (dest view, first, mask)."""
+    dmv = byte_view(dest, writable=True, what="dest")
+    if len(dmv) % 16:
+        raise ValueError(f"dest is {len(dmv)} bytes: expected 16 per sector")
+    first, mask = as_index(first, "first"), as_index(mask, "mask")
+    if first + len(dmv) // 16 > 1 << 64 or mask >= 1 << 64:
+        raise ValueError("sector numbers and the mask must fit 64 bits")
+    return dmv, first, mask
+
+
 def _int_array(x, typecode: str, limit: int, name: str):
     if hasattr(x, "__array_interface__") and hasattr(x, "dtype"):
         np = numpy()

@@ -21,8 +21,8 @@ from . import contract
 from .contract import (
     ALGO_ZSTD, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ENOMEM, ENOSPC, NATIVE_VERSION,
     RUN_ITEMSIZES, RUN_TYPECODES, CompressorBase, DecompressorBase, byte_view,
-    as_index, check_block_size, check_codec_args, check_l2_args, check_sectors, empty_runs,
-    l2_error,
+    as_index, check_block_size, check_codec_args, check_ivs, check_l2_args, check_sectors,
+    empty_runs, l2_error,
 )
 
 try:
@@ -301,4 +301,14 @@ def cbc_lane(data, lane, ivs, sector_size, j):
     with ffi.from_buffer(dmv, require_writable=True) as dp, \
             ffi.from_buffer(lmv, require_writable=True) as lp, ffi.from_buffer(imv) as ip:
         ret = lib.qcow2n_cbc_lane(dp, len(dmv), lp, len(lmv), ip, len(imv), ss, j)
+    assert ret == 0, ret
+
+
+def sector_ivs(dest, first, mask):
+    """The plain IVs of sectors (as :func:`qcow2.kernels.python.sector_ivs`)."""
+    dmv, first, mask = check_ivs(dest, first, mask)
+    if not len(dmv):
+        return
+    with ffi.from_buffer(dmv, require_writable=True) as dp:
+        ret = lib.qcow2n_sector_ivs(dp, len(dmv), first, mask)
     assert ret == 0, ret

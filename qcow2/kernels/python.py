@@ -23,7 +23,8 @@ from ..cluster import L2Batch
 from .contract import (
     ALGO_ZLIB, ALGO_ZSTD, EDATA, EDSTRANGE, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ELONG,
     ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, CompressorBase, DecompressorBase, as_index,
-    byte_view, check_block_size, check_l2_args, check_sectors, empty_runs, l2_error, numpy,
+    byte_view, check_block_size, check_ivs, check_l2_args, check_sectors, empty_runs, l2_error,
+    numpy,
 )
 
 IMPLEMENTATION = "python"
@@ -532,3 +533,17 @@ def cbc_lane(data, lane, ivs, sector_size, j):
     if j < blocks:
         prev = d[:, j - 1] if j > 0 else np.frombuffer(imv, dtype=np.uint64).reshape(n, 2)
         np.bitwise_xor(d[:, j], prev, out=v)
+
+
+def sector_ivs(dest, first, mask):
+    """The plain IVs of len(dest) / 16 sectors from ``first``: (first + i) & mask as
+    little-endian 128-bit numbers (see native/xts.h)."""
+    dmv, first, mask = check_ivs(dest, first, mask)
+    n = len(dmv) // 16
+    if not n:
+        return
+    np = numpy()
+    iv = np.frombuffer(dmv, dtype="<u8").reshape(n, 2)
+    np.bitwise_and(np.arange(first, first + n, dtype=np.uint64), np.uint64(mask),
+                   out=iv[:, 0])
+    iv[:, 1] = 0
