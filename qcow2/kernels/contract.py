@@ -140,6 +140,7 @@ def check_block_size(block_size) -> int:
 
 
 MAX_SECTOR = 4096        # largest sector of the sector-cipher kernels (native/xts.h)
+SECTOR = 512             # their default: the sectors of LUKS data in qcow2
 
 
 def check_sectors(sector_size, *buffers, per_sector=()):

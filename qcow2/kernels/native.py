@@ -21,7 +21,7 @@ from . import contract
 from .contract import (
     ALGO_ZSTD, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ENOMEM, ENOSPC, NATIVE_VERSION,
     RUN_ITEMSIZES, RUN_TYPECODES, CompressorBase, DecompressorBase, byte_view,
-    as_index, check_block_size, check_codec_args, check_ivs, check_l2_args, check_sectors,
+    SECTOR, as_index, check_block_size, check_codec_args, check_ivs, check_l2_args, check_sectors,
     empty_runs, l2_error,
 )
 
@@ -255,7 +255,7 @@ def is_zero(buf) -> bool:
 # --------------------------------------------------------------------------
 # Sector ciphers: the arithmetic around AES (native/xts.c)
 
-def xts_xor(dest, src, tweaks, sector_size=512):
+def xts_xor(dest, src, tweaks, sector_size=SECTOR):
     """XTS masking (as :func:`qcow2.kernels.python.xts_xor`)."""
     dmv = byte_view(dest, writable=True, what="dest")
     smv, tmv = byte_view(src, what="src"), byte_view(tweaks, what="tweaks")
@@ -269,7 +269,7 @@ def xts_xor(dest, src, tweaks, sector_size=512):
     assert ret == 0, ret
 
 
-def cbc_unchain(dest, plain, cipher, ivs, sector_size=512):
+def cbc_unchain(dest, plain, cipher, ivs, sector_size=SECTOR):
     """CBC chaining after ECB (as :func:`qcow2.kernels.python.cbc_unchain`)."""
     dmv = byte_view(dest, writable=True, what="dest")
     pmv, cmv = byte_view(plain, what="plain"), byte_view(cipher, what="cipher")

@@ -22,9 +22,9 @@ from ..constants import (
 from ..cluster import L2Batch
 from .contract import (
     ALGO_ZLIB, ALGO_ZSTD, EDATA, EDSTRANGE, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ELONG,
-    ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, CompressorBase, DecompressorBase, as_index,
-    byte_view, check_block_size, check_ivs, check_l2_args, check_sectors, empty_runs, l2_error,
-    numpy,
+    ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, SECTOR, CompressorBase, DecompressorBase,
+    as_index, byte_view, check_block_size, check_ivs, check_l2_args, check_sectors, empty_runs,
+    l2_error, numpy,
 )
 
 IMPLEMENTATION = "python"
@@ -467,7 +467,7 @@ def _xts_masks(np, tweaks, n: int, blocks: int):
 _last_masks = threading.local()
 
 
-def xts_xor(dest, src, tweaks, sector_size=512):
+def xts_xor(dest, src, tweaks, sector_size=SECTOR):
     """XTS masking: block j of sector s of ``src`` XOR T_s * alpha^j into ``dest``
     (may be ``src``); T_s the s-th 16 bytes of ``tweaks`` (see native/xts.h).  The
     masks of the last ``bytes`` tweaks are kept (per thread) for the second call of
@@ -493,7 +493,7 @@ def xts_xor(dest, src, tweaks, sector_size=512):
     np.bitwise_xor(s[:, :, 1], mhi, out=d[:, :, 1])
 
 
-def cbc_unchain(dest, plain, cipher, ivs, sector_size=512):
+def cbc_unchain(dest, plain, cipher, ivs, sector_size=SECTOR):
     """CBC decryption after ECB: ``dest`` = ``plain`` XOR the previous ciphertext block
     (the sector's IV for its first block); ``dest`` may be ``cipher``."""
     dmv = byte_view(dest, writable=True, what="dest")
