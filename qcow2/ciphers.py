@@ -28,6 +28,7 @@ from .errors import UnsupportedFeatureError
 
 SECTOR = 512
 _CHUNK = 1 << 19                      # bytes per pass (the scratch stays in cache)
+_LANE_CHUNK = 1 << 21                 # bytes per CBC encryption pass (66 calls each)
 _tls = threading.local()
 
 
@@ -130,8 +131,9 @@ class SectorCipher:
         sc = _scratch(min(len(mv), _CHUNK))
         # ECB keeps no state between whole blocks: one context for all the chunks
         op = self._data.decryptor() if decrypt else self._data.encryptor()
-        for pos in range(0, len(mv), _CHUNK):
-            part = mv[pos:pos + _CHUNK]
+        step = _LANE_CHUNK if self.mode == "cbc" and not decrypt else _CHUNK
+        for pos in range(0, len(mv), step):
+            part = mv[pos:pos + step]
             first = sector + pos // SECTOR
             if self.mode == "xts":
                 self._xts(op, sc, part, first)
