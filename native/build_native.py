@@ -31,7 +31,10 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "qcow2_native.h")
-EXTRA_HEADERS = ["xts.h"]    # more declarations, cdef'd after HEADER (xts.h: native/xts.c)
+#: declarations of other kernel groups, appended to HEADER for cdef() (their C
+#: files are picked up by the *.c glob below)
+EXTRA_HEADERS = [os.path.join(HERE, "qcow2_check.h"),
+                 os.path.join(HERE, "xts.h")]      # xts.h: native/xts.c
 REQUIRE_NATIVE = os.environ.get("QCOW2_REQUIRE_NATIVE", "") not in ("", "0")
 
 CFLAGS = ["-O3", "-Wall", "-Wextra", "-std=c99", "-fno-strict-aliasing"]
@@ -88,12 +91,11 @@ def _probe(name: str) -> bool:
 
 
 def _read_cdef() -> str:
-    with open(HEADER) as f:
-        text = f.read()
-    for name in EXTRA_HEADERS:
-        with open(os.path.join(HERE, name)) as f:
-            text += "\n" + f.read()
-    return text
+    parts = []
+    for path in (HEADER, *EXTRA_HEADERS):
+        with open(path) as f:
+            parts.append(f.read())
+    return "\n".join(parts)
 
 
 def _relative(path: str) -> str:
@@ -139,7 +141,7 @@ def make_builder() -> FFI:
     ffi.set_source(
         "qcow2._native",
         preamble + '#include <stddef.h>\n#include <stdint.h>\n#include "qcow2_native.h"\n'
-        + "".join('#include "%s"\n' % name for name in EXTRA_HEADERS),
+        '#include "qcow2_check.h"\n#include "xts.h"\n',
         sources=[_relative(p) for p in sorted(glob.glob(os.path.join(HERE, "*.c")))
                  if not os.path.basename(p).startswith("_")],
         include_dirs=[_relative(HERE)],

@@ -24,13 +24,15 @@ the snapshot table itself is read and packed by ``qcow2.snapshot``.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import time
 from contextlib import contextmanager
 
 from . import constants as C
 from .cluster import compressed_extent
-from .errors import Qcow2Error
+from .errors import CorruptImageError, Qcow2Error
 from .snapshot import EXTRA_DATA_SIZE, Snapshot, pack_table
 
 # the extra data QEMU writes with a new snapshot: vm_state_size_large, disk_size, icount
@@ -52,7 +54,14 @@ class InternalSnapshots:
         return sn
 
     def create_snapshot(self, name: str) -> Snapshot:
-        """Take a snapshot of the active layer named ``name`` (the next free numeric id)."""
+        """Take a snapshot of the active layer named ``name`` (the next free numeric id).
+        Refused before anything changes (OSError, QEMU's errno): a full table (EFBIG), or
+        a reference the refcount structure cannot count (see :meth:`_check_countable`)."""
+        with self._lock:
+            if len(self.snapshots_list) >= C.MAX_SNAPSHOTS:
+                raise OSError(errno.EFBIG, f"the snapshot table holds the most snapshots "
+                                           f"the format allows ({C.MAX_SNAPSHOTS})")
+            self._check_countable(list(self._l1))
         with self._lock, self._dirty_while():
             cs = self.cluster_size
             l1 = list(self._l1)
@@ -144,6 +153,130 @@ class InternalSnapshots:
             h.incompatible_features &= ~C.INCOMPAT_DIRTY
             self._write_header_field(C.HDR_INCOMPATIBLE_FEATURES, ">Q", h.incompatible_features)
             self._sync()
+
+    def _check_countable(self, l1: list[int]) -> None:
+        """Every cluster the tree of ``l1`` reaches must have a refcount block: one
+        without is a reference the refcount structure does not count (a corrupt entry,
+        e.g. pointing far past the end of the file).  QEMU fails there with EAGAIN
+        (it would have to allocate a refcount block in the middle of the update), or
+        EFBIG when the refcount table could not even grow that far; a snapshot never
+        grows the refcount structure for such a reference, and nothing has changed
+        when this raises."""
+        refs = self.refs
+        shift = refs.cbits
+        per = refs.block_entries
+        data_file = self.header.has_data_file
+        missing = set()
+        for _i, off, entries in self._tree(l1):
+            hosts = {off}
+            for e in entries:
+                if e & C.OFLAG_COMPRESSED:
+                    _coff, _csize, start, n = compressed_extent(e, self.cluster_bits)
+                    hosts.update((start, start + n - 1))
+                elif e & C.L2E_OFFSET_MASK and not data_file:
+                    hosts.add(e & C.L2E_OFFSET_MASK)
+            missing.update(b for b in {(h >> shift) // per for h in hosts}
+                           if not refs.block_offset(b))
+        if missing:
+            last = max(missing)
+            if (last + 1) * 8 > C.MAX_REFTABLE_SIZE:
+                raise OSError(errno.EFBIG, f"a cluster the active layer references would "
+                                           f"need refcount block {last}, beyond the largest "
+                                           f"refcount table the format allows")
+            raise OSError(errno.EAGAIN, f"a cluster the active layer references has no "
+                                        f"refcount block (block {last}): its entry is corrupt")
+
+    # -- downgrade to version 2 ---------------------------------------------------------
+    def check_snapshot_l1_tables(self) -> None:
+        """Every snapshot's L1 table where it may be (before a downgrade changes
+        anything); the error as qemu-img reports a failed expansion: the reason, then
+        "Failed to turn zero into data clusters: STRERROR"."""
+        for sn in self.snapshots_list:
+            try:
+                self.header.validate_snapshot_l1(sn)
+                if sn.l1_table_offset + sn.l1_size * C.L1E_SIZE > self.file_size:
+                    raise CorruptImageError(
+                        f"the L1 table of snapshot {sn.id} lies past the end of the file",
+                        offset=sn.l1_table_offset, what="L1 table")
+            except CorruptImageError as exc:
+                code = (errno.EFBIG if sn.l1_size > C.MAX_L1_SIZE // C.L1E_SIZE
+                        else errno.EINVAL)
+                exc.lines = [str(exc), f"Failed to turn zero into data clusters: "  # type: ignore[attr-defined]
+                                       f"{os.strerror(code)}"]
+                raise
+
+    def expand_snapshot_zero_clusters(self, step=None) -> None:
+        """Version 2 has no zero flag: in every snapshot's L2 tables (checked by
+        :meth:`check_snapshot_l1_tables`), an entry marked zero becomes unallocated
+        when there is no backing file, else a cluster of written zeros (its own
+        cluster, when only this entry uses it; a new one otherwise).  A table shared
+        by ``r`` users changes for all of them at once: a new cluster gets refcount
+        ``r``, a dropped one loses ``r``.  Order: new clusters and zeros durable, then
+        the tables, then the dropped references (a crash leaks at worst).
+        ``step(n)``: after each snapshot L1 entry, ``n`` of them (all snapshots) done."""
+        cs = self.cluster_size
+        refs = self.refs
+        backing = self.header.backing_file is not None
+        seen: set[int] = set()
+        changes = []                     # (table offset, index, new entry, host dropped, r)
+        step = step or (lambda _n: None)
+        base = 0
+        for sn in self.snapshots_list:
+            done = 0
+            for i, off, entries in list(self._tree(self._snapshot_l1(sn))):
+                while done < i:                  # (the unallocated entries before it)
+                    done += 1
+                    step(base + done)
+                done = i + 1
+                if off not in seen:
+                    seen.add(off)
+                    changes += self._snapshot_zeros(off, entries, backing)
+                step(base + done)
+            while done < sn.l1_size:
+                done += 1
+                step(base + done)
+            base += sn.l1_size
+        if not changes:
+            return
+        self.flush()
+        self._sync()
+        for off, k, entry, host, r in changes:
+            struct.pack_into(">Q", self._l2_table(0, off), k * 8, entry)
+            self._l2c.mark_dirty(off)
+            if host:
+                for _ in range(r):
+                    refs.free(host, cs)
+                refs.block_freed(host, cs)
+        self.flush()
+
+    def _snapshot_zeros(self, off: int, entries, backing: bool) -> list:
+        """The changes of the zero entries of the L2 table at ``off`` (see
+        :meth:`expand_snapshot_zero_clusters`); new clusters are allocated and zeros
+        written here."""
+        cs = self.cluster_size
+        cbits = self.cluster_bits
+        refs = self.refs
+        changes = []
+        r = max(1, refs.get(off >> cbits))
+        for k, e in enumerate(entries):
+            if e & C.OFLAG_COMPRESSED or not e & C.OFLAG_ZERO:
+                continue
+            host = e & C.L2E_OFFSET_MASK
+            if not backing:
+                changes.append((off, k, 0, host, r))
+            elif host and refs.get(host >> cbits) == r:
+                self._io(self.be.write_zeros, host, cs)
+                changes.append((off, k, e & ~C.OFLAG_ZERO, 0, r))
+            else:
+                new = refs.alloc(1)
+                self._claim(new, cs, "zero data of a snapshot")
+                for _ in range(r - 1):
+                    refs.add(new >> cbits, 1)
+                self._io(self.be.write_zeros, new, cs)
+                self.file_size = max(self.file_size, new + cs)
+                changes.append((off, k, new | (C.OFLAG_COPIED if r == 1 else 0),
+                                host, r))
+        return changes
 
     # -- freeing -----------------------------------------------------------------------
     def _free_clusters(self, offset: int, length: int, *, sl1: bool = False) -> None:
@@ -266,6 +399,8 @@ class InternalSnapshots:
         self._write_header_field(C.HDR_NB_SNAPSHOTS, ">IQ", len(snaps), new_off)
         self._sync()
         h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
+        # (a table read past the end of the file, as zeros, has nothing there to free)
+        old_len = min(old_len, max(0, self.file_size - old_off))
         if old_off and old_len:
             self._free_clusters(old_off, old_len)
         self.snapshots_list = snaps

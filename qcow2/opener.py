@@ -110,7 +110,7 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
                 img = cls(be, filename, untrusted=untrusted, snapshot=snapshot,
                           companions=companions, owns_backend=owned, limits=limits)
             except (FormatError, UnsupportedFeatureError) as exc:
-                _name_the_image(exc, filename)
+                _name_the_image(exc, filename, snapshot)
                 raise
             if base is not None and img.backing_filename:
                 img.full_backing_filename = companions.resolve(img.backing_filename)
@@ -172,10 +172,19 @@ def _blkdebug_rules(name: str):
     return rules, path
 
 
-def _name_the_image(exc: Exception, filename: str) -> None:
+#: how ``Header.validate_snapshot_l1``'s errors begin
+_SNAPSHOT_L1 = "Snapshot L1 table of snapshot "
+
+
+def _name_the_image(exc: Exception, filename: str, snapshot=None) -> None:
     """An image refused at open names it first, as qemu-img's "Could not open 'NAME':
-    REASON" (in place: the exception keeps its type and attributes)."""
+    REASON" (in place: the exception keeps its type and attributes); where the image
+    opened but the ``snapshot`` asked for did not load, "Failed to load snapshot:
+    REASON" (qemu-img's words for convert -l)."""
     msg = str(exc)
+    if snapshot is not None and msg.startswith(_SNAPSHOT_L1):
+        exc.args = (f"Failed to load snapshot: {msg}",) + tuple(exc.args[1:])
+        return
     if exc.args and not msg.startswith("Could not open "):
         exc.args = (f"Could not open '{filename}': {msg}",) + tuple(exc.args[1:])
 

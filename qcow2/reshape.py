@@ -449,24 +449,31 @@ class Reshape:
                 self._write_header_field(C.HDR_COMPATIBLE_FEATURES, ">Q", h.compatible_features)
                 self._sync()
 
-    def set_version(self, version: int) -> None:
+    def set_version(self, version: int, progress=None) -> None:
         """Change the format version: 2 -> 3 rewrites the header; 3 -> 2 also turns
-        zero clusters into what version 2 can say, and refuses what it cannot hold."""
+        zero clusters into what version 2 can say, and refuses what it cannot hold.
+        ``progress(done, total)``: the work done so far, in qemu-img's units (upgrade:
+        two steps, the snapshot table and the header; downgrade: one per L1 entry of
+        the active layer and of every snapshot)."""
         h = self.header
+        report = progress or _no_progress
         with self._lock:
             if version == 3 and h.version == 2:
+                report(0, 2)
                 # version 3 requires the 64-bit VM state size and the disk size in every
                 # snapshot's extra data: the table is rewritten first (QEMU's order)
                 if any(sn.extra_data_size < C.SNAPSHOT_EXTRA_V3_MIN
                        for sn in self.snapshots_list):
                     self._write_snapshot_table(list(self.snapshots_list))
+                report(1, 2)
                 h.version = 3
                 h.header_length = 0            # pack_header picks the v3 length
                 self._rewrite_header()
+                report(2, 2)
             elif version == 2 and h.version == 3:
-                self._downgrade()
+                self._downgrade(report)
 
-    def _downgrade(self) -> None:
+    def _downgrade(self, report) -> None:
         h = self.header
         if h.refcount_bits != 16:
             raise Qcow2Error("compat=0.10 requires refcount_bits=16")
@@ -475,22 +482,24 @@ class Reshape:
                              "data file or a compression type other than zlib")
         if h.bitmaps_ext is not None:
             raise Qcow2Error("Cannot downgrade an image with bitmaps")
-        if self.snapshots_list:
-            raise UnsupportedFeatureError("Downgrading an image with internal snapshots is not "
-                                          "supported", feature="amend compat with snapshots")
-        self._expand_zero_clusters()
+        self.check_snapshot_l1_tables()          # before anything changes
+        total = len(self._l1) + sum(sn.l1_size for sn in self.snapshots_list)
+        self._expand_zero_clusters(lambda done: report(done, total))
+        self.expand_snapshot_zero_clusters(lambda done: report(len(self._l1) + done, total))
         if h.lazy_refcounts:
             h.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
         h.version = 2
         h.incompatible_features = h.compatible_features = h.autoclear_features = 0
         self._rewrite_header()
 
-    def _expand_zero_clusters(self) -> None:
+    def _expand_zero_clusters(self, step) -> None:
         """Version 2 has no zero flag: clusters marked zero become unallocated (no backing
-        file) or written zeros (a backing file would show through)."""
+        file) or written zeros (a backing file would show through).  ``step(n)``: after
+        each of the active L1 table's entries, ``n`` of them done."""
         cs = self.cluster_size
         for i, e in enumerate(list(self._l1)):
             if not e & C.L1E_OFFSET_MASK:
+                step(i + 1)
                 continue
             table, toff = self._l2_for_write(i)
             for k in range(self._l2_entries):
@@ -502,20 +511,29 @@ class Reshape:
                 self._free_entry(d)
                 if self.header.backing_file is not None and guest < self.size:
                     self.pwrite(bytes(min(cs, self.size - guest)), guest)
+            step(i + 1)
         self.flush()
 
     # -- refcount width ----------------------------------------------------------------
-    def change_refcount_width(self, bits: int) -> None:
+    def change_refcount_width(self, bits: int, progress=None) -> None:
         """Write a complete new refcount structure of ``bits``-wide entries after the end
         of the used space, make it durable, switch the header to it, then drop the old
-        table and blocks (QEMU's qcow2_change_refcount_order)."""
+        table and blocks (QEMU's qcow2_change_refcount_order).
+
+        ``progress(done, total)`` counts passes over the old refcount table's entries
+        as qemu-img does: sizing passes until the new structure's size stops changing
+        (the first reads every refcount; the others are arithmetic here), then one that
+        writes the new blocks.  The total is an estimate (at least three passes, two
+        more than the current one while sizing), so the reported fraction goes back
+        when the sizing needs a third pass, as qemu-img's does."""
         import numpy as np
 
         h = self.header
         cs = self.cluster_size
         with self._lock:
             self.flush()
-            counts = self._all_refcounts()
+            walks = _Walks(len(self.refs.table), progress)
+            counts = self._all_refcounts(walks.entry)
             if counts.size and int(counts.max()) > (1 << bits) - 1:
                 first = int(np.argmax(counts > (1 << bits) - 1))     # qemu-img names it
                 raise Qcow2Error(f"Cannot decrease refcount entry width to {bits} bits: "
@@ -524,7 +542,8 @@ class Reshape:
             refs = self.refs
             end = refs.end_cluster
             old_blocks = [refs.block_offset(bi) for bi in range(len(refs.table))]
-            nb, tc = _refcount_structure(end, cs * 8 // bits, cs)
+            nb, tc, passes = _refcount_structure(end, cs * 8 // bits, cs)
+            walks.sized(passes)
             total = end + nb + tc
             counts = np.concatenate([counts, np.ones(nb + tc, dtype=np.uint64),
                                      np.zeros(nb * (cs * 8 // bits) - total, dtype=np.uint64)])
@@ -534,10 +553,11 @@ class Reshape:
             for off in old_blocks:
                 if off:
                     counts[off // cs] -= 1
-            self._switch_refcounts(counts, bits, end, nb, tc)
+            self._switch_refcounts(counts, bits, end, nb, tc, walks)
 
-    def _all_refcounts(self):
-        """The refcount of every cluster below the end of the used space (numpy)."""
+    def _all_refcounts(self, entry=None):
+        """The refcount of every cluster below the end of the used space (numpy);
+        ``entry(i)``: before the refcount table's entry ``i`` is read."""
         import numpy as np
 
         from .refcount import decode_block
@@ -547,6 +567,8 @@ class Reshape:
         per = refs.block_entries
         counts = np.zeros(end, dtype=np.uint64)
         for bi in range((end + per - 1) // per):
+            if entry is not None:
+                entry(bi)
             off = refs.block_offset(bi)
             if off:
                 vals = decode_block(bytes(refs.cache.get(off)), self.header.refcount_bits)
@@ -555,14 +577,18 @@ class Reshape:
                 counts[lo:hi] = vals[:hi - lo]
         return counts
 
-    def _switch_refcounts(self, counts, bits: int, end: int, nb: int, tc: int) -> None:
+    def _switch_refcounts(self, counts, bits: int, end: int, nb: int, tc: int,
+                          walks: "_Walks") -> None:
         """Write the new blocks and table at cluster ``end``, then the header fields."""
         from .refcount import encode_block
 
         h = self.header
         cs = self.cluster_size
         base = end * cs
-        self._write_meta(encode_block(counts, bits), base)
+        blocks = encode_block(counts, bits)
+        for a, b in walks.writing(nb):          # (the blocks in slices, one per report)
+            if b > a:
+                self._write_meta(blocks[a * cs:b * cs], base + a * cs)
         table = struct.pack(f">{nb}Q", *[base + i * cs for i in range(nb)])
         self._write_meta(table + bytes(tc * cs - len(table)), base + nb * cs)
         self._sync()
@@ -684,14 +710,66 @@ def _pack_l1(table: list[int], length: int) -> bytes:
     return struct.pack(f">{len(table)}Q", *table) + bytes(length - len(table) * C.L1E_SIZE)
 
 
-def _refcount_structure(end: int, per_block: int, cs: int) -> tuple[int, int]:
-    """(blocks, table clusters) of a refcount structure placed at cluster ``end`` that
-    covers everything below it and itself."""
+def _refcount_structure(end: int, per_block: int, cs: int) -> tuple[int, int, int]:
+    """(blocks, table clusters, passes) of a refcount structure placed at cluster
+    ``end`` that covers everything below it and itself; ``passes``: how many sizing
+    rounds it took, the last one finding nothing more to add."""
     nb = tc = 0
+    passes = 0
     while True:
+        passes += 1
         total = end + nb + tc
         nb2 = (total + per_block - 1) // per_block
         tc2 = (nb2 * 8 + cs - 1) // cs
         if (nb2, tc2) == (nb, tc):
-            return nb, tc
+            return nb, tc, passes
         nb, tc = nb2, tc2
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+class _Walks:
+    """The progress of a refcount width change in qemu-img's units: passes over the
+    ``entries`` of the old refcount table, one report per entry and one at the end of
+    each pass; while sizing, pass ``k`` expects ``max(k + 2, 3)`` passes in all, the
+    writing pass is the last."""
+
+    def __init__(self, entries: int, progress):
+        self.n = max(1, entries)
+        self.report = progress or _no_progress
+        self.read = 0                          # entries the first pass reported
+        self.passes = 1
+
+    def _pass(self, k: int, total: int, start: int = 0) -> None:
+        for j in range(start, self.n):
+            self.report(k * self.n + j, total * self.n)
+
+    def entry(self, i: int) -> None:
+        """The first pass (reading the refcounts) reached entry ``i``."""
+        if i < self.n:
+            self.report(i, 3 * self.n)
+            self.read = i + 1
+
+    def sized(self, passes: int) -> None:
+        """The sizing took ``passes`` rounds: the first pass's rest, then the others."""
+        self._pass(0, 3, self.read)            # (entries past the used blocks)
+        self.report(self.n, 3 * self.n)
+        for k in range(1, passes):
+            total = max(k + 2, 3)
+            self._pass(k, total)
+            self.report((k + 1) * self.n, total * self.n)
+        self.passes = passes
+
+    def writing(self, blocks: int):
+        """(first, end) block ranges of the writing pass, one per report."""
+        k = self.passes
+        total = k + 1
+        done = 0
+        for j in range(self.n):
+            self.report(k * self.n + j, total * self.n)
+            upto = blocks * (j + 1) // self.n
+            yield done, upto
+            done = upto
+        self.report(total * self.n, total * self.n)

@@ -64,13 +64,19 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
     """Parse ``count`` entries at ``offset`` (validated by the header already).
 
     The table is read incrementally, as far as its entries say it goes: it can be at
-    most MAX_SNAPSHOTS_SIZE bytes long and must lie inside the file.  ``charge(n)``,
-    when given, is called with the number of bytes about to be read before every read
-    (untrusted mode counts them against its metadata budget and refuses there).
+    most MAX_SNAPSHOTS_SIZE bytes long.  ``charge(n)``, when given, is called with the
+    number of bytes about to be read before every read (untrusted mode counts them
+    against its metadata budget and refuses there); then the table must also lie
+    inside the file.  Without it, bytes past the end of the file read as zeros, as
+    QEMU's file driver reads them (qemu-img opens such an image, lists the zeroed
+    entries, and ``snapshot -c`` writes the table anew inside the file; ``check``
+    reports the entries as incomplete).
     """
     if count == 0:
         return []
-    limit = min(C.MAX_SNAPSHOTS_SIZE, max(0, file_size - offset))
+    strict = charge is not None
+    limit = min(C.MAX_SNAPSHOTS_SIZE, max(0, file_size - offset)) if strict \
+        else C.MAX_SNAPSHOTS_SIZE
     buf = bytearray()
 
     def need(n: int) -> bool:
@@ -83,6 +89,8 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
         if charge is not None:
             charge(want - len(buf))
         got = read(want - len(buf), offset + len(buf))
+        if not strict and len(got) < want - len(buf):
+            got = bytes(got) + bytes(want - len(buf) - len(got))    # zeros past the end
         buf.extend(got)
         return n <= len(buf)
 
@@ -101,7 +109,8 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
                 f"Too much extra metadata in snapshot table entry {i} "
                 f"({extra_size} bytes, at offset {entry_off:#x})",
                 offset=entry_off, size=ENTRY_HEADER.size, what="snapshot table entry")
-            exc.hint = "You can force-remove this extra metadata with qemu-img check -r all\n"
+            if not strict:      # (an untrusted image is never repaired in place)
+                exc.hint = "You can force-remove this extra metadata with qemu-img check -r all\n"
             raise exc
         end = pos + extra_size + id_size + name_size
         if not need(end):
@@ -109,8 +118,9 @@ def read_snapshot_table(read, offset: int, count: int, file_size: int,
                 exc = CorruptImageError(
                     f"Snapshot table is too big (entry {i} at offset {entry_off:#x})",
                     offset=entry_off, what="snapshot table")
-                exc.hint = (f"You can force-remove all {count - i} overhanging snapshots "
-                            f"with qemu-img check -r all\n")
+                if not strict:
+                    exc.hint = (f"You can force-remove all {count - i} overhanging "
+                                f"snapshots with qemu-img check -r all\n")
                 raise exc
             raise _trunc(i, entry_off, file_size)
         extra = buf[pos:pos + extra_size]

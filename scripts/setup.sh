@@ -12,6 +12,9 @@ PKGS="qemu-utils qemu-block-extra libnbd-bin qemu-system-x86 busybox-static zlib
 # their recommends: the mgr's dashboard and disk-prediction modules pull in hundreds of
 # MB that a test cluster never loads.
 CEPH_PKGS="ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev"
+# clang and its libFuzzer/sanitizer runtimes: the C kernels' fuzz harnesses
+# (native/fuzz/, tests/test_faults_fuzz.py::test_native_fuzz; skipped without them)
+PKGS="$PKGS clang libclang-rt-dev"
 # QEMU's own iotests run with our CLI as qemu-img (tests/test_iotests.py) probe for a
 # qemu-system binary; no recommends (firmware, display stacks) needed for that.
 CEPH_PKGS="$CEPH_PKGS qemu-system-x86"

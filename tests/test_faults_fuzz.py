@@ -2,6 +2,13 @@
 check, for a bounded time per target (QCOW2_FUZZ_SECONDS, 12 s by default; one input
 may take QCOW2_FUZZ_TIMEOUT seconds, 20 by default, before it counts as a hang).
 
+The C kernels are fuzzed too (test_native_fuzz): libFuzzer harnesses (native/fuzz/)
+built with clang and -fsanitize=fuzzer,address,undefined, QCOW2_FUZZ_NATIVE_SECONDS
+(8 by default) per target after a replay of their seeds and regressions
+(native/fuzz/seeds/, native/fuzz/regressions/, where a crash is kept).  Skipped, with
+the reason, without clang and its libFuzzer runtime.  Longer runs:
+tests/faults/fuzz_native.py.
+
 Seeds: the regression corpus (tests/fuzz_regressions/) and a few small images made
 by qemu-img.  A crash, hang or memory blow-up is saved as
 ``tests/fuzz_regressions/atheris-TARGET-<sha256 prefix>.qcow2.gz`` (the regression
@@ -24,7 +31,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 FUZZ = HERE / "faults" / "fuzz.py"
 REGRESSIONS = HERE / "fuzz_regressions"
-TARGETS = ["open", "untrusted", "check"]
+TARGETS = ["open", "untrusted", "check", "check-paths"]
 
 try:
     import atheris  # noqa: F401
@@ -32,12 +39,14 @@ try:
 except ImportError:
     _ATHERIS = False
 
-pytestmark = pytest.mark.skipif(not _ATHERIS, reason="atheris is not installed "
-                                "(pip install atheris; scripts/setup.sh does)")
+needs_atheris = pytest.mark.skipif(not _ATHERIS, reason="atheris is not installed "
+                                   "(pip install atheris; scripts/setup.sh does)")
 
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory):
+    if not _ATHERIS:
+        pytest.skip("atheris is not installed")
     d = tmp_path_factory.mktemp("seeds")
     for f in sorted(REGRESSIONS.glob("*.qcow2.gz")):
         with gzip.open(f, "rb") as g:
@@ -68,6 +77,7 @@ def _save(target: str, data: bytes) -> Path:
     return path
 
 
+@needs_atheris
 @pytest.mark.parametrize("target", TARGETS)
 def test_fuzz(target, seeds, tmp_path):
     seconds = int(os.environ.get("QCOW2_FUZZ_SECONDS", "12"))
@@ -87,5 +97,41 @@ def test_fuzz(target, seeds, tmp_path):
     saved = [str(_save(target, p.read_bytes())) for p in found]
     tail = "\n".join(r.stderr.splitlines()[-40:])
     assert r.returncode == 0 and not found, f"fuzzer found {saved}:\n{tail}"
+    runs = [ln for ln in r.stderr.splitlines() if ln.startswith("stat::number_of_executed_units")]
+    print(f"{target}: {runs[0].split(':')[-1].strip() if runs else '?'} inputs in {seconds} s")
+
+
+# -- the C kernels (libFuzzer) -------------------------------------------------------
+NATIVE_TARGETS = ["decompress", "l2", "zero", "check"]
+
+
+@pytest.fixture(scope="module")
+def native_fuzzers(tmp_path_factory):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fuzz_native",
+                                                  HERE / "faults" / "fuzz_native.py")
+    fn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fn)
+    why = fn.missing()
+    if why:
+        pytest.skip(f"C kernel fuzzing skipped: {why}")
+    return fn, fn.build(tmp_path_factory.mktemp("fuzz-native"))
+
+
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+def test_native_fuzz(target, native_fuzzers, tmp_path):
+    fn, exes = native_fuzzers
+    r = fn.replay(exes[target], target)
+    assert r.returncode == 0, "\n".join(r.stderr.splitlines()[-40:])
+    seconds = int(os.environ.get("QCOW2_FUZZ_NATIVE_SECONDS", "8"))
+    reg = fn.FUZZ / "regressions" / target
+    before = set(reg.iterdir()) if reg.is_dir() else set()
+    r = fn.run(exes[target], target,
+               [f"-max_total_time={seconds}", "-print_final_stats=1",
+                f"-seed={int(os.environ.get('QCOW2_FUZZ_SEED', '1'))}"],
+               [str(tmp_path)], timeout=seconds * 4 + 120)
+    found = sorted(str(p) for p in set(reg.iterdir()) - before)
+    tail = "\n".join(r.stderr.splitlines()[-40:])
+    assert r.returncode == 0 and not found, f"fuzzer found {found}:\n{tail}"
     runs = [ln for ln in r.stderr.splitlines() if ln.startswith("stat::number_of_executed_units")]
     print(f"{target}: {runs[0].split(':')[-1].strip() if runs else '?'} inputs in {seconds} s")

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from helpers import cli, run
+from helpers import cli, poke, run
 
 import qcow2
 from qcow2.ops import snapshot as snap
@@ -94,3 +94,61 @@ def test_cli_snapshot_commands_like_qemu(tmp_path):
     assert r.returncode == 1 and "snapshot not found" in r.stderr
     run("qemu-img", "snapshot", "-d", "two", str(p))
     run("qemu-img", "check", str(p))
+
+
+def _table_past_eof(tmp_path, name: str, count: int):
+    """A fresh image whose header says ``count`` snapshots at 16 MiB, past its end."""
+    p = tmp_path / name
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(p), "64M")
+    poke(p, 60, count.to_bytes(4, "big") + (16 << 20).to_bytes(8, "big"))
+    return p
+
+
+def test_snapshot_table_past_eof_reads_zeros(tmp_path):
+    """qemu-img reads a snapshot table past the end of the file as zeros: it opens the
+    image, lists the zeroed entries, and snapshot -c writes the table anew inside the
+    file (check clean afterwards).  Untrusted mode still refuses such an image."""
+    ours, theirs = (_table_past_eof(tmp_path, n, 2) for n in ("ours.qcow2", "theirs.qcow2"))
+    assert cli("snapshot", "-l", ours).stdout == run("qemu-img", "snapshot", "-l",
+                                                     str(theirs)).stdout
+    with pytest.raises(qcow2.errors.Qcow2Error, match="past the end of the file"):
+        qcow2.open(ours, untrusted=True)
+    r = cli("snapshot", "-c", "x", ours)
+    assert r.returncode == 0, r.stderr
+    run("qemu-img", "check", str(ours))
+    with qcow2.open(ours) as img:
+        assert [s.name for s in img.snapshots_list] == ["", "", "x"]
+        assert img.header.snapshots_offset < img.file_size
+
+
+def test_snapshot_table_full(tmp_path):
+    """65536 snapshots (here: a table past the end of the file, read as zeros) is the
+    most the format allows: snapshot -c fails as qemu-img does and changes nothing."""
+    p = _table_past_eof(tmp_path, "full.qcow2", 65536)
+    before = p.read_bytes()
+    r = cli("snapshot", "-c", "test", p)
+    assert r.returncode == 1
+    assert r.stderr.split(": ", 1)[1] == "Could not create snapshot 'test': -27 (File too large)\n"
+    assert p.read_bytes() == before
+
+
+@pytest.mark.parametrize("entry,message", [
+    (0xBFFFFFFFFFFF0000, "-27 (File too large)"),
+    (0x800000FFFFFF0000, "-11 (Resource temporarily unavailable)"),
+])
+def test_snapshot_of_uncounted_cluster_refused(tmp_path, entry, message):
+    """An L2 entry pointing far past the end of the file has no refcount block: taking a
+    snapshot would have to grow the refcount structure for it.  qemu-img fails there
+    (EFBIG where the refcount table could not reach it, else EAGAIN); so do we, before
+    anything changes: no dirty bit left, the file as it was, and the next try says the
+    same."""
+    p = tmp_path / "a.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(p), "64M")
+    run("qemu-io", "-c", "write 0 512", str(p))
+    poke(p, 0x40000, entry.to_bytes(8, "big"))
+    before = p.read_bytes()
+    for _ in range(2):
+        r = cli("snapshot", "-c", "test", p)
+        assert r.returncode == 1
+        assert r.stderr.split(": ", 1)[1] == f"Could not create snapshot 'test': {message}\n"
+        assert p.read_bytes() == before

@@ -39,6 +39,10 @@ Modules, one per concern of QEMU's check:
 ``copied``     the COPIED flags
 ``run``        the whole check, and the double check after a repair
 ``dirty``      the refcount rebuild of a dirty image at open (no numpy at import)
+``file``       the file under check and its header in check mode (no numpy)
+``fast``       clean L2 tables counted in C (``native/check.c``) inside the walk
+``quick``      a consistent image proved consistent without numpy (read-only checks;
+               the general check takes over at the first thing to report)
 
 The package itself loads no numpy: ``qcow2.checker.run.check_file`` is the check.
 """

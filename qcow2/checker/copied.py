@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import constants as C
 from ..cluster import L2Batch, split_table
+from . import fast
 from .result import FIX_ERRORS, FIX_LEAKS, Abort, CheckResult
 from .state import OL_ACTIVE_L1, OL_ACTIVE_L2, U64, State
 
@@ -96,29 +97,46 @@ def check_oflag_copied(st: State, res: CheckResult, fix: int) -> None:
     l2_rc, l2_bad = _refcounts_of(st, (l2s >> U64(st.cbits)).astype(np.int64))
     l1_copied = (l1[l1_idx] & U64(C.OFLAG_COPIED)) != 0
     l1_wrong = ~l2_bad & ((l2_rc == 1) != l1_copied)
-    width = st.l2_entries
+    native = fast.usable(st) and st.exact
     for a, b in st.batches(l2s):
         offs = [int(o) for o in l2s[a:b].tolist()]
-        tables = st.read_tables(offs)
-        e = split_table(tables, st.extended)[0].ravel()
-        batch = L2Batch(e, extended=st.extended, data_file=st.data_file)
-        idx = np.flatnonzero(batch.allocated)
-        if st.data_file:
-            rcs = np.ones(idx.size, dtype=U64)
-            bad = np.zeros(idx.size, dtype=bool)
+        raw = st.read_raw(offs)
+        if native:      # tables whose flags all agree with their refcounts are done
+            keep = np.union1d(fast.copied_tables(st, raw, b - a),
+                              np.flatnonzero(l1_wrong[a:b])).astype(np.int64)
         else:
-            rcs, bad = _refcounts_of(st, (batch.offset[idx] >> U64(st.cbits)).astype(np.int64))
-        copied = (e[idx] & U64(C.OFLAG_COPIED)) != 0
-        wrong = np.flatnonzero(~bad & ((rcs == 1) != copied))
-        wrong_rows = idx[wrong] // width
-        rows = set(np.flatnonzero(l1_wrong[a:b]).tolist()) | set(np.unique(wrong_rows).tolist())
-        for t in sorted(rows):
-            if l2_bad[a + t]:
-                continue                # refcount unreadable: QEMU skips the table
-            if l1_wrong[a + t]:
-                p.fix_l1(int(l1_idx[a + t]), int(l2_rc[a + t]))
-            lo = np.searchsorted(wrong_rows, t, side="left")
-            hi = np.searchsorted(wrong_rows, t, side="right")
-            if lo < hi:
-                p.fix_l2(offs[t], tables[t], [(int(idx[k]) % width, int(e[int(idx[k])]),
-                                               int(rcs[k])) for k in wrong[lo:hi].tolist()])
+            keep = np.arange(b - a)
+        if keep.size:
+            _copied_rows(st, p, [offs[t] for t in keep.tolist()], st.tables_of(raw, keep),
+                         (keep + a).tolist(), (l1_idx, l2_rc, l2_bad, l1_wrong))
+
+
+def _copied_rows(st: State, p: _Pass, offs: list[int], tables: np.ndarray, at: list[int],
+                 l1_info: tuple) -> None:
+    """The COPIED flags of ``tables`` (at ``offs``; ``at`` their rows in the L1 arrays
+    ``l1_info``: L1 index, L2 table refcount, refcount unreadable, L1 flag wrong)."""
+    l1_idx, l2_rc, l2_bad, l1_wrong = l1_info
+    width = st.l2_entries
+    e = split_table(tables, st.extended)[0].ravel()
+    batch = L2Batch(e, extended=st.extended, data_file=st.data_file)
+    idx = np.flatnonzero(batch.allocated)
+    if st.data_file:
+        rcs = np.ones(idx.size, dtype=U64)
+        bad = np.zeros(idx.size, dtype=bool)
+    else:
+        rcs, bad = _refcounts_of(st, (batch.offset[idx] >> U64(st.cbits)).astype(np.int64))
+    copied = (e[idx] & U64(C.OFLAG_COPIED)) != 0
+    wrong = np.flatnonzero(~bad & ((rcs == 1) != copied))
+    wrong_rows = idx[wrong] // width
+    rows = {t for t, g in enumerate(at) if l1_wrong[g]} | set(np.unique(wrong_rows).tolist())
+    for t in sorted(rows):
+        g = at[t]
+        if l2_bad[g]:
+            continue                # refcount unreadable: QEMU skips the table
+        if l1_wrong[g]:
+            p.fix_l1(int(l1_idx[g]), int(l2_rc[g]))
+        lo = np.searchsorted(wrong_rows, t, side="left")
+        hi = np.searchsorted(wrong_rows, t, side="right")
+        if lo < hi:
+            p.fix_l2(offs[t], tables[t], [(int(idx[k]) % width, int(e[int(idx[k])]),
+                                           int(rcs[k])) for k in wrong[lo:hi].tolist()])

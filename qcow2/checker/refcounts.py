@@ -100,6 +100,7 @@ def compare(st: State, res: CheckResult, fix: int) -> tuple[int, bool]:
     rebuild = False
     highest = 0
     fixes: dict[int, int] = {}
+    exact = True
     step = max(st.per, CHUNK // st.per * st.per)
     for lo in range(0, nb, step):
         hi = min(nb, lo + step)
@@ -108,7 +109,9 @@ def compare(st: State, res: CheckResult, fix: int) -> tuple[int, bool]:
         used = np.flatnonzero(((stored != 0) | (comp != 0)) & ~bad)
         if used.size:
             highest = lo + int(used[-1])
-        for j in np.flatnonzero((stored != comp) | bad).tolist():
+        differ = np.flatnonzero((stored != comp) | bad).tolist()
+        exact = exact and not differ
+        for j in differ:
             if bad[j]:
                 st.log(f"Can't get refcount for cluster {lo + j}: {os.strerror(errno.EIO)}")
                 res.check_errors += 1
@@ -116,6 +119,7 @@ def compare(st: State, res: CheckResult, fix: int) -> tuple[int, bool]:
             rebuild |= _compare_one(st, res, fix, fixes, lo + j, int(stored[j]), int(comp[j]))
     if fixes:
         _apply_refcount_fixes(st, fixes)
+    st.exact = exact
     return highest, rebuild
 
 

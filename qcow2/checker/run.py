@@ -99,6 +99,7 @@ def _rebuild(st: State, res: CheckResult, fix: int, highest: int) -> int:
     old = res.copy()
     fresh_leaks = 0
     st.log("Rebuilding refcount structure")
+    st.exact = False
     refcounts.rebuild(st)
     res.corruptions = 0
     res.leaks = 0

@@ -14,85 +14,19 @@ import numpy as np
 
 from .. import constants as C
 from ..cluster import Geometry
-from ..header import Header
 from ..refcount import decode_block
+from .file import CheckedFile, Window, read_header
 from .result import Abort, CheckResult, hex_alt
 
 U64 = np.uint64
+
+__all__ = ["CheckedFile", "Window", "read_header", "State", "U64", "BAD"]
 
 #: a refcount block that cannot be read (its offset is unaligned)
 BAD = object()
 
 # metadata overlap checks a repair write may skip (QEMU's QCOW2_OL_*)
 OL_ACTIVE_L1, OL_ACTIVE_L2, OL_INACTIVE_L2 = 1, 2, 4
-
-
-class CheckedFile:
-    """The image file: reads zero-filled past the end (as QEMU's block layer does)."""
-
-    def __init__(self, be):
-        self.be = be
-        self.size = be.size()
-        self.writable = be.writable
-        self.signaled = False           # a corruption was reported (once per open)
-        self.marked_corrupt = False
-
-    def read(self, n: int, offset: int) -> bytes:
-        if n <= 0:
-            return b""
-        if offset >= self.size:
-            return bytes(n)
-        data = self.be.pread(n, offset)
-        if len(data) < n:
-            data = data + bytes(n - len(data))
-        return data
-
-    def write(self, data, offset: int) -> None:
-        self.be.pwrite(data, offset)
-        end = offset + len(data)
-        if end > self.size:
-            self.size = end
-
-    def sync(self) -> None:
-        self.be.flush()
-
-    def truncate(self, size: int) -> None:
-        self.be.truncate(size)
-        self.size = size
-
-
-class Window:
-    """Sequential small reads (the snapshot table) served from 1 MiB windows."""
-
-    def __init__(self, f: CheckedFile):
-        self.f = f
-        self.start = 0
-        self.buf = b""
-
-    def read(self, n: int, offset: int) -> bytes:
-        if not (self.start <= offset and offset + n <= self.start + len(self.buf)):
-            self.start = offset
-            self.buf = self.f.read(max(n, 1 << 20), offset)
-        return self.buf[offset - self.start:offset - self.start + n]
-
-
-def read_header(f: CheckedFile) -> Header:
-    """The header as QEMU parses it in check mode: the snapshot table fields are left
-    to the check (a broken table is reported there, not refused at open)."""
-    lo, n = C.HDR_NB_SNAPSHOTS, C.HDR_SNAPSHOTS_OFFSET + 8 - C.HDR_NB_SNAPSHOTS
-
-    def read(size: int, offset: int) -> bytes:
-        data = f.be.pread(size, offset)
-        if offset <= lo < offset + len(data):
-            b = bytearray(data)
-            at = lo - offset
-            b[at:at + n] = bytes(min(n, len(b) - at))
-            data = bytes(b)
-        return data
-
-    h = Header.parse(read, f.size)
-    h.nb_snapshots, h.snapshots_offset = struct.unpack(">IQ", f.read(n, lo))
-    return h
 
 
 class State:
@@ -136,6 +70,8 @@ class State:
         self.pending: list[np.ndarray] = []
         self.pending_n = 0
         self.res = CheckResult()        # where overflowing references are counted
+        #: the last compare found every stored refcount equal to the IMRT
+        self.exact = False
 
     # -- the refcount table ---------------------------------------------------------
     def load_reftable(self, offset: int, clusters: int) -> None:
@@ -164,13 +100,16 @@ class State:
             self.ensure(n)
             self.nb = n
 
-    def push(self, idx: np.ndarray) -> None:
-        """Queue one reference to each cluster in ``idx`` (int64 cluster indices)."""
-        if not idx.size:
+    def push(self, idx: np.ndarray, counted: int = 0) -> None:
+        """Queue one reference to each cluster in ``idx`` (int64 cluster indices);
+        ``counted`` references already applied to the IMRT (the native fast path) are
+        accounted with them, so the queue is applied at the same points either way."""
+        if not idx.size and not counted:
             return
-        self.grow(int(idx.max()) + 1)
-        self.pending.append(idx)
-        self.pending_n += idx.size
+        if idx.size:
+            self.grow(int(idx.max()) + 1)
+            self.pending.append(idx)
+        self.pending_n += idx.size + counted
         if self.pending_n > self.PENDING_REFS:
             self.flush_pending()
 
@@ -183,11 +122,11 @@ class State:
     def flush_pending(self) -> None:
         """Apply the queued references; a count beyond the refcount width is a
         corruption of the result being computed (QEMU's "overflow cluster")."""
+        self.pending_n = 0
         if not self.pending:
             return
         idx = np.concatenate(self.pending)
         self.pending = []
-        self.pending_n = 0
         lo = int(idx.min())
         span = int(idx.max()) + 1 - lo
         if span <= 4 * idx.size:        # dense: one pass over the span they cover
@@ -301,17 +240,6 @@ class State:
                 continue
             vals[sel] = blk[clusters[sel] & (self.per - 1)]
         return vals, bad
-        bis = clusters >> self.rb_bits
-        for bi in np.unique(bis).tolist():
-            sel = bis == bi
-            blk = self.block(bi)
-            if blk is None:
-                continue
-            if blk is BAD:
-                bad[sel] = True
-                continue
-            vals[sel] = blk[clusters[sel] & (self.per - 1)]
-        return vals, bad
 
     # -- metadata overlap (QEMU's qcow2_check_metadata_overlap, "cached" template) -------
     def overlap(self, offset: int, size: int, ignore: int = 0) -> str | None:
@@ -379,16 +307,35 @@ class State:
         f.signaled = True
 
     # -- L2 tables, a batch at a time ------------------------------------------------------
-    def read_tables(self, offsets: list[int]) -> np.ndarray:
-        """L2 tables at ``offsets`` as one (tables, words) array of native uint64."""
+    def read_raw(self, offsets: list[int]) -> bytearray:
+        """The on-disk bytes of the L2 tables at ``offsets``, one after the other (zeros
+        past the end of the file); adjacent tables are read at once."""
         cs = self.cs
         buf = bytearray(len(offsets) * cs)
         mv = memoryview(buf)
         fsize = self.f.size
-        for t, o in enumerate(offsets):
+        n = len(offsets)
+        t = 0
+        while t < n:
+            o = offsets[t]
+            u = t + 1
+            while u < n and offsets[u] == offsets[u - 1] + cs:
+                u += 1
             if o < fsize:
-                self.f.be.readinto(mv[t * cs:(t + 1) * cs], o)   # zeros past the end
-        return np.frombuffer(buf, dtype=">u8").astype(U64).reshape(len(offsets), cs // 8)
+                self.f.be.readinto(mv[t * cs:u * cs], o)
+            t = u
+        return buf
+
+    def tables_of(self, raw: bytearray, rows=None) -> np.ndarray:
+        """Tables of ``raw`` (all, or the ``rows``) as a (tables, words) native array."""
+        words = np.frombuffer(raw, dtype=">u8").reshape(-1, self.cs // 8)
+        if rows is not None:
+            words = words[rows]
+        return words.astype(U64)
+
+    def read_tables(self, offsets: list[int]) -> np.ndarray:
+        """L2 tables at ``offsets`` as one (tables, words) array of native uint64."""
+        return self.tables_of(self.read_raw(offsets))
 
     def batches(self, offsets: np.ndarray):
         """Runs [a, b) of table offsets to read at once: bounded in bytes, and without a

@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import constants as C
 from ..cluster import L2Batch, cluster_type, has_data, split_table, zeroed_bitmap
+from . import fast
 from .result import FIX_ERRORS, Abort, CheckResult
 from .state import OL_ACTIVE_L2, OL_INACTIVE_L2, U64, State
 
@@ -38,19 +39,35 @@ def check_l1(st: State, res: CheckResult, l1_offset: int, l1_size: int, frag: bo
     # L1-level findings, in the order QEMU reports them for each entry
     l1_bad = ((ents & U64(C.L1E_RESERVED_MASK)) != 0) | \
              ((l2s & U64(cs - 1)) != 0) | (l2s >= U64(st.f.size))
+    native = fast.usable(st)
     for a, b in st.batches(l2s):
         offs = [int(o) for o in l2s[a:b].tolist()]
-        tables = st.read_tables(offs)
-        slow_rows = set(np.flatnonzero(l1_bad[a:b]).tolist())
+        raw = st.read_raw(offs)
         good = ~l1_bad[a:b]
         if good.any():
             st.push((l2s[a:b][good] >> U64(st.cbits)).astype(np.int64))
+        # clean tables counted in C; the others below.  (A batch with a bad L1 entry
+        # goes all the general way: the reference its report counts may apply the
+        # queue before the batch's own references are queued.)
+        done = fast.count_tables(st, raw, l1_bad[a:b]) if native and good.all() else None
+        if done is not None and frag:
+            res.allocated_clusters += done.allocated
+            res.fragmented_clusters += done.fragmented
+            res.compressed_clusters += done.compressed
+        rows = done.rows.tolist() if done is not None else list(range(b - a))
+        counted = (done.std_refs, done.comp_refs) if done is not None else (0, 0)
+        slow_rows = {j for j, t in enumerate(rows) if l1_bad[a + t]}
 
-        def before_row(t: int, a: int = a, slow_rows: set = slow_rows) -> None:
-            if t in slow_rows:
-                _l1_entry_problem(st, res, int(ents[a + t]))
+        def before_row(j: int, a: int = a, rows: list = rows, slow_rows: set = slow_rows) -> None:
+            if j in slow_rows:
+                _l1_entry_problem(st, res, int(ents[a + rows[j]]))
 
-        _check_l2_batch(st, res, offs, tables, frag, active, slow_rows, before_row)
+        if not rows:
+            st.push(np.zeros(0, dtype=np.int64), counted[0])
+            st.push(np.zeros(0, dtype=np.int64), counted[1])
+            continue
+        _check_l2_batch(st, res, [offs[t] for t in rows], st.tables_of(raw, rows), frag,
+                        active, slow_rows, before_row, counted)
 
 
 def _l1_entry_problem(st: State, res: CheckResult, e: int) -> None:
@@ -92,8 +109,11 @@ class _Findings:
 
 
 def _check_l2_batch(st: State, res: CheckResult, offsets: list[int], tables: np.ndarray,
-                    frag: bool, active: bool, slow_rows: set, before_row) -> None:
-    """QEMU's check_refcounts_l2 for several tables at once (rows of ``tables``)."""
+                    frag: bool, active: bool, slow_rows: set, before_row,
+                    counted: tuple[int, int] = (0, 0)) -> None:
+    """QEMU's check_refcounts_l2 for several tables at once (rows of ``tables``);
+    ``counted`` references (standard, compressed) of the same batch were counted by
+    the fast path: they are accounted where the general path queues its own."""
     ent, bmp = split_table(tables, st.extended)
     flat_e = ent.ravel()
     flat_b = bmp.ravel() if bmp is not None else None
@@ -136,7 +156,9 @@ def _check_l2_batch(st: State, res: CheckResult, offsets: list[int], tables: np.
         unal = (o & U64(st.cs - 1)) != 0
         if unal.any():
             first = np.concatenate([first, first[unal] + 1])
-        st.push(first)
+        st.push(first, counted[0])
+    else:
+        st.push(np.zeros(0, dtype=np.int64), counted[0])
     if ref_comp.any():
         co = found.coff[ref_comp]
         first = (co >> U64(st.cbits)).astype(np.int64)
@@ -145,7 +167,9 @@ def _check_l2_batch(st: State, res: CheckResult, offsets: list[int], tables: np.
         idx = first
         for extra in range(1, int(span.max()) + 1):
             idx = np.concatenate([idx, first[span >= extra] + extra])
-        st.push(idx)
+        st.push(idx, counted[1])
+    else:
+        st.push(np.zeros(0, dtype=np.int64), counted[1])
 
 
 def _allocation_info(st: State, res: CheckResult, seq: np.ndarray, seq_rows: np.ndarray,

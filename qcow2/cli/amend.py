@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import InvalidOptionError, UnsupportedFeatureError
-from .common import READ_ONLY_DRIVERS, add_format, add_progress, add_quiet, gather_options
+from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
+from .common import (READ_ONLY_DRIVERS, add_format, add_progress, add_quiet, gather_options,
+                     progress_for, report_error)
 
 
 def add_parser(sub):
@@ -17,7 +18,7 @@ def add_parser(sub):
                    help="allow unsafe key slot changes (encrypt.*)")
     p.add_argument("--image-opts", dest="image_opts", action="store_true",
                    help="the image name is block options (driver=qcow2,file.filename=PATH)")
-    add_progress(p, help="accepted")
+    add_progress(p, help="show progress (as qemu-img counts the work of each change)")
     add_quiet(p)
     p.add_argument("filename", nargs="?")
     p.set_defaults(func=run)
@@ -46,7 +47,25 @@ def run(args) -> int:
         raise InvalidOptionError("Expecting one image file name")
     if not args.options:
         raise InvalidOptionError("Must specify options (-o)")
-    amend(args.filename, opts, format=args.format, force=args.force)
+    progress = progress_for(args)
+    if progress is None:
+        amend(args.filename, opts, format=args.format, force=args.force)
+        return 0
+    # qemu-img's order: 0, the work, 100 (also when amend failed), the error, the newline
+    progress(0.0)
+    try:
+        amend(args.filename, opts, format=args.format, force=args.force, progress=progress)
+    except Qcow2Error as exc:
+        progress(100.0)
+        report_error(exc)
+        progress.done()
+        return getattr(exc, "exit_code", 1)
+    except BaseException:
+        progress(100.0)
+        progress.done()
+        raise
+    progress(100.0)
+    progress.done()
     return 0
 
 

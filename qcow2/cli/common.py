@@ -190,15 +190,16 @@ def snapshot_arg(text: str | None) -> str | None:
 
 class ProgressPrinter:
     """qemu-img's progress line: "    (NN.NN/100%)" rewritten in place, printed when it
-    moved by more than one percent since last printed, and whenever it is 0 or 100
-    (qemu's rule: a command that reports 100 twice prints it twice)."""
+    moved by more than one percent (either way: amend's estimate can go back) since
+    last printed, and whenever it is 0 or 100 (qemu's rule: a command that reports 100
+    twice prints it twice)."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
         self.last = 0.0
 
     def __call__(self, pct: float) -> None:
-        if not (pct > self.last + 1.0 or pct >= 100.0 or pct == 0.0):
+        if not (abs(pct - self.last) > 1.0 or pct >= 100.0 or pct == 0.0):
             return
         self.last = pct
         self.stream.write("    (%.2f/100%%)\r" % pct)

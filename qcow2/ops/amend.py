@@ -26,10 +26,12 @@ from ..units import parse_size
 from ..writer import WritableQcow2Image
 
 def amend(path, options, *, format: str | None = None, force: bool = False,
-          key=None) -> None:
+          key=None, progress=None) -> None:
     """Apply ``options`` (dict, or qemu-img's "k=v,k=v" text) to the image at ``path``.
     ``key``: the passphrase of an encrypted image (needed to open it for writing, and
-    to change its LUKS key slots with ``encrypt.*``)."""
+    to change its LUKS key slots with ``encrypt.*``).  ``progress(percent)``: called
+    as the work goes, with qemu-img's figures (see :class:`Progress`); the caller
+    reports 0 before and 100 after, as qemu-img amend does."""
     opts = option_dict(options)
     if not opts:
         raise InvalidOptionError("No options given")
@@ -52,21 +54,24 @@ def amend(path, options, *, format: str | None = None, force: bool = False,
         version = None
         if "compat" in opts:
             version = compat_version(str(opts["compat"]), qapi=False)
+        bits = None
         if "refcount_bits" in opts:                # checked before anything changes
-            _check_refcount_bits(opts["refcount_bits"], version or h.version)
+            bits = _check_refcount_bits(opts["refcount_bits"], version or h.version)
+        work = Progress(progress, (version is not None and version != h.version)
+                        + (bits is not None and bits != h.refcount_bits) + (slots is not None))
         if version == 3:
-            img.set_version(3)                  # first: the options below may need it
+            img.set_version(3, work.operation())   # first: the options below may need it
         if "lazy_refcounts" in opts:
             on = parse_bool_option("lazy_refcounts", opts["lazy_refcounts"])
             if on and h.version < 3:
                 raise needs_v3("lazy_refcounts", hint="compat=1.1")
             img.set_lazy_refcounts(on)
         if "refcount_bits" in opts:
-            _refcount_bits(img, opts["refcount_bits"], version)
+            _refcount_bits(img, opts["refcount_bits"], version, work.operation())
         if "size" in opts:
             img.resize(parse_size(opts["size"]), shrink=True)
         if version == 2:
-            img.set_version(2)                  # last: the options above may need v3
+            img.set_version(2, work.operation())   # last: the options above may need v3
         img.flush()
         if slots is not None:
             from ..luks_image import amend_keyslots as change_keyslots
@@ -75,17 +80,55 @@ def amend(path, options, *, format: str | None = None, force: bool = False,
                             force=force)
 
 
-def _check_refcount_bits(value, version: int) -> None:
+def _check_refcount_bits(value, version: int) -> int:
     """qemu-img amend's checks of refcount_bits for the version the image will have."""
     bits = int(parse_size(value, what="refcount_bits"))
     check_refcount_bits(bits, 3, hint="compat=1.1")
     if version < 3 and bits != 16:
         raise InvalidOptionError("Refcount widths other than 16 bits require compatibility "
                                  "level 1.1 or above (use compat=1.1 or greater)")
+    return bits
 
 
-def _refcount_bits(img: WritableQcow2Image, value, version: int | None) -> None:
+def _refcount_bits(img: WritableQcow2Image, value, version: int | None, progress) -> None:
     bits = int(parse_size(value, what="refcount_bits"))
     check_refcount_bits(bits, 3 if version == 3 else img.header.version, hint="compat=1.1")
     if bits != img.header.refcount_bits:
-        img.change_refcount_width(bits)
+        img.change_refcount_width(bits, progress)
+
+
+class Progress:
+    """amend's progress as qemu-img reports it.  Each operation that changes something
+    (version, refcount width, encryption key slots; ``operations`` of them) reports
+    ``(done, total)`` in its own units.  Operations finished add up; the one under
+    way counts as reported; the ones not started yet are assumed as long, on average,
+    as those seen so far (``total`` so far x the ones left / the ones seen, rounded
+    down).  ``report(percent)`` gets done / (seen + assumed)."""
+
+    def __init__(self, report, operations: int):
+        self.report = report
+        self.operations = max(1, operations)
+        self.finished = 0              # operations done
+        self.finished_work = 0         # their total work
+        self.current = None            # the operation reporting now
+        self.current_work = 0
+
+    def operation(self):
+        """The ``progress(done, total)`` callback of the next operation (None when
+        nobody listens)."""
+        if self.report is None:
+            return None
+        token = object()
+
+        def step(done: int, total: int) -> None:
+            if self.current is not token:
+                if self.current is not None:
+                    self.finished += 1
+                    self.finished_work += self.current_work
+                self.current = token
+            self.current_work = total
+            seen = self.finished_work + total
+            ahead = seen * (self.operations - self.finished - 1) // (self.finished + 1)
+            self.report(100.0 * (self.finished_work + done) / max(1, seen + ahead))
+
+        return step

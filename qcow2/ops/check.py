@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 
 from ..checker import REPAIR_MODES, CheckNotSupportedError, open_locked
-from ..checker.run import check_file
-from ..checker.state import CheckedFile, read_header
+from ..checker.file import CheckedFile, read_header
+from ..checker.quick import quick_check
 from ..errors import (FormatError, InvalidOptionError, Qcow2Error, UnsafeImageError,
                       UnsupportedFeatureError)
 from ..imageopts import is_option_name, resolve_name
@@ -131,11 +131,21 @@ def check(path, *, format: str | None = None, repair: str | None = None,
         companions = _open_companions(f, filename, force_share, bool(fix))
         if fix:
             _clear_unknown_autoclear(f)
-        return check_file(f, fix, log).as_dict(filename, fmt)
+        return _check_file(f, fix, log).as_dict(filename, fmt)
     finally:
         for c in companions:
             c.close()
         be.close()
+
+
+def _check_file(f: CheckedFile, fix: int, log):
+    """The quick check (no numpy) when it has the answer, else the general check."""
+    if not fix:
+        res = quick_check(f)
+        if res is not None:
+            return res
+    from ..checker.run import check_file
+    return check_file(f, fix, log)
 
 
 def _check_untrusted(filename: str, fmt: str | None, fix: int, force_share: bool, log,
@@ -151,7 +161,7 @@ def _check_untrusted(filename: str, fmt: str | None, fix: int, force_share: bool
             raise CheckNotSupportedError("This image format does not support checks",
                                          feature="check")
         # the scan refused backing and data files: there are no companions to open
-        return check_file(CheckedFile(img.be), 0, log).as_dict(filename, "qcow2")
+        return _check_file(CheckedFile(img.be), 0, log).as_dict(filename, "qcow2")
     finally:
         img.close()
 

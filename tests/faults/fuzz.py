@@ -8,7 +8,10 @@ Targets (each gets the fuzzer's bytes as a whole image file):
                  the first extents, reads at the start, middle and end;
 - ``untrusted``: ``qcow2.open(untrusted=True)``: the full metadata scan, then reads;
 - ``check``:     ``qcow2.check`` in both modes (the consistency check walks every
-                 table, so it sees what the reader never reads).
+                 table, so it sees what the reader never reads);
+- ``check-paths``: a differential: the general check with and without its native
+                 fast path (native/check.c) gives the same result and messages, and
+                 the numpy-free quick check, when it answers, the same result.
 
 Only ``qcow2.errors.Qcow2Error`` may come out; anything else (an IndexError, a
 struct.error, a MemoryError past libFuzzer's ``-rss_limit_mb``, a hang past
@@ -102,7 +105,58 @@ def target_check(data: bytes) -> None:
             pass
 
 
-TARGETS = {"open": target_open, "untrusted": target_untrusted, "check": target_check}
+_PATHS = {}
+
+
+def _general(path: str, native: bool):
+    """The general check's answer (result or failure, and messages), with or without
+    the native fast path of its L2 walk."""
+    from qcow2.backends import FileBackend
+    from qcow2.checker import fast, run
+    from qcow2.checker.file import CheckedFile
+    if "native" not in _PATHS:
+        _PATHS["native"] = fast._load()       # noqa: SLF001 -- the switch under test
+    saved = fast._NATIVE
+    fast._NATIVE = _PATHS["native"] if native else None
+    log: list[str] = []
+    be = FileBackend(path)
+    try:
+        try:
+            out = run.check_file(CheckedFile(be), 0, log.append)
+        except Qcow2Error as exc:
+            out = (type(exc).__name__, str(exc))
+    finally:
+        be.close()
+        fast._NATIVE = saved
+    return out, log
+
+
+def target_check_paths(data: bytes) -> None:
+    """The check's paths agree: the general check with and without the native fast
+    path (results, failures and every message), and the quick check whenever it
+    answers."""
+    from qcow2.backends import FileBackend
+    from qcow2.checker import quick
+    from qcow2.checker.file import CheckedFile
+    path = _file(data)
+    try:
+        with_c = _general(path, True)
+    except Qcow2Error:
+        return                  # the header does not parse: nothing to compare
+    without = _general(path, False)
+    if with_c != without:
+        raise AssertionError(f"fast path differs: {with_c!r} != {without!r}")
+    be = FileBackend(path)
+    try:
+        q = quick.quick_check(CheckedFile(be))
+    finally:
+        be.close()
+    if q is not None and (q, []) != with_c:
+        raise AssertionError(f"quick check differs: {q!r} != {with_c!r}")
+
+
+TARGETS = {"open": target_open, "untrusted": target_untrusted, "check": target_check,
+           "check-paths": target_check_paths}
 
 
 def main(argv: list[str]) -> None:
