@@ -33,7 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "qcow2_native.h")
 #: declarations of other kernel groups, appended to HEADER for cdef() (their C
 #: files are picked up by the *.c glob below)
-EXTRA_HEADERS = [os.path.join(HERE, "qcow2_check.h")]
+EXTRA_HEADERS = [os.path.join(HERE, "qcow2_check.h"),
+                 os.path.join(HERE, "xts.h")]      # xts.h: native/xts.c
 REQUIRE_NATIVE = os.environ.get("QCOW2_REQUIRE_NATIVE", "") not in ("", "0")
 
 CFLAGS = ["-O3", "-Wall", "-Wextra", "-std=c99", "-fno-strict-aliasing"]
@@ -140,7 +141,7 @@ def make_builder() -> FFI:
     ffi.set_source(
         "qcow2._native",
         preamble + '#include <stddef.h>\n#include <stdint.h>\n#include "qcow2_native.h"\n'
-        '#include "qcow2_check.h"\n',
+        '#include "qcow2_check.h"\n#include "xts.h"\n',
         sources=[_relative(p) for p in sorted(glob.glob(os.path.join(HERE, "*.c")))
                  if not os.path.basename(p).startswith("_")],
         include_dirs=[_relative(HERE)],

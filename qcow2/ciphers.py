@@ -3,12 +3,15 @@ IVs from the sector number (``plain``, ``plain64``) or ESSIV.
 
 The block cipher is pyca ``cryptography``'s AES (OpenSSL underneath, releasing the
 GIL); nothing cryptographic is written here.  What is ours is only the batching: a
-Python call per 512-byte sector would cost more than the AES itself, so a whole buffer
-goes through one ECB call and the per-block masks of XTS (the encrypted sector tweak
-times alpha^j in GF(2^128)) and the chaining of CBC are computed for every sector at
-once with numpy.  Both are the textbook definitions (IEEE 1619 for XTS), checked in the
-tests against ``cryptography``'s own XTS and CBC modes sector by sector, and against
-images qemu-img encrypted.
+Python call per 512-byte sector would cost more than the AES itself, so a whole chunk
+goes through one ECB call and the arithmetic around it is done for every sector at once
+by the sector-cipher kernels (``qcow2.kernels``: native/xts.c, or their numpy twins):
+the plain IVs; XTS's masks (the encrypted sector tweak times alpha^j in GF(2^128)),
+made on the fly and XORed before and after the ECB pass; CBC's chaining after the ECB
+pass when decrypting, and when encrypting the 32 blocks of every sector as 32 "lanes",
+one ECB call each.  Both modes are the textbook definitions (IEEE 1619 for XTS),
+checked in the tests against ``cryptography``'s own XTS and CBC modes sector by sector,
+and against images qemu-img encrypted.  numpy is not imported on the native path.
 
 ``SectorCipher.decrypt(buf, sector)`` / ``encrypt(buf, sector)`` work in place on a
 writable buffer whose length is a multiple of 512; ``sector`` is the number of its
@@ -20,35 +23,23 @@ from __future__ import annotations
 import hashlib
 import threading
 
-import numpy as np
-
+from . import kernels
 from .errors import UnsupportedFeatureError
 
 SECTOR = 512
-_BLOCKS = SECTOR // 16                # AES blocks per sector
-_CHUNK = 1 << 20                      # bytes per numpy pass (bounds the temporaries)
-_U64 = np.dtype("<u8")
-_LSHIFTS = np.arange(1, _BLOCKS, dtype=np.uint64)[None, :]     # blocks 1..31 of a sector
-_RSHIFTS = np.uint64(64) - _LSHIFTS
-_ONE, _TWO, _SEVEN = np.uint64(1), np.uint64(2), np.uint64(7)
+_CHUNK = 1 << 19                      # bytes per pass (the scratch stays in cache)
+_LANE_CHUNK = 1 << 21                 # bytes per CBC encryption pass (66 calls each)
 _tls = threading.local()
 
 
 class _Scratch:
-    """One thread's buffers for a chunk of ``size`` bytes: the masks (low and high
-    halves), their temporaries, the masked data and the cipher's output."""
+    """One thread's buffers for chunks of up to ``size`` bytes: the masked data and
+    the cipher's output (room for ``update_into``'s extra block)."""
 
     def __init__(self, size: int):
-        n = size // 16                       # AES blocks
         self.size = size
-        self.lo, self.hi = np.empty(n, dtype=_U64), np.empty(n, dtype=_U64)
-        self.carry, self.tmp = np.empty(n, dtype=_U64), np.empty(n, dtype=_U64)
-        self.mixed = np.empty(2 * n, dtype=_U64)
+        self.mixed = memoryview(bytearray(size))
         self.out = memoryview(bytearray(size + 16))
-
-    @staticmethod
-    def plane(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
-        return buf[:rows * cols].reshape(rows, cols)
 
 
 def _scratch(size: int) -> _Scratch:
@@ -71,16 +62,6 @@ def _aes():
 def _ecb(key: bytes):
     Cipher, algorithms, modes = _aes()
     return Cipher(algorithms.AES(key), modes.ECB())
-
-
-def _ivs(sector: int, count: int, ivgen: str) -> np.ndarray:
-    """(count, 2) little-endian 128-bit IVs of the sectors from ``sector``."""
-    n = np.arange(sector, sector + count, dtype=np.uint64)
-    if ivgen == "plain":
-        n &= np.uint64(0xFFFFFFFF)
-    iv = np.zeros((count, 2), dtype=_U64)
-    iv[:, 0] = n
-    return iv
 
 
 class SectorCipher:
@@ -120,39 +101,19 @@ class SectorCipher:
             self._essiv = _ecb(digest)
 
     # -- IVs ---------------------------------------------------------------------------
-    def _sector_ivs(self, sector: int, count: int) -> np.ndarray:
-        iv = _ivs(sector, count, "plain64" if self.ivgen == "essiv" else self.ivgen)
+    def _sector_ivs(self, sector: int, count: int):
+        """The IVs of ``count`` sectors from ``sector``, 16 bytes each."""
+        iv = bytearray(16 * count)
+        kernels.sector_ivs(iv, sector, 0xFFFFFFFF if self.ivgen == "plain" else (1 << 64) - 1)
         if self._essiv is not None:
             enc = self._essiv.encryptor()
-            iv = np.frombuffer(enc.update(iv.tobytes()) + enc.finalize(),
-                               dtype=_U64).reshape(count, 2)
+            iv = enc.update(iv) + enc.finalize()
         return iv
 
-    def _xts_masks(self, sector: int, count: int, sc: "_Scratch | None" = None):
-        """The mask of each AES block of ``count`` sectors, E_k2(IV) * alpha^j, as two
-        (count, 32) planes: the low and the high 64 bits (in ``sc``'s buffers)."""
-        sc = sc or _Scratch(count * SECTOR)
+    def _xts_tweaks(self, sector: int, count: int) -> bytes:
+        """The first tweak of each sector: its IV encrypted with the tweak key."""
         enc = self._tweak.encryptor()
-        t0 = np.frombuffer(enc.update(self._sector_ivs(sector, count).tobytes())
-                           + enc.finalize(), dtype=_U64).reshape(count, 2)
-        plo, phi = sc.plane(sc.lo, count, _BLOCKS), sc.plane(sc.hi, count, _BLOCKS)
-        carry, tmp = sc.plane(sc.carry, count, _BLOCKS - 1), sc.plane(sc.tmp, count, _BLOCKS - 1)
-        plo[:, 0] = t0[:, 0]
-        phi[:, 0] = t0[:, 1]
-        lo, hi = t0[:, :1], t0[:, 1:]              # (count, 1) each
-        mlo, mhi = plo[:, 1:], phi[:, 1:]
-        # block j (1..31): the 128-bit tweak shifted left by j; the j bits shifted out
-        # of the top fold back in as x^128 = x^7 + x^2 + x + 1 (no further overflow)
-        np.right_shift(hi, _RSHIFTS, out=carry)
-        np.left_shift(lo, _LSHIFTS, out=mlo)
-        mlo ^= carry
-        for k in (_ONE, _TWO, _SEVEN):
-            np.left_shift(carry, k, out=tmp)
-            mlo ^= tmp
-        np.left_shift(hi, _LSHIFTS, out=mhi)
-        np.right_shift(lo, _RSHIFTS, out=tmp)
-        mhi |= tmp
-        return plo, phi
+        return enc.update(self._sector_ivs(sector, count)) + enc.finalize()
 
     # -- the two directions ------------------------------------------------------------
     def decrypt(self, buf, sector: int) -> None:
@@ -165,50 +126,54 @@ class SectorCipher:
         mv = memoryview(buf).cast("B")
         if len(mv) % SECTOR:
             raise ValueError(f"encrypted I/O must be whole {SECTOR}-byte sectors")
-        for pos in range(0, len(mv), _CHUNK):
-            part = mv[pos:pos + _CHUNK]
+        if not len(mv):
+            return
+        sc = _scratch(min(len(mv), _CHUNK))
+        # ECB keeps no state between whole blocks: one context for all the chunks
+        op = self._data.decryptor() if decrypt else self._data.encryptor()
+        step = _LANE_CHUNK if self.mode == "cbc" and not decrypt else _CHUNK
+        for pos in range(0, len(mv), step):
+            part = mv[pos:pos + step]
             first = sector + pos // SECTOR
             if self.mode == "xts":
-                self._xts(part, first, decrypt)
+                self._xts(op, sc, part, first)
             elif decrypt:
-                self._cbc_decrypt(part, first)
+                self._cbc_decrypt(op, sc, part, first)
             else:
-                self._cbc_encrypt(part, first)
-
-    def _xts(self, part: memoryview, sector: int, decrypt: bool) -> None:
-        count = len(part) // SECTOR
-        data = np.frombuffer(part, dtype=_U64).reshape(count, _BLOCKS, 2)
-        sc = _scratch(len(part))
-        plo, phi = self._xts_masks(sector, count, sc)
-        mixed = sc.plane(sc.mixed, count, _BLOCKS * 2).reshape(count, _BLOCKS, 2)
-        np.bitwise_xor(data[:, :, 0], plo, out=mixed[:, :, 0])
-        np.bitwise_xor(data[:, :, 1], phi, out=mixed[:, :, 1])
-        op = self._data.decryptor() if decrypt else self._data.encryptor()
-        n = op.update_into(mixed.data.cast("B"), sc.out[:len(part) + 16])
+                self._cbc_encrypt(op, sc, part, first)
         op.finalize()
-        done = np.frombuffer(sc.out, dtype=_U64, count=n // 8).reshape(count, _BLOCKS, 2)
-        np.bitwise_xor(done[:, :, 0], plo, out=data[:, :, 0])
-        np.bitwise_xor(done[:, :, 1], phi, out=data[:, :, 1])
 
-    def _cbc_decrypt(self, part: memoryview, sector: int) -> None:
-        count = len(part) // SECTOR
-        data = np.frombuffer(part, dtype=_U64).reshape(count, _BLOCKS, 2)
-        op = self._data.decryptor()
-        plain = np.frombuffer(op.update(part.tobytes()) + op.finalize(),
-                              dtype=_U64).reshape(count, _BLOCKS, 2).copy()
-        plain[:, 1:] ^= data[:, :-1]            # each block after the first: the last one
-        plain[:, 0] ^= self._sector_ivs(sector, count)
-        data[...] = plain
+    def _xts(self, op, sc: _Scratch, part: memoryview, sector: int) -> None:
+        # XTS: mask, AES-ECB, mask again (the masks are made on the fly by the kernel)
+        n = len(part)
+        tweaks = self._xts_tweaks(sector, n // SECTOR)
+        mixed = sc.mixed[:n]
+        kernels.xts_xor(mixed, part, tweaks, SECTOR)
+        done = op.update_into(mixed, sc.out[:n + 16])
+        assert done == n, done
+        kernels.xts_xor(part, sc.out[:n], tweaks, SECTOR)
 
-    def _cbc_encrypt(self, part: memoryview, sector: int) -> None:
-        # CBC encryption chains block after block: one call per sector
-        Cipher, algorithms, modes = _aes()
-        ivs = self._sector_ivs(sector, len(part) // SECTOR)
-        key_cipher = self._data
-        for i in range(len(part) // SECTOR):
-            enc = Cipher(key_cipher.algorithm, modes.CBC(ivs[i].tobytes())).encryptor()
-            s = part[i * SECTOR:(i + 1) * SECTOR]
-            s[:] = enc.update(s.tobytes()) + enc.finalize()
+    def _cbc_decrypt(self, op, sc: _Scratch, part: memoryview, sector: int) -> None:
+        # every block decrypts on its own; then each XORs the ciphertext before it
+        n = len(part)
+        done = op.update_into(part, sc.out[:n + 16])
+        assert done == n, done
+        kernels.cbc_unchain(part, sc.out[:n], part, self._sector_ivs(sector, n // SECTOR),
+                            SECTOR)
+
+    def _cbc_encrypt(self, op, sc: _Scratch, part: memoryview, sector: int) -> None:
+        # CBC encryption chains block after block within a sector, but sectors are
+        # independent: block j of every sector goes through one ECB call (a "lane"),
+        # 32 calls in all, the kernel chaining and scattering between them
+        n = len(part)
+        count = n // SECTOR
+        ivs = self._sector_ivs(sector, count)
+        lanes = (sc.mixed[:count * 16], sc.out[:count * 16])
+        room = (sc.mixed[:count * 16 + 16], sc.out[:count * 16 + 16])
+        for j in range(SECTOR // 16):
+            kernels.cbc_lane(part, lanes[j % 2], ivs, SECTOR, j)
+            op.update_into(lanes[j % 2], room[1 - j % 2])
+        kernels.cbc_lane(part, lanes[SECTOR // 16 % 2], ivs, SECTOR, SECTOR // 16)
 
 
 __all__ = ["SECTOR", "SectorCipher"]

@@ -203,3 +203,22 @@ def test_sector_cipher_matches_cryptography(mode, keylen, ivgen):
         assert bytes(buf) == _reference(key, mode, ivgen, data, sector)
         c.decrypt(buf, sector)
         assert bytes(buf) == data
+
+
+@pytest.mark.parametrize("mode, keylen, ivgen", [
+    ("xts", 64, "plain64"), ("cbc", 32, "essiv"), ("cbc", 16, "plain"),
+])
+def test_sector_cipher_across_passes(mode, keylen, ivgen):
+    """Buffers over several of the cipher's internal passes (512 KiB, 2 MiB for CBC
+    encryption) and not a whole number of them, from a sector near 2^32 (``plain``
+    wraps there)."""
+    rng = random.Random(keylen + 7)
+    key = rng.randbytes(keylen)
+    data = rng.randbytes((5 << 20) + 512 * 3)
+    sector = (1 << 32) - 5000
+    c = SectorCipher(key, mode, ivgen, "sha256")
+    buf = bytearray(data)
+    c.encrypt(buf, sector)
+    assert bytes(buf) == _reference(key, mode, ivgen, data, sector)
+    c.decrypt(buf, sector)
+    assert bytes(buf) == data

@@ -121,8 +121,8 @@ def test_dispatcher_surface():
 
 def test_native_features():
     native = _native()
-    assert {"l2", "zero", "zlib"} <= native.features
-    assert native.features <= {"l2", "zero", "zlib", "zstd", "libdeflate"}
+    assert {"l2", "zero", "zlib", "xts"} <= native.features
+    assert native.features <= {"l2", "zero", "zlib", "xts", "zstd", "libdeflate"}
     if REQUIRE_NATIVE:
         assert {"zstd", "libdeflate"} <= native.features
 

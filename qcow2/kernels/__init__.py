@@ -13,9 +13,9 @@ Choose with the environment variable ``QCOW2_IMPL`` (read once, at import):
 
 ``implementation`` says which one is live ("native" or "python") and
 ``features`` names the native kernels in use (empty for Python): "l2", "zero",
-"zlib", and when the build found them "zstd" and "libdeflate".  A native core
-built without zstd keeps every other kernel native and decodes zstd with the
-Python twin.
+"zlib", "xts" (the sector-cipher arithmetic), and when the build found them
+"zstd" and "libdeflate".  A native core built without zstd keeps every other
+kernel native and decodes zstd with the Python twin.
 
 ``get("native")`` / ``get("python")`` return either implementation as a
 namespace with the same attributes as this module, for tests and benchmarks.
@@ -33,6 +33,10 @@ API (identical in both implementations)::
         .compress_many(buf, n) -> list[bytes | None]
     zero_blocks(buf, block_size) -> memoryview of format "?" (bools)
     is_zero(buf) -> bool
+    xts_xor(dest, src, tweaks, sector_size=512) -> None        # sector ciphers:
+    cbc_unchain(dest, plain, cipher, ivs, sector_size=512) -> None  # the arithmetic
+    cbc_lane(data, lane, ivs, sector_size, j) -> None          # around AES-ECB
+    sector_ivs(dest, first, mask) -> None                      # (native/xts.h)
 
 Native calls release the GIL; codec objects hold a reusable context and must
 be used by one thread at a time (one object per thread; concurrent use raises
@@ -61,7 +65,8 @@ from ..constants import (
 from ..errors import NativeUnavailableError
 from .contract import ALGO_NAMES, ALGO_ZLIB, ALGO_ZSTD, KIND_NAMES, NATIVE_VERSION
 
-_API = ("l2_runs", "Decompressor", "Compressor", "zero_blocks", "is_zero")
+_API = ("l2_runs", "Decompressor", "Compressor", "zero_blocks", "is_zero", "xts_xor",
+        "cbc_unchain", "cbc_lane", "sector_ivs")
 _CONSTANTS = {
     "KIND_UNALLOC": KIND_UNALLOC, "KIND_UNALLOC_ALLOC": KIND_UNALLOC_ALLOC,
     "KIND_ZERO": KIND_ZERO, "KIND_ZERO_ALLOC": KIND_ZERO_ALLOC, "KIND_DATA": KIND_DATA,
@@ -135,5 +140,9 @@ Decompressor = _active.Decompressor
 Compressor = _active.Compressor
 zero_blocks = _active.zero_blocks
 is_zero = _active.is_zero
+xts_xor = _active.xts_xor
+cbc_unchain = _active.cbc_unchain
+cbc_lane = _active.cbc_lane
+sector_ivs = _active.sector_ivs
 
 __all__ = ["implementation", "features", "get", "NATIVE_VERSION", *_API, *_CONSTANTS]

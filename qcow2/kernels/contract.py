@@ -139,6 +139,42 @@ def check_block_size(block_size) -> int:
     return bs
 
 
+MAX_SECTOR = 4096        # largest sector of the sector-cipher kernels (native/xts.h)
+SECTOR = 512             # their default: the sectors of LUKS data in qcow2
+
+
+def check_sectors(sector_size, *buffers, per_sector=()):
+    """Validate the sector-cipher kernels' arguments (xts_xor, cbc_unchain, cbc_lane):
+    ``buffers`` are (view, name) pairs of whole sectors, all the same length;
+    ``per_sector`` (view, name) pairs of 16 bytes per sector.  Returns the sector
+    size and the number of sectors."""
+    ss = as_index(sector_size, "sector_size")
+    if ss <= 0 or ss % 16 or ss > MAX_SECTOR:
+        raise ValueError(f"sector size {ss} must be a multiple of 16 up to {MAX_SECTOR}")
+    size = len(buffers[0][0])
+    for mv, name in buffers:
+        if len(mv) != size or len(mv) % ss:
+            raise ValueError(f"{name} is {len(mv)} bytes: expected {size}, whole "
+                             f"{ss}-byte sectors")
+    n = size // ss
+    for mv, name in per_sector:
+        if len(mv) != 16 * n:
+            raise ValueError(f"{name} is {len(mv)} bytes: expected 16 per sector "
+                             f"({16 * n})")
+    return ss, n
+
+
+def check_ivs(dest, first, mask):
+    """Validate sector_ivs()' arguments: (dest view, first, mask)."""
+    dmv = byte_view(dest, writable=True, what="dest")
+    if len(dmv) % 16:
+        raise ValueError(f"dest is {len(dmv)} bytes: expected 16 per sector")
+    first, mask = as_index(first, "first"), as_index(mask, "mask")
+    if first + len(dmv) // 16 > 1 << 64 or mask >= 1 << 64:
+        raise ValueError("sector numbers and the mask must fit 64 bits")
+    return dmv, first, mask
+
+
 def _int_array(x, typecode: str, limit: int, name: str):
     if hasattr(x, "__array_interface__") and hasattr(x, "dtype"):
         np = numpy()

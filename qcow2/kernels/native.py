@@ -21,7 +21,8 @@ from . import contract
 from .contract import (
     ALGO_ZSTD, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ENOMEM, ENOSPC, NATIVE_VERSION,
     RUN_ITEMSIZES, RUN_TYPECODES, CompressorBase, DecompressorBase, byte_view,
-    check_block_size, check_codec_args, check_l2_args, empty_runs, l2_error,
+    SECTOR, as_index, check_block_size, check_codec_args, check_ivs, check_l2_args, check_sectors,
+    empty_runs, l2_error,
 )
 
 try:
@@ -61,10 +62,14 @@ for _name, _value in SHARED_NUMBERS.items():
 
 HAVE_ZSTD = bool(lib.qcow2n_features() & lib.QCOW2N_FEATURE_ZSTD)
 IMPLEMENTATION = "native"
-FEATURES = frozenset({"l2", "zero", "zlib"}
+FEATURES = frozenset({"l2", "zero", "zlib", "xts"}
                      | ({"zstd"} if HAVE_ZSTD else set())
                      | ({"libdeflate"} if lib.qcow2n_features() & lib.QCOW2N_FEATURE_LIBDEFLATE
                         else set()))
+
+if not hasattr(lib, "qcow2n_xts_xor"):
+    raise NativeUnavailableError("qcow2._native has no sector-cipher kernels (xts.c); "
+                                 "rebuild it")
 
 NULL = ffi.NULL
 L2_EXTENDED = lib.QCOW2N_L2_EXTENDED
@@ -245,3 +250,65 @@ def is_zero(buf) -> bool:
     mv = byte_view(buf, what="buf")
     with ffi.from_buffer(mv) as sp:
         return bool(lib.qcow2n_is_zero(sp, len(mv)))
+
+
+# --------------------------------------------------------------------------
+# Sector ciphers: the arithmetic around AES (native/xts.c)
+
+def xts_xor(dest, src, tweaks, sector_size=SECTOR):
+    """XTS masking (as :func:`qcow2.kernels.python.xts_xor`)."""
+    dmv = byte_view(dest, writable=True, what="dest")
+    smv, tmv = byte_view(src, what="src"), byte_view(tweaks, what="tweaks")
+    ss, n = check_sectors(sector_size, (smv, "src"), (dmv, "dest"),
+                          per_sector=((tmv, "tweaks"),))
+    if not n:
+        return
+    with ffi.from_buffer(dmv, require_writable=True) as dp, ffi.from_buffer(smv) as sp, \
+            ffi.from_buffer(tmv) as tp:
+        ret = lib.qcow2n_xts_xor(dp, len(dmv), sp, len(smv), tp, len(tmv), ss)
+    assert ret == 0, ret
+
+
+def cbc_unchain(dest, plain, cipher, ivs, sector_size=SECTOR):
+    """CBC chaining after ECB (as :func:`qcow2.kernels.python.cbc_unchain`)."""
+    dmv = byte_view(dest, writable=True, what="dest")
+    pmv, cmv = byte_view(plain, what="plain"), byte_view(cipher, what="cipher")
+    imv = byte_view(ivs, what="ivs")
+    ss, n = check_sectors(sector_size, (dmv, "dest"), (pmv, "plain"), (cmv, "cipher"),
+                          per_sector=((imv, "ivs"),))
+    if not n:
+        return
+    with ffi.from_buffer(dmv, require_writable=True) as dp, ffi.from_buffer(pmv) as pp, \
+            ffi.from_buffer(cmv) as cp, ffi.from_buffer(imv) as ip:
+        ret = lib.qcow2n_cbc_unchain(dp, len(dmv), pp, len(pmv), cp, len(cmv), ip,
+                                     len(imv), ss)
+    assert ret == 0, ret
+
+
+def cbc_lane(data, lane, ivs, sector_size, j):
+    """One step of CBC encryption across sectors (as
+    :func:`qcow2.kernels.python.cbc_lane`)."""
+    dmv = byte_view(data, writable=True, what="data")
+    lmv = byte_view(lane, writable=True, what="lane")
+    imv = byte_view(ivs, what="ivs")
+    ss, n = check_sectors(sector_size, (dmv, "data"),
+                          per_sector=((lmv, "lane"), (imv, "ivs")))
+    j, blocks = as_index(j, "j"), ss // 16
+    if j > blocks:
+        raise ValueError(f"step {j} is past the {blocks} blocks of a sector")
+    if not n:
+        return
+    with ffi.from_buffer(dmv, require_writable=True) as dp, \
+            ffi.from_buffer(lmv, require_writable=True) as lp, ffi.from_buffer(imv) as ip:
+        ret = lib.qcow2n_cbc_lane(dp, len(dmv), lp, len(lmv), ip, len(imv), ss, j)
+    assert ret == 0, ret
+
+
+def sector_ivs(dest, first, mask):
+    """The plain IVs of sectors (as :func:`qcow2.kernels.python.sector_ivs`)."""
+    dmv, first, mask = check_ivs(dest, first, mask)
+    if not len(dmv):
+        return
+    with ffi.from_buffer(dmv, require_writable=True) as dp:
+        ret = lib.qcow2n_sector_ivs(dp, len(dmv), first, mask)
+    assert ret == 0, ret

@@ -11,6 +11,7 @@ numpy and zstandard are imported on first use only.
 from __future__ import annotations
 
 import array
+import threading
 import zlib
 
 from ..constants import (
@@ -21,8 +22,9 @@ from ..constants import (
 from ..cluster import L2Batch
 from .contract import (
     ALGO_ZLIB, ALGO_ZSTD, EDATA, EDSTRANGE, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ELONG,
-    ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, CompressorBase, DecompressorBase,
-    byte_view, check_block_size, check_l2_args, empty_runs, l2_error, numpy,
+    ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, SECTOR, CompressorBase, DecompressorBase,
+    as_index, byte_view, check_block_size, check_ivs, check_l2_args, check_sectors, empty_runs,
+    l2_error, numpy,
 )
 
 IMPLEMENTATION = "python"
@@ -431,3 +433,117 @@ def is_zero(buf) -> bool:
     if a.shape[0] % 8 == 0:
         a = a.view(np.uint64)
     return not a.any()
+
+
+# --------------------------------------------------------------------------
+# Sector ciphers: the arithmetic around AES (XTS masks, CBC chaining)
+
+def _xts_masks(np, tweaks, n: int, blocks: int):
+    """Two (n, blocks) uint64 planes, the low and high halves of T_s * alpha^j for
+    block j of sector s, T_s the s-th little-endian 128-bit tweak.  Columns go by 32:
+    column k of a group is the group's first one shifted left by k bits, the k bits
+    shifted out of the top folding back in as x^128 = x^7 + x^2 + x + 1 (no further
+    overflow for k <= 32); column 32 starts the next group."""
+    t = np.frombuffer(tweaks, dtype="<u8").reshape(n, 2)
+    mlo, mhi = np.empty((n, blocks), np.uint64), np.empty((n, blocks), np.uint64)
+    lo, hi = t[:, :1].astype(np.uint64), t[:, 1:].astype(np.uint64)
+    k = np.arange(33, dtype=np.uint64)[None, :]
+    right = np.uint64(63) - k                   # x >> (64 - k) as x >> (63 - k) >> 1
+    one = np.uint64(1)
+    for g in range(0, blocks, 32):
+        m = min(32, blocks - g)
+        carry = (hi >> right) >> one
+        slo = lo << k
+        slo ^= carry
+        for bit in (1, 2, 7):
+            slo ^= carry << np.uint64(bit)
+        shi = hi << k
+        shi |= (lo >> right) >> one
+        mlo[:, g:g + m], mhi[:, g:g + m] = slo[:, :m], shi[:, :m]
+        lo, hi = slo[:, 32:], shi[:, 32:]
+    return mlo, mhi
+
+
+_last_masks = threading.local()
+
+
+def xts_xor(dest, src, tweaks, sector_size=SECTOR):
+    """XTS masking: block j of sector s of ``src`` XOR T_s * alpha^j into ``dest``
+    (may be ``src``); T_s the s-th 16 bytes of ``tweaks`` (see native/xts.h).  The
+    masks of the last ``bytes`` tweaks are kept (per thread) for the second call of
+    the usual mask / cipher / mask sequence."""
+    dmv = byte_view(dest, writable=True, what="dest")
+    smv, tmv = byte_view(src, what="src"), byte_view(tweaks, what="tweaks")
+    ss, n = check_sectors(sector_size, (smv, "src"), (dmv, "dest"),
+                          per_sector=((tmv, "tweaks"),))
+    if not n:
+        return
+    np = numpy()
+    last = getattr(_last_masks, "entry", None)
+    if last is not None and last[0] is tweaks and last[1] == ss:
+        mlo, mhi = last[2]
+    else:
+        mlo, mhi = _xts_masks(np, tmv, n, ss // 16)
+        # bytes cannot change: the same object has the same masks
+        _last_masks.entry = (tweaks, ss, (mlo, mhi)) if type(tweaks) is bytes else None
+    shape = (n, ss // 16, 2)
+    d = np.frombuffer(dmv, dtype=np.uint64).reshape(shape)
+    s = np.frombuffer(smv, dtype=np.uint64).reshape(shape)
+    np.bitwise_xor(s[:, :, 0], mlo, out=d[:, :, 0])
+    np.bitwise_xor(s[:, :, 1], mhi, out=d[:, :, 1])
+
+
+def cbc_unchain(dest, plain, cipher, ivs, sector_size=SECTOR):
+    """CBC decryption after ECB: ``dest`` = ``plain`` XOR the previous ciphertext block
+    (the sector's IV for its first block); ``dest`` may be ``cipher``."""
+    dmv = byte_view(dest, writable=True, what="dest")
+    pmv, cmv = byte_view(plain, what="plain"), byte_view(cipher, what="cipher")
+    imv = byte_view(ivs, what="ivs")
+    ss, n = check_sectors(sector_size, (dmv, "dest"), (pmv, "plain"), (cmv, "cipher"),
+                          per_sector=((imv, "ivs"),))
+    if not n:
+        return
+    np = numpy()
+    shape = (n, ss // 16, 2)
+    out = np.frombuffer(pmv, dtype=np.uint64).reshape(shape).copy()
+    out[:, 1:] ^= np.frombuffer(cmv, dtype=np.uint64).reshape(shape)[:, :-1]
+    out[:, 0] ^= np.frombuffer(imv, dtype=np.uint64).reshape(n, 2)
+    np.frombuffer(dmv, dtype=np.uint64).reshape(shape)[...] = out
+
+
+def cbc_lane(data, lane, ivs, sector_size, j):
+    """Step ``j`` of CBC encryption across sectors: store the lane as block j-1 of
+    every sector (j > 0), then load it with block j XOR its chaining value (j < blocks
+    per sector); see native/xts.h."""
+    dmv, lmv = byte_view(data, writable=True, what="data"), byte_view(lane, writable=True,
+                                                                       what="lane")
+    imv = byte_view(ivs, what="ivs")
+    ss, n = check_sectors(sector_size, (dmv, "data"),
+                          per_sector=((lmv, "lane"), (imv, "ivs")))
+    j, blocks = as_index(j, "j"), ss // 16
+    if j > blocks:
+        raise ValueError(f"step {j} is past the {blocks} blocks of a sector")
+    if not n:
+        return
+    np = numpy()
+    d = np.frombuffer(dmv, dtype=np.uint64).reshape(n, blocks, 2)
+    v = np.frombuffer(lmv, dtype=np.uint64).reshape(n, 2)
+    if j > 0:
+        d[:, j - 1] = v
+    if j < blocks:
+        prev = d[:, j - 1] if j > 0 else np.frombuffer(imv, dtype=np.uint64).reshape(n, 2)
+        np.bitwise_xor(d[:, j], prev, out=v)
+
+
+def sector_ivs(dest, first, mask):
+    """The plain IVs of len(dest) / 16 sectors from ``first``: (first + i) & mask as
+    little-endian 128-bit numbers (see native/xts.h)."""
+    dmv, first, mask = check_ivs(dest, first, mask)
+    n = len(dmv) // 16
+    if not n:
+        return
+    np = numpy()
+    iv = np.frombuffer(dmv, dtype="<u8").reshape(n, 2)
+    np.bitwise_and(np.arange(first, first + n, dtype=np.uint64), np.uint64(mask),
+                   out=iv[:, 0])
+    iv[:, 1] = 0
