@@ -142,20 +142,8 @@ def apply_image_opts(args) -> None:
 
 
 def _opts_name(text: str) -> str:
-    import json
-
-    from ..imageopts import parse_image_opts
-    tree: dict = {}
-    for key, value in parse_image_opts(text).items():
-        node = tree
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                from ..errors import InvalidOptionError
-                raise InvalidOptionError(f"Option '{key}' conflicts with another option")
-        node[last] = value
-    return "json:" + json.dumps(tree)
+    from ..imageopts import options_name
+    return options_name(text)[0]
 
 
 def add_untrusted(p) -> None:

@@ -164,6 +164,20 @@ def check_sectors(sector_size, *buffers, per_sector=()):
     return ss, n
 
 
+def check_lane(data, lane, ivs, sector_size, j):
+    """Validate cbc_lane()'s arguments: (data, lane, ivs views, sector size, sectors,
+    step, blocks per sector)."""
+    dmv = byte_view(data, writable=True, what="data")
+    lmv = byte_view(lane, writable=True, what="lane")
+    imv = byte_view(ivs, what="ivs")
+    ss, n = check_sectors(sector_size, (dmv, "data"),
+                          per_sector=((lmv, "lane"), (imv, "ivs")))
+    j, blocks = as_index(j, "j"), ss // 16
+    if j > blocks:
+        raise ValueError(f"step {j} is past the {blocks} blocks of a sector")
+    return dmv, lmv, imv, ss, n, j, blocks
+
+
 def check_ivs(dest, first, mask):
     """Validate sector_ivs()' arguments: (dest view, first, mask)."""
     dmv = byte_view(dest, writable=True, what="dest")

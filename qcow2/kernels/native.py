@@ -21,7 +21,7 @@ from . import contract
 from .contract import (
     ALGO_ZSTD, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ENOMEM, ENOSPC, NATIVE_VERSION,
     RUN_ITEMSIZES, RUN_TYPECODES, CompressorBase, DecompressorBase, byte_view,
-    SECTOR, as_index, check_block_size, check_codec_args, check_ivs, check_l2_args, check_sectors,
+    SECTOR, check_block_size, check_codec_args, check_ivs, check_lane, check_l2_args, check_sectors,
     empty_runs, l2_error,
 )
 
@@ -288,14 +288,7 @@ def cbc_unchain(dest, plain, cipher, ivs, sector_size=SECTOR):
 def cbc_lane(data, lane, ivs, sector_size, j):
     """One step of CBC encryption across sectors (as
     :func:`qcow2.kernels.python.cbc_lane`)."""
-    dmv = byte_view(data, writable=True, what="data")
-    lmv = byte_view(lane, writable=True, what="lane")
-    imv = byte_view(ivs, what="ivs")
-    ss, n = check_sectors(sector_size, (dmv, "data"),
-                          per_sector=((lmv, "lane"), (imv, "ivs")))
-    j, blocks = as_index(j, "j"), ss // 16
-    if j > blocks:
-        raise ValueError(f"step {j} is past the {blocks} blocks of a sector")
+    dmv, lmv, imv, ss, n, j, blocks = check_lane(data, lane, ivs, sector_size, j)
     if not n:
         return
     with ffi.from_buffer(dmv, require_writable=True) as dp, \

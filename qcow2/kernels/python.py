@@ -23,7 +23,7 @@ from ..cluster import L2Batch
 from .contract import (
     ALGO_ZLIB, ALGO_ZSTD, EDATA, EDSTRANGE, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ELONG,
     ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, SECTOR, CompressorBase, DecompressorBase,
-    as_index, byte_view, check_block_size, check_ivs, check_l2_args, check_sectors, empty_runs,
+    byte_view, check_block_size, check_ivs, check_lane, check_l2_args, check_sectors, empty_runs,
     l2_error, numpy,
 )
 
@@ -515,14 +515,7 @@ def cbc_lane(data, lane, ivs, sector_size, j):
     """Step ``j`` of CBC encryption across sectors: store the lane as block j-1 of
     every sector (j > 0), then load it with block j XOR its chaining value (j < blocks
     per sector); see native/xts.h."""
-    dmv, lmv = byte_view(data, writable=True, what="data"), byte_view(lane, writable=True,
-                                                                       what="lane")
-    imv = byte_view(ivs, what="ivs")
-    ss, n = check_sectors(sector_size, (dmv, "data"),
-                          per_sector=((lmv, "lane"), (imv, "ivs")))
-    j, blocks = as_index(j, "j"), ss // 16
-    if j > blocks:
-        raise ValueError(f"step {j} is past the {blocks} blocks of a sector")
+    dmv, lmv, imv, ss, n, j, blocks = check_lane(data, lane, ivs, sector_size, j)
     if not n:
         return
     np = numpy()
