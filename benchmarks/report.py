@@ -1,25 +1,30 @@
 """Print the ratio table from a pytest-benchmark JSON file.
 
     pytest benchmarks --benchmark-json=bench.json && python benchmarks/report.py bench.json
+
+Columns: medians of ours and theirs (rounds alternate), the ratio of the medians, of the
+best rounds and of the median CPU seconds, our peak RSS, the load average at the end.
 """
 
 import json
 import sys
 
 
+def _f(v, fmt):
+    return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+
 def main(path: str) -> None:
     data = json.load(open(path))
-    rows = []
+    print(f"{'case':45} {'ours s':>8} {'theirs s':>9} {'ratio':>6} {'best':>6} {'cpu':>6} "
+          f"{'RSS MiB':>8} {'load':>5} corpus")
     for b in data["benchmarks"]:
         x = b.get("extra_info", {})
-        rows.append((b["name"], x.get("ours_s", b["stats"]["min"]), x.get("theirs_s"),
-                     x.get("ratio"), x.get("peak_rss_mib"), x.get("impl", ""),
-                     x.get("corpus", "")))
-    print(f"{'case':45} {'ours s':>8} {'theirs s':>9} {'ratio':>6} {'RSS MiB':>8} impl  corpus")
-    for name, ours, theirs, ratio, rss, impl, corpus in rows:
-        print(f"{name:45} {ours:8.3f} {theirs if theirs is not None else '-':>9} "
-              f"{ratio if ratio is not None else '-':>6} {rss if rss is not None else '-':>8} "
-              f"{impl:5} {corpus}")
+        print(f"{b['name']:45} {_f(x.get('ours_s', b['stats']['min']), '8.3f')} "
+              f"{_f(x.get('theirs_s'), '9.4f')} {_f(x.get('ratio'), '6.3f')} "
+              f"{_f(x.get('best_ratio'), '6.3f')} {_f(x.get('cpu_ratio'), '6.3f')} "
+              f"{_f(x.get('peak_rss_mib'), '8.1f')} {_f(x.get('load_avg'), '5.2f')} "
+              f"{x.get('corpus', '')}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ pytest-benchmark and qemu-img (or cp) on the same input, and stores in extra_inf
 exit, which is our default and what nova asks for with ``-t none``; qemu-img's own
 default for convert is ``unsafe``, no flush at all; ``QCOW2_BENCH_CACHE=unsafe|none|
 default`` runs them with another mode, "default" meaning no ``-t`` on either side)
-``theirs_s`` (best of the same number of rounds), ``ratio`` (ours / theirs, lower is
-better), ``peak_rss_mib`` of our process, ``corpus`` (its kind: "debian-minbase" or
+``ours_s``/``theirs_s`` (medians of rounds that alternate ours and theirs), ``ratio``
+(ours / theirs, lower is better), ``best_ratio``, ``cpu_ratio``, ``peak_rss_mib`` of our
+process, ``corpus`` (its kind: "debian-minbase" or
 "synthetic", see conftest.py).  ``python benchmarks/report.py`` prints the table.
 Nothing here asserts timings.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +52,13 @@ def need(corpus, key):
 def run_process(cmd, env=None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one process (dirty pages of earlier runs are
     written back first, so no run pays for another's output)."""
+    wall, _cpu, peak = run_measured(cmd, env)
+    return wall, peak
+
+
+def run_measured(cmd, env=None) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system of the process and its children, from
+    ``wait4``) and peak RSS (MiB) of one process, after ``sync``."""
     os.sync()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -59,32 +68,44 @@ def run_process(cmd, env=None) -> tuple[float, float]:
     p.stderr.close()
     p.returncode = os.waitstatus_to_exitcode(status)
     assert p.returncode == 0, f"{cmd}: {err}"
-    return dt, ru.ru_maxrss / 1024
+    return dt, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
 
 
 def side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
-    rss = []
+    """Ours and theirs alternate round by round (the machine's load changes between
+    rounds; both see the same), after one untimed warm-up round of each.  ``ratio`` is
+    the ratio of the medians, ``best_ratio`` that of the best rounds, ``cpu_ratio`` that
+    of the median CPU seconds."""
+    runs: dict = {"ours": [], "theirs": []}
 
-    def one():
+    def once(name, cmd, e=None):
         if cleanup:
             cleanup()
-        dt, peak = run_process(ours, env)
-        rss.append(peak)
-        return dt
+        return run_measured(cmd, e)
 
-    benchmark.pedantic(one, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    best = float("inf")
-    for _ in range(ROUNDS):
-        if cleanup:
-            cleanup()
-        dt, _peak = run_process(theirs)
-        best = min(best, dt)
-    ours_best = benchmark.stats.stats.min
+    once("ours", ours, env)
+    once("theirs", theirs)
+
+    def pair():
+        runs["ours"].append(once("ours", ours, env))
+        runs["theirs"].append(once("theirs", theirs))
+        return runs["ours"][-1][0]
+
+    benchmark.pedantic(pair, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    if cleanup:
+        cleanup()
+    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v))
+           for k, v in runs.items()}
+    best = {k: min(r[0] for r in v) for k, v in runs.items()}
     benchmark.extra_info.update({
-        "theirs_s": round(best, 4), "ours_s": round(ours_best, 4),
-        "ratio": round(ours_best / best, 3) if best else None,
-        "peak_rss_mib": round(max(rss), 1), "impl": os.environ.get("QCOW2_IMPL", "auto"),
-        "cache": CACHE,
+        "ours_s": round(med["ours"][0], 4), "theirs_s": round(med["theirs"][0], 4),
+        "ratio": round(med["ours"][0] / med["theirs"][0], 3),
+        "best_ratio": round(best["ours"] / best["theirs"], 3),
+        "ours_cpu_s": round(med["ours"][1], 3), "theirs_cpu_s": round(med["theirs"][1], 3),
+        "cpu_ratio": round(med["ours"][1] / med["theirs"][1], 3) if med["theirs"][1] else None,
+        "peak_rss_mib": round(max(r[2] for r in runs["ours"]), 1),
+        "impl": os.environ.get("QCOW2_IMPL", "auto"), "cache": CACHE,
+        "load_avg": round(os.getloadavg()[0], 2),
     })
 
 
