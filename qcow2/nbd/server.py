@@ -20,9 +20,9 @@ import stat
 import threading
 
 from . import protocol as P
-from .export import Export
+from .export import Export, usable_cpus
 from .handshake import negotiate
-from .transmission import Transmission
+from .transmission import Transmission, WorkerShare
 
 log = logging.getLogger("qcow2.nbd")
 
@@ -55,6 +55,7 @@ class NBDServer:
         self.persistent = persistent
         self.workers = workers
         self.budget = budget
+        self.share = WorkerShare(usable_cpus())
         for exp in self.exports.values():
             # a client told "multi-conn" opens several connections: not with one slot
             exp.multi_conn = self.shared != 1
@@ -196,7 +197,7 @@ class NBDServer:
             log.info("%s: serving export %r%s", peer, session.export.name,
                      " (structured replies)" if session.structured else "")
             Transmission(ch, session, peer=peer, workers=self.workers,
-                         budget=self.budget).run()
+                         budget=self.budget, share=self.share).run()
         except P.Disconnected as exc:
             log.info("%s: disconnected during negotiation (%s)", peer, exc)
         except P.ProtocolError as exc:

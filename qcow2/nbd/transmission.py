@@ -82,15 +82,53 @@ class _Request:
         self.cost = cost
 
 
+class WorkerShare:
+    """How many of its worker threads each connection of a server runs: the CPUs
+    shared out among the connections in transmission (at least one each).  A client
+    that opens a connection per CPU (nbdcopy) gets one worker on each, which reads,
+    decodes and sends with no hand-off to another thread; a lone connection gets one
+    per CPU, so its requests still decode in parallel.  (nbdcopy from a zstd image on
+    2 cores: 62,000 futex calls per copy with four workers per connection, 16,000
+    with two, 1,900 with one; the server's CPU per copy 1.14 s, 1.08 s, 0.95 s.)"""
+
+    def __init__(self, cpus: int):
+        self.cpus = max(1, cpus)
+        self.active = 0
+        self.share = self.cpus            # workers a connection may run now
+        self.cond = threading.Condition(threading.Lock())
+
+    def _update(self, delta: int) -> None:
+        with self.cond:
+            self.active += delta
+            self.share = max(1, -(-self.cpus // max(1, self.active)))
+            self.cond.notify_all()
+
+    def enter(self) -> None:
+        self._update(1)
+
+    def leave(self) -> None:
+        self._update(-1)
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def park(self, index: int, stop) -> None:
+        """Wait while worker ``index`` is beyond the share, until ``stop()``."""
+        with self.cond:
+            while index >= self.share and not stop():
+                self.cond.wait()
+
+
 class Transmission:
     """Serve ``session`` (a ``handshake.Session``) on channel ``ch`` until the end.
 
-    ``workers``: threads serving this connection's requests; ``budget``: bytes of
-    payloads and read buffers in flight at most (a single request may use up to 32
-    MiB whatever the budget)."""
+    ``workers``: threads serving this connection's requests at most (those beyond
+    ``share``'s current share wait); ``budget``: bytes of payloads and read buffers in
+    flight at most (a single request may use up to 32 MiB whatever the budget)."""
 
     def __init__(self, ch: P.Channel, session, *, peer: str = "client", workers: int = 4,
-                 budget: int = 64 << 20):
+                 budget: int = 64 << 20, share: WorkerShare | None = None):
         self.ch = ch
         self.session = session
         self.export = session.export
@@ -104,23 +142,38 @@ class Transmission:
         self.done = False                 # no more requests: DISC, EOF or a protocol error
         self.dead = False                 # the client is gone: replies are not sent
         self.scratch = threading.local()
+        self.share = share
 
     # -- the loop: each worker in turn reads one request, then serves it -----------
     def run(self) -> None:
-        threads = [threading.Thread(target=self._work, name=f"nbd-worker-{i}", daemon=True)
-                   for i in range(self.workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        share = self.share
+        if share is not None:
+            share.enter()
+        try:
+            threads = [threading.Thread(target=self._work, args=(i,), name=f"nbd-worker-{i}",
+                                        daemon=True) for i in range(self.workers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            if share is not None:
+                share.leave()
         self._flush_on_close()
 
-    def _work(self) -> None:
+    def _stopped(self) -> bool:
+        return self.done
+
+    def _work(self, index: int) -> None:
         """Leader/followers: the thread holding ``read_lock`` reads the next request
         (and a WRITE's payload), lets the next thread read, and serves what it read:
         no queue and no hand-off between threads per request; at most ``workers``
-        requests of a connection in flight."""
+        requests of a connection in flight (worker 0 always serves; the others while
+        the server's ``share`` allows)."""
+        share = self.share
         while True:
+            if index and share is not None and index >= share.share:
+                share.park(index, self._stopped)
             with self.read_lock:
                 if self.done:
                     return
@@ -138,6 +191,8 @@ class Transmission:
                     req = None
                 if req is None:
                     self.done = True
+                    if share is not None:
+                        share.wake()            # parked workers of this connection end
                     return
             try:
                 if not self.dead:
