@@ -257,6 +257,17 @@ class Channel:
         self._rpos = n
         return bytes(self._rmv[:n])
 
+    def peek(self, n: int):
+        """The next ``n`` bytes if they are already buffered (not consumed), else None."""
+        p = self._rpos
+        if self._rend - p >= n:
+            return self._rmv[p:p + n]
+        return None
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` bytes ``peek`` has shown."""
+        self._rpos += n
+
     def recv_into(self, mv: memoryview) -> None:
         n = len(mv)
         got = min(n, self._rend - self._rpos)
