@@ -439,3 +439,48 @@ def test_read_only_reads_every_piece_kind(layered, tmp_path, mode):
             assert got == want, step
         c.close()
         assert srv.alive(), srv.log()
+
+
+def test_adjacent_reads_sent_at_once_each_get_their_reply(layered, tmp_path):
+    """A connection served by one worker takes the adjacent READs already received as
+    one batch (one read plan): every request still gets its own reply, in order, with
+    its cookie and exactly its bytes; one out of range in the batch gets its error and
+    the others their data; a read that is not adjacent starts a new batch."""
+    import qcow2
+    from qcow2.nbd import NBDServer
+    path, want = layered
+    size = len(want)
+    sock = str(tmp_path / "batch.sock")
+    with qcow2.open(path) as img, NBDServer(img, socket_path=sock, shared=0, persistent=True,
+                                            workers=1):
+        for step in (4096, 100_000, 256 << 10):
+            c = Client(sock)
+            c.hello()
+            c.go(name="")
+            reqs = [(off, min(step, size - off)) for off in range(0, size, step)]
+            reqs.insert(3, (size - 4096, 8192))                    # past the end: EINVAL
+            reqs.insert(5, (0, 4096))                              # not adjacent
+            c.s.sendall(b"".join(struct.pack(">IHHQQI", REQ_MAGIC, 0, READ, i, off, n)
+                                 for i, (off, n) in enumerate(reqs)))
+            for i, (off, n) in enumerate(reqs):
+                got = bytearray(n)
+                seen = 0
+                while True:
+                    magic, flags, kind, cookie, ln = struct.unpack(">IHHQI", c.recv(20))
+                    assert magic == CHUNK_MAGIC and cookie == i, (i, cookie)
+                    body = c.recv(ln)
+                    if kind == T_DATA:
+                        at = struct.unpack(">Q", body[:8])[0] - off
+                        got[at:at + ln - 8] = body[8:]
+                        seen += ln - 8
+                    elif kind == T_HOLE:
+                        at, k = struct.unpack(">QI", body)
+                        seen += k
+                    else:
+                        assert i == 3 and kind == T_ERROR and body[:4] == struct.pack(">I", EINVAL)
+                    if flags & 1:
+                        break
+                if i != 3:
+                    assert seen == n and bytes(got) == want[off:off + n], (step, i)
+            c.request(DISC, 0, 0)
+            assert c.closed_by_server()
