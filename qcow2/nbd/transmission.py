@@ -3,9 +3,13 @@
 A few worker threads per connection take turns reading a request (and a WRITE's
 payload) and serve what they read while the next one reads (the engine's C kernels
 release the GIL, so reads of compressed clusters decode in parallel); replies go out
-whole under the channel's send lock.  Memory is bounded per connection: a request carries at most 32
-MiB (as qemu-nbd), and the reader stops taking requests while the payloads and read
-buffers of requests in flight would pass ``budget`` bytes.
+whole under the channel's send lock.  A worker reading a READ also takes the adjacent
+READs the client has already sent (up to 1 MiB in all) and serves them with one read
+plan and one ``sendmsg``, each still with its own reply.  How many workers a
+connection runs is the server's ``WorkerShare`` of the CPUs.  Memory is bounded per
+connection: a request carries at most 32 MiB (as qemu-nbd), and the reader stops
+taking requests while the payloads and read buffers of requests in flight would pass
+``budget`` bytes.
 
 A request that breaks the framing (bad magic, a WRITE longer than 32 MiB, whose
 payload cannot be skipped safely) ends the connection with a log line; a request
@@ -86,24 +90,26 @@ class _Request:
 
 
 class WorkerShare:
-    """How many of its worker threads each connection of a server runs: the CPUs
-    shared out among the connections in transmission (at least one each).  A client
-    that opens a connection per CPU (nbdcopy) gets one worker on each, which reads,
-    decodes and sends with no hand-off to another thread; a lone connection gets one
-    per CPU, so its requests still decode in parallel.  (nbdcopy from a zstd image on
-    2 cores: 62,000 futex calls per copy with four workers per connection, 16,000
-    with two, 1,900 with one; the server's CPU per copy 1.14 s, 1.08 s, 0.95 s.)"""
+    """How many of its worker threads each connection of a server runs: two per CPU
+    shared out among the connections in transmission, at least two each (one decodes
+    while the other waits for the socket or the GIL).  nbdcopy, which opens a
+    connection per CPU, gets two workers on each instead of four: fewer threads
+    contending for the GIL and the decode slots (on 2 cores, futex calls per zstd copy
+    62,000 with four workers per connection, 16,000 with two, 1,900 with one; server
+    CPU per copy 1.14, 1.08, 0.95 s before reads were batched); a lone connection
+    gets two per CPU, so its requests decode in parallel.  One worker per connection
+    costs least CPU but leaves a core idle whenever that worker waits."""
 
     def __init__(self, cpus: int):
         self.cpus = max(1, cpus)
         self.active = 0
-        self.share = self.cpus            # workers a connection may run now
+        self.share = 2 * self.cpus        # workers a connection may run now
         self.cond = threading.Condition(threading.Lock())
 
     def _update(self, delta: int) -> None:
         with self.cond:
             self.active += delta
-            self.share = max(1, -(-self.cpus // max(1, self.active)))
+            self.share = max(2, -(-2 * self.cpus // max(1, self.active)))
             self.cond.notify_all()
 
     def enter(self) -> None:
@@ -239,15 +245,9 @@ class Transmission:
             self._reserve(cost)
         req = _Request(flags, kind, cookie, offset, length, payload, cost)
         if (kind == P.CMD_READ and not flags and 0 < length < _BATCH_MAX
-                and self.session.structured and self._alone()):
+                and self.session.structured):
             self._gather(req)
         return req
-
-    def _alone(self) -> bool:
-        """Whether this connection runs one worker now (its reads are then served in
-        batches: no parallel decode of the connection's requests is lost)."""
-        share = self.share
-        return min(self.workers, share.share if share is not None else self.workers) == 1
 
     def _gather(self, req: _Request) -> None:
         """Join to ``req`` the READs that follow it on the disk and are already in the
@@ -326,7 +326,7 @@ class Transmission:
         try:
             for r in reqs:
                 self._check(r)
-            with serial_reads():                # (parallel: the other connections)
+            with serial_reads():                # (in parallel: the other workers)
                 plan, buf = self._plan(req.offset, sum(r.length for r in reqs))
         except P.Disconnected:
             raise
