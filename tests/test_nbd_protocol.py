@@ -442,8 +442,8 @@ def test_read_only_reads_every_piece_kind(layered, tmp_path, mode):
 
 
 def test_adjacent_reads_sent_at_once_each_get_their_reply(layered, tmp_path):
-    """A connection served by one worker takes the adjacent READs already received as
-    one batch (one read plan): every request still gets its own reply, in order, with
+    """A worker takes the adjacent READs already received as one batch (one read
+    plan): every request still gets its own reply (in order: one worker here), with
     its cookie and exactly its bytes; one out of range in the batch gets its error and
     the others their data; a read that is not adjacent starts a new batch."""
     import qcow2

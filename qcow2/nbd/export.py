@@ -24,8 +24,7 @@ _DETECT_ZEROES = ("off", "on", "unmap")
 _HOLE_MIN = 4096          # reads are scanned for zeros in blocks of this size
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on."""
+def _cpus() -> int:
     import os
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -69,7 +68,7 @@ class Export:
         # connections: more only take the CPU from the clients reading the replies
         # (nbdcopy from a zstd image on 2 busy cores: 1.8x qemu-nbd's time with a
         # decoder per worker thread, 1.3x with these slots)
-        self.decode_slots = threading.BoundedSemaphore(usable_cpus())
+        self.decode_slots = threading.BoundedSemaphore(_cpus())
         # block status walks the tables outside the image's lock: on a writable image
         # it must not run while a write changes them (writes serialise anyway)
         self.meta_lock = threading.Lock() if not self.readonly else nullcontext()

@@ -20,9 +20,9 @@ import stat
 import threading
 
 from . import protocol as P
-from .export import Export, usable_cpus
+from .export import Export
 from .handshake import negotiate
-from .transmission import Transmission, WorkerShare
+from .transmission import Transmission
 
 log = logging.getLogger("qcow2.nbd")
 
@@ -55,7 +55,6 @@ class NBDServer:
         self.persistent = persistent
         self.workers = workers
         self.budget = budget
-        self.share = WorkerShare(usable_cpus())
         for exp in self.exports.values():
             # a client told "multi-conn" opens several connections: not with one slot
             exp.multi_conn = self.shared != 1
@@ -197,7 +196,7 @@ class NBDServer:
             log.info("%s: serving export %r%s", peer, session.export.name,
                      " (structured replies)" if session.structured else "")
             Transmission(ch, session, peer=peer, workers=self.workers,
-                         budget=self.budget, share=self.share).run()
+                         budget=self.budget).run()
         except P.Disconnected as exc:
             log.info("%s: disconnected during negotiation (%s)", peer, exc)
         except P.ProtocolError as exc:

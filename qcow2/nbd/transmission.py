@@ -5,8 +5,7 @@ payload) and serve what they read while the next one reads (the engine's C kerne
 release the GIL, so reads of compressed clusters decode in parallel); replies go out
 whole under the channel's send lock.  A worker reading a READ also takes the adjacent
 READs the client has already sent (up to 1 MiB in all) and serves them with one read
-plan and one ``sendmsg``, each still with its own reply.  How many workers a
-connection runs is the server's ``WorkerShare`` of the CPUs.  Memory is bounded per
+plan and one ``sendmsg``, each still with its own reply.  Memory is bounded per
 connection: a request carries at most 32 MiB (as qemu-nbd), and the reader stops
 taking requests while the payloads and read buffers of requests in flight would pass
 ``budget`` bytes.
@@ -89,55 +88,15 @@ class _Request:
         self.batch = None                 # adjacent READs served with this one
 
 
-class WorkerShare:
-    """How many of its worker threads each connection of a server runs: two per CPU
-    shared out among the connections in transmission, at least two each (one decodes
-    while the other waits for the socket or the GIL).  nbdcopy, which opens a
-    connection per CPU, gets two workers on each instead of four: fewer threads
-    contending for the GIL and the decode slots (on 2 cores, futex calls per zstd copy
-    62,000 with four workers per connection, 16,000 with two, 1,900 with one; server
-    CPU per copy 1.14, 1.08, 0.95 s before reads were batched); a lone connection
-    gets two per CPU, so its requests decode in parallel.  One worker per connection
-    costs least CPU but leaves a core idle whenever that worker waits."""
-
-    def __init__(self, cpus: int):
-        self.cpus = max(1, cpus)
-        self.active = 0
-        self.share = 2 * self.cpus        # workers a connection may run now
-        self.cond = threading.Condition(threading.Lock())
-
-    def _update(self, delta: int) -> None:
-        with self.cond:
-            self.active += delta
-            self.share = max(2, -(-2 * self.cpus // max(1, self.active)))
-            self.cond.notify_all()
-
-    def enter(self) -> None:
-        self._update(1)
-
-    def leave(self) -> None:
-        self._update(-1)
-
-    def wake(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
-
-    def park(self, index: int, stop) -> None:
-        """Wait while worker ``index`` is beyond the share, until ``stop()``."""
-        with self.cond:
-            while index >= self.share and not stop():
-                self.cond.wait()
-
-
 class Transmission:
     """Serve ``session`` (a ``handshake.Session``) on channel ``ch`` until the end.
 
-    ``workers``: threads serving this connection's requests at most (those beyond
-    ``share``'s current share wait); ``budget``: bytes of payloads and read buffers in
-    flight at most (a single request may use up to 32 MiB whatever the budget)."""
+    ``workers``: threads serving this connection's requests; ``budget``: bytes of
+    payloads and read buffers in flight at most (a single request may use up to 32
+    MiB whatever the budget)."""
 
     def __init__(self, ch: P.Channel, session, *, peer: str = "client", workers: int = 4,
-                 budget: int = 64 << 20, share: WorkerShare | None = None):
+                 budget: int = 64 << 20):
         self.ch = ch
         self.session = session
         self.export = session.export
@@ -151,38 +110,23 @@ class Transmission:
         self.done = False                 # no more requests: DISC, EOF or a protocol error
         self.dead = False                 # the client is gone: replies are not sent
         self.scratch = threading.local()
-        self.share = share
 
     # -- the loop: each worker in turn reads one request, then serves it -----------
     def run(self) -> None:
-        share = self.share
-        if share is not None:
-            share.enter()
-        try:
-            threads = [threading.Thread(target=self._work, args=(i,), name=f"nbd-worker-{i}",
-                                        daemon=True) for i in range(self.workers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        finally:
-            if share is not None:
-                share.leave()
+        threads = [threading.Thread(target=self._work, name=f"nbd-worker-{i}", daemon=True)
+                   for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         self._flush_on_close()
 
-    def _stopped(self) -> bool:
-        return self.done
-
-    def _work(self, index: int) -> None:
+    def _work(self) -> None:
         """Leader/followers: the thread holding ``read_lock`` reads the next request
-        (and a WRITE's payload), lets the next thread read, and serves what it read:
-        no queue and no hand-off between threads per request; at most ``workers``
-        requests of a connection in flight (worker 0 always serves; the others while
-        the server's ``share`` allows)."""
-        share = self.share
+        (and a WRITE's payload, or a batch of adjacent READs), lets the next thread
+        read, and serves what it read: no queue and no hand-off between threads per
+        request; at most ``workers`` requests (or batches) of a connection in flight."""
         while True:
-            if index and share is not None and index >= share.share:
-                share.park(index, self._stopped)
             with self.read_lock:
                 if self.done:
                     return
@@ -200,8 +144,6 @@ class Transmission:
                     req = None
                 if req is None:
                     self.done = True
-                    if share is not None:
-                        share.wake()            # parked workers of this connection end
                     return
             try:
                 if not self.dead:
