@@ -12,6 +12,7 @@ cffi releases the GIL around every C call, so threads run kernels in parallel.
 
 from __future__ import annotations
 
+import functools
 import threading
 from array import array
 
@@ -193,6 +194,7 @@ class Decompressor(DecompressorBase):
             return ret, self._bad[0]
 
 
+@functools.cache
 def _bundled_zstd_is_newer() -> bool:
     """True when python-zstandard's own libzstd is a newer release than the system's
     one linked here: newer releases compress faster at the same level (1.5.7 takes
