@@ -5,7 +5,10 @@ read against (benchmarks/README.md, "Where the time goes").
 
 For each compressed qcow2 given (default: the benchmark corpus's zlib and zstd
 images): decode throughput of its compressed clusters with the native kernels, on one
-thread and on every core (the kernels release the GIL).  Then the page-cache bounds
+thread and on every core (the kernels release the GIL); and the encode throughput of
+the same clusters for ``convert -c`` with the image's algorithm, the default
+compressor (libdeflate for zlib, the newer libzstd for zstd) and QEMU's own calls on
+the system libraries (``strict``), on one thread and on every core.  Then the page-cache bounds
 for writing the same amount of output: ``pwrite`` from a buffer, ``copy_file_range``
 from a cached file, and the ``fsync`` that follows.  Nothing here asserts anything.
 """
@@ -60,6 +63,38 @@ def decode_rate(path, threads: int) -> float:
     return len(runs) * cs / dt / 1e6
 
 
+def encode_rate(path, threads: int, strict: bool) -> tuple[float, int]:
+    """(MB/s of input, compressed bytes) compressing the image's clusters again
+    (decoded first), ``threads`` threads sharing them, 64 clusters per call."""
+    from qcow2 import kernels
+
+    data, runs, cs, algo = _clusters(path)
+    padded = data + bytes(cs)
+    dec = kernels.Decompressor(algo, cs)
+    plain = bytearray(len(runs) * cs)
+    dec.decompress_into(plain, padded, [h for h, _ in runs], [n for _, n in runs])
+    batch = 64
+    chunks = [(i, min(batch, len(runs) - i)) for i in range(0, len(runs), batch)]
+    parts = [chunks[i::threads] for i in range(threads)]
+    sizes = [0] * threads
+
+    def work(k):
+        comp = kernels.Compressor(algo, cs, strict=strict)
+        mv = memoryview(plain)
+        for i, n in parts[k]:
+            sizes[k] += sum(cs if c is None else len(c)
+                            for c in comp.compress_many(mv[i * cs:], n))
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    dt = time.perf_counter() - t0
+    return len(runs) * cs / dt / 1e6, sum(sizes)
+
+
 def write_rates(nbytes: int, directory: str) -> dict:
     """Page-cache write bandwidth (MB/s) and the fsync after it, for nbytes."""
     chunk = 4 << 20
@@ -110,6 +145,11 @@ def main(argv) -> None:
         one = decode_rate(img, 1)
         many = decode_rate(img, cores)
         print(f"decode {img}: {one:.0f} MB/s on 1 thread, {many:.0f} MB/s on {cores}")
+        for strict in (False, True):
+            (one, size), (many, _) = encode_rate(img, 1, strict), encode_rate(img, cores, strict)
+            print(f"encode {img} ({'strict, as QEMU' if strict else 'default'}): "
+                  f"{one:.0f} MB/s on 1 thread, {many:.0f} MB/s on {cores}, "
+                  f"{size} bytes")
     n = int(os.environ.get("QCOW2_LIMITS_BYTES", str(512 << 20)))
     for mode, (rate, fs) in write_rates(n, os.environ.get("TMPDIR", "/tmp")).items():
         print(f"write {n >> 20} MiB with {mode}: {rate:.0f} MB/s into the page cache, "

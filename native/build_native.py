@@ -52,6 +52,7 @@ PROBES = {
              " ZSTD_CCtx *c = ZSTD_createCCtx();"
              " (void)ZSTD_getErrorCode(0);"
              " ZSTD_CCtx_setParameter(c, ZSTD_c_compressionLevel, 3);"
+             " (void)ZSTD_compress2(c, 0, 0, \"\", 0);"
              " ZSTD_freeCCtx(c); return (int)ZSTD_freeDCtx(d); }\n"),
     "libdeflate": ("libdeflate.h", "deflate",
                    "#include <libdeflate.h>\n"
@@ -59,7 +60,10 @@ PROBES = {
                    " struct libdeflate_decompressor *d ="
                    " libdeflate_alloc_decompressor();"
                    " libdeflate_deflate_decompress_ex(d, \"\", 0, o, 1, &a, &b);"
-                   " libdeflate_free_decompressor(d); return 0; }\n"),
+                   " libdeflate_free_decompressor(d);"
+                   " struct libdeflate_compressor *c = libdeflate_alloc_compressor(6);"
+                   " a = libdeflate_deflate_compress(c, \"\", 0, o, 1);"
+                   " libdeflate_free_compressor(c); return (int)a; }\n"),
 }
 
 

