@@ -153,7 +153,9 @@ def convert_streaming(resp, url: str, length: int, head: bytes, part_fd: int,
     conversion finishes), and must succeed before anything is linked in place: the
     checksum and the untrusted open of the whole file; an exception there discards
     the outputs.  ``room(written)`` is called every ``ROOM_EVERY`` bytes of data
-    written (the free-space check: a stream of unknown raw size)."""
+    written (the free-space check: a stream of unknown raw size).  Once every read of
+    the body is over, its pages are freed in the background while the outputs are
+    flushed (the caller removes the file afterwards)."""
     import qcow2
     arrival = Arrival(length)
 
