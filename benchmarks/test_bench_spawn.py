@@ -14,7 +14,9 @@ disk):
 
 Each round starts from an empty instances folder (no cached base); ours and nova's
 alternate round by round.  ``extra_info``: best-of ratio, ``median_ratio``, every
-time.  Nothing here asserts timings.
+time, the median CPU seconds of each side (user + system of the whole process tree)
+and their ratio ``cpu_ratio`` (steadier than wall times on a loaded machine), the load
+average.  Nothing here asserts timings.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 import uuid
 
 import pytest
-from test_bench import QCOW2, ROUNDS, need, run_process
+from test_bench import QCOW2, ROUNDS, need, run_measured
 
 ROOT_SIZE = "8G"
 
@@ -93,6 +95,7 @@ def test_spawn_over_http(benchmark, corpus, http_corpus, scratch, mode):
 
     rss = []
     ours, theirs = [], []
+    cpu: dict = {"ours": [], "theirs": []}
     cmd = QCOW2 + ["compute", "spawn", "--config", str(conf), "--instance", "", "--image",
                    "img", "--source", url, "--disk-format", "qcow2", "--root-size", ROOT_SIZE,
                    "-q"]
@@ -102,19 +105,26 @@ def test_spawn_over_http(benchmark, corpus, http_corpus, scratch, mode):
         # benchmark's own timing covers both, the ratio uses each side's times
         clean()
         cmd[cmd.index("--instance") + 1] = str(uuid.uuid4())
-        dt, peak = run_process(cmd)
+        dt, used, peak = run_measured(cmd)
         rss.append(peak)
         ours.append(dt)
+        cpu["ours"].append(used)
         clean()
-        theirs.append(run_process(_nova_sequence(url, str(inst), mode))[0])
+        dt, used, _peak = run_measured(_nova_sequence(url, str(inst), mode))
+        theirs.append(dt)
+        cpu["theirs"].append(used)
     benchmark.pedantic(one, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     clean()
     best, mine = min(theirs), min(ours)
     med_t, med_o = sorted(theirs)[len(theirs) // 2], sorted(ours)[len(ours) // 2]
+    cpu_o, cpu_t = (sorted(cpu[k])[len(cpu[k]) // 2] for k in ("ours", "theirs"))
     benchmark.extra_info.update({
         "theirs_s": round(best, 4), "ours_s": round(mine, 4),
         "ratio": round(mine / best, 3) if best else None,
         "median_ratio": round(med_o / med_t, 3) if med_t else None,
         "ours_all_s": [round(x, 3) for x in ours], "theirs_all_s": [round(x, 3) for x in theirs],
+        "ours_cpu_s": round(cpu_o, 3), "theirs_cpu_s": round(cpu_t, 3),
+        "cpu_ratio": round(cpu_o / cpu_t, 3) if cpu_t else None,
+        "load_avg": round(os.getloadavg()[0], 2),
         "peak_rss_mib": round(max(rss), 1), "impl": os.environ.get("QCOW2_IMPL", "auto"),
         "what": f"zstd qcow2 over HTTP to a boot-ready {mode} disk"})
