@@ -16,7 +16,7 @@
 
 /* Bumped whenever a declaration below changes; qcow2/kernels/native.py checks
  * it against NATIVE_VERSION in qcow2/kernels/contract.py. */
-#define QCOW2N_VERSION 3
+#define QCOW2N_VERSION 2
 
 /* Bits of qcow2n_features(): optional libraries compiled in. */
 #define QCOW2N_FEATURE_ZSTD       1
@@ -43,9 +43,6 @@
 
 /* Flags of qcow2n_dctx_new(). */
 #define QCOW2N_DCTX_STRICT 1  /* zlib only: skip the libdeflate fast path */
-
-/* Flags of qcow2n_cctx_new(). */
-#define QCOW2N_CCTX_STRICT 1  /* zlib only: zlib's bytes, not libdeflate's */
 
 /* Run kinds produced by qcow2n_l2_runs(). */
 #define QCOW2N_KIND_UNALLOC       0  /* no host cluster: backing file or zeros */
@@ -194,14 +191,9 @@ int qcow2n_decompress(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
  * qcow2n_cctx_new - create a compression context.
  *
  * @level: zlib 0..9 or -1 for the default; zstd level or 0 for the default.
- * @flags: QCOW2N_CCTX_STRICT to compress zlib clusters with zlib as QEMU
- *         does (the same bytes as qemu-img with the same zlib).  Otherwise
- *         libdeflate's compressor (when built in) at the same level: about
- *         1.7x faster, a little smaller, and decoded by QEMU (see codec.c).
  * Returns NULL on failure (bad argument, memory, algorithm not built in).
  */
-qcow2n_cctx *qcow2n_cctx_new(int algo, size_t cluster_size, int level,
-                             unsigned flags);
+qcow2n_cctx *qcow2n_cctx_new(int algo, size_t cluster_size, int level);
 
 /*
  * qcow2n_cctx_free - release a context (NULL is fine).
@@ -220,8 +212,7 @@ void qcow2n_cctx_free(qcow2n_cctx *ctx);
  *                    there, so zlib streams of cluster_size - 1 bytes fail)
  *
  * Output is exactly what QEMU's qcow2_zlib_compress / qcow2_zstd_compress
- * produce with the same library (zlib: with QCOW2N_CCTX_STRICT; libdeflate
- * fills up to cluster_size - 1 bytes).  Returns 0 or a negative code.
+ * produce with the same library.  Returns 0 or a negative code.
  */
 int qcow2n_compress(qcow2n_cctx *ctx, uint8_t *dest, size_t dest_size,
                     const uint8_t *src, size_t src_size, size_t n,

@@ -57,7 +57,7 @@ CONTRACT = {
     "ALGO_ZLIB": "ALGO_ZLIB", "ALGO_ZSTD": "ALGO_ZSTD",
 }
 # flags of the C interface only (the Python wrappers read them from the module)
-C_ONLY = {"FEATURE_ZSTD", "FEATURE_LIBDEFLATE", "DCTX_STRICT", "CCTX_STRICT", "L2_EXTENDED",
+C_ONLY = {"FEATURE_ZSTD", "FEATURE_LIBDEFLATE", "DCTX_STRICT", "L2_EXTENDED",
           "L2_DATA_FILE", "L2_STRICT"}
 
 

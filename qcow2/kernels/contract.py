@@ -26,7 +26,7 @@ from ..constants import (
 from ..errors import CorruptImageError, DecompressionError
 
 #: QCOW2N_VERSION of native/qcow2_native.h this package was written against.
-NATIVE_VERSION = 3
+NATIVE_VERSION = 2
 
 # --------------------------------------------------------------------------
 # Names of the public API (the run kinds themselves are qcow2.constants.KIND_*)
@@ -380,15 +380,15 @@ class CompressorBase:
     not fit in ``cluster_size - 1`` bytes; for zlib, exactly as QEMU's call,
     ``cluster_size - 2``): QEMU then writes the cluster uncompressed.
 
-    ``strict`` matters to the native implementation only: by default it
-    compresses zlib clusters with libdeflate's compressor when built in (at
-    the same level: about 1.7x faster and ~1.5% smaller, a raw deflate stream
-    that QEMU's decoder takes, with up to ``cluster_size - 1`` bytes), and zstd
-    clusters with the newer of the system's libzstd and python-zstandard's.
-    ``strict=True`` gives QEMU's very calls on the system libraries: the same
-    zlib bytes as qemu-img (and as the Python twin, on the same system zlib).
-    zstd output may differ in bytes between libzstd releases but always
-    decodes to the same cluster.
+    zlib clusters are always compressed with the system zlib and QEMU's
+    parameters (a 4 KiB window): the same bytes in both implementations and as
+    qemu-img.  (libdeflate's compressor would be 1.7x faster, but its matches
+    reach 32 KiB back, which decoders that honour the 4 KiB window refuse.)
+    ``strict`` matters to zstd in the native implementation only: by default
+    clusters go to the newer of the system's libzstd and python-zstandard's
+    (the same level and parameters); ``strict=True`` keeps QEMU's very call on
+    the system library.  zstd output may differ in bytes between libzstd
+    releases but always decodes to the same cluster.
     """
 
     def __init__(self, algo, cluster_size, level=None, *, strict=False):

@@ -77,7 +77,6 @@ L2_EXTENDED = lib.QCOW2N_L2_EXTENDED
 L2_DATA_FILE = lib.QCOW2N_L2_DATA_FILE
 L2_STRICT = lib.QCOW2N_L2_STRICT
 DCTX_STRICT = lib.QCOW2N_DCTX_STRICT
-CCTX_STRICT = lib.QCOW2N_CCTX_STRICT
 
 
 class _NoBuffer:
@@ -220,8 +219,7 @@ class Compressor(CompressorBase):
 
     def __init__(self, algo, cluster_size, level=None, *, strict=False):
         super().__init__(algo, cluster_size, level, strict=strict)
-        ctx = lib.qcow2n_cctx_new(self.algo, self.cluster_size, self.level,
-                                  CCTX_STRICT if strict else 0)
+        ctx = lib.qcow2n_cctx_new(self.algo, self.cluster_size, self.level)
         if ctx == NULL:
             raise MemoryError("cannot allocate a compression context")
         self._ctx = ffi.gc(ctx, lib.qcow2n_cctx_free)
