@@ -159,3 +159,54 @@ def test_read_plan_pieces(tmp_path, engine):
                     assert want[a:a + n] == bytes(n)
     with engine.open(top, "r+") as img:
         assert [p[2] for p in img.read_plan(0, 8 * CS)] == [READ_COPY]
+
+
+def test_reads_of_several_clusters(tmp_path, engine):
+    """Longer reads of a known table: clusters back to back in the file are one read,
+    all-unallocated ranges zeros; anything else (clusters out of order, compressed,
+    zero-flagged, a hole between data, a table boundary, the last bytes) goes the
+    general way: every read matches qemu's bytes."""
+    p = tmp_path / "multi.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", p, "1G")
+    run("qemu-io", "-f", "qcow2",
+        "-c", f"write -P 0x11 0 {4 * CS}",                   # back to back
+        "-c", f"write -P 0x22 {6 * CS} {CS}",                # out of order in the file
+        "-c", f"write -P 0x33 {5 * CS} {CS}",
+        "-c", f"write -c -P 0x44 {8 * CS} {CS}",
+        "-c", f"write -z {9 * CS} {CS}",
+        "-c", f"write -P 0x55 {(512 << 20) - CS} {2 * CS}",  # across the table boundary
+        p)
+    want = oracle.raw_bytes(p, "qcow2")
+    ranges = [(0, 4 * CS), (100, 3 * CS), (CS - 1, 2), (4 * CS - 10, 20), (5 * CS, 2 * CS),
+              (7 * CS, 3 * CS), (10 * CS, 6 * CS), (12 * CS + 7, 1 << 20),
+              ((512 << 20) - CS, 2 * CS), ((1 << 30) - 3 * CS, 3 * CS), (3 * CS, 4 * CS)]
+    with engine.open(p) as img:
+        for _ in range(3):                                   # tables unknown, seen, mapped
+            for off, n in ranges:
+                assert img.pread(n, off) == want[off:off + n], (off, n)
+                buf = bytearray(n)
+                assert img.readinto(buf, off) == n and buf == want[off:off + n], (off, n)
+        assert img.pread(2 * CS, (1 << 30) - CS) == want[-CS:]   # short at the end
+        with pytest.raises(engine.errors.InvalidOptionError):
+            img.pread(2 * CS, -CS)
+
+
+def test_host_map_of_each_entry_kind():
+    """The fast path's view of an L2 table: host offsets of plain aligned data (the
+    COPIED flag off), 0 unallocated, -1 for anything the general path must check."""
+    import struct
+
+    from qcow2.readplan import host_map
+    copied, compressed = 1 << 63, 1 << 62
+    entries = [0, copied | 5 * CS, 7 * CS, copied | 9 * CS | 1, copied | 3 * CS + 512,
+               compressed | 12345, 1 << 56, copied, 1 << 55 | CS, 2]
+    table = struct.pack(f">{len(entries)}Q", *entries) + bytes(CS - 8 * len(entries))
+    m = host_map(bytearray(table), 16)
+    assert len(m) == CS // 8
+    assert m[:len(entries)] == [0, 5 * CS, 7 * CS, -1, -1, -1, -1, 0, 1 << 55 | CS, -1]
+    assert set(m[len(entries):]) == {0}
+    for bits in (9, 12, 21):                 # the low bits under each cluster size
+        size = 1 << bits
+        t = struct.pack(">3Q", copied | 4 * size, 4 * size + (size >> 1), 4 * size + 512)
+        last = 4 * size + 512 if bits == 9 else -1        # (512 B clusters: aligned)
+        assert host_map(t, bits) == [4 * size, -1, last]
