@@ -13,7 +13,6 @@ argparse parses the command line as before: its output and its errors stay its o
 
 from __future__ import annotations
 
-import importlib
 from types import SimpleNamespace
 
 _FLAG_ACTIONS = {"store_true": False, "store_false": True}
@@ -118,7 +117,7 @@ def spec_of(command: str) -> Spec | None:
     """The recorded declaration of ``command`` (its module imported), or None."""
     rec = _Recorder()
     try:
-        importlib.import_module(f".{command}", __package__).add_parser(rec)
+        __import__(f"{__package__}.{command}", fromlist=["add_parser"]).add_parser(rec)
     except _Unsupported:
         return None
     return rec.spec
