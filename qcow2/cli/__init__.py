@@ -4,7 +4,9 @@ Each subcommand of ``COMMANDS`` lives in its own module with ``add_parser(subpar
 and ``run(args) -> int``; ``common`` holds the argument helpers they share and
 ``output`` what they print in qemu-img's layouts (info text, snapshot table, QEMU's
 JSON).  Errors become one line on stderr and a non-zero exit status; never a traceback
-(set QCOW2_DEBUG=1 to see one).
+(set QCOW2_DEBUG=1 to see one).  A plain command line is parsed by ``quickparse``
+(argparse's import alone costs a process ~8 ms); help, usage errors and the rest by
+argparse (``argparser``).
 """
 
 from __future__ import annotations
@@ -12,13 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-COMMANDS = ("create", "info", "map", "convert", "check", "compare", "measure", "resize",
-            "rebase", "commit", "snapshot", "amend", "dd", "bitmap", "compute")
-COMMANDS += ("nbd",)
-
-
-class UsageError(Exception):
-    pass
+from .usage import COMMANDS, UsageError
 
 
 def build_parser(only: str | None = None):

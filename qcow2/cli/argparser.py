@@ -9,7 +9,7 @@ import importlib
 import os
 import sys
 
-from . import COMMANDS, UsageError
+from .usage import COMMANDS, UsageError
 
 _WIDTH: int | None = None
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from .usage import UsageError
+
 _FLAG_ACTIONS = {"store_true": False, "store_false": True}
 _VALUE_ACTIONS = ("store", "append")
 
@@ -97,7 +99,6 @@ class Spec:
                 arg.default = kwargs[arg.dest]
 
     def error(self, message):
-        from . import UsageError
         raise UsageError(message)
 
     def __getattr__(self, name):        # anything else: argparse's business
