@@ -28,6 +28,7 @@ _pread = os.pread
 _preadv = os.preadv
 _LITTLE = sys.byteorder == "little"
 _MAP_ENTRIES = 1 << 18           # host map entries kept (~10 MiB)
+_FLAT_MAX = 1 << 20              # disks of up to this many clusters get a flat map (8 MiB)
 
 
 _EMPTY: dict[int, bytes] = {}
@@ -116,6 +117,7 @@ class PlannedReads:
     _fast = None                # see _fast_state
     _fast_tables: dict | None = None
     _fast_maps: dict | None = None
+    _fast_flat: list | None = None
 
     def _fast_state(self):
         """What ``pread``'s lock-free path needs, or None where it does not apply: plain
@@ -144,8 +146,18 @@ class PlannedReads:
             return
         if len(tables) >= self._l2c.max_tables:
             tables.clear()
-            self._fast_maps.clear()
+            self._clear_maps()
         tables[l1_index] = table
+
+    def _clear_maps(self) -> None:
+        maps, flat = self._fast_maps, self._fast_flat
+        if flat is not None:
+            span = self._l2_entries
+            for l1_index in maps:
+                start = l1_index * span
+                end = min(start + span, len(flat))
+                flat[start:end] = [-1] * (end - start)
+        maps.clear()
 
     def _map_of(self, l1_index: int):
         """The host map of an L2 table seen before (made on its second read, so that
@@ -156,8 +168,13 @@ class PlannedReads:
             return None
         maps = self._fast_maps
         if (len(maps) + 1) * self._l2_entries > _MAP_ENTRIES:
-            maps.clear()
+            self._clear_maps()
         m = maps[l1_index] = host_map(table, self.cluster_bits)
+        flat = self._fast_flat
+        if flat is not None:            # (the whole clusters of the disk only)
+            start = l1_index * len(m)
+            end = min(start + len(m), len(flat))
+            flat[start:end] = m[:end - start]
         return m
 
     def _drop_fast(self) -> None:
@@ -300,6 +317,9 @@ def _fast_calls(img, fast):
     cbits, l2bits, l2_mask, cmask, csize, nfull, maps, be, zeros, _t = fast
     cls = type(img)
     map_of = img._map_of
+    if nfull <= _FLAT_MAX:
+        img._fast_flat = [-1] * nfull
+        return _flat_calls(img, fast, img._fast_flat)
 
     def pread(n: int, offset: int) -> bytes:
         ci = offset >> cbits
@@ -340,6 +360,57 @@ def _fast_calls(img, fast):
                     else:
                         mv[:] = bytes(n)
                     return n
+        return cls.readinto(img, buf, offset)     # (a short read: the general way)
+
+    pread.__doc__ = cls.pread.__doc__
+    readinto.__doc__ = cls.readinto.__doc__
+    return pread, readinto
+
+
+
+def _flat_calls(img, fast, flat: list):
+    """``_fast_calls`` for disks of up to _FLAT_MAX clusters: one list indexed by
+    cluster, the host maps of the tables mapped so far copied into it (-1 elsewhere:
+    the class's methods map a table on its second read), one subscript per read."""
+    cbits, l2bits, _l2_mask, cmask, csize, nfull, maps, be, zeros, _t = fast
+    cls = type(img)
+    map_of = img._map_of
+
+    def pread(n: int, offset: int) -> bytes:
+        ci = offset >> cbits
+        within = offset & cmask
+        if 0 <= ci < nfull and 0 < n <= csize - within:
+            host = flat[ci]
+            if host > 0:
+                data = _pread(be.fd, n, host + within)
+                if len(data) == n:
+                    return data
+            elif not host:
+                if zeros:
+                    return _ZERO_4K if n == 4096 else bytes(n)
+            elif ci >> l2bits not in maps and map_of(ci >> l2bits) is not None:
+                return pread(n, offset)                 # (mapped now: once)
+        return cls.pread(img, n, offset)
+
+    def readinto(buf, offset: int) -> int:
+        mv = buf if type(buf) is bytearray else memoryview(buf).cast("B")
+        n = len(mv)
+        ci = offset >> cbits
+        within = offset & cmask
+        if 0 <= ci < nfull and 0 < n <= csize - within:
+            host = flat[ci]
+            if host > 0:
+                if _preadv(be.fd, [mv], host + within) == n:
+                    return n
+            elif not host:
+                if zeros:
+                    if n <= 4096:
+                        mv[:] = _ZERO_VIEW[:n]
+                    else:
+                        mv[:] = bytes(n)
+                    return n
+            elif ci >> l2bits not in maps and map_of(ci >> l2bits) is not None:
+                return readinto(buf, offset)            # (mapped now: once)
         return cls.readinto(img, buf, offset)     # (a short read: the general way)
 
     pread.__doc__ = cls.pread.__doc__
