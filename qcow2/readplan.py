@@ -16,7 +16,7 @@ import sys
 from array import array
 
 from . import constants as C
-from .image import READ_COPY, READ_FILE, READ_ZEROS, add_piece
+from .image import READ_COPY, READ_FILE, READ_ZEROS, Image, add_piece
 
 # any bit but COPIED and the offset: not a plain data entry (compressed, zero, reserved)
 _NOT_PLAIN_DATA = ~(C.L2E_OFFSET_MASK | C.OFLAG_COPIED) & 0xFFFFFFFFFFFFFFFF
@@ -134,8 +134,11 @@ class PlannedReads:
                 self.cluster_size - 1, self.cluster_size, self.size >> cbits,
                 self._fast_maps, self.data_be, self.backing is None, self._fast_tables)
         # instance attributes over the methods: a plain function call, the state in
-        # closure cells (the per-call cost is what random 4 KiB reads measure)
-        self.pread, self.readinto = _fast_calls(self, fast)
+        # closure cells (the per-call cost is what random 4 KiB reads measure); not
+        # over a subclass' own methods
+        cls = type(self)
+        if cls.pread is PlannedReads.pread and cls.readinto is Image.readinto:
+            self.pread, self.readinto = _fast_calls(self, fast)
         return fast
 
     def _remember(self, l1_index: int, table) -> None:
