@@ -27,8 +27,6 @@ import os
 
 from . import constants as C
 from .backends import Backend, FileBackend
-from .backends.blkdebug import BlkdebugBackend, BlkdebugTarget
-from .backends.quorum import QuorumBackend, QuorumTarget
 from .errors import (FormatError, ImageOpenError, InvalidOptionError, Qcow2Error, ReadOnlyError,
                      UnsafeImageError, UnsupportedFeatureError)
 from .image import Image, RawImage
@@ -64,24 +62,30 @@ def _open(target, mode: str, *, format, untrusted, snapshot, force_share, backin
         raise UnsafeImageError("an untrusted image is opened read-only (it is never "
                                "written or repaired in place)")
     debug = shown = None
+    quorum = False
     if is_option_name(target):                 # json:{...}, file:PATH: naming a file
+        # (blkdebug and quorum load only for names that use them)
+        from .backends.blkdebug import BlkdebugTarget
+        from .backends.quorum import QuorumTarget
         shown = _json_shown(target)
         target, named = resolve_name(target)
         format = format or named
         if isinstance(target, BlkdebugTarget):  # through a blkdebug node with rules
             debug, target = target.rules, target.path
+        quorum = isinstance(target, QuorumTarget)
     if format not in _FORMATS:
         raise UnsupportedFeatureError(f"Unknown or unsupported image format {format!r} "
                                       f"(supported: qcow2, raw)", feature=f"format {format}")
     if isinstance(target, str) and target.startswith("blkdebug:"):
         shown = target
         debug, target = _blkdebug_rules(target)
-    if isinstance(target, QuorumTarget):
+    if quorum:
         shown = shown or "quorum"
         be, filename, owned = _quorum_store(target, writable, shown), "", True
     else:
         be, filename, owned = _store(target, writable, format)
     if debug is not None:                      # error injection over the file
+        from .backends.blkdebug import BlkdebugBackend
         be = BlkdebugBackend(be, debug, shown)
     # names stored in the image resolve against its file ("": no one file to say)
     base = filename if shown is not None else None
@@ -146,7 +150,9 @@ def _json_shown(name: str) -> str | None:
     return None
 
 
-def _quorum_store(target: QuorumTarget, writable: bool, name: str | None) -> Backend:
+def _quorum_store(target, writable: bool, name: str | None) -> Backend:
+    """The quorum store of ``target`` (a ``backends.quorum.QuorumTarget``)."""
+    from .backends.quorum import QuorumBackend
     children: list[Backend] = []
     try:
         for path in target.paths:

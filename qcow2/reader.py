@@ -646,7 +646,7 @@ class Qcow2Image(PlannedReads, Image):
         return d
 
     def close(self) -> None:
-        self._fast = None           # the lock-free read path holds the descriptor
+        self._drop_fast()           # the lock-free read path holds the descriptor
         super().close()
         if self._crypto is not None:
             self._crypto.wipe()

@@ -46,8 +46,18 @@ def _warm_then_read_all(img, want, offsets, n):
         assert bytes(buf[:k]) == want[off:off + n], off
 
 
+@pytest.fixture(params=["flat", "tables"])
+def layout(request, monkeypatch):
+    """Both layouts of the fast path's maps: one list per disk (disks of up to 2^20
+    clusters) and one list per L2 table (bigger disks)."""
+    if request.param == "tables":
+        import qcow2.readplan
+        monkeypatch.setattr(qcow2.readplan, "_FLAT_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("n", [4096, 512, 1000])
-def test_fast_reads_match_qemu(single, engine, n):
+def test_fast_reads_match_qemu(single, engine, n, layout):
     want = oracle.raw_bytes(single, "qcow2")
     offsets = [c * CS + k for c in range(10) for k in (0, CS - n, 7)] + \
               [600 << 20, (1 << 30) - n]         # unallocated L1 entry, the last bytes
@@ -57,7 +67,7 @@ def test_fast_reads_match_qemu(single, engine, n):
         assert img.pread(n, (1 << 30) - 10) == want[-10:]    # past the end: short
 
 
-def test_fast_path_refuses_unaligned_entry_of_a_known_table(single, engine):
+def test_fast_path_refuses_unaligned_entry_of_a_known_table(single, engine, layout):
     l2 = l2_off(single)
     poke64(single, l2 + 8, u64(single, l2 + 8) + 0x200)       # cluster 1: unaligned
     with engine.open(single) as img:
@@ -159,3 +169,69 @@ def test_read_plan_pieces(tmp_path, engine):
                     assert want[a:a + n] == bytes(n)
     with engine.open(top, "r+") as img:
         assert [p[2] for p in img.read_plan(0, 8 * CS)] == [READ_COPY]
+
+
+def test_reads_of_several_clusters(tmp_path, engine, layout):
+    """Longer reads of a known table: clusters back to back in the file are one read,
+    all-unallocated ranges zeros; anything else (clusters out of order, compressed,
+    zero-flagged, a hole between data, a table boundary, the last bytes) goes the
+    general way: every read matches qemu's bytes."""
+    p = tmp_path / "multi.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", p, "1G")
+    run("qemu-io", "-f", "qcow2",
+        "-c", f"write -P 0x11 0 {4 * CS}",                   # back to back
+        "-c", f"write -P 0x22 {6 * CS} {CS}",                # out of order in the file
+        "-c", f"write -P 0x33 {5 * CS} {CS}",
+        "-c", f"write -c -P 0x44 {8 * CS} {CS}",
+        "-c", f"write -z {9 * CS} {CS}",
+        "-c", f"write -P 0x55 {(512 << 20) - CS} {2 * CS}",  # across the table boundary
+        p)
+    want = oracle.raw_bytes(p, "qcow2")
+    ranges = [(0, 4 * CS), (100, 3 * CS), (CS - 1, 2), (4 * CS - 10, 20), (5 * CS, 2 * CS),
+              (7 * CS, 3 * CS), (10 * CS, 6 * CS), (12 * CS + 7, 1 << 20),
+              ((512 << 20) - CS, 2 * CS), ((1 << 30) - 3 * CS, 3 * CS), (3 * CS, 4 * CS)]
+    with engine.open(p) as img:
+        for _ in range(3):                                   # tables unknown, seen, mapped
+            for off, n in ranges:
+                assert img.pread(n, off) == want[off:off + n], (off, n)
+                buf = bytearray(n)
+                assert img.readinto(buf, off) == n and buf == want[off:off + n], (off, n)
+        assert img.pread(2 * CS, (1 << 30) - CS) == want[-CS:]   # short at the end
+        with pytest.raises(engine.errors.InvalidOptionError):
+            img.pread(2 * CS, -CS)
+
+
+def test_host_map_of_each_entry_kind():
+    """The fast path's view of an L2 table: host offsets of plain aligned data (the
+    COPIED flag off), 0 unallocated, -1 for anything the general path must check."""
+    import struct
+
+    from qcow2.readplan import host_map
+    copied, compressed = 1 << 63, 1 << 62
+    entries = [0, copied | 5 * CS, 7 * CS, copied | 9 * CS | 1, copied | 3 * CS + 512,
+               compressed | 12345, 1 << 56, copied, 1 << 55 | CS, 2]
+    table = struct.pack(f">{len(entries)}Q", *entries) + bytes(CS - 8 * len(entries))
+    m = host_map(bytearray(table), 16)
+    assert len(m) == CS // 8
+    assert m[:len(entries)] == [0, 5 * CS, 7 * CS, -1, -1, -1, -1, 0, 1 << 55 | CS, -1]
+    assert set(m[len(entries):]) == {0}
+    for bits in (9, 12, 21):                 # the low bits under each cluster size
+        size = 1 << bits
+        t = struct.pack(">3Q", copied | 4 * size, 4 * size + (size >> 1), 4 * size + 512)
+        last = 4 * size + 512 if bits == 9 else -1        # (512 B clusters: aligned)
+        assert host_map(t, bits) == [4 * size, -1, last]
+
+
+def test_maps_start_again_when_full(single, engine, layout, monkeypatch):
+    """Past their bound the maps (and the flat list) are emptied and made again from
+    the tables; reads stay right, by readinto alone too."""
+    import qcow2.readplan
+    monkeypatch.setattr(qcow2.readplan, "_MAP_ENTRIES", 1)
+    want = oracle.raw_bytes(single, "qcow2")
+    offsets = [CS, 600 << 20, 0, 5 * CS, CS + 7, 600 << 20, 3 * CS]
+    with engine.open(single) as img:
+        buf = bytearray(4096)
+        for _ in range(3):
+            for off in offsets:
+                assert img.readinto(buf, off) == 4096 and buf == want[off:off + 4096], off
+                assert img.pread(4096, off) == want[off:off + 4096], off

@@ -4,88 +4,24 @@ Each subcommand of ``COMMANDS`` lives in its own module with ``add_parser(subpar
 and ``run(args) -> int``; ``common`` holds the argument helpers they share and
 ``output`` what they print in qemu-img's layouts (info text, snapshot table, QEMU's
 JSON).  Errors become one line on stderr and a non-zero exit status; never a traceback
-(set QCOW2_DEBUG=1 to see one).
+(set QCOW2_DEBUG=1 to see one).  A plain command line is parsed by ``quickparse``
+(argparse's import alone costs a process ~8 ms); help, usage errors and the rest by
+argparse (``argparser``).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
 
-COMMANDS = ("create", "info", "map", "convert", "check", "compare", "measure", "resize",
-            "rebase", "commit", "snapshot", "amend", "dd", "bitmap", "compute")
-COMMANDS += ("nbd",)
+from .usage import COMMANDS, UsageError
 
 
-_WIDTH: int | None = None
-
-
-def _width() -> int:
-    """argparse's help width, computed once (argparse asks for it on every
-    add_argument, through shutil, which costs the start-up of every command)."""
-    global _WIDTH
-    if _WIDTH is None:
-        try:
-            cols = int(os.environ.get("COLUMNS", ""))
-        except ValueError:
-            try:
-                cols = os.get_terminal_size(sys.__stdout__.fileno()).columns
-            except (AttributeError, ValueError, OSError):
-                cols = 80
-        _WIDTH = max(cols - 2, 11)
-    return _WIDTH
-
-
-class _Formatter(argparse.HelpFormatter):
-    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
-        super().__init__(prog, indent_increment, max_help_position,
-                         _width() if width is None else width)
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Formatter)
-        self.option_arity: dict[str, bool] = {}   # option string -> takes a value (getopt)
-        self.commands: dict[str, argparse.ArgumentParser] = {}
-        super().__init__(*args, **kwargs)
-
-    def _record(self, action):
-        for opt in action.option_strings:
-            self.option_arity[opt] = action.nargs != 0
-        return action
-
-    def add_argument(self, *args, **kwargs):
-        return self._record(super().add_argument(*args, **kwargs))
-
-    def add_mutually_exclusive_group(self, **kwargs):
-        group = super().add_mutually_exclusive_group(**kwargs)
-        add = group.add_argument
-        group.add_argument = lambda *a, **k: self._record(add(*a, **k))
-        return group
-
-    def error(self, message):  # one line, exit 1 like qemu-img
-        raise UsageError(message)
-
-
-class UsageError(Exception):
-    pass
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``only`` (a command name) just that subcommand's (each
-    subcommand module is imported to build its parser: a command line that names
-    its command need not pay for the others)."""
-    p = _Parser(prog="qcow2", description="qcow2/raw disk image tool (qemu-img compatible)")
-    p.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMANDS:
-        if only is not None and name != only:
-            continue
-        importlib.import_module(f".{name}", __name__).add_parser(sub)
-    p.commands = sub.choices
-    return p
+def build_parser(only: str | None = None):
+    """The argparse parser (``qcow2.cli.argparser``); with ``only`` (a command name)
+    just that subcommand's."""
+    from .argparser import build_parser as build
+    return build(only)
 
 
 class _Terminated(BaseException):
@@ -94,40 +30,42 @@ class _Terminated(BaseException):
 
 
 def _on_signal(signum, frame):
-    import signal
-    signal.signal(signum, signal.SIG_IGN)       # a second one must not cut the clean-up
+    import _signal
+    _signal.signal(signum, _signal.SIG_IGN)     # a second one must not cut the clean-up
     raise _Terminated(signum)
 
 
 def _catch_termination():
     """Turn SIGTERM/SIGHUP into an exception while a command runs (the previous
-    handlers, to restore after), so that they clean up as Ctrl-C does."""
-    import signal
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        return {}
+    handlers, to restore after), so that they clean up as Ctrl-C does.  Through
+    ``_signal``, the C core of ``signal`` (which imports ``enum``: ~4 ms a process);
+    outside the main thread Python refuses handlers, and none are set."""
+    import _signal
     old = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) == signal.SIG_DFL:
-            old[sig] = signal.signal(sig, _on_signal)
+    for sig in (_signal.SIGTERM, _signal.SIGHUP):
+        if _signal.getsignal(sig) == _signal.SIG_DFL:
+            try:
+                old[sig] = _signal.signal(sig, _on_signal)
+            except ValueError:                  # not the main thread
+                break
     return old
 
 
 def main(argv=None) -> int:
-    import signal
+    import _signal
     old = _catch_termination()
     try:
         return _main(argv)
     except _Terminated as exc:
         signum = exc.args[0]
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            _signal.signal(sig, handler)
         old = {}
         os.kill(os.getpid(), signum)            # the exit status says which signal
         return 128 + signum
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            _signal.signal(sig, handler)
 
 
 def _main(argv) -> int:
@@ -138,17 +76,23 @@ def _main(argv) -> int:
         if "--object" in argv or any(str(a).startswith("--object=") for a in argv):
             from ..secrets import take_objects
             argv = take_objects(argv)            # qemu-img's secrets (qcow2.secrets)
-        parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
-        if argv and argv[0] in COMMANDS and argv[0] != "compute":
-            from .getopt import reorder
-            argv = reorder(parser, argv)     # options anywhere, as qemu-img's getopt
-        args = parser.parse_args(argv)
+        command = argv[0] if argv and argv[0] in COMMANDS else None
+        args = None
+        if command is not None and command != "compute":
+            from .quickparse import quick_parse
+            args = quick_parse(command, argv)    # plain command lines: no argparse
+        if args is None:
+            parser = build_parser(command)
+            if command is not None and command != "compute":
+                from .getopt import reorder
+                argv = reorder(parser, argv)     # options anywhere, as qemu-img's getopt
+            args = parser.parse_args(argv)
         if args.version:
             from .. import __version__
             print(f"qcow2 version {__version__}")
             return 0
         if not args.command:
-            parser.print_help()
+            build_parser().print_help()
             return 1
         from .common import apply_image_opts
         apply_image_opts(args)

@@ -10,7 +10,9 @@ parses them.
 
 from __future__ import annotations
 
-import argparse
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 
 def _long_takes(token: str, arity: dict[str, bool]) -> bool:
