@@ -1,0 +1,89 @@
+"""convert's background syncs in the flushing modes (qcow2.atomic.BackgroundSync): the
+output is synced while the data comes, a failed background sync fails the convert
+(nothing left behind), ``-t unsafe`` never syncs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+
+import qcow2
+from qcow2 import atomic
+
+MiB = 1 << 20
+
+
+def test_background_sync_runs_and_reports(tmp_path, monkeypatch):
+    calls = []
+    gate = threading.Event()
+
+    def fake(fd):
+        calls.append(fd)
+        gate.wait(5)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fake)
+    with open(tmp_path / "f", "wb") as f:
+        s = atomic.BackgroundSync(f.fileno(), step=100)
+        s.wrote(99)
+        assert calls == []                       # not a step yet
+        s.wrote(1)
+        s.wrote(500)                             # one in flight: no second one
+        gate.set()
+        with pytest.raises(OSError) as exc:
+            s.close()
+        assert exc.value.errno == errno.EIO
+        assert calls == [f.fileno()]
+        s.close()                                # reported once
+        s.wrote(100)
+        s.close(check=False)                     # a second one, its error dropped
+        assert len(calls) == 2
+
+
+def _source(tmp_path):
+    raw = tmp_path / "src.raw"
+    with open(raw, "wb") as f:
+        f.truncate(24 * MiB)
+        for off in range(0, 24 * MiB, 3 * MiB):
+            f.seek(off + 4096)
+            f.write(os.urandom(2 * MiB))
+    img = tmp_path / "src.qcow2"
+    qcow2.convert(raw, img, out_format="qcow2", cache="unsafe")
+    return raw, img
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_flushing_convert_syncs_in_the_background(tmp_path, monkeypatch, fmt):
+    raw, img = _source(tmp_path)
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(atomic, "SYNC_STEP", 1 * MiB)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    dst = tmp_path / f"out.{fmt}"
+    qcow2.convert(img, dst, out_format=fmt, cache="writeback")
+    assert synced
+    if fmt == "raw":
+        assert dst.read_bytes() == raw.read_bytes()
+    synced.clear()
+    dst.unlink()
+    qcow2.convert(img, dst, out_format=fmt, cache="unsafe")
+    assert synced == []
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_failed_background_sync_fails_the_convert(tmp_path, monkeypatch, fmt):
+    _raw, img = _source(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+
+    def fail(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(atomic, "SYNC_STEP", 1 * MiB)
+    monkeypatch.setattr(os, "fdatasync", fail)
+    with pytest.raises(OSError) as exc:
+        qcow2.convert(img, tmp_path / f"out.{fmt}", out_format=fmt, cache="writeback")
+    assert exc.value.errno == errno.EIO
+    assert sorted(os.listdir(tmp_path)) == before
