@@ -87,3 +87,25 @@ def test_failed_background_sync_fails_the_convert(tmp_path, monkeypatch, fmt):
         qcow2.convert(img, tmp_path / f"out.{fmt}", out_format=fmt, cache="writeback")
     assert exc.value.errno == errno.EIO
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_raw_to_raw_syncs_in_the_background(tmp_path, monkeypatch):
+    """The sparse copy (raw -> raw) too; its failure leaves nothing behind."""
+    raw, _img = _source(tmp_path)
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(atomic, "SYNC_STEP", 1 * MiB)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    dst = tmp_path / "out.raw"
+    qcow2.convert(raw, dst, out_format="raw", cache="writeback")
+    assert synced and dst.read_bytes() == raw.read_bytes()
+    dst.unlink()
+    before = sorted(os.listdir(tmp_path))
+
+    def fail(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fail)
+    with pytest.raises(OSError):
+        qcow2.convert(raw, dst, out_format="raw", cache="writeback")
+    assert sorted(os.listdir(tmp_path)) == before
