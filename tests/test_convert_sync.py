@@ -109,3 +109,15 @@ def test_raw_to_raw_syncs_in_the_background(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         qcow2.convert(raw, dst, out_format="raw", cache="writeback")
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_dropped_buffer_reads_zeros_and_is_reusable():
+    """convert gives the pages of a window buffer that got little data back
+    (atomic.drop_pages): the buffer then reads as zeros and takes data again."""
+    buf = atomic.io_buffer(1 * MiB)
+    buf[4096:8192] = b"\x07" * 4096
+    atomic.drop_pages(buf)
+    assert bytes(buf) == bytes(1 * MiB)
+    buf[:3] = b"abc"
+    assert bytes(buf[:4]) == b"abc\0"
+    atomic.drop_pages(memoryview(bytearray(16)))     # not an io_buffer: nothing happens

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 
-from ..atomic import (AtomicOutput, BackgroundSync, io_buffer, pwrite_all,
+from ..atomic import (AtomicOutput, BackgroundSync, drop_pages, io_buffer, pwrite_all,
                       start_writeback, sync_new_name)
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from ..paths import combine_path, temp_name
@@ -287,11 +287,9 @@ class _RawCopy(_Work):
         self.on_data = on_data
         self.tees = tees                  # more outputs getting the same bytes
         self.sync = sync
-        # copy_file_range from the source only where it shares blocks or copies
-        # server-side; elsewhere (ext4, tmpfs) it is a second page-by-page copy of
-        # bytes already read for the zero scan: pwrite from the buffer is cheaper, and
-        # the writes serialize on the output's inode lock (633 MiB into ext4: 0.13 s of
-        # pwrite against 0.17 s of copy_file_range)
+        # copy_file_range only where it shares blocks; elsewhere (ext4, tmpfs) pwrite
+        # of the bytes read for the zero scan costs less in the serialized writes
+        # (633 MiB into ext4: 0.13 s of pwrite, 0.17 s of copy_file_range)
         from .sparse import shares_extents
         self.offload = [hasattr(os, "copy_file_range") and shares_extents(fd)]
         # flushing modes: the outputs are synced in the background as the data comes
@@ -618,7 +616,7 @@ class _Qcow2Fill(_Work):
         ncl = (end - w + self.cs - 1) // self.cs
         write, keep, known_zero, hosted, ndata = self._read(w, segs, mv, ncl)
         if self.sparse_size:
-            zero = self.kernels.zero_blocks(mv, self.cs).tolist()
+            zero = self._scan(mv, ncl, known_zero)
             if self.sparse_size > self.cs and not self.compress:
                 self._absorb_short_zeros(w, segs, mv, zero)
             for ka, kb in known_zero:
@@ -628,6 +626,18 @@ class _Qcow2Fill(_Work):
         if self.dedupe and any(write):
             self._drop_what_backing_shows(w, mv, write, zero)
         return buf, self._writes(w, end, mv, write, keep, zero, hosted), ndata, []
+
+    def _scan(self, mv: memoryview, ncl: int, known_zero: list) -> list:
+        """Per cluster of the window, whether it reads as zeros; those ``known_zero``
+        (ascending ranges) are not scanned (their pages may not exist: drop_pages)."""
+        cs = self.cs
+        zero = [True] * ncl
+        k = 0
+        for ka, kb in (*known_zero, (ncl, ncl)):
+            if k < ka:
+                zero[k:ka] = self.kernels.zero_blocks(mv[k * cs:ka * cs], cs).tolist()
+            k = max(k, kb)
+        return zero
 
     def _drop_what_backing_shows(self, w: int, mv: memoryview, write: list,
                                  zero: list) -> None:
@@ -769,12 +779,14 @@ class _Qcow2Fill(_Work):
             if pending:
                 self.out.write_pending(pending)
         finally:
-            n = sum(len(x) if op == "w" else 0 for op, _a, x, _y in ops)
+            n = sum(len(x) if op == "w" else 0 for op, _a, x, _y in ops) or sum(
+                k for _d, k in ndata)
             del ops
             pending.clear()
+            if n < self.window // 8:           # little data: keep little memory
+                drop_pages(buf)
             with self.bufs_lock:
                 self.free_bufs.append(buf)
-                n = n or sum(k for _d, k in ndata)
                 self.applied += n
                 kick = self.sync and self.applied >= 64 << 20
                 if kick:
