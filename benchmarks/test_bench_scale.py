@@ -10,9 +10,11 @@ time and peak memory side by side with qemu-img.
   (qemu-io), so the metadata grows with the virtual size while the data does not.
 
 Convert writes a qcow2 (a 16 TiB raw file is at the edge of what ext4 allows).  Peak
-RSS is the process's ru_maxrss.  The tools alternate, one round each after a warm-up
-round of both (not counted); ``ours_s``/``theirs_s`` are the best rounds, the medians
-are in ``*_median_s``.  Nothing here asserts timings or memory.
+RSS is the command's own ru_maxrss, through a small intermediate process (GNU time,
+see test_bench.run_measured; straight from pytest it would include pytest's peak).
+The tools alternate, one round each after a warm-up round of both (not counted);
+``ours_s``/``theirs_s`` are the best rounds, the medians are in ``*_median_s``.
+Nothing here asserts timings or memory.
 """
 
 from __future__ import annotations

@@ -147,16 +147,92 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
         pass
 
 
+#: bytes written between two background syncs (see BackgroundSync)
+SYNC_STEP = 64 << 20
+
+
+class BackgroundSync:
+    """``fdatasync`` a file being written, in a background thread, every ``step`` bytes
+    the writers report (:meth:`wrote`): the disk (and under a VM, the host, which
+    often writes only when the guest flushes) works while the writers go on, and the
+    final fsync waits only for the tail.  Measured here (zlib qcow2 -> raw, 633 MiB,
+    ``-t writeback``): the final fsync took 0.61 s after ``start_writeback`` alone,
+    0.04-0.25 s with a background sync every 64 MiB.
+
+    At most one sync is in flight.  :meth:`close` (before the file is closed, on
+    every path) waits for it and raises its error: a failed background sync fails the
+    write (the kernel reports a write-back error once per file description, so the
+    final fsync might not see it again).
+    """
+
+    def __init__(self, fd: int, step: int | None = None):
+        import threading
+        self.fd = fd
+        self.step = SYNC_STEP if step is None else step
+        self._lock = threading.Lock()
+        self._thread_type = threading.Thread
+        self._since = 0
+        self._thread = None
+        self._error: OSError | None = None
+
+    def wrote(self, n: int) -> None:
+        """``n`` more bytes were written; start a sync when ``step`` have come since the
+        last one started (unless one is still running)."""
+        with self._lock:
+            self._since += n
+            if self._since < self.step or self._error is not None or (
+                    self._thread is not None and self._thread.is_alive()):
+                return
+            self._since = 0
+            self._thread = self._thread_type(target=self._sync, name="qcow2-sync",
+                                             daemon=True)
+            self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self._error = exc
+
+    def close(self, *, check: bool = True) -> None:
+        """Wait for the sync in flight; raise its error (unless ``check`` is false:
+        after another failure, which matters more)."""
+        with self._lock:
+            t = self._thread
+            self._thread = None
+            self._since = 0
+        if t is not None:
+            t.join()
+        err, self._error = self._error, None
+        if err is not None and check:
+            raise err
+
+
 def io_buffer(n: int) -> memoryview:
     """A reusable I/O buffer of ``n`` bytes, page-aligned (anonymous mmap).
 
     Measured here: ``preadv`` from the page cache into a 4 MiB ``bytearray`` runs at
     2.4 GB/s, into a page-aligned buffer at 10.8 GB/s (the kernel's copy is slow
     towards a destination that is not cache-line aligned; a bytearray's data is not).
-    Anonymous memory: nothing can truncate it under us.
+    Anonymous memory: nothing can truncate it under us.  Private, not shared: a page
+    only read (a zero scan over a window that got little data) maps the kernel's zero
+    page instead of allocating one (see :func:`drop_pages`).
     """
     import mmap
-    return memoryview(mmap.mmap(-1, max(n, 1)))[:n]
+    return memoryview(mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE))[:n]
+
+
+def drop_pages(buf: memoryview) -> None:
+    """Give the memory of an :func:`io_buffer` back to the kernel: it reads as zeros
+    again, and costs a page fault per 4 KiB when written next.  For a reused buffer
+    that got only a little data: written at ever other places, it would otherwise
+    end up wholly resident (convert -O qcow2 of a scattered 16 TiB image: 4 MiB per
+    window buffer in flight, 8 MiB per worker)."""
+    import mmap
+    try:
+        buf.obj.madvise(mmap.MADV_DONTNEED)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 _NO_OFFLOAD = None

@@ -184,6 +184,12 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
                 self._put_data(data, host, src)
         pending.clear()
 
+    def limit_table_cache(self, max_bytes: int) -> None:
+        """From now on keep at most ``max_bytes`` of L2 tables in memory (at least 8
+        tables).  A writer that fills the tables in guest order and does not come back
+        to them (convert) needs few; the others are written back as new ones come."""
+        self._l2c.max_tables = max(8, max_bytes // self.cluster_size)
+
     def set_unordered(self, *, durable: bool = True) -> None:
         """For an output nobody sees until it is complete (convert's temporary file,
         renamed into place only after its final flush): metadata goes out without the

@@ -1,6 +1,7 @@
-"""convert's qcow2 output: its ``-o`` options checked for the output format (``-B``/``-F``
-given as ``-o backing_file=/backing_fmt=``), and its temporary file (errors name the
-user's file; removed after a failure)."""
+"""convert's options checked: the modes that need no image (``-t``, ``-S``, ``-c``...),
+the output's ``-o`` options for the output format (``-B``/``-F`` given as ``-o
+backing_file=/backing_fmt=``); and its temporary file (errors name the user's file;
+removed after a failure)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,27 @@ import os
 from .. import constants as C
 from ..errors import InvalidOptionError
 from ..rbdname import is_rbd_name
+
+
+CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
+
+
+def check_modes(cache, sparse_size, compress, out_format, no_create, target_is_zero,
+                extra_outputs, dst) -> None:
+    """convert's option checks that need no image."""
+    if cache not in CACHE_MODES:
+        raise InvalidOptionError(f"Invalid cache option: {cache}")
+    if sparse_size < 0 or (sparse_size and sparse_size % 512):
+        raise InvalidOptionError("Invalid buffer size for sparse output specified: "
+                                 f"{sparse_size} (must be a multiple of 512)")
+    if compress and out_format != "qcow2":
+        raise InvalidOptionError("Compression not supported for this file format")
+    if target_is_zero and not no_create:
+        raise InvalidOptionError("--target-is-zero requires use of -n flag")
+    if extra_outputs and (
+            out_format != "raw" or no_create or is_rbd_name(os.fspath(dst))):
+        raise InvalidOptionError("copies, before_commit and on_data need a new raw file "
+                                 "output")
 
 
 def output_options(out_format: str, options, no_create: bool, backing_file,
@@ -95,5 +117,5 @@ def default_workers(dst) -> int:
     return min(4, cores)
 
 
-__all__ = ["default_workers", "output_options", "name_the_output", "discard_output",
-           "bitmaps_to_copy"]
+__all__ = ["CACHE_MODES", "check_modes", "default_workers", "output_options",
+           "name_the_output", "discard_output", "bitmaps_to_copy"]

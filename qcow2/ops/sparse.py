@@ -35,7 +35,8 @@ import os
 import stat
 import threading
 
-from ..atomic import AtomicOutput, copy_range, io_buffer, pwrite_all, start_writeback
+from ..atomic import (AtomicOutput, BackgroundSync, copy_range, io_buffer, pwrite_all,
+                      start_writeback)
 from ..backends import FileBackend
 from ..errors import Qcow2Error
 from ..pool import run
@@ -157,12 +158,19 @@ def _copy(be: FileBackend, fd: int, size: int, preallocate: bool, progress,
                 pwrite_all(fd, chunk[a:b], p + a)
         if sync:                                # the disk works while we go on
             start_writeback(fd, pos, n)
+            background.wrote(n)
         if progress is not None:
             with lock:
                 state["done"] += n
                 progress(min(100.0, 100.0 * state["done"] / total))
 
-    run(_jobs(regions), work, workers, name="qcow2-sparse")
+    background = BackgroundSync(fd)             # (synced every SYNC_STEP bytes)
+    try:
+        run(_jobs(regions), work, workers, name="qcow2-sparse")
+    except BaseException:
+        background.close(check=False)           # (the first error matters)
+        raise
+    background.close()
 
 
 def _jobs(regions):

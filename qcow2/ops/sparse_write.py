@@ -40,7 +40,7 @@ def punch_or_zero(fd: int, off: int, n: int) -> None:
         pos += k
 
 
-# In-kernel copies into one output file serialize on its inode lock anyway; taking
+# Copies and writes into one output file serialize on its inode lock anyway; taking
 # turns here makes the waiting thread sleep instead of spinning in the kernel
 # (perf: rwsem_spin_on_owner was 13 % of the CPU; 25 % less CPU, same wall time).
 COPY_LOCK = threading.Lock()
@@ -70,8 +70,11 @@ def _copy_once(fd: int, mv: memoryview, off: int, src) -> None:
             done = 0
         if done >= len(mv):
             return
-    # the rest from the buffer (past the source's end it holds zeros)
-    pwrite_all(fd, mv[done:], off + done)
+    # the rest from the buffer (past the source's end it holds zeros); pwrites too
+    # take turns (on a busy machine: CPU 0.37 -> 0.30 s, wall 0.70 -> 0.49 s for
+    # 633 MiB qcow2 -> raw, medians of 7 at load 6.6)
+    with COPY_LOCK:
+        pwrite_all(fd, mv[done:], off + done)
 
 
 def sparse_runs(mv: memoryview, off: int, block: int, kernels):
