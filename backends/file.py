@@ -179,8 +179,11 @@ class FileBackend(Backend):
         fallocate.allocate(self.fd, offset, length)
 
     def flush(self) -> None:
+        # fdatasync, as QEMU: the data and what is needed to read it back (size,
+        # allocation) are durable; only time stamps may lag.  A full fsync per
+        # ordering step cost an overlay's resize 11 inode-metadata flushes.
         if self.writable:
-            os.fsync(self.fd)
+            os.fdatasync(self.fd)
 
     def close(self) -> None:
         if self._owns_fd and self.fd >= 0:
