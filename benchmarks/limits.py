@@ -53,14 +53,19 @@ def decode_rate(path, threads: int) -> float:
             hi = max(h + n for h, n in b)
             dec.decompress_into(out, padded[lo:hi], [h - lo for h, _ in b], [n for _, n in b])
 
-    ts = [threading.Thread(target=work, args=(p,)) for p in parts]
+    dt = _timed_threads(work, parts)
+    return len(runs) * cs / dt / 1e6
+
+
+def _timed_threads(work, args) -> float:
+    """Seconds for one thread per item of ``args`` running ``work(item)``."""
+    ts = [threading.Thread(target=work, args=(a,)) for a in args]
     t0 = time.perf_counter()
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    dt = time.perf_counter() - t0
-    return len(runs) * cs / dt / 1e6
+    return time.perf_counter() - t0
 
 
 def encode_rate(path, threads: int, strict: bool) -> tuple[float, int]:
@@ -85,13 +90,7 @@ def encode_rate(path, threads: int, strict: bool) -> tuple[float, int]:
             sizes[k] += sum(cs if c is None else len(c)
                             for c in comp.compress_many(mv[i * cs:], n))
 
-    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    t0 = time.perf_counter()
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    dt = time.perf_counter() - t0
+    dt = _timed_threads(work, range(threads))
     return len(runs) * cs / dt / 1e6, sum(sizes)
 
 
