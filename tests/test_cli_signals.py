@@ -22,7 +22,11 @@ def test_signal_mid_convert_leaves_nothing(tmp_path, sig):
     out.mkdir()
     proc = subprocess.Popen([sys.executable, "-P", "-m", "qcow2", "convert", "-m", "1",
                              "-O", "qcow2", "-c", str(src), str(out / "x.qcow2")],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # the default action, even where this run inherited the
+                            # signal ignored (under nohup, SIGHUP is; the CLI keeps an
+                            # ignored signal ignored, as it should)
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     try:
         for _ in range(2000):                      # until the temporary output exists
             if any(out.iterdir()) or proc.poll() is not None:
