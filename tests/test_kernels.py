@@ -762,14 +762,20 @@ def test_zlib_compress_default_is_qemu_bytes(impl, level):
     # 4 KiB window): readable by QEMU's one-call inflate and by decoders that keep
     # to the window and inflate in pieces.
     c = impl.Compressor(0, CS, level=level)
-    rnd = random.Random(level)
+    rnd = random.Random(f"zlib-{level}")            # fixed seeds: Random(None) would be random
     far = (rnd.randbytes(6000) * 11)[:CS]           # repeats only a 32 KiB window finds
     lvl = -1 if level is None else level
     for data in (texty(CS, 1), bytes(CS), far, texty(CS // 2, 2) + rnd.randbytes(CS // 2)):
         comp = c.compress(data)
         want = raw_deflate(data, level=lvl)
-        if level == 0 or data is far:
-            assert comp is None     # stored blocks, or repeats past a 4 KiB window
+        if level == 0:
+            assert comp is None     # stored blocks never fit
+            continue
+        if data is far:
+            # Repeats past a 4 KiB window are not found: at most a few bytes of
+            # Huffman gain on random bytes (about 1.5 % of random 6000-byte seeds
+            # fit in cluster_size - 1), never the 10x a 32 KiB window gives.
+            assert comp is None or (comp == want and len(comp) > CS - 64)
             continue
         assert comp == want
         assert qemu_inflate(comp, CS) == data and chunked_inflate(comp, CS) == data
