@@ -10,7 +10,6 @@ budget and every evictable table is dirty, :meth:`get` asks the owner to flush
 
 from __future__ import annotations
 
-from collections import OrderedDict
 TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
     from typing import Callable
@@ -28,16 +27,18 @@ class TableCache:
         self._read = read
         self._write = write
         self.on_pressure = on_pressure
-        self._tables: OrderedDict[int, bytearray] = OrderedDict()
+        # insertion order is recency order (a hit moves its table to the end); a
+        # plain dict: collections.OrderedDict would cost every CLI start its import
+        self._tables: dict[int, bytearray] = {}
         self._dirty: set[int] = set()
 
     def __contains__(self, offset: int) -> bool:
         return offset in self._tables
 
     def get(self, offset: int) -> bytearray:
-        t = self._tables.get(offset)
+        t = self._tables.pop(offset, None)
         if t is not None:
-            self._tables.move_to_end(offset)
+            self._tables[offset] = t
             return t
         self._make_room()
         raw = self._read(self.table_size, offset)

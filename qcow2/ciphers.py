@@ -21,15 +21,15 @@ first sector (for qcow2: the host offset / 512, QEMU's "physical" IVs).
 from __future__ import annotations
 
 import hashlib
-import threading
 
 from . import kernels
 from .errors import UnsupportedFeatureError
+from .lightweight import local
 
 SECTOR = 512
 _CHUNK = 1 << 19                      # bytes per pass (the scratch stays in cache)
 _LANE_CHUNK = 1 << 21                 # bytes per CBC encryption pass (66 calls each)
-_tls = threading.local()
+_tls = local()
 
 
 class _Scratch:

@@ -25,11 +25,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections import namedtuple
 
 from . import options as O
 from .atomic import AtomicOutput, pwrite_all
 from .errors import ImageTooLargeError, InvalidOptionError, Qcow2Error, UnsupportedFeatureError
+from .lightweight import record
 from .layout import CHUNK, cow_end, metadata_writes, qcow2_header_bytes, qcow2_layout
 from .paths import check_file_name, combine_path
 from .rbdname import is_rbd_name, open_rbd
@@ -241,7 +241,7 @@ def create(path, size=None, *, format: str = "qcow2", backing_file=None, backing
 
 # -- the qcow2 driver stage -------------------------------------------------------------
 
-class Qcow2Spec(namedtuple("Qcow2Spec", (
+class Qcow2Spec(record("Qcow2Spec", (
         "path size requested_size version cluster_bits refcount_order extended_l2 "
         "lazy_refcounts compression_type preallocation backing_file backing_format "
         "data_file data_file_raw cluster_size_given encryption"), defaults=(None,))):

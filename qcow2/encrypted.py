@@ -21,11 +21,11 @@ image's tables, as QEMU does, and changing key slots live in ``qcow2.luks_image`
 
 from __future__ import annotations
 
-import threading
 
 from . import constants as C
 from .ciphers import SECTOR
 from .errors import CorruptImageError, InvalidKeyError, UnsupportedFeatureError
+from .lightweight import Lock
 
 
 def passphrase_bytes(key) -> bytearray:
@@ -46,7 +46,7 @@ class DataCrypto:
             key = key_for(filename)            # named by the command line's secrets
         self._key = None if key is None else passphrase_bytes(key)
         self.cipher = None
-        self._unlock = threading.Lock()       # one unlock, whichever thread reads first
+        self._unlock = Lock()       # one unlock, whichever thread reads first
         self._failed: InvalidKeyError | None = None
 
     def wipe(self) -> None:

@@ -11,10 +11,9 @@ classes live in ``qcow2.reader`` (reading) and ``qcow2.writer`` (writing), and
 from __future__ import annotations
 
 import io
-import threading
-from collections import namedtuple
 
 from .errors import ClosedImageError, InvalidOptionError, Qcow2Error, ReadOnlyError
+from .lightweight import local, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:        # (importing typing costs every CLI process ~3 ms)
@@ -34,7 +33,7 @@ READ_FILE = 1           # the bytes lie verbatim in a file: (fd, host offset); z
 READ_COPY = 2           # read through readinto (compressed, encrypted, any other store)
 
 _ZEROS = memoryview(bytes(1 << 20))
-_scratch = threading.local()            # pread's reused buffer, one per thread
+_scratch = local()            # pread's reused buffer, one per thread
 _SCRATCH_MIN = 64 << 10                 # reads from this size use it
 _SCRATCH_MAX = 4 << 20                  # kept per thread at most
 
@@ -60,7 +59,7 @@ def add_piece(plan: list, a: int, n: int, kind: int, fd: int = -1, host: int = 0
     plan.append((a, n, kind, fd, host))
 
 
-class Extent(namedtuple("Extent", "start length depth present zero data offset")):
+class Extent(record("Extent", "start length depth present zero data offset")):
     """One run of ``qemu-img map``: ``start``, ``length``, ``depth`` (ints),
     ``present``, ``zero``, ``data`` (bools), ``offset`` (int, or None when qemu
     prints none)."""

@@ -21,17 +21,17 @@ The same arithmetic gives ``qemu-img measure``'s fully allocated size
 from __future__ import annotations
 
 import struct
-from collections import namedtuple
 
 from . import constants as C
 from .errors import ImageTooLargeError, InvalidOptionError
 from .header import Header, pack_header
+from .lightweight import record
 from .units import ceil_div, round_up
 
 CHUNK = 4 << 20                 # bytes of metadata per write
 
 
-class Qcow2Layout(namedtuple("Qcow2Layout", (
+class Qcow2Layout(record("Qcow2Layout", (
         "cluster_bits refcount_order l2_entry_size l1_size l1_offset l1_clusters "
         "reftable_offset reftable_clusters refblock_offset refblocks l2_offset l2_tables "
         "data_offset data_clusters mapped_clusters total_clusters file_size"))):

@@ -12,10 +12,10 @@ each command gets qemu-img's wording.
 from __future__ import annotations
 
 import os
-from collections import namedtuple
 
 from . import constants as C
 from .errors import ImageTooLargeError, InvalidOptionError, Qcow2Error, UnsupportedFeatureError
+from .lightweight import record
 
 # -- the tables -----------------------------------------------------------------------
 
@@ -410,7 +410,7 @@ def too_large(fmt: str | None, hint: bool, detail: str = "") -> ImageTooLargeErr
     return err
 
 
-class Qcow2Options(namedtuple("Qcow2Options", (
+class Qcow2Options(record("Qcow2Options", (
         "version cluster_size extended_l2 preallocation compression_type lazy_refcounts "
         "refcount_bits backing_file backing_format data_file data_file_raw"))):
     """The options of a new qcow2 image after qcow2_co_create's checks, made in QEMU's

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 
 from . import constants as C
 from .cache import TableCache
+from .lightweight import Lock, RLock, local
 from .errors import CorruptImageError, DecompressionError, Qcow2Error, ReadOnlyError, \
     UnsafeImageError
 from .header import Header
@@ -39,10 +39,10 @@ _HOST_KINDS = (C.KIND_DATA, C.KIND_ZERO_ALLOC, C.KIND_UNALLOC_ALLOC)
 # any bit but COPIED and the offset: not a plain data entry (compressed, zero, reserved)
 _NOT_PLAIN_DATA = ~(C.L2E_OFFSET_MASK | C.OFLAG_COPIED) & 0xFFFFFFFFFFFFFFFF
 _unpack_u64 = struct.Struct(">Q").unpack_from
-_serial = threading.local()             # .on: this thread does not split decodes
+_serial = local()             # .on: this thread does not split decodes
 _SPLIT_MIN = 512 << 10                  # decoded bytes worth a helper thread
 _pool = None                            # (executor, pid) of the decode helpers
-_pool_lock = threading.Lock()
+_pool_lock = Lock()
 
 
 def _decode_pool():
@@ -140,10 +140,10 @@ class Qcow2Image(PlannedReads, Image):
         self._l1_offset = h.l1_table_offset
         self._l1_entries = h.l1_size
         self._l1_what = "active L1 table"
-        self._lock = threading.RLock()
+        self._lock = RLock()
         self._l2c = TableCache(h.cluster_size, l2_cache_bytes, self._read_meta, self._write_meta,
                                on_pressure=self._cache_pressure)
-        self._tls = threading.local()
+        self._tls = local()
         self._meta_prealloc: bool | None = None
         self._kernels = None
         self.snapshots_list: list[Snapshot] = read_snapshot_table(

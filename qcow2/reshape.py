@@ -15,7 +15,7 @@ from . import constants as C
 from .errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
 from .header import pack_header
 from .paths import check_file_name, combine_path
-from .refcount import encode_block
+from .layout import refblock
 
 #: resize's preallocation modes for the new area (qemu-img resize --preallocation)
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -388,8 +388,7 @@ class Reshape:
             self._io(self.be.pwrite, struct.pack(">Q", 2 * cs), cs)
             self._sync()
             used = 3 + l1_clusters
-            entries = cs * 8 // h.refcount_bits
-            block = encode_block([1] * used + [0] * (entries - used), h.refcount_bits)
+            block = refblock(cs, h.refcount_order, used)     # (no numpy: start-up)
             self._io(self.be.pwrite, block, 2 * cs)
             self._io(self.be.truncate, used * cs)
             self._sync()

@@ -17,11 +17,11 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import threading
 
 from .errors import InvalidOptionError
+from .lightweight import Lock
 
-_lock = threading.Lock()
+_lock = Lock()
 _SECRETS: dict[str, bytearray] = {}
 _FILE_KEYS: dict[str, bytearray] = {}
 

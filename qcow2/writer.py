@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import threading
 
 from . import constants as C
 from .cluster import compressed_extent
@@ -44,6 +43,7 @@ from .errors import (ClosedImageError, CorruptImageError, InvalidOptionError, Qc
                      ReadOnlyError)
 from .image import zero_fill
 from .internal_snapshots import InternalSnapshots
+from .lightweight import Lock, local
 from .overlap import GUEST_DATA, HEADER_FIELD, MetadataMap
 from .reader import Qcow2Image
 from .refcount import Refcounts
@@ -94,8 +94,8 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
         self._unordered = False
         self._durable = True
         self._offload = [True]         # copy_file_range works for this output (so far)
-        self._dtls = threading.local()  # per-thread deferred data writes (defer_data)
-        self._copy_lock = threading.Lock()
+        self._dtls = local()  # per-thread deferred data writes (defer_data)
+        self._copy_lock = Lock()
         self._failed: OSError | None = None    # the I/O error that poisoned the image
         self._l1_table()
         self._rebuild_overlap_map()

@@ -13,9 +13,13 @@ argparse parses the command line as before: its output and its errors stay its o
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import sys
 
 from .usage import UsageError
+
+# types.SimpleNamespace is this very type (types.py takes it from here too), without
+# importing types on every CLI start
+SimpleNamespace = type(sys.implementation)
 
 _FLAG_ACTIONS = {"store_true": False, "store_false": True}
 _VALUE_ACTIONS = ("store", "append")

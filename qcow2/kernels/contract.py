@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import array
 import operator
-import threading
 
 from ..constants import (
     COMPRESSION_NAMES, COMPRESSION_ZLIB, COMPRESSION_ZSTD, L2E_EXTENDED_SIZE,
@@ -24,6 +23,7 @@ from ..constants import (
     SUBCLUSTERS_PER_CLUSTER,
 )
 from ..errors import CorruptImageError, DecompressionError
+from ..lightweight import Lock
 
 #: QCOW2N_VERSION of native/qcow2_native.h this package was written against.
 NATIVE_VERSION = 2
@@ -306,7 +306,7 @@ class Guard:
     __slots__ = ("_lock",)
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = Lock()
 
     def __enter__(self):
         if not self._lock.acquire(blocking=False):

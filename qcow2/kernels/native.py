@@ -12,12 +12,11 @@ cffi releases the GIL around every C call, so threads run kernels in parallel.
 
 from __future__ import annotations
 
-import functools
-import threading
 from array import array
 
 from .. import constants as C
 from ..errors import NativeUnavailableError
+from ..lightweight import local
 from . import contract
 from .contract import (
     ALGO_ZSTD, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ENOMEM, ENOSPC, NATIVE_VERSION,
@@ -95,7 +94,7 @@ _NO_BUFFER = _NoBuffer()
 # --------------------------------------------------------------------------
 # L2 tables
 
-_scratch = threading.local()
+_scratch = local()
 SCRATCH_MAX = 1 << 16       # runs; larger outputs get their own arrays
 RUN_CTYPES = ("uint8_t[]", "uint32_t[]", "uint32_t[]", "uint64_t[]", "uint32_t[]")
 
@@ -193,18 +192,24 @@ class Decompressor(DecompressorBase):
             return ret, self._bad[0]
 
 
-@functools.cache
+_bundled_newer: list = []       # the answer of _bundled_zstd_is_newer, once known
+
+
 def _bundled_zstd_is_newer() -> bool:
     """True when python-zstandard's own libzstd is a newer release than the system's
     one linked here: newer releases compress faster at the same level (1.5.7 takes
     ~16% less CPU than 1.5.4 on 64 KiB clusters at level 3, and its frames are no
     larger), and the Python twin's compressor is a thin loop around it."""
-    try:
-        import zstandard
-    except ImportError:                      # pragma: no cover - a dependency
-        return False
-    major, minor, release = zstandard.ZSTD_VERSION[:3]
-    return major * 10000 + minor * 100 + release > lib.qcow2n_zstd_version()
+    if not _bundled_newer:
+        try:
+            import zstandard
+        except ImportError:                  # pragma: no cover - a dependency
+            _bundled_newer.append(False)
+        else:
+            major, minor, release = zstandard.ZSTD_VERSION[:3]
+            _bundled_newer.append(major * 10000 + minor * 100 + release
+                                  > lib.qcow2n_zstd_version())
+    return _bundled_newer[0]
 
 
 class Compressor(CompressorBase):

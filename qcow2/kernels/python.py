@@ -11,7 +11,6 @@ numpy and zstandard are imported on first use only.
 from __future__ import annotations
 
 import array
-import threading
 import zlib
 
 from ..constants import (
@@ -20,6 +19,7 @@ from ..constants import (
     L2E_SIZE, SUBCLUSTERS_PER_CLUSTER,
 )
 from ..cluster import L2Batch
+from ..lightweight import local
 from .contract import (
     ALGO_ZLIB, ALGO_ZSTD, EDATA, EDSTRANGE, EL2BITMAP, EL2RESERVED, EL2UNALIGNED, ELONG,
     ENOMEM, ESHORT, ESRCRANGE, OK, RUN_TYPECODES, SECTOR, CompressorBase, DecompressorBase,
@@ -464,7 +464,7 @@ def _xts_masks(np, tweaks, n: int, blocks: int):
     return mlo, mhi
 
 
-_last_masks = threading.local()
+_last_masks = local()
 
 
 def xts_xor(dest, src, tweaks, sector_size=SECTOR):
