@@ -68,7 +68,7 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
         "fuzz": ["atheris>=2.3"],
     },
-    entry_points={"console_scripts": ["qcow2=qcow2.cli:main"]},
+    entry_points={"console_scripts": ["qcow2=qcow2.cli:run"]},
     cmdclass={"build_ext": optional_build_ext},
     zip_safe=False,
 )

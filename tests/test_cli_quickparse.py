@@ -142,3 +142,26 @@ def test_plain_commands_import_nothing_heavy(tmp_path, argv):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert report.read_text() == "", f"{' '.join(argv[:2])} imported {report.read_text()}"
+
+
+def test_quick_exit_flushes_everything(tmp_path):
+    # A plain command leaves through os._exit (qcow2.cli.run): its whole output must
+    # be out first, here ~200 KiB of map through a pipe, and its status kept.
+    import json
+    import subprocess
+    import sys
+    import qcow2
+    path = str(tmp_path / "a.qcow2")
+    qcow2.create(path, 1 << 30)
+    with qcow2.open(path, "r+") as img:
+        for i in range(0, 1 << 30, 1 << 20):
+            img.pwrite(b"x", i)
+    out = subprocess.run([sys.executable, "-m", "qcow2", "map", "--output=json", path],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    runs = json.loads(out.stdout)
+    assert len(out.stdout) > 150_000 and len(runs) == 2048
+    assert sum(r["length"] for r in runs) == 1 << 30
+    bad = subprocess.run([sys.executable, "-m", "qcow2", "info", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stdout == "" and len(bad.stderr.splitlines()) == 1

@@ -68,6 +68,29 @@ def main(argv=None) -> int:
             _signal.signal(sig, handler)
 
 
+def run() -> None:
+    """The ``qcow2`` command (the console script and ``python -m qcow2``): :func:`main`,
+    then exit with its status.
+
+    A plain command, one that started no thread and registered no exit handler
+    (``info``, ``create``, ``check``, ``resize``, ``snapshot``...), ends with
+    ``os._exit`` once its output is flushed: everything it wrote is already on its
+    way (images are flushed and closed before the command returns), and the
+    interpreter's own shutdown, which tears down every module, would add 2.4 ms to a
+    19 ms process.  Any other command, or a failed flush, exits the normal way."""
+    rc = main()
+    mods = sys.modules
+    if "atexit" in mods or "threading" in mods or "qcow2.backends.rbd" in mods:
+        sys.exit(rc)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except Exception:  # noqa: BLE001 - Python's own exit reports it, as before
+        sys.exit(rc)
+    os._exit(rc)
+
+
 def _main(argv) -> int:
     from ..errors import Qcow2Error
 
