@@ -18,6 +18,8 @@ import statistics
 import subprocess
 import time
 
+from machine import page_reporting_ms
+
 
 def run(cmd: str) -> tuple[float, float]:
     os.sync()
@@ -51,7 +53,8 @@ def main() -> None:
         c = statistics.median(x for _, x in rs)
         print(f"{w:7.3f} s (best {min(x for x, _ in rs):.3f})  cpu {c:6.3f} s  "
               f"ratio {w / ref_w:5.2f}  cpu ratio {c / ref_c if ref_c else 0:5.2f}  {cmd}")
-    print(f"load average {os.getloadavg()[0]:.2f}")
+    print(f"load average {os.getloadavg()[0]:.2f}, free page reporting after "
+          f"{page_reporting_ms()} ms (see machine.py)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import sys
 import time
 
 import pytest
+from machine import page_reporting_ms
 
 ROUNDS = int(os.environ.get("QCOW2_BENCH_ROUNDS", "3"))
 # -t of both tools in the conversions: writeback (default here), unsafe, none, or
@@ -119,7 +120,7 @@ def side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
         "cpu_ratio": round(med["ours"][1] / med["theirs"][1], 3) if med["theirs"][1] else None,
         "peak_rss_mib": round(max(r[2] for r in runs["ours"]), 1),
         "impl": os.environ.get("QCOW2_IMPL", "auto"), "cache": CACHE,
-        "load_avg": round(os.getloadavg()[0], 2),
+        "load_avg": round(os.getloadavg()[0], 2), "page_reporting_ms": page_reporting_ms(),
     })
 
 
