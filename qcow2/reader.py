@@ -378,6 +378,9 @@ class Qcow2Image(PlannedReads, Image):
                 else:
                     self.backing._read_clipped(mv, offset)
                 return
+        if (self._fast_reads and not (offset | n) & ((1 << cbits) - 1)
+                and self._read_packed(mv, offset, end)):
+            return
         batch: list[tuple[int, int, int, int]] = []
         for a, n, kind, host, csize in self._runs(offset, end):
             dst = mv[a - offset:a - offset + n]
@@ -410,6 +413,48 @@ class Qcow2Image(PlannedReads, Image):
                     self.backing._read_clipped(dst, a)
         if batch:
             self._read_compressed(mv, offset, batch)
+
+    def _read_packed(self, mv: memoryview, offset: int, end: int) -> bool:
+        """A converter's usual chunk, whole clusters of one L2 table all compressed and
+        stored in order with small gaps (as qemu-img writes them): one read and one
+        kernel call, no Python step per cluster (10,000 clusters of a 633 MiB image
+        cost ~50 ms of CPU in the general path).  False, having written nothing that
+        matters, where any of that does not hold: the general path then reads, and
+        reports what is wrong with the guest offset."""
+        cbits = self.cluster_bits
+        count = (end - offset) >> cbits
+        if count > self._batch_max or (count << cbits >= _SPLIT_MIN
+                                       and not getattr(_serial, "on", False)):
+            return False            # (the general path splits these among threads)
+        span_bits = self._l2_span_bits
+        idx = offset >> span_bits
+        l1 = self._l1_table()
+        if (end - 1) >> span_bits != idx or idx >= len(l1):
+            return False
+        l2_off = l1[idx] & C.L1E_OFFSET_MASK
+        if not l2_off:
+            return False
+        first = (offset >> cbits) & (self._l2_entries - 1)
+        kinds, _starts, _lens, hosts, csizes = self.kernels.l2_runs(
+            self._l2_table(idx, l2_off), first, count, cluster_bits=cbits, extended=False,
+            data_file=False, table_offset=l2_off)
+        if len(kinds) != count or kinds.count(C.KIND_COMPRESSED) != count:
+            return False
+        hl = hosts.tolist()
+        sl = csizes.tolist()
+        lo = hl[0]
+        hi = max([h + s for h, s in zip(hl, sl)])
+        if hi - lo > sum(sl) + count * min(self.cluster_size, 64 << 10) or hl != sorted(hl):
+            return False
+        src = self._src_buffer(hi - lo)
+        if self.be.readinto(src, lo) < hi - lo:
+            return False            # (past the end of the file: zeros, as QEMU reads)
+        try:
+            self._decompressor().decompress_into(mv, src, [h - lo for h in hl], sl,
+                                                 src_file_offset=lo)
+        except DecompressionError:
+            return False
+        return True
 
     def _src_buffer(self, n: int) -> memoryview:
         """A per-thread buffer for compressed data, reused (a fresh one per batch
