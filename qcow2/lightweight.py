@@ -54,24 +54,24 @@ def record(typename: str, field_names: str, *, defaults: tuple = (),
         return t
 
     def _replace(self, **changes):
-        t = self._make([changes.pop(f, v) for f, v in zip(fields, self)])
+        t = self._make([changes.pop(f, v) for f, v in zip(fields, self, strict=True)])
         if changes:
             raise TypeError(f"Got unexpected field names: {list(changes)!r}")
         return t
 
     def _asdict(self) -> dict:
-        return dict(zip(fields, self))
+        return dict(zip(fields, self, strict=True))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}("
-                + ", ".join(f"{f}={v!r}" for f, v in zip(fields, self)) + ")")
+                + ", ".join(f"{f}={v!r}" for f, v in zip(fields, self, strict=True)) + ")")
 
     def __getnewargs__(self) -> tuple:
         return tuple(self)
 
     body = {
         "__doc__": f"{typename}({args})", "__slots__": (), "_fields": fields,
-        "_field_defaults": dict(zip(fields[n - len(defaults):], defaults)),
+        "_field_defaults": dict(zip(fields[n - len(defaults):], defaults, strict=True)),
         "__match_args__": fields, "__new__": new, "_make": classmethod(_make),
         "_replace": _replace, "_asdict": _asdict, "__repr__": __repr__,
         "__getnewargs__": __getnewargs__,

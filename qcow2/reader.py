@@ -443,7 +443,7 @@ class Qcow2Image(PlannedReads, Image):
         hl = hosts.tolist()
         sl = csizes.tolist()
         lo = hl[0]
-        hi = max([h + s for h, s in zip(hl, sl)])
+        hi = max([h + s for h, s in zip(hl, sl, strict=True)])
         if hi - lo > sum(sl) + count * min(self.cluster_size, 64 << 10) or hl != sorted(hl):
             return False
         src = self._src_buffer(hi - lo)
