@@ -225,6 +225,13 @@ class Cluster:
             if r == -errno.EEXIST:
                 raise _fail(errno.EEXIST, f"image '{image}' already exists in pool "
                                           f"'{self.pool}'")
+            if r == -errno.ETIMEDOUT:
+                # the outcome is unknown: the image may exist, half made, or be someone
+                # else's that appeared meanwhile; not removed blindly
+                raise _fail(errno.ETIMEDOUT, f"the OSDs did not answer creating image "
+                                             f"'{image}' in pool '{self.pool}': it may "
+                                             f"exist half made (see 'rbd info "
+                                             f"{self.pool}/{image}' once the cluster answers)")
             raise _fail(-r, f"cannot create image '{image}' in pool '{self.pool}': "
                             f"{os.strerror(-r)}")
 
