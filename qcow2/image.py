@@ -33,7 +33,7 @@ READ_FILE = 1           # the bytes lie verbatim in a file: (fd, host offset); z
 READ_COPY = 2           # read through readinto (compressed, encrypted, any other store)
 
 _ZEROS = memoryview(bytes(1 << 20))
-_scratch = local()            # pread's reused buffer, one per thread
+_scratch = local()                      # pread's reused buffer, one per thread
 _SCRATCH_MIN = 64 << 10                 # reads from this size use it
 _SCRATCH_MAX = 4 << 20                  # kept per thread at most
 

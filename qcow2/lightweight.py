@@ -56,7 +56,7 @@ def record(typename: str, field_names: str, *, defaults: tuple = (),
     def _replace(self, **changes):
         t = self._make([changes.pop(f, v) for f, v in zip(fields, self, strict=True)])
         if changes:
-            raise TypeError(f"Got unexpected field names: {list(changes)!r}")
+            raise ValueError(f"Got unexpected field names: {list(changes)!r}")
         return t
 
     def _asdict(self) -> dict:

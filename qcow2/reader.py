@@ -19,11 +19,11 @@ import struct
 
 from . import constants as C
 from .cache import TableCache
-from .lightweight import Lock, RLock, local
 from .errors import CorruptImageError, DecompressionError, Qcow2Error, ReadOnlyError, \
     UnsafeImageError
 from .header import Header
 from .image import ST_DATA, ST_OFFSET_VALID, ST_ZERO, Image, zero_fill
+from .lightweight import Lock, RLock, local
 from .paths import combine_path
 from .readplan import PlannedReads, empty_table
 from .refcount import RefcountReader
@@ -39,7 +39,7 @@ _HOST_KINDS = (C.KIND_DATA, C.KIND_ZERO_ALLOC, C.KIND_UNALLOC_ALLOC)
 # any bit but COPIED and the offset: not a plain data entry (compressed, zero, reserved)
 _NOT_PLAIN_DATA = ~(C.L2E_OFFSET_MASK | C.OFLAG_COPIED) & 0xFFFFFFFFFFFFFFFF
 _unpack_u64 = struct.Struct(">Q").unpack_from
-_serial = local()             # .on: this thread does not split decodes
+_serial = local()                       # .on: this thread does not split decodes
 _SPLIT_MIN = 512 << 10                  # decoded bytes worth a helper thread
 _pool = None                            # (executor, pid) of the decode helpers
 _pool_lock = Lock()

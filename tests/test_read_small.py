@@ -127,6 +127,20 @@ def _compressed_offset(path, index):
     return e & ((1 << 54) - 1)
 
 
+def _spoil(path, index) -> int:
+    """Overwrite the start of compressed cluster ``index``; its host offset."""
+    coff = _compressed_offset(path, index)
+    with open(path, "r+b") as f:
+        f.seek(coff)
+        f.write(b"\xff" * 64)
+    return coff
+
+
+def _names_the_cluster(exc, coff, index) -> None:
+    assert exc.value.offset == coff
+    assert f"guest offset {index * CS:#x}" in str(exc.value)
+
+
 @pytest.mark.parametrize("serial", [False, True])
 def test_big_compressed_reads(compressed, engine, serial):
     from qcow2.reader import serial_reads
@@ -144,15 +158,11 @@ def test_big_compressed_read_names_the_bad_cluster(compressed, engine, index, se
     from qcow2.reader import serial_reads
     import contextlib
     path, want = compressed
-    coff = _compressed_offset(path, index)
-    with open(path, "r+b") as f:
-        f.seek(coff)
-        f.write(b"\xff" * 64)
+    coff = _spoil(path, index)
     with engine.open(path) as img, (serial_reads() if serial else contextlib.nullcontext()):
         with pytest.raises(engine.DecompressionError) as exc:
             img.pread(64 * CS, 0)
-        assert exc.value.offset == coff
-        assert f"guest offset {index * CS:#x}" in str(exc.value)
+        _names_the_cluster(exc, coff, index)
         # a good cluster still reads, alone
         good = 2 * CS if index != 2 else 1 * CS
         assert img.pread(CS, good) == want[good:good + CS]
@@ -215,16 +225,12 @@ def test_packed_compressed_reads(packed, engine, monkeypatch):
 def test_packed_read_names_the_bad_cluster(packed, engine, monkeypatch, index):
     from qcow2.reader import serial_reads
     path, want = packed
-    coff = _compressed_offset(path, index)
-    with open(path, "r+b") as f:
-        f.seek(coff)
-        f.write(b"\xff" * 64)
+    coff = _spoil(path, index)
     took = _spy_packed(monkeypatch)
     with engine.open(path) as img, serial_reads():
         with pytest.raises(engine.DecompressionError) as exc:
             img.pread(len(want), 0)
-        assert exc.value.offset == coff
-        assert f"guest offset {index * CS:#x}" in str(exc.value)
+        _names_the_cluster(exc, coff, index)
     assert took == [False]                  # the general path reported it
 
 
