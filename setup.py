@@ -6,16 +6,27 @@ that extension is skipped and the package falls back to its pure-Python kernels
 (``qcow2.implementation == "python"``).  Set ``QCOW2_REQUIRE_NATIVE=1`` to make any
 native build failure fatal (CI does).
 
+The ``qcow2`` command is a small native launcher (``native/launcher/launcher.c``): it
+answers a plain ``qcow2 info`` without starting Python and hands everything else to
+the Python command.  Where it cannot be compiled the command is the Python script
+``native/launcher/qcow2`` instead (same behaviour, slower ``info``); with
+``QCOW2_REQUIRE_NATIVE=1`` a failed compile is fatal.
+
 The RBD binding (``qcow2.backends._rbd``, built from ``native/build_rbd.py`` against
 librbd-dev) is optional the same way, under its own switch ``QCOW2_REQUIRE_RBD=1``:
 without it, ``rbd:`` names are refused with a clear error.
 """
 
 import os
+import shlex
+import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+
+from distutils.command.build_scripts import build_scripts  # noqa: E402 (setuptools' copy)
 
 
 REQUIRE_NATIVE = os.environ.get("QCOW2_REQUIRE_NATIVE", "") not in ("", "0")
@@ -53,6 +64,47 @@ class optional_build_ext(build_ext):
             "the pure-Python kernels will be used.\n" % (exc,))
 
 
+class launcher_build_scripts(build_scripts):
+    """build_scripts that replaces the Python ``qcow2`` script by the native launcher
+    when it compiles (the script stays where it does not)."""
+
+    LAUNCHER = os.path.join("native", "launcher", "launcher.c")
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_dir, "qcow2")
+        try:
+            self._compile(target)
+        except Exception as exc:  # noqa: BLE001 - any toolchain failure
+            if REQUIRE_NATIVE:
+                raise
+            sys.stderr.write("WARNING: the native qcow2 launcher could not be built (%s); "
+                             "the qcow2 command is the Python script.\n" % (exc,))
+
+    def _compile(self, target):
+        cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+        tmp = target + ".native"
+        # the interpreter that builds is the one the command runs (the launcher also
+        # finds the one beside it in a virtual environment)
+        python = os.path.abspath(sys.executable)
+        cmd = cc + ["-O2", "-Wall", "-Wextra", "-std=c99",
+                    "-DQCOW2_PYTHON=%s" % _c_string(python),
+                    self.LAUNCHER, "-o", tmp, "-lm"]
+        cmd += shlex.split(os.environ.get("CFLAGS", ""))
+        cmd += shlex.split(os.environ.get("LDFLAGS", ""))
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError("%s failed: %s" % (" ".join(cmd),
+                                                  res.stdout.decode(errors="replace")))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+
+
+def _c_string(text):
+    """``text`` as a C string literal."""
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 setup(
     name="qcow2",
     version="0.1.0",
@@ -68,7 +120,7 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
         "fuzz": ["atheris>=2.3"],
     },
-    entry_points={"console_scripts": ["qcow2=qcow2.cli:run"]},
-    cmdclass={"build_ext": optional_build_ext},
+    scripts=["native/launcher/qcow2"],
+    cmdclass={"build_ext": optional_build_ext, "build_scripts": launcher_build_scripts},
     zip_safe=False,
 )

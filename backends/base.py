@@ -100,6 +100,11 @@ class Backend(abc.ABC):
         """Write all of ``data`` at ``offset`` (the store grows as needed)."""
         raise OSError(errno.EROFS, "backend is read-only", self.name)
 
+    def pwritev(self, parts, offset: int) -> int:
+        """Write the buffers ``parts`` one after the other from ``offset`` (a store
+        with a descriptor does it without joining them first)."""
+        return self.pwrite(b"".join(parts), offset)
+
     def truncate(self, size: int) -> None:
         """Cut or extend (with zeros) the store to ``size`` bytes."""
         raise OSError(errno.EROFS, "backend is read-only", self.name)

@@ -17,6 +17,10 @@ _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 _DEVICE_BLOCK = 4096        # a multiple of every logical block size Linux supports
 
 
+#: buffers per pwritev call (Linux's UIO_MAXIOV)
+_IOV_MAX = 1024
+
+
 class FileBackend(Backend):
     """A file opened by path (or an already open descriptor).
 
@@ -148,6 +152,23 @@ class FileBackend(Backend):
         total = 0
         while total < len(mv):
             total += os.pwritev(self.fd, [mv[total:]], offset + total)
+        return total
+
+    def pwritev(self, parts, offset: int) -> int:
+        if not self.writable:
+            return super().pwritev(parts, offset)
+        views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
+        total = i = 0
+        while i < len(views):
+            n = os.pwritev(self.fd, views[i:i + _IOV_MAX], offset + total)
+            if n <= 0:
+                raise OSError(errno.EIO, "a write made no progress", self.name)
+            total += n
+            while i < len(views) and n >= len(views[i]):    # what went out whole
+                n -= len(views[i])
+                i += 1
+            if n:
+                views[i] = views[i][n:]
         return total
 
     def truncate(self, size: int) -> None:

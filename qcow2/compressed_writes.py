@@ -9,6 +9,8 @@ flush covers what it writes.
 
 from __future__ import annotations
 
+import struct
+
 from .cluster import compressed_entry
 from .errors import InvalidOptionError, UnsupportedFeatureError
 
@@ -82,14 +84,26 @@ class CompressedWrites:
             table = toff = None
             cur_l1 = -1
             try:
-                for k, comp in enumerate(comps):
+                k = 0
+                while k < len(comps):
+                    comp = comps[k]
                     a = offset + k * cs
+                    if comp is not None:
+                        packed, upto = self._pack_run(comps, k, a)
+                        if packed:
+                            if run:
+                                data, run = run, []
+                                self._write_data(data, run_host)
+                            written += packed
+                            k = upto
+                            continue
                     if comp is None:
                         if run:
-                            data, run = b"".join(run), []
+                            data, run = run, []
                             self._write_data(data, run_host)
                         self._write(raw[k * cs:(k + 1) * cs], a)
                         written += min(cs, len(raw) - k * cs)
+                        k += 1
                         continue
                     l1i = a >> self._l2_span_bits
                     if l1i != cur_l1:
@@ -99,7 +113,7 @@ class CompressedWrites:
                     old, oldb = self._entry(table, i)
                     host = self._alloc_bytes(len(comp))
                     if run and host != run_end:
-                        data, run = b"".join(run), []
+                        data, run = run, []
                         self._write_data(data, run_host)
                     if not run:
                         run_host = host
@@ -109,12 +123,73 @@ class CompressedWrites:
                     self._set_entry(table, toff, i,
                                     compressed_entry(host, len(comp), self.cluster_bits), 0)
                     self._free_entry(old, oldb)
+                    k += 1
             finally:
                 # the entries set above point at this data: it goes out before any
                 # flush can write them
                 if run:
-                    self._write_data(b"".join(run), run_host)
+                    self._write_data(run, run_host)
         return written
+
+    def _pack_run(self, comps, k: int, a: int) -> int:
+        """The common case of :meth:`write_compressed_many` in one step: compressed
+        clusters ``comps[k:]`` (up to the first None or the L2 table's end) whose
+        entries are unallocated, packed where :meth:`_alloc_bytes` would pack them one
+        by one -- after the partly used cluster it left, into free clusters that follow
+        it -- with the same refcounts, L2 entries and claims, but one refcount update
+        per host cluster, one table update and one write.  Returns (bytes written, the
+        index after the last cluster packed), or (0, k) where the case is not that
+        simple (the caller then goes cluster by cluster)."""
+        refs = self.refs
+        cs, cbits = self.cluster_size, self.cluster_bits
+        start = self._free_byte_offset
+        if self.header.extended_l2 or not start or not start & (cs - 1):
+            return 0, k
+        mask = self._l2_entries - 1
+        i0 = (a >> cbits) & mask
+        end_k = min(len(comps), k + (mask + 1 - i0))
+        # the run: up to the first None, or the first cluster that would end exactly
+        # on a cluster boundary (the next one then starts anywhere: _alloc_bytes)
+        pos = start
+        m = 0
+        sizes = []
+        while k + m < end_k:
+            comp = comps[k + m]
+            if comp is None:
+                break
+            pos += len(comp)
+            sizes.append(len(comp))
+            m += 1
+            if not pos & (cs - 1):
+                break
+        if m < 2:
+            return 0, k
+        # the table first, as the one-by-one path allocates it (it may take a cluster)
+        table, toff = self._l2_for_write(a >> self._l2_span_bits)
+        if any(struct.unpack_from(f">{m}Q", table, i0 * 8)):
+            return 0, k                     # (entries to replace: one by one)
+        first, last = start >> cbits, (pos - 1) >> cbits
+        if refs.get(first) + m > refs.max_ref or (
+                last > first and not refs.run_ready(first + 1, last - first)):
+            return 0, k
+        # claims and refcounts as _alloc_bytes makes them, per host cluster
+        if last > first:
+            self._claim((first + 1) << cbits, pos - ((first + 1) << cbits), "guest data")
+        counts: dict = {}
+        host = start
+        entries = []
+        for size in sizes:
+            for c in range(host >> cbits, ((host + size - 1) >> cbits) + 1):
+                counts[c] = counts.get(c, 0) + 1
+            entries.append(compressed_entry(host, size, cbits))
+            host += size
+        for c, n in counts.items():
+            refs.add(c, n)
+        self._write_data(comps[k:k + m], start)
+        struct.pack_into(f">{m}Q", table, i0 * 8, *entries)
+        self._l2c.mark_dirty(toff)
+        self._free_byte_offset = pos
+        return pos - start, k + m
 
     def _alloc_bytes(self, size: int) -> int:
         """QEMU's qcow2_alloc_bytes: pack compressed clusters back to back; every host

@@ -331,6 +331,13 @@ class Refcounts:
                 return c
             # the refcount table moved, possibly into the run: search again
 
+    def run_ready(self, c: int, n: int) -> bool:
+        """Whether clusters [c, c+n) are all free with their refcount blocks in place:
+        then ``take_free(1, prefer=k)`` returns k for each of them in turn (a writer
+        packing a batch checks once instead of asking cluster by cluster)."""
+        return (all(self._is_free(c + k) for k in range(n))
+                and not self._missing_blocks(c, n))
+
     def alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1 each); returns the host offset."""
         c = self.take_free(n)

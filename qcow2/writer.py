@@ -214,23 +214,33 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
 
     def _write_data(self, data, host: int, src=None) -> None:
         """Write guest data at ``host``; ``src`` (fd, offset, state): the same bytes lie
-        in that file, copy them in the kernel (copy_file_range) while ``state[0]``."""
+        in that file, copy them in the kernel (copy_file_range) while ``state[0]``.
+        ``data`` may be a list of buffers that go out back to back (compressed
+        clusters: written with one pwritev, never joined)."""
         if self.debug_event is not None:          # error injection (backends.blkdebug)
             self.debug_event("write_aio")
+        n = sum(map(len, data)) if type(data) is list else len(data)
         if self.data_be is self.be:
-            why = self._overlap.conflict(host, len(data), GUEST_DATA)
+            why = self._overlap.conflict(host, n, GUEST_DATA)
             if why is not None:
                 self._mark_corrupt(why)
         pending = getattr(self._dtls, "pending", None)
         if pending is not None:
             # deferred (see defer_data): the caller writes it outside the lock
             pending.append((data, host, src))
-            if host + len(data) > self.file_size and self.data_be is self.be:
-                self.file_size = host + len(data)
+            if host + n > self.file_size and self.data_be is self.be:
+                self.file_size = host + n
             return
         self._put_data(data, host, src)
 
     def _put_data(self, data, host: int, src=None) -> None:
+        if type(data) is list:                    # buffers back to back (_write_data)
+            if self._crypto is None:
+                n = self._io(self.data_be.pwritev, data, host)
+                if self.data_be is self.be and host + n > self.file_size:
+                    self.file_size = host + n
+                return
+            data = b"".join(data)
         if self._crypto is not None:              # encrypted: a ciphertext copy goes out
             self._io(self._crypto.write, self.data_be, data, host)
             if self.data_be is self.be and host + len(data) > self.file_size:
