@@ -235,6 +235,20 @@ class Cluster:
             raise _fail(-r, f"cannot create image '{image}' in pool '{self.pool}': "
                             f"{os.strerror(-r)}")
 
+    def image_exists(self, image: str) -> bool:
+        """Whether an image of that name is in the pool (it is opened read-only and
+        closed again; any error but "no such image" is raised)."""
+        ffi, lib = _rbd.ffi, _rbd.lib
+        p = ffi.new("rbd_image_t *")
+        r = lib.rbd_open_read_only(self.ioctx, image.encode(), p, ffi.NULL)
+        if r == 0:
+            lib.rbd_close(p[0])
+            return True
+        if r == -errno.ENOENT:
+            return False
+        raise _fail(-r, f"cannot look for image '{image}' in pool '{self.pool}': "
+                        f"{os.strerror(-r)}")
+
     def remove_image(self, image: str) -> None:
         """Remove an image (ENOENT when there is none; EBUSY while open or with
         snapshots)."""
@@ -560,6 +574,31 @@ class RbdBackend(ResizableWhenWritable, Backend):
         cluster = getattr(self, "cluster", None)
         if cluster is not None:
             cluster.close()
+
+    def publish(self, final: str) -> None:
+        """Give this image (an output made under a temporary name, complete and
+        flushed) its final name ``final`` in the same pool, and close it.  The check
+        that no image has that name and the rename run under a pool-wide lock (an RBD
+        rename alone does not exclude a concurrent one to the same name); EEXIST when
+        one has it (this image keeps its name: :meth:`remove` it)."""
+        from .rbdadmin import pool_lock, remove_object, rename
+        image, self.image = self.image, None
+        if image is not None:
+            _rbd.lib.rbd_close(image)
+        key = f"qcow2_publish.{final}"
+        with pool_lock(self.cluster, key, wait=60.0):
+            if self.cluster.image_exists(final):
+                raise _fail(errno.EEXIST, f"image '{final}' already exists in pool "
+                                          f"'{self.pool}'")
+            rename(self.cluster, self.image_name, final)
+            self.image_name = final
+            # the lock's object goes while it is held (removed after the unlock, it
+            # could take with it the lock of a client that got it meanwhile)
+            try:
+                remove_object(self.cluster, key)
+            except OSError:
+                pass                    # (a lock object of a few bytes; harmless)
+        self.cluster.close()
 
     def remove(self, patience: float | None = None) -> None:
         """Close the image and delete it from its pool (an output that failed).

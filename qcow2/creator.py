@@ -32,7 +32,7 @@ from .errors import ImageTooLargeError, InvalidOptionError, Qcow2Error, Unsuppor
 from .lightweight import record
 from .layout import CHUNK, cow_end, metadata_writes, qcow2_header_bytes, qcow2_layout
 from .paths import check_file_name, combine_path
-from .rbdname import is_rbd_name, open_rbd
+from .rbdname import create_rbd_output, is_rbd_name, open_rbd, publish_rbd_output
 
 # Image formats qemu-img can create that this engine cannot (so the error says
 # "not supported" rather than "unknown").
@@ -435,7 +435,8 @@ def _create_qcow2_rbd(spec: Qcow2Spec, durable: bool = True) -> None:
     except ImageTooLargeError as exc:
         raise O.too_large("qcow2", spec.cluster_size_given, str(exc)) from None
     header = qcow2_header_bytes(spec, lay)
-    be = open_rbd(spec.path, create=lay.file_size)
+    # under a temporary name, renamed once complete (as file outputs are)
+    be, final = create_rbd_output(spec.path, lay.file_size)
     done = False
     try:
         for offset, chunk in metadata_writes(lay, header, lay.data_offset):
@@ -450,13 +451,12 @@ def _create_qcow2_rbd(spec: Qcow2Spec, durable: bool = True) -> None:
     except OSError as exc:
         raise _write_error(exc, spec.path, "qcow2", spec.cluster_size_given) from None
     finally:
-        if done:
-            be.close()
-        else:
+        if not done:
             try:
                 be.remove()
             except OSError:
                 be.close()
+    publish_rbd_output(be, spec.path, final)
 
 
 # -- luks -----------------------------------------------------------------------------------

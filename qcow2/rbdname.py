@@ -240,5 +240,60 @@ def open_rbd(name: str, *, writable: bool = False, create: int | None = None, **
         raise err from None
 
 
-__all__ = ["PREFIX", "RbdName", "escape", "format_rbd_name", "is_rbd_name", "open_rbd",
+def create_rbd_output(name: str, size: int, **timeouts):
+    """A new RBD image of ``size`` bytes for the output ``name``, made under a
+    temporary name beside it (``.IMAGE.RANDOM.part``, as file outputs are), so that
+    the name shows a complete image or none, whatever happens meanwhile.  Refused
+    (EEXIST) when an image has the final name.  Returns (backend, final image name):
+    ``publish(final)`` it once written and flushed, ``remove()`` it on failure.  The
+    backend's messages name ``name``."""
+    import os
+
+    from .paths import TEMP_SUFFIX
+    spec = parse_rbd_name(name)
+    args = spec.backend_args()
+    args["image"] = f".{spec.image}.{os.urandom(6).hex()}{TEMP_SUFFIX}"
+    from .backends.rbd import RbdBackend        # (librados loads only for rbd: names)
+    try:
+        be = RbdBackend(**args, create=size, **timeouts)
+        try:
+            taken = be.cluster.image_exists(spec.image)
+        except BaseException:
+            be.remove()
+            raise
+    except OSError as exc:
+        raise _create_error(name, exc) from None
+    if taken:
+        try:
+            be.remove()
+        except OSError:
+            pass                    # (the refusal is the news; remove() named what is left)
+        raise _create_error(name, OSError(17, f"image '{spec.image}' already exists in "
+                                              f"pool '{spec.pool}'"))
+    return be, spec.image
+
+
+def publish_rbd_output(be, name: str, final: str) -> None:
+    """Give an output made by :func:`create_rbd_output` its final name; on failure
+    (an image of that name appeared meanwhile, the cluster does not answer) it is
+    removed and the error names ``name``."""
+    try:
+        be.publish(final)
+    except OSError as exc:
+        try:
+            be.remove()
+        except OSError as left:
+            raise _create_error(name, OSError(exc.errno, f"{exc.strerror}; "
+                                                         f"{left.strerror}")) from None
+        raise _create_error(name, exc) from None
+
+
+def _create_error(name: str, exc: OSError) -> Qcow2Error:
+    err = Qcow2Error(f"Could not create '{name}': {exc.strerror or exc}")
+    err.errno = exc.errno  # type: ignore[attr-defined]
+    return err
+
+
+__all__ = ["PREFIX", "RbdName", "create_rbd_output", "escape", "format_rbd_name",
+           "is_rbd_name", "open_rbd", "publish_rbd_output",
            "parse_rbd_name", "qdict_order", "qemu_filename", "qemu_node", "unescape"]

@@ -604,6 +604,11 @@ def test_errors(cluster, pool, tmp_path):
         _one_line_error(["info", f"rbd:{c.pool}/{image}"], r"no ceph.conf was found", env=env)
 
 
+def _temps_of(names, image: str) -> list:
+    """The temporary images an output named ``image`` is made under."""
+    return [n for n in names if n.startswith(f".{image}.") and n.endswith(".part")]
+
+
 def test_cluster_stalls_mid_convert(cluster, pool, tmp_path):
     """The OSD stops answering while a convert streams into the pool (SIGSTOP, as a
     hung or partitioned OSD): the convert fails once its operations time out, with one
@@ -634,7 +639,11 @@ def test_cluster_stalls_mid_convert(cluster, pool, tmp_path):
                 break
             seen += more
         with Cluster(**pool.kwargs()) as c:
-            if image not in list_images(c) and p.poll() is None:
+            names = list_images(c)
+            # the output is made under a temporary name: the final one shows nothing
+            # until the image is complete
+            assert image not in names
+            if not _temps_of(names, image) and p.poll() is None:
                 pytest.fail("the convert reported progress without its image")
         os.kill(osd, signal.SIGSTOP)
         stopped = True
@@ -651,7 +660,8 @@ def test_cluster_stalls_mid_convert(cluster, pool, tmp_path):
     assert err.count("\n") == 1 and re.search(r"timed out|did not answer", err), err
     with Cluster(**pool.kwargs()) as c:
         for _ in range(300):                # the removal may still be waiting on the OSD
-            if image not in list_images(c):
+            names = list_images(c)
+            if image not in names and not _temps_of(names, image):
                 break
             time.sleep(0.2)
         else:
@@ -754,7 +764,8 @@ def test_failed_convert_leaves_no_image(cluster, pool, exc):
     src = _Failing(data, 3, exc)
     with pytest.raises(type(exc)):
         qcow2.convert([src], pool.name(image), src_format="raw", workers=4)
-    assert image not in cluster.rbd("ls", cluster.pool).split()
+    left = cluster.rbd("ls", cluster.pool).split()
+    assert image not in left and not _temps_of(left, image)
     # -n: an existing image is the caller's; a failure leaves it
     existing = pool.image(bytes(32 * MiB))
     with pytest.raises(type(exc)):
@@ -808,3 +819,59 @@ def test_clone_reads_through_its_parent(cluster, pool, tmp_path):
     finally:
         _purge(c, child)
         c.rbd("snap", "unprotect", f"{c.pool}/{parent}@base")
+
+
+def test_outputs_appear_complete_or_not_at_all(cluster, pool, tmp_path):
+    """A convert or a qcow2 create into RBD writes under a temporary name beside the
+    final one and renames it once complete and flushed: while it runs the final name
+    shows nothing (a reader or a crash never meets half an image), afterwards it shows
+    the whole image and no temporary is left."""
+    from qcow2.backends.rbd import Cluster
+    from qcow2.backends.rbdadmin import list_images
+    data = random.Random(8).randbytes(16 * MiB)
+    image = pool.fresh("whole")
+    seen = []
+
+    def progress(pct):
+        with Cluster(**pool.kwargs()) as c:
+            seen.append((pct, list_images(c)))
+    src = MemoryBackend(data, writable=False, name="src.raw")
+    qcow2.convert([src], pool.name(image), src_format="raw", progress=progress)
+    assert seen and all(image not in names for pct, names in seen if pct < 100)
+    assert any(_temps_of(names, image) for _pct, names in seen)
+    names = cluster.rbd("ls", cluster.pool).split()
+    assert image in names and not _temps_of(names, image)
+    assert _raw_of(cluster, pool.name(image), tmp_path) == data
+    # create -f qcow2: the same; qemu-img reads the result
+    qc = pool.fresh("qc")
+    r = _cli("create", "-f", "qcow2", pool.name(qc), "64M")
+    assert r.returncode == 0, r.stderr
+    names = cluster.rbd("ls", cluster.pool).split()
+    assert qc in names and not _temps_of(names, qc)
+    _qemu(cluster, "check", pool.name(qc))
+    # an existing name is refused before anything is written, nothing left behind
+    r = _cli("create", "-f", "qcow2", pool.name(qc), "64M")
+    assert r.returncode == 1 and "already exists" in r.stderr and r.stderr.count("\n") == 1
+    names = cluster.rbd("ls", cluster.pool).split()
+    assert not _temps_of(names, qc)
+
+
+def test_name_taken_while_converting(cluster, pool, tmp_path, monkeypatch):
+    """An image of the output's name that appears while the convert runs wins: the
+    convert fails with one line, its temporary is removed, the other image is kept."""
+    from qcow2.backends.rbd import Cluster
+    data = random.Random(9).randbytes(8 * MiB)
+    image = pool.fresh("raced")
+    made = []
+
+    def progress(pct):
+        if not made and pct < 100:
+            with Cluster(**pool.kwargs()) as c:
+                c.create_image(image, MiB)
+            made.append(True)
+    with pytest.raises(qcow2.errors.Qcow2Error, match="already exists"):
+        src = MemoryBackend(data, writable=False, name="src.raw")
+        qcow2.convert([src], pool.name(image), src_format="raw", progress=progress)
+    names = cluster.rbd("ls", cluster.pool).split()
+    assert image in names and not _temps_of(names, image)
+    assert "size 1 MiB" in cluster.rbd("info", f"{cluster.pool}/{image}")

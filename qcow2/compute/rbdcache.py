@@ -218,9 +218,15 @@ def _finish(cl: Cluster, tmp: str, name: str, image_id: str) -> None:
 
 
 def _convert_into(opts, src: str, fmt: str, tmp: str, progress) -> None:
+    """``src`` converted into the new image ``tmp``: made here, and written with -n
+    (a convert's own output would go under yet another temporary name, which the
+    cache manager would not know to clean up after a crash)."""
     import qcow2
+    with qcow2.open(src, format=fmt, untrusted=True) as img:
+        size = img.size
+    _backend(opts, tmp, create=size).close()
     qcow2.convert(src, rbd_name(opts, tmp), src_format=fmt, out_format="raw",
-                  untrusted=True, progress=progress)
+                  untrusted=True, progress=progress, no_create=True, target_is_zero=True)
 
 
 def _import_local(opts, tmp: str, source: str, declared, want, progress) -> None:

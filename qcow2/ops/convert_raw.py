@@ -127,12 +127,17 @@ def to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_create
             target_is_zero) -> None:
     """Raw output streamed into an RBD image, by the workers in parallel (librbd runs
     with the GIL released): only data is written, so no RADOS object is created for a
-    hole; no local file.  The image is created here (refused when it exists, unless
-    -n) and removed again if the convert fails, even on an interrupt."""
-    from ..rbdname import open_rbd
+    hole; no local file.  A new image (refused when one of that name exists, unless
+    -n) is made under a temporary name and renamed once complete and flushed, as file
+    outputs are; on failure, even an interrupt, it is removed."""
+    from ..rbdname import create_rbd_output, open_rbd, publish_rbd_output
 
+    final = None
     try:
-        be = open_rbd(dst, writable=True) if no_create else open_rbd(dst, create=size)
+        if no_create:
+            be = open_rbd(dst, writable=True)
+        else:
+            be, final = create_rbd_output(dst, size)
     except Qcow2Error as exc:
         if getattr(exc, "errno", None) == 17:                       # EEXIST
             raise Qcow2Error(f"{exc} (-n writes into an existing image)") from None
@@ -161,7 +166,10 @@ def to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_create
             if isinstance(exc, (OSError, Qcow2Error)):
                 raise Qcow2Error(f"{_reason(exc)}; {left.strerror}") from None
         raise
-    be.close()
+    if final is None:
+        be.close()
+    else:
+        publish_rbd_output(be, dst, final)
     if progress is not None:
         progress(100.0)
 
