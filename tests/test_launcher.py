@@ -26,7 +26,10 @@ import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "native" / "launcher" / "launcher.c"
-COMMAND = shutil.which("qcow2", path=os.path.dirname(sys.executable))
+#: the launcher under test: the installed command, or QCOW2_LAUNCHER (tests/faults/
+#: asan.sh builds one with the sanitizers)
+COMMAND = (os.environ.get("QCOW2_LAUNCHER")
+           or shutil.which("qcow2", path=os.path.dirname(sys.executable)))
 PYTHON_COMMAND = [sys.executable, "-P", "-c",
                   "import sys; sys.argv[0] = 'qcow2'; from qcow2.cli import run; run()"]
 #: the launcher's trace line: last when it answered, first when it handed off

@@ -5,6 +5,7 @@
 #
 #   bash tests/faults/asan.sh                 # kernel tests, sanitized
 #   bash tests/faults/asan.sh tests/test_read_small.py
+#   bash tests/faults/asan.sh tests/test_launcher.py     # the qcow2 command's launcher
 #
 # The build lives in $ASAN_DIR (default .venv-asan-site); .venv (scripts/setup.sh)
 # provides Python and the test tools.  Python itself is not instrumented: the
@@ -27,6 +28,11 @@ rm -rf "$ASAN_DIR" build
 CFLAGS="$san -O1" LDFLAGS="$san" QCOW2_REQUIRE_NATIVE=1 \
     $PY -m pip install -q --no-deps --no-build-isolation --target "$ASAN_DIR" . >/dev/null
 rm -rf build
+# the qcow2 command's launcher, sanitized too (tests/test_launcher.py runs it)
+mkdir -p "$ASAN_DIR/bin"
+$CC $san -O1 -Wall -Wextra -std=c99 -DQCOW2_PYTHON="\"$PWD/$PY\"" \
+    native/launcher/launcher.c -o "$ASAN_DIR/bin/qcow2" -lm
+export QCOW2_LAUNCHER=$ASAN_DIR/bin/qcow2
 # qemu-img (a child of the tests) hangs under the preloaded runtimes, so children never
 # inherit them: Python children find QCOW2_ASAN_PRELOAD and start again under them (the
 # sanitized extension cannot load without), every other program runs as it is.
