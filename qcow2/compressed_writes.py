@@ -178,9 +178,12 @@ class CompressedWrites:
         counts: dict = {}
         host = start
         entries = []
+        get = counts.get
         for size in sizes:
-            for c in range(host >> cbits, ((host + size - 1) >> cbits) + 1):
-                counts[c] = counts.get(c, 0) + 1
+            c0, c1 = host >> cbits, (host + size - 1) >> cbits
+            counts[c0] = get(c0, 0) + 1
+            for c in range(c0 + 1, c1 + 1):     # (a cluster's data reaching the next)
+                counts[c] = get(c, 0) + 1
             entries.append(compressed_entry(host, size, cbits))
             host += size
         for c, n in counts.items():
