@@ -279,10 +279,25 @@ def test_image_locked_by_a_writer(images, launcher):
         holder.wait(timeout=30)
 
 
+def _read_locked(path) -> bool:
+    """Whether another process holds QEMU's "consistent read" lock byte (100) of the
+    file (an OFD lock test, as QEMU's file driver makes it)."""
+    import fcntl
+    f_ofd_getlk, f_wrlck, f_unlck = 36, 1, 2
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        res = fcntl.fcntl(fd, f_ofd_getlk, struct.pack("hhqqi4x", f_wrlck, 0, 100, 1, 0))
+        return struct.unpack("hhqqi4x", res)[0] != f_unlck
+    finally:
+        os.close(fd)
+
+
 def test_reader_lock_is_qemus(images, launcher):
     """While the launcher's info runs no writer may open the image: its locks are
     QEMU's bytes (a reader lock taken here is seen by qemu-img as by our writer)."""
     d, _ = images
+    img = d / "lockme.qcow2"
+    shutil.copy(d / "v3.qcow2", img)
     # the launcher holds its locks until it has written everything: into a pipe filled
     # beforehand, its write waits there, locks held, until the pipe is read
     r, w = os.pipe()
@@ -293,12 +308,15 @@ def test_reader_lock_is_qemus(images, launcher):
     except BlockingIOError:
         pass
     os.set_blocking(w, True)
-    proc = subprocess.Popen([launcher, "info", "snaps.qcow2"], stdout=w, cwd=d,
+    proc = subprocess.Popen([launcher, "info", img.name], stdout=w, cwd=d,
                             env=_env(QCOW2_LAUNCHER_TRACE="1"), stderr=subprocess.PIPE)
     os.close(w)
     try:
-        time.sleep(0.3)
-        res = subprocess.run(["qemu-img", "resize", "snaps.qcow2", "+1M"], cwd=d,
+        deadline = time.monotonic() + 30
+        while not _read_locked(img):
+            assert proc.poll() is None and time.monotonic() < deadline, "never locked"
+            time.sleep(0.01)
+        res = subprocess.run(["qemu-img", "resize", img.name, "+1M"], cwd=d,
                              capture_output=True, text=True)
         assert res.returncode != 0 and "lock" in res.stderr, res.stderr
     finally:
@@ -307,6 +325,7 @@ def test_reader_lock_is_qemus(images, launcher):
         proc.wait(timeout=30)
     assert proc.returncode == 0 and out.endswith(b"extended l2: false\n")
     assert proc.stderr.read() == b"qcow2 launcher: native\n"
+    assert not _read_locked(img)
 
 
 # -- hostile headers ---------------------------------------------------------------------------
