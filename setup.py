@@ -6,7 +6,7 @@ that extension is skipped and the package falls back to its pure-Python kernels
 (``qcow2.implementation == "python"``).  Set ``QCOW2_REQUIRE_NATIVE=1`` to make any
 native build failure fatal (CI does).
 
-The ``qcow2`` command is a small native launcher (``native/launcher/launcher.c``): it
+The ``qcow2`` command is a small native launcher (``native/launcher/``): it
 answers a plain ``qcow2 info`` without starting Python and hands everything else to
 the Python command.  Where it cannot be compiled the command is the Python script
 ``native/launcher/qcow2`` instead (same behaviour, slower ``info``); with
@@ -68,7 +68,8 @@ class launcher_build_scripts(build_scripts):
     """build_scripts that replaces the Python ``qcow2`` script by the native launcher
     when it compiles (the script stays where it does not)."""
 
-    LAUNCHER = os.path.join("native", "launcher", "launcher.c")
+    LAUNCHER = [os.path.join("native", "launcher", f)
+                for f in ("launcher.c", "image.c", "print.c")]
 
     def run(self):
         super().run()
@@ -89,7 +90,7 @@ class launcher_build_scripts(build_scripts):
         python = os.path.abspath(sys.executable)
         cmd = cc + ["-O2", "-Wall", "-Wextra", "-std=c99",
                     "-DQCOW2_PYTHON=%s" % _c_string(python),
-                    self.LAUNCHER, "-o", tmp, "-lm"]
+                    *self.LAUNCHER, "-o", tmp, "-lm"]
         cmd += shlex.split(os.environ.get("CFLAGS", ""))
         cmd += shlex.split(os.environ.get("LDFLAGS", ""))
         res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)

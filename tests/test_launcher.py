@@ -1,4 +1,4 @@
-"""The native ``qcow2`` command (``native/launcher/launcher.c``): ``qcow2 info`` of a
+"""The native ``qcow2`` command (``native/launcher/``): ``qcow2 info`` of a
 plain qcow2 file answered without Python, printing exactly what the Python command
 prints; every other command line, and every image it is not sure of, handed to the
 Python command with the same arguments.
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "native" / "launcher" / "launcher.c"
+SOURCE = ROOT / "native" / "launcher" / "launcher.h"         # (its constants)
 #: the launcher under test: the installed command, or QCOW2_LAUNCHER (tests/faults/
 #: asan.sh builds one with the sanitizers)
 COMMAND = (os.environ.get("QCOW2_LAUNCHER")

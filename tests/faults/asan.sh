@@ -31,7 +31,8 @@ rm -rf build
 # the qcow2 command's launcher, sanitized too (tests/test_launcher.py runs it)
 mkdir -p "$ASAN_DIR/bin"
 $CC $san -O1 -Wall -Wextra -std=c99 -DQCOW2_PYTHON="\"$PWD/$PY\"" \
-    native/launcher/launcher.c -o "$ASAN_DIR/bin/qcow2" -lm
+    native/launcher/launcher.c native/launcher/image.c native/launcher/print.c \
+    -o "$ASAN_DIR/bin/qcow2" -lm
 export QCOW2_LAUNCHER=$ASAN_DIR/bin/qcow2
 # qemu-img (a child of the tests) hangs under the preloaded runtimes, so children never
 # inherit them: Python children find QCOW2_ASAN_PRELOAD and start again under them (the
