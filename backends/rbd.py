@@ -575,30 +575,12 @@ class RbdBackend(ResizableWhenWritable, Backend):
         if cluster is not None:
             cluster.close()
 
-    def publish(self, final: str) -> None:
-        """Give this image (an output made under a temporary name, complete and
-        flushed) its final name ``final`` in the same pool, and close it.  The check
-        that no image has that name and the rename run under a pool-wide lock (an RBD
-        rename alone does not exclude a concurrent one to the same name); EEXIST when
-        one has it (this image keeps its name: :meth:`remove` it)."""
-        from .rbdadmin import pool_lock, remove_object, rename
+    def close_image(self) -> None:
+        """Close the image but keep the connection (an output about to be renamed:
+        librbd renames an image nobody has open)."""
         image, self.image = self.image, None
         if image is not None:
             _rbd.lib.rbd_close(image)
-        key = f"qcow2_publish.{final}"
-        with pool_lock(self.cluster, key, wait=60.0):
-            if self.cluster.image_exists(final):
-                raise _fail(errno.EEXIST, f"image '{final}' already exists in pool "
-                                          f"'{self.pool}'")
-            rename(self.cluster, self.image_name, final)
-            self.image_name = final
-            # the lock's object goes while it is held (removed after the unlock, it
-            # could take with it the lock of a client that got it meanwhile)
-            try:
-                remove_object(self.cluster, key)
-            except OSError:
-                pass                    # (a lock object of a few bytes; harmless)
-        self.cluster.close()
 
     def remove(self, patience: float | None = None) -> None:
         """Close the image and delete it from its pool (an output that failed).

@@ -131,7 +131,7 @@ class CompressedWrites:
                     self._write_data(run, run_host)
         return written
 
-    def _pack_run(self, comps, k: int, a: int) -> int:
+    def _pack_run(self, comps, k: int, a: int) -> tuple[int, int]:
         """The common case of :meth:`write_compressed_many` in one step: compressed
         clusters ``comps[k:]`` (up to the first None or the L2 table's end) whose
         entries are unallocated, packed where :meth:`_alloc_bytes` would pack them one

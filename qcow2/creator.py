@@ -32,7 +32,8 @@ from .errors import ImageTooLargeError, InvalidOptionError, Qcow2Error, Unsuppor
 from .lightweight import record
 from .layout import CHUNK, cow_end, metadata_writes, qcow2_header_bytes, qcow2_layout
 from .paths import check_file_name, combine_path
-from .rbdname import create_rbd_output, is_rbd_name, open_rbd, publish_rbd_output
+from .rbdname import is_rbd_name, open_rbd
+from .rbdoutput import create_rbd_output, publish_rbd_output
 
 # Image formats qemu-img can create that this engine cannot (so the error says
 # "not supported" rather than "unknown").

@@ -72,7 +72,13 @@ def combine_path(base_filename: str, name: str) -> str:
 def temp_name(dst: str) -> str:
     """A fresh hidden temporary name beside ``dst`` (not created)."""
     d = os.path.dirname(os.path.abspath(dst)) or "."
-    return os.path.join(d, f".{os.path.basename(dst)}.{os.urandom(6).hex()}{TEMP_SUFFIX}")
+    return os.path.join(d, temp_entry(os.path.basename(dst)))
+
+
+def temp_entry(name: str) -> str:
+    """A fresh temporary name for an entry ``name`` of a folder or a pool (an RBD
+    image): ``.<name>.<random>.part``."""
+    return f".{name}.{os.urandom(6).hex()}{TEMP_SUFFIX}"
 
 
 def make_temp(dst: str, directory: str | None = None) -> tuple[int, str]:

@@ -130,7 +130,8 @@ def to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_create
     hole; no local file.  A new image (refused when one of that name exists, unless
     -n) is made under a temporary name and renamed once complete and flushed, as file
     outputs are; on failure, even an interrupt, it is removed."""
-    from ..rbdname import create_rbd_output, open_rbd, publish_rbd_output
+    from ..rbdname import open_rbd
+    from ..rbdoutput import create_rbd_output, publish_rbd_output
 
     final = None
     try:
