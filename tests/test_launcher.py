@@ -1,5 +1,5 @@
 """The native ``qcow2`` command (``native/launcher/``): ``qcow2 info`` of a
-plain qcow2 file answered without Python, printing exactly what the Python command
+plain qcow2 file or a raw file answered without Python, printing exactly what the Python command
 prints; every other command line, and every image it is not sure of, handed to the
 Python command with the same arguments.
 
@@ -109,10 +109,12 @@ HANDED_OFF = {"encrypted", "bitmaps", "data_file"}
 
 @pytest.mark.parametrize("case", CORPUS)
 def test_corpus_info_is_the_python_commands(case, built, launcher):
-    native = case.fmt == "qcow2" and not (HANDED_OFF & case.features)
-    for args in ([], ["--output=json"], ["-U", "--output", "human"], ["-f", "qcow2"]):
+    native = case.fmt == "raw" or not (HANDED_OFF & case.features)
+    for args in ([], ["--output=json"], ["-U", "--output", "human"], ["-f", "qcow2"],
+                 ["-f", "raw", "--output=json"]):
         ran = both(launcher, "info", *args, built.path)
-        if native and not (args == ["-f", "qcow2"] and case.fmt != "qcow2"):
+        if args[:2] == ["-f", "raw"] or (native and not (args == ["-f", "qcow2"]
+                                                         and case.fmt == "raw")):
             assert ran.path == "native", (args, ran.path)
         else:
             assert ran.path.startswith("python"), (args, ran.path)
@@ -152,6 +154,15 @@ def images(tmp_path_factory, launcher):
     make("corrupt.qcow2")
     _set_incompat(d / "corrupt.qcow2", 2)
     make("weird name's \"$x\" [1].qcow2")
+    # raw files, as the probe sees them (qcow2 magic with version 1 is the older qcow)
+    for name, data in (("empty.raw", b""), ("odd.raw", b"\x01" * 1000001),
+                       ("magic-only.raw", b"QFI\xfb\x00"),
+                       ("qcow1.raw", b"QFI\xfb\x00\x00\x00\x01" + bytes(504))):
+        (d / name).write_bytes(data)
+        out[name] = d / name
+    with open(d / "sparse.raw", "wb") as f:
+        f.truncate(5 << 30)
+    out["sparse.raw"] = d / "sparse.raw"
     return d, out
 
 
@@ -200,8 +211,12 @@ def test_snapshot_table_in_each_time_zone(images, launcher, tz, monkeypatch):
     (["info", "v3.qcow2", "--output", "json", "-U"], "native"),
     (["info", "--force-share", "--output=human", "v3.qcow2"], "native"),
     (["info", "-f", "raw", "-f", "qcow2", "v3.qcow2"], "native"),
+    (["info", "-f", "qcow2", "-f", "raw", "v3.qcow2"], "native"),
     (["info", "--output=json", "--output=human", "v3.qcow2"], "native"),
-    (["info", "-f", "raw", "v3.qcow2"], "python"),
+    (["info", "-f", "raw", "v3.qcow2"], "native"),
+    (["info", "-f", "raw", "--output=json", "-U", "sparse.raw"], "native"),
+    (["info", "-f", "luks", "v3.qcow2"], "python"),
+    (["info", "-f", "qcow2", "odd.raw"], "python"),
     (["info", "--output=xml", "v3.qcow2"], "python"),
     (["info", "--out=json", "v3.qcow2"], "python"),
     (["info", "--backing-chain", "sub/rel.qcow2"], "python"),

@@ -440,11 +440,29 @@ static int read_snapshots(int fd, struct image *im)
 }
 
 /* read_image - see launcher.h. */
-int read_image(int fd, struct image *im, uint64_t file_size, int share)
+int read_image(int fd, struct image *im, uint64_t file_size, int share, int format)
 {
     im->file_size = file_size;
     if (!share && reader_locks(fd) < 0) {
         return -1;
+    }
+    if (format == FORMAT_PROBE) {               /* probe.py's format_of() */
+        uint8_t head[8];
+        ssize_t n = read_at(fd, head, sizeof(head), 0);
+
+        if (n < 0) {
+            return step_aside("the image cannot be read");
+        }
+        format = n == (ssize_t)sizeof(head) && be32(head) == MAGIC && be32(head + 4) >= 2
+            ? FORMAT_QCOW2 : FORMAT_RAW;
+    }
+    if (format == FORMAT_RAW) {                 /* image.py's RawImage: sectors */
+        if (file_size > UINT64_MAX - 511) {
+            return step_aside("a raw file too large");
+        }
+        im->raw = 1;
+        im->size = (file_size + 511) & ~(uint64_t)511;
+        return 0;
     }
     if (read_header(fd, im) < 0 || read_snapshots(fd, im) < 0) {
         return -1;

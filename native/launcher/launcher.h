@@ -63,7 +63,11 @@ struct snap {
     int has_icount;
 };
 
+/* the format asked for (-f), or none: probed as Python probes (qcow2/probe.py) */
+enum { FORMAT_PROBE, FORMAT_QCOW2, FORMAT_RAW };
+
 struct image {
+    int raw;                    /* a raw image (only the sizes below are set) */
     uint64_t file_size, actual_size;
     uint32_t version, cluster_bits, crypt_method, l1_size, refcount_table_clusters;
     uint32_t nb_snapshots, refcount_order, header_length, backing_file_size;
@@ -77,9 +81,10 @@ struct image {
     struct snap *snaps;
 };
 
-/* Read and check the image open at @fd (of @file_size bytes): 0, or -1 when
- * Python is to answer (step_aside() says why).  @share: take no locks (-U). */
-int read_image(int fd, struct image *im, uint64_t file_size, int share);
+/* Read and check the image open at @fd (of @file_size bytes) in @format (a
+ * FORMAT_*): 0, or -1 when Python is to answer (step_aside() says why).
+ * @share: take no locks (-U). */
+int read_image(int fd, struct image *im, uint64_t file_size, int share, int format);
 
 /* Release what read_image() allocated. */
 void free_image(struct image *im);

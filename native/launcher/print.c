@@ -169,9 +169,12 @@ void print_human(struct out *o, const struct image *im, const char *file)
 
     size_str(size, sizeof(size), im->size);
     size_str(disk, sizeof(disk), im->actual_size);
-    put(o, "image: %s\nfile format: qcow2\nvirtual size: %s (%" PRIu64 " bytes)\n"
-        "disk size: %s\ncluster_size: %" PRIu64 "\n", file, size, im->size, disk,
-        (uint64_t)1 << im->cluster_bits);
+    put(o, "image: %s\nfile format: %s\nvirtual size: %s (%" PRIu64 " bytes)\n"
+        "disk size: %s\n", file, im->raw ? "raw" : "qcow2", size, im->size, disk);
+    if (im->raw) {
+        return;
+    }
+    put(o, "cluster_size: %" PRIu64 "\n", (uint64_t)1 << im->cluster_bits);
     if (im->incompat & INCOMPAT_DIRTY) {
         put(o, "cleanly shut down: no\n");
     }
@@ -210,6 +213,13 @@ void print_json(struct out *o, const struct image *im, const char *file)
     int v3 = im->version == 3;
     uint32_t i;
 
+    if (im->raw) {                              /* RawImage.info() */
+        put(o, "{\n    \"virtual-size\": %" PRIu64 ",\n    \"filename\": ", im->size);
+        json_str(o, (const uint8_t *)file, strlen(file));
+        put(o, ",\n    \"format\": \"raw\",\n    \"actual-size\": %" PRIu64 ",\n"
+            "    \"dirty-flag\": false\n}\n", im->actual_size);
+        return;
+    }
     put(o, "{\n");
     if (im->backing_format) {
         put(o, "    \"backing-filename-format\": ");
