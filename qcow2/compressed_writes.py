@@ -84,12 +84,13 @@ class CompressedWrites:
             table = toff = None
             cur_l1 = -1
             try:
-                k = 0
+                k = no_pack_until = 0
                 while k < len(comps):
                     comp = comps[k]
                     a = offset + k * cs
-                    if comp is not None:
+                    if comp is not None and k >= no_pack_until:
                         packed, upto = self._pack_run(comps, k, a)
+                        no_pack_until = upto     # (a run looked at and refused: one by one)
                         if packed:
                             if run:
                                 data, run = run, []
@@ -138,8 +139,9 @@ class CompressedWrites:
         by one -- after the partly used cluster it left, into free clusters that follow
         it -- with the same refcounts, L2 entries and claims, but one refcount update
         per host cluster, one table update and one write.  Returns (bytes written, the
-        index after the last cluster packed), or (0, k) where the case is not that
-        simple (the caller then goes cluster by cluster)."""
+        index after the last cluster packed), or (0, the index after the clusters
+        looked at) where the case is not that simple: the caller then takes those
+        cluster by cluster."""
         refs = self.refs
         cs, cbits = self.cluster_size, self.cluster_bits
         start = self._free_byte_offset
@@ -167,11 +169,11 @@ class CompressedWrites:
         # the table first, as the one-by-one path allocates it (it may take a cluster)
         table, toff = self._l2_for_write(a >> self._l2_span_bits)
         if any(struct.unpack_from(f">{m}Q", table, i0 * 8)):
-            return 0, k                     # (entries to replace: one by one)
+            return 0, k + m                 # (entries to replace: one by one)
         first, last = start >> cbits, (pos - 1) >> cbits
         if refs.get(first) + m > refs.max_ref or (
                 last > first and not refs.run_ready(first + 1, last - first)):
-            return 0, k
+            return 0, k + m
         # claims and refcounts as _alloc_bytes makes them, per host cluster
         if last > first:
             self._claim((first + 1) << cbits, pos - ((first + 1) << cbits), "guest data")
