@@ -56,12 +56,45 @@ struct qcow2n_dctx {
 #endif
 };
 
+/*
+ * Another copy of libzstd's compressor, reached through its entry points
+ * (qcow2n_cctx_new_zstd_api()): for instance the newer release that
+ * python-zstandard bundles.  The types are libzstd's, with its opaque
+ * ZSTD_CCtx as void and its enums as int (the same ABI).
+ */
+struct zstd_api {
+    void *(*create_cctx)(void);
+    size_t (*free_cctx)(void *cctx);
+    size_t (*set_parameter)(void *cctx, int param, int value);
+    size_t (*compress2)(void *cctx, void *dst, size_t dst_capacity,
+                        const void *src, size_t src_size);
+    unsigned (*is_error)(size_t code);
+    int (*get_error_code)(size_t code);
+};
+
+/* libzstd's stable numbers (zstd.h, zstd_errors.h), for the copy above. */
+#define ZSTD_API_C_COMPRESSION_LEVEL 100    /* ZSTD_c_compressionLevel */
+#define ZSTD_API_E_DST_TOO_SMALL     70     /* ZSTD_error_dstSize_tooSmall */
+#ifdef HAVE_ZSTD
+typedef char zstd_api_level_check[
+    ZSTD_c_compressionLevel == ZSTD_API_C_COMPRESSION_LEVEL ? 1 : -1];
+typedef char zstd_api_error_check[
+    ZSTD_error_dstSize_tooSmall == ZSTD_API_E_DST_TOO_SMALL ? 1 : -1];
+#endif
+/* The entry points arrive as data pointers (see qcow2_native.h). */
+typedef char zstd_api_pointer_check[
+    sizeof(void *) == sizeof(void (*)(void)) ? 1 : -1];
+
 struct qcow2n_cctx {
     struct codec c;             /* first member: see codec_new() */
 #ifdef HAVE_ZSTD
     ZSTD_CCtx *zc;
 #endif
+    void *ext;                  /* the other copy's context, or NULL */
+    struct zstd_api api;        /* its entry points (when ext is set) */
 };
+
+static void *codec_alloc(size_t size, int algo, size_t cluster_size);
 
 /*
  * codec_new - allocate a zeroed context of @size bytes whose first member is
@@ -71,6 +104,17 @@ struct qcow2n_cctx {
  */
 static void *codec_new(size_t size, int algo, size_t cluster_size)
 {
+#ifndef HAVE_ZSTD
+    if (algo == QCOW2N_ALGO_ZSTD) {
+        return NULL;
+    }
+#endif
+    return codec_alloc(size, algo, cluster_size);
+}
+
+/* codec_new() for any algorithm, built in or not. */
+static void *codec_alloc(size_t size, int algo, size_t cluster_size)
+{
     struct codec *c;
 
     if (cluster_size < QCOW2N_MIN_CLUSTER_SIZE ||
@@ -78,11 +122,6 @@ static void *codec_new(size_t size, int algo, size_t cluster_size)
         (cluster_size & (cluster_size - 1)) != 0) {
         return NULL;
     }
-#ifndef HAVE_ZSTD
-    if (algo == QCOW2N_ALGO_ZSTD) {
-        return NULL;
-    }
-#endif
     if (algo != QCOW2N_ALGO_ZLIB && algo != QCOW2N_ALGO_ZSTD) {
         return NULL;
     }
@@ -350,6 +389,9 @@ void qcow2n_cctx_free(qcow2n_cctx *ctx)
 #ifdef HAVE_ZSTD
         ZSTD_freeCCtx(ctx->zc);
 #endif
+        if (ctx->ext) {
+            ctx->api.free_cctx(ctx->ext);
+        }
         codec_free(&ctx->c, deflateEnd);
     }
 }
@@ -392,6 +434,48 @@ qcow2n_cctx *qcow2n_cctx_new(int algo, size_t cluster_size, int level)
     return ctx;
 }
 
+/*
+ * qcow2n_cctx_new_zstd_api - a zstd compression context on another copy of
+ * libzstd, given by its entry points; see qcow2_native.h.
+ */
+qcow2n_cctx *qcow2n_cctx_new_zstd_api(size_t cluster_size, int level,
+                                      void *const *fns, size_t n_fns)
+{
+    void *slots[QCOW2N_ZSTD_API_FNS];
+    qcow2n_cctx *ctx;
+    size_t i;
+
+    if (!fns || n_fns != QCOW2N_ZSTD_API_FNS) {
+        return NULL;
+    }
+    for (i = 0; i < n_fns; i++) {
+        if (!fns[i]) {
+            return NULL;
+        }
+        slots[i] = fns[i];
+    }
+    ctx = codec_alloc(sizeof(*ctx), QCOW2N_ALGO_ZSTD, cluster_size);
+    if (!ctx) {
+        return NULL;
+    }
+    /* data pointer -> function pointer, as dlsym() hands them out */
+    memcpy(&ctx->api.create_cctx, &slots[0], sizeof(void *));
+    memcpy(&ctx->api.free_cctx, &slots[1], sizeof(void *));
+    memcpy(&ctx->api.set_parameter, &slots[2], sizeof(void *));
+    memcpy(&ctx->api.compress2, &slots[3], sizeof(void *));
+    memcpy(&ctx->api.is_error, &slots[4], sizeof(void *));
+    memcpy(&ctx->api.get_error_code, &slots[5], sizeof(void *));
+    ctx->ext = ctx->api.create_cctx();
+    if (!ctx->ext ||
+        (level != 0 &&
+         ctx->api.is_error(ctx->api.set_parameter(
+             ctx->ext, ZSTD_API_C_COMPRESSION_LEVEL, level)))) {
+        qcow2n_cctx_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
 /* Compressors return the compressed size, -1 when it does not fit in
  * @dest_size bytes, or a QCOW2N_E* code (all below -1) on a library error. */
 static int64_t deflate_cluster(qcow2n_cctx *ctx, uint8_t *dest,
@@ -413,6 +497,23 @@ static int64_t deflate_cluster(qcow2n_cctx *ctx, uint8_t *dest,
         return -1;  /* does not fit */
     }
     return QCOW2N_ENOMEM;
+}
+
+/* zstd_compress_cluster() on the other copy of libzstd (ctx->ext). */
+static int64_t zstd_api_compress_cluster(qcow2n_cctx *ctx, uint8_t *dest,
+                                         size_t dest_size, const uint8_t *src,
+                                         size_t src_size)
+{
+    size_t zret = ctx->api.compress2(ctx->ext, dest, dest_size, src,
+                                     src_size);
+
+    if (ctx->api.is_error(zret)) {
+        if (ctx->api.get_error_code(zret) == ZSTD_API_E_DST_TOO_SMALL) {
+            return -1;  /* does not fit */
+        }
+        return QCOW2N_ENOMEM;
+    }
+    return (int64_t)zret;
 }
 
 #ifdef HAVE_ZSTD
@@ -465,6 +566,10 @@ int qcow2n_compress(qcow2n_cctx *ctx, uint8_t *dest, size_t dest_size,
     }
     for (i = 0; i < n; i++) {
         int64_t r;
+        if (ctx->ext) {
+            r = zstd_api_compress_cluster(ctx, dest + i * cs, cs - 1,
+                                          src + i * cs, cs);
+        } else
 #ifdef HAVE_ZSTD
         if (ctx->c.algo == QCOW2N_ALGO_ZSTD) {
             r = zstd_compress_cluster(ctx, dest + i * cs, cs - 1,

@@ -16,7 +16,7 @@
 
 /* Bumped whenever a declaration below changes; qcow2/kernels/native.py checks
  * it against NATIVE_VERSION in qcow2/kernels/contract.py. */
-#define QCOW2N_VERSION 2
+#define QCOW2N_VERSION 3
 
 /* Bits of qcow2n_features(): optional libraries compiled in. */
 #define QCOW2N_FEATURE_ZSTD       1
@@ -194,6 +194,24 @@ int qcow2n_decompress(qcow2n_dctx *ctx, uint8_t *dest, size_t dest_size,
  * Returns NULL on failure (bad argument, memory, algorithm not built in).
  */
 qcow2n_cctx *qcow2n_cctx_new(int algo, size_t cluster_size, int level);
+
+/*
+ * qcow2n_cctx_new_zstd_api - a zstd compression context on another copy of
+ * libzstd (for instance a newer release bundled with a Python package, whose
+ * compressor is faster), given by its entry points.
+ *
+ * @fns:   QCOW2N_ZSTD_API_FNS addresses, in this order: ZSTD_createCCtx,
+ *         ZSTD_freeCCtx, ZSTD_CCtx_setParameter, ZSTD_compress2, ZSTD_isError,
+ *         ZSTD_getErrorCode, all of one libzstd release 1.4.0 or newer
+ * @level: zstd level, or 0 for the library's default
+ *
+ * qcow2n_compress() then makes the same call as with qcow2n_cctx_new(), on
+ * that copy.  Works whether or not zstd is built in here.  Returns NULL on a
+ * bad argument or when memory is short.
+ */
+#define QCOW2N_ZSTD_API_FNS 6
+qcow2n_cctx *qcow2n_cctx_new_zstd_api(size_t cluster_size, int level,
+                                      void *const *fns, size_t n_fns);
 
 /*
  * qcow2n_cctx_free - release a context (NULL is fine).

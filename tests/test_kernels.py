@@ -806,6 +806,59 @@ def test_zstd_strict_uses_the_system_library(impl):
         assert isinstance(impl.Compressor(1, CS, strict=True), native.Compressor)
 
 
+def _near_limit(cs: int, rnd: random.Random) -> bytes:
+    """A cluster whose zstd frame lands close to cluster_size - 1 bytes."""
+    k = rnd.randint(cs // 64, cs // 16)
+    return texty(k, rnd.randint(0, 9)) + rnd.randbytes(cs - k)
+
+
+@pytest.mark.parametrize("cs", [512, 4096, 65536, 2 << 20])
+def test_zstd_bundled_copy_in_the_c_loop(pair, cs):
+    # Where python-zstandard's libzstd compresses (the system's is older), the native
+    # compressor drives it from its C loop through the entry points of that
+    # package's cffi module: the very bytes python-zstandard's own API gives, None
+    # exactly where a frame does not fit in cluster_size - 1 bytes.
+    native_k, python_k = pair
+    from qcow2.kernels import native
+    if not native._bundled_zstd_compresses(1, False):
+        pytest.skip("the system libzstd is as new as python-zstandard's")
+    assert native._bundled_zstd_api() is not None
+    rnd = random.Random(cs)
+    c, twin = native_k.Compressor(1, cs), python_k.Compressor(1, cs)
+    assert isinstance(c, native.Compressor)
+    clusters = [texty(cs, 1), bytes(cs), rnd.randbytes(cs), _near_limit(cs, rnd),
+                _near_limit(cs, rnd), texty(cs, 2)]
+    buf = b"".join(clusters)
+    many = c.compress_many(buf, len(clusters))
+    assert many == twin.compress_many(buf, len(clusters))
+    assert many == [c.compress(x) for x in clusters]
+    assert many[2] is None and all(x is None or len(x) <= cs - 1 for x in many)
+    d = native_k.Decompressor(1, cs)
+    assert [d.decompress(x) for x in many if x is not None] == \
+        [x for x, m in zip(clusters, many, strict=True) if m is not None]
+    for level in (1, 9, -5):
+        a = native_k.Compressor(1, cs, level=level).compress_many(buf, len(clusters))
+        assert a == python_k.Compressor(1, cs, level=level).compress_many(buf, len(clusters))
+
+
+def test_zstd_api_context_refuses_bad_entry_points(pair):
+    native_k, _ = pair
+    from qcow2.kernels.native import _bundled_zstd_api, ffi, lib
+    api = _bundled_zstd_api()
+    if api is None:
+        pytest.skip("python-zstandard's cffi module is not there")
+    fns = api[0]
+    n = lib.QCOW2N_ZSTD_API_FNS
+    assert lib.qcow2n_cctx_new_zstd_api(65536, 3, ffi.NULL, n) == ffi.NULL
+    assert lib.qcow2n_cctx_new_zstd_api(65536, 3, fns, n - 1) == ffi.NULL
+    holed = ffi.new("void *[]", [fns[i] if i != 3 else ffi.NULL for i in range(n)])
+    assert lib.qcow2n_cctx_new_zstd_api(65536, 3, holed, n) == ffi.NULL
+    assert lib.qcow2n_cctx_new_zstd_api(65536 + 512, 3, fns, n) == ffi.NULL
+    ctx = lib.qcow2n_cctx_new_zstd_api(4096, 0, fns, n)
+    assert ctx != ffi.NULL
+    lib.qcow2n_cctx_free(ctx)
+
+
 @pytest.mark.parametrize("k, size, fits", [(463, 4095, False), (470, 4094, True)])
 def test_zlib_compress_size_limit(impl, k, size, fits):
     # QEMU calls deflate(Z_FINISH) with cluster_size - 1 bytes of room, and

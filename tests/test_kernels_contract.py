@@ -58,7 +58,7 @@ CONTRACT = {
 }
 # flags of the C interface only (the Python wrappers read them from the module)
 C_ONLY = {"FEATURE_ZSTD", "FEATURE_LIBDEFLATE", "DCTX_STRICT", "L2_EXTENDED",
-          "L2_DATA_FILE", "L2_STRICT"}
+          "L2_DATA_FILE", "L2_STRICT", "ZSTD_API_FNS"}
 
 
 def header_defines() -> dict[str, int]:

@@ -26,7 +26,7 @@ from ..errors import CorruptImageError, DecompressionError
 from ..lightweight import Lock
 
 #: QCOW2N_VERSION of native/qcow2_native.h this package was written against.
-NATIVE_VERSION = 2
+NATIVE_VERSION = 3
 
 # --------------------------------------------------------------------------
 # Names of the public API (the run kinds themselves are qcow2.constants.KIND_*)

@@ -5,7 +5,10 @@ missing, was built from another ``native/qcow2_native.h`` (QCOW2N_VERSION) or
 disagrees with ``qcow2.constants`` / the contract on a shared number.  The
 wrappers validate their arguments and build their exceptions with
 ``qcow2.kernels.contract``, exactly as the Python twin does.  A build without
-zstd keeps every other kernel native and decodes zstd with the Python twin.
+zstd keeps every other kernel native and decodes zstd with the Python twin; zstd
+clusters are compressed by the C loop on python-zstandard's libzstd where that
+release is newer than the system's or the system's is not built in (see
+:func:`_bundled_zstd_api`), else on the system's.
 
 cffi releases the GIL around every C call, so threads run kernels in parallel.
 """
@@ -193,13 +196,19 @@ class Decompressor(DecompressorBase):
 
 
 _bundled_newer: list = []       # the answer of _bundled_zstd_is_newer, once known
+_bundled_api: list = []         # the answer of _bundled_zstd_api, once known
+
+#: python-zstandard's libzstd entry points a compression context calls, in the
+#: order of qcow2n_cctx_new_zstd_api()
+_ZSTD_API_NAMES = ("ZSTD_createCCtx", "ZSTD_freeCCtx", "ZSTD_CCtx_setParameter",
+                   "ZSTD_compress2", "ZSTD_isError", "ZSTD_getErrorCode")
 
 
 def _bundled_zstd_is_newer() -> bool:
     """True when python-zstandard's own libzstd is a newer release than the system's
     one linked here: newer releases compress faster at the same level (1.5.7 takes
     ~16% less CPU than 1.5.4 on 64 KiB clusters at level 3, and its frames are no
-    larger), and the Python twin's compressor is a thin loop around it."""
+    larger)."""
     if not _bundled_newer:
         try:
             import zstandard
@@ -212,19 +221,62 @@ def _bundled_zstd_is_newer() -> bool:
     return _bundled_newer[0]
 
 
+def _bundled_zstd_api():
+    """The entry points of python-zstandard's libzstd (its cffi module's), as the
+    ``void *[]`` qcow2n_cctx_new_zstd_api() takes, or None where they cannot be had
+    (no cffi module, another release than the package says, older than 1.4.0).
+
+    The C loop then compresses a whole window of clusters on that copy of libzstd in
+    one call without the GIL, where python-zstandard's own API takes a Python call,
+    a new bytes object and a GIL round trip per cluster (about 9 us of 200)."""
+    if not _bundled_api:
+        api = None
+        try:
+            import zstandard
+            from zstandard._cffi import ffi as zffi, lib as zlib_
+        except ImportError:                  # pragma: no cover - wheels have both
+            pass
+        else:
+            major, minor, release = zstandard.ZSTD_VERSION[:3]
+            number = major * 10000 + minor * 100 + release
+            if zlib_.ZSTD_versionNumber() == number >= 10400:
+                try:
+                    addrs = [int(zffi.cast("uintptr_t", zffi.addressof(zlib_, name)))
+                             for name in _ZSTD_API_NAMES]
+                except (AttributeError, TypeError):  # pragma: no cover
+                    addrs = []
+                if addrs and all(addrs):
+                    # (the module stays loaded: it is in sys.modules and kept here)
+                    api = (ffi.new("void *[]", [ffi.cast("void *", a) for a in addrs]),
+                           zlib_)
+        _bundled_api.append(api)
+    return _bundled_api[0]
+
+
+def _bundled_zstd_compresses(algo: int, strict: bool) -> bool:
+    """True when python-zstandard's libzstd compresses these clusters: zstd ones, when
+    the system's is not built in, or is older and ``strict`` does not ask for it."""
+    return algo == ALGO_ZSTD and (not HAVE_ZSTD or (not strict and _bundled_zstd_is_newer()))
+
+
 class Compressor(CompressorBase):
     __doc__ = CompressorBase.__doc__
 
     def __new__(cls, algo, cluster_size, level=None, *, strict=False):
         algo, cluster_size = check_codec_args(algo, cluster_size)
-        if algo == ALGO_ZSTD and (not HAVE_ZSTD or (not strict and _bundled_zstd_is_newer())):
+        if _bundled_zstd_compresses(algo, strict) and _bundled_zstd_api() is None:
             from . import python as twin     # per-kernel fallback
             return twin.Compressor(algo, cluster_size, level, strict=strict)
         return super().__new__(cls)
 
     def __init__(self, algo, cluster_size, level=None, *, strict=False):
         super().__init__(algo, cluster_size, level, strict=strict)
-        ctx = lib.qcow2n_cctx_new(self.algo, self.cluster_size, self.level)
+        if _bundled_zstd_compresses(self.algo, self.strict):
+            # python-zstandard's libzstd, driven by the C loop
+            fns, self._zstd_module = _bundled_zstd_api()
+            ctx = lib.qcow2n_cctx_new_zstd_api(self.cluster_size, self.level, fns, len(fns))
+        else:
+            ctx = lib.qcow2n_cctx_new(self.algo, self.cluster_size, self.level)
         if ctx == NULL:
             raise MemoryError("cannot allocate a compression context")
         self._ctx = ffi.gc(ctx, lib.qcow2n_cctx_free)
