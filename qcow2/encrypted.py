@@ -9,8 +9,9 @@ from the *host* offset (QEMU's ``crypt_physical_offset``, always on for LUKS).  
 that do not cover whole sectors read and decrypt the sectors around them; writes
 encrypt a copy of the data, completing partial sectors from what they hold.  The old
 AES-CBC method (crypt_method 1) can be created (``encryption=on``, as qemu-img 7.2
-does) and its data read (AES-128-CBC, the passphrase as the key, IVs from the guest
-offset), not written.
+does), read and written (AES-128-CBC, the passphrase as the key, IVs from the
+*guest* offset: a cluster's data is tied to where the guest sees it, so the engine
+passes both offsets).
 
 The passphrase is kept in a bytearray that is zeroed once the key is unlocked (or the
 image closed); the master key then lives only in the cipher objects.  An image opened
@@ -102,39 +103,42 @@ class DataCrypto:
 
     def check_writable(self) -> None:
         """Opened for writing: unlocked now (a wrong or missing key is refused before
-        anything is written), LUKS only, data in the image file."""
+        anything is written), data in the image file."""
         if self.header.has_data_file:
             raise UnsupportedFeatureError(f"'{self.filename}': writing encrypted images "
                                           f"with an external data file is not supported",
                                           feature="encryption with data file")
-        if self.legacy:
-            raise UnsupportedFeatureError(f"'{self.filename}' uses the legacy AES-CBC qcow2 "
-                                          f"encryption (encrypt.format=aes): this engine "
-                                          f"reads it but does not write it; convert it to "
-                                          f"LUKS", feature="legacy encryption")
         self.ready()
 
     @property
     def legacy(self) -> bool:
-        """The legacy AES method (IVs from guest offsets, read only here)."""
+        """The legacy AES method: its IVs count sectors from the *guest* offset, so its
+        reads and writes need the guest offset of the data besides the host one."""
         return self.header.crypt_method == C.CRYPT_AES
+
+    def _first_iv(self, lo: int, host: int, guest: int | None) -> int:
+        """The IV number of the sector at host offset ``lo`` of data that lies at
+        ``host`` and, for the guest, at ``guest``."""
+        if not self.legacy:
+            return lo // SECTOR
+        if guest is None:
+            raise UnsupportedFeatureError("legacy AES-encrypted data is read and written "
+                                          "only with its guest offset",
+                                          feature="legacy encryption")
+        if (host - guest) % SECTOR:
+            raise CorruptImageError(f"'{self.filename}': data at {host:#x} is not "
+                                    f"sector-aligned with its guest offset", offset=host,
+                                    size=0, what="L2 entry")
+        return (lo - host + guest) // SECTOR
 
     def read_into(self, be, dst, host: int, guest: int | None = None) -> None:
         """Guest data of ``len(dst)`` bytes stored at ``host`` (guest offset ``guest``:
         the legacy method's IVs count from it): read and decrypted."""
         cipher = self.ready()
-        if self.legacy:
-            if guest is None:
-                raise UnsupportedFeatureError("legacy AES-encrypted data is read only "
-                                              "through guest reads",
-                                              feature="legacy encryption")
-            if (host - guest) % SECTOR:
-                raise CorruptImageError(f"'{self.filename}': data at {host:#x} is not "
-                                        f"sector-aligned with its guest offset", offset=host,
-                                        size=len(dst), what="L2 entry")
         n = len(dst)
         lo = host - host % SECTOR
         hi = -(-(host + n) // SECTOR) * SECTOR
+        iv = self._first_iv(lo, host, guest)
         if lo == host and hi == host + n:
             buf = dst
         else:
@@ -142,28 +146,31 @@ class DataCrypto:
         got = be.readinto(buf, lo)
         if got < len(buf):
             buf[got:] = bytes(len(buf) - got)
-        cipher.decrypt(buf, (lo if guest is None or not self.legacy else lo - host + guest)
-                       // SECTOR)
+        cipher.decrypt(buf, iv)
         if buf is not dst:
             dst[:] = buf[host - lo:host - lo + n]
 
-    def write(self, be, data, host: int) -> None:
-        """Encrypt guest ``data`` and write it at ``host``: a copy is encrypted (the
-        caller's buffer is left as it is); partial sectors at either end are read,
-        decrypted and completed first."""
+    def write(self, be, data, host: int, guest: int | None = None) -> None:
+        """Encrypt guest ``data`` and write it at ``host`` (guest offset ``guest``: the
+        legacy method's IVs count from it): a copy is encrypted (the caller's buffer is
+        left as it is); partial sectors at either end are read, decrypted and completed
+        first."""
         cipher = self.ready()
         src = memoryview(data).cast("B")
         n = len(src)
         lo = host - host % SECTOR
         hi = -(-(host + n) // SECTOR) * SECTOR
+        iv = self._first_iv(lo, host, guest)
+        shift = None if guest is None else guest - host     # guest = host + shift
         buf = bytearray(hi - lo)
         bv = memoryview(buf)
         if lo < host:
-            self.read_into(be, bv[:SECTOR], lo)
+            self.read_into(be, bv[:SECTOR], lo, None if shift is None else lo + shift)
         if hi > host + n and (hi - SECTOR >= lo + SECTOR or lo == host):
-            self.read_into(be, bv[-SECTOR:], hi - SECTOR)
+            self.read_into(be, bv[-SECTOR:], hi - SECTOR,
+                           None if shift is None else hi - SECTOR + shift)
         bv[host - lo:host - lo + n] = src
-        cipher.encrypt(bv, lo // SECTOR)
+        cipher.encrypt(bv, iv)
         be.pwrite(bv, lo)
 
 

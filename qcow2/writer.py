@@ -180,8 +180,8 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
     def write_pending(self, pending: list) -> None:
         """Perform writes queued by :meth:`defer_data` (any thread, no lock held)."""
         with self._copy_lock:     # (one copy at a time: see ops.sparse_write.COPY_LOCK)
-            for data, host, src in pending:
-                self._put_data(data, host, src)
+            for data, host, src, guest in pending:
+                self._put_data(data, host, src, guest)
         pending.clear()
 
     def limit_table_cache(self, max_bytes: int) -> None:
@@ -212,8 +212,9 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
             self._io(self.data_be.flush)
         self._io(self.be.flush)
 
-    def _write_data(self, data, host: int, src=None) -> None:
-        """Write guest data at ``host``; ``src`` (fd, offset, state): the same bytes lie
+    def _write_data(self, data, host: int, src=None, guest: int | None = None) -> None:
+        """Write guest data at ``host`` (guest offset ``guest``, which legacy AES
+        encryption needs); ``src`` (fd, offset, state): the same bytes lie
         in that file, copy them in the kernel (copy_file_range) while ``state[0]``.
         ``data`` may be a list of buffers that go out back to back (compressed
         clusters: written with one pwritev, never joined)."""
@@ -227,13 +228,13 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
         pending = getattr(self._dtls, "pending", None)
         if pending is not None:
             # deferred (see defer_data): the caller writes it outside the lock
-            pending.append((data, host, src))
+            pending.append((data, host, src, guest))
             if host + n > self.file_size and self.data_be is self.be:
                 self.file_size = host + n
             return
-        self._put_data(data, host, src)
+        self._put_data(data, host, src, guest)
 
-    def _put_data(self, data, host: int, src=None) -> None:
+    def _put_data(self, data, host: int, src=None, guest: int | None = None) -> None:
         if type(data) is list:                    # buffers back to back (_write_data)
             if self._crypto is None:
                 n = self._io(self.data_be.pwritev, data, host)
@@ -242,7 +243,7 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
                 return
             data = b"".join(data)
         if self._crypto is not None:              # encrypted: a ciphertext copy goes out
-            self._io(self._crypto.write, self.data_be, data, host)
+            self._io(self._crypto.write, self.data_be, data, host, guest)
             if self.data_be is self.be and host + len(data) > self.file_size:
                 self.file_size = host + len(data)
             return
@@ -483,7 +484,7 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
                             j += 1
                             stop = min(stop + cs, tend)
                         self._write_data(mv[pos - offset:stop - offset], host0,
-                                         src and (src[0], src[1] + pos, src[2]))
+                                         src and (src[0], src[1] + pos, src[2]), pos)
                     else:
                         self._write_ext_in_place(table, toff, i, e, bm, mv, offset, pos, cend)
                     pos = stop
@@ -501,7 +502,7 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
                     stop = cstart + n * cs
                     host = self._alloc_data(n, cstart)
                     self._write_data(mv[pos - offset:stop - offset], host,
-                                     src and (src[0], src[1] + pos, src[2]))
+                                     src and (src[0], src[1] + pos, src[2]), pos)
                     struct.pack_into(f">{n}Q", table, i * 8,
                                      *range(host | C.OFLAG_COPIED,
                                             host + n * cs | C.OFLAG_COPIED, cs))
@@ -566,7 +567,7 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
                  and e & C.L2E_OFFSET_MASK)
         host = (e & C.L2E_OFFSET_MASK) if reuse else self._alloc_data(1, cstart)
         self._write_data(bv[:max(0, min(cs, self.size - cstart))] if self.data_be is not self.be
-                         else bv, host)
+                         else bv, host, guest=cstart)
         new_bm = _ALL_ALLOC if h.extended_l2 else 0
         self._set_entry(table, toff, i, host | C.OFLAG_COPIED, new_bm)
         if not reuse:
@@ -601,13 +602,14 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
                 elif s in (first, last):
                     part = bv[(s - first) * sc:(s - first + 1) * sc]
                     if self._crypto is not None:
-                        self._crypto.read_into(self.data_be, part, host + s * sc)
+                        self._crypto.read_into(self.data_be, part, host + s * sc,
+                                               cstart + s * sc)
                     else:
                         self.data_be.readinto(part, host + s * sc)
             bv[pos - a0:cend - a0] = mv[pos - offset:cend - offset]
-            self._write_data(bv, host + first * sc)
+            self._write_data(bv, host + first * sc, guest=a0)
         else:
-            self._write_data(mv[pos - offset:cend - offset], host + (pos - cstart))
+            self._write_data(mv[pos - offset:cend - offset], host + (pos - cstart), guest=pos)
         bits = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
         new_bm = (bm | bits) & ~(bits << 32)
         if new_bm != bm:
