@@ -247,6 +247,10 @@ class Image:
 
     def flush(self) -> None:
         """Nothing to make durable in a read-only image."""
+
+    def ignore_flushes(self) -> None:
+        """QEMU's ``cache=unsafe`` (``-t unsafe``): from now on nothing is synced to
+        disk; a crash may lose or tear what was written.  Nothing to do when read-only."""
         return None
 
     def _check_resize(self, new_size: int, *, shrink: bool, preallocation: str) -> None:
@@ -298,6 +302,7 @@ class RawImage(Image):
                  owns_backend: bool = True):
         self.be = backend
         self.filename = filename
+        self._no_flush = False
         self.writable = writable
         self.owns_backend = owns_backend
         # QEMU sizes block nodes in 512-byte sectors, rounding a raw file's length up.
@@ -355,8 +360,11 @@ class RawImage(Image):
         self.write_zeroes(offset, n)
 
     def flush(self) -> None:
-        if self.writable:
+        if self.writable and not self._no_flush:
             self.be.flush()
+
+    def ignore_flushes(self) -> None:
+        self._no_flush = True
 
     def resize(self, new_size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
         """Grow or shrink the store (qemu-img resize): ``preallocation`` "falloc"

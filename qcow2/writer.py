@@ -200,6 +200,12 @@ class WritableQcow2Image(CompressedWrites, Reshape, InternalSnapshots, Qcow2Imag
         self._unordered = True
         self._durable = durable
 
+    def ignore_flushes(self) -> None:
+        """``-t unsafe`` on an image in place (commit, rebase, amend): no sync at all
+        from now on, so no ordering between stages either (as QEMU's cache=unsafe,
+        whose flushes do nothing)."""
+        self.set_unordered(durable=False)
+
     def _stage_sync(self) -> None:
         """The sync between two stages of an ordered flush."""
         if not self._unordered:

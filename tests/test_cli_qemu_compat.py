@@ -492,3 +492,86 @@ def test_convert_salvage_like_qemu_img(ours, tmp_path, out_format):
     assert run("qemu-img", "compare", tmp_path / "t", tmp_path / "o").returncode == 0
     r = run(ours, "convert", "-O", out_format, comp, tmp_path / "x")
     assert r.returncode == 1 and not (tmp_path / "x").exists()
+
+
+# -- every option qemu-img's usage lists: -t / -T / -r / --image-opts -----------------------
+
+def _pair(tmp_path):
+    """An overlay (data in its first 512 KiB) over a 1 MiB base."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    str(top)], check=True)
+    assert subprocess.run(["qemu-io", "-c", "write -P 5 0 512k", str(top)],
+                          capture_output=True).returncode == 0
+    return base, top
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", "-r", "1x", "-O", "raw", "IMG", "OUT"],
+    ["convert", "-r", "99999999999999999999", "-O", "raw", "IMG", "OUT"],
+    ["convert", "-r", "-5", "-O", "raw", "IMG", "OUT"],
+    ["commit", "-r", "12q", "TOP"],
+    ["commit", "-t", "bogus", "TOP"],
+    ["rebase", "-t", "bogus", "-u", "-b", "base.qcow2", "-F", "qcow2", "TOP"],
+    ["rebase", "-T", "bogus", "-u", "-b", "base.qcow2", "-F", "qcow2", "TOP"],
+    ["check", "-T", "bogus", "IMG"],
+    ["amend", "-t", "bogus", "-o", "lazy_refcounts=on", "IMG"],
+    ["commit", "--image-opts", "-f", "qcow2", "driver=qcow2,file.filename=TOP"],
+])
+def test_cache_rate_and_image_opts_errors_like_qemu_img(ours, tmp_path, args):
+    base, top = _pair(tmp_path)
+    names = {"IMG": str(base), "TOP": str(top), "OUT": str(tmp_path / "out.raw")}
+    args = [names.get(a, a).replace("TOP", str(top)) for a in args]
+    theirs, mine = both(ours, *args)
+    assert theirs.returncode != 0
+    assert_same(theirs, mine)
+    assert not (tmp_path / "out.raw").exists()
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback", "unsafe", "writethrough", "directsync"])
+def test_commit_rebase_amend_take_cache_modes(ours, tmp_path, cache):
+    base, top = _pair(tmp_path)
+    r = run(ours, "commit", "-t", cache, "-r", "1G", "-d", top)
+    assert r.returncode == 0 and r.stdout == "Image committed.\n", r.stderr
+    r = run(ours, "rebase", "-t", cache, "-T", cache, "-b", "", top)
+    assert r.returncode == 0, r.stderr
+    r = run(ours, "amend", "-t", cache, "-o", "lazy_refcounts=on", base)
+    assert r.returncode == 0, r.stderr
+    r = run(ours, "check", "-T", cache, base)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert info(base)["format-specific"]["data"]["lazy-refcounts"] is True
+    assert info(top).get("backing-filename") is None
+    want = tmp_path / "want.raw"
+    want.write_bytes(b"\x05" * (512 << 10) + bytes(512 << 10))
+    for img in (base, top):
+        c = subprocess.run(["qemu-img", "compare", str(img), str(want)], capture_output=True)
+        assert c.returncode == 0, c.stdout
+        assert subprocess.run(["qemu-img", "check", str(img)], capture_output=True).returncode == 0
+
+
+def test_commit_and_bitmap_take_image_opts(ours, tmp_path):
+    base, top = _pair(tmp_path)
+    r = run(ours, "commit", "--image-opts", "-r", "64M", f"driver=qcow2,file.filename={top}")
+    assert r.returncode == 0 and r.stdout == "Image committed.\n", r.stderr
+    want = tmp_path / "want.raw"
+    want.write_bytes(b"\x05" * (512 << 10) + bytes(512 << 10))
+    assert subprocess.run(["qemu-img", "compare", str(base), str(want)]).returncode == 0
+    r = run(ours, "bitmap", "--add", "--image-opts", f"driver=qcow2,file.filename={base}", "b0")
+    assert r.returncode == 0, r.stderr
+    bitmaps = info(base)["format-specific"]["data"]["bitmaps"]
+    assert [b["name"] for b in bitmaps] == ["b0"]
+
+
+@pytest.mark.parametrize("out_args", [["-O", "raw"], ["-O", "qcow2"], ["-O", "qcow2", "-c"]])
+def test_convert_rate_limited_output_is_the_same(ours, tmp_path, out_args):
+    # -r paces the copy (RateLimit, tested with a fake clock in test_ops_progress); the
+    # output is what an unlimited convert writes
+    base, top = _pair(tmp_path)
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    assert run(ours, "convert", "-r", "1G", *out_args, top, a).returncode == 0
+    assert run(ours, "convert", *out_args, top, b).returncode == 0
+    fmt = out_args[1]
+    c = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", fmt, str(a), str(b)],
+                       capture_output=True)
+    assert c.returncode == 0, c.stdout

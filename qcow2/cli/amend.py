@@ -1,17 +1,18 @@
-"""qcow2 amend [-f FMT] -o OPTIONS [--force] [-p] [-q] FILE"""
+"""qcow2 amend [-f FMT] [-t CACHE] -o OPTIONS [--force] [-p] [-q] FILE"""
 
 from __future__ import annotations
 
 import sys
 
 from ..errors import InvalidOptionError, Qcow2Error, UnsupportedFeatureError
-from .common import (READ_ONLY_DRIVERS, add_format, add_progress, add_quiet, gather_options,
-                     progress_for, report_error)
+from .common import (READ_ONLY_DRIVERS, add_cache, add_format, add_progress, add_quiet,
+                     gather_options, progress_for, report_error)
 
 
 def add_parser(sub):
     p = sub.add_parser("amend", help="change image options (like qemu-img amend)")
     add_format(p)
+    add_cache(p)
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="options to change (key=value,...; 'help' lists them)")
     p.add_argument("--force", action="store_true",
@@ -49,12 +50,13 @@ def run(args) -> int:
         raise InvalidOptionError("Must specify options (-o)")
     progress = progress_for(args)
     if progress is None:
-        amend(args.filename, opts, format=args.format, force=args.force)
+        amend(args.filename, opts, format=args.format, force=args.force, cache=args.cache)
         return 0
     # qemu-img's order: 0, the work, 100 (also when amend failed), the error, the newline
     progress(0.0)
     try:
-        amend(args.filename, opts, format=args.format, force=args.force, progress=progress)
+        amend(args.filename, opts, format=args.format, force=args.force, progress=progress,
+              cache=args.cache)
     except Qcow2Error as exc:
         progress(100.0)
         report_error(exc)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InvalidOptionError
-from .common import add_format
+from .common import add_format, add_image_opts, image_opts_name
 
 
 class _Action(argparse.Action):
@@ -21,6 +21,7 @@ class _Action(argparse.Action):
 def add_parser(sub):
     p = sub.add_parser("bitmap", help="change persistent dirty bitmaps (like qemu-img bitmap)")
     add_format(p)
+    add_image_opts(p)
     for act in ("add", "remove", "clear", "enable", "disable"):
         p.add_argument(f"--{act}", action=_Action, nargs=0, const=act, dest="actions",
                        help=f"{act} the bitmap")
@@ -57,6 +58,8 @@ def run(args) -> int:
         except (ValueError, OverflowError):
             raise size_error("granularity") from None
     filename, name = args.operands
+    if args.image_opts:
+        filename = image_opts_name(filename)       # (-f conflicts: refused before)
     bitmap(filename, name, actions, granularity=gran, format=args.format,
            source_file=args.source_file, source_format=args.source_format)
     return 0

@@ -1,4 +1,4 @@
-"""qcow2 check [-f FMT] [-r leaks|all] [--output=human|json] [-U] [-q] FILE
+"""qcow2 check [-f FMT] [-r leaks|all] [--output=human|json] [-T SRC_CACHE] [-U] [-q] FILE
 
 Exit status as qemu-img: 0 no problems, 1 the check could not complete (or had
 internal errors), 2 corruptions, 3 leaked clusters only, 63 the format has no checks.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UnsafeImageError
-from .common import add_format, add_output, add_share, add_untrusted, program_name
+from .common import add_cache, add_format, add_output, add_share, add_untrusted, program_name
 
 
 def add_parser(sub):
@@ -20,6 +20,7 @@ def add_parser(sub):
     add_output(p)
     add_share(p)
     add_untrusted(p)
+    add_cache(p, "-T", "src_cache", "the image read")
     p.add_argument("-r", "--repair", default=None, metavar="leaks|all",
                    help="repair leaked clusters, or all errors (opens the image read-write)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -100,6 +101,8 @@ def run(args) -> int:
     from ..ops.check import check
     from .output import qemu_json
 
+    from ..ops.outputopts import check_cache
+    check_cache(args.src_cache, source=True)
     if args.untrusted and args.repair:
         raise UnsafeImageError("an untrusted image is never repaired in place "
                                "(--untrusted with -r)")

@@ -146,6 +146,49 @@ def _opts_name(text: str) -> str:
     return options_name(text)[0]
 
 
+def image_opts_name(text: str) -> str:
+    """An image argument given as block options (--image-opts) as the engine opens
+    it: the equivalent ``json:{...}`` name (for operands :func:`apply_image_opts`
+    does not know, as bitmap's)."""
+    return _opts_name(text)
+
+
+def add_image_opts(p) -> None:
+    p.add_argument("--image-opts", dest="image_opts", action="store_true",
+                   help="the image name is block options (driver=qcow2,file.filename=PATH)")
+
+
+def add_cache(p, flag: str = "-t", dest: str = "cache", what: str = "the image written") -> None:
+    """qemu-img's -t (or -T) cache mode: none, writeback, unsafe, writethrough,
+    directsync.  "unsafe" syncs nothing; the others make the writes durable at the end
+    (the reads are the same in every mode)."""
+    p.add_argument(flag, dest=dest, default="writeback", metavar="CACHE",
+                   help=f"cache mode of {what} (unsafe: no sync)")
+
+
+def add_rate(p) -> None:
+    p.add_argument("-r", dest="rate_limit", default=None, metavar="RATE",
+                   help="at most RATE bytes of data per second (k, M, G... suffixes)")
+
+
+def parse_rate(text: str | None) -> int | None:
+    """-r as qemu-img reads it: a size (suffixes allowed), 0 to 2^63 - 1."""
+    from ..errors import InvalidOptionError
+    from ..units import size_error, strtosz
+    if text is None:
+        return None
+    try:
+        rate = strtosz(text)
+    except ValueError:
+        raise size_error("rate limit") from None
+    except OverflowError:
+        rate = 1 << 64
+    if rate >= 1 << 63:
+        raise InvalidOptionError("Invalid rate limit specified. Must be between 0 and "
+                                 "9223372036854775807.")
+    return rate
+
+
 def add_untrusted(p) -> None:
     p.add_argument("--untrusted", action="store_true",
                    help="treat the image as hostile: open nothing but the named file, "

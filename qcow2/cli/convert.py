@@ -1,6 +1,6 @@
 """qcow2 convert [-f FMT] [-O FMT] [-c] [-o OPTIONS] [-S SIZE] [-n] [--target-is-zero]
-[-B BACKING] [-F BACKING_FMT] [-l SNAPSHOT] [-m N] [-W] [-t CACHE] [-T CACHE] [-p] [-U]
-SRC... DST"""
+[-B BACKING] [-F BACKING_FMT] [-l SNAPSHOT] [-m N] [-W] [-t CACHE] [-T CACHE] [-r RATE]
+[-p] [-U] SRC... DST"""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 
 from ..errors import InvalidOptionError
 from ..units import parse_size
-from .common import (add_format, add_progress, add_quiet, add_share, add_untrusted,
-                     creatable_format, end_progress, gather_options, progress_for,
-                     snapshot_arg)
+from .common import (add_format, add_progress, add_quiet, add_rate, add_share,
+                     add_untrusted, creatable_format, end_progress, gather_options,
+                     parse_rate, progress_for, snapshot_arg)
 
 
 def add_parser(sub):
@@ -32,6 +32,7 @@ def add_parser(sub):
     p.add_argument("-t", dest="cache", default="writeback", help="output cache mode")
     p.add_argument("-T", dest="src_cache", default="writeback", help="source cache mode")
     p.add_argument("-m", dest="workers", type=int, default=None, help="parallel workers")
+    add_rate(p)
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="allow out-of-order writes")
     p.add_argument("-C", dest="copy_offload", action="store_true",
@@ -63,6 +64,7 @@ def run(args) -> int:
 
     options = gather_options(args.options)
     _check_flags(args)
+    rate = parse_rate(args.rate_limit)
     if wants_help(options):
         fmt = creatable_format(args.out_format)
         sys.stdout.write(help_text(fmt, protocol=len(args.files) >= 2))
@@ -88,7 +90,8 @@ def run(args) -> int:
             bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps,
             salvage=_warn if args.salvage else None,
             max_output=(parse_size(args.max_output, what="max output")
-                        if args.max_output is not None else None))
+                        if args.max_output is not None else None),
+            rate_limit=rate)
     end_progress(progress)
     return 0
 

@@ -1,14 +1,17 @@
-"""qcow2 rebase [-f FMT] [-u] [-b BACKING] [-F FMT] [-p] [-q] [-U] FILE"""
+"""qcow2 rebase [-f FMT] [-t CACHE] [-T SRC_CACHE] [-u] [-b BACKING] [-F FMT] [-p] [-q] [-U]
+FILE"""
 
 from __future__ import annotations
 
-from .common import (add_file, add_format, add_progress, add_quiet, add_share, end_progress,
-                     progress_for)
+from .common import (add_cache, add_file, add_format, add_progress, add_quiet, add_share,
+                     end_progress, progress_for)
 
 
 def add_parser(sub):
     p = sub.add_parser("rebase", help="change the backing file (like qemu-img rebase)")
     add_format(p)
+    add_cache(p)
+    add_cache(p, "-T", "src_cache", "the backing files read")
     p.add_argument("-u", dest="unsafe", action="store_true",
                    help="only rewrite the header (no data copied)")
     p.add_argument("-b", dest="backing_file", default=None,
@@ -29,6 +32,6 @@ def run(args) -> int:
         raise InvalidOptionError("Must specify backing file (-b)")
     rebase(args.filename, args.backing_file or "", format=args.format,
            backing_format=args.backing_format, unsafe=args.unsafe, progress=progress,
-           force_share=args.force_share)
+           force_share=args.force_share, cache=args.cache, src_cache=args.src_cache)
     end_progress(progress)
     return 0

@@ -24,14 +24,17 @@ from ..options import (check_amend_names, check_refcount_bits, compat_version, n
                        option_dict, parse_bool_option)
 from ..units import parse_size
 from ..writer import WritableQcow2Image
+from .outputopts import check_cache
 
 def amend(path, options, *, format: str | None = None, force: bool = False,
-          key=None, progress=None) -> None:
+          key=None, progress=None, cache: str = "writeback") -> None:
     """Apply ``options`` (dict, or qemu-img's "k=v,k=v" text) to the image at ``path``.
     ``key``: the passphrase of an encrypted image (needed to open it for writing, and
     to change its LUKS key slots with ``encrypt.*``).  ``progress(percent)``: called
     as the work goes, with qemu-img's figures (see :class:`Progress`); the caller
-    reports 0 before and 100 after, as qemu-img amend does."""
+    reports 0 before and 100 after, as qemu-img amend does.  ``cache`` (-t): "unsafe"
+    syncs nothing, so the changes lose their crash ordering (QEMU's cache=unsafe)."""
+    check_cache(cache)
     opts = option_dict(options)
     if not opts:
         raise InvalidOptionError("No options given")
@@ -42,6 +45,8 @@ def amend(path, options, *, format: str | None = None, force: bool = False,
         if not isinstance(img, WritableQcow2Image):
             raise UnsupportedFeatureError("Format driver 'raw' does not support option "
                                           "amendment", feature="amend raw")
+        if cache == "unsafe":
+            img.ignore_flushes()
         h = img.header
         if "backing_file" in opts or "backing_fmt" in opts:
             # qemu-img amend only accepts the backing file and format the image has

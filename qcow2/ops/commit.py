@@ -17,6 +17,8 @@ from ..image import ST_DATA, ST_ZERO
 from ..opener import open_image
 from ..paths import combine_path
 from ..writer import WritableQcow2Image
+from .outputopts import check_cache
+from .progress import check_rate, rate_limit as rate_limit_of
 
 CHUNK = 4 * 1024 * 1024
 
@@ -62,14 +64,21 @@ def _empty(top: WritableQcow2Image, path) -> None:
 
 
 def commit(path, *, format: str | None = None, base: str | None = None, keep: bool = False,
-           progress=None) -> None:
+           progress=None, cache: str = "writeback", rate_limit: int | None = None) -> None:
     """Commit ``path`` into its backing file (or into ``base``, further down the chain).
     ``keep`` (qemu-img's ``-d``): leave the top image as it is.  A ``base`` implies
     ``keep``, as in qemu-img: the images between the top and the base no longer read as
-    they did, the top (still on its old backing file) does."""
+    they did, the top (still on its old backing file) does.  ``cache`` (-t): "unsafe"
+    syncs nothing (the other modes make the base durable before the top is emptied);
+    ``rate_limit`` (-r): at most that many bytes of data copied per second."""
+    check_cache(cache)
+    check_rate(rate_limit)
+    limit = rate_limit_of(rate_limit)
     if base is not None:
         keep = True
     top = open_image(path, "r+" if not keep else "r", format=format)
+    if cache == "unsafe":
+        top.ignore_flushes()
     try:
         chain = top.backing_chain()
         if len(chain) < 2:
@@ -85,6 +94,8 @@ def commit(path, *, format: str | None = None, base: str | None = None, keep: bo
         old_base.backing = None
         old_base.close()
         wbase = open_image(bname, "r+", format=fmt, backing=False)
+        if cache == "unsafe":
+            wbase.ignore_flushes()
         wbase.backing = below
         above.backing = wbase
         if wbase.size < top.size:
@@ -93,7 +104,7 @@ def commit(path, *, format: str | None = None, base: str | None = None, keep: bo
         runs = [(a, n, flags) for a, n, depth, flags, _h in top.chain_status(0, top.size)
                 if depth < idx and flags & (ST_DATA | ST_ZERO)]
         try:
-            _copy(top, wbase, runs, progress)
+            _copy(top, wbase, runs, progress, limit)
             wbase.flush()
         except OSError as exc:
             raise Qcow2Error(f"Block job failed: {exc.strerror or exc}") from None
@@ -105,8 +116,8 @@ def commit(path, *, format: str | None = None, base: str | None = None, keep: bo
         progress(100.0)
 
 
-def _copy(top, wbase, runs, progress) -> None:
-    """Write the ranges ``runs`` of ``top`` into ``wbase``."""
+def _copy(top, wbase, runs, progress, limit) -> None:
+    """Write the ranges ``runs`` of ``top`` into ``wbase`` (data at ``limit``'s pace)."""
     total = sum(n for _a, n, _f in runs) or 1
     done = 0
     if progress is not None:
@@ -119,6 +130,8 @@ def _copy(top, wbase, runs, progress) -> None:
             while pos < a + n:
                 k = min(CHUNK, a + n - pos)
                 buf = bytearray(k)
+                if limit is not None:
+                    limit.consume(k)
                 top.readinto(buf, pos)
                 wbase.pwrite(buf, pos)
                 pos += k

@@ -26,6 +26,7 @@ from .outputopts import bitmaps_to_copy, check_modes, default_workers, output_op
 from ..rbdname import is_rbd_name
 from .convert_raw import to_raw, to_rbd
 from .convert_qcow2 import to_qcow2
+from .progress import check_rate, rate_limit as rate_limit_of
 
 
 def _sparse_copy_will_do(images, srcs, dst, out_format, no_create, sparse_size,
@@ -54,7 +55,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             progress=None, untrusted: bool = False, force_share: bool = False,
             snapshot=None, max_output: int | None = None, bitmaps: bool = False,
             skip_broken_bitmaps: bool = False, salvage=None, keys=None, copies=(),
-            before_commit=None, on_data=None) -> None:
+            before_commit=None, on_data=None, rate_limit: int | None = None) -> None:
     """Convert image(s) ``src`` (a path or a list of paths, concatenated) to ``dst``.
 
     ``out_format`` "raw" (sparse) or "qcow2"; ``compress`` (-c) writes compressed
@@ -76,7 +77,8 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
     once every byte is written, before DST (and the copies) appear: an exception
     there discards everything; ``on_data(n)``: called (from any worker) before each
     chunk of ``n`` bytes of data is read and written, may wait or raise (raw file
-    output only).
+    output only); ``rate_limit`` (-r): at most that many bytes of data per second on
+    average (0 or None: no limit; holes and zeros are free).
     """
     from ..opener import open_image
 
@@ -86,6 +88,7 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                                       feature=f"convert -O {out_format}")
     check_modes(cache, sparse_size, compress, out_format, no_create, target_is_zero,
                  bool(copies) or before_commit is not None or on_data is not None, dst)
+    check_rate(rate_limit)
     opts, backing_file, backing_format = output_options(out_format, options, no_create,
                                                          backing_file, backing_format)
     if workers is not None and not 1 <= workers <= 16:
@@ -124,9 +127,10 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
             raise UnsafeImageError(f"output of {size} bytes exceeds the limit of "
                                    f"{max_output} bytes (max_output)")
         sync = cache != "unsafe"
+        limit = rate_limit_of(rate_limit)
         if _sparse_copy_will_do(images, srcs, dst, out_format, no_create, sparse_size,
                                 salvage is not None or copies or before_commit is not None
-                                or on_data is not None):
+                                or on_data is not None or limit is not None):
             # raw -> raw is a sparse copy: data regions only, copy offload
             from .sparse import sparse_copy
             images[0].close()
@@ -138,17 +142,19 @@ def convert(src, dst, *, src_format: str | None = None, out_format: str = "raw",
                                               f"raw images into RBD (-O raw)",
                                               feature="convert -O qcow2 rbd:")
             to_rbd(images, dst, size, sparse_size=sparse_size, sync=sync, workers=workers,
-                    progress=progress, no_create=no_create, target_is_zero=target_is_zero)
+                    progress=progress, no_create=no_create, target_is_zero=target_is_zero,
+                    limit=limit)
         elif out_format == "raw":
             to_raw(images, dst, size, sparse_size=sparse_size, sync=sync, workers=workers,
                     progress=progress, no_create=no_create, target_is_zero=target_is_zero,
-                    copies=copies, before_commit=before_commit, on_data=on_data)
+                    copies=copies, before_commit=before_commit, on_data=on_data,
+                    limit=limit)
         else:
             to_qcow2(images, dst, size, opts=opts, compress=compress, sparse_size=sparse_size,
                       sync=sync, workers=workers, progress=progress, no_create=no_create,
                       target_is_zero=target_is_zero, backing_file=backing_file,
                       backing_format=backing_format, out_of_order=out_of_order,
-                      bitmaps=copied)
+                      bitmaps=copied, limit=limit)
     finally:
         for img in images:
             img.close()

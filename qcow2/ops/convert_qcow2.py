@@ -26,7 +26,7 @@ OUTPUT_L2_CACHE = 8 << 20           # L2 tables of a new qcow2 output kept in me
 
 def to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, progress,
               no_create, target_is_zero, backing_file, backing_format,
-              out_of_order=False, bitmaps=None) -> None:
+              out_of_order=False, bitmaps=None, limit=None) -> None:
     from ..creator import prepare
     from ..opener import open_image
 
@@ -71,7 +71,7 @@ def to_qcow2(images, dst, size, *, opts, compress, sparse_size, sync, workers, p
                           dedupe=tmp is not None and backing_file is not None
                           and sparse_size != 0,
                           prog=Progress(data_total(images, top_only,
-                                                     progress), progress))
+                                                     progress), progress, limit))
         if progress is not None:
             progress(0.0)
         # jobs generated as the work goes (bounded memory whatever the map's size)

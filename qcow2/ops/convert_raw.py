@@ -79,8 +79,9 @@ def _into_existing(dst: str, size: int, sync: bool, copy) -> None:
 
 
 def to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
-            target_is_zero, copies=(), before_commit=None, on_data=None) -> None:
-    prog = Progress(data_total(images, False, progress), progress)
+            target_is_zero, copies=(), before_commit=None, on_data=None,
+            limit=None) -> None:
+    prog = Progress(data_total(images, False, progress), progress, limit)
     zero_writes = no_create and not target_is_zero
     tees: list = []
 
@@ -124,7 +125,7 @@ def to_raw(images, dst, size, *, sparse_size, sync, workers, progress, no_create
 # ---------------------------------------------------------------------------
 
 def to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_create,
-            target_is_zero) -> None:
+            target_is_zero, limit=None) -> None:
     """Raw output streamed into an RBD image, by the workers in parallel (librbd runs
     with the GIL released): only data is written, so no RADOS object is created for a
     hole; no local file.  A new image (refused when one of that name exists, unless
@@ -151,7 +152,8 @@ def to_rbd(images, dst, size, *, sparse_size, sync, workers, progress, no_create
             progress(0.0)
         work = _RbdCopy(be, sparse_size=sparse_size,
                         zero_writes=no_create and not target_is_zero,
-                        prog=Progress(data_total(images, False, progress), progress))
+                        prog=Progress(data_total(images, False, progress), progress,
+                                      limit))
         run(raw_jobs(images, work.zero_writes), work, workers, context=serial_reads,
             name="qcow2-convert")
         if sync:

@@ -15,11 +15,17 @@ from ..rbdname import is_rbd_name
 CACHE_MODES = ("none", "writeback", "unsafe", "writethrough", "directsync")
 
 
+def check_cache(cache: str, *, source: bool = False) -> None:
+    """qemu-img's check of a ``-t`` (``source``: ``-T``) cache mode."""
+    if cache not in CACHE_MODES:
+        raise InvalidOptionError(f"Invalid {'source ' if source else ''}cache option: "
+                                 f"{cache}")
+
+
 def check_modes(cache, sparse_size, compress, out_format, no_create, target_is_zero,
                 extra_outputs, dst) -> None:
     """convert's option checks that need no image."""
-    if cache not in CACHE_MODES:
-        raise InvalidOptionError(f"Invalid cache option: {cache}")
+    check_cache(cache)
     if sparse_size < 0 or (sparse_size and sparse_size % 512):
         raise InvalidOptionError("Invalid buffer size for sparse output specified: "
                                  f"{sparse_size} (must be a multiple of 512)")
@@ -117,5 +123,5 @@ def default_workers(dst) -> int:
     return min(4, cores)
 
 
-__all__ = ["CACHE_MODES", "check_modes", "default_workers", "output_options",
+__all__ = ["CACHE_MODES", "check_cache", "check_modes", "default_workers", "output_options",
            "name_the_output", "discard_output", "bitmaps_to_copy"]

@@ -13,17 +13,27 @@ from ..image import ST_DATA, ST_ZERO
 from ..opener import open_image
 from ..paths import combine_path
 from ..writer import WritableQcow2Image
+from .outputopts import check_cache
 
 CHUNK = 2 * 1024 * 1024
 
 
 def rebase(path, backing_file, *, format: str | None = None, backing_format: str | None = None,
-           unsafe: bool = False, progress=None, force_share: bool = False) -> None:
+           unsafe: bool = False, progress=None, force_share: bool = False,
+           cache: str = "writeback", src_cache: str = "writeback") -> None:
+    """Change ``path``'s backing file to ``backing_file`` ('' flattens), keeping what
+    the guest sees unless ``unsafe`` (-u).  ``cache`` (-t): "unsafe" syncs nothing;
+    ``src_cache`` (-T): how the backing files are read (the same reads in every mode
+    here: checked as qemu-img checks it)."""
+    check_cache(cache)
+    check_cache(src_cache, source=True)
     backing_file = backing_file or ""
     if backing_file and not backing_format:
         raise InvalidOptionError(f"Could not change the backing file to '{backing_file}': "
                                  f"backing format must be specified")
     with open_image(path, "r+", format=format, backing=not unsafe) as img:
+        if cache == "unsafe":
+            img.ignore_flushes()
         if not isinstance(img, WritableQcow2Image):
             raise UnsupportedFeatureError("rebase works on qcow2 images only",
                                           feature="rebase raw")
