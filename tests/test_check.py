@@ -353,7 +353,8 @@ def test_refusals(tmp_path):
 
 def test_writer_lock_excludes_repair(tmp_path):
     path = make_clean(str(tmp_path), "v3-512")
-    p = subprocess.Popen(["qemu-io", "-c", "sleep 5000", path], stdout=subprocess.DEVNULL,
+    # (qemu-io sleeps far longer than the wait below can last; killed at the end)
+    p = subprocess.Popen(["qemu-io", "-c", "sleep 600000", path], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):            # wait for qemu-io to take its locks
