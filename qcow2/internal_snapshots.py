@@ -236,7 +236,8 @@ class InternalSnapshots:
                 done = i + 1
                 if off not in seen:
                     seen.add(off)
-                    changes += self._snapshot_zeros(off, entries, backing)
+                    changes += self._snapshot_zeros(off, entries, backing,
+                                                    i << self._l2_span_bits)
                 step(base + done)
             while done < sn.l1_size:
                 done += 1
@@ -255,10 +256,10 @@ class InternalSnapshots:
                 refs.block_freed(host, cs)
         self.flush()
 
-    def _snapshot_zeros(self, off: int, entries, backing: bool) -> list:
+    def _snapshot_zeros(self, off: int, entries, backing: bool, guest: int) -> list:
         """The changes of the zero entries of the L2 table at ``off`` (see
-        :meth:`expand_snapshot_zero_clusters`); new clusters are allocated and zeros
-        written here."""
+        :meth:`expand_snapshot_zero_clusters`), which maps guest offsets from ``guest``;
+        new clusters are allocated and zeros written here."""
         cs = self.cluster_size
         cbits = self.cluster_bits
         refs = self.refs
@@ -271,18 +272,27 @@ class InternalSnapshots:
             if not backing:
                 changes.append((off, k, 0, host, r))
             elif host and refs.get(host >> cbits) == r:
-                self._io(self.be.write_zeros, host, cs)
+                self._zero_data(host, guest + k * cs)
                 changes.append((off, k, e & ~C.OFLAG_ZERO, 0, r))
             else:
                 new = refs.alloc(1)
                 self._claim(new, cs, "zero data of a snapshot")
                 for _ in range(r - 1):
                     refs.add(new >> cbits, 1)
-                self._io(self.be.write_zeros, new, cs)
+                self._zero_data(new, guest + k * cs)
                 self.file_size = max(self.file_size, new + cs)
                 changes.append((off, k, new | (C.OFLAG_COPIED if r == 1 else 0),
                                 host, r))
         return changes
+
+    def _zero_data(self, host: int, guest: int) -> None:
+        """One cluster at ``host`` that reads as zeros at ``guest``: zeros written, or in
+        an encrypted image zeros encrypted (plain zeros would decrypt to noise; qemu-img
+        7.2 writes them plain, and the snapshot then reads noise there)."""
+        if self._crypto is None:
+            self._io(self.be.write_zeros, host, self.cluster_size)
+        else:
+            self._io(self._crypto.write, self.data_be, bytes(self.cluster_size), host, guest)
 
     # -- freeing -----------------------------------------------------------------------
     def _free_clusters(self, offset: int, length: int, *, sl1: bool = False) -> None:

@@ -489,3 +489,32 @@ def test_legacy_aes_converted_like_qemu(tmp_path):
     assert c.returncode == 0, c.stderr
     assert out.read_bytes() == ref
 
+
+
+@pytest.mark.parametrize("fmt", ["luks", "aes"])
+def test_downgrade_writes_encrypted_zeros_into_snapshots(tmp_path, fmt):
+    """amend -o compat=0.10 turns a snapshot's zero cluster (over a backing file) into a
+    cluster of written zeros: encrypted ones here, so the snapshot still reads zeros
+    (qemu-img 7.2 writes plain zeros, which the snapshot then reads as noise)."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    assert _run(["qemu-io", "-c", "write -P 0x11 0 1M", str(base)]).returncode == 0
+    o = f"encrypt.format={fmt},encrypt.key-secret=sec0"
+    if fmt == "luks":
+        o += ",encrypt.iter-time=10"
+    subprocess.run(["qemu-img", "create", "-q", *OBJ, "-f", "qcow2", "-o", o, "-b", str(base),
+                    "-F", "qcow2", str(top)], check=True)
+    assert qemu_io(top, "write -z 0 64k", "write -P 0x33 64k 64k").returncode == 0
+    p = _run(["qemu-img", "snapshot", *OBJ, "--image-opts", _spec(top), "-c", "s1"])
+    assert p.returncode == 0, p.stderr
+    assert qemu_io(top, "write -P 0x22 0 128k").returncode == 0
+    p = ours("amend", *OBJ, "--image-opts", _spec(top), "-o", "compat=0.10")
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "s1.raw"
+    p = _run(["qemu-img", "convert", *OBJ, "-l", "s1", "--image-opts", _spec(top), "-O", "raw",
+              str(out)])
+    assert p.returncode == 0, p.stderr
+    want = bytes(64 << 10) + b"\x33" * (64 << 10) + b"\x11" * (MiB - (128 << 10))
+    assert out.read_bytes() == want
+    qemu_check(top)
+    assert qemu_raw(top, tmp_path)[:128 << 10] == b"\x22" * (128 << 10)
