@@ -206,11 +206,19 @@ class Reshape:
 
     def _preallocate(self, a: int, b: int, mode: str) -> None:
         """Allocate data clusters for [a, b) (metadata: mapping only; falloc: and the
-        space; full: and written zeros)."""
+        space; full: and written zeros).  In an encrypted image a hole or plain zeros
+        would decrypt to noise (qemu-img 7.2 leaves it so): the new clusters are marked
+        zero where the format allows (version 3, metadata), else encrypted zeros are
+        written into them."""
         h = self.header
         cs = self.cluster_size
         mask = self._l2_entries - 1
         bm = C.L2_BITMAP_ALLOC_MASK if h.extended_l2 else 0
+        crypt = self._crypto is not None and not h.has_data_file
+        flag = C.OFLAG_COPIED
+        if crypt and mode == "metadata" and h.version >= 3 and not h.extended_l2:
+            flag |= C.OFLAG_ZERO                   # allocated, reads zeros
+            crypt = False
         for pos, tend, table, toff in self._tables(_round_up(a, cs), b):
             i = (pos >> self.cluster_bits) & mask
             n = _round_up(tend - pos, cs) // cs
@@ -221,9 +229,27 @@ class Reshape:
             host = self._alloc_data(len(todo), pos)
             for j, k in enumerate(todo):
                 hk = pos + k * cs if h.has_data_file else host + j * cs
-                self._set_entry(table, toff, i + k, hk | C.OFLAG_COPIED, bm)
+                self._set_entry(table, toff, i + k, hk | flag, bm)
             if not h.has_data_file:
-                self._allocate_space(host, len(todo) * cs, mode)
+                self._allocate_space(host, len(todo) * cs,
+                                     "falloc" if crypt and mode == "full" else mode)
+                if crypt:
+                    self._encrypted_zeros(host, pos, todo)
+
+    def _encrypted_zeros(self, host: int, pos: int, todo) -> None:
+        """Encrypted zeros into the clusters just allocated at ``host`` for the entries
+        ``todo`` (cluster indexes from guest offset ``pos``), a guest-contiguous run
+        (up to 4 MiB) per write."""
+        cs = self.cluster_size
+        step = max(1, (4 << 20) // cs)
+        j = 0
+        while j < len(todo):
+            e = j + 1
+            while e < len(todo) and e - j < step and todo[e] == todo[e - 1] + 1:
+                e += 1
+            self._io(self._crypto.write, self.data_be, bytes((e - j) * cs), host + j * cs,
+                     pos + todo[j] * cs)
+            j = e
 
     def _allocate_space(self, host: int, length: int, mode: str) -> None:
         be = self.data_be
