@@ -261,18 +261,10 @@ def parse_size_arg(size) -> int:
     """The SIZE argument: an int, or qemu-img's size syntax (k, M, G, T, P, E suffixes)."""
     if isinstance(size, bool) or not isinstance(size, (int, str)):
         raise InvalidOptionError(f"Invalid image size specified: {size!r}")
+    from .units import check_range, cvtnum
     if isinstance(size, str):
-        from .units import size_error, strtosz
-        try:
-            size = strtosz(size)
-        except ValueError:
-            raise size_error("image size") from None
-        except OverflowError:
-            size = 1 << 64
-    if not 0 <= size <= C.MAX_IMAGE_SIZE:
-        raise InvalidOptionError(f"Invalid image size specified. Must be between 0 and "
-                                 f"{C.MAX_IMAGE_SIZE}.")
-    return size
+        return cvtnum("image size", size, 0, C.MAX_IMAGE_SIZE)
+    return check_range("image size", size, 0, C.MAX_IMAGE_SIZE)
 
 
 def escape(text: str) -> str:

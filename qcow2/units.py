@@ -72,6 +72,26 @@ def size_error(what: str) -> InvalidOptionError:
     return err
 
 
+def check_range(what: str, value: int, lo: int, hi: int) -> int:
+    """``value`` if lo <= value <= hi, else qemu-img's refusal ("Invalid WHAT
+    specified. Must be between LO and HI.")."""
+    if not lo <= value <= hi:
+        raise InvalidOptionError(f"Invalid {what} specified. Must be between {lo} and {hi}.")
+    return value
+
+
+def cvtnum(what: str, text: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    """qemu-img's cvtnum_full: ``text`` in the size syntax (:func:`strtosz`), within
+    [lo, hi]; refused in qemu-img's words when it is not a size or out of range."""
+    try:
+        value = strtosz(text)
+    except ValueError:
+        raise size_error(what) from None
+    except OverflowError:
+        value = 1 << 64
+    return check_range(what, value, lo, hi)
+
+
 def parse_size(text, *, what: str = "size") -> int:
     """qemu-img's size syntax (see :func:`strtosz`), below 2^63."""
     if isinstance(text, int) and not isinstance(text, bool):

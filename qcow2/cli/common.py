@@ -133,24 +133,20 @@ def apply_image_opts(args) -> None:
     for attr in _IMAGE_ARGS:
         value = getattr(args, attr, None)
         if isinstance(value, str):
-            setattr(args, attr, _opts_name(value))
+            setattr(args, attr, image_opts_name(value))
         elif isinstance(value, list):
-            setattr(args, attr, [_opts_name(v) for v in value])
+            setattr(args, attr, [image_opts_name(v) for v in value])
     files = getattr(args, "files", None)
     if files:
-        args.files = [_opts_name(v) for v in files[:-1]] + files[-1:]
-
-
-def _opts_name(text: str) -> str:
-    from ..imageopts import options_name
-    return options_name(text)[0]
+        args.files = [image_opts_name(v) for v in files[:-1]] + files[-1:]
 
 
 def image_opts_name(text: str) -> str:
     """An image argument given as block options (--image-opts) as the engine opens
-    it: the equivalent ``json:{...}`` name (for operands :func:`apply_image_opts`
+    it: the equivalent ``json:{...}`` name (also for operands :func:`apply_image_opts`
     does not know, as bitmap's)."""
-    return _opts_name(text)
+    from ..imageopts import options_name
+    return options_name(text)[0]
 
 
 def add_image_opts(p) -> None:
@@ -173,20 +169,8 @@ def add_rate(p) -> None:
 
 def parse_rate(text: str | None) -> int | None:
     """-r as qemu-img reads it: a size (suffixes allowed), 0 to 2^63 - 1."""
-    from ..errors import InvalidOptionError
-    from ..units import size_error, strtosz
-    if text is None:
-        return None
-    try:
-        rate = strtosz(text)
-    except ValueError:
-        raise size_error("rate limit") from None
-    except OverflowError:
-        rate = 1 << 64
-    if rate >= 1 << 63:
-        raise InvalidOptionError("Invalid rate limit specified. Must be between 0 and "
-                                 "9223372036854775807.")
-    return rate
+    from ..units import cvtnum
+    return None if text is None else cvtnum("rate limit", text)
 
 
 def add_untrusted(p) -> None:
