@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from oracle import run_pbkdf
+
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 
@@ -757,14 +759,11 @@ def build_encrypted(d: Path, case: Case) -> None:
     opts = {"encrypt.format": fmt_, "encrypt.key-secret": "sec0"}
     if fmt_ == "luks":
         opts["encrypt.iter-time"] = 10
-    for attempt in range(5):
-        # the PBKDF benchmark sometimes fails under load ("Unable to get accurate
-        # CPU usage"): try again
-        proc = qemu_img("create", "-q", "-f", "qcow2", *secret, "-o",
-                        ",".join("%s=%s" % kv for kv in opts.items()), top, size,
-                        check=attempt == 4)
-        if proc.returncode == 0:
-            break
+    proc = run_pbkdf([QEMU_IMG, "create", "-q", "-f", "qcow2", *secret, "-o",
+                      ",".join("%s=%s" % kv for kv in opts.items()), top, size],
+                     timeout=SUBPROCESS_TIMEOUT)
+    if proc.returncode != 0:
+        raise BuildError("qemu-img create (LUKS) failed: %s" % proc.stderr.strip())
     qemu_io("driver=qcow2,file.filename=%s,encrypt.key-secret=sec0" % top,
             ["write -P 0x11 0 65536", "write -P 0x22 100000 5000"], fmt=None,
             extra=[*secret, "--image-opts"])

@@ -6,7 +6,9 @@
 * :func:`info_json` / :func:`info_text` / :func:`map_json` / :func:`map_text` -- what
   ``qemu-img info`` / ``qemu-img map`` print (not cached: ``actual-size`` follows the
   file's allocation, and the calls are cheap);
-* :func:`random_ranges` -- deterministic (offset, length) pairs for random reads.
+* :func:`random_ranges` -- deterministic (offset, length) pairs for random reads;
+* :func:`run_pbkdf` -- a qemu command that makes a LUKS key slot, made again when
+  QEMU's PBKDF2 timing fails on a loaded machine.
 
 qemu-img runs in the image's folder with the path as given: qemu 7.2 resolves a
 relative external data-file name against the working directory (not against the
@@ -68,6 +70,30 @@ def qemu_img(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
         raise OracleError("qemu-img %s failed (exit %d): %s" % (
             " ".join(map(str, args)), proc.returncode,
             proc.stderr.decode(errors="replace").strip()))
+    return proc
+
+
+# what qemu 7.2 says when its PBKDF2 timing run measured no CPU time at all
+PBKDF_TIMING_FAILED = "Unable to get accurate CPU usage"
+
+
+def run_pbkdf(cmd, attempts: int = 5, **kw) -> subprocess.CompletedProcess:
+    """Run a qemu-img / qemu-io command that makes a LUKS key slot (create or convert to
+    LUKS, amend with a new secret, measure with ``encrypt.format=luks``).  QEMU picks the
+    PBKDF2 iterations by timing a run on the thread's CPU clock, which ticks coarsely: on
+    a loaded machine the run now and then measures zero and the command fails with
+    :data:`PBKDF_TIMING_FAILED`.  Such a run is made again (up to ``attempts`` times in
+    all); any other outcome is returned as is.  ``kw`` goes to :func:`subprocess.run`
+    (text output and captured streams unless given)."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", TIMEOUT)
+    for _ in range(attempts):
+        proc = subprocess.run([str(a) for a in cmd], **kw)
+        err = proc.stderr if isinstance(proc.stderr, str) else \
+            (proc.stderr or b"").decode(errors="replace")
+        if proc.returncode == 0 or PBKDF_TIMING_FAILED not in err:
+            break
     return proc
 
 

@@ -26,6 +26,7 @@ import time
 import pytest
 
 import qcow2
+from oracle import run_pbkdf
 from qcow2 import checker
 from qcow2.cli import check as cli_check
 from qcow2.ops import check as ck
@@ -354,15 +355,23 @@ def test_refusals(tmp_path):
 def test_writer_lock_excludes_repair(tmp_path):
     path = make_clean(str(tmp_path), "v3-512")
     # (qemu-io sleeps far longer than the wait below can last; killed at the end)
-    p = subprocess.Popen(["qemu-io", "-c", "sleep 600000", path], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    log = tmp_path / "qemu-io.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(["qemu-io", "-c", "sleep 600000", path], stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT)
     try:
         for _ in range(200):            # wait for qemu-io to take its locks
-            if run("qemu-img", "check", path).returncode == 1:
+            r = run("qemu-img", "check", path)
+            if r.returncode == 1 or p.poll() is not None:
                 break
             time.sleep(0.05)
-        else:
-            pytest.skip("qemu-io did not start")
+        if r.returncode != 1:
+            # (say why, so that a run where this happens can be understood)
+            pytest.skip("qemu-io did not take its lock: qemu-io %s, output %r; qemu-img "
+                        "check exit %d, %r" % (
+                            "running" if p.poll() is None else f"exit {p.returncode}",
+                            log.read_text(errors="replace")[-300:], r.returncode,
+                            r.stderr[-300:]))
         with pytest.raises(qcow2.Qcow2Error, match="lock"):
             ck.check(path, repair="all")
         assert ck.check(path, force_share=True)["check-errors"] == 0
@@ -749,14 +758,9 @@ def test_luks_image_without_the_key(tmp_path):
     """The LUKS header area is counted; no key is needed (qemu-img needs one to open)."""
     path = str(tmp_path / "e.qcow2")
     secret = ["--object", "secret,id=s0,data=pw"]
-    for _attempt in range(5):
-        # qemu-img's PBKDF benchmark fails now and then on a loaded machine
-        # ("Unable to get accurate CPU usage"): try again
-        r = run("qemu-img", "create", "-q", "-f", "qcow2", *secret, "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", path,
-                str(16 * MB))
-        if r.returncode == 0 or "accurate CPU usage" not in r.stderr:
-            break
+    r = run_pbkdf(["qemu-img", "create", "-q", "-f", "qcow2", *secret, "-o",
+                   "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", path,
+                   16 * MB])
     assert r.returncode == 0, r.stderr
     opts = f"driver=qcow2,file.filename={path},encrypt.key-secret=s0"
     r = run("qemu-io", *secret, "--image-opts", opts, "-c", "write -P 1 0 1M")

@@ -20,6 +20,7 @@ import sys
 import pytest
 
 import qcow2
+from oracle import run_pbkdf
 from qcow2 import secrets
 from qcow2.errors import InvalidOptionError
 
@@ -41,13 +42,15 @@ def _run(cmd, **kw):
 def qemu_create(path, size=8 * MiB, extra="", secret=SECRET, backing=None):
     o = f"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10{extra}"
     more = ["-u", "-b", backing, "-F", "qcow2"] if backing else []
-    for attempt in range(5):
-        # qemu-img's PBKDF benchmark fails now and then under load: try again
-        p = _run(["qemu-img", "create", "--object", f"secret,id=sec0,data={secret}",
-                  "-f", "qcow2", *more, "-o", o, str(path), str(size)])
-        if p.returncode == 0:
-            return
-        assert attempt < 4 and "accurate CPU usage" in p.stderr, p.stderr
+    p = run_pbkdf(["qemu-img", "create", "--object", f"secret,id=sec0,data={secret}",
+                   "-f", "qcow2", *more, "-o", o, path, size])
+    assert p.returncode == 0, p.stderr
+
+
+def _qemu_create(args):
+    """qemu-img create with the secret sec0 (made again if its PBKDF2 timing fails)."""
+    p = run_pbkdf(["qemu-img", "create", "-q", *OBJ, *args])
+    assert p.returncode == 0, p.stderr
 
 
 def qemu_io(path, *cmds, secret=SECRET):
@@ -267,10 +270,7 @@ def test_measure_matches_qemu():
               "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128,"
               "encrypt.cipher-mode=cbc,cluster_size=4k", "encrypt.format=aes",
               "encrypt.format=luks"):
-        for _ in range(5):
-            q = _run(["qemu-img", "measure", *OBJ, "-O", "qcow2", "-o", o, "--size", "1G"])
-            if "accurate CPU usage" not in q.stderr:      # qemu-img's PBKDF timing, loaded
-                break
+        q = run_pbkdf(["qemu-img", "measure", *OBJ, "-O", "qcow2", "-o", o, "--size", "1G"])
         p = ours("measure", *OBJ, "-O", "qcow2", "-o", o, "--size", "1G")
         assert (p.returncode, p.stdout, p.stderr.replace("qcow2:", "qemu-img:")) == \
             (q.returncode, q.stdout, q.stderr)
@@ -502,8 +502,7 @@ def test_downgrade_writes_encrypted_zeros_into_snapshots(tmp_path, fmt):
     o = f"encrypt.format={fmt},encrypt.key-secret=sec0"
     if fmt == "luks":
         o += ",encrypt.iter-time=10"
-    subprocess.run(["qemu-img", "create", "-q", *OBJ, "-f", "qcow2", "-o", o, "-b", str(base),
-                    "-F", "qcow2", str(top)], check=True)
+    _qemu_create(["-f", "qcow2", "-o", o, "-b", base, "-F", "qcow2", top])
     assert qemu_io(top, "write -z 0 64k", "write -P 0x33 64k 64k").returncode == 0
     p = _run(["qemu-img", "snapshot", *OBJ, "--image-opts", _spec(top), "-c", "s1"])
     assert p.returncode == 0, p.stderr
@@ -520,15 +519,6 @@ def test_downgrade_writes_encrypted_zeros_into_snapshots(tmp_path, fmt):
     assert qemu_raw(top, tmp_path)[:128 << 10] == b"\x22" * (128 << 10)
 
 
-def _qemu_create_retry(args):
-    """qemu-img create, again when its PBKDF benchmark fails under load."""
-    for attempt in range(5):
-        p = _run(["qemu-img", "create", "-q", *OBJ, *args])
-        if p.returncode == 0:
-            return
-        assert attempt < 4 and "accurate CPU usage" in p.stderr, p.stderr
-
-
 @pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
 @pytest.mark.parametrize("fmt, extra", [("luks", ""), ("luks", ",compat=0.10"),
                                         ("luks", ",extended_l2=on"), ("aes", ""),
@@ -541,7 +531,7 @@ def test_resize_preallocated_clusters_read_zeros(tmp_path, fmt, extra, mode):
     o = f"encrypt.format={fmt},encrypt.key-secret=sec0{extra}"
     if fmt == "luks":
         o += ",encrypt.iter-time=10"
-    _qemu_create_retry(["-f", "qcow2", "-o", o, str(img), "1M"])
+    _qemu_create(["-f", "qcow2", "-o", o, str(img), "1M"])
     assert qemu_io(img, "write -P 0x44 0 1000000").returncode == 0
     p = ours("resize", *OBJ, "--image-opts", _spec(img), f"--preallocation={mode}", "3M")
     assert p.returncode == 0, p.stderr
