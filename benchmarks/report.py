@@ -4,11 +4,18 @@
 
 Columns: medians of ours and theirs (rounds alternate), the ratio of the medians, of the
 best rounds and of the median CPU seconds, our peak RSS, the load average at the end,
-and after how many ms free pages were reported to the hypervisor (see machine.py).
+and after how many ms free pages were reported to the hypervisor (see machine.py);
+then any more commands timed in the same rounds (``floor`` in test_bench_floor.py):
+their median, their ratio to qemu-img, and ours to theirs.
 """
 
 import json
 import sys
+
+
+def _more(x: dict) -> list[str]:
+    """The names of more commands timed in the same rounds (side_by_side's ``more``)."""
+    return [k[len("ours_to_"):] for k in x if k.startswith("ours_to_")]
 
 
 def _f(v, fmt):
@@ -25,7 +32,10 @@ def main(path: str) -> None:
               f"{_f(x.get('theirs_s'), '9.4f')} {_f(x.get('ratio'), '6.3f')} "
               f"{_f(x.get('best_ratio'), '6.3f')} {_f(x.get('cpu_ratio'), '6.3f')} "
               f"{_f(x.get('peak_rss_mib'), '8.1f')} {_f(x.get('load_avg'), '5.2f')} "
-              f"{_f(x.get('page_reporting_ms'), '6d')} {x.get('corpus', '')}")
+              f"{_f(x.get('page_reporting_ms'), '6d')} {x.get('corpus', '')}"
+              + "".join(f"  [{k} {_f(x.get(k + '_s'), '.3f')} s, ratio "
+                        f"{_f(x.get(k + '_ratio'), '.3f')}, ours/{k} {x['ours_to_' + k]:.3f}]"
+                        for k in _more(x)))
 
 
 if __name__ == "__main__":

@@ -86,12 +86,15 @@ def run_measured(cmd, env=None) -> tuple[float, float, float]:
     return dt, ru.ru_utime + ru.ru_stime, peak / 1024
 
 
-def side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
+def side_by_side(benchmark, ours, theirs, cleanup=None, env=None, more=None):
     """Ours and theirs alternate round by round (the machine's load changes between
     rounds; both see the same), after one untimed warm-up round of each.  ``ratio`` is
     the ratio of the medians, ``best_ratio`` that of the best rounds, ``cpu_ratio`` that
-    of the median CPU seconds."""
-    runs: dict = {"ours": [], "theirs": []}
+    of the median CPU seconds.  ``more`` ({name: command}) are timed in the same rounds
+    (after ours and theirs) and reported as ``<name>_s``, ``<name>_ratio`` (to theirs)
+    and ``ours_to_<name>``."""
+    more = dict(more or {})
+    runs: dict = {"ours": [], "theirs": [], **{k: [] for k in more}}
 
     def once(name, cmd, e=None):
         if cleanup:
@@ -100,10 +103,14 @@ def side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
 
     once("ours", ours, env)
     once("theirs", theirs)
+    for k, cmd in more.items():
+        once(k, cmd)
 
     def pair():
         runs["ours"].append(once("ours", ours, env))
         runs["theirs"].append(once("theirs", theirs))
+        for k, cmd in more.items():
+            runs[k].append(once(k, cmd))
         return runs["ours"][-1][0]
 
     benchmark.pedantic(pair, rounds=ROUNDS, iterations=1, warmup_rounds=0)
@@ -122,6 +129,11 @@ def side_by_side(benchmark, ours, theirs, cleanup=None, env=None):
         "impl": os.environ.get("QCOW2_IMPL", "auto"), "cache": CACHE,
         "load_avg": round(os.getloadavg()[0], 2), "page_reporting_ms": page_reporting_ms(),
     })
+    for k in more:
+        benchmark.extra_info.update({
+            f"{k}_s": round(med[k][0], 4), f"{k}_cpu_s": round(med[k][1], 3),
+            f"{k}_ratio": round(med[k][0] / med["theirs"][0], 3),
+            f"ours_to_{k}": round(med["ours"][0] / med[k][0], 3)})
 
 
 @pytest.mark.parametrize("kind", ["plain", "zlib", "zstd", "full", "plain0"])
