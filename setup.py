@@ -69,7 +69,10 @@ class launcher_build_scripts(build_scripts):
     when it compiles (the script stays where it does not)."""
 
     LAUNCHER = [os.path.join("native", "launcher", f)
-                for f in ("launcher.c", "image.c", "print.c")]
+                for f in ("launcher.c", "image.c", "print.c", "convert.c")]
+    # convert.c's work needs libzstd, libdeflate and threads; without them the
+    # launcher is built with every convert going to Python (QCOW2_NO_CONVERT)
+    CONVERT_LIBS = ["-lzstd", "-ldeflate", "-lpthread"]
 
     def run(self):
         super().run()
@@ -88,12 +91,22 @@ class launcher_build_scripts(build_scripts):
         # the interpreter that builds is the one the command runs (the launcher also
         # finds the one beside it in a virtual environment)
         python = os.path.abspath(sys.executable)
-        cmd = cc + ["-O2", "-Wall", "-Wextra", "-std=c99",
-                    "-DQCOW2_PYTHON=%s" % _c_string(python),
-                    *self.LAUNCHER, "-o", tmp, "-lm"]
-        cmd += shlex.split(os.environ.get("CFLAGS", ""))
-        cmd += shlex.split(os.environ.get("LDFLAGS", ""))
-        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        base = cc + ["-O2", "-Wall", "-Wextra", "-std=c99",
+                     "-DQCOW2_PYTHON=%s" % _c_string(python), *self.LAUNCHER, "-o", tmp]
+        flags = (shlex.split(os.environ.get("CFLAGS", ""))
+                 + shlex.split(os.environ.get("LDFLAGS", "")))
+        res = None
+        for extra in (self.CONVERT_LIBS, ["-DQCOW2_NO_CONVERT"]):
+            cmd = base + ["-lm"] + extra + flags
+            res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 timeout=300)
+            if res.returncode == 0:
+                break
+            if REQUIRE_NATIVE:
+                break
+            if extra is self.CONVERT_LIBS:
+                sys.stderr.write("WARNING: the launcher's native convert could not be "
+                                 "built; every convert goes to Python.\n")
         if res.returncode != 0:
             raise RuntimeError("%s failed: %s" % (" ".join(cmd),
                                                   res.stdout.decode(errors="replace")))

@@ -54,6 +54,50 @@ def qemu_io(path, *cmds, fmt="qcow2"):
     subprocess.run(argv + [str(path)], check=True, capture_output=True)
 
 
+def write_locked(path) -> bool:
+    """Whether another process holds QEMU's "write" permission lock byte (101) of the
+    file: an OFD lock *test*, which takes nothing (a probe that took locks, such as a
+    qemu-img run, could make a starting writer fail to get its own)."""
+    import fcntl
+    import os
+    f_ofd_getlk, f_wrlck, f_unlck = 36, 1, 2
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        res = fcntl.fcntl(fd, f_ofd_getlk, struct.pack("hhqqi4x", f_wrlck, 0, 101, 1, 0))
+        return struct.unpack("hhqqi4x", res)[0] != f_unlck
+    finally:
+        os.close(fd)
+
+
+class QemuIoWriter:
+    """``with QemuIoWriter(path):`` -- qemu-io holding ``path`` open for writing (its
+    locks taken) until the block ends.  Waits for the locks without taking any."""
+
+    def __init__(self, path, timeout: float = 30.0):
+        self.path, self.timeout = str(path), timeout
+
+    def __enter__(self):
+        import tempfile
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(["qemu-io", "-c", "sleep 600000", self.path],
+                                     stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.timeout
+        while not write_locked(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                self.log.seek(0)
+                raise RuntimeError(f"qemu-io did not take its locks on {self.path}: "
+                                   f"{self.log.read().decode(errors='replace')!r}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
 def u64(path, off):
     with open(path, "rb") as f:
         f.seek(off)

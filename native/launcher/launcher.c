@@ -5,7 +5,8 @@
  * `qcow2 info` of a local qcow2 or raw file is answered here, in half a
  * millisecond (a Python process needs 10 ms just to start), when the command
  * line and the image are of the plain kind this file knows: it prints the very
- * bytes the Python command prints, human or JSON.  Everything else -- other
+ * bytes the Python command prints, human or JSON.  So is `qcow2 convert` of a
+ * plain local qcow2 into a new raw file (convert.c).  Everything else -- other
  * commands and options, other formats, encryption, bitmaps, external data
  * files, names with a protocol, anything unusual or wrong in the image, a lock
  * held by another process -- is handed to the Python command by exec, with
@@ -53,7 +54,7 @@ static const char PY_CODE[] =
 /* Handing off to Python                                                     */
 
 /* Why the command goes to Python (QCOW2_LAUNCHER_TRACE=1 prints it). */
-static const char *reason = "not info";
+static const char *reason = "not info or convert";
 
 int step_aside(const char *why)
 {
@@ -308,6 +309,10 @@ int main(int argc, char **argv)
 
     if (impl && !strcmp(impl, "python")) {
         reason = "QCOW2_IMPL=python";
+    } else if (argc > 1 && !strcmp(argv[1], "convert")) {
+        if (native_convert(argc, argv, &status) == 0) {
+            return status;
+        }
     } else if (argc > 0 && info(argc, argv, &status) == 0) {
         return status;
     }

@@ -89,6 +89,11 @@ int read_image(int fd, struct image *im, uint64_t file_size, int share, int form
 /* Release what read_image() allocated. */
 void free_image(struct image *im);
 
+/* `qcow2 convert` of a plain qcow2 into a new raw file (convert.c): 0 when done
+ * (exit status in *@status), -1 when Python is to take the command (nothing is
+ * left behind then). */
+int native_convert(int argc, char **argv, int *status);
+
 struct out {
     char *buf;
     size_t len, cap;
