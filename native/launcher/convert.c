@@ -8,7 +8,8 @@
  * backing file, encryption, external data file, subclusters or a dirty or corrupt
  * flag (read_image() has checked the header as for `info`).  Before anything is
  * written every L1 and L2 entry is checked: an entry with reserved bits, an
- * unaligned offset or data past the end of the file steps aside.  So does any
+ * unaligned offset or data past the end of the file steps aside, as does a table
+ * past the end of the file or a refcount block Python's open would refuse.  So does any
  * failure later (a frame that does not decode to exactly one cluster, an I/O
  * error): the anonymous output is dropped and Python converts from scratch, and
  * reports, as it would have anyway.  As in info, the Python command is the
@@ -174,6 +175,48 @@ static int plain_entry(const struct conv *c, uint64_t e)
         return !(off & (c->cs - 1)) && off <= c->file_size - c->cs;
     }
     return 1;
+}
+
+/*
+ * The refcount blocks Python may read: its convert asks, once it meets a plain data
+ * cluster, whether the image is metadata-preallocated (reader.py's
+ * _metadata_preallocated, QEMU's qcow2_detect_metadata_preallocation), counting the
+ * referenced clusters below the end of the file through the refcount table; a table
+ * past the end of the file, or a block there or unaligned, is an error it reports.
+ * Where any of those could be met, whatever the count, Python answers.
+ */
+static int check_refcounts(struct conv *c, const struct image *im)
+{
+    uint64_t n = (uint64_t)im->refcount_table_clusters * c->cs / 8, i, blocks;
+    uint64_t off = im->refcount_table_offset;
+    uint64_t per = c->cs * 8 >> im->refcount_order;     /* entries per block */
+    uint64_t end_cluster = (c->file_size + c->cs - 1) / c->cs;
+    uint8_t buf[4096];
+
+    if (off > c->file_size || n * 8 > c->file_size - off) {
+        return step_aside("the refcount table extends past the end of the file");
+    }
+    blocks = (end_cluster + per - 1) / per;
+    if (blocks > n) {
+        blocks = n;
+    }
+    for (i = 0; i < blocks; i++) {
+        uint64_t e, b;
+
+        if (i % (sizeof(buf) / 8) == 0) {
+            size_t k = (size_t)((blocks - i) * 8 < sizeof(buf) ? (blocks - i) * 8 : sizeof(buf));
+
+            if (read_zeros_past_end(c->in_fd, buf, k, off + i * 8) < 0) {
+                return step_aside("the refcount table cannot be read");
+            }
+        }
+        e = get_be64(buf + 8 * (i % (sizeof(buf) / 8)));
+        b = e & 0xfffffffffffffe00ull;
+        if (b && ((b & (c->cs - 1)) || c->file_size < c->cs || b > c->file_size - c->cs)) {
+            return step_aside("a refcount block unaligned or past the end of the file");
+        }
+    }
+    return 0;
 }
 
 /* Check every L1 entry and every L2 table before anything is written. */
@@ -661,7 +704,13 @@ int native_convert(int argc, char **argv, int *status)
     c.zstd = im.compression == COMPRESSION_ZSTD;
     c.sync = o.sync;
     c.l1_size = im.l1_size;
-    /* (read_image() checked the table: within the file, at most MAX_L1_SIZE) */
+    /* (read_image() checked its alignment and its size, at most MAX_L1_SIZE; a table
+     * past the end of the file is Python's to refuse) */
+    if (im.l1_table_offset > c.file_size || (uint64_t)c.l1_size * 8 > c.file_size -
+        im.l1_table_offset) {
+        step_aside("the L1 table extends past the end of the file");
+        goto out;
+    }
     c.l1 = malloc((size_t)c.l1_size * 8);
     l2 = malloc(c.cs);
     if (!c.l1 || !l2 || read_zeros_past_end(c.in_fd, (uint8_t *)c.l1, (size_t)c.l1_size * 8,
@@ -672,7 +721,7 @@ int native_convert(int argc, char **argv, int *status)
     for (i = 0; i < c.l1_size; i++) {
         c.l1[i] = get_be64((const uint8_t *)&c.l1[i]);
     }
-    if (check_tables(&c, l2) < 0) {
+    if (check_refcounts(&c, &im) < 0 || check_tables(&c, l2) < 0) {
         goto out;
     }
     dir = folder_of(o.dst);

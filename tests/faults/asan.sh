@@ -6,6 +6,7 @@
 #   bash tests/faults/asan.sh                 # kernel tests, sanitized
 #   bash tests/faults/asan.sh tests/test_read_small.py
 #   bash tests/faults/asan.sh tests/test_launcher.py     # the qcow2 command's launcher
+#   bash tests/faults/asan.sh tests/test_launcher_convert.py   # and its convert
 #
 # The build lives in $ASAN_DIR (default .venv-asan-site); .venv (scripts/setup.sh)
 # provides Python and the test tools.  Python itself is not instrumented: the
@@ -32,7 +33,7 @@ rm -rf build
 mkdir -p "$ASAN_DIR/bin"
 $CC $san -O1 -Wall -Wextra -std=c99 -DQCOW2_PYTHON="\"$PWD/$PY\"" \
     native/launcher/launcher.c native/launcher/image.c native/launcher/print.c \
-    -o "$ASAN_DIR/bin/qcow2" -lm
+    native/launcher/convert.c -o "$ASAN_DIR/bin/qcow2" -lm -lzstd -ldeflate -lpthread
 export QCOW2_LAUNCHER=$ASAN_DIR/bin/qcow2
 # qemu-img (a child of the tests) hangs under the preloaded runtimes, so children never
 # inherit them: Python children find QCOW2_ASAN_PRELOAD and start again under them (the
