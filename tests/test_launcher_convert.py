@@ -244,3 +244,39 @@ def test_hostile_tables_convert_as_python(small_base, cmd, tmp_path_factory, edi
     (d / "h.qcow2").write_bytes(bytes(data))
     _convert_both(cmd, d / "h.qcow2", d, "-t", "unsafe")
     assert _leftovers(d) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_convert_leaves_nothing(cmd, tmp_path_factory, sig):
+    """A signal ends a native convert as it ends Python's: the process dies of it and
+    leaves nothing (the output is an anonymous file until its name is given)."""
+    import signal
+    import time
+    d = tmp_path_factory.mktemp("sig")
+    img = d / "big.qcow2"
+    raw = d / "in.raw"
+    with open(raw, "wb") as f:
+        block = b"".join(struct.pack(">Q", i * 2654435761) for i in range(8192))
+        for i in range(384):
+            f.write(block[i % 64:] + block[:i % 64])
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(img)],
+                   check=True)
+    raw.unlink()
+    out = d / "out"
+    out.mkdir()
+    number = getattr(signal, sig)
+    for _attempt in range(5):
+        proc = subprocess.Popen([cmd, "convert", "-t", "writeback", str(img),
+                                 str(out / "x.raw")], stderr=subprocess.PIPE,
+                                env=dict(os.environ, QCOW2_LAUNCHER_TRACE="1"),
+                                preexec_fn=lambda: signal.signal(number, signal.SIG_DFL))
+        time.sleep(0.03)
+        proc.send_signal(number)
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == -number:
+            break
+        (out / "x.raw").unlink(missing_ok=True)
+    else:
+        pytest.skip("the convert finished before the signal could be sent")
+    assert b"python" not in err
+    assert list(out.iterdir()) == []
