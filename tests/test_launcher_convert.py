@@ -71,6 +71,13 @@ def _same_file(a: Path, b: Path) -> bool:
                 return True
 
 
+def _native_env() -> dict:
+    """This environment, traced, without QCOW2_IMPL (=python hands everything off)."""
+    env = {k: v for k, v in os.environ.items() if k != "QCOW2_IMPL"}
+    env["QCOW2_LAUNCHER_TRACE"] = "1"
+    return env
+
+
 def _leftovers(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.startswith("."))
 
@@ -145,7 +152,7 @@ def test_existing_destination_and_names_go_to_python(zstd_image, cmd, tmp_path):
 def test_output_mode_follows_the_umask(zstd_image, cmd, tmp_path):
     r = subprocess.run(["sh", "-c", 'umask 027 && exec "$0" convert -t unsafe "$1" "$2"',
                         cmd, str(zstd_image), str(tmp_path / "o.raw")],
-                       env=dict(os.environ, QCOW2_LAUNCHER_TRACE="1"), capture_output=True)
+                       env=_native_env(), capture_output=True)
     assert r.returncode == 0 and r.stderr.endswith(b"qcow2 launcher: native\n")
     assert (tmp_path / "o.raw").stat().st_mode & 0o777 == 0o640
 
@@ -268,7 +275,7 @@ def test_signal_mid_convert_leaves_nothing(cmd, tmp_path_factory, sig):
     for _attempt in range(5):
         proc = subprocess.Popen([cmd, "convert", "-t", "writeback", str(img),
                                  str(out / "x.raw")], stderr=subprocess.PIPE,
-                                env=dict(os.environ, QCOW2_LAUNCHER_TRACE="1"),
+                                env=_native_env(),
                                 preexec_fn=lambda: signal.signal(number, signal.SIG_DFL))
         time.sleep(0.03)
         proc.send_signal(number)
