@@ -54,16 +54,22 @@ def qemu_io(path, *cmds, fmt="qcow2"):
     subprocess.run(argv + [str(path)], check=True, capture_output=True)
 
 
-def write_locked(path) -> bool:
-    """Whether another process holds QEMU's "write" permission lock byte (101) of the
-    file: an OFD lock *test*, which takes nothing (a probe that took locks, such as a
-    qemu-img run, could make a starting writer fail to get its own)."""
+#: QEMU's lock bytes (block/file-posix.c): 100 + a permission is held by whoever has
+#: that permission ("consistent read" 0, "write" 1, ...), 200 + it by whoever refuses
+#: to share it
+READ_LOCK_BYTE, WRITE_LOCK_BYTE = 100, 101
+
+
+def lock_held(path, byte: int) -> bool:
+    """Whether another process holds QEMU's lock ``byte`` of the file: an OFD lock
+    *test*, which takes nothing (a probe that took locks, such as a qemu-img run, could
+    make a starting writer fail to get its own)."""
     import fcntl
     import os
     f_ofd_getlk, f_wrlck, f_unlck = 36, 1, 2
     fd = os.open(path, os.O_RDONLY)
     try:
-        res = fcntl.fcntl(fd, f_ofd_getlk, struct.pack("hhqqi4x", f_wrlck, 0, 101, 1, 0))
+        res = fcntl.fcntl(fd, f_ofd_getlk, struct.pack("hhqqi4x", f_wrlck, 0, byte, 1, 0))
         return struct.unpack("hhqqi4x", res)[0] != f_unlck
     finally:
         os.close(fd)
@@ -83,7 +89,7 @@ class QemuIoWriter:
                                      stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.timeout
-        while not write_locked(self.path):
+        while not lock_held(self.path, WRITE_LOCK_BYTE):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.__exit__()
                 self.log.seek(0)

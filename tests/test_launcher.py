@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import corpus
+from helpers import READ_LOCK_BYTE, lock_held
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "native" / "launcher" / "launcher.h"         # (its constants)
@@ -294,19 +295,6 @@ def test_image_locked_by_a_writer(images, launcher):
         holder.wait(timeout=30)
 
 
-def _read_locked(path) -> bool:
-    """Whether another process holds QEMU's "consistent read" lock byte (100) of the
-    file (an OFD lock test, as QEMU's file driver makes it)."""
-    import fcntl
-    f_ofd_getlk, f_wrlck, f_unlck = 36, 1, 2
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        res = fcntl.fcntl(fd, f_ofd_getlk, struct.pack("hhqqi4x", f_wrlck, 0, 100, 1, 0))
-        return struct.unpack("hhqqi4x", res)[0] != f_unlck
-    finally:
-        os.close(fd)
-
-
 def test_reader_lock_is_qemus(images, launcher):
     """While the launcher's info runs no writer may open the image: its locks are
     QEMU's bytes (a reader lock taken here is seen by qemu-img as by our writer)."""
@@ -328,7 +316,7 @@ def test_reader_lock_is_qemus(images, launcher):
     os.close(w)
     try:
         for _ in range(3000):                   # (a bounded wait, not a measurement)
-            if _read_locked(img):
+            if lock_held(img, READ_LOCK_BYTE):
                 break
             if proc.poll() is not None:
                 pytest.fail("the launcher ended without holding its lock")
@@ -344,7 +332,7 @@ def test_reader_lock_is_qemus(images, launcher):
         proc.wait(timeout=30)
     assert proc.returncode == 0 and out.endswith(b"extended l2: false\n")
     assert proc.stderr.read() == b"qcow2 launcher: native\n"
-    assert not _read_locked(img)
+    assert not lock_held(img, READ_LOCK_BYTE)
 
 
 # -- hostile headers ---------------------------------------------------------------------------

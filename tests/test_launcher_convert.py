@@ -42,12 +42,12 @@ CORPUS = corpus.params(lambda c: not c.big and c.fmt == "qcow2")
 HANDED_OFF = {"encrypted", "bitmaps", "data_file", "backing", "extended_l2", "dirty"}
 
 
-def _convert_both(cmd, src, d: Path, *opts, env_cwd=None):
+def _convert_both(cmd, src, d: Path, *opts):
     """Both commands into d/native.raw and d/python.raw: (launcher's run, python's)."""
     for name in ("native.raw", "python.raw"):
         (d / name).unlink(missing_ok=True)
-    ours = run_launcher(cmd, "convert", *opts, src, d / "native.raw", cwd=env_cwd)
-    twin = run_python("convert", *opts, src, d / "python.raw", cwd=env_cwd)
+    ours = run_launcher(cmd, "convert", *opts, src, d / "native.raw")
+    twin = run_python("convert", *opts, src, d / "python.raw")
     if "-p" in opts:                        # (the progress steps depend on the threads)
         assert ours.rc == twin.rc, ours.path
     else:
